@@ -85,7 +85,8 @@ def load_model(path: str | Path, *, trust_pickle: bool = False, arch: str | None
         loaded.model = build_from_arch(arch, loaded.state_dict)
         loaded.meta["arch"] = arch
     if loaded.model is not None:
-        loaded.model.eval()
+        if loaded.format != "torch-export":  # an exported graph is fixed in the mode it was traced in
+            loaded.model.eval()
         if loaded.example_inputs is None:
             loaded.example_inputs = infer_example_inputs(loaded.model, loaded.tokenizer)
     return loaded
