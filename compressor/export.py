@@ -216,7 +216,8 @@ def _move_into_place(tmpdir: Path, path: Path) -> None:
 @contextmanager
 def _quiet():
     """Silence exporter chatter (progress lines, deprecation and tracer warnings, optimizer logs)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+    # The root logger too: onnxruntime's quantizer warns through it ("consider pre-processing").
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo", "")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

@@ -448,6 +448,8 @@ def hf_module():
     except ImportError:
         raise CompressorError("loading a Hugging Face model folder needs transformers",
                               "pip install 'compressor[hf]'") from None
+    # Its per-tensor "Loading weights" bar is noise next to ours; --quiet must mean quiet.
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 

@@ -177,8 +177,15 @@ def _example_inputs(loaded, opts: Options):
 
 def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: Plan | None,
             opts: Options) -> dict[str, Any]:
-    from .export import (FP16_MIN_COSINE, INT8_MIN_COSINE, check_factored_graph, export_fp16, export_int8,
-                         export_onnx, validate_onnx)
+    from .export import (
+        FP16_MIN_COSINE,
+        INT8_MIN_COSINE,
+        check_factored_graph,
+        export_fp16,
+        export_int8,
+        export_onnx,
+        validate_onnx,
+    )
 
     path = export_onnx(model, inputs, folder / "model.onnx", opset=opts.opset)
     problems = check_factored_graph(path, plan) if plan is not None and plan.factored else []
