@@ -19,8 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from _common import (
@@ -41,8 +44,13 @@ from compressor.io import atomic_write_text
 from compressor.svd import weight_matrix
 
 ROOT = Path(__file__).resolve().parent.parent
-FULL = {"energies": (0.8, 0.9, 0.95, 0.99), "targets": (0.2, 0.4, 0.6), "n_eval": 1000, "speed_repeats": 3}
-QUICK = {"energies": (0.9,), "targets": (0.4,), "n_eval": 200, "speed_repeats": 1}
+# latency_runs: timed runs per measurement (after latency_warmup untimed ones); each measurement is taken
+# twice, in forward then reverse order of the variants, and the lower median kept (drift in the machine's
+# load then hits dense and compressed alike).
+FULL = {"energies": (0.8, 0.9, 0.95, 0.99), "targets": (0.2, 0.4, 0.6), "n_eval": 1000, "speed_repeats": 3,
+        "latency_warmup": 3, "latency_runs": 15, "threads": 2}
+QUICK = {"energies": (0.9,), "targets": (0.4,), "n_eval": 200, "speed_repeats": 1,
+         "latency_warmup": 2, "latency_runs": 5, "threads": 2}
 
 
 @dataclass
@@ -52,7 +60,10 @@ class Bench:
     name: str
     model: nn.Module
     metric: str  # the headline fidelity metric, a key of evaluate()'s result
-    evaluate: object  # callable(model) -> dict of metrics
+    evaluate: Callable[[nn.Module], dict]
+    inputs: Callable[[int], Any]  # batch size -> example inputs for export and latency
+    batches: tuple[int, int]  # batch 1 and a larger one
+    timed: tuple[str, ...]  # settings whose ONNX export and latency are measured (besides dense)
     policies: list[tuple[str, str, dict]] = field(default_factory=list)  # (policy, setting, analyze kwargs)
 
 
@@ -71,8 +82,9 @@ def digits_bench(cfg: dict) -> Bench:
     model, acc = examples.train_digits_cnn(seed=0)
     log(f"digits CNN trained: val {acc['val']:.4f} test {acc['test']:.4f}")
     x, y = examples.digits_splits(0)["test"]
-    return Bench("digits CNN", model, "test_accuracy",
-                 lambda m: {"test_accuracy": examples.accuracy(m, x, y)}, policies(cfg, embeddings=False))
+    return Bench("digits CNN", model, "test_accuracy", lambda m: {"test_accuracy": examples.accuracy(m, x, y)},
+                 inputs=lambda b: x[:b], batches=(1, 256),
+                 timed=("energy 0.9", "target 0.4", "target 0.6"), policies=policies(cfg, embeddings=False))
 
 
 def minilm_bench(cfg: dict) -> Bench | None:
@@ -82,18 +94,29 @@ def minilm_bench(cfg: dict) -> Bench | None:
     model, tok = examples.load_minilm()
     _, sentences = examples.sentence_splits(n_calibration=512, n_eval=cfg["n_eval"])
     ref = examples.embed(model, tok, sentences)
+
+    def inputs(batch: int) -> dict:  # real sentences, padded to 64 tokens
+        enc = tok(sentences[:batch], padding="max_length", truncation=True, max_length=64, return_tensors="pt")
+        return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
     return Bench("all-MiniLM-L6-v2", model, "cos_mean",
                  lambda m: embedding_fidelity(ref, examples.embed(m, tok, sentences)),
-                 policies(cfg, embeddings=True))
+                 inputs=inputs, batches=(1, 8),
+                 timed=("energy 0.9", "target 0.4", "target 0.4, no embeddings", "target 0.6, no embeddings"),
+                 policies=policies(cfg, embeddings=True))
 
 
 # ------------------------------------------------------------------------------ fidelity vs size
 
 
-def fidelity_rows(bench: Bench) -> list[dict]:
+def fidelity_rows(bench: Bench) -> tuple[list[dict], dict[str, nn.Module]]:
+    """One row per setting (dense, dense int8/fp16, each policy) and the compressed models by setting."""
     base_bytes = fp32_bytes(bench.model)
     base_params = sum(p.numel() for p in bench.model.parameters())
-    rows = []
+    rows, models = [], {}
+
+    from compressor.measure import count_macs
+    base_macs = count_macs(bench.model, bench.inputs(1))["per_sample"]
 
     def row(policy: str, setting: str, model: nn.Module, nbytes: int, **extra) -> dict:
         start = time.perf_counter()
@@ -101,27 +124,108 @@ def fidelity_rows(bench: Bench) -> list[dict]:
         r = {"model": bench.name, "policy": policy, "setting": setting, "metric": bench.metric,
              "fidelity": metrics[bench.metric], **metrics, "bytes": nbytes, "size_ratio": nbytes / base_bytes,
              "params": sum(p.numel() for p in model.parameters()), "eval_s": time.perf_counter() - start,
-             **extra}
+             "macs_ratio": count_macs(model, bench.inputs(1))["per_sample"] / base_macs, **extra}
         r["params_ratio"] = r["params"] / base_params
         log(f"  {bench.name:18} {setting:28} size {r['size_ratio']:.3f}  {bench.metric} {r['fidelity']:.4f}")
         rows.append(r)
         return r
 
-    row("dense", "dense fp32", bench.model, base_bytes, macs_ratio=1.0)
+    row("dense", "dense fp32", bench.model, base_bytes)
     for name, quant in (("int8", quantize_int8_), ("fp16", round_fp16_)):
         m = copy.deepcopy(bench.model)
-        row(name, f"dense {name} (weights)", m, quant(m), macs_ratio=1.0)
+        row(name, f"dense {name} (weights)", m, quant(m))
     for policy, setting, kwargs in bench.policies:
         m = copy.deepcopy(bench.model)
         start = time.perf_counter()
         plan = compressor.analyze(m, **kwargs)
         analyze_s = time.perf_counter() - start
         compressor.rewrite(m, plan)
+        models[setting] = m
         t = plan.totals()
         row(policy, setting, m, fp32_bytes(m), analyze_s=analyze_s, removed_fraction=t["removed_fraction"],
-            macs_ratio=t["macs_after"] / t["macs_before"], layers_factored=t["layers_factored"],
+            layers_factored=t["layers_factored"],
             layers_supported=t["layers_supported"], notes=plan.notes, _plan=plan)
-    return rows
+    return rows, models
+
+
+# ---------------------------------------------------------------------------- speed of the output
+
+
+class OrtModule(nn.Module):
+    """An ONNX file run by onnxruntime behind a module's call, so the same fidelity code measures it."""
+
+    def __init__(self, path: Path, threads: int, hf_output: bool):
+        super().__init__()
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.hf_output = hf_output
+
+    def forward(self, x: torch.Tensor | None = None, **kwargs: torch.Tensor):
+        feed = {"input": x} if x is not None else kwargs
+        out = torch.from_numpy(self.session.run(None, {k: feed[k].numpy() for k in self.names})[0])
+        return SimpleNamespace(last_hidden_state=out) if self.hf_output else out
+
+
+def speed_rows(bench: Bench, models: dict[str, nn.Module], cfg: dict, tmp: Path) -> tuple[list[dict], dict]:
+    """Export dense and the timed settings to ONNX, check them, count their multiply-adds, and time them
+    in onnxruntime and torch eager at two batch sizes. Also returns the fidelity row of the dense model
+    quantized by onnxruntime (int8 weights, dynamic int8 activations)."""
+    from compressor.export import export_int8, export_onnx, validate_onnx
+    from compressor.measure import count_macs, file_size, onnx_latency, torch_latency
+
+    variants = [("dense fp32", bench.model)] + [(s, models[s]) for s in bench.timed if s in models]
+    base_params = sum(p.numel() for p in bench.model.parameters())
+    info = {}
+    for i, (setting, model) in enumerate(variants):
+        start = time.perf_counter()
+        path = export_onnx(model, bench.inputs(2), tmp / f"{i}.onnx")
+        check = validate_onnx(path, model, bench.inputs(2), atol=None)
+        info[setting] = {"path": path, "onnx_bytes": file_size(path), "onnx_max_abs_diff": check.max_abs_diff,
+                         "export_s": time.perf_counter() - start,
+                         "macs": count_macs(model, bench.inputs(1))["per_sample"],
+                         "params": sum(p.numel() for p in model.parameters())}
+        log(f"  exported {setting}: {info[setting]['onnx_bytes'] / 2**20:.1f} MiB, max |onnx - torch| "
+            f"{check.max_abs_diff:.1e}, {info[setting]['macs']:,.0f} MACs/sample")
+    int8_path = export_int8(info["dense fp32"]["path"], tmp / "dense.int8.onnx")
+    int8 = {"path": int8_path, "onnx_bytes": file_size(int8_path), "macs": info["dense fp32"]["macs"],
+            "params": base_params}
+    start = time.perf_counter()
+    metrics = bench.evaluate(OrtModule(int8_path, cfg["threads"], hf_output="MiniLM" in bench.name))
+    dense_onnx = info["dense fp32"]["onnx_bytes"]
+    int8_row = {"model": bench.name, "policy": "int8 (onnxruntime)", "setting": "dense int8 (onnxruntime)",
+                "metric": bench.metric, "fidelity": metrics[bench.metric], **metrics,
+                "bytes": int8["onnx_bytes"], "size_ratio": int8["onnx_bytes"] / dense_onnx, "params": base_params,
+                "params_ratio": 1.0, "macs_ratio": 1.0, "eval_s": time.perf_counter() - start}
+    log(f"  dense int8 (onnxruntime): {int8['onnx_bytes'] / 2**20:.1f} MiB, {bench.metric} {int8_row['fidelity']:.4f}")
+
+    timed = [(s, "onnxruntime", info[s]) for s, _ in variants] + [("dense int8", "onnxruntime", int8)]
+    timed += [(s, "torch", info[s]) for s, _ in variants]
+    eager = dict(variants)
+    rows = []
+    for batch in bench.batches:
+        inputs = bench.inputs(batch)
+        medians: dict[tuple[str, str], list[float]] = {}
+        for order in (timed, timed[::-1]):
+            for setting, runtime, v in order:
+                kw = {"threads": cfg["threads"], "warmup": cfg["latency_warmup"], "runs": cfg["latency_runs"]}
+                lat = onnx_latency(v["path"], inputs, **kw) if runtime == "onnxruntime" else \
+                    torch_latency(eager[setting], inputs, **kw)
+                medians.setdefault((setting, runtime), []).append(lat["median_ms"])
+        for setting, runtime, v in timed:
+            ms = min(medians[(setting, runtime)])
+            dense_ms = min(medians[("dense fp32", runtime)])
+            rows.append({"model": bench.name, "setting": setting, "runtime": runtime, "batch": batch,
+                         "threads": cfg["threads"], "median_ms": ms, "medians_ms": medians[(setting, runtime)],
+                         "latency_ratio": ms / dense_ms, "params_ratio": v["params"] / base_params,
+                         "macs_ratio": v["macs"] / info["dense fp32"]["macs"],
+                         "onnx_bytes": v["onnx_bytes"], "onnx_size_ratio": v["onnx_bytes"] / dense_onnx,
+                         "onnx_max_abs_diff": v.get("onnx_max_abs_diff")})
+            log(f"  {runtime:11} batch {batch:>3} {setting:28} {ms:9.2f} ms  x{ms / dense_ms:.2f}")
+    return rows, int8_row
 
 
 # ------------------------------------------------------------------------------- speed of the tool
@@ -224,6 +328,7 @@ def main() -> int:
         (f" --only {args.only}" if args.only else "")
     env = environment(command)
     benches = []
+    setup = time.perf_counter()
     if args.only in (None, "digits"):
         benches.append(digits_bench(cfg))
     if args.only in (None, "minilm"):
@@ -231,29 +336,47 @@ def main() -> int:
         if b is not None:
             benches.append(b)
 
-    results: dict = {"env": env, "config": {**cfg, "quick": args.quick}, "fidelity": [], "tool_speed": [],
-                     "plots": {}}
+    results: dict = {"env": env, "config": {**cfg, "quick": args.quick}, "fidelity": [], "latency": [],
+                     "tool_speed": [], "plots": {}, "section_s": {"setup": time.perf_counter() - setup}}
     plans = {}
-    for bench in benches:
-        log(f"fidelity vs size: {bench.name}")
-        rows = fidelity_rows(bench)
-        for r in rows:
-            plan = r.pop("_plan", None)
-            if plan is not None:
-                plans.setdefault(bench.name, plan)
-        results["fidelity"] += rows
     with tempfile.TemporaryDirectory() as tmp:
         for bench in benches:
+            slug = "minilm" if "MiniLM" in bench.name else "digits"
+            start = time.perf_counter()
+            log(f"fidelity vs size: {bench.name}")
+            rows, models = fidelity_rows(bench)
+            for r in rows:
+                plan = r.pop("_plan", None)
+                if plan is not None:
+                    plans.setdefault(bench.name, plan)
+            results["section_s"][f"{slug} fidelity"] = time.perf_counter() - start
+            start = time.perf_counter()
+            log(f"speed of the output: {bench.name}")
+            (Path(tmp) / slug).mkdir()
+            latency, int8_row = speed_rows(bench, models, cfg, Path(tmp) / slug)
+            results["fidelity"] += [*rows[:3], int8_row, *rows[3:]]
+            results["latency"] += latency
+            results["section_s"][f"{slug} latency"] = time.perf_counter() - start
+            del models
+            start = time.perf_counter()
             log(f"speed of the tool: {bench.name}")
             results["tool_speed"].append(tool_speed(bench, cfg["speed_repeats"], Path(tmp)))
+            results["section_s"][f"{slug} tool speed"] = time.perf_counter() - start
 
+    start = time.perf_counter()
     from compressor import plots
     for name, plan in plans.items():
         slug = "minilm" if "MiniLM" in name else "digits"
         paths = plots.plot_spectra(plan, out, prefix=f"{slug}_")
         results["plots"][f"{name} spectra"] = [p.name for p in paths]
     results["plots"]["fidelity"] = [plots.plot_fidelity(results["fidelity"], out / "fidelity.png").name]
+    lat = [{**r, "series": f"{r['model']}, {r['runtime']}, batch {r['batch']}",
+            "label": r["setting"].replace(", no embeddings", " lin")} for r in results["latency"]
+           if not r["setting"].startswith("dense")]
+    if lat:
+        results["plots"]["latency"] = [plots.plot_latency(lat, out / "latency.png").name]
 
+    results["section_s"]["plots"] = time.perf_counter() - start
     results["wall_s"] = time.perf_counter() - started
     results["load_average_at_end"] = load_average()
     children = [t["peak_rss_mb"] for t in results["tool_speed"]]
@@ -282,6 +405,7 @@ def report(res: dict) -> str:
         "Every number below comes from that run (`report.json` holds them all).\n",
     ]
     parts.append(fidelity_section(res))
+    parts.append(latency_section(res))
     parts.append(pays_section(res))
     parts.append(tool_section(res))
     parts.append(plots_section(res))
@@ -293,8 +417,11 @@ def fidelity_section(res: dict) -> str:
            "Size is the bytes of all weights relative to the dense fp32 model; `int8` and `fp16` "
            "quantize the dense model's weights (int8: per-row symmetric round-to-nearest of every "
            "Linear/Conv/Embedding weight with a fp32 scale per row; fp16: every parameter), computed in "
-           "fp32. MACs are the multiply-adds of the weight layers per token (MiniLM) or per image (CNN), "
-           "attention products not counted. Low-rank rows are fp32.\n"]
+           "fp32. MACs are the multiply-adds of one sample's forward pass through the Linear/Conv layers, "
+           "counted by forward hooks (attention products not counted; a factored embedding's projection "
+           "is). Low-rank rows are fp32. `dense int8 (onnxruntime)` is the exported dense model quantized by "
+           "onnxruntime's `quantize_dynamic` (int8 weights per channel, activations quantized at run time) "
+           "and run in onnxruntime; its size is its file relative to the dense ONNX file.\n"]
     for model in dict.fromkeys(r["model"] for r in res["fidelity"]):
         rows = [r for r in res["fidelity"] if r["model"] == model]
         if "cos_mean" in rows[0]:
@@ -314,6 +441,37 @@ def fidelity_section(res: dict) -> str:
 
 def _layers(r: dict) -> str:
     return f"{r['layers_factored']}/{r['layers_supported']}" if "layers_factored" in r else "-"
+
+
+def latency_section(res: dict) -> str:
+    cfg = res["config"]
+    out = ["## Speed of the output\n",
+           f"Median latency of {cfg['latency_runs']} runs after {cfg['latency_warmup']} warm-up runs, "
+           f"{cfg['threads']} threads (onnxruntime CPU provider: intra-op threads; torch eager: "
+           "`torch.set_num_threads`), each measured twice (variants in forward, then reverse order) and the "
+           "lower median kept. MiniLM inputs are real sentences padded to 64 tokens. Ratios are to the dense "
+           "fp32 model in the same runtime at the same batch size. MACs are counted by forward hooks on one "
+           "sample (attention products not counted; a factored embedding's projection is). ONNX files are "
+           "checked against torch (`max diff`: largest absolute output difference).\n"]
+    for model in dict.fromkeys(r["model"] for r in res["latency"]):
+        rows = [r for r in res["latency"] if r["model"] == model]
+        batches = list(dict.fromkeys(r["batch"] for r in rows))
+        cols = [(rt, b) for rt in ("onnxruntime", "torch") for b in batches]
+        head = ["setting", "params", "MACs", "ONNX MiB", "ONNX size", "max diff"] + \
+            [f"{'ORT' if rt == 'onnxruntime' else 'torch'} b{b} ms (ratio)" for rt, b in cols]
+        body = []
+        for setting in dict.fromkeys(r["setting"] for r in rows):
+            by = {(r["runtime"], r["batch"]): r for r in rows if r["setting"] == setting}
+            first = next(iter(by.values()))
+            diff = first["onnx_max_abs_diff"]
+            body.append([setting, first["params_ratio"], first["macs_ratio"], first["onnx_bytes"] / 2**20,
+                         first["onnx_size_ratio"], "-" if diff is None else f"{diff:.1e}"] +
+                        [f"{by[c]['median_ms']:.2f} ({by[c]['latency_ratio']:.2f})" if c in by else "-"
+                         for c in cols])
+        out += [f"### {model}\n", md_table(head, body) + "\n"]
+    if not res["latency"]:
+        out.append("(not measured in this run)\n")
+    return "\n".join(out)
 
 
 def pays_section(res: dict) -> str:
@@ -337,6 +495,13 @@ def pays_section(res: dict) -> str:
             out.append(f"- {r['model']}, {r['setting']}: larger ({r['size_ratio']:.2f}) and less faithful "
                        f"({r['fidelity']:.4f}) than dense int8 ({ref['size_ratio']:.2f}, "
                        f"{ref['fidelity']:.4f}).")
+    for r in res["latency"]:
+        if r["setting"].startswith("dense int8") and r["latency_ratio"] >= 1.0:
+            out.append(f"- {r['model']}, dense int8 (quantization, not factoring): onnxruntime's dynamic int8 "
+                       f"model is x{r['latency_ratio']:.2f} the dense latency at batch {r['batch']}.")
+        elif r["latency_ratio"] >= 1.0 and not r["setting"].startswith("dense"):
+            out.append(f"- {r['model']}, {r['setting']}: no faster in {r['runtime']} at batch {r['batch']} "
+                       f"(latency x{r['latency_ratio']:.2f} at {r['macs_ratio']:.2f}x the MACs).")
     if len(out) == 1:
         out.append("- (nothing in this run)")
     return "\n".join(out) + "\n"
@@ -356,8 +521,8 @@ def tool_section(res: dict) -> str:
 
 def plots_section(res: dict) -> str:
     out = ["## Plots\n"]
-    for title, files in res["plots"].items():
-        out += [f"![{title}]({f})" for f in files]
+    for files in res["plots"].values():
+        out += [f"![{Path(f).stem}]({f})" for f in files]
     return "\n\n".join(out) + "\n"
 
 

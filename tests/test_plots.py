@@ -189,8 +189,10 @@ def test_fidelity_rows_and_report_on_a_tiny_model():
     ref = model(x).detach()
     bench = run_all.Bench("tiny", model, "cos_mean",
                           lambda m: _common.embedding_fidelity(ref, m(x).detach(), k=5),
-                          run_all.policies({"energies": (0.5, 1.0), "targets": (0.5,)}, embeddings=False))
-    rows = run_all.fidelity_rows(bench)
+                          inputs=lambda b: x[:b], batches=(1, 4), timed=(),
+                          policies=run_all.policies({"energies": (0.5, 1.0), "targets": (0.5,)}, embeddings=False))
+    rows, models = run_all.fidelity_rows(bench)
+    assert set(models) == {"energy 0.5", "energy 1.0", "target 0.5"}
     for r in rows:
         r.pop("_plan", None)
     by = {r["setting"]: r for r in rows}
@@ -198,5 +200,6 @@ def test_fidelity_rows_and_report_on_a_tiny_model():
     assert by["energy 1.0"]["params_ratio"] == 1.0  # nothing saved: every rank is above break-even
     assert by["target 0.5"]["removed_fraction"] == pytest.approx(0.5, abs=0.05)
     assert by["target 0.5"]["size_ratio"] < 0.6 and by["dense int8 (weights)"]["size_ratio"] < 0.3
-    text = run_all.pays_section({"fidelity": rows})
+    assert by["target 0.5"]["macs_ratio"] == pytest.approx(by["target 0.5"]["params_ratio"], abs=0.02)
+    text = run_all.pays_section({"fidelity": rows, "latency": []})
     assert "tiny, energy 1.0: saves 0.0% of the parameters" in text
