@@ -47,10 +47,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # latency_runs: timed runs per measurement (after latency_warmup untimed ones); each measurement is taken
 # twice, in forward then reverse order of the variants, and the lower median kept (drift in the machine's
 # load then hits dense and compressed alike).
-FULL = {"energies": (0.8, 0.9, 0.95, 0.99), "targets": (0.2, 0.4, 0.6), "n_eval": 1000, "speed_repeats": 3,
-        "latency_warmup": 3, "latency_runs": 15, "threads": 2}
+FULL = {"energies": (0.8, 0.9, 0.95, 0.99), "targets": (0.2, 0.4, 0.6), "n_eval": 500, "speed_repeats": 3,
+        "latency_warmup": 3, "latency_runs": 15}
 QUICK = {"energies": (0.9,), "targets": (0.4,), "n_eval": 200, "speed_repeats": 1,
-         "latency_warmup": 2, "latency_runs": 5, "threads": 2}
+         "latency_warmup": 2, "latency_runs": 5}
 
 
 @dataclass
@@ -95,8 +95,8 @@ def minilm_bench(cfg: dict) -> Bench | None:
     _, sentences = examples.sentence_splits(n_calibration=512, n_eval=cfg["n_eval"])
     ref = examples.embed(model, tok, sentences)
 
-    def inputs(batch: int) -> dict:  # real sentences, padded to 64 tokens
-        enc = tok(sentences[:batch], padding="max_length", truncation=True, max_length=64, return_tensors="pt")
+    def inputs(batch: int) -> dict:  # real sentences padded to 128 tokens, the length embed() truncates to
+        enc = tok(sentences[:batch], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
         return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
     return Bench("all-MiniLM-L6-v2", model, "cos_mean",
@@ -165,8 +165,14 @@ class OrtModule(nn.Module):
         self.hf_output = hf_output
 
     def forward(self, x: torch.Tensor | None = None, **kwargs: torch.Tensor):
-        feed = {"input": x} if x is not None else kwargs
-        out = torch.from_numpy(self.session.run(None, {k: feed[k].numpy() for k in self.names})[0])
+        if x is not None:
+            return torch.from_numpy(self.session.run(None, {"input": x.numpy()})[0])
+        # The export fixed the sequence length: pad on the right (masked out, so the real tokens' states
+        # are unchanged) and cut the output back to the real length.
+        length = kwargs["input_ids"].shape[1]
+        fixed = self.session.get_inputs()[0].shape[1]
+        feed = {k: nn.functional.pad(kwargs[k], (0, fixed - length)).numpy() for k in self.names}
+        out = torch.from_numpy(self.session.run(None, feed)[0])[:, :length]
         return SimpleNamespace(last_hidden_state=out) if self.hf_output else out
 
 
@@ -312,6 +318,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a subset for CI (about 2 minutes on 2 cores)")
     ap.add_argument("--out", type=Path, default=None,
                     help="output folder (default benchmarks/results, or benchmarks/results/quick)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for the latency runs (default 1: on a shared or busy machine, more threads "
+                         "than free cores makes the timings erratic)")
     ap.add_argument("--only", choices=("digits", "minilm"), default=None, help="run one model only")
     ap.add_argument("--tool-speed", default=None, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--weights", default=None, help=argparse.SUPPRESS)
@@ -322,10 +331,10 @@ def main() -> int:
         return 0
 
     started = time.perf_counter()
-    cfg = QUICK if args.quick else FULL
+    cfg = {**(QUICK if args.quick else FULL), "threads": args.threads}
     out = args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else "")
     command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "") + \
-        (f" --only {args.only}" if args.only else "")
+        (f" --only {args.only}" if args.only else "") + (f" --threads {args.threads}" if args.threads != 1 else "")
     env = environment(command)
     benches = []
     setup = time.perf_counter()
@@ -449,7 +458,7 @@ def latency_section(res: dict) -> str:
            f"Median latency of {cfg['latency_runs']} runs after {cfg['latency_warmup']} warm-up runs, "
            f"{cfg['threads']} threads (onnxruntime CPU provider: intra-op threads; torch eager: "
            "`torch.set_num_threads`), each measured twice (variants in forward, then reverse order) and the "
-           "lower median kept. MiniLM inputs are real sentences padded to 64 tokens. Ratios are to the dense "
+           "lower median kept. MiniLM inputs are real sentences padded to 128 tokens. Ratios are to the dense "
            "fp32 model in the same runtime at the same batch size. MACs are counted by forward hooks on one "
            "sample (attention products not counted; a factored embedding's projection is). ONNX files are "
            "checked against torch (`max diff`: largest absolute output difference).\n"]

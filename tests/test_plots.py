@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -203,3 +206,22 @@ def test_fidelity_rows_and_report_on_a_tiny_model():
     assert by["target 0.5"]["macs_ratio"] == pytest.approx(by["target 0.5"]["params_ratio"], abs=0.02)
     text = run_all.pays_section({"fidelity": rows, "latency": []})
     assert "tiny, energy 1.0: saves 0.0% of the parameters" in text
+
+
+@pytest.mark.slow
+def test_run_all_quick_digits_writes_the_report(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, str(root / "benchmarks" / "run_all.py"), "--quick", "--only", "digits",
+                    "--out", str(tmp_path)], check=True, env=env, capture_output=True, timeout=900)
+    report = (tmp_path / "report.md").read_text()
+    for heading in ("## Fidelity vs size", "## Speed of the output", "## Where factoring does not pay",
+                    "## Speed of the tool", "## Plots"):
+        assert heading in report
+    res = json.loads((tmp_path / "report.json").read_text())
+    assert {r["setting"] for r in res["fidelity"]} >= {"dense fp32", "dense int8 (onnxruntime)", "target 0.4"}
+    assert {(r["runtime"], r["batch"]) for r in res["latency"]} == {(rt, b) for rt in ("onnxruntime", "torch")
+                                                                    for b in (1, 256)}
+    assert res["tool_speed"][0]["svd_floor_s"] > 0 and res["env"]["command"].startswith("python benchmarks")
+    for name in ("digits_spectra.png", "digits_energy.png", "fidelity.png", "latency.png"):
+        assert_png(tmp_path / name)
