@@ -322,12 +322,20 @@ def main() -> int:
                     help="threads for the latency runs (default 1: on a shared or busy machine, more threads "
                          "than free cores makes the timings erratic)")
     ap.add_argument("--only", choices=("digits", "minilm"), default=None, help="run one model only")
+    ap.add_argument("--render", type=Path, default=None, metavar="REPORT_JSON",
+                    help="only re-draw report.md and the fidelity/latency plots from a run's report.json")
     ap.add_argument("--tool-speed", default=None, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.tool_speed:
         print(json.dumps(tool_speed_child(args.tool_speed, args.weights, args.repeats)))
+        return 0
+    if args.render:  # presentation only: every number stays the one the run measured
+        results = json.loads(args.render.read_text())
+        render_plots(results, args.render.parent)
+        atomic_write_text(args.render.parent / "report.md", report(results))
+        log(f"re-rendered {args.render.parent / 'report.md'} from {args.render}")
         return 0
 
     started = time.perf_counter()
@@ -378,13 +386,7 @@ def main() -> int:
         slug = "minilm" if "MiniLM" in name else "digits"
         paths = plots.plot_spectra(plan, out, prefix=f"{slug}_")
         results["plots"][f"{name} spectra"] = [p.name for p in paths]
-    results["plots"]["fidelity"] = [plots.plot_fidelity(results["fidelity"], out / "fidelity.png").name]
-    lat = [{**r, "series": f"{r['model']}, {r['runtime']}, batch {r['batch']}",
-            "label": r["setting"].replace(", no embeddings", " lin")} for r in results["latency"]
-           if not r["setting"].startswith("dense")]
-    if lat:
-        results["plots"]["latency"] = [plots.plot_latency(lat, out / "latency.png").name]
-
+    render_plots(results, out)
     results["section_s"]["plots"] = time.perf_counter() - start
     results["wall_s"] = time.perf_counter() - started
     results["load_average_at_end"] = load_average()
@@ -396,6 +398,17 @@ def main() -> int:
     return 0
 
 
+def render_plots(results: dict, out: Path) -> None:
+    """The fidelity and latency plots, drawn from the results (spectra need the plans: drawn by the run)."""
+    from compressor import plots
+    results["plots"]["fidelity"] = [plots.plot_fidelity(results["fidelity"], out / "fidelity.png").name]
+    lat = [{**r, "series": f"{r['model']}, {r['runtime']}, batch {r['batch']}",
+            "label": r["setting"].replace(", no embeddings", " lin")} for r in results["latency"]
+           if not r["setting"].startswith("dense")]
+    if lat:
+        results["plots"]["latency"] = [plots.plot_latency(lat, out / "latency.png").name]
+
+
 # ---------------------------------------------------------------------------------------- report
 
 
@@ -405,7 +418,8 @@ def report(res: dict) -> str:
     parts = [
         "# compressor benchmarks\n",
         f"Produced by `{env['command']}` on {env['date']} in {res['wall_s']:.0f} s: {env['processor']} "
-        f"({env['cpu_count']} CPUs), torch {env['torch']} with {env['torch_threads']} threads, "
+        f"({env['cpu_count']} CPUs), torch {env['torch']} with {env['torch_threads']} threads (latency runs: "
+        f"{res['config'].get('threads', '?')}), "
         f"onnxruntime {env['onnxruntime']}, Python {env['python']}; load average "
         f"{env['load_average_at_start']} "
         f"at the start and {res['load_average_at_end']} at the end (other processes share the CPUs, so "
@@ -413,12 +427,47 @@ def report(res: dict) -> str:
         f"{peak['runner']:.0f} MB, largest child (model load + analyze) {peak['largest_child']:.0f} MB. "
         "Every number below comes from that run (`report.json` holds them all).\n",
     ]
+    parts.append(headlines(res))
     parts.append(fidelity_section(res))
     parts.append(latency_section(res))
     parts.append(pays_section(res))
     parts.append(tool_section(res))
     parts.append(plots_section(res))
     return "\n".join(parts)
+
+
+def headlines(res: dict) -> str:
+    """A few sentences per model, picked from the tables below by fixed rules (no hand-written numbers)."""
+    out = ["## Headlines\n"]
+    for model in dict.fromkeys(r["model"] for r in res["fidelity"]):
+        rows = [r for r in res["fidelity"] if r["model"] == model]
+        metric = rows[0]["metric"]
+        dense = next(r for r in rows if r["policy"] == "dense")["fidelity"]
+        refs = "; ".join(f"{r['setting']} {r['fidelity']:.4f} at size {r['size_ratio']:.2f}"
+                         for r in rows if r["policy"] in ("int8", "int8 (onnxruntime)", "fp16"))
+        out.append(f"- **{model}** ({metric}): dense quantization keeps it: {refs}.")
+        low = [r for r in rows if "removed_fraction" in r]
+        good = [r for r in low if r["fidelity"] >= dense - 0.01]
+        if good:
+            best = min(good, key=lambda r: r["size_ratio"])
+            out.append(f"  Smallest low-rank setting within 0.01 of dense: {best['setting']} (size "
+                       f"{best['size_ratio']:.2f}, {metric} {best['fidelity']:.4f}).")
+        elif low:
+            best = max(low, key=lambda r: r["fidelity"])
+            out.append(f"  No low-rank setting of this run stays within 0.01 of dense; the most faithful is "
+                       f"{best['setting']} ({metric} {best['fidelity']:.4f} at size {best['size_ratio']:.2f}).")
+        lat = [r for r in res["latency"] if r["model"] == model and r["runtime"] == "onnxruntime"
+               and not r["setting"].startswith("dense")]
+        if lat:
+            big = max(r["batch"] for r in lat)
+            fast = min((r for r in lat if r["batch"] == big), key=lambda r: r["latency_ratio"])
+            out.append(f"  Fastest factored ONNX model at batch {big}: {fast['setting']}, latency "
+                       f"x{fast['latency_ratio']:.2f} of dense at x{fast['macs_ratio']:.2f} the MACs and "
+                       f"x{fast['params_ratio']:.2f} the parameters.")
+    for t in res["tool_speed"]:
+        out.append(f"- `analyze` on {t['model']}: {t['analyze_s']:.2f} s against {t['svd_floor_s']:.2f} s of bare "
+                   f"SVDs (overhead {t['overhead_s']:+.2f} s, {t['overhead_pct']:+.0f}%).")
+    return "\n".join(out) + "\n"
 
 
 def fidelity_section(res: dict) -> str:
