@@ -505,7 +505,7 @@ def latency_section(res: dict) -> str:
     cfg = res["config"]
     out = ["## Speed of the output\n",
            f"Median latency of {cfg['latency_runs']} runs after {cfg['latency_warmup']} warm-up runs, "
-           f"{cfg['threads']} threads (onnxruntime CPU provider: intra-op threads; torch eager: "
+           f"{cfg['threads']} thread(s) (onnxruntime CPU provider: intra-op threads; torch eager: "
            "`torch.set_num_threads`), each measured twice (variants in forward, then reverse order) and the "
            "lower median kept. MiniLM inputs are real sentences padded to 128 tokens. Ratios are to the dense "
            "fp32 model in the same runtime at the same batch size. MACs are counted by forward hooks on one "
@@ -545,14 +545,12 @@ def pays_section(res: dict) -> str:
         if r["macs_ratio"] > 1.0:
             out.append(f"- {where}: multiply-adds go UP to {r['macs_ratio']:.2f}x: a factored embedding "
                        "turns a free lookup into a lookup plus a matrix product.")
-    refs = {r["model"]: r for r in res["fidelity"] if r["policy"] == "int8"}
-    for r in res["fidelity"]:
-        ref = refs.get(r["model"])
-        if "removed_fraction" in r and ref and r["size_ratio"] > ref["size_ratio"] \
-                and r["fidelity"] < ref["fidelity"]:
-            out.append(f"- {r['model']}, {r['setting']}: larger ({r['size_ratio']:.2f}) and less faithful "
-                       f"({r['fidelity']:.4f}) than dense int8 ({ref['size_ratio']:.2f}, "
-                       f"{ref['fidelity']:.4f}).")
+    for ref in (r for r in res["fidelity"] if r["policy"] == "int8"):
+        worse = [r["setting"] for r in res["fidelity"] if r["model"] == ref["model"] and "removed_fraction" in r
+                 and r["size_ratio"] > ref["size_ratio"] and r["fidelity"] < ref["fidelity"]]
+        if worse:
+            out.append(f"- {ref['model']}: larger and less faithful than dense int8 (size {ref['size_ratio']:.2f}, "
+                       f"{ref['metric']} {ref['fidelity']:.4f}), fp32 low-rank alone: {'; '.join(worse)}.")
     for r in res["latency"]:
         if r["setting"].startswith("dense int8") and r["latency_ratio"] >= 1.0:
             out.append(f"- {r['model']}, dense int8 (quantization, not factoring): onnxruntime's dynamic int8 "
@@ -570,9 +568,9 @@ def tool_section(res: dict) -> str:
              f"{t['overhead_pct']:.0f}%", f"{t['peak_rss_mb']:.0f}"] for t in res["tool_speed"]]
     return ("## Speed of the tool\n\n"
             "`compressor.analyze(model, energy=0.9)` against the bare `torch.linalg.svd` of the same weight "
-            "matrices (the floor for an exact SVD), both in one fresh process per model, median of "
-            f"{res['config']['speed_repeats']} after a warm-up; peak RSS is that process's (model load "
-            "included).\n\n"
+            "matrices (the floor for an exact SVD), both in one fresh process per model, alternated, the fastest "
+            f"of {res['config']['speed_repeats']} after a warm-up (medians in report.json); peak RSS is that "
+            "process's (model load included).\n\n"
             + md_table(["model", "layers", "weights", "bare SVD s", "analyze s", "overhead s", "overhead",
                         "peak RSS MB"], rows) + "\n")
 
