@@ -94,7 +94,8 @@ class _Exportable(nn.Module):
         return tuple(t for _, t in _flatten_outputs(out))
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -112,7 +113,7 @@ def _eval_mode(model: nn.Module):
 def torch_outputs(model: nn.Module, example_inputs: Any) -> list[tuple[str, np.ndarray]]:
     """The model's outputs on ``example_inputs`` (eval mode, no grad) as named float64 arrays."""
     names, tensors = flatten_inputs(example_inputs)
-    device = _model_device(model)
+    device = model_device(model)
     with _eval_mode(model), torch.no_grad():
         out = call_model(model, names, [t.to(device) for t in tensors], isinstance(example_inputs, Mapping))
     return [(k, v.detach().cpu().double().numpy()) for k, v in _flatten_outputs(out)]
@@ -142,7 +143,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
     path = Path(path)
     names, tensors = flatten_inputs(example_inputs)
     as_dict = isinstance(example_inputs, Mapping)
-    device = _model_device(model)
+    device = model_device(model)
     tensors = [t.to(device) for t in tensors]
     if dynamic_batch and any(t.shape[0] != tensors[0].shape[0] for t in tensors):
         raise CompressorError("example inputs disagree on the batch size (dimension 0)",
@@ -174,6 +175,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
                 _export_with(how, wrapper, tuple(tensors), tmpdir / path.name, names, out_names, opset,
                              dynamic_batch, weight_bytes > EXTERNAL_DATA_BYTES)
             _move_into_place(tmpdir, path)
+            if errors:
+                warnings.warn(f"the dynamo exporter failed ({errors[0]}); exported with the legacy "
+                              "TorchScript exporter instead", stacklevel=2)
             return path
         except CompressorError:
             raise
@@ -216,7 +220,9 @@ def _move_into_place(tmpdir: Path, path: Path) -> None:
 @contextmanager
 def _quiet():
     """Silence exporter chatter (progress lines, deprecation and tracer warnings, optimizer logs)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+    # The root logger too: onnxruntime.quantization logs its advice there.
+    names = ("", "torch.onnx", "onnxscript", "torch.export", "torch._dynamo")
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -543,3 +549,7 @@ def _save_atomic(model, dst: Path, onnx) -> Path:
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return dst
+
+
+# kind -> (writer, the min_cosine its validation uses): what `--fp16` / `--int8` run.
+VARIANTS = {"fp16": (export_fp16, FP16_MIN_COSINE), "int8": (export_int8, INT8_MIN_COSINE)}
