@@ -360,7 +360,11 @@ def build_from_arch(arch: str, state_dict: dict[str, torch.Tensor] | None = None
         except (ImportError, AttributeError) as err:
             raise CompressorError(f"cannot import --arch '{arch}' ({err})",
                                   "run from the folder that holds it, or add it to PYTHONPATH") from None
-        model = factory()
+        try:
+            model = factory()
+        except Exception as err:
+            raise CompressorError(f"--arch '{arch}' failed when called ({type(err).__name__}: {err})",
+                                  "name a function that takes no arguments and returns the model") from None
     if not isinstance(model, nn.Module):
         raise CompressorError(f"--arch '{arch}' returned a {type(model).__name__}, not an nn.Module",
                               "name a function that builds and returns the model")

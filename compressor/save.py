@@ -89,9 +89,10 @@ def _write(model: nn.Module, tmp: Path, plan: Plan | None, source: Loaded | None
     if source is not None:
         meta["source"] = {"path": str(source.source), "format": source.format}
     (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-    for f in tmp.iterdir():  # durable before the rename publishes the folder
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):  # durable before the rename publishes the folder
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def _write_architecture(model: nn.Module, tmp: Path, plan: Plan | None, source: Loaded | None) -> dict:
@@ -208,7 +209,7 @@ def load_compressed(directory: str | Path, *, trust_pickle: bool = False, arch: 
     return Loaded(model, "compressor", directory, example_inputs=infer_example_inputs(model, tokenizer),
                   tokenizer=tokenizer,
                   meta={"compressor": meta, "plan": plan, "arch": arch or stored_arch,
-                        "needs_trust_pickle": needs_trust or kind == "arch"})
+                        "needs_trust_pickle": needs_trust})
 
 
 def _build_hf(directory: Path, info: dict) -> nn.Module:
