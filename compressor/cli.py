@@ -1,0 +1,202 @@
+"""``compress``: the command-line shell over :func:`compressor.pipeline.compress`.
+
+    compress MODEL --energy 0.95            # analyze, factor, export, report (the default command)
+    compress analyze MODEL --target 0.4     # spectra and plan only
+    compress apply MODEL plan.json          # re-apply an edited plan
+    compress export MODEL                   # ONNX of the model as it is
+
+Bad input prints one line (the problem and the fix) and exits with code 2; a failed ONNX validation
+exits with code 3. ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import CompressorError
+
+EXIT_BAD_INPUT = 2
+EXIT_VALIDATION_FAILED = 3
+
+
+class DefaultGroup(click.Group):
+    """A group whose first argument, when it is not a sub-command, is the MODEL of ``compress run``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+def _policy_options(f: Callable) -> Callable:
+    opts = [
+        click.option("--energy", type=float, help="Per layer, keep this fraction of spectral energy (0, 1]."),
+        click.option("--rank", type=int, help="The same rank for every layer."),
+        click.option("--rank-ratio", type=float, help="This fraction of each layer's full rank."),
+        click.option("--target", type=float,
+                     help="Remove this fraction of the factorizable parameters, allocated across layers."),
+        click.option("--rank-multiple", type=int, default=1, show_default=True,
+                     help="Round ranks up to a multiple of this (hardware friendliness)."),
+        click.option("--include", multiple=True, help="Only layers matching this glob (repeatable)."),
+        click.option("--exclude", multiple=True, help="Never layers matching this glob (repeatable)."),
+        click.option("--calibration", type=click.Path(path_type=Path),
+                     help="Calibration inputs for data-aware factors: tensors (.pt/.npz/.safetensors) or, "
+                          "for Hugging Face text models, a text file with one sentence per line."),
+        click.option("--calibration-samples", type=int, help="Use at most this many calibration samples."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _common_options(f: Callable) -> Callable:
+    opts = [
+        click.option("--out", type=click.Path(path_type=Path),
+                     help="Output folder [default: <model stem>.compressed/ beside the input]."),
+        click.option("--force", is_flag=True, help="Replace the output folder if it exists."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow loading a pickled model whose file names code to run (only for files you trust)."),
+        click.option("--arch", help="package.module:factory building the model for a bare state_dict."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
+        click.option("--quiet", is_flag=True, help="Print nothing but errors (and --json)."),
+        click.option("--debug", is_flag=True, help="Show tracebacks."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _export_options(f: Callable) -> Callable:
+    opts = [
+        click.option("--input-shape", "input_shapes", multiple=True,
+                     help="Shape of an example input for export, e.g. 1x3x224x224 (repeatable)."),
+        click.option("--example-inputs", type=click.Path(path_type=Path),
+                     help="Example inputs for export (.pt/.npz/.safetensors)."),
+        click.option("--atol", type=float, default=1e-4, show_default=True,
+                     help="Largest absolute difference allowed between onnxruntime and torch outputs."),
+        click.option("--opset", type=int, default=18, show_default=True),
+        click.option("--fp16", is_flag=True, help="Also write and validate model.fp16.onnx."),
+        click.option("--int8", is_flag=True, help="Also write and validate model.int8.onnx (dynamic int8)."),
+        click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
+    """Run one mode, print the outcome, and turn errors into one line and an exit code."""
+    from .pipeline import Options, compress
+
+    as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
+    kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    kw["progress"] = False if quiet or as_json else None
+    try:
+        report = compress(model, out, mode=mode, options=Options(**kw))
+    except CompressorError as err:
+        if debug:
+            raise
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        click.echo(summary(report))
+    if not report.get("passed", True):
+        if not as_json:
+            click.echo("error: validation FAILED (see report.md); the output folder was kept for inspection",
+                       err=True)
+        sys.exit(EXIT_VALIDATION_FAILED)
+
+
+def summary(r: dict[str, Any]) -> str:
+    """The few lines a person wants after a run."""
+    lines = [f"{r['source']['path']} ({r['source']['format']}) -> {r['output']}/"]
+    if r.get("plan_totals"):
+        t = r["plan_totals"]
+        lines.append(f"  layers factored   {t['layers_factored']} of {t['layers_supported']} factorizable "
+                     f"({t['layers_total']} with weight matrices)")
+        lines.append(f"  parameters        {r['params_before']:,} -> {r['params_after']:,} "
+                     f"({r['params_ratio']:.1%}); factorizable weights {t['removed_fraction']:.1%} removed")
+    for note in r.get("notes") or []:
+        lines.append(f"  note: {note}")
+    if r.get("fidelity"):
+        f = r["fidelity"]
+        lines.append(f"  fidelity          cosine to original {f['cosine_mean']:.5f} (min {f['cosine_min']:.5f}) "
+                     "on the example inputs")
+    for key in ("onnx", "fp16", "int8"):
+        v = r.get(key)
+        if not v:
+            continue
+        if "skipped" in v:
+            lines.append(f"  onnx              skipped: {v['skipped']}")
+            continue
+        tol = v.get("tolerance") or f"atol {v['atol']:g}"
+        lines.append(f"  {v['path']:<17} {v['size_bytes'] / 1e6:.2f} MB, max abs diff {v['max_abs_diff']:.2e}, "
+                     f"cosine {v['cosine']:.6f} ({tol}): {'PASS' if v['passed'] else 'FAIL'}")
+    lines.append(f"  report            {Path(r['output']) / 'report.md'}")
+    return "\n".join(lines)
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="compressor")
+def main() -> None:
+    """Shrink a pretrained model by low-rank factorization, export it to ONNX, and report the cost.
+
+    \b
+    compress MODEL --energy 0.95      analyze, factor, export, report
+    compress analyze MODEL --target 0.4
+    compress apply MODEL plan.json
+    compress export MODEL
+    """
+
+
+@main.command("run")
+@click.argument("model", type=click.Path(path_type=Path))
+@_policy_options
+@_export_options
+@_common_options
+def run_cmd(model: Path, **kw: Any) -> None:
+    """Analyze, factor, export and report (the default command)."""
+    _run("compress", model, kw)
+
+
+@main.command("analyze")
+@click.argument("model", type=click.Path(path_type=Path))
+@_policy_options
+@click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder.")
+@_common_options
+def analyze_cmd(model: Path, **kw: Any) -> None:
+    """Spectra and plan only: nothing is rewritten."""
+    _run("analyze", model, kw)
+
+
+@main.command("apply")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("plan", type=click.Path(path_type=Path))
+@click.option("--calibration", type=click.Path(path_type=Path), help="Calibration inputs (see compress --help).")
+@click.option("--calibration-samples", type=int)
+@_export_options
+@_common_options
+def apply_cmd(model: Path, plan: Path, **kw: Any) -> None:
+    """Re-apply a plan (for example one whose ranks you edited) and export."""
+    _run("apply", model, {**kw, "plan_path": plan})
+
+
+@main.command("export")
+@click.argument("model", type=click.Path(path_type=Path))
+@_export_options
+@_common_options
+def export_cmd(model: Path, **kw: Any) -> None:
+    """Export the model as it is to ONNX and validate it."""
+    _run("export", model, kw)

@@ -1,0 +1,284 @@
+"""The whole job, as one Python call the command-line tool is a thin shell over:
+
+    report = compressor.compress("model.pt", energy=0.95)      # load -> analyze -> rewrite -> export -> report
+
+Each ``mode`` runs a prefix of that chain: ``"analyze"`` (spectra and plan only), ``"apply"`` (re-apply an
+edited plan), ``"export"`` (ONNX of the model as it is), ``"compress"`` (everything).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .analyze import analyze
+from .errors import CompressorError
+from .output import OutputDir
+from .plan import Plan
+from .rewrite import rewrite
+
+MODES = ("compress", "analyze", "apply", "export")
+
+
+@dataclass
+class Options:
+    """Everything a run can be told; the CLI maps its flags one to one onto these fields."""
+
+    energy: float | None = None
+    rank: int | None = None
+    rank_ratio: float | None = None
+    target: float | None = None
+    rank_multiple: int = 1
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    plan_path: Path | None = None  # mode "apply"
+    trust_pickle: bool = False
+    arch: str | None = None
+    input_shapes: Sequence[str] = ()
+    example_inputs: Path | None = None
+    atol: float = 1e-4
+    opset: int = 18
+    fp16: bool = False
+    int8: bool = False
+    plots: bool = False
+    calibration: Path | None = None
+    calibration_samples: int | None = None
+    force: bool = False
+    progress: bool | None = None
+    command: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def policy(self) -> dict[str, Any]:
+        return {k: v for k, v in {"energy": self.energy, "rank": self.rank, "rank_ratio": self.rank_ratio,
+                                  "target": self.target}.items() if v is not None}
+
+
+def default_out(source: Path) -> Path:
+    """``<model stem>.compressed/`` beside the input (for a folder: beside the folder)."""
+    source = Path(source)
+    stem = source.name if source.is_dir() else source.stem
+    return source.parent / f"{stem}.compressed"
+
+
+def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "compress",
+             options: Options | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Run the job on the model at ``source``, writing into ``out``; returns the report as a dict.
+
+    Options may be given as an :class:`Options` or as its field names (``energy=0.95``). The input is
+    never modified; the output folder appears only when every step succeeded.
+    """
+    from .load import load_model  # imported here: loading pulls optional libraries on demand
+
+    opts = options or Options(**kwargs)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    source = Path(source)
+    out = Path(out) if out is not None else default_out(source)
+    if mode in ("compress", "analyze") and len(opts.policy()) != 1:
+        given = ", ".join(f"--{k.replace('_', '-')}" for k in opts.policy()) or "none"
+        raise CompressorError(f"exactly one rank policy is needed, got {given}",
+                              "pass one of --energy, --rank, --rank-ratio or --target")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 4)
+        clock = now
+
+    loaded = load_model(source, trust_pickle=opts.trust_pickle, arch=opts.arch)
+    model = loaded.model if loaded.model is not None else weights_only_model(loaded.state_dict)
+    weights_only = loaded.model is None
+    model.eval()
+    step("load")
+
+    with OutputDir(out, opts.force) as tmp:
+        plan = None
+        if mode in ("compress", "analyze", "apply"):
+            plan = _plan(model, loaded, opts, mode)
+            step("analyze")
+            plan.to_json(tmp / "plan.json")
+        original = model
+        if mode in ("compress", "apply"):
+            if not plan.factored:
+                raise CompressorError(
+                    "no layer would be factored: every candidate rank saves no parameters "
+                    f"({plan.totals()['layers_supported']} factorizable layers)",
+                    "lower --energy or --rank, or use --target to choose a parameter budget")
+            original = copy.deepcopy(model)
+            rewrite(model, plan)
+            step("rewrite")
+            _save(model, tmp, plan, loaded)
+            step("save")
+        exports: dict[str, Any] = {}
+        if mode in ("compress", "apply", "export"):
+            if weights_only:
+                exports["skipped"] = ("the input holds weights only; pass --arch package.module:factory "
+                                      "to build the model for export")
+            else:
+                inputs = _example_inputs(loaded, opts)
+                exports = _export(model, original, inputs, tmp, plan, opts)
+                step("export")
+        from .report import build_report, write_report
+
+        report = build_report(source=source, out=out, mode=mode, loaded=loaded, plan=plan,
+                              original=original, compressed=model, exports=exports, timings=timings,
+                              options=opts, folder=tmp)
+        if opts.plots and plan is not None:
+            report["plots"] = _plots(model if mode == "analyze" else original, plan, tmp)
+        write_report(report, tmp)
+    return report
+
+
+def _plan(model: nn.Module, loaded, opts: Options, mode: str) -> Plan:
+    calibration = None
+    if opts.calibration is not None:
+        from .calibrate import load_calibration
+
+        calibration = load_calibration(opts.calibration, tokenizer=loaded.tokenizer,
+                                       samples=opts.calibration_samples)
+    extra = {"calibration": calibration} if calibration is not None else {}
+    if mode == "apply":
+        if opts.plan_path is None:
+            raise CompressorError("apply needs a plan file", "compress apply MODEL PLAN.json")
+        return analyze(model, plan=Plan.from_json(opts.plan_path), progress=opts.progress, **extra)
+    return analyze(model, **opts.policy(), rank_multiple=opts.rank_multiple, include=opts.include,
+                   exclude=opts.exclude, progress=opts.progress, **extra)
+
+
+def _save(model: nn.Module, folder: Path, plan: Plan, loaded) -> None:
+    from .save import save
+
+    save(model, folder, plan, source=loaded, atomic=False)
+
+
+def _example_inputs(loaded, opts: Options):
+    from .load import load_example_inputs, parse_input_shape
+
+    if opts.input_shapes:
+        g = torch.Generator().manual_seed(0)
+        tensors = tuple(torch.randn(parse_input_shape(s), generator=g) for s in opts.input_shapes)
+        return tensors[0] if len(tensors) == 1 else tensors
+    if opts.example_inputs is not None:
+        return load_example_inputs(opts.example_inputs)
+    if loaded.example_inputs is not None:
+        return loaded.example_inputs
+    raise CompressorError("cannot tell what inputs this model takes, so it cannot be exported",
+                          "pass --input-shape 1x3x224x224 (repeat for several inputs) or --example-inputs FILE")
+
+
+def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: Plan | None,
+            opts: Options) -> dict[str, Any]:
+    from .export import check_factored_graph, export_fp16, export_int8, export_onnx, validate_onnx
+
+    path = export_onnx(model, inputs, folder / "model.onnx", opset=opts.opset)
+    problems = check_factored_graph(path, plan) if plan is not None and plan.factored else []
+    result = {"onnx": validate_onnx(path, model, inputs, atol=opts.atol), "graph_problems": problems}
+    if opts.fp16:
+        result["fp16"] = validate_onnx(export_fp16(path, folder / "model.fp16.onnx"), model, inputs,
+                                       atol=opts.atol, variant="fp16")
+    if opts.int8:
+        result["int8"] = validate_onnx(export_int8(path, folder / "model.int8.onnx"), model, inputs,
+                                       atol=opts.atol, variant="int8")
+    result["fidelity"] = output_fidelity(original, model, inputs) if original is not model else None
+    return result
+
+
+@torch.no_grad()
+def output_fidelity(reference: nn.Module, model: nn.Module, inputs) -> dict[str, float]:
+    """How close ``model``'s outputs are to ``reference``'s on ``inputs``: cosine and relative error."""
+    a = _first_tensor(_call(reference, inputs)).double().flatten(1)
+    b = _first_tensor(_call(model, inputs)).double().flatten(1)
+    cos = nn.functional.cosine_similarity(a, b, dim=1)
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            "relative_error": float((a - b).norm() / a.norm().clamp(min=1e-30))}
+
+
+def _call(model: nn.Module, inputs):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _first_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    if isinstance(out, dict):
+        return _first_tensor(next(iter(out.values())))
+    if isinstance(out, tuple | list):
+        return _first_tensor(out[0])
+    raise CompressorError(f"model output of type {type(out).__name__} holds no tensor",
+                          "compare models that return tensors")
+
+
+def _plots(model: nn.Module, plan: Plan, folder: Path) -> list[str]:
+    from .plots import plot_spectra
+
+    return [str(Path(p).relative_to(folder)) for p in plot_spectra(model, plan, folder)]
+
+
+def weights_only_model(state_dict: dict[str, torch.Tensor] | None) -> nn.Module:
+    """A stand-in module tree for a bare state_dict, so its weights can be analyzed and factored.
+
+    Every ``X.weight`` of 2 dims becomes an ``nn.Linear`` (an embedding table has the same matrix
+    view), 3 and 4 dims a ``Conv1d``/``Conv2d`` whose groups cannot be known (``in == 1`` per group
+    is treated as depthwise and left dense); other tensors are kept as plain parameters so totals count
+    them. The names are the state_dict's own, so the plan and factored weights match them.
+    """
+    if not state_dict:
+        raise CompressorError("the file holds no tensors", "pass a model or a state_dict of weights")
+    root = nn.Module()
+    used: set[str] = set()
+    for key, tensor in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf != "weight" or tensor.dim() < 2 or not tensor.is_floating_point():
+            continue
+        bias = state_dict.get(f"{prefix}.bias")
+        has_bias = bias is not None and bias.dim() == 1 and bias.shape[0] == tensor.shape[0]
+        if tensor.dim() == 2:
+            layer: nn.Module = nn.Linear(tensor.shape[1], tensor.shape[0], bias=has_bias, device="meta")
+        elif tensor.dim() in (3, 4):
+            conv = nn.Conv1d if tensor.dim() == 3 else nn.Conv2d
+            groups = tensor.shape[0] if tensor.shape[1] == 1 and tensor.shape[0] > 1 else 1
+            layer = conv(tensor.shape[1] * groups, tensor.shape[0], tuple(tensor.shape[2:]), groups=groups,
+                         bias=has_bias, device="meta")
+        else:
+            continue
+        layer.weight = nn.Parameter(tensor, requires_grad=False)
+        used.add(key)
+        if has_bias:
+            layer.bias = nn.Parameter(bias, requires_grad=False)
+            used.add(f"{prefix}.bias")
+        _place(root, prefix or "weight_matrix", layer)
+    for key, tensor in state_dict.items():
+        if key not in used:
+            prefix, _, leaf = key.rpartition(".")
+            holder = _container(root, prefix) if prefix else root
+            holder.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))
+    return root
+
+
+def _container(root: nn.Module, dotted: str) -> nn.Module:
+    node = root
+    for part in dotted.split("."):
+        if part not in node._modules:
+            node.add_module(part, nn.Module())
+        node = node._modules[part]
+    return node
+
+
+def _place(root: nn.Module, dotted: str, layer: nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    (_container(root, parent) if parent else root).add_module(leaf, layer)

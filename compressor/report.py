@@ -1,0 +1,166 @@
+"""report.json and report.md: what was done, what it saved, and whether the exported model checks out."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import atomic_write_text
+from .plan import Plan
+
+LAYER_FIELDS = ("name", "kind", "matrix_shape", "rank", "full_rank", "energy_kept", "rel_error",
+                "estimated_output_error", "params_before", "params_after", "factored", "reason")
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a result, for reports and benchmarks."""
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "platform": platform.platform(), "machine": platform.machine(),
+           "torch_threads": str(torch.get_num_threads())}
+    for name in ("compressor", "onnx", "onnxruntime", "transformers", "numpy"):
+        try:
+            out[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            continue
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: dataclasses to dicts, paths to strings, NaN to None."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | None, original, compressed,
+                 exports: dict[str, Any], timings: dict[str, float], options, folder: Path) -> dict[str, Any]:
+    """The report as a dict; file sizes are read from ``folder`` (the output being written)."""
+    params_before = sum(p.numel() for p in original.parameters())
+    params_after = sum(p.numel() for p in compressed.parameters())
+    report: dict[str, Any] = {
+        "mode": mode,
+        "source": {"path": str(source), "format": loaded.format, "size_bytes": _size(source)},
+        "output": str(out),
+        "params_before": params_before,
+        "params_after": params_after,
+        "params_ratio": params_after / params_before if params_before else None,
+    }
+    if plan is not None:
+        totals = plan.totals()
+        report.update(macs_before=totals["macs_before"], macs_after=totals["macs_after"],
+                      macs_unit=totals["macs_unit"], method=plan.method, policy=plan.policy,
+                      plan_totals=totals, notes=plan.notes, calibration=plan.calibration,
+                      layers=[{k: getattr(lp, k) for k in LAYER_FIELDS} for lp in plan.layers])
+    report["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    if "skipped" in exports:
+        report["onnx"] = {"skipped": exports["skipped"]}
+    for key in ("onnx", "fp16", "int8"):
+        if key in exports:
+            v = _plain(exports[key])
+            v["path"] = Path(v["path"]).name
+            report[key] = v
+    if exports.get("graph_problems"):
+        report["onnx"]["graph_problems"] = exports["graph_problems"]
+        report["onnx"]["passed"] = False
+    if exports.get("fidelity"):
+        report["fidelity"] = exports["fidelity"]
+    checks = [report[k]["passed"] for k in ("onnx", "fp16", "int8") if k in report and "passed" in report[k]]
+    report["passed"] = all(checks)
+    report["timings_s"] = timings
+    report["command"] = options.command
+    report["versions"] = versions()
+    report["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return _plain(report)
+
+
+def _size(path: Path) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def write_report(report: dict[str, Any], folder: Path) -> None:
+    atomic_write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(folder / "report.md", render_markdown(report))
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    """A report a person reads: summary, validation, per-layer table, provenance."""
+    lines = [f"# compressor report: {Path(r['source']['path']).name}", ""]
+    lines += ["| | before | after | ratio |", "|---|---:|---:|---:|",
+              f"| parameters | {r['params_before']:,} | {r['params_after']:,} | {r['params_ratio']:.3f} |"]
+    if r.get("macs_before"):
+        lines.append(f"| multiply-adds per position (factorizable layers) | {r['macs_before']:,} | "
+                     f"{r['macs_after']:,} | {r['macs_after'] / r['macs_before']:.3f} |")
+    files = r.get("files", {})
+    src = r["source"]["size_bytes"]
+    for name in ("model.safetensors", "model.onnx", "model.fp16.onnx", "model.int8.onnx"):
+        if name in files:
+            lines.append(f"| `{name}` size (input file: {_mb(src)}) | | {_mb(files[name])} | "
+                         f"{files[name] / src:.3f} |")
+    lines.append("")
+    if r.get("policy"):
+        pol = {k: v for k, v in r["policy"].items() if v not in (None, [], 1) or k == "rank"}
+        lines.append(f"Method `{r.get('method')}`, policy `{json.dumps(pol)}`.")
+    for note in r.get("notes") or []:
+        lines.append(f"> note: {note}")
+    lines.append("")
+    if r.get("fidelity"):
+        f = r["fidelity"]
+        lines += ["## Fidelity of the compressed torch model to the original (example inputs)", "",
+                  f"cosine mean {f['cosine_mean']:.5f}, min {f['cosine_min']:.5f}, relative error "
+                  f"{f['relative_error']:.4f}", ""]
+    if any(k in r for k in ("onnx", "fp16", "int8")):
+        lines += ["## ONNX validation (onnxruntime vs the torch model)", "",
+                  "| file | size | max abs diff | cosine | tolerance | result |", "|---|---:|---:|---:|---|---|"]
+        for key in ("onnx", "fp16", "int8"):
+            v = r.get(key)
+            if not v:
+                continue
+            if "skipped" in v:
+                lines.append(f"| - | | | | | skipped: {v['skipped']} |")
+                continue
+            tol = v.get("tolerance") or f"atol {v.get('atol')}"
+            lines.append(f"| `{v['path']}` | {_mb(v.get('size_bytes'))} | {v.get('max_abs_diff', 0):.2e} | "
+                         f"{v.get('cosine', float('nan')):.6f} | {tol} | "
+                         f"{'PASS' if v.get('passed') else '**FAIL**'} |")
+            for problem in v.get("graph_problems", []):
+                lines.append(f"> graph: {problem}")
+        lines.append("")
+    if r.get("plots"):
+        lines += ["## Spectra", ""] + [f"![{Path(p).stem}]({p})" for p in r["plots"]] + [""]
+    if r.get("layers"):
+        lines += ["## Layers", "", "| layer | shape | rank | full | energy kept | rel. error | params | note |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        for lp in r["layers"]:
+            shape = "x".join(str(s) for s in lp["matrix_shape"])
+            energy = "" if lp["energy_kept"] is None else f"{lp['energy_kept']:.4f}"
+            err = "" if lp["rel_error"] is None else f"{lp['rel_error']:.3f}"
+            lines.append(f"| `{lp['name']}` | {shape} | {lp['rank'] or '-'} | {lp['full_rank']} | {energy} | "
+                         f"{err} | {lp['params_before']:,} → {lp['params_after']:,} | "
+                         f"{'factored' if lp['factored'] else lp['reason']} |")
+        lines.append("")
+    lines += ["## Provenance", "", f"- command: `{r.get('command')}`", f"- date: {r.get('date')}",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()),
+              "- step times (s): " + ", ".join(f"{k} {v}" for k, v in r.get("timings_s", {}).items()), ""]
+    return "\n".join(lines)
