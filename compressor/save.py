@@ -55,14 +55,19 @@ WEIGHTS, PLAN, META, STRUCTURE = "model.safetensors", "plan.json", "compressor.j
 
 
 def save(model: nn.Module, directory: str | Path, plan: Plan | None = None, *,
-         source: Loaded | None = None, overwrite: bool = False) -> Path:
+         source: Loaded | None = None, overwrite: bool = False, atomic: bool = True) -> Path:
     """Write ``model`` (and ``plan``) to the folder ``directory`` atomically; returns its path.
 
     ``source`` is what :func:`compressor.load_model` returned for the original, so the folder can say how
     to rebuild the architecture (HF config and tokenizer, ``arch``). An existing non-empty folder is
-    refused unless ``overwrite``.
+    refused unless ``overwrite``. ``atomic=False`` writes straight into ``directory`` (created if
+    needed): for a caller that publishes its own temporary folder, which may hold other files.
     """
     directory = Path(directory)
+    if not atomic:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write(model, directory, plan, source)
+        return directory
     if directory.exists() and not (directory.is_dir() and not any(directory.iterdir())) and not overwrite:
         raise CompressorError(f"output '{directory}' already exists",
                               "choose another output folder, or pass --force to replace it")

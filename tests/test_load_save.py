@@ -384,6 +384,12 @@ def test_save_is_atomic_and_refuses_existing_output(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save(model, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing partial left
+    monkeypatch.undo()
+    (tmp_path / "out" / "report.md").write_text("the caller's")
+    save(model, tmp_path / "out", atomic=False)  # into a folder the caller publishes itself
+    assert (tmp_path / "out" / "report.md").read_text() == "the caller's"
+    x = torch.randn(2, 32)
+    assert torch.equal(load(tmp_path / "out")(x), model(x))
 
 
 def test_build_factored_makes_the_same_structure_without_svd(monkeypatch):
