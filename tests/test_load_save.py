@@ -143,7 +143,9 @@ BAD_INPUTS = [
     ("empty", _bytes(b"", "e.pt"), {}, "is empty"),
     ("json", _bytes(b'{"model": "resnet"}\n', "m.pt"), {}, "text/JSON"),
     ("random bytes", _bytes(np.random.default_rng(0).bytes(4096)), {}, "not a model file"),
-    ("plain pickle", _bytes(pickle.dumps({"a": 1}), "m.pkl"), {}, "plain Python pickle"),
+    ("plain pickle of a dict", _bytes(pickle.dumps({"a": 1}), "m.pkl"), {}, "holds a dict without tensors"),
+    ("plain pickle of a list", _bytes(pickle.dumps([1, 2], protocol=4), "m.pkl"), {}, "holds a list"),
+    ("plain pickle cut off", _bytes(pickle.dumps(list(range(100)))[:50], "m.pkl"), {}, "truncated or corrupt"),
     ("pickled list", _saved([1, 2, 3]), {}, "holds a list, not a model"),
     ("tensor", _saved(torch.randn(3)), {}, "holds a single tensor"),
     ("dict without tensors", _saved({"epoch": 3}), {}, "dict without tensors"),
@@ -232,6 +234,34 @@ def test_pickle_that_runs_code_is_refused_unless_trusted(tmp_path, monkeypatch):
     assert marker.exists() and loaded.format == "torch-module"
     assert loaded.model(torch.ones(1, 4)).shape == (1, 2)
     assert snapshot(tmp_path / "evil.pt") == before
+
+
+class OpensAFile:
+    """Unpickling this opens (creates) a file: code hidden in a plain pickle.dump file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_plain_pickle_that_runs_code_is_refused_unless_trusted(tmp_path):
+    marker = tmp_path / "PWNED"
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(OpensAFile(str(marker))))
+    with pytest.raises(CompressorError, match=r"1 global\(s\): io\.open; pass --trust-pickle"):
+        load_model(tmp_path / "evil.pkl")
+    assert not marker.exists()
+    with pytest.raises(CompressorError, match="holds a TextIOWrapper, not a model"):
+        load_model(tmp_path / "evil.pkl", trust_pickle=True)
+    assert marker.exists()  # the user said to trust it, and its code ran
+
+    model = mlp()
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps(model))
+    with pytest.raises(CompressorError, match=r"torch\._utils\._rebuild"):
+        load_model(tmp_path / "m.pkl")  # tensors in a plain pickle rebuild through a full torch.load
+    x = torch.randn(2, 32)
+    assert torch.equal(load(tmp_path / "m.pkl", trust_pickle=True)(x), model(x))
 
 
 def test_torch_only_pickle_loads_without_flag(tmp_path):
