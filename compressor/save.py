@@ -90,7 +90,8 @@ def _write(model: nn.Module, tmp: Path, plan: Plan | None, source: Loaded | None
         plan.to_json(tmp / PLAN)
     meta: dict[str, Any] = {"format": FORMAT, "version": VERSION,
                             "compressor_version": _version(), "torch_version": torch.__version__,
-                            "architecture": _write_architecture(model, tmp, plan, source)}
+                            "architecture": _write_architecture(model, tmp, plan, source),
+                            "factored_layers": sum(isinstance(m, LOW_RANK_TYPES) for m in model.modules())}
     if source is not None:
         meta["source"] = {"path": str(source.source), "format": source.format}
     (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -183,7 +184,8 @@ def load_compressed(directory: str | Path, *, trust_pickle: bool = False, arch: 
         raise CompressorError(f"'{directory}' was written in format {meta.get('format')} version "
                               f"{meta.get('version')}; this compressor reads {FORMAT} version {VERSION}",
                               "save the model again with this version of compressor")
-    for name in (WEIGHTS, *(() if kind in ("structure", "pickle") else (PLAN,))):
+    needs_plan = kind in ("hf", "arch") and meta.get("factored_layers", 0) > 0
+    for name in (WEIGHTS, *((PLAN,) if needs_plan else ())):
         if not (directory / name).is_file():
             raise CompressorError(f"'{directory}' lacks {name}", "save the compressed model again")
     plan = Plan.from_json(directory / PLAN) if (directory / PLAN).is_file() else None

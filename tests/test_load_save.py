@@ -498,6 +498,9 @@ def test_minilm_folder_loads_and_round_trips_compressed(minilm, tmp_path):
     plan = compressor.analyze(model, rank=32, include=["encoder.layer.0.attention.self.query",
                                                        "encoder.layer.5.output.dense"])
     assert len(plan.factored) == 2
+    dense = load_model(save(minilm.model, tmp_path / "dense", source=minilm))  # nothing factored: no plan
+    with torch.no_grad():
+        assert torch.equal(dense.model(**ex).last_hidden_state, model(**ex).last_hidden_state)
     compressor.rewrite(model, plan)
     out = save(model, tmp_path / "mini", plan, source=minilm)
     files = {p.name for p in out.iterdir()}
