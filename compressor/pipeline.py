@@ -155,9 +155,9 @@ def _plan(model: nn.Module, loaded, opts: Options, mode: str) -> Plan:
 
 
 def _save(model: nn.Module, folder: Path, plan: Plan, loaded) -> None:
-    from .save import write_model_files
+    from .save import save
 
-    write_model_files(model, folder, plan, loaded)
+    save(model, folder, plan, source=loaded, atomic=False)  # the OutputDir publishes the folder
 
 
 def _example_inputs(loaded, opts: Options):

@@ -74,7 +74,7 @@ def save(model: nn.Module, directory: str | Path, plan: Plan | None = None, *,
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
-        write_model_files(model, tmp, plan, source)
+        _write(model, tmp, plan, source)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -82,8 +82,7 @@ def save(model: nn.Module, directory: str | Path, plan: Plan | None = None, *,
     return directory
 
 
-def write_model_files(model: nn.Module, tmp: Path, plan: Plan | None, source: Loaded | None) -> None:
-    """Write the model files into the existing folder ``tmp`` (the caller publishes it atomically)."""
+def _write(model: nn.Module, tmp: Path, plan: Plan | None, source: Loaded | None) -> None:
     from safetensors.torch import save_model
     # save_model writes each tied tensor once and makes views contiguous.
     save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
