@@ -153,7 +153,7 @@ def heal(compressed: nn.Module, *, teacher: nn.Module | None = None, data: Any, 
     opt = _optimizer(cfg, list(params.values()))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
     fingerprint = {**{k: v for k, v in asdict(cfg).items() if k in _RESUME_KEYS},
-                   "loss": cfg.loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"),
+                   "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"),
                    "total_steps": total, "batches_per_epoch": len(loader), "every": every_n}
 
     teacher_mode = teacher.training if teacher is not None else None
