@@ -83,8 +83,11 @@ def check(path: Path) -> str | None:
     path = Path(path)
     for f in sorted(path.iterdir()) if path.is_dir() else []:
         with open(f, "rb") as fh:
-            head = fh.read(4)
-        if f.suffix in (".pt", ".pth", ".pkl", ".pickle", ".bin") or head.startswith(PICKLE_MAGIC):
+            head = fh.read(9)
+        # A safetensors file starts with its header length (8 bytes, which may look like a pickle's
+        # first two) followed by its JSON header: only a file that is not one counts as a pickle.
+        pickled = head.startswith(PICKLE_MAGIC) and head[8:9] != b"{"
+        if f.suffix in (".pt", ".pth", ".pkl", ".pickle", ".bin") or pickled:
             raise UnsafeCheckpointError(f"checkpoint {path} contains a pickle payload ({f.name}); "
                                         "loading it could run code, so it is refused",
                                         "delete that checkpoint folder or resume from another one")

@@ -242,3 +242,16 @@ def test_fresh_run_refuses_a_used_folder(trained, tmp_path):
         _run(folder)
     with pytest.raises(compressor.CompressorError, match="other options: lr"):
         _run(folder, resume=True, lr=1e-3)
+
+
+def test_a_safetensors_header_that_looks_like_a_pickle_is_not_refused(tmp_path):
+    """A header of 640 bytes starts with b"\\x80\\x02", a pickle's first two bytes: still safetensors."""
+    from safetensors.torch import save
+
+    meta = {"format": "1"}
+    name = next("k" * n for n in range(1, 700)
+                if save({"k" * n: torch.zeros(1)}, metadata=meta)[:2] == b"\x80\x02")
+    path = CheckpointManager(tmp_path).save(1, {name: torch.zeros(1)}, {}, {"val_loss": 1.0})
+    assert (path / TENSORS).read_bytes()[:2] == b"\x80\x02"
+    assert check(path) is None
+    assert list(CheckpointManager(tmp_path).load(path)[0]) == [name]
