@@ -122,16 +122,18 @@ def _markdown(r: dict) -> str:
         f"{100 * c['factored_kept_fraction']:.1f}% of their parameters**; the whole model goes from "
         f"{u['params']:,} to {c['params']:,} parameters.",
         "",
-        "| model | params | val acc | test acc | test drop (points) | best step / steps | seconds |",
-        "|---|---|---|---|---|---|---|",
-        f"| uncompressed | {u['params']:,} | {u['val']:.4f} | {u['test']:.4f} | 0 | - "
+        "| model | params | val acc | test acc | test drop (points) | within 1 point | best step / steps "
+        "| seconds |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| uncompressed | {u['params']:,} | {u['val']:.4f} | {u['test']:.4f} | 0 | - | - "
         f"| {u['train_seconds']} |",
         f"| compressed (plain SVD) | {c['params']:,} | {c['val']:.4f} | {c['test']:.4f} | "
-        f"{100 * (u['test'] - c['test']):.2f} | - | - |",
+        f"{100 * (u['test'] - c['test']):.2f} | no | - | - |",
     ]
     for name, v in r["healed"].items():
         lines.append(f"| healed: {name} | {v['params']:,} | {v['val_accuracy']:.4f} | "
                      f"{v['test_accuracy']:.4f} | {v['test_drop_points']:.2f} | "
+                     f"{'yes' if v['within_1_point'] else 'no'} | "
                      f"{v['best_step']} / {v['steps']} | {v['seconds']} |")
     lines += ["", f"Each heal: {r['epochs']} epochs over the train split, batch 32, AdamW, cosine schedule, "
               "best step by validation accuracy (distillation: by validation KL to the uncompressed model). "
