@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -90,7 +91,9 @@ def main() -> int:
 
     env = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "python": platform.python_version(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "machine": platform.machine(), "seed": args.seed}
+           "threads": torch.get_num_threads(), "machine": platform.machine(), "cpus": os.cpu_count(),
+           # Other jobs on the machine slow every timing here: the load says how busy it was.
+           "load_average_1m": round(os.getloadavg()[0], 1), "seed": args.seed}
     result = {"env": env, "policy": POLICY, "epochs": EPOCHS,
               "uncompressed": {**base_acc, "params": sum(p.numel() for p in model.parameters()),
                                "train_seconds": round(train_seconds, 1)},
@@ -116,7 +119,8 @@ def _markdown(r: dict) -> str:
         "# Healing a compressed digits CNN (real UCI digits, 8x8)",
         "",
         f"Produced by `{env['command']}` on {env['date']} (python {env['python']}, torch {env['torch']}, "
-        f"{env['threads']} threads, seed {env['seed']}).",
+        f"{env['threads']} threads, {env['cpus']} CPUs at load average {env['load_average_1m']}, "
+        f"seed {env['seed']}).",
         "",
         f"Compression: `{r['policy']}`; factored layers: {layers}. **The factored layers keep "
         f"{100 * c['factored_kept_fraction']:.1f}% of their parameters**; the whole model goes from "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import time
@@ -77,7 +78,9 @@ def main() -> int:
 
     env = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "python": platform.python_version(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "machine": platform.machine(), "seed": args.seed}
+           "threads": torch.get_num_threads(), "machine": platform.machine(), "cpus": os.cpu_count(),
+           # Other jobs on the machine slow every timing here: the load says how busy it was.
+           "load_average_1m": round(os.getloadavg()[0], 1), "seed": args.seed}
     result = {"env": env, "policy": plan.policy, "totals": totals,
               "sentences": {"train": N_TRAIN, "val": N_VAL, "held_out_eval": N_EVAL,
                             "max_length": MAX_LENGTH},
@@ -102,7 +105,8 @@ def _markdown(r: dict) -> str:
         "# Healing all-MiniLM-L6-v2 after removing 40% of its encoder's linear parameters",
         "",
         f"Produced by `{env['command']}` on {env['date']} (python {env['python']}, torch {env['torch']}, "
-        f"{env['threads']} threads, seed {env['seed']}); {r['total_seconds']} s in all.",
+        f"{env['threads']} threads, {env['cpus']} CPUs at load average {env['load_average_1m']}, "
+        f"seed {env['seed']}); {r['total_seconds']} s in all.",
         "",
         f"Compression: plain truncated SVD, `target=0.4, include=['encoder.*']`: removed "
         f"{100 * t['removed_fraction']:.1f}% of the encoder's linear parameters; the model goes from "
