@@ -167,3 +167,12 @@ def test_heal_needs_factored_layers():
     teacher, _, x, y = _problem()
     with pytest.raises(compressor.CompressorError, match="no factored layers"):
         heal(teacher, data=x, targets=y, progress=False)
+
+
+def test_heal_without_validation_uses_steps_and_train_loss():
+    _, student, x, y = _problem()
+    r = heal(student, data=x, targets=y, steps=7, every=3, batch_size=64, lr=1e-2, schedule="constant",
+             warmup_steps=2, optimizer="sgd", progress=False)
+    assert r.steps == 7 and [h["step"] for h in r.history] == [0, 3, 6, 7]
+    assert r.before == {} and "train_loss" in r.after
+    assert r.best_step == min(r.history[1:], key=lambda h: (h["metrics"]["train_loss"], h["step"]))["step"]
