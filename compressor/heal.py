@@ -156,9 +156,6 @@ def heal(compressed: nn.Module, *, teacher: nn.Module | None = None, data: Any, 
                    "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"),
                    "total_steps": total, "batches_per_epoch": len(loader), "every": every_n}
 
-    teacher_mode = teacher.training if teacher is not None else None
-    if teacher is not None:
-        teacher.eval()
     val_targets = None
     if val_loader is not None and not supervised:
         val_targets = [_run(teacher, b, device) for b, _ in val_loader.in_order()]
@@ -260,8 +257,6 @@ def heal(compressed: nn.Module, *, teacher: nn.Module | None = None, data: Any, 
     for p, q in zip(model.parameters(), compressed.parameters(), strict=True):
         p.requires_grad_(q.requires_grad)
     model.train(compressed.training)
-    if teacher is not None:
-        teacher.train(teacher_mode)
     best = best or history[-1]
     return HealResult(model, before, best["metrics"], best["step"], step, history, resumed_from,
                       Path(checkpoint_dir) if checkpoint_dir else None, time.perf_counter() - start_time)
@@ -426,9 +421,14 @@ def _output(out: Any) -> torch.Tensor:
 
 
 def _run(teacher: nn.Module, inputs: Any, device: torch.device) -> torch.Tensor:
-    t_dev = next(teacher.parameters()).device
-    with torch.no_grad():
-        return _output(_call(teacher, _to(inputs, t_dev))).to(device)
+    """The teacher's output in eval mode (its own mode is left as it was)."""
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with torch.no_grad():
+            return _output(_call(teacher, _to(inputs, next(teacher.parameters()).device))).to(device)
+    finally:
+        teacher.train(was_training)
 
 
 def _mask(inputs: Any) -> torch.Tensor | None:
