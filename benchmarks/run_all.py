@@ -306,7 +306,7 @@ def tool_speed(bench: Bench, repeats: int, tmp: Path) -> dict:
         raise RuntimeError(f"tool-speed child failed:\n{out.stderr[-2000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     log(f"  {bench.name}: analyze {result['analyze_s']:.3f} s vs bare SVD {result['svd_floor_s']:.3f} s "
-        f"(+{result['overhead_pct']:.0f}%), peak RSS {result['peak_rss_mb']:.0f} MB")
+        f"({result['overhead_pct']:+.0f}%), peak RSS {result['peak_rss_mb']:.0f} MB")
     return result
 
 
