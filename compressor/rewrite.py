@@ -77,10 +77,15 @@ def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
         if not 1 <= lp.rank <= top:
             raise PlanError(f"layer '{lp.name}': rank {lp.rank} saves no parameters (must be 1..{top} "
                             f"for a {m}x{n} matrix)", f"set its \"rank\" below {top + 1} or to null")
-        todo.append((lp, module))
-    for lp, module in todo:
         cached = plan._cache.get(lp.name)
         dec = cached[0] if cached and cached[1] == weight_fingerprint(module) else None
+        if dec is None and plan.method != "svd":
+            # Plain SVD factors would silently lose what the calibration data bought.
+            raise PlanError(f"the plan's '{plan.method}' factors of layer '{lp.name}' need its calibration "
+                            "data (a plan read from JSON, or weights changed since analyze)",
+                            "re-run compressor.analyze(model, plan=plan, calibration=...) before rewrite")
+        todo.append((lp, module, dec))
+    for lp, module, dec in todo:
         _set_submodule(model, lp.name, factor_module(module, lp.rank, dec))
     return model
 
