@@ -97,7 +97,8 @@ def removed_fraction(model: nn.Module, original: nn.Module) -> float:
 def metrics(emb: torch.Tensor, ref: torch.Tensor, ref_nn: torch.Tensor, k: int = 10) -> dict[str, float]:
     cos = (emb * ref).sum(-1)
     return {"mean_cosine": float(cos.mean()), "p5_cosine": float(torch.quantile(cos, 0.05)),
-            "embedding_error": float(1 - cos.mean()), "top10_agreement": _agreement(neighbours(emb, k), ref_nn)}
+            "embedding_error": float(1 - cos.mean()),
+            "top10_agreement": _agreement(neighbours(emb, k), ref_nn)}
 
 
 def neighbours(emb: torch.Tensor, k: int) -> torch.Tensor:
@@ -172,7 +173,8 @@ def write(args, rows: list[dict], targets, n_cal: int, n_eval: int, seconds: flo
                                   "c_at_most_0.7x_b": c["embedding_error"] <= 0.7 * b["embedding_error"],
                                   "c_higher_top10": c["top10_agreement"] > b["top10_agreement"]}
     command = "python benchmarks/data_aware.py" + (" --quick" if args.quick else "")
-    env = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    now = datetime.datetime.now(datetime.timezone.utc)
+    env = {"command": command, "date": now.isoformat(timespec="seconds"),
            "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "compressor": compressor.__version__,
            "threads": torch.get_num_threads(), "machine": platform.machine(),
@@ -191,7 +193,8 @@ def write(args, rows: list[dict], targets, n_cal: int, n_eval: int, seconds: flo
              "| removed | method | mean cos | p5 cos | 1 - mean cos | top-10 agreement | compress s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['removed_fraction']:.1%} | ({r['method']}) {r['label']} | {r['mean_cosine']:.4f} | "
+        lines.append(f"| {r['removed_fraction']:.1%} | ({r['method']}) {r['label']} | "
+                     f"{r['mean_cosine']:.4f} | "
                      f"{r['p5_cosine']:.4f} | {r['embedding_error']:.4f} | {r['top10_agreement']:.3f} | "
                      f"{r['compress_seconds']:.1f} |")
     lines += ["", "Acceptance (c vs b): " + "; ".join(

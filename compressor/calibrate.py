@@ -45,6 +45,7 @@ from .svd import Decomposition, compute_dtype, layer_kind, svd, weight_matrix
 
 Batch = torch.Tensor | tuple | list | dict
 DAMPING = (1e-6, 1e-4, 1e-2, 1e-1)  # relative to the mean diagonal of C, tried in order
+ORIGINALS_BUDGET = 2 << 30  # bytes of original-model layer inputs kept to halve sequential passes
 
 
 # ------------------------------------------------------------------------------------ calibration data
@@ -343,34 +344,66 @@ class Calibrator:
                 run_model(self.model, b)
         return acc
 
-    def paired_moments(self, group: list[str], replaced: dict[str, nn.Module]) -> dict[str, Moments]:
+    def original_inputs(self, budget_bytes: int) -> dict[str, list[torch.Tensor | None]] | None:
+        """Every layer group's input rows on the original model, per batch (one pass), or None when
+        they would take more than ``budget_bytes``: then each sequential step recomputes them."""
+        firsts = {g[0]: g for g in self.order}
+        need = 0
+
+        def size(name, args):
+            nonlocal need
+            rows = input_rows(self.modules[name], args[0], mask)
+            need += 0 if rows is None else rows.numel() * 4
+
+        store: dict[str, list[torch.Tensor | None]] = {n: [] for n in firsts}
+
+        def keep(name, args):
+            rows = input_rows(self.modules[name], args[0], mask)
+            store[name].append(None if rows is None else rows.float())
+
+        mods = {n: self.modules[n] for n in firsts}
+        with _eval(self.model), _hooks(mods, pre=size):
+            mask = _mask_of(self.batches[0])
+            run_model(self.model, self.batches[0])
+        if self.repeated or need * len(self.batches) > budget_bytes:
+            return None
+        with _eval(self.model), _hooks(mods, pre=keep):
+            for b in self.batches:
+                mask = _mask_of(b)
+                run_model(self.model, b)
+        return store
+
+    def paired_moments(self, group: list[str], replaced: dict[str, nn.Module],
+                       originals: dict[str, list[torch.Tensor | None]] | None = None) -> dict[str, Moments]:
         """Moments of ``group``'s input on the original model (X) paired with the model whose layers in
-        ``replaced`` run compressed (X^), batch by batch."""
+        ``replaced`` run compressed (X^), batch by batch. The members of a group read the same input."""
         acc = {name: Moments() for name in group}
         captured: dict[str, torch.Tensor] = {}
         mods = {n: self.modules[n] for n in group}
-        last = group[-1]
+        first = group[0]
 
         def capture(name, args):
             captured[name] = args[0]
-            if name == last and not self.repeated:
+            if name == first and not self.repeated:
                 raise _Stop
 
         def swap(name, args, out):
             return replaced[name](args[0])
 
         with _eval(self.model):
-            for b in self.batches:
+            for i, b in enumerate(self.batches):
                 mask = _mask_of(b)
-                with _hooks(mods, pre=capture):
-                    _forward(self.model, b)
-                    original = dict(captured)
+                if originals is None:
+                    with _hooks(mods, pre=capture):
+                        _forward(self.model, b)
+                    x = input_rows(self.modules[first], captured[first], mask)
+                else:
+                    x = originals[first][i]
                 with _hooks({n: self.modules[n] for n in replaced}, post=swap), _hooks(mods, pre=capture):
                     _forward(self.model, b)
-                for name in group:
-                    x = input_rows(self.modules[name], original[name], mask)
-                    h = input_rows(self.modules[name], captured[name], mask)
-                    if x is not None:
+                h = input_rows(self.modules[first], captured[first], mask)
+                if x is not None:
+                    for name in group:
                         acc[name].add(x, h)
         return acc
 
@@ -386,6 +419,10 @@ class Calibrator:
                 with _hooks({name: self.modules[name]}, post=lambda _n, args, _o, new=new: new(args[0])):
                     for b, ref in zip(batches, refs, strict=True):
                         diff = (first_tensor(run_model(self.model, b)) - ref).double()
+                        mask = _mask_of(b)
+                        if mask is not None and tuple(ref.shape[:2]) == tuple(mask.shape):
+                            keep = mask.to(torch.bool)  # padding positions are not part of any output
+                            diff, ref = diff[keep], ref[keep]
                         num += float(diff.square().sum())
                         den += float(ref.double().square().sum())
                 out[name] = num / den if den > 0 else 0.0
@@ -503,7 +540,7 @@ class Calibrated:
 
 def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch], policy,
                         rank_multiple: int, fixed: dict[str, int | None], *, sequential: bool = True,
-                        sensitivity: bool = True, sensitivity_batches: int = 4,
+                        sensitivity: bool = True, sensitivity_batches: int = 2,
                         damping: tuple[float, ...] = DAMPING) -> Calibrated:
     """Whitened decompositions, output-error rank allocation and (optionally) sequential refits."""
     from .policies import LayerSpectrum, TargetPolicy, allocate
@@ -530,7 +567,8 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
         for sp in spectra:
             if sp.name in fixed:
                 continue
-            r = max(1, min(max_saving_rank(sp.m, sp.n), int((1 - policy.target) * sp.m * sp.n / (sp.m + sp.n))))
+            uniform = int((1 - policy.target) * sp.m * sp.n / (sp.m + sp.n))
+            r = max(1, min(max_saving_rank(sp.m, sp.n), uniform))
             probes[sp.name] = (r, factor_module(modules[sp.name], r, decs[sp.name]))
         moved = cal.output_errors({n: new for n, (_, new) in probes.items()}, sensitivity_batches)
         for sp in spectra:
@@ -546,11 +584,13 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
 
     refit = 0
     if sequential:
+        originals = cal.original_inputs(ORIGINALS_BUDGET)
         replaced: dict[str, nn.Module] = {}
         for group in cal.order:
-            todo = [n for n in group if compressed(n) and layer_kind(modules[n]) != "embedding"]
+            # Only whitened layers are refit: embeddings and layers the data never reached keep theirs.
+            todo = [n for n in group if compressed(n) and "output_energy" in infos[n]]
             if todo and replaced:
-                paired = cal.paired_moments(group, replaced)
+                paired = cal.paired_moments(group, replaced, originals)
                 for name in todo:
                     decs[name], infos[name] = whitened_decomposition(weight_matrix(modules[name]),
                                                                      paired[name], damping)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import numpy as np
@@ -27,7 +28,7 @@ def correlated(n_rows: int, dim: int, seed: int = 0, rank: int = 6) -> torch.Ten
 def mlp(seed: int = 0, widths: tuple[int, ...] = (24, 48, 40, 8)) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for a, b in zip(widths, widths[1:], strict=False):
+    for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b), nn.GELU()]
     return nn.Sequential(*layers[:-1])
 
@@ -263,9 +264,10 @@ def test_pt_loader_runs_no_code(tmp_path):
 @pytest.mark.minilm
 @pytest.mark.skipif(minilm_path() is None, reason="all-MiniLM-L6-v2 is not installed")
 def test_text_calibration_on_minilm(tmp_path):
-    from compressor.examples import load_minilm, sentence_splits
+    from compressor.examples import load_minilm
     model, tok = load_minilm()
-    cal, _ = sentence_splits(24, 10)
+    cal = [f"Sentence number {i} says that {w} is a {'short' if i % 2 else 'rather longer'} example."
+           for i, w in enumerate(["the cat", "a parser", "this module", "the queue", "a socket", "it"] * 4)]
     path = tmp_path / "sentences.txt"
     path.write_text("\n".join(cal) + "\n\n")
     batches = load_calibration(path, tokenizer=tok, samples=20, batch_size=8)
