@@ -9,10 +9,12 @@ import fnmatch
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from .calibrate import as_batches, calibrated_analysis
 from .errors import CompressorError
 from .layers import LOW_RANK_TYPES
 from .plan import LayerPlan, Plan
@@ -145,7 +147,8 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
             rank_ratio: float | None = None, target: float | None = None, *,
             rank_multiple: int = 1, include: Sequence[str] = (), exclude: Sequence[str] = (),
             overrides: dict[str, int | None] | None = None, plan: Plan | None = None,
-            progress: bool | None = None) -> Plan:
+            progress: bool | None = None, calibration: Any = None, sequential: bool = True,
+            sensitivity: bool = True) -> Plan:
     """Analyze every weight of ``model`` and choose a rank per layer; the model is not changed.
 
     Exactly one policy: ``energy`` (fraction of spectral energy kept per layer), ``rank`` (fixed),
@@ -153,6 +156,11 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     parameters to remove, allocated across layers). ``overrides`` maps layer names to ranks (None:
     keep dense) that win over the policy. Passing an edited ``plan`` re-derives its statistics with its
     own policy and ranks (used to re-apply a plan a person edited).
+
+    ``calibration`` (model inputs: a tensor, tuple or dict of tensors, or a list of them) makes the
+    analysis data-aware (see :mod:`compressor.calibrate`): factors minimise each layer's output error,
+    ``energy`` is of the whitened spectrum, ``target`` is spent by measured output error (with
+    ``sensitivity``), and ``sequential`` refits each layer on the inputs of the compressed layers before it.
     """
     if plan is not None:
         pol = plan.policy
@@ -174,16 +182,30 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     if unknown:
         raise CompressorError(f"overrides name layers the model does not have: {', '.join(unknown[:5])}",
                               "use layer names from the plan (compress analyze MODEL)")
-    decs = decompose_layers(found, progress)
-    spectra = [LayerSpectrum.from_singular_values(c.name, *weight_matrix(c.module).shape, decs[c.name].S)
-               for c in found if c.skip is None]
-    ranks = allocate(policy, spectra, rank_multiple, {k: v for k, v in overrides.items() if k in names})
+    fixed = {k: v for k, v in overrides.items() if k in names}
+    errors: dict[str, float] = {}
+    method, calib_info = "svd", None
+    if calibration is not None and names:
+        cal = calibrated_analysis(model, {c.name: c.module for c in found if c.skip is None},
+                                  as_batches(calibration), policy, rank_multiple, fixed,
+                                  sequential=sequential, sensitivity=sensitivity)
+        decs, ranks, errors, calib_info = cal.decompositions, cal.ranks, cal.errors, cal.info
+        method = "whitened-svd+sequential" if sequential else "whitened-svd"
+    else:
+        decs = decompose_layers(found, progress)
+        spectra = [LayerSpectrum.from_singular_values(c.name, *weight_matrix(c.module).shape, decs[c.name].S)
+                   for c in found if c.skip is None]
+        ranks = allocate(policy, spectra, rank_multiple, fixed)
 
     layers = [_layer_plan(c, decs.get(c.name), ranks.get(c.name), c.name in overrides)
               for c in found]
+    for lp in layers:
+        if lp.factored and lp.name in errors:
+            lp.estimated_output_error = errors[lp.name]
     result = Plan(policy={**policy_to_dict(policy), "rank_multiple": rank_multiple,
                           "include": include, "exclude": exclude},
-                  layers=layers, params_total_before=unique_param_count(model))
+                  layers=layers, params_total_before=unique_param_count(model), method=method,
+                  calibration=calib_info)
     if not names:
         result.notes.append("no layer of this model can be factored")
     if "target" in result.policy:

@@ -67,9 +67,17 @@ def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
     Raises :class:`PlanError` (and changes nothing) when the plan does not fit the model: an unknown
     layer, a shape mismatch, or a rank that would not save parameters.
     """
+    todo = []
     for lp, module in _check_plan(model, plan):
         cached = plan._cache.get(lp.name)
         dec = cached[0] if cached and cached[1] == weight_fingerprint(module) else None
+        if dec is None and plan.method != "svd":
+            # Plain SVD factors would silently lose what the calibration data bought.
+            raise PlanError(f"the plan's '{plan.method}' factors of layer '{lp.name}' need its calibration "
+                            "data (a plan read from JSON, or weights changed since analyze)",
+                            "re-run compressor.analyze(model, plan=plan, calibration=...) before rewrite")
+        todo.append((lp, module, dec))
+    for lp, module, dec in todo:  # every check passed: only now is the model changed
         _set_submodule(model, lp.name, factor_module(module, lp.rank, dec))
     return model
 

@@ -1,0 +1,278 @@
+"""Data-aware compression: whitened factors, damping fallbacks, sequential refits, plans, loaders."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import compressor
+from compressor.calibrate import Moments, load_calibration, whitened_decomposition, whitening
+from compressor.errors import CompressorError, PlanError
+from compressor.examples import minilm_path
+from compressor.svd import svd
+
+
+def correlated(n_rows: int, dim: int, seed: int = 0, rank: int = 6) -> torch.Tensor:
+    """Inputs with a few strong directions and very different feature scales (as real activations)."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(rank, dim, generator=g) * torch.logspace(0, -1, dim)
+    return torch.randn(n_rows, rank, generator=g) @ basis * 3 + 0.05 * torch.randn(n_rows, dim, generator=g)
+
+
+def mlp(seed: int = 0, widths: tuple[int, ...] = (24, 48, 40, 8)) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(widths):
+        layers += [nn.Linear(a, b), nn.GELU()]
+    return nn.Sequential(*layers[:-1])
+
+
+WIDE = (24, 256, 192, 16)  # rank steps of at most 0.6% of the weights: a target can be met within 1%
+
+
+def cnn(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(24 * 6 * 6, 10))
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    smooth = nn.functional.avg_pool2d(torch.randn(n, 3, 10, 10, generator=g), 5, stride=1)  # 6x6, correlated
+    return smooth * torch.tensor([3.0, 1.0, 0.2]).view(1, 3, 1, 1)
+
+
+def output_error(model: nn.Module, small: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((small(x) - model(x)).norm() / model(x).norm())
+
+
+def compressed(model: nn.Module, **options) -> tuple[nn.Module, compressor.Plan]:
+    """A compressed copy of ``model`` (analyzed on the copy: data-aware factors are tied to its weights)."""
+    small = copy.deepcopy(model)
+    plan = compressor.analyze(small, **options)
+    return compressor.rewrite(small, plan), plan
+
+
+def moments_of(x: torch.Tensor) -> Moments:
+    m = Moments()
+    m.add(x)
+    return m
+
+
+# -------------------------------------------------------------------------------------------- math
+
+
+def test_full_rank_whitened_factors_reproduce_weight():
+    torch.manual_seed(0)
+    w = torch.randn(20, 12)
+    dec, info = whitened_decomposition(w, moments_of(correlated(200, 12)))
+    up, down = dec.factors(12)
+    assert info["whitening"] == "cholesky"
+    torch.testing.assert_close(up @ down, w, atol=1e-4, rtol=1e-4)
+
+
+def test_whitened_truncation_is_optimal_in_output_error():
+    torch.manual_seed(0)
+    w, x = torch.randn(16, 12), correlated(300, 12)
+    dec, _ = whitened_decomposition(w, moments_of(x), damping=(1e-9,))  # no ridge: exact output error
+    up, down = dec.factors(4)
+    plain_up, plain_down = svd(w).factors(4)
+    ours = ((w - up @ down) @ x.T).norm()
+    assert ours < 0.8 * ((w - plain_up @ plain_down) @ x.T).norm()
+    # The whitened singular values measure the output error exactly.
+    tail = dec.S[4:].double().square().sum().sqrt()
+    assert abs(float(ours) - float(tail)) < 1e-3 * float(ours)
+
+
+@pytest.mark.parametrize("case", ["dead", "duplicated", "few_rows", "all_zero", "huge_scale"])
+def test_damping_fallback_is_finite(case):
+    x = correlated(100, 10)
+    if case == "dead":
+        x[:, [2, 7]] = 0
+    elif case == "duplicated":
+        x[:, 5] = x[:, 1]
+        x[:, 6] = -2 * x[:, 1]
+    elif case == "few_rows":
+        x = x[:3]
+    elif case == "all_zero":
+        x = torch.zeros(50, 10)
+    else:
+        x[:, 0] *= 1e12
+    wh = whitening(moments_of(x).xx)
+    assert torch.isfinite(wh.S).all() and torch.isfinite(wh.S_inv).all()
+    w = torch.randn(8, 10)
+    dec, _ = whitened_decomposition(w, moments_of(x))
+    for r in (1, 4, 8):
+        up, down = dec.factors(r)
+        assert torch.isfinite(up).all() and torch.isfinite(down).all()
+    up, down = dec.factors(8)
+    torch.testing.assert_close(up @ down, w, atol=1e-3, rtol=1e-3)  # full rank still reproduces W
+
+
+def test_not_positive_definite_moment_uses_eigh():
+    c = torch.diag(torch.tensor([1.0, 1.0, -0.5]))  # impossible as X^T X: e.g. a broken accumulator
+    wh = whitening(c)
+    assert wh.method == "eigh" and torch.isfinite(wh.S_inv).all()
+
+
+# ------------------------------------------------------------------------------- analyze on models
+
+
+@pytest.mark.parametrize("make,data", [(mlp, lambda: correlated(256, 24)), (cnn, lambda: images(64))],
+                         ids=["mlp", "cnn"])
+@pytest.mark.parametrize("sequential", [False, True])
+def test_calibration_lowers_output_error_at_the_same_ranks(make, data, sequential):
+    model, x = make(), data()
+    small_plain, plain = compressed(model, rank_ratio=0.3)
+    small_aware, aware = compressed(model, rank_ratio=0.3, calibration=[x[:len(x) // 2], x[len(x) // 2:]],
+                                    sequential=sequential)
+    assert aware.ranks() == plain.ranks() and aware.factored
+    e_plain, e_aware = output_error(model, small_plain, x), output_error(model, small_aware, x)
+    assert e_aware < 0.7 * e_plain, (e_aware, e_plain)
+
+
+def test_sequential_correction_helps_a_deep_stack():
+    torch.manual_seed(1)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(4)])
+    x = correlated(400, 32, rank=10)
+    errs = {}
+    for seq in (False, True):
+        small, _ = compressed(model, rank=6, calibration=x, sequential=seq, sensitivity=False)
+        errs[seq] = output_error(model, small, x)
+    assert errs[True] < 0.97 * errs[False], errs
+
+
+def test_plan_records_method_calibration_and_errors(tmp_path):
+    model, x = mlp(widths=WIDE), correlated(128, 24)
+    plan = compressor.analyze(model, target=0.4, calibration=[x[:64], x[64:]])
+    assert plan.method == "whitened-svd+sequential"
+    cal = plan.calibration
+    assert cal["samples"] == 128 and cal["batches"] == 2 and len(cal["sha256"]) == 64
+    assert abs(plan.totals()["removed_fraction"] - 0.4) <= 0.01
+    errs = [lp.estimated_output_error for lp in plan.factored]
+    assert errs and all(0 < e < 1 for e in errs)
+    plan.to_json(tmp_path / "plan.json")
+    back = compressor.Plan.from_json(tmp_path / "plan.json")
+    assert back.to_dict() == plan.to_dict()
+    with pytest.raises(PlanError, match="calibration"):  # no silent fallback to plain SVD factors
+        compressor.rewrite(copy.deepcopy(model), back)
+    again = compressor.analyze(model, plan=back, calibration=[x[:64], x[64:]])
+    assert again.ranks() == plan.ranks()
+    reference = copy.deepcopy(model)
+    assert 0 < output_error(reference, compressor.rewrite(model, again), x) < 0.5
+    # The same data hashes the same; other data does not.
+    assert compressor.analyze(model, target=0.4, calibration=x[:64]).calibration["sha256"] != cal["sha256"]
+
+
+def test_target_within_one_percent_and_energy_is_whitened():
+    model, x = mlp(widths=WIDE), correlated(128, 24)
+    for t in (0.2, 0.5):
+        plan = compressor.analyze(model, target=t, calibration=x)
+        assert abs(plan.totals()["removed_fraction"] - t) <= 0.01
+    whitened = compressor.analyze(model, energy=0.9, calibration=x)
+    for lp in whitened.layers:
+        assert lp.energy_kept >= 0.9 or lp.rank is None
+
+
+def test_inputs_not_modified_and_dict_batches():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = mlp()
+
+        def forward(self, features, scale=1.0):
+            return self.body(features * scale)
+
+    model = Keyword().train()
+    x = correlated(64, 24)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = compressor.analyze(model, rank=4, calibration=[{"features": x, "scale": torch.tensor(2.0)}])
+    assert plan.factored and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bad_calibration_is_a_clear_error():
+    with pytest.raises(CompressorError, match="empty"):
+        compressor.analyze(mlp(), rank=4, calibration=[])
+    with pytest.raises(CompressorError, match="calibration"):
+        compressor.analyze(mlp(), rank=4, calibration="sentences.txt")
+
+
+# ---------------------------------------------------------------------------------------- loaders
+
+
+def save(path, fmt: str, data) -> None:
+    if fmt == "pt":
+        torch.save(data, path)
+    elif fmt == "npz":
+        np.savez(path, **{k: v.numpy() for k, v in data.items()})
+    else:
+        from safetensors.torch import save_file
+        save_file(data, path)
+
+
+@pytest.mark.parametrize("fmt,data,expect", [
+    ("pt", torch.ones(10, 4), 1),
+    ("pt", [torch.ones(6, 4), torch.ones(6, 4)], 2),
+    ("pt", {"input_ids": torch.ones(10, 5, dtype=torch.long)}, 1),
+    ("npz", {"x": torch.ones(10, 4)}, 1),
+    ("npz", {"input_ids": torch.ones(10, 5, dtype=torch.long), "attention_mask": torch.ones(10, 5)}, 1),
+    ("safetensors", {"x": torch.ones(10, 4)}, 1),
+], ids=["pt-tensor", "pt-list", "pt-dict", "npz", "npz-dict", "safetensors"])
+def test_load_calibration_formats(tmp_path, fmt, data, expect):
+    path = tmp_path / f"cal.{fmt}"
+    save(path, fmt, data)
+    batches = load_calibration(path)
+    assert len(batches) == expect
+    capped = load_calibration(path, samples=7)
+    first = capped[0] if isinstance(capped[0], torch.Tensor) else next(iter(capped[0].values()))
+    assert sum((b if isinstance(b, torch.Tensor) else next(iter(b.values()))).shape[0] for b in capped) == 7
+    assert first.shape[0] <= 7
+
+
+@pytest.mark.parametrize("content,match", [(b"not a tensor file", "cannot read"), (None, "does not exist")])
+def test_load_calibration_bad_files(tmp_path, content, match):
+    path = tmp_path / "cal.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CompressorError, match=match):
+        load_calibration(path)
+    txt = tmp_path / "cal.txt"
+    txt.write_text("hello\n")
+    with pytest.raises(CompressorError, match=r"tokenizer|unknown type"):
+        load_calibration(txt)
+
+
+def test_pt_loader_runs_no_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "cal.pt"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(CompressorError, match="cannot read"):
+        load_calibration(path)
+
+
+@pytest.mark.minilm
+@pytest.mark.skipif(minilm_path() is None, reason="all-MiniLM-L6-v2 is not installed")
+def test_text_calibration_on_minilm(tmp_path):
+    from compressor.examples import load_minilm
+    model, tok = load_minilm()
+    cal = [f"Sentence number {i} says that {w} is a {'short' if i % 2 else 'rather longer'} example."
+           for i, w in enumerate(["the cat", "a parser", "this module", "the queue", "a socket", "it"] * 4)]
+    path = tmp_path / "sentences.txt"
+    path.write_text("\n".join(cal) + "\n\n")
+    batches = load_calibration(path, tokenizer=tok, samples=20, batch_size=8)
+    assert [b["input_ids"].shape[0] for b in batches] == [8, 8, 4]
+    plan = compressor.analyze(model, target=0.3, include=["encoder.layer.0.*"], calibration=batches)
+    assert abs(plan.totals()["removed_fraction"] - 0.3) <= 0.01
+    assert plan.calibration["tokens"] == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert all(math.isfinite(lp.estimated_output_error) for lp in plan.factored)
