@@ -340,6 +340,26 @@ def beats(p: Point, ref: Point) -> bool:
         (p.fidelity > ref.fidelity and p.size_bytes <= ref.size_bytes)
 
 
+def versus(result: SearchResult, reference: Recipe = Recipe("int8")) -> dict[str, Any]:
+    """Which measured points strictly beat ``reference`` (dense int8 by default), and the best of them:
+    the smallest among those at least as faithful, else the most faithful among those no larger."""
+    ref = next(p for p in result.points if p.recipe == reference)
+    winners = [p for p in result.points if p.passed and beats(p, ref)]
+    out: dict[str, Any] = {"reference": ref.recipe.name, "reference_size_bytes": ref.size_bytes,
+                           "reference_fidelity": ref.fidelity, "beaten_by": [p.recipe.name for p in winners]}
+    at_least = [p for p in winners if p.fidelity >= ref.fidelity]
+    best = min(at_least, key=lambda p: (p.size_bytes, -p.fidelity)) if at_least else \
+        max(winners, key=lambda p: (p.fidelity, -p.size_bytes)) if winners else None
+    if best is None:  # say how far the nearest point misses: the most faithful point no larger
+        smaller = [p for p in result.points if p.passed and p.size_bytes <= ref.size_bytes and p is not ref]
+        best = max(smaller, key=lambda p: p.fidelity) if smaller else None
+    if best is not None:
+        out.update(best=best.recipe.name, beats=best in winners, size_bytes=best.size_bytes,
+                   fidelity=best.fidelity, size_change=best.size_bytes / ref.size_bytes - 1,
+                   fidelity_change=best.fidelity - ref.fidelity)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- search
 
 
@@ -435,14 +455,17 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
     fp32_bytes = 0
     factorizable = _factorizable_params(model, analyze_options or {})
     total_params = sum(p.numel() for p in model.parameters())
-    for recipe in recipes:
+    # The torch model of the last low-rank recipe built: its other precisions reuse it (factoring and
+    # healing once per recipe; a later search that only adds a precision builds the model again).
+    last_model: dict[Recipe, tuple] = {}
+    for recipe in _grouped(recipes):
         if fp32_bytes and (reason := _cannot_fit(recipe, constraints, fp32_bytes, factorizable, total_params)):
             skipped.append({"recipe": recipe.to_dict(), "name": recipe.name, "reason": reason})
             say(f"skip     {recipe.name}: {reason}")
             continue
         point = cache.get(recipe)
         if point is None:
-            point = _build(recipe, ctx, cache, say)
+            point = _build(recipe, ctx, cache, say, last_model)
             built += 1
         say(f"{'cached' if point.cached else 'measured'} {recipe.name}: {point.size_bytes / 1e6:.2f} MB, "
             f"fidelity {point.fidelity:.5f}, {point.latency_ms:.2f} ms"
@@ -458,6 +481,14 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
                            "inputs": _shape_text(ctx.latency_inputs)})
     result.chosen = choose(result)
     return result
+
+
+def _grouped(recipes: Sequence[Recipe]) -> list[Recipe]:
+    """References first, then recipes sharing a torch model next to each other (first-seen order)."""
+    order: dict[Recipe, list[Recipe]] = {}
+    for r in recipes:
+        order.setdefault(r.base(), []).append(r)
+    return [r for group in order.values() for r in group]
 
 
 def choose(result: SearchResult) -> Point:
@@ -522,7 +553,8 @@ def _cannot_fit(recipe: Recipe, c: Constraints, fp32_bytes: int, factorizable: i
     return None
 
 
-def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str], None]) -> Point:
+def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str], None],
+           last_model: dict[Recipe, tuple]) -> Point:
     """Build, export, validate and measure one recipe; store the point and its ONNX file in the cache."""
     from .export import export_fp16, export_int8, export_onnx, validate_onnx
     from .measure import file_size, onnx_latency
@@ -531,8 +563,11 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
     cache.dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache.dir))
     try:
-        model, plan_totals, heal_info = _model_for(recipe, ctx, say)
         base = recipe.base()
+        if base not in last_model:
+            last_model.clear()
+            last_model[base] = _model_for(recipe, ctx, say)
+        model, plan_totals, heal_info = last_model[base]
         fp32 = cache.onnx(base)
         if not fp32.is_file():  # the fp32 export is shared by every precision of this recipe
             fp32 = cache.store(base, export_onnx(model, ctx.example_inputs, work / "fp32.onnx", opset=ctx.opset))
