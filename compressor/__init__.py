@@ -4,14 +4,17 @@
     plan = compressor.analyze(model, energy=0.95)   # or rank=64, rank_ratio=0.25, target=0.5
     model = compressor.rewrite(model, plan)          # swaps layers in place; returns the model
     plan.to_json("plan.json"); plan = compressor.Plan.from_json("plan.json")
+    compressor.save(model, "out/", plan); model = compressor.load("out/")
 """
 
 from .analyze import analyze, find_layers
 from .errors import CompressorError, PlanError
 from .layers import LowRankConv, LowRankEmbedding, LowRankLinear
+from .load import Loaded, load, load_model
 from .plan import LayerPlan, Plan
 from .policies import EnergyPolicy, RankPolicy, RankRatioPolicy, TargetPolicy
 from .rewrite import factor_module, rewrite
+from .save import save
 
 __version__ = "0.1.0"
 
@@ -19,6 +22,7 @@ __all__ = [
     "CompressorError",
     "EnergyPolicy",
     "LayerPlan",
+    "Loaded",
     "LowRankConv",
     "LowRankEmbedding",
     "LowRankLinear",
@@ -30,5 +34,8 @@ __all__ = [
     "analyze",
     "factor_module",
     "find_layers",
+    "load",
+    "load_model",
     "rewrite",
+    "save",
 ]

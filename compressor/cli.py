@@ -22,6 +22,7 @@ from typing import Any
 import click
 
 from .errors import CompressorError
+from .report import criterion
 
 EXIT_BAD_INPUT = 2
 EXIT_VALIDATION_FAILED = 3
@@ -142,7 +143,7 @@ def summary(r: dict[str, Any]) -> str:
         if "skipped" in v:
             lines.append(f"  onnx              skipped: {v['skipped']}")
             continue
-        tol = v.get("tolerance") or f"atol {v['atol']:g}"
+        tol = criterion(v)
         lines.append(f"  {v['path']:<17} {v['size_bytes'] / 1e6:.2f} MB, max abs diff {v['max_abs_diff']:.2e}, "
                      f"cosine {v['cosine']:.6f} ({tol}): {'PASS' if v['passed'] else 'FAIL'}")
     lines.append(f"  report            {Path(r['output']) / 'report.md'}")

@@ -95,6 +95,13 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
+def criterion(v: dict[str, Any]) -> str:
+    """The pass rule of a validation, in words: ``atol 0.0001`` and/or ``cosine >= 0.9``."""
+    rules = ([f"atol {v['atol']:g}"] if v.get("atol") is not None else []) + (
+        [f"cosine >= {v['min_cosine']:g}"] if v.get("min_cosine") is not None else [])
+    return " and ".join(rules) or "runs"
+
+
 def write_report(report: dict[str, Any], folder: Path) -> None:
     atomic_write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(folder / "report.md", render_markdown(report))
@@ -140,7 +147,7 @@ def render_markdown(r: dict[str, Any]) -> str:
             if "skipped" in v:
                 lines.append(f"| - | | | | | skipped: {v['skipped']} |")
                 continue
-            tol = v.get("tolerance") or f"atol {v.get('atol')}"
+            tol = criterion(v)
             lines.append(f"| `{v['path']}` | {_mb(v.get('size_bytes'))} | {v.get('max_abs_diff', 0):.2e} | "
                          f"{v.get('cosine', float('nan')):.6f} | {tol} | "
                          f"{'PASS' if v.get('passed') else '**FAIL**'} |")

@@ -24,30 +24,39 @@ def factor_module(module: nn.Module, rank: int, decomposition: Decomposition | N
     ``decomposition`` is the SVD of the module's weight matrix (computed here when None); a data-aware
     decomposition (with ``right_inv``) gives factors that minimise output error instead.
     """
+    new = empty_factored(module, rank)
     kind = layer_kind(module)
-    if kind is None:
-        raise PlanError(f"{type(module).__name__} cannot be factored",
-                        "factor Linear, Conv1d/2d or Embedding layers")
     dec = decomposition if decomposition is not None else svd(weight_matrix(module))
     w = module.weight
     up, down = (f.to(device=w.device, dtype=w.dtype) for f in dec.factors(rank))
     with torch.no_grad():
-        if kind == "linear":
-            new = LowRankLinear(module.in_features, module.out_features, rank, bias=module.bias is not None,
-                                device=w.device, dtype=w.dtype)
-            new.down.weight.copy_(down)
-            new.up.weight.copy_(up)
-        elif kind in ("conv1d", "conv2d"):
-            new = LowRankConv(module, rank)
-            new.down.weight.copy_(down.reshape(new.down.weight.shape))
-            new.up.weight.copy_(up.reshape(new.up.weight.shape))
-        else:
-            new = LowRankEmbedding(module, rank)
+        if kind == "embedding":
             new.down.weight.copy_(up)  # the (num, rank) table
             new.up.weight.copy_(down.T)  # (dim, rank): maps the table row to the embedding
+        else:
+            new.down.weight.copy_(down.reshape(new.down.weight.shape))
+            new.up.weight.copy_(up.reshape(new.up.weight.shape))
         bias = getattr(module, "bias", None)
         if isinstance(bias, torch.Tensor):
             new.up.bias.copy_(bias)
+    return new
+
+
+def empty_factored(module: nn.Module, rank: int) -> nn.Module:
+    """The low-rank layer that replaces ``module`` at ``rank``, with freshly initialised factors (no SVD),
+    on the module's device and dtype."""
+    kind = layer_kind(module)
+    if kind is None:
+        raise PlanError(f"{type(module).__name__} cannot be factored",
+                        "factor Linear, Conv1d/2d or Embedding layers")
+    w = module.weight
+    if kind == "linear":
+        new = LowRankLinear(module.in_features, module.out_features, rank, bias=module.bias is not None,
+                            device=w.device, dtype=w.dtype)
+    elif kind in ("conv1d", "conv2d"):
+        new = LowRankConv(module, rank)
+    else:
+        new = LowRankEmbedding(module, rank)
     new.train(module.training)
     return new
 
@@ -58,6 +67,23 @@ def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
     Raises :class:`PlanError` (and changes nothing) when the plan does not fit the model: an unknown
     layer, a shape mismatch, or a rank that would not save parameters.
     """
+    for lp, module in _check_plan(model, plan):
+        cached = plan._cache.get(lp.name)
+        dec = cached[0] if cached and cached[1] == weight_fingerprint(module) else None
+        _set_submodule(model, lp.name, factor_module(module, lp.rank, dec))
+    return model
+
+
+def build_factored(model: nn.Module, plan: Plan) -> nn.Module:
+    """Swap in the plan's factored layers with uninitialised-by-SVD factors (no SVD is computed): the
+    skeleton that saved factored weights load into. Changes nothing when the plan does not fit."""
+    for lp, module in _check_plan(model, plan):
+        _set_submodule(model, lp.name, empty_factored(module, lp.rank))
+    return model
+
+
+def _check_plan(model: nn.Module, plan: Plan) -> list[tuple]:
+    """``(layer plan, module)`` for every layer the plan factors; raises PlanError if any does not fit."""
     todo = []
     for lp in plan.factored:
         try:
@@ -78,12 +104,7 @@ def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
             raise PlanError(f"layer '{lp.name}': rank {lp.rank} saves no parameters (must be 1..{top} "
                             f"for a {m}x{n} matrix)", f"set its \"rank\" below {top + 1} or to null")
         todo.append((lp, module))
-    for lp, module in todo:
-        cached = plan._cache.get(lp.name)
-        dec = cached[0] if cached and cached[1] == weight_fingerprint(module) else None
-        _set_submodule(model, lp.name, factor_module(module, lp.rank, dec))
-    return model
-
+    return todo
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

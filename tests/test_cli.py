@@ -138,9 +138,10 @@ def _bad_inputs(tmp: Path, cnn: Path) -> dict[str, tuple[list, str]]:
     torch.save(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)), tmp / "nothing.pt")
     nan_model = digits_cnn()
     with torch.no_grad():
-        nan_model[5].weight[0, 0] = float("nan")
+        nan_model[6].weight[0, 0] = float("nan")
     torch.save(nan_model, tmp / "nan.pt")
-    with open(tmp / "evil.pt", "wb") as f:
+    torch.save(_Marker(str(tmp / "PWNED")), tmp / "evil.pt")
+    with open(tmp / "evil.pkl", "wb") as f:
         pickle.dump(_Marker(str(tmp / "PWNED")), f)
     (tmp / "existing.compressed").mkdir()
     shape = ["--input-shape", "1x1x8x8"]
@@ -161,13 +162,15 @@ def _bad_inputs(tmp: Path, cnn: Path) -> dict[str, tuple[list, str]]:
         "no example inputs": ([cnn, "--energy", "0.9"], "--input-shape"),
         "bad input shape": ([cnn, "--energy", "0.9", "--input-shape", "1xfoo"], "shape"),
         "untrusted pickle": ([tmp / "evil.pt", "--energy", "0.9"], "--trust-pickle"),
+        "plain pickle": ([tmp / "evil.pkl", "--energy", "0.9"], "not a torch checkpoint"),
         "bad plan": (["apply", cnn, tmp / "notes.txt", *shape], "plan"),
     }
 
 
 BAD_CASES = ["missing", "not a model", "random bytes", "truncated", "corrupt", "energy above 1", "energy zero",
              "two policies", "no policy", "nothing to factor", "NaN weights", "existing output",
-             "unwritable output", "no example inputs", "bad input shape", "untrusted pickle", "bad plan"]
+             "unwritable output", "no example inputs", "bad input shape", "untrusted pickle", "plain pickle",
+             "bad plan"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

@@ -1,0 +1,545 @@
+"""Export to ONNX and prove the file computes what the torch model computes.
+
+    path = export_onnx(model, example_inputs, "out/model.onnx")
+    problems = check_factored_graph(path, plan)           # [] when every factored layer stayed two factors
+    v = validate_onnx(path, model, example_inputs)       # onnx.checker + onnxruntime vs torch
+    print(format_validation(v))
+    export_fp16(path, "out/model.fp16.onnx"); export_int8(path, "out/model.int8.onnx")
+
+``example_inputs`` is a tensor, a tuple of tensors (positional arguments) or a dict of named tensors
+(keyword arguments, e.g. ``input_ids`` and ``attention_mask`` of a Hugging Face model). Dimension 0 of
+every input and output is the batch axis, dynamic in the exported graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import asdict, dataclass, field
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CompressorError
+from .measure import file_size
+from .plan import Plan
+
+# Variants are approximations: they are judged by the worst per-sample cosine of their outputs to the
+# torch model's, not by an absolute difference. Thresholds measured on all-MiniLM-L6-v2 (see export_*).
+FP16_MIN_COSINE = 0.999
+INT8_MIN_COSINE = 0.9
+# Above this many bytes of weights an ONNX protobuf (2 GB limit) cannot hold them: write external data.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+# ---------------------------------------------------------------------------------------- inputs
+
+
+def flatten_inputs(example_inputs: Any) -> tuple[list[str], list[torch.Tensor]]:
+    """``(names, tensors)`` of a tensor, a tuple/list of tensors, or a dict of named tensors."""
+    if isinstance(example_inputs, torch.Tensor):
+        return ["input"], [example_inputs]
+    if isinstance(example_inputs, Mapping):
+        items = list(example_inputs.items())
+    elif isinstance(example_inputs, tuple | list):
+        items = [(f"input_{i}", t) for i, t in enumerate(example_inputs)]
+    else:
+        items = []
+    if not items or not all(isinstance(t, torch.Tensor) for _, t in items):
+        raise CompressorError(f"example inputs must be a tensor, a tuple of tensors or a dict of tensors, "
+                              f"got {type(example_inputs).__name__}",
+                              "pass e.g. torch.randn(1, 3, 224, 224) or {'input_ids': ..., "
+                              "'attention_mask': ...}")
+    if any(t.dim() == 0 for _, t in items):
+        raise CompressorError("an example input is a scalar, so it has no batch axis",
+                              "give every input a leading batch dimension")
+    return [str(k) for k, _ in items], [t for _, t in items]
+
+
+def call_model(model: nn.Module, names: list[str], tensors: list[torch.Tensor], as_dict: bool) -> Any:
+    """Call ``model`` with ``tensors`` as keyword (``as_dict``) or positional arguments."""
+    return model(**dict(zip(names, tensors, strict=True))) if as_dict else model(*tensors)
+
+
+def _flatten_outputs(out: Any, prefix: str = "output") -> list[tuple[str, torch.Tensor]]:
+    """Plain named tensors of a model's output: a tensor, tuple, dict or Hugging Face ModelOutput."""
+    if isinstance(out, torch.Tensor):
+        return [(prefix, out)]
+    if isinstance(out, Mapping):  # dict and transformers' ModelOutput (an OrderedDict of non-None fields)
+        return [pair for k, v in out.items() for pair in _flatten_outputs(v, str(k))]
+    if isinstance(out, tuple | list):
+        return [pair for i, v in enumerate(out) for pair in _flatten_outputs(v, f"{prefix}_{i}")]
+    return []  # None, ints, strings: not graph outputs
+
+
+class _Exportable(nn.Module):
+    """Calls the model with positional tensors and returns its outputs as a flat tuple of tensors."""
+
+    def __init__(self, model: nn.Module, names: list[str], as_dict: bool):
+        super().__init__()
+        self.model, self.names, self.as_dict = model, names, as_dict
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = call_model(self.model, self.names, list(tensors), self.as_dict)
+        return tuple(t for _, t in _flatten_outputs(out))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def torch_outputs(model: nn.Module, example_inputs: Any) -> list[tuple[str, np.ndarray]]:
+    """The model's outputs on ``example_inputs`` (eval mode, no grad) as named float64 arrays."""
+    names, tensors = flatten_inputs(example_inputs)
+    device = _model_device(model)
+    with _eval_mode(model), torch.no_grad():
+        out = call_model(model, names, [t.to(device) for t in tensors], isinstance(example_inputs, Mapping))
+    return [(k, v.detach().cpu().double().numpy()) for k, v in _flatten_outputs(out)]
+
+
+# ---------------------------------------------------------------------------------------- export
+
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opset: int = 18,
+                dynamic_batch: bool = True, exporter: str = "auto") -> Path:
+    """Export ``model`` to ONNX at ``path`` (atomically) and return the path.
+
+    Inputs are named after the dict keys (or ``input``/``input_i``), outputs after the model's output
+    fields (``last_hidden_state`` for a Hugging Face encoder) or ``output``/``output_i``.
+    ``exporter``: "dynamo", "legacy" or "auto" (dynamo, then legacy if dynamo cannot capture the model).
+    """
+    # Why dynamo first: torch.export captures the whole program and refuses (loudly) what it cannot
+    # capture, while the legacy TorchScript tracer silently bakes Python-level branches on tensor
+    # values into the graph (it warns "might cause the trace to be incorrect" on MiniLM) and is
+    # deprecated. The legacy exporter stays as a fallback because it copes with models torch.export
+    # rejects (data-dependent control flow); validate_onnx then checks that what it traced is right.
+    # Neither can multiply a factored layer back into one matrix: constant folding only evaluates nodes
+    # whose inputs are all constants, and each factor multiplies an activation (x @ down^T, then @ up^T),
+    # never the other factor. check_factored_graph verifies this on every export.
+    if exporter not in ("auto", "dynamo", "legacy"):
+        raise CompressorError(f"unknown exporter '{exporter}'", "use 'auto', 'dynamo' or 'legacy'")
+    path = Path(path)
+    names, tensors = flatten_inputs(example_inputs)
+    as_dict = isinstance(example_inputs, Mapping)
+    device = _model_device(model)
+    tensors = [t.to(device) for t in tensors]
+    if dynamic_batch and any(t.shape[0] != tensors[0].shape[0] for t in tensors):
+        raise CompressorError("example inputs disagree on the batch size (dimension 0)",
+                              "give every input the same leading batch dimension")
+    if dynamic_batch and tensors[0].shape[0] == 1:
+        # torch.export specializes a dimension of size 1 to a constant: export with a batch of 2.
+        tensors = [torch.cat([t, t]) for t in tensors]
+    try:
+        with _eval_mode(model), torch.no_grad():
+            out_names = [k for k, _ in _flatten_outputs(call_model(model, names, tensors, as_dict))]
+    except Exception as err:
+        raise CompressorError(f"{type(model).__name__} fails on the example inputs ({type(err).__name__}: "
+                              f"{_first_line(err)})", "give example inputs of the shape and dtype the model "
+                              "expects (e.g. --input-shape)") from None
+    if not out_names:
+        raise CompressorError(f"{type(model).__name__} returns no tensor", "export a model whose forward() "
+                              "returns a tensor, a tuple or a dict of tensors")
+    out_names = _unique(out_names, taken=set(names))
+    wrapper = _Exportable(model, names, as_dict)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    order = {"auto": ["dynamo", "legacy"], "dynamo": ["dynamo"], "legacy": ["legacy"]}[exporter]
+    errors = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for how in order:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            with _eval_mode(model), _quiet():
+                _export_with(how, wrapper, tuple(tensors), tmpdir / path.name, names, out_names, opset,
+                             dynamic_batch, weight_bytes > EXTERNAL_DATA_BYTES)
+            _move_into_place(tmpdir, path)
+            return path
+        except CompressorError:
+            raise
+        except Exception as err:  # any exporter failure is reported with its cause
+            errors.append(f"{how}: {type(err).__name__}: {_first_line(err)}")
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    raise CompressorError(f"ONNX export of {type(model).__name__} failed ({'; '.join(errors)})",
+                          "check that the example inputs match the model's forward() (shapes, dtypes), or "
+                          "make the unsupported operation traceable (see the message)")
+
+
+def _export_with(how: str, wrapper: nn.Module, args: tuple, target: Path, names: list[str],
+                 out_names: list[str], opset: int, dynamic_batch: bool, external: bool) -> None:
+    common = dict(input_names=names, output_names=out_names, opset_version=opset, verbose=False)
+    if how == "dynamo":
+        batch = torch.export.Dim("batch")
+        shapes = tuple({0: batch} for _ in args) if dynamic_batch else None
+        program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=(shapes,) if shapes else None,
+                                    external_data=external, optimize=True, **common)
+        program.save(str(target), external_data=external)
+    else:
+        axes = {n: {0: "batch"} for n in [*names, *out_names]} if dynamic_batch else None
+        torch.onnx.export(wrapper, args, str(target), dynamo=False, dynamic_axes=axes,
+                          do_constant_folding=True, **common)
+    import onnx  # the saved file must at least parse before it replaces anything
+
+    onnx.load(str(target), load_external_data=False)
+
+
+def _move_into_place(tmpdir: Path, path: Path) -> None:
+    # External data first, the .onnx last: a reader never sees a model whose data is missing.
+    files = sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name)
+    for f in files:
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(f, path.parent / f.name)
+
+
+@contextmanager
+def _quiet():
+    """Silence exporter chatter (progress lines, deprecation and tracer warnings, optimizer logs)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), redirect_stdout(StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _unique(names: list[str], taken: set[str]) -> list[str]:
+    out = []
+    for n in names:
+        candidate, i = n, 1
+        while candidate in taken:
+            candidate, i = f"{n}_{i}", i + 1
+        taken.add(candidate)
+        out.append(candidate)
+    return out
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+# -------------------------------------------------------------------------------- graph structure
+
+# Nodes that multiply by (or look up in) a weight, and nodes a weight may pass through on its way there
+# (pre-transposed, cast from fp16, dequantized from int8).
+_WEIGHT_OPS = {"MatMul", "Gemm", "Conv", "Gather", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
+               "QLinearMatMul", "QLinearConv", "FusedMatMul", "MatMulNBits"}
+_PASS_OPS = {"Transpose", "Cast", "DequantizeLinear", "Reshape", "Identity", "Squeeze", "Unsqueeze"}
+
+
+def _load_graph(onnx_path_or_model: Any):
+    import onnx
+
+    if isinstance(onnx_path_or_model, onnx.ModelProto):
+        return onnx_path_or_model
+    path = Path(onnx_path_or_model)
+    if not path.is_file():
+        raise CompressorError(f"ONNX file '{path}' does not exist", "export the model first")
+    return onnx.load(str(path), load_external_data=False)  # shapes only: no weights read
+
+
+def weight_shapes(onnx_path_or_model: Any) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of every constant (initializer or Constant node) of 2 or more dimensions that
+    feeds, directly or through Transpose/Cast/DequantizeLinear/..., a MatMul/Gemm/Conv/Gather node."""
+    model = _load_graph(onnx_path_or_model)
+    graph = model.graph
+    consts = {t.name: tuple(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = tuple(attr.t.dims)
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def reaches_weight_op(name: str, depth: int = 0) -> bool:
+        for node in consumers.get(name, []):
+            if node.op_type in _WEIGHT_OPS:
+                return True
+            if node.op_type in _PASS_OPS and depth < 4 and reaches_weight_op(node.output[0], depth + 1):
+                return True
+        return False
+
+    return {n: s for n, s in consts.items() if len(s) >= 2 and reaches_weight_op(n)}
+
+
+def _key(shape) -> tuple[int, ...]:
+    # A 2-D weight may be stored transposed (MatMul wants (in, out), Gemm keeps (out, in)).
+    shape = tuple(int(d) for d in shape)
+    return tuple(sorted(shape)) if len(shape) == 2 else shape
+
+
+def _factor_shapes(lp) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the (down, up) factor weights of a factored layer, as compressor.layers stores them."""
+    r, (m, n) = lp.rank, lp.matrix_shape
+    if lp.kind in ("conv1d", "conv2d"):
+        ones = (1,) * (len(lp.shape) - 2)
+        return (r, *lp.shape[1:]), (m, r, *ones)
+    if lp.kind == "embedding":
+        return (m, r), (n, r)  # table (num, rank); Linear(rank, dim) weight (dim, rank)
+    return (r, n), (m, r)
+
+
+def check_factored_graph(onnx_path_or_model: Any, plan: Plan) -> list[str]:
+    """Problems (empty when fine) with the factored layers of ``plan`` in an exported graph: each must
+    appear as its two factor weights feeding MatMul/Gemm/Conv/Gather nodes, and no dense ``m x n``
+    weight may be left for it (by name, or one more dense-shaped weight than the plan's dense layers
+    of that shape explain)."""
+    shapes = weight_shapes(onnx_path_or_model)
+    have = Counter(_key(s) for s in shapes.values())
+    factored = plan.factored
+    need = Counter(_key(s) for lp in factored for s in _factor_shapes(lp))
+    dense_ok = Counter(_key(lp.shape) for lp in plan.layers if lp.rank is None)
+    problems = []
+    left = have.copy()
+    for lp in factored:
+        for what, shape in zip(("down", "up"), _factor_shapes(lp), strict=True):
+            if left[_key(shape)] > 0:
+                left[_key(shape)] -= 1
+            else:
+                problems.append(f"layer '{lp.name}': no {'x'.join(map(str, shape))} {what} factor weight "
+                                "feeds a MatMul/Gemm/Conv/Gather node")
+        named = [n for n in shapes if n == f"{lp.name}.weight" or n.endswith(f".{lp.name}.weight")]
+        if named:
+            problems.append(f"layer '{lp.name}': its dense weight '{named[0]}' is in the graph")
+    for key in sorted({_key(lp.shape) for lp in factored}):
+        extra = have[key] - dense_ok[key] - need[key]
+        if extra > 0:
+            names = [lp.name for lp in factored if _key(lp.shape) == key]
+            problems.append(f"{extra} dense {'x'.join(map(str, key))} weight(s) more than the plan's dense "
+                            f"layers explain: the factors of {', '.join(names[:3])}"
+                            f"{' ...' if len(names) > 3 else ''} were multiplied back together")
+    return problems
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+@dataclass
+class Validation:
+    """The result of running an ONNX file against the torch model it came from."""
+
+    path: str
+    size_bytes: int
+    max_abs_diff: float  # over every output element, every batch size tried
+    cosine: float  # the worst per-sample cosine similarity of an output to the torch output
+    atol: float | None  # passed requires max_abs_diff <= atol (None: not checked)
+    min_cosine: float | None  # passed requires cosine >= min_cosine (None: not checked)
+    passed: bool
+    providers: list[str]
+    batch_sizes: list[int]
+    variant: str = "fp32"
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("max_abs_diff", "cosine"):  # JSON has no inf/nan
+            d[k] = d[k] if math.isfinite(d[k]) else None
+        return d
+
+
+def _batch_variant(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    # One more sample than the example (its first row again): a different batch size on the same data.
+    return [torch.cat([t, t[:1]]) for t in tensors]
+
+
+def validate_onnx(onnx_path: str | Path, model: nn.Module, example_inputs: Any, *, atol: float | None = 1e-4,
+                  min_cosine: float | None = None, variant: str = "fp32") -> Validation:
+    """Check ``onnx_path`` with ``onnx.checker`` and run it in onnxruntime (CPU) on ``example_inputs`` and
+    on a batch one larger (which proves the dynamic batch axis), comparing every output with ``model``.
+
+    Passes when the checker and the runs succeed, ``max_abs_diff <= atol`` and ``cosine >= min_cosine``
+    (each criterion only when given). Failures are returned (``passed=False``, ``problems``), not raised.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise CompressorError(f"ONNX file '{path}' does not exist", "export the model first")
+    names, tensors = flatten_inputs(example_inputs)
+    as_dict = isinstance(example_inputs, Mapping)
+    providers = ["CPUExecutionProvider"]
+    v = Validation(str(path), file_size(path), math.inf, math.nan, atol, min_cosine, False, providers,
+                   [], variant)
+    try:
+        onnx.checker.check_model(str(path))  # by path: works past protobuf's 2 GB limit
+    except Exception as err:  # onnx raises several types; all mean "invalid model"
+        v.problems.append(f"onnx.checker: {_first_line(err)}")
+        return v
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as err:
+        v.problems.append(f"onnxruntime cannot load the model: {_first_line(err)}")
+        return v
+    diffs, cosines = [], []
+    for batch in (tensors, _batch_variant(tensors)):
+        inputs = dict(zip(names, batch, strict=True)) if as_dict else tuple(batch)
+        expected = torch_outputs(model, inputs)
+        feed_all = {n: t.detach().cpu().numpy() for n, t in zip(names, batch, strict=True)}
+        try:
+            got = session.run(None, {i.name: feed_all[i.name] for i in session.get_inputs()})
+        except Exception as err:
+            v.problems.append(f"onnxruntime failed at batch {len(batch[0])}: {_first_line(err)}")
+            return v
+        v.batch_sizes.append(int(batch[0].shape[0]))
+        if len(got) != len(expected):
+            v.problems.append(f"the ONNX model has {len(got)} outputs, the torch model {len(expected)}")
+            return v
+        for (name, want), have in zip(expected, got, strict=True):
+            have = np.asarray(have, dtype=np.float64)
+            if have.shape != want.shape:
+                v.problems.append(f"output '{name}' has shape {have.shape}, expected {want.shape}")
+                return v
+            diffs.append(float(np.max(np.abs(have - want))) if want.size else 0.0)
+            cosines.append(_worst_cosine(have, want))
+    v.max_abs_diff, v.cosine = max(diffs), min(cosines)
+    if not math.isfinite(v.max_abs_diff):
+        v.problems.append("the ONNX model produced NaN or Inf")
+    if atol is not None and not v.max_abs_diff <= atol:
+        v.problems.append(f"max abs difference {v.max_abs_diff:.3g} exceeds atol {atol:g}")
+    if min_cosine is not None and not v.cosine >= min_cosine:
+        v.problems.append(f"cosine {v.cosine:.6f} is below {min_cosine}")
+    v.passed = not v.problems
+    return v
+
+
+def _worst_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Minimum over samples (dimension 0) of the cosine similarity of the flattened outputs."""
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    dot = np.sum(a * b, axis=1)
+    both_zero = (na == 0) & (nb == 0)
+    cos = np.where(both_zero, 1.0, dot / np.maximum(na * nb, 1e-300))
+    return float(np.min(cos)) if cos.size else 1.0
+
+
+def format_validation(v: Validation) -> str:
+    """A pass/fail block for the terminal."""
+    rules = []
+    if v.atol is not None:
+        rules.append(f"max |onnx - torch| <= {v.atol:g}")
+    if v.min_cosine is not None:
+        rules.append(f"cosine >= {v.min_cosine:g}")
+    lines = [
+        f"ONNX validation ({v.variant}): {'PASSED' if v.passed else 'FAILED'}",
+        f"  file          {v.path} ({v.size_bytes / 1e6:.2f} MB)",
+        f"  max abs diff  {v.max_abs_diff:.3g}",
+        f"  cosine        {v.cosine:.6f} (worst sample)",
+        f"  criterion     {' and '.join(rules) or 'runs'}",
+        f"  checked on    onnx.checker + onnxruntime {', '.join(v.providers)}, batch sizes "
+        f"{', '.join(map(str, v.batch_sizes)) or '-'}",
+    ]
+    lines += [f"  problem       {p}" for p in v.problems]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- variants
+
+
+def export_fp16(src_onnx: str | Path, dst: str | Path) -> Path:
+    """A copy of ``src_onnx`` with every float32 weight stored as float16 and cast back to float32 where
+    it is used; inputs, outputs and arithmetic stay float32. Written atomically; returns ``dst``."""
+    # Why fp16 storage only, measured on all-MiniLM-L6-v2 with onnxruntime 1.32 CPU: a full-fp16 graph
+    # is no smaller (45.57 vs 45.59 MB), is less accurate (max diff 0.0099 vs 0.0051) and is not fp16
+    # compute: the CPU provider lacks fp16 kernels for most of its nodes and inserts 76 Cast nodes to
+    # run them in fp32. With fp16 storage, onnxruntime constant-folds each weight's Cast at load (no Cast
+    # is left in its optimized graph), so the model runs like the fp32 one, with fp16-rounded weights,
+    # from a file half the size, and float inputs/outputs stay float32 for the caller.
+    # Weights beyond fp16's range (|w| > 65504) stay fp32.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    src, dst = Path(src_onnx), Path(dst)
+    model = _load_full(src)
+    graph = model.graph
+    keep, casts = [], []
+    for init in graph.initializer:
+        arr = numpy_helper.to_array(init) if init.data_type == TensorProto.FLOAT else None
+        if arr is None or arr.size < 2 or not np.all(np.abs(arr) <= np.finfo(np.float16).max):
+            keep.append(init)
+            continue
+        half = numpy_helper.from_array(arr.astype(np.float16), f"{init.name}__fp16")
+        keep.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
+                                      name=f"{init.name}__cast_fp32"))
+    graph.ClearField("initializer")
+    graph.initializer.extend(keep)
+    nodes = [*casts, *graph.node]  # casts first: the graph stays topologically sorted
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    return _save_atomic(model, dst, onnx)
+
+
+def export_int8(src_onnx: str | Path, dst: str | Path) -> Path:
+    """onnxruntime dynamic quantization of ``src_onnx``: int8 weights (per output channel), activations
+    quantized at run time. Written atomically; returns ``dst``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = Path(src_onnx), Path(dst)
+    if not src.is_file():
+        raise CompressorError(f"ONNX file '{src}' does not exist", "export the model first")
+    big = file_size(src) > EXTERNAL_DATA_BYTES
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        with _quiet():
+            quantize_dynamic(src, tmpdir / dst.name, weight_type=QuantType.QInt8, per_channel=True,
+                             use_external_data_format=big)
+        _move_into_place(tmpdir, dst)
+    except Exception as err:
+        raise CompressorError(f"int8 quantization of '{src}' failed ({type(err).__name__}: "
+                              f"{_first_line(err)})", "export without --int8, or report the model") from err
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return dst
+
+
+def _load_full(path: Path):
+    import onnx
+
+    if not path.is_file():
+        raise CompressorError(f"ONNX file '{path}' does not exist", "export the model first")
+    return onnx.load(str(path))  # with external data, if any
+
+
+def _save_atomic(model, dst: Path, onnx) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    big = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        onnx.save(model, str(tmpdir / dst.name), save_as_external_data=big, location=f"{dst.name}.data")
+        _move_into_place(tmpdir, dst)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return dst

@@ -1,0 +1,125 @@
+"""Measurements for reports and benchmarks: file sizes, latency (onnxruntime and torch eager), and the
+multiply-adds a forward pass really performs.
+
+Latencies are the median (and 10th/90th percentiles) of many timed runs after a warm-up, with the
+thread count fixed and stated, so numbers from one run compare with each other. They are not
+asserted anywhere: machines differ.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def file_size(path: str | Path) -> int:
+    """Bytes on disk of ``path``; for an ONNX model, its external-data files are counted too."""
+    path = Path(path)
+    size = path.stat().st_size
+    if path.suffix == ".onnx":
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        locations = {entry.value for t in model.graph.initializer for entry in t.external_data
+                     if entry.key == "location"}
+        size += sum((path.parent / loc).stat().st_size for loc in locations)
+    return size
+
+
+def _timings(step: Callable[[], Any], warmup: int, runs: int) -> dict[str, float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    p10, median, p90 = np.percentile(times, [10, 50, 90])
+    return {"median_ms": float(median), "p10_ms": float(p10), "p90_ms": float(p90), "runs": runs}
+
+
+def _batch_of(tensors: list[torch.Tensor]) -> int:
+    return int(tensors[0].shape[0]) if tensors and tensors[0].dim() > 0 else 1
+
+
+def onnx_latency(path: str | Path, inputs: Any, *, threads: int = 2, warmup: int = 10, runs: int = 50
+                 ) -> dict[str, Any]:
+    """Latency of one onnxruntime CPU session on ``inputs`` (tensor, tuple or dict of tensors, as given to
+    :func:`compressor.export.export_onnx`): ``{median_ms, p10_ms, p90_ms, runs, threads, batch}``."""
+    import onnxruntime as ort
+
+    from .export import flatten_inputs
+
+    names, tensors = flatten_inputs(inputs)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed_all = dict(zip(names, (t.detach().cpu().numpy() for t in tensors), strict=True))
+    feed = {i.name: feed_all[i.name] for i in session.get_inputs()}
+    stats = _timings(lambda: session.run(None, feed), warmup, runs)
+    return {**stats, "threads": threads, "batch": _batch_of(tensors)}
+
+
+def torch_latency(model: nn.Module, inputs: Any, *, threads: int = 2, warmup: int = 10, runs: int = 50
+                  ) -> dict[str, Any]:
+    """Latency of ``model`` in torch eager (eval mode, inference mode), same keys as :func:`onnx_latency`."""
+    from .export import call_model, flatten_inputs
+
+    names, tensors = flatten_inputs(inputs)
+    as_dict = isinstance(inputs, dict)
+    previous_threads, was_training = torch.get_num_threads(), model.training
+    torch.set_num_threads(threads)
+    model.eval()
+    try:
+        with torch.inference_mode():
+            stats = _timings(lambda: call_model(model, names, tensors, as_dict), warmup, runs)
+    finally:
+        torch.set_num_threads(previous_threads)
+        model.train(was_training)
+    return {**stats, "threads": threads, "batch": _batch_of(tensors)}
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
+    """Multiply-adds one forward pass on ``example_inputs`` really performs in Linear, Conv and Embedding
+    layers (factored layers count through their two factors), measured with forward hooks.
+
+    Returns ``{"total", "per_sample", "batch", "by_layer": {name: macs}}``. Embedding lookups cost 0;
+    the ``up`` projection of a factored embedding is a Linear and is counted. Bias adds are not counted.
+    """
+    from .export import call_model, flatten_inputs
+
+    names, tensors = flatten_inputs(example_inputs)
+    by_layer: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(mod: nn.Module, args, out) -> None:
+            if isinstance(mod, nn.Linear):
+                macs = out.numel() * mod.in_features
+            elif isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+                macs = out.numel() * (mod.in_channels // mod.groups) * int(np.prod(mod.kernel_size))
+            else:  # Embedding: a table lookup
+                macs = 0
+            by_layer[name] = by_layer.get(name, 0) + int(macs)
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Embedding)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            call_model(model, names, tensors, isinstance(example_inputs, dict))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    total, batch = sum(by_layer.values()), _batch_of(tensors)
+    return {"total": total, "per_sample": total / batch, "batch": batch, "by_layer": by_layer}
