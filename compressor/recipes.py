@@ -59,6 +59,8 @@ class Recipe:
     steps against the original model before export (0: none). ``exclude``: layer globs never factored.
     ``precision``: how the exported weights are stored (fp16: storage only; int8: onnxruntime dynamic
     quantization, per output channel, of every MatMul/Gemm/Gather weight, so both factors are int8).
+    ``qat``: heal through simulated int8 (:func:`fake_int8`), so the factors learn to absorb the rounding
+    that int8 export will do.
     """
 
     precision: str = "fp32"
@@ -66,6 +68,7 @@ class Recipe:
     calibrated: bool = False
     heal_steps: int = 0
     exclude: tuple[str, ...] = ()
+    qat: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -80,6 +83,8 @@ class Recipe:
         if isinstance(self.heal_steps, bool) or not isinstance(self.heal_steps, int) or self.heal_steps < 0:
             raise CompressorError(f"heal_steps must be a whole number >= 0, got {self.heal_steps!r}",
                                   "pass e.g. heal_steps=200")
+        if self.qat and not self.heal_steps:
+            raise CompressorError("quantization-aware healing needs heal steps", "pass heal_steps > 0 with qat")
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
     @property
@@ -92,7 +97,7 @@ class Recipe:
         if self.dense:
             return f"dense-{self.precision}"
         parts = [f"lowrank{self.target:g}", "cal" if self.calibrated else "",
-                 f"heal{self.heal_steps}" if self.heal_steps else "",
+                 f"heal{self.heal_steps}" if self.heal_steps else "", "qat" if self.qat else "",
                  "x" + ",".join(self.exclude) if self.exclude else "", self.precision]
         return "-".join(p for p in parts if p)
 
@@ -101,7 +106,10 @@ class Recipe:
         return replace(self, precision="fp32")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "exclude": list(self.exclude)}
+        d = {**asdict(self), "exclude": list(self.exclude)}
+        if not self.qat:  # keys of recipes without the newer field stay as they were
+            del d["qat"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
@@ -117,10 +125,15 @@ REFERENCES = tuple(Recipe(p) for p in PRECISIONS)
 
 def default_recipes(targets: Sequence[float] = (0.2, 0.4, 0.6), *, calibrated: bool = False,
                     heal_steps: Sequence[int] = (0,), precisions: Sequence[str] = PRECISIONS,
-                    exclude: Sequence[str] = ()) -> list[Recipe]:
-    """The dense references plus every low-rank ``target x heal_steps x precision`` combination."""
+                    exclude: Sequence[str] = (), qat: bool = False) -> list[Recipe]:
+    """The dense references plus every low-rank ``target x heal_steps x precision`` combination, and with
+    ``qat`` the quantization-aware healed int8 recipe of every target and nonzero heal_steps."""
     out = list(REFERENCES)
-    out += [Recipe(p, t, calibrated, h, tuple(exclude)) for t in targets for h in heal_steps for p in precisions]
+    for t in targets:
+        for h in heal_steps:
+            out += [Recipe(p, t, calibrated, h, tuple(exclude)) for p in precisions]
+            if qat and h:
+                out.append(Recipe("int8", t, calibrated, h, tuple(exclude), qat=True))
     return out
 
 
@@ -453,13 +466,12 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
     skipped: list[dict[str, Any]] = []
     built = 0
     fp32_bytes = 0
-    factorizable = _factorizable_params(model, analyze_options or {})
     total_params = sum(p.numel() for p in model.parameters())
     # The torch model of the last low-rank recipe built: its other precisions reuse it (factoring and
     # healing once per recipe; a later search that only adds a precision builds the model again).
     last_model: dict[Recipe, tuple] = {}
     for recipe in _grouped(recipes):
-        if fp32_bytes and (reason := _cannot_fit(recipe, constraints, fp32_bytes, factorizable, total_params)):
+        if fp32_bytes and (reason := _cannot_fit(recipe, constraints, fp32_bytes, ctx, total_params)):
             skipped.append({"recipe": recipe.to_dict(), "name": recipe.name, "reason": reason})
             say(f"skip     {recipe.name}: {reason}")
             continue
@@ -544,9 +556,11 @@ def estimate_size(recipe: Recipe, fp32_bytes: int, factorizable: int, total_para
     return fp32_bytes * kept / total_params * BYTES_PER_PARAM[recipe.precision] / 4.0
 
 
-def _cannot_fit(recipe: Recipe, c: Constraints, fp32_bytes: int, factorizable: int, total: int) -> str | None:
+def _cannot_fit(recipe: Recipe, c: Constraints, fp32_bytes: int, ctx: BuildContext, total: int) -> str | None:
     if recipe.dense or c.max_size is None:
         return None  # references are always measured
+    opts = ctx.analyze_options
+    factorizable = _factorizable_params(ctx.model, {**opts, "exclude": [*opts.get("exclude", ()), *recipe.exclude]})
     est, limit = estimate_size(recipe, fp32_bytes, factorizable, total), c.size_limit(fp32_bytes)
     if est > SIZE_SLACK * limit:
         return f"estimated {est / 1e6:.2f} MB is clearly above the {limit / 1e6:.2f} MB limit"
@@ -615,11 +629,42 @@ def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
         from .heal import heal
 
         say(f"heal     {recipe.name}: {recipe.heal_steps} steps")
+        if recipe.qat:
+            fake_int8(model)
         res = heal(model, teacher=ctx.model, data=ctx.heal_data, steps=recipe.heal_steps, progress=False,
                    **ctx.heal_options)
-        model = res.model.eval()
+        model = remove_fake_int8(res.model).eval()
         heal_info = {"steps": res.steps, "before": res.before, "after": res.after, "seconds": round(res.seconds, 1)}
     return model, plan.totals(), heal_info
+
+
+def fake_int8(model: nn.Module) -> nn.Module:
+    """Make every ``nn.Linear`` of ``model`` (in place) compute as onnxruntime's dynamic int8 does: weights
+    rounded per output channel (symmetric int8 in [-127, 127], scale max|w| / 127) and inputs per tensor
+    (uint8, asymmetric range including 0, as DynamicQuantizeLinear), with straight-through gradients.
+    Undo with :func:`remove_fake_int8`. Attention's activation-by-activation products stay float, as in
+    the export. Matches onnxruntime's int8 outputs to float rounding (tests/test_recipes.py)."""
+    for mod in model.modules():
+        if type(mod) is nn.Linear:
+            mod.forward = _fake_int8_linear.__get__(mod)
+    return model
+
+
+def remove_fake_int8(model: nn.Module) -> nn.Module:
+    for mod in model.modules():
+        mod.__dict__.pop("forward", None)
+    return model
+
+
+def _fake_int8_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    w = self.weight
+    scale = w.detach().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    wq = w + ((w / scale).round().clamp(-127, 127) * scale - w).detach()
+    lo, hi = x.detach().min().clamp(max=0), x.detach().max().clamp(min=0)
+    s = ((hi - lo) / 255).clamp(min=1e-12)
+    zp = (-lo / s).round().clamp(0, 255)
+    xq = x + ((((x / s).round() + zp).clamp(0, 255) - zp) * s - x).detach()
+    return nn.functional.linear(xq, wq, self.bias)
 
 
 def _fidelity(path: Path, ctx: BuildContext) -> dict[str, float]:

@@ -212,3 +212,29 @@ def test_cache_entries_are_readable_json(searched):
     assert len(files) == len(RECIPES)
     names = {json.loads(f.read_text())["name"] for f in files}
     assert names == {r.name for r in RECIPES}
+
+
+def test_fake_int8_simulates_onnxruntime_dynamic_int8(tmp_path):
+    """What quantization-aware healing trains through must be what the int8 export computes."""
+    import copy
+
+    import onnxruntime as ort
+
+    from compressor.export import export_int8, export_onnx
+    from compressor.recipes import fake_int8, remove_fake_int8
+
+    model = mlp()
+    x = torch.randn(32, 64) * 3
+    int8 = export_int8(export_onnx(model, x, tmp_path / "m.onnx"), tmp_path / "m.int8.onnx")
+    got = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    simulated = fake_int8(copy.deepcopy(model))
+    with torch.no_grad():
+        fp32, fake = model(x), simulated(x)
+        restored = remove_fake_int8(simulated)(x)
+    err_fp32 = (fp32 - torch.from_numpy(got)).abs().max()
+    err_fake = (fake - torch.from_numpy(got)).abs().max()
+    assert err_fake < 0.1 * err_fp32, (err_fake, err_fp32)
+    assert torch.equal(restored, fp32)
+    assert Recipe("int8", 0.5, heal_steps=10, qat=True).name == "lowrank0.5-heal10-qat-int8"
+    with pytest.raises(CompressorError):
+        Recipe("int8", 0.5, qat=True)  # nothing to heal
