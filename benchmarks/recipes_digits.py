@@ -16,6 +16,7 @@ import argparse
 import datetime as dt
 import inspect
 import json
+import os
 import sys
 import tempfile
 import time
@@ -89,7 +90,7 @@ def main() -> int:
               "versions": versions(), "threads": {"torch": THREADS, "onnxruntime": THREADS},
               "model": {"name": "digits CNN (compressor.examples.train_digits_cnn, seed 0)", **accs},
               "calibrated": calibrated, "heal_steps": args.heal_steps, "versus_dense_int8": vs,
-              "seconds": round(time.perf_counter() - start, 1), "front": front}
+              "seconds": round(time.perf_counter() - start, 1), "load_average_1_5_15": os.getloadavg(), "front": front}
     args.out.mkdir(parents=True, exist_ok=True)
     plots = plot_front(front, args.out, prefix="recipes_digits")
     atomic_write_text(args.out / "recipes_digits.json", json.dumps(record, indent=2) + "\n")
@@ -121,7 +122,9 @@ def render(record: dict, plots: list[str]) -> str:
         "## Provenance", "", f"- command: `{record['command']}`", f"- date: {record['date']}",
         f"- threads: torch {record['threads']['torch']}, onnxruntime {record['threads']['onnxruntime']}",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-        f"- wall time: {record['seconds']} s", ""])
+        f"- wall time: {record['seconds']} s; machine load average at the end (1/5/15 min): "
+        f"{', '.join(f'{x:.1f}' for x in record['load_average_1_5_15'])} on 2 cores shared with other jobs, "
+        "so latencies are comparable within this run only", ""])
 
 
 if __name__ == "__main__":
