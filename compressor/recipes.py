@@ -394,27 +394,38 @@ class BuildContext:
     atol: float = 1e-4
 
     def key(self) -> str:
-        """Everything a measurement depends on besides the recipe (the recipe key completes it)."""
+        """What every measurement depends on besides the recipe (see :meth:`Cache.name` for the rest)."""
         import onnxruntime
 
         return fingerprint([CACHE_VERSION, model_fingerprint(self.model), self.example_inputs,
-                            self.evaluation.fingerprint, self.latency_inputs, self.calibration, self.heal_data,
-                            json.dumps(self.heal_options, sort_keys=True, default=str),
+                            self.evaluation.fingerprint, self.latency_inputs,
                             json.dumps(self.analyze_options, sort_keys=True, default=str),
                             self.opset, self.threads, torch.__version__, onnxruntime.__version__])
 
+    def data_keys(self) -> dict[str, str]:
+        """Keys of what only some recipes depend on: calibration (calibrated ones), healing (healed ones)."""
+        heal = json.dumps(self.heal_options, sort_keys=True, default=str)
+        return {"calibration": fingerprint(self.calibration)[:8], "heal": fingerprint([self.heal_data, heal])[:8]}
+
 
 class Cache:
-    """Measurements as ``<dir>/<context key>/<recipe key>.json`` beside their ``.onnx`` files."""
+    """Measurements as ``<dir>/<context key>/<name>.json`` beside their ``.onnx`` files; a name is the recipe
+    key, plus the calibration / healing data keys for recipes that use them (so changing the healing
+    options re-measures healed recipes only)."""
 
-    def __init__(self, root: Path, context_key: str):
+    def __init__(self, root: Path, context_key: str, data_keys: dict[str, str]):
         self.dir = Path(root) / context_key
+        self.data_keys = data_keys
+
+    def name(self, recipe: Recipe) -> str:
+        return (recipe.key() + (f"-c{self.data_keys['calibration']}" if recipe.calibrated else "")
+                + (f"-h{self.data_keys['heal']}" if recipe.heal_steps else ""))
 
     def onnx(self, recipe: Recipe) -> Path:
-        return self.dir / f"{recipe.key()}.onnx"
+        return self.dir / f"{self.name(recipe)}.onnx"
 
     def get(self, recipe: Recipe) -> Point | None:
-        path = self.dir / f"{recipe.key()}.json"
+        path = self.dir / f"{self.name(recipe)}.json"
         if not path.is_file() or not self.onnx(recipe).is_file():
             return None
         try:
@@ -430,7 +441,7 @@ class Cache:
     def put(self, point: Point) -> None:
         data = {"format": "compressor-recipe-measurement", "version": CACHE_VERSION, "name": point.recipe.name,
                 "point": {**point.to_dict(), "cached": False}}
-        atomic_write_text(self.dir / f"{point.recipe.key()}.json", json.dumps(data, indent=2) + "\n")
+        atomic_write_text(self.dir / f"{self.name(point.recipe)}.json", json.dumps(data, indent=2) + "\n")
 
     def store(self, recipe: Recipe, src: Path) -> Path:
         dst = self.onnx(recipe)
@@ -460,7 +471,7 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
                        latency_inputs if latency_inputs is not None else example_inputs, calibration,
                        heal_data if heal_data is not None else calibration, dict(heal_options or {}),
                        dict(analyze_options or {}), opset, threads, latency_runs, atol)
-    cache = Cache(Path(cache_dir), ctx.key())
+    cache = Cache(Path(cache_dir), ctx.key(), ctx.data_keys())
     say = log or (lambda _msg: None)
     points: list[Point] = []
     skipped: list[dict[str, Any]] = []
