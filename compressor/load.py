@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import json
 import os
+import pickle
 import pickletools
 import sys
 import zipfile
@@ -74,6 +75,8 @@ def load_model(path: str | Path, *, trust_pickle: bool = False, arch: str | None
         loaded = _load_hf(path, trust_pickle, device)
     elif kind == "torch-export":
         loaded = _load_export(path, trust_pickle, device)
+    elif kind == "pickle":
+        loaded = _load_plain_pickle(path, trust_pickle)
     elif kind == "safetensors":
         loaded = Loaded(None, "safetensors", path, state_dict=load_safetensors(path, device))
     else:
@@ -107,7 +110,7 @@ def load(path: str | Path, *, trust_pickle: bool = False, arch: str | None = Non
 
 
 def detect_format(path: Path) -> str:
-    """"compressor", "hf-folder", "torch-zip", "torch-legacy", "torch-export" or "safetensors", read
+    """"compressor", "hf-folder", "torch-zip", "torch-legacy", "pickle", "torch-export" or "safetensors", read
     from the content; anything else raises :class:`CompressorError`."""
     if not path.exists():
         raise CompressorError(f"'{path}' does not exist", "check the path")
@@ -129,13 +132,12 @@ def detect_format(path: Path) -> str:
         head = f.read(9)
     if head[:4] == b"PK\x03\x04":
         return _zip_format(path)
-    if head[:1] == b"\x80" and _is_torch_legacy(path):
-        return "torch-legacy"
+    if head[:1] == b"\x80":  # pickle protocol 2+
+        return "torch-legacy" if _is_torch_legacy(path) else "pickle"
     header_len = int.from_bytes(head[:8], "little")
     if len(head) == 9 and head[8:9] == b"{" and 2 <= header_len <= SAFETENSORS_MAX_HEADER:
         return "safetensors"
-    what = ("a plain Python pickle, not a torch checkpoint" if head[:1] == b"\x80"
-            else "a text/JSON file" if head.lstrip()[:1] in (b"{", b"[")
+    what = ("a text/JSON file" if head.lstrip()[:1] in (b"{", b"[")
             else "not a model file (not a torch checkpoint, safetensors file or model folder)")
     raise CompressorError(f"'{path}' is {what}",
                           "pass a file written by torch.save or safetensors, or a Hugging Face model folder")
@@ -198,18 +200,28 @@ def pickle_globals(path: Path, legacy: bool = False) -> list[str]:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     from torch._weights_only_unpickler import _get_allowed_globals  # no public API for legacy files
     allowed = set(_get_allowed_globals())
-    found: list[str] = []
-    with open(path, "rb") as f:
-        for _ in range(4):  # magic number, protocol, sys info, then the object itself
-            strings: list[str] = []
-            for op, arg, _pos in pickletools.genops(f):
-                if op.name in ("GLOBAL", "INST"):
-                    found.append(_py3_name(*arg.split(" ", 1)))
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    found.append(_py3_name(strings[-2], strings[-1]))
-                elif isinstance(arg, str):
-                    strings.append(arg)
+    with open(path, "rb") as f:  # magic number, protocol, sys info, then the object itself
+        found = [g for _ in range(4) for g in scan_pickle(f)]
     return list(dict.fromkeys(g for g in found if g not in allowed))
+
+
+def scan_pickle(f) -> list[str]:
+    """Every global one pickle (read from ``f`` up to its STOP) names, found by parsing, not running it.
+
+    Opcodes that can reach code without naming it plainly (a memoised STACK_GLOBAL, the copyreg
+    extension registry) are listed as such, so that "no globals" really means "no code".
+    """
+    found, strings = [], []
+    for op, arg, _pos in pickletools.genops(f):
+        if op.name in ("GLOBAL", "INST"):
+            found.append(_py3_name(*arg.split(" ", 1)))
+        elif op.name == "STACK_GLOBAL":
+            found.append(_py3_name(*strings[-2:]) if len(strings) >= 2 else "<a global named indirectly>")
+        elif op.name.startswith("EXT"):
+            found.append(f"<copyreg extension {arg}>")
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return found
 
 
 def _py3_name(module: str, name: str) -> str:
@@ -218,10 +230,11 @@ def _py3_name(module: str, name: str) -> str:
     return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
 
 
-def refuse_unsafe(path: Path, unsafe: list[str], what: str = "file") -> None:
+def refuse_unsafe(path: Path, unsafe: list[str], what: str = "file",
+                  which: str = " that are not torch's own") -> None:
     shown = ", ".join(unsafe[:4]) + (f" and {len(unsafe) - 4} more" if len(unsafe) > 4 else "")
     raise CompressorError(f"'{path}' is a pickled {what} whose loading would run code from "
-                          f"{len(unsafe)} global(s) that are not torch's own: {shown}", TRUST_FIX)
+                          f"{len(unsafe)} global(s){which}: {shown}", TRUST_FIX)
 
 
 def torch_load(path: Path, trust_pickle: bool, device=None, legacy: bool = False) -> tuple[Any, bool]:
@@ -277,7 +290,32 @@ def cwd_importable():
 
 def _load_torch(path: Path, trust_pickle: bool, device, legacy: bool) -> Loaded:
     obj, trusted = torch_load(path, trust_pickle, device, legacy)
-    meta: dict[str, Any] = {"needs_trust_pickle": trusted}
+    return _as_loaded(obj, path, {"needs_trust_pickle": trusted})
+
+
+def _load_plain_pickle(path: Path, trust_pickle: bool) -> Loaded:
+    # pickle.dump(model): no torch allowlist applies (its tensors rebuild through torch.load itself).
+    try:
+        with open(path, "rb") as f:
+            needed = list(dict.fromkeys(scan_pickle(f)))
+    except Exception as err:
+        raise _damaged(path, err) from None
+    if needed and not trust_pickle:
+        refuse_unsafe(path, needed, "Python object (pickle.dump, not torch.save)", which="")
+    try:  # with no globals named, unpickling can only build plain data: nothing runs
+        with cwd_importable(), open(path, "rb") as f:
+            obj = pickle.load(f)
+    except (ImportError, AttributeError) as err:
+        raise CompressorError(f"'{path}' needs code that cannot be found ({err})",
+                              "run from the folder that holds the model's code, or add it to PYTHONPATH"
+                              ) from None
+    except Exception as err:
+        raise _damaged(path, err) from None
+    return _as_loaded(obj, path, {"needs_trust_pickle": bool(needed)})
+
+
+def _as_loaded(obj: Any, path: Path, meta: dict[str, Any]) -> Loaded:
+    """The Loaded for an unpickled object: a module, a state_dict (maybe inside a checkpoint), or an error."""
     if isinstance(obj, dict) and not _is_state_dict(obj):
         for key in CHECKPOINT_KEYS:  # a training checkpoint: {"model": ..., "optimizer": ..., "epoch": ...}
             if isinstance(obj.get(key), nn.Module) or _is_state_dict(obj.get(key)):
@@ -360,7 +398,11 @@ def build_from_arch(arch: str, state_dict: dict[str, torch.Tensor] | None = None
         except (ImportError, AttributeError) as err:
             raise CompressorError(f"cannot import --arch '{arch}' ({err})",
                                   "run from the folder that holds it, or add it to PYTHONPATH") from None
-        model = factory()
+        try:
+            model = factory()
+        except Exception as err:
+            raise CompressorError(f"--arch '{arch}' failed when called ({type(err).__name__}: {err})",
+                                  "name a function that takes no arguments and returns the model") from None
     if not isinstance(model, nn.Module):
         raise CompressorError(f"--arch '{arch}' returned a {type(model).__name__}, not an nn.Module",
                               "name a function that builds and returns the model")
@@ -448,6 +490,8 @@ def hf_module():
     except ImportError:
         raise CompressorError("loading a Hugging Face model folder needs transformers",
                               "pip install 'compressor[hf]'") from None
+    # Its per-tensor "Loading weights" bar is noise next to ours; --quiet must mean quiet.
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 

@@ -71,9 +71,10 @@ def onnx_latency(path: str | Path, inputs: Any, *, threads: int = 2, warmup: int
 def torch_latency(model: nn.Module, inputs: Any, *, threads: int = 2, warmup: int = 10, runs: int = 50
                   ) -> dict[str, Any]:
     """Latency of ``model`` in torch eager (eval mode, inference mode), same keys as :func:`onnx_latency`."""
-    from .export import call_model, flatten_inputs
+    from .export import call_model, flatten_inputs, model_device
 
     names, tensors = flatten_inputs(inputs)
+    tensors = [t.to(model_device(model)) for t in tensors]
     as_dict = isinstance(inputs, dict)
     previous_threads, was_training = torch.get_num_threads(), model.training
     torch.set_num_threads(threads)
@@ -94,9 +95,10 @@ def count_macs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     Returns ``{"total", "per_sample", "batch", "by_layer": {name: macs}}``. Embedding lookups cost 0;
     the ``up`` projection of a factored embedding is a Linear and is counted. Bias adds are not counted.
     """
-    from .export import call_model, flatten_inputs
+    from .export import call_model, flatten_inputs, model_device
 
     names, tensors = flatten_inputs(example_inputs)
+    tensors = [t.to(model_device(model)) for t in tensors]
     by_layer: dict[str, int] = {}
 
     def hook(name: str):

@@ -55,21 +55,26 @@ WEIGHTS, PLAN, META, STRUCTURE = "model.safetensors", "plan.json", "compressor.j
 
 
 def save(model: nn.Module, directory: str | Path, plan: Plan | None = None, *,
-         source: Loaded | None = None, overwrite: bool = False) -> Path:
+         source: Loaded | None = None, overwrite: bool = False, atomic: bool = True) -> Path:
     """Write ``model`` (and ``plan``) to the folder ``directory`` atomically; returns its path.
 
     ``source`` is what :func:`compressor.load_model` returned for the original, so the folder can say how
     to rebuild the architecture (HF config and tokenizer, ``arch``). An existing non-empty folder is
-    refused unless ``overwrite``.
+    refused unless ``overwrite``. ``atomic=False`` writes straight into ``directory`` (created if
+    needed): for a caller that publishes its own temporary folder, which may hold other files.
     """
     directory = Path(directory)
+    if not atomic:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write(model, directory, plan, source)
+        return directory
     if directory.exists() and not (directory.is_dir() and not any(directory.iterdir())) and not overwrite:
         raise CompressorError(f"output '{directory}' already exists",
                               "choose another output folder, or pass --force to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
-        write_model_files(model, tmp, plan, source)
+        _write(model, tmp, plan, source)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -77,8 +82,7 @@ def save(model: nn.Module, directory: str | Path, plan: Plan | None = None, *,
     return directory
 
 
-def write_model_files(model: nn.Module, tmp: Path, plan: Plan | None, source: Loaded | None) -> None:
-    """Write the model files into the existing folder ``tmp`` (the caller publishes it atomically)."""
+def _write(model: nn.Module, tmp: Path, plan: Plan | None, source: Loaded | None) -> None:
     from safetensors.torch import save_model
     # save_model writes each tied tensor once and makes views contiguous.
     save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -86,13 +90,15 @@ def write_model_files(model: nn.Module, tmp: Path, plan: Plan | None, source: Lo
         plan.to_json(tmp / PLAN)
     meta: dict[str, Any] = {"format": FORMAT, "version": VERSION,
                             "compressor_version": _version(), "torch_version": torch.__version__,
-                            "architecture": _write_architecture(model, tmp, plan, source)}
+                            "architecture": _write_architecture(model, tmp, plan, source),
+                            "factored_layers": sum(isinstance(m, LOW_RANK_TYPES) for m in model.modules())}
     if source is not None:
         meta["source"] = {"path": str(source.source), "format": source.format}
     (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-    for f in tmp.iterdir():  # durable before the rename publishes the folder
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):  # durable before the rename publishes the folder
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def _write_architecture(model: nn.Module, tmp: Path, plan: Plan | None, source: Loaded | None) -> dict:
@@ -178,7 +184,8 @@ def load_compressed(directory: str | Path, *, trust_pickle: bool = False, arch: 
         raise CompressorError(f"'{directory}' was written in format {meta.get('format')} version "
                               f"{meta.get('version')}; this compressor reads {FORMAT} version {VERSION}",
                               "save the model again with this version of compressor")
-    for name in (WEIGHTS, *(() if kind in ("structure", "pickle") else (PLAN,))):
+    needs_plan = kind in ("hf", "arch") and meta.get("factored_layers", 0) > 0
+    for name in (WEIGHTS, *((PLAN,) if needs_plan else ())):
         if not (directory / name).is_file():
             raise CompressorError(f"'{directory}' lacks {name}", "save the compressed model again")
     plan = Plan.from_json(directory / PLAN) if (directory / PLAN).is_file() else None
@@ -209,7 +216,7 @@ def load_compressed(directory: str | Path, *, trust_pickle: bool = False, arch: 
     return Loaded(model, "compressor", directory, example_inputs=infer_example_inputs(model, tokenizer),
                   tokenizer=tokenizer,
                   meta={"compressor": meta, "plan": plan, "arch": arch or stored_arch,
-                        "needs_trust_pickle": needs_trust or kind == "arch"})
+                        "needs_trust_pickle": needs_trust})
 
 
 def _build_hf(directory: Path, info: dict) -> nn.Module:

@@ -14,11 +14,9 @@ from torch import nn
 import compressor
 from compressor.errors import CompressorError
 from compressor.export import (
-    FP16_MIN_COSINE,
-    INT8_MIN_COSINE,
+    VARIANTS,
     check_factored_graph,
     export_fp16,
-    export_int8,
     export_onnx,
     format_validation,
     validate_onnx,
@@ -65,6 +63,7 @@ def make_tokens():
 
 
 MODELS = {"mlp": make_mlp, "cnn": make_cnn, "tokens": make_tokens}
+SEQUENCE = {"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}
 CASES = [(name, factored) for name in MODELS for factored in (False, True)]
 _cache: dict = {}
 
@@ -79,7 +78,8 @@ def build(name: str, factored: bool, tmp_dir):
         assert plan.factored, "every test model must have layers to factor"
         if factored:
             compressor.rewrite(model, plan)
-        path = export_onnx(model, inputs, tmp_dir / f"{name}_{'factored' if factored else 'dense'}.onnx")
+        path = export_onnx(model, inputs, tmp_dir / f"{name}_{'factored' if factored else 'dense'}.onnx",
+                           dynamic_axes=SEQUENCE if name == "tokens" else None)
         _cache[name, factored] = (model, inputs, plan, path)
     return _cache[name, factored]
 
@@ -101,8 +101,15 @@ def test_export_validates_with_dynamic_batch(name, factored, tmp_dir):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for arg in [*session.get_inputs(), *session.get_outputs()]:
         assert isinstance(arg.shape[0], str), f"{arg.name} has a fixed batch axis {arg.shape}"
-    if name == "tokens":
+    if name == "tokens":  # dict output names kept; a longer sequence runs through the sequence axis
         assert [o.name for o in session.get_outputs()] == ["last_hidden_state", "logits"]
+        longer = {k: torch.cat([t, t[:, :4]], dim=1) for k, t in inputs.items()}
+        got = session.run(None, {k: t.numpy() for k, t in longer.items()})
+        with torch.no_grad():
+            want = model(**longer)
+        assert got[0].shape == (3, 11, 64)
+        assert abs(got[0] - want["last_hidden_state"].numpy()).max() < 1e-4
+        assert abs(got[1] - want["logits"].numpy()).max() < 1e-4
     if factored:
         assert check_factored_graph(path, plan) == []
 
@@ -135,8 +142,7 @@ def test_corrupted_onnx_fails_validation(name, tmp_dir):
 def test_fp16_and_int8_variants(name, factored, tmp_dir):
     model, inputs, plan, path = build(name, factored, tmp_dir)
     size = file_size(path)
-    variants = (("fp16", export_fp16, FP16_MIN_COSINE), ("int8", export_int8, INT8_MIN_COSINE))
-    for kind, export, threshold in variants:
+    for kind, (export, threshold) in VARIANTS.items():
         out = export(path, tmp_dir / f"{path.stem}.{kind}.onnx")
         v = validate_onnx(out, model, inputs, atol=None, min_cosine=threshold, variant=kind)
         assert v.passed, format_validation(v)
@@ -161,6 +167,10 @@ def test_export_errors_are_clear_and_leave_nothing(tmp_dir):
         export_onnx(model, torch.randn(2, 5), target)
     with pytest.raises(CompressorError, match="example inputs must be"):
         export_onnx(model, [1, 2], target)
+    with pytest.raises(CompressorError, match="dynamic_axes names inputs"):
+        export_onnx(model, torch.randn(2, 8), target, dynamic_axes={"ids": {1: "sequence"}})
+    with pytest.raises(CompressorError, match="dynamic axis 2 of input 'input'"):
+        export_onnx(model, torch.randn(2, 8), target, dynamic_axes={"input": {2: "sequence"}})
 
     class Svd(nn.Module):  # ONNX has no SVD operator: both exporters must fail
         def forward(self, x):
@@ -171,6 +181,21 @@ def test_export_errors_are_clear_and_leave_nothing(tmp_dir):
     assert not target.parent.exists() or list(target.parent.iterdir()) == []
     with pytest.raises(CompressorError, match="does not exist"):
         validate_onnx(tmp_dir / "missing.onnx", model, torch.randn(2, 8))
+
+
+def test_auto_falls_back_to_legacy_exporter_with_a_warning(tmp_dir):
+    class Branchy(nn.Module):  # a branch on tensor values: torch.export refuses it, the tracer records it
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x) if x.sum() > 0 else -self.lin(x)
+
+    model, x = Branchy(), torch.rand(2, 4)
+    with pytest.warns(UserWarning, match="legacy TorchScript exporter"):
+        path = export_onnx(model, x, tmp_dir / "branchy.onnx")
+    assert validate_onnx(path, model, x).passed
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -206,14 +231,23 @@ def test_minilm_exports_and_validates_dense_and_factored(tmp_path):
     enc = tok(["Return the number of items in a container.", "Open the file and return a stream."],
               padding=True, return_tensors="pt")
     inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    dense = export_onnx(model, inputs, tmp_path / "dense.onnx")
+    # Dense through the legacy exporter (the fallback path, and faster), factored through the default.
+    dense = export_onnx(model, inputs, tmp_path / "dense.onnx", exporter="legacy")
     v = validate_onnx(dense, model, inputs)
     assert v.passed, format_validation(v)
     plan = compressor.analyze(model, target=0.4, include=["encoder.*"])
     compressor.rewrite(model, plan)
-    factored = export_onnx(model, inputs, tmp_path / "factored.onnx")
+    factored = export_onnx(model, inputs, tmp_path / "factored.onnx", dynamic_axes=SEQUENCE)
     v = validate_onnx(factored, model, inputs)
     assert v.passed, format_validation(v)
     assert check_factored_graph(factored, plan) == []
     assert check_factored_graph(dense, plan) != []
+    other = tok(["A shorter one.", "Yet another, somewhat longer, sentence to encode here.", "Third."],
+                padding=True, return_tensors="pt")  # another batch size and sequence length
+    session = ort.InferenceSession(str(factored), providers=["CPUExecutionProvider"])
+    feed = {k: other[k].numpy() for k in ("input_ids", "attention_mask")}
+    got = session.run(["last_hidden_state"], feed)[0]
+    with torch.no_grad():
+        want = model(input_ids=other["input_ids"], attention_mask=other["attention_mask"]).last_hidden_state
+    assert got.shape == tuple(want.shape) and abs(got - want.numpy()).max() < 1e-4
     assert file_size(factored) < 0.9 * file_size(dense)

@@ -143,7 +143,9 @@ BAD_INPUTS = [
     ("empty", _bytes(b"", "e.pt"), {}, "is empty"),
     ("json", _bytes(b'{"model": "resnet"}\n', "m.pt"), {}, "text/JSON"),
     ("random bytes", _bytes(np.random.default_rng(0).bytes(4096)), {}, "not a model file"),
-    ("plain pickle", _bytes(pickle.dumps({"a": 1}), "m.pkl"), {}, "plain Python pickle"),
+    ("plain pickle of a dict", _bytes(pickle.dumps({"a": 1}), "m.pkl"), {}, "holds a dict without tensors"),
+    ("plain pickle of a list", _bytes(pickle.dumps([1, 2], protocol=4), "m.pkl"), {}, "holds a list"),
+    ("plain pickle cut off", _bytes(pickle.dumps(list(range(100)))[:50], "m.pkl"), {}, "truncated or corrupt"),
     ("pickled list", _saved([1, 2, 3]), {}, "holds a list, not a model"),
     ("tensor", _saved(torch.randn(3)), {}, "holds a single tensor"),
     ("dict without tensors", _saved({"epoch": 3}), {}, "dict without tensors"),
@@ -162,6 +164,9 @@ BAD_INPUTS = [
     ("torch.export untrusted", _export, {}, "torch.export program"),
     ("weightless structure", _meta_structure, {}, "without weights"),
     ("arch not module:factory", _safetensors, {"arch": "nofactory"}, "not of the form"),
+    ("arch needs arguments", _safetensors, {"arch": "torch.nn:Linear"}, "failed when called"),
+    ("arch not a module", _safetensors, {"arch": "torch:zeros_like"}, "failed when called"),
+    ("arch returns no module", _safetensors, {"arch": "builtins:dict"}, "not an nn.Module"),
     ("arch not importable", _safetensors, {"arch": "no_such_pkg_xyz:make"}, "cannot import"),
     ("arch on a whole model", _saved(mlp()), {"arch": "torch.nn:Identity"}, "only for weights-only"),
     ("arch that does not fit", _safetensors, {"arch": "torch.nn:Identity"}, "do not fit"),
@@ -229,6 +234,34 @@ def test_pickle_that_runs_code_is_refused_unless_trusted(tmp_path, monkeypatch):
     assert marker.exists() and loaded.format == "torch-module"
     assert loaded.model(torch.ones(1, 4)).shape == (1, 2)
     assert snapshot(tmp_path / "evil.pt") == before
+
+
+class OpensAFile:
+    """Unpickling this opens (creates) a file: code hidden in a plain pickle.dump file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_plain_pickle_that_runs_code_is_refused_unless_trusted(tmp_path):
+    marker = tmp_path / "PWNED"
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(OpensAFile(str(marker))))
+    with pytest.raises(CompressorError, match=r"1 global\(s\): io\.open; pass --trust-pickle"):
+        load_model(tmp_path / "evil.pkl")
+    assert not marker.exists()
+    with pytest.raises(CompressorError, match="holds a TextIOWrapper, not a model"):
+        load_model(tmp_path / "evil.pkl", trust_pickle=True)
+    assert marker.exists()  # the user said to trust it, and its code ran
+
+    model = mlp()
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps(model))
+    with pytest.raises(CompressorError, match=r"torch\._utils\._rebuild"):
+        load_model(tmp_path / "m.pkl")  # tensors in a plain pickle rebuild through a full torch.load
+    x = torch.randn(2, 32)
+    assert torch.equal(load(tmp_path / "m.pkl", trust_pickle=True)(x), model(x))
 
 
 def test_torch_only_pickle_loads_without_flag(tmp_path):
@@ -381,6 +414,12 @@ def test_save_is_atomic_and_refuses_existing_output(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save(model, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing partial left
+    monkeypatch.undo()
+    (tmp_path / "out" / "report.md").write_text("the caller's")
+    save(model, tmp_path / "out", atomic=False)  # into a folder the caller publishes itself
+    assert (tmp_path / "out" / "report.md").read_text() == "the caller's"
+    x = torch.randn(2, 32)
+    assert torch.equal(load(tmp_path / "out")(x), model(x))
 
 
 def test_build_factored_makes_the_same_structure_without_svd(monkeypatch):
@@ -438,6 +477,26 @@ def test_load_example_inputs(tmp_path):
             load_example_inputs(tmp_path / name)
 
 
+def test_small_hf_model_round_trips_with_and_without_a_plan(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    ids = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    with torch.no_grad():
+        want = model(**ids).last_hidden_state
+        dense = load(save(model, tmp_path / "dense"))  # nothing factored: no plan needed
+        assert torch.equal(dense(**ids).last_hidden_state, want)
+        plan = compressor.analyze(model, rank=4, include=["encoder.layer.0.intermediate.dense"])
+        compressor.rewrite(model, plan)
+        with pytest.raises(CompressorError, match="pass the plan"):
+            save(model, tmp_path / "noplan")  # the factored layers are rebuilt from the plan
+        back = load(save(model, tmp_path / "factored", plan))
+        assert torch.equal(back(**ids).last_hidden_state, model(**ids).last_hidden_state)
+    assert not (tmp_path / "noplan").exists()
+
+
 # ----------------------------------------------------------------------------------------- MiniLM
 
 
@@ -456,9 +515,9 @@ def test_minilm_folder_loads_and_round_trips_compressed(minilm, tmp_path):
     assert set(ex) == {"input_ids", "attention_mask"} and ex["input_ids"].shape == (2, 16)
     assert int(ex["attention_mask"].sum()) > 16  # real text, not all padding
     model = minilm.model
-    plan = compressor.analyze(model, rank=32, include=["encoder.layer.0.attention.*",
+    plan = compressor.analyze(model, rank=32, include=["encoder.layer.0.attention.self.query",
                                                        "encoder.layer.5.output.dense"])
-    assert len(plan.factored) == 5
+    assert len(plan.factored) == 2
     compressor.rewrite(model, plan)
     out = save(model, tmp_path / "mini", plan, source=minilm)
     files = {p.name for p in out.iterdir()}
