@@ -25,7 +25,8 @@ from compressor.recipes import (
 )
 
 RECIPES = [Recipe("fp32"), Recipe("fp16"), Recipe("int8"),
-           Recipe("fp32", 0.3), Recipe("int8", 0.3), Recipe("fp32", 0.7), Recipe("int8", 0.7)]
+           Recipe("fp32", 0.3), Recipe("int8", 0.3), Recipe("fp32", 0.7), Recipe("int8", 0.7),
+           Recipe("int8", 0.7, heal_steps=4, qat=True)]
 
 
 def mlp() -> nn.Sequential:
@@ -48,7 +49,7 @@ def searched(tmp_path_factory):
     held_out = [torch.randn(64, 64, generator=g) for _ in range(2)]
     cache = tmp_path_factory.mktemp("cache")
     kw = dict(example_inputs=torch.randn(4, 64), evaluation=output_fidelity(model, held_out), recipes=RECIPES,
-              cache_dir=cache, latency_runs=5)
+              cache_dir=cache, latency_runs=5, heal_data=torch.randn(64, 64), heal_options={"batch_size": 16})
     result = search(model, constraints=Constraints(min_fidelity=0.0), **kw)
     return model, kw, result
 
@@ -96,6 +97,8 @@ def test_every_measured_variant_passed_onnxruntime_validation(searched):
     # The measured front has the shape the recipes promise: int8 < fp16 < fp32, low-rank < dense.
     assert size[Recipe("int8")] < size[Recipe("fp16")] < size[Recipe("fp32")]
     assert size[Recipe("int8", 0.7)] < size[Recipe("int8", 0.3)] < size[Recipe("int8")]
+    healed = result.points[-1]
+    assert healed.heal["steps"] == 4 and healed.size_bytes == size[Recipe("int8", 0.7)]
     assert result.reference("fp32").fidelity == pytest.approx(1.0, abs=1e-6)
     assert "top-1 agreement" in result.metric and "cosine" in result.points[0].metrics
 
