@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -797,7 +798,7 @@ def plot_front(result: dict[str, Any], folder: Path, prefix: str = "front") -> l
                 limit *= result["fp32_bytes"]
             ax.axvline(limit * scale, color="gray", ls="--", lw=0.8)
         ax.set_xlabel(label)
-        ax.set_ylabel("fidelity: " + result["metric"].split(" (")[0][:60])
+        ax.set_ylabel("fidelity:\n" + textwrap.shorten(result["metric"].split(" (")[0], 60), fontsize=8)
         ax.set_title("squares: dense references; circles: low-rank; colour: fp32 / fp16 / int8", fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
