@@ -9,8 +9,10 @@
 
 from .analyze import analyze, find_layers
 from .errors import CompressorError, PlanError
+from .heal import HealConfig, HealResult, heal
 from .layers import LowRankConv, LowRankEmbedding, LowRankLinear
 from .load import Loaded, load, load_model
+from .pipeline import compress
 from .plan import LayerPlan, Plan
 from .policies import EnergyPolicy, RankPolicy, RankRatioPolicy, TargetPolicy
 from .rewrite import factor_module, rewrite
@@ -21,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressorError",
     "EnergyPolicy",
+    "HealConfig",
+    "HealResult",
     "LayerPlan",
     "Loaded",
     "LowRankConv",
@@ -32,8 +36,10 @@ __all__ = [
     "RankRatioPolicy",
     "TargetPolicy",
     "analyze",
+    "compress",
     "factor_module",
     "find_layers",
+    "heal",
     "load",
     "load_model",
     "rewrite",

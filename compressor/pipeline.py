@@ -9,6 +9,7 @@ edited plan), ``"export"`` (ONNX of the model as it is), ``"compress"`` (everyth
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from torch import nn
 
 from .analyze import analyze
 from .errors import CompressorError
+from .io import atomic_write_text
 from .output import OutputDir
 from .plan import Plan
 from .rewrite import rewrite
@@ -291,3 +293,90 @@ def _container(root: nn.Module, dotted: str) -> nn.Module:
 def _place(root: nn.Module, dotted: str, layer: nn.Module) -> None:
     parent, _, leaf = dotted.rpartition(".")
     (_container(root, parent) if parent else root).add_module(leaf, layer)
+
+
+# ------------------------------------------------------------------------------------------- heal
+
+
+def load_training_data(path: Path, tokenizer=None, samples: int | None = None) -> tuple[Any, Any]:
+    """``(inputs, targets)`` from a file: tensors (``.pt``/``.npz``/``.safetensors``) holding either the
+    model's inputs alone (targets None: distillation) or ``inputs`` and ``targets`` (also ``x``/``y``);
+    or, with a tokenizer, a text file of one sentence per line."""
+    from .load import load_example_inputs
+
+    path = Path(path)
+    if tokenizer is not None and _is_text(path):
+        from .calibrate import load_calibration
+
+        return load_calibration(path, tokenizer=tokenizer, samples=samples), None
+    data = load_example_inputs(path)
+    if isinstance(data, dict):
+        for x, y in (("inputs", "targets"), ("x", "y")):
+            if set(data) == {x, y}:
+                return _cap(data[x], samples), _cap(data[y], samples)
+    return _cap(data, samples), None
+
+
+def _cap(x: Any, samples: int | None) -> Any:
+    if samples is None:
+        return x
+    if isinstance(x, dict):
+        return {k: v[:samples] for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(v[:samples] for v in x)
+    return x[:samples]
+
+
+def _is_text(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            f.read(4096)
+    except (UnicodeDecodeError, OSError):
+        return False
+    return True
+
+
+def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path, val: Path | None = None,
+                teacher: str | Path | None = None, trust_pickle: bool = False, force: bool = False,
+                samples: int | None = None, command: str | None = None, **heal_options: Any) -> dict[str, Any]:
+    """Heal the compressed model at ``source`` on the data in files, and save it to ``out``.
+
+    Without targets in ``data`` this distils from ``teacher``: by default the original model recorded
+    in the compressed folder. Returns a summary (before/after metrics, best step, where it went).
+    """
+    from .heal import heal
+    from .load import load_model
+    from .report import versions
+    from .save import save
+
+    source = Path(source)
+    out = Path(out) if out is not None else source.parent / f"{source.name}.healed"
+    loaded = load_model(source, trust_pickle=trust_pickle)
+    if loaded.model is None:
+        raise CompressorError(f"'{source}' holds only weights", "heal a folder written by compress")
+    inputs, targets = load_training_data(data, loaded.tokenizer, samples)
+    val_data = None
+    if val is not None:
+        vx, vy = load_training_data(val, loaded.tokenizer, samples)
+        val_data = (vx, vy) if targets is not None else vx
+    teacher_model = None
+    if targets is None:
+        recorded = loaded.meta.get("compressor", {}).get("source", {}).get("path")
+        teacher_path = teacher or recorded
+        if teacher_path is None or not Path(teacher_path).exists():
+            raise CompressorError("distillation needs the original model, and none was given or recorded",
+                                  "pass --teacher PATH, or --data with inputs and targets")
+        teacher_model = load_model(teacher_path, trust_pickle=trust_pickle).model
+    with OutputDir(out, force) as tmp:
+        result = heal(loaded.model, teacher=teacher_model, data=inputs, targets=targets, val=val_data,
+                      **heal_options)
+        plan = loaded.meta.get("plan")
+        save(result.model, tmp, plan, source=loaded, atomic=False)
+        summary = {"source": str(source), "output": str(out), "teacher": None if teacher_model is None else
+                   str(teacher or recorded), "supervised": targets is not None, "before": result.before,
+                   "after": result.after, "best_step": result.best_step, "steps": result.steps,
+                   "resumed_from": result.resumed_from, "seconds": round(result.seconds, 2),
+                   "history": result.history, "options": {k: str(v) for k, v in heal_options.items()},
+                   "command": command, "versions": versions()}
+        atomic_write_text(tmp / "heal.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return summary

@@ -162,7 +162,7 @@ def _bad_inputs(tmp: Path, cnn: Path) -> dict[str, tuple[list, str]]:
         "no example inputs": ([cnn, "--energy", "0.9"], "--input-shape"),
         "bad input shape": ([cnn, "--energy", "0.9", "--input-shape", "1xfoo"], "shape"),
         "untrusted pickle": ([tmp / "evil.pt", "--energy", "0.9"], "--trust-pickle"),
-        "plain pickle": ([tmp / "evil.pkl", "--energy", "0.9"], "not a torch checkpoint"),
+        "plain pickle": ([tmp / "evil.pkl", "--energy", "0.9"], "--trust-pickle"),
         "bad plan": (["apply", cnn, tmp / "notes.txt", *shape], "plan"),
     }
 
@@ -236,3 +236,38 @@ def test_real_minilm_folder_goes_through(tmp_path):
     assert report["source"]["format"] == "hf-folder"
     assert report["onnx"]["passed"] and report["int8"]["passed"]
     assert report["files"]["model.onnx"] < report["source"]["size_bytes"]
+
+
+def test_heal_and_checkpoints_commands(tmp_path):
+    from compressor.examples import digits_splits, train_digits_cnn
+
+    model, _ = train_digits_cnn(seed=0, epochs=4)
+    torch.save(model, tmp_path / "cnn.pt")
+    splits = digits_splits(0)
+    torch.save({"inputs": splits["train"][0], "targets": splits["train"][1]}, tmp_path / "train.pt")
+    torch.save({"inputs": splits["val"][0], "targets": splits["val"][1]}, tmp_path / "val.pt")
+    torch.save(splits["train"][0][:256], tmp_path / "unlabelled.pt")
+    res = run([tmp_path / "cnn.pt", "--rank-ratio", "0.2", "--include", "0", "--include", "2", "--include", "6",
+               "--input-shape", "1x1x8x8", "--out", tmp_path / "small", "--quiet"])
+    assert res.exit_code == 0, res.output
+
+    res = run(["heal", tmp_path / "small", "--data", tmp_path / "train.pt", "--val", tmp_path / "val.pt",
+               "--epochs", "2", "--checkpoint-dir", tmp_path / "ckpt", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["supervised"] and summary["after"]["val_accuracy"] > summary["before"]["val_accuracy"]
+    healed = json.loads((tmp_path / "small.healed" / "heal.json").read_text())
+    assert healed["best_step"] == summary["best_step"]
+    import compressor
+
+    small, again = compressor.load(tmp_path / "small"), compressor.load(tmp_path / "small.healed")
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in small.parameters())
+
+    listing = run(["checkpoints", tmp_path / "ckpt"])
+    assert listing.exit_code == 0 and "best" in listing.output
+
+    # Distillation: no targets in --data, the teacher is the original recorded in the folder.
+    res = run(["heal", tmp_path / "small", "--data", tmp_path / "unlabelled.pt", "--steps", "5",
+               "--out", tmp_path / "distilled", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["teacher"].endswith("cnn.pt")
