@@ -844,10 +844,7 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
     inputs = _example_inputs(loaded, opts)
     calibration = None
     if opts.calibration is not None:
-        from .calibrate import load_calibration
-
-        calibration = load_calibration(opts.calibration, tokenizer=loaded.tokenizer,
-                                       samples=opts.calibration_samples)
+        calibration = _load_batches(opts.calibration, loaded, opts.calibration_samples)
     held_out, held_out_note = _held_out(eval_inputs, inputs, loaded)
     evaluation = output_fidelity(model, held_out)
     evaluation.metric += f" ({held_out_note})"
@@ -870,11 +867,21 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
     return report
 
 
+def _load_batches(path: Path, loaded: Any, samples: int | None = None) -> list[Any]:
+    """Batches of model inputs from a file: compressor.calibrate's loader (tensors or text), or, in a build
+    without it, one batch of tensors read by compressor.load."""
+    try:
+        from .calibrate import load_calibration
+    except ImportError:
+        from .load import load_example_inputs
+
+        return [load_example_inputs(path)]
+    return load_calibration(path, tokenizer=loaded.tokenizer, samples=samples)
+
+
 def _held_out(path: Path | None, example: Any, loaded: Any) -> tuple[list[Any], str]:
     if path is not None:
-        from .calibrate import load_calibration
-
-        return load_calibration(path, tokenizer=loaded.tokenizer), f"held-out inputs from {Path(path).name}"
+        return _load_batches(path, loaded), f"held-out inputs from {Path(path).name}"
     from .export import flatten_inputs
 
     names, tensors = flatten_inputs(example)

@@ -241,3 +241,15 @@ def test_fake_int8_simulates_onnxruntime_dynamic_int8(tmp_path):
     assert Recipe("int8", 0.5, heal_steps=10, qat=True).name == "lowrank0.5-heal10-qat-int8"
     with pytest.raises(CompressorError):
         Recipe("int8", 0.5, qat=True)  # nothing to heal
+
+
+def test_cli_search_reads_held_out_inputs_from_a_file(tmp_path):
+    src, held = tmp_path / "mlp.pt", tmp_path / "held.pt"
+    torch.save(mlp(), src)
+    torch.save(torch.randn(32, 64), held)
+    res = cli(["search", src, "--input-shape", "4x64", "--targets", "0.5", "--precisions", "int8",
+               "--eval-inputs", held, "--min-fidelity", "0.5", "--out", tmp_path / "o", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert "held-out inputs from held.pt" in report["front"]["metric"]
+    assert report["chosen"]["recipe"]["precision"] == "int8" and report["chosen"]["passed"]
