@@ -4,6 +4,7 @@
     compress analyze MODEL --target 0.4     # spectra and plan only
     compress apply MODEL plan.json          # re-apply an edited plan
     compress export MODEL                   # ONNX of the model as it is
+    compress search MODEL --max-size 0.2 --min-fidelity 0.95   # best recipe on the measured front
 
 Bad input prints one line (the problem and the fix) and exits with code 2; a failed ONNX validation
 exits with code 3. ``--debug`` shows tracebacks.
@@ -160,6 +161,7 @@ def main() -> None:
     compress analyze MODEL --target 0.4
     compress apply MODEL plan.json
     compress export MODEL
+    compress search MODEL --max-size 15MB --min-fidelity 0.95
     """
 
 
@@ -263,3 +265,67 @@ def heal_cmd(model: Path, **kw: Any) -> None:
 
 
 main.add_command(checkpoints)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not numbers separated by commas, e.g. 0.2,0.4,0.6") from None
+
+
+@main.command("search")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--max-size", help="Largest exported file: 15MB, 800KB, or a fraction of the fp32 export (0.2).")
+@click.option("--min-fidelity", type=float, help="Lowest fidelity to the original on held-out inputs (e.g. 0.95).")
+@click.option("--max-latency", help="Slowest median onnxruntime latency on the example inputs (5ms, 0.01s).")
+@click.option("--targets", default="0.2,0.4,0.6", show_default=True,
+              help="Low-rank parameter targets to try (fractions of the factorizable weights removed).")
+@click.option("--precisions", default="fp32,fp16,int8", show_default=True, help="Storage precisions to try.")
+@click.option("--heal-steps", type=int, default=0, show_default=True,
+              help="Also try each low-rank recipe healed by this many distillation steps (needs --calibration).")
+@click.option("--eval-inputs", type=click.Path(path_type=Path),
+              help="Held-out inputs for fidelity (tensors, or text for Hugging Face models) "
+                   "[default: seeded random inputs shaped like the example inputs].")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
+              help="Measurement cache folder [default: .compressor-cache/ beside the output].")
+@click.option("--calibration", type=click.Path(path_type=Path), help="Calibration inputs (see compress --help).")
+@click.option("--calibration-samples", type=int)
+@click.option("--input-shape", "input_shapes", multiple=True, help="Shape of an example input, e.g. 1x3x224x224.")
+@click.option("--example-inputs", type=click.Path(path_type=Path), help="Example inputs (.pt/.npz/.safetensors).")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="fp32 validation tolerance.")
+@click.option("--opset", type=int, default=18, show_default=True)
+@_common_options
+def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, max_latency: str | None,
+               targets: str, precisions: str, heal_steps: int, eval_inputs: Path | None, cache_dir: Path | None,
+               **kw: Any) -> None:
+    """Measure low-rank x fp32/fp16/int8 recipes and keep the best one meeting the constraints.
+
+    With --min-fidelity the smallest file meeting every constraint wins; otherwise the most faithful.
+    Dense fp32, fp16 and int8 are always measured as references; measurements are cached by recipe.
+    """
+    from .pipeline import Options
+    from .recipes import Constraints, parse_latency, parse_size, run_search
+
+    as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
+    kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    log = None if quiet or as_json else (lambda msg: click.echo(f"  {msg}", err=True))
+    try:
+        constraints = Constraints(parse_size(max_size) if max_size else None, min_fidelity,
+                                  parse_latency(max_latency) if max_latency else None)
+        report = run_search(model, out, constraints=constraints, targets=_floats(targets),
+                            precisions=tuple(p.strip() for p in precisions.split(",")), heal_steps=heal_steps,
+                            cache_dir=cache_dir, eval_inputs=eval_inputs, options=Options(**kw), log=log)
+    except CompressorError as err:
+        if debug:
+            raise
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        c = report["chosen"]
+        click.echo(f"{model} -> {report['output']}/{c['file']}: {c['name']}, {c['size_bytes'] / 1e6:.2f} MB, "
+                   f"fidelity {c['fidelity']:.5f}, {c['latency_ms']:.2f} ms "
+                   f"({report['front']['built']} built, {len(report['front']['points'])} measured)\n"
+                   f"  report            {Path(report['output']) / 'report.md'}")
