@@ -38,60 +38,55 @@ class DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-def _policy_options(f: Callable) -> Callable:
-    opts = [
-        click.option("--energy", type=float, help="Per layer, keep this fraction of spectral energy (0, 1]."),
-        click.option("--rank", type=int, help="The same rank for every layer."),
-        click.option("--rank-ratio", type=float, help="This fraction of each layer's full rank."),
-        click.option("--target", type=float,
-                     help="Remove this fraction of the factorizable parameters, allocated across layers."),
-        click.option("--rank-multiple", type=int, default=1, show_default=True,
-                     help="Round ranks up to a multiple of this (hardware friendliness)."),
-        click.option("--include", multiple=True, help="Only layers matching this glob (repeatable)."),
-        click.option("--exclude", multiple=True, help="Never layers matching this glob (repeatable)."),
-        click.option("--calibration", type=click.Path(path_type=Path),
-                     help="Calibration inputs for data-aware factors: tensors (.pt/.npz/.safetensors) or, "
-                          "for Hugging Face text models, a text file with one sentence per line."),
-        click.option("--calibration-samples", type=int, help="Use at most this many calibration samples."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+def _options(opts: list[Callable]) -> Callable[[Callable], Callable]:
+    """One decorator applying a list of click options, in the order listed in --help."""
+    def apply(f: Callable) -> Callable:
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return apply
 
 
-def _common_options(f: Callable) -> Callable:
-    opts = [
-        click.option("--out", type=click.Path(path_type=Path),
-                     help="Output folder [default: <model stem>.compressed/ beside the input]."),
-        click.option("--force", is_flag=True, help="Replace the output folder if it exists."),
-        click.option("--trust-pickle", is_flag=True,
-                     help="Allow loading a pickled model whose file names code to run (only for files you trust)."),
-        click.option("--arch", help="package.module:factory building the model for a bare state_dict."),
-        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
-        click.option("--quiet", is_flag=True, help="Print nothing but errors (and --json)."),
-        click.option("--debug", is_flag=True, help="Show tracebacks."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+_policy_options = _options([
+    click.option("--energy", type=float, help="Per layer, keep this fraction of spectral energy (0, 1]."),
+    click.option("--rank", type=int, help="The same rank for every layer."),
+    click.option("--rank-ratio", type=float, help="This fraction of each layer's full rank."),
+    click.option("--target", type=float,
+                 help="Remove this fraction of the factorizable parameters, allocated across layers."),
+    click.option("--rank-multiple", type=int, default=1, show_default=True,
+                 help="Round ranks up to a multiple of this (hardware friendliness)."),
+    click.option("--include", multiple=True, help="Only layers matching this glob (repeatable)."),
+    click.option("--exclude", multiple=True, help="Never layers matching this glob (repeatable)."),
+    click.option("--calibration", type=click.Path(path_type=Path),
+                 help="Calibration inputs for data-aware factors: tensors (.pt/.npz/.safetensors) or, "
+                      "for Hugging Face text models, a text file with one sentence per line."),
+    click.option("--calibration-samples", type=int, help="Use at most this many calibration samples."),
+])
 
+_common_options = _options([
+    click.option("--out", type=click.Path(path_type=Path),
+                 help="Output folder [default: <model stem>.compressed/ beside the input]."),
+    click.option("--force", is_flag=True, help="Replace the output folder if it exists."),
+    click.option("--trust-pickle", is_flag=True,
+                 help="Allow loading a pickled model whose file names code to run (only for files you trust)."),
+    click.option("--arch", help="package.module:factory building the model for a bare state_dict."),
+    click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
+    click.option("--quiet", is_flag=True, help="Print nothing but errors (and --json)."),
+    click.option("--debug", is_flag=True, help="Show tracebacks."),
+])
 
-def _export_options(f: Callable) -> Callable:
-    opts = [
-        click.option("--input-shape", "input_shapes", multiple=True,
-                     help="Shape of an example input for export, e.g. 1x3x224x224 (repeatable)."),
-        click.option("--example-inputs", type=click.Path(path_type=Path),
-                     help="Example inputs for export (.pt/.npz/.safetensors)."),
-        click.option("--atol", type=float, default=1e-3, show_default=True,
-                     help="Largest absolute difference allowed between onnxruntime and torch outputs."),
-        click.option("--opset", type=int, default=18, show_default=True),
-        click.option("--fp16", is_flag=True, help="Also write and validate model.fp16.onnx."),
-        click.option("--int8", is_flag=True, help="Also write and validate model.int8.onnx (dynamic int8)."),
-        click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+_export_options = _options([
+    click.option("--input-shape", "input_shapes", multiple=True,
+                 help="Shape of an example input for export, e.g. 1x3x224x224 (repeatable)."),
+    click.option("--example-inputs", type=click.Path(path_type=Path),
+                 help="Example inputs for export (.pt/.npz/.safetensors)."),
+    click.option("--atol", type=float, default=1e-3, show_default=True,
+                 help="Largest absolute difference allowed between onnxruntime and torch outputs."),
+    click.option("--opset", type=int, default=18, show_default=True),
+    click.option("--fp16", is_flag=True, help="Also write and validate model.fp16.onnx."),
+    click.option("--int8", is_flag=True, help="Also write and validate model.int8.onnx (dynamic int8)."),
+    click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder."),
+])
 
 
 def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
@@ -161,6 +156,7 @@ def main() -> None:
     compress analyze MODEL --target 0.4
     compress apply MODEL plan.json
     compress export MODEL
+    compress heal DIR --data train.pt
     compress search MODEL --max-size 15MB --min-fidelity 0.95
     """
 
