@@ -12,6 +12,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import CompressorError
+from .io import publish_mode
 
 
 class OutputDir:
@@ -44,6 +45,7 @@ class OutputDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        publish_mode(self.tmp)
         old = None
         if self.path.exists():  # --force: move the old folder aside until the new one is in place
             old = self.path.with_name(f".{self.path.name}.old-{self.tmp.name.rsplit('.', 2)[-2]}")

@@ -113,7 +113,8 @@ def _mb(n: int | None) -> str:
 
 def render_markdown(r: dict[str, Any]) -> str:
     """A report a person reads: summary, validation, per-layer table, provenance."""
-    lines = [f"# compressor report: {Path(r['source']['path']).name}", ""]
+    src_path = Path(r['source']['path'])
+    lines = [f"# compressor report: {src_path.parent.name}/{src_path.name}", ""]
     lines += ["| | before | after | ratio |", "|---|---:|---:|---:|",
               f"| parameters | {r['params_before']:,} | {r['params_after']:,} | {r['params_ratio']:.3f} |"]
     if r.get("macs_before"):
@@ -129,6 +130,11 @@ def render_markdown(r: dict[str, Any]) -> str:
     if r.get("policy"):
         pol = {k: v for k, v in r["policy"].items() if v not in (None, [], 1) or k == "rank"}
         lines.append(f"Method `{r.get('method')}`, policy `{json.dumps(pol)}`.")
+    cal = r.get("calibration")
+    if cal:
+        lines.append(f"Calibration: {cal.get('samples')} samples ({cal.get('tokens') or '-'} tokens), "
+                     f"sha256 `{str(cal.get('sha256'))[:12]}`, ranks by {cal.get('allocation')}; energy and "
+                     "error columns below are of the whitened (activation-weighted) weights.")
     for note in r.get("notes") or []:
         lines.append(f"> note: {note}")
     lines.append("")
@@ -157,14 +163,15 @@ def render_markdown(r: dict[str, Any]) -> str:
     if r.get("plots"):
         lines += ["## Spectra", ""] + [f"![{Path(p).stem}]({p})" for p in r["plots"]] + [""]
     if r.get("layers"):
-        lines += ["## Layers", "", "| layer | shape | rank | full | energy kept | rel. error | params | note |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        lines += ["## Layers", "", "| layer | shape | rank | full | energy kept | rel. error | est. output error "
+                  "| params | note |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for lp in r["layers"]:
             shape = "x".join(str(s) for s in lp["matrix_shape"])
             energy = "" if lp["energy_kept"] is None else f"{lp['energy_kept']:.4f}"
             err = "" if lp["rel_error"] is None else f"{lp['rel_error']:.3f}"
+            out_err = "" if lp.get("estimated_output_error") is None else f"{lp['estimated_output_error']:.3f}"
             lines.append(f"| `{lp['name']}` | {shape} | {lp['rank'] or '-'} | {lp['full_rank']} | {energy} | "
-                         f"{err} | {lp['params_before']:,} → {lp['params_after']:,} | "
+                         f"{err} | {out_err} | {lp['params_before']:,} → {lp['params_after']:,} | "
                          f"{'factored' if lp['factored'] else lp['reason']} |")
         lines.append("")
     lines += ["## Provenance", "", f"- command: `{r.get('command')}`", f"- date: {r.get('date')}",

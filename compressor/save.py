@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import CompressorError
+from .io import publish_mode
 from .layers import LOW_RANK_TYPES
 from .load import (
     TRUST_FIX,
@@ -75,6 +76,7 @@ def save(model: nn.Module, directory: str | Path, plan: Plan | None = None, *,
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         _write(model, tmp, plan, source)
+        publish_mode(tmp)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -271,3 +271,15 @@ def test_heal_and_checkpoints_commands(tmp_path):
                "--out", tmp_path / "distilled", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["teacher"].endswith("cnn.pt")
+
+
+def test_outputs_get_the_usual_file_modes(cnn_file, tmp_path):
+    old = os.umask(0o022)
+    try:
+        res = run([cnn_file, "--rank", "4", "--input-shape", "1x1x8x8", "--out", tmp_path / "o", "--quiet"])
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "o").iterdir()} == {
+        p.name: 0o644 for p in (tmp_path / "o").iterdir()}
