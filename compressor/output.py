@@ -23,13 +23,17 @@ class OutputDir:
         self.force = force
         self.tmp: Path | None = None
 
-    def __enter__(self) -> Path:
+    def check(self) -> None:
+        """Raise now if the folder could not be published (exists without --force, or is a file)."""
         if self.path.exists() and not self.force:
             raise CompressorError(f"output folder '{self.path}' already exists",
                                   "pass --force to replace it, or choose another with --out")
         if self.path.exists() and not self.path.is_dir():
             raise CompressorError(f"output path '{self.path}' is a file, not a folder",
                                   "choose another path with --out")
+
+    def __enter__(self) -> Path:
+        self.check()
         parent = self.path.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from .errors import CompressorError
 from .io import atomic_write_text
 from .output import OutputDir
 from .plan import Plan
+from .policies import policy_from_options
 from .rewrite import rewrite
 
 MODES = ("compress", "analyze", "apply", "export")
@@ -83,10 +84,14 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
         raise ValueError(f"mode must be one of {MODES}")
     source = Path(source)
     out = Path(out) if out is not None else default_out(source)
-    if mode in ("compress", "analyze") and len(opts.policy()) != 1:
-        given = ", ".join(f"--{k.replace('_', '-')}" for k in opts.policy()) or "none"
-        raise CompressorError(f"exactly one rank policy is needed, got {given}",
-                              "pass one of --energy, --rank, --rank-ratio or --target")
+    # Cheap checks first: a bad option or an existing folder should not wait for a model to load.
+    if mode in ("compress", "analyze"):
+        if len(opts.policy()) != 1:
+            given = ", ".join(f"--{k.replace('_', '-')}" for k in opts.policy()) or "none"
+            raise CompressorError(f"exactly one rank policy is needed, got {given}",
+                                  "pass one of --energy, --rank, --rank-ratio or --target")
+        policy_from_options(**opts.policy())
+    OutputDir(out, opts.force).check()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
