@@ -452,7 +452,12 @@ def main() -> int:
 def render_plots(results: dict, out: Path) -> None:
     """The fidelity and latency plots, drawn from the results (spectra need the plans: drawn by the run)."""
     from compressor import plots
-    results["plots"]["fidelity"] = [plots.plot_fidelity(results["fidelity"], out / "fidelity.png").name]
+    # A healed row is drawn with the policy it was healed from, so that one line joins healed settings of
+    # the same policy and none joins a healed setting to an unrelated one.
+    policy = {(r["model"], r["setting"]): r["policy"] for r in results["fidelity"]}
+    rows = [{**r, "policy": f"{policy[(r['model'], r['healed_from'])]}, healed"} if "healed_from" in r else r
+            for r in results["fidelity"]]
+    results["plots"]["fidelity"] = [plots.plot_fidelity(rows, out / "fidelity.png").name]
     lat = [{**r, "series": f"{r['model']}, {r['runtime']}, batch {r['batch']}",
             "label": r["setting"].replace(", no embeddings", " lin")} for r in results["latency"]
            if not r["setting"].startswith("dense")]
@@ -508,7 +513,7 @@ def headlines(res: dict) -> str:
             out.append(f"  No low-rank setting of this run stays within 0.01 of dense; the most faithful is "
                        f"{best['setting']} ({metric} {best['fidelity']:.4f} at size {best['size_ratio']:.2f}).")
         plain = [r for r in low if r["policy"] in ("energy", "target", "target, linear only")]
-        for r in (r for r in rows if r["policy"].startswith("data-aware") and plain):
+        for r in (r for r in rows if r["policy"].startswith("data-aware") and "healed_from" not in r and plain):
             near = min(plain, key=lambda p: abs(p["size_ratio"] - r["size_ratio"]))
             out.append(f"  Calibrated: {r['setting']} {metric} {r['fidelity']:.4f} at size {r['size_ratio']:.2f} "
                        f"(analyze {r['analyze_s']:.0f} s) against {near['fidelity']:.4f} for the plain setting "
@@ -516,8 +521,8 @@ def headlines(res: dict) -> str:
         for r in (r for r in rows if r["policy"] == "healed"):
             src = next(s for s in rows if s["setting"] == r["healed_from"])
             out.append(f"  Healed: {r['healed_from']} {metric} {src['fidelity']:.4f} -> {r['fidelity']:.4f} "
-                       f"after {r['heal_steps']} distillation steps ({r['heal_s']:.0f} s), same size "
-                       f"{r['size_ratio']:.2f}.")
+                       f"after {r['heal_steps']} distillation steps (best step {r['best_step']}, "
+                       f"{r['heal_s']:.0f} s), same size {r['size_ratio']:.2f}.")
         lat = [r for r in res["latency"] if r["model"] == model and r["runtime"] == "onnxruntime"
                and not r["setting"].startswith("dense")]
         if lat:
@@ -611,6 +616,11 @@ def pays_section(res: dict) -> str:
         if r["macs_ratio"] > 1.0:
             out.append(f"- {where}: multiply-adds go UP to {r['macs_ratio']:.2f}x: a factored embedding "
                        "turns a free lookup into a lookup plus a matrix product.")
+    for r in (r for r in res["fidelity"] if "healed_from" in r):
+        src = next(s for s in res["fidelity"] if s["model"] == r["model"] and s["setting"] == r["healed_from"])
+        if r["fidelity"] <= src["fidelity"]:
+            out.append(f"- {r['model']}, {r['setting']}: {r['heal_steps']} steps of healing did not raise "
+                       f"{r['metric']} ({src['fidelity']:.4f} -> {r['fidelity']:.4f}, best step {r['best_step']}).")
     for ref in (r for r in res["fidelity"] if r["policy"] == "int8"):
         worse = [r["setting"] for r in res["fidelity"] if r["model"] == ref["model"] and "removed_fraction" in r
                  and r["size_ratio"] > ref["size_ratio"] and r["fidelity"] < ref["fidelity"]]
