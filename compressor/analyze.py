@@ -163,6 +163,11 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     ``sensitivity``), and ``sequential`` refits each layer on the inputs of the compressed layers before it.
     """
     if plan is not None:
+        if plan.method != "svd" and calibration is None:
+            # Re-deriving a data-aware plan by plain SVD would keep its ranks but silently lose its quality.
+            raise CompressorError(f"the plan was made with the data-aware method '{plan.method}', whose factors "
+                                  "need its calibration data",
+                                  "pass the same calibration (--calibration FILE / calibration=...)")
         pol = plan.policy
         include, exclude = pol.get("include", []), pol.get("exclude", [])
         rank_multiple = pol.get("rank_multiple", 1)

@@ -276,3 +276,16 @@ def test_text_calibration_on_minilm(tmp_path):
     assert abs(plan.totals()["removed_fraction"] - 0.3) <= 0.01
     assert plan.calibration["tokens"] == sum(int(b["attention_mask"].sum()) for b in batches)
     assert all(math.isfinite(lp.estimated_output_error) for lp in plan.factored)
+
+
+def test_a_data_aware_plan_is_not_silently_reapplied_by_plain_svd():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(64, 16)
+    plan = compressor.analyze(model, rank=4, calibration=x)
+    assert plan.method != "svd"
+    edited = compressor.Plan.from_dict(plan.to_dict())
+    with pytest.raises(compressor.CompressorError, match="calibration"):
+        compressor.analyze(model, plan=edited)
+    refreshed = compressor.analyze(model, plan=edited, calibration=x)
+    assert refreshed.method == plan.method and refreshed.ranks() == plan.ranks()
