@@ -38,6 +38,7 @@ from compressor.recipes import (
     plot_front,
     search,
     versus,
+    versus_headline,
 )
 from compressor.report import versions
 
@@ -95,24 +96,16 @@ def main() -> int:
     plots = plot_front(front, args.out, prefix="recipes_digits")
     atomic_write_text(args.out / "recipes_digits.json", json.dumps(record, indent=2) + "\n")
     atomic_write_text(args.out / "recipes_digits.md", render(record, plots))
-    print(headline(vs, "test accuracy"))
+    print(versus_headline(vs, "test accuracy", mb_digits=4, digits=4))
     return 0
 
-
-def headline(vs: dict, metric: str) -> str:
-    if "best" not in vs:
-        return "no low-rank point is as small as dense int8"
-    verb = "beats" if vs["beats"] else "does NOT beat"
-    return (f"{vs['best']} {verb} dense int8 measured in the same run: {vs['size_bytes'] / 1e6:.4f} MB vs "
-            f"{vs['reference_size_bytes'] / 1e6:.4f} MB ({vs['size_change']:+.1%} size), {metric} "
-            f"{vs['fidelity']:.4f} vs {vs['reference_fidelity']:.4f} ({vs['fidelity_change']:+.4f})")
 
 
 def render(record: dict, plots: list[str]) -> str:
     v = record["versions"]
     return "\n".join([
         "# Recipes on the digits CNN: low-rank x fp32 / fp16 / int8 against dense int8", "",
-        f"**Headline:** {headline(record['versus_dense_int8'], 'test accuracy')}.", "",
+        f"**Headline:** {versus_headline(record['versus_dense_int8'], 'test accuracy', mb_digits=4, digits=4)}.", "",
         f"Points that strictly beat dense int8 (smaller at equal or better accuracy, or more accurate at equal "
         f"or smaller size): {', '.join(record['versus_dense_int8']['beaten_by']) or 'none'}.", "",
         f"The fp32 torch model: validation accuracy {record['model']['val']:.4f}, test {record['model']['test']:.4f}. "

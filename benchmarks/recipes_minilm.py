@@ -42,6 +42,7 @@ from compressor.recipes import (
     plot_front,
     search,
     versus,
+    versus_headline,
 )
 from compressor.report import versions
 
@@ -135,24 +136,16 @@ def main() -> int:
     plots = plot_front(front, args.out, prefix="recipes_minilm")
     atomic_write_text(args.out / "recipes_minilm.json", json.dumps(record, indent=2) + "\n")
     atomic_write_text(args.out / "recipes_minilm.md", render(record, plots))
-    print(headline(vs))
+    print(versus_headline(vs, "embedding cosine"))
     return 0
 
-
-def headline(vs: dict) -> str:
-    if "best" not in vs:
-        return "no low-rank point is as small as dense int8"
-    verb = "beats" if vs["beats"] else "does NOT beat"
-    return (f"{vs['best']} {verb} dense int8 measured in the same run: {vs['size_bytes'] / 1e6:.2f} MB vs "
-            f"{vs['reference_size_bytes'] / 1e6:.2f} MB ({vs['size_change']:+.1%} size), embedding cosine "
-            f"{vs['fidelity']:.5f} vs {vs['reference_fidelity']:.5f} ({vs['fidelity_change']:+.5f})")
 
 
 def render(record: dict, plots: list[str]) -> str:
     v = record["versions"]
     return "\n".join([
         "# Recipes on all-MiniLM-L6-v2: low-rank x fp32 / fp16 / int8 against dense int8", "",
-        f"**Headline:** {headline(record['versus_dense_int8'])}.", "",
+        f"**Headline:** {versus_headline(record['versus_dense_int8'], 'embedding cosine')}.", "",
         "Points that strictly beat dense int8 (smaller at equal or better fidelity, or more faithful at equal "
         f"or smaller size): {', '.join(record['versus_dense_int8']['beaten_by']) or 'none'}.", "",
         f"Calibrated (data-aware) factors: {record['calibrated']} ({record['calibration_sentences']} sentences); "

@@ -374,6 +374,17 @@ def versus(result: SearchResult, reference: Recipe = Recipe("int8")) -> dict[str
     return out
 
 
+def versus_headline(vs: dict, metric: str, mb_digits: int = 2, digits: int = 5) -> str:
+    """One line saying whether the best low-rank point of :func:`versus` beats dense int8, and by how much."""
+    if "best" not in vs:
+        return "no low-rank point is as small as dense int8"
+    verb = "beats" if vs["beats"] else "does NOT beat"
+    return (f"{vs['best']} {verb} dense int8 measured in the same run: {vs['size_bytes'] / 1e6:.{mb_digits}f} MB vs "
+            f"{vs['reference_size_bytes'] / 1e6:.{mb_digits}f} MB ({vs['size_change']:+.1%} size), {metric} "
+            f"{vs['fidelity']:.{digits}f} vs {vs['reference_fidelity']:.{digits}f} "
+            f"({vs['fidelity_change']:+.{digits}f})")
+
+
 # ------------------------------------------------------------------------------------------- search
 
 
