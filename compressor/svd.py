@@ -62,16 +62,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class Decomposition:
-    """``W = U diag(S) Vh @ right_inv``, where ``right_inv`` is None for a plain SVD of ``W``.
+    """``W = diag(left_inv) U diag(S) Vh @ right_inv``; ``left_inv`` and ``right_inv`` are None for a
+    plain SVD of ``W``.
 
     Activation-aware methods decompose ``W @ R`` for an invertible ``R`` built from calibration data;
     then ``right_inv = R^-1`` maps the factors back, and the singular values measure output error.
+    Embeddings weight their rows instead (``D W``, ``D`` diagonal from token frequencies):
+    ``left_inv`` is the vector ``1 / diag(D)``.
     """
 
     U: torch.Tensor
     S: torch.Tensor
     Vh: torch.Tensor
     right_inv: torch.Tensor | None = None
+    left_inv: torch.Tensor | None = None
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(up, down)`` of shapes ``(m, rank)`` and ``(rank, n)`` with ``up @ down`` the best rank-``rank``
@@ -82,6 +86,8 @@ class Decomposition:
         down = root[:, None] * self.Vh[:rank]
         if self.right_inv is not None:
             down = down @ self.right_inv
+        if self.left_inv is not None:
+            up = self.left_inv[:, None] * up
         return up, down
 
 

@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.calibrate import Moments, load_calibration, whitened_decomposition, whitening
+from compressor.calibrate import (
+    Moments,
+    embedding_decomposition,
+    load_calibration,
+    whitened_decomposition,
+    whitening,
+)
 from compressor.errors import CompressorError, PlanError
 from compressor.examples import minilm_path
 from compressor.svd import svd
@@ -123,6 +129,53 @@ def test_not_positive_definite_moment_uses_eigh():
 
 
 # ------------------------------------------------------------------------------- analyze on models
+
+
+def zipf_tokens(n: int, used: int = 30, vocab: int = 300, seed: int = 0) -> torch.Tensor:
+    """``n`` token ids: ``used`` tokens of a ``vocab`` drawn with Zipf frequencies (as real text is)."""
+    g = torch.Generator().manual_seed(seed)
+    p = 1 / torch.arange(1, used + 1, dtype=torch.float64)
+    return torch.multinomial(p / p.sum(), n, replacement=True, generator=g) * (vocab // used)
+
+
+def test_embedding_rows_are_projections_on_a_token_weighted_subspace():
+    torch.manual_seed(0)
+    E = torch.randn(300, 24)
+    m = Moments()
+    m.add_tokens(zipf_tokens(2000), 300)
+    dec, info = embedding_decomposition(E, m)
+    up, down = dec.factors(8)
+    V = dec.Vh[:8].T
+    # Every row, the 270 tokens calibration never saw included, is its projection on the subspace.
+    assert torch.allclose(up @ down, E @ V @ V.T, atol=1e-5)
+    full_up, full_down = dec.factors(24)
+    assert torch.allclose(full_up @ full_down, E, atol=1e-4)
+    # The weighted subspace beats the plain SVD's on the tokens text actually uses, weighted by use.
+    plain_up, plain_down = svd(E).factors(8)
+    freq = m.tokens / m.tokens.sum()
+    err = lambda approx: float((freq[:, None] * (approx - E).double().square()).sum())  # noqa: E731
+    assert err(up @ down) < 0.7 * err(plain_up @ plain_down)
+    assert info["rows"] == 2000 and "token frequency" in info["whitening"]
+
+
+class EmbedBag(nn.Module):
+    def __init__(self, vocab: int = 300, dim: int = 24):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, 5)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+def test_calibrated_embedding_lowers_error_on_held_out_text():
+    torch.manual_seed(0)
+    model = EmbedBag()
+    cal, held_out = zipf_tokens(512, seed=1).reshape(32, 16), zipf_tokens(512, seed=2).reshape(32, 16)
+    opts = {"rank": 6, "include": ["emb"]}
+    small_plain, _ = compressed(model, **opts)
+    small_aware, plan = compressed(model, calibration=cal, **opts)
+    assert plan.layer("emb").rank == 6 and plan.calibration["token_weighted_embeddings"] == ["emb"]
+    assert output_error(model, small_aware, held_out) < 0.7 * output_error(model, small_plain, held_out)
 
 
 @pytest.mark.parametrize("make,data", [(mlp, lambda: correlated(256, 24)), (cnn, lambda: images(64))],
