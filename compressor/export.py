@@ -5,6 +5,7 @@
     v = validate_onnx(path, model, example_inputs)       # onnx.checker + onnxruntime vs torch
     print(format_validation(v))
     export_fp16(path, "out/model.fp16.onnx"); export_int8(path, "out/model.int8.onnx")
+    export_int8(path, "out/model.mixed.onnx", keep_fp16=["encoder.layer.0.output.dense"])  # that one fp16
 
 ``example_inputs`` is a tensor, a tuple of tensors (positional arguments) or a dict of named tensors
 (keyword arguments, e.g. ``input_ids`` and ``attention_mask`` of a Hugging Face model). Dimension 0 of
@@ -20,7 +21,7 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from io import StringIO
@@ -310,20 +311,28 @@ def weight_shapes(onnx_path_or_model: Any) -> dict[str, tuple[int, ...]]:
             for attr in node.attribute:
                 if attr.name == "value":
                     consts[node.output[0]] = tuple(attr.t.dims)
+    used = {name for name, _, _ in _weight_uses(graph, consts)}
+    return {n: s for n, s in consts.items() if len(s) >= 2 and n in used}
+
+
+def _weight_uses(graph, names):
+    """``(name, weight node, nodes passed through)`` for each of the tensors ``names`` that feeds a
+    MatMul/Gemm/Conv/Gather/... node, directly or through Transpose/Cast/DequantizeLinear/..."""
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
 
-    def reaches_weight_op(name: str, depth: int = 0) -> bool:
+    def walk(name: str, path: tuple, depth: int = 0):
         for node in consumers.get(name, []):
             if node.op_type in _WEIGHT_OPS:
-                return True
-            if node.op_type in _PASS_OPS and depth < 4 and reaches_weight_op(node.output[0], depth + 1):
-                return True
-        return False
+                yield node, path
+            elif node.op_type in _PASS_OPS and depth < 4:
+                yield from walk(node.output[0], (*path, node), depth + 1)
 
-    return {n: s for n, s in consts.items() if len(s) >= 2 and reaches_weight_op(n)}
+    for name in names:
+        for node, path in walk(name, ()):
+            yield name, node, path
 
 
 def _key(shape) -> tuple[int, ...]:
@@ -513,14 +522,21 @@ def export_fp16(src_onnx: str | Path, dst: str | Path) -> Path:
     # from a file half the size, and float inputs/outputs stay float32 for the caller.
     # Weights beyond fp16's range (|w| > 65504) stay fp32.
     import onnx
+
+    model = _load_full(Path(src_onnx))
+    _store_fp16(model.graph)
+    return _save_atomic(model, Path(dst), onnx)
+
+
+def _store_fp16(graph, only: set[str] | None = None) -> None:
+    """Store the float32 initializers of ``graph`` (those named in ``only``, or all) as float16, each with
+    a Cast back to float32 under its old name, so every consumer is unchanged."""
     from onnx import TensorProto, helper, numpy_helper
 
-    src, dst = Path(src_onnx), Path(dst)
-    model = _load_full(src)
-    graph = model.graph
     keep, casts = [], []
     for init in graph.initializer:
-        arr = numpy_helper.to_array(init) if init.data_type == TensorProto.FLOAT else None
+        wanted = init.data_type == TensorProto.FLOAT and (only is None or init.name in only)
+        arr = numpy_helper.to_array(init) if wanted else None
         if arr is None or arr.size < 2 or not np.all(np.abs(arr) <= np.finfo(np.float16).max):
             keep.append(init)
             continue
@@ -533,30 +549,93 @@ def export_fp16(src_onnx: str | Path, dst: str | Path) -> Path:
     nodes = [*casts, *graph.node]  # casts first: the graph stays topologically sorted
     graph.ClearField("node")
     graph.node.extend(nodes)
-    return _save_atomic(model, dst, onnx)
 
 
-def export_int8(src_onnx: str | Path, dst: str | Path) -> Path:
+def export_int8(src_onnx: str | Path, dst: str | Path, *, keep_fp16: Sequence[str] = ()) -> Path:
     """onnxruntime dynamic quantization of ``src_onnx``: int8 weights (per output channel), activations
-    quantized at run time. Written atomically; returns ``dst``."""
+    quantized at run time. Written atomically; returns ``dst``.
+
+    ``keep_fp16`` names torch modules (``"encoder.layer.0.output.dense"``; a factored layer's name means
+    both its ``.down`` and ``.up``) left out of quantization: their weights are stored as float16 and
+    cast back to float32 like ``export_fp16`` does, one byte more per parameter than int8."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = Path(src_onnx), Path(dst)
     if not src.is_file():
         raise CompressorError(f"ONNX file '{src}' does not exist", "export the model first")
+    names = [keep_fp16] if isinstance(keep_fp16, str) else list(keep_fp16)
+    exclude = _kept_nodes(_load_graph(src).graph, names, src) if names else None
     big = file_size(src) > EXTERNAL_DATA_BYTES
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         with _quiet():
             quantize_dynamic(src, tmpdir / dst.name, weight_type=QuantType.QInt8, per_channel=True,
-                             use_external_data_format=big)
-        _move_into_place(tmpdir, dst)
+                             use_external_data_format=big, nodes_to_exclude=exclude)
+        if exclude:
+            import onnx
+
+            model = onnx.load(str(tmpdir / dst.name))
+            # The kept nodes' weights, found again in the quantized graph: quantize_dynamic rewrites
+            # each Gemm into MatMul (+ Add) named after it, on a transposed copy of the weight.
+            inits = [t.name for t in model.graph.initializer]
+            kept = {init for init, node, _ in _weight_uses(model.graph, inits) if node.name in exclude}
+            _store_fp16(model.graph, kept)
+            _save_atomic(model, dst, onnx)
+        else:
+            _move_into_place(tmpdir, dst)
     except Exception as err:
         raise CompressorError(f"int8 quantization of '{src}' failed ({type(err).__name__}: "
                               f"{_first_line(err)})", "export without --int8, or report the model") from err
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return dst
+
+
+def _module_of(weight: str, node) -> str | None:
+    """The torch module a weight node computes, as the exporters record it: the dynamo exporter in the
+    node's ``name_scopes`` metadata (its weights may be renamed ``val_N`` once a Transpose is folded
+    into them), the legacy exporter in the node's name (``/model/encoder/layer.0/.../MatMul``; weights
+    ``onnx::MatMul_N``); else the weight's own name (``<module>.weight``)."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = ast.literal_eval(prop.value)  # a list of strings; the last is the op's own name
+            if len(scopes) >= 2 and scopes[-2]:
+                return scopes[-2]
+    if node.name.startswith("/") and node.name.count("/") >= 2:
+        # Each scope is a module's name from its last non-numeric atom on ("encoder", "layer.0"), so a
+        # child of a Sequential that ran as a module repeats the Sequential's name: "/model/model.0/".
+        atoms: list[str] = []
+        for scope in node.name.split("/")[1:-1]:
+            head, *rest = scope.split(".")
+            atoms += rest if atoms and atoms[-1] == head and rest else [head, *rest]
+        return ".".join(atoms)
+    return weight.removesuffix(".weight") if weight.endswith(".weight") else None
+
+
+def _kept_nodes(graph, names: list[str], src: Path) -> set[str]:
+    """Names of the nodes quantize_dynamic must leave alone to keep the layers ``names`` unquantized."""
+    layers: dict[str, list] = {}  # module name, without export_onnx's "model." prefix -> [node, ...]
+    weights = [t.name for t in graph.initializer if len(t.dims) >= 2]
+    for weight, node, path in _weight_uses(graph, weights):
+        module = _module_of(weight, node)
+        if module:
+            layers.setdefault(module.removeprefix("model."), []).extend([node, *path])
+    exclude = set()
+    for name in names:
+        hits = [m for m in layers if m in (name, f"{name}.down", f"{name}.up")]
+        if not hits:
+            some = ", ".join(list(layers)[:4])
+            raise CompressorError(f"keep_fp16 names '{name}', which is no layer with a weight in '{src}'",
+                                  f"name torch modules as in model.named_modules(), e.g. {some}")
+        for node in (n for m in hits for n in layers[m]):
+            if not node.name:
+                raise CompressorError(f"the node of layer '{name}' in '{src}' has no name, so it cannot be "
+                                      "left out of quantization", "export the model with export_onnx")
+            # quantize_dynamic turns a Gemm into a MatMul named "<gemm>_MatMul" before it quantizes.
+            exclude |= {node.name, f"{node.name}_MatMul"} if node.op_type == "Gemm" else {node.name}
+    return exclude
 
 
 def _load_full(path: Path):
