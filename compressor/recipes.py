@@ -5,7 +5,8 @@
     result.chosen.recipe, result.chosen.size_bytes, result.chosen.fidelity
 
 A :class:`Recipe` is one way to compress (dense or low-rank at a parameter target, data-aware or not,
-optionally healed by distillation, then stored as fp32, fp16 or dynamic int8). :func:`search` builds the
+optionally healed by distillation, then stored as fp32, fp16 or dynamic int8, where int8 may keep the
+few layers that int8 rounding hurts most in fp16). :func:`search` builds the
 candidates that can meet the :class:`Constraints`, exports each to ONNX, validates it in onnxruntime, and
 measures its file size, its fidelity to the original model on held-out inputs and its latency. Every
 measurement (and the ONNX file) is cached by recipe key, so a second search with other constraints
@@ -42,7 +43,7 @@ from .io import atomic_write, atomic_write_text
 
 PRECISIONS = ("fp32", "fp16", "int8")
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: calibrated embeddings are token-frequency weighted
 # A recipe is skipped before building only when its estimated file is this much above --max-size: the
 # estimate (parameters x bytes, scaled by the measured fp32 file) is close but not exact.
 SIZE_SLACK = 1.1
@@ -61,7 +62,9 @@ class Recipe:
     ``precision``: how the exported weights are stored (fp16: storage only; int8: onnxruntime dynamic
     quantization, per output channel, of every MatMul/Gemm/Gather weight, so both factors are int8).
     ``qat``: heal through simulated int8 (:func:`fake_int8`), so the factors learn to absorb the rounding
-    that int8 export will do.
+    that int8 export will do. ``keep_fp16`` (int8 only): that many layers stay fp16-stored, those whose
+    int8 rounding moves the model's output most per parameter, measured on the calibration inputs
+    (:func:`int8_sensitivity`); a dense recipe may keep layers too (mixed precision without low rank).
     """
 
     precision: str = "fp32"
@@ -70,6 +73,7 @@ class Recipe:
     heal_steps: int = 0
     exclude: tuple[str, ...] = ()
     qat: bool = False
+    keep_fp16: int = 0
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -86,6 +90,12 @@ class Recipe:
                                   "pass e.g. heal_steps=200")
         if self.qat and not self.heal_steps:
             raise CompressorError("quantization-aware healing needs heal steps", "pass heal_steps > 0 with qat")
+        if isinstance(self.keep_fp16, bool) or not isinstance(self.keep_fp16, int) or self.keep_fp16 < 0:
+            raise CompressorError(f"keep_fp16 must be a whole number >= 0, got {self.keep_fp16!r}",
+                                  "pass the number of layers to keep in fp16, e.g. keep_fp16=2")
+        if self.keep_fp16 and self.precision != "int8":
+            raise CompressorError(f"keep_fp16 applies to int8 recipes, not {self.precision}",
+                                  "use precision='int8' with keep_fp16")
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
     @property
@@ -94,22 +104,24 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        """Short and readable: ``dense-int8``, ``lowrank0.4-cal-heal200-int8``."""
+        """Short and readable: ``dense-int8``, ``lowrank0.4-cal-heal200-int8``, ``dense-int8-fp16x2``."""
+        keep = f"fp16x{self.keep_fp16}" if self.keep_fp16 else ""
         if self.dense:
-            return f"dense-{self.precision}"
+            return "-".join(p for p in (f"dense-{self.precision}", keep) if p)
         parts = [f"lowrank{self.target:g}", "cal" if self.calibrated else "",
                  f"heal{self.heal_steps}" if self.heal_steps else "", "qat" if self.qat else "",
-                 "x" + ",".join(self.exclude) if self.exclude else "", self.precision]
+                 "x" + ",".join(self.exclude) if self.exclude else "", self.precision, keep]
         return "-".join(p for p in parts if p)
 
     def base(self) -> Recipe:
         """The same model stored as fp32: the ONNX export every precision of this recipe derives from."""
-        return replace(self, precision="fp32")
+        return replace(self, precision="fp32", keep_fp16=0)
 
     def to_dict(self) -> dict[str, Any]:
         d = {**asdict(self), "exclude": list(self.exclude)}
-        if not self.qat:  # keys of recipes without the newer field stay as they were
-            del d["qat"]
+        for newer in ("qat", "keep_fp16"):  # keys of recipes without the newer fields stay as they were
+            if not d[newer]:
+                del d[newer]
         return d
 
     @classmethod
@@ -126,16 +138,19 @@ REFERENCES = tuple(Recipe(p) for p in PRECISIONS)
 
 def default_recipes(targets: Sequence[float] = (0.2, 0.4, 0.6), *, calibrated: bool = False,
                     heal_steps: Sequence[int] = (0,), precisions: Sequence[str] = PRECISIONS,
-                    exclude: Sequence[str] = (), qat: bool = False) -> list[Recipe]:
+                    exclude: Sequence[str] = (), qat: bool = False, keep_fp16: Sequence[int] = (0,)
+                    ) -> list[Recipe]:
     """The dense references plus every low-rank ``target x heal_steps x precision`` combination, and with
-    ``qat`` the quantization-aware healed int8 recipe of every target and nonzero heal_steps."""
+    ``qat`` the quantization-aware healed int8 recipe of every target and nonzero heal_steps. Each nonzero
+    ``keep_fp16`` adds that mixed-precision variant of every int8 recipe, dense int8 included."""
     out = list(REFERENCES)
     for t in targets:
         for h in heal_steps:
             out += [Recipe(p, t, calibrated, h, tuple(exclude)) for p in precisions]
             if qat and h:
                 out.append(Recipe("int8", t, calibrated, h, tuple(exclude), qat=True))
-    return out
+    keeps = [k for k in keep_fp16 if k]
+    return out + [replace(r, keep_fp16=k) for k in keeps for r in out if r.precision == "int8"]
 
 
 # -------------------------------------------------------------------------------------- constraints
@@ -287,6 +302,7 @@ class Point:
     build_s: float = 0.0
     onnx: str = ""  # the cached ONNX file
     cached: bool = False  # True: read from the cache in this search, nothing was built
+    kept_fp16: list[str] = field(default_factory=list)  # int8 recipes: the layers stored as fp16
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -430,7 +446,8 @@ class Cache:
         self.data_keys = data_keys
 
     def name(self, recipe: Recipe) -> str:
-        return (recipe.key() + (f"-c{self.data_keys['calibration']}" if recipe.calibrated else "")
+        uses_calibration = recipe.calibrated or recipe.keep_fp16
+        return (recipe.key() + (f"-c{self.data_keys['calibration']}" if uses_calibration else "")
                 + (f"-h{self.data_keys['heal']}" if recipe.heal_steps else ""))
 
     def onnx(self, recipe: Recipe) -> Path:
@@ -475,8 +492,9 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
     """
     recipes = list(recipes) if recipes is not None else default_recipes(calibrated=calibration is not None)
     recipes = [*REFERENCES, *[r for r in recipes if r not in REFERENCES]]
-    if any(r.calibrated for r in recipes) and calibration is None:
-        raise CompressorError("calibrated recipes need calibration inputs", "pass calibration=... (--calibration)")
+    if any(r.calibrated or r.keep_fp16 for r in recipes) and calibration is None:
+        raise CompressorError("calibrated recipes and recipes keeping layers in fp16 need calibration inputs",
+                              "pass calibration=... (--calibration)")
     if any(r.heal_steps for r in recipes) and heal_data is None and calibration is None:
         raise CompressorError("healed recipes need data to distill on", "pass heal_data=... (or calibration)")
     ctx = BuildContext(model, example_inputs, evaluation,
@@ -604,15 +622,24 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
         if base not in last_model:
             last_model.clear()
             last_model[base] = _model_for(recipe, ctx, say)
-        model, plan_totals, heal_info = last_model[base]
+        model, plan_totals, heal_info, sensitivity = last_model[base]
         fp32 = cache.onnx(base)
         if not fp32.is_file():  # the fp32 export is shared by every precision of this recipe
             fp32 = cache.store(base, export_onnx(model, ctx.example_inputs, work / "fp32.onnx", opset=ctx.opset))
+        kept: list[str] = []
         if recipe.precision == "fp32":
             path, check = fp32, {"atol": ctx.atol}
         else:
-            make = export_fp16 if recipe.precision == "fp16" else export_int8
-            path = cache.store(recipe, make(fp32, work / f"{recipe.precision}.onnx"))
+            if recipe.keep_fp16:
+                if not sensitivity:  # measured once per model, shared by every keep_fp16 of it
+                    say(f"measure  {base.name}: int8 sensitivity of each layer on the calibration inputs")
+                    sensitivity.update(int8_sensitivity(model, ctx.calibration))
+                kept = most_sensitive(sensitivity, model, recipe.keep_fp16)
+                made = export_int8(fp32, work / "int8.onnx", keep_fp16=kept)
+            else:
+                make = export_fp16 if recipe.precision == "fp16" else export_int8
+                made = make(fp32, work / f"{recipe.precision}.onnx")
+            path = cache.store(recipe, made)
             # Variants approximate the weights: judged by cosine, as the exporter's own CLI check does.
             check = {"atol": None, "min_cosine": _min_cosine(recipe.precision)}
         v = validate_onnx(path, model, ctx.example_inputs, variant=recipe.precision, **check)
@@ -620,7 +647,7 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
         latency = onnx_latency(path, ctx.latency_inputs, threads=ctx.threads, warmup=3, runs=ctx.latency_runs)
         point = Point(recipe, file_size(path), metrics["fidelity"], metrics, latency["median_ms"],
                       sum(p.numel() for p in model.parameters()), v.passed, list(v.problems), plan_totals,
-                      heal_info, round(time.perf_counter() - start, 2), str(path))
+                      heal_info, round(time.perf_counter() - start, 2), str(path), kept_fp16=kept)
         cache.put(point)
         return point
     finally:
@@ -637,7 +664,7 @@ def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
                ) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any] | None]:
     """The torch model a recipe exports: the original (dense) or a factored, maybe healed, copy."""
     if recipe.dense:
-        return ctx.model, None, None
+        return ctx.model, None, None, {}
     from .analyze import analyze
     from .rewrite import rewrite
 
@@ -658,7 +685,7 @@ def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
                    **ctx.heal_options)
         model = remove_fake_int8(res.model).eval()
         heal_info = {"steps": res.steps, "before": res.before, "after": res.after, "seconds": round(res.seconds, 1)}
-    return model, plan.totals(), heal_info
+    return model, plan.totals(), heal_info, {}
 
 
 def fake_int8(model: nn.Module) -> nn.Module:
@@ -671,6 +698,51 @@ def fake_int8(model: nn.Module) -> nn.Module:
         if type(mod) is nn.Linear:
             mod.forward = _fake_int8_linear.__get__(mod)
     return model
+
+
+def int8_sensitivity(model: nn.Module, batches: Any, limit: int = 2) -> dict[str, float]:
+    """How much int8 rounding of each layer alone moves ``model``'s first output: relative squared change
+    ``||Y' - Y||^2 / ||Y||^2`` over the first ``limit`` batches, with the layer computing as the int8
+    export will (:func:`fake_int8`). Layers are the model's ``nn.Linear`` modules, the two factors of a
+    factored linear layer counting as one (they are kept or quantized together); a factored embedding's
+    ``.up`` is a layer of its own (its big lookup table is never worth keeping)."""
+    from .calibrate import as_batches, first_tensor, relative_change, run_model
+    from .layers import LowRankLinear
+
+    units: dict[str, list[nn.Linear]] = {}
+    inside = set()
+    for name, mod in model.named_modules():  # parents come before their children
+        if isinstance(mod, LowRankLinear):
+            units[name] = [mod.down, mod.up]
+            inside.update((id(mod.down), id(mod.up)))
+        elif type(mod) is nn.Linear and id(mod) not in inside:
+            units[name] = [mod]
+    data = as_batches(batches)[:limit]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            refs = [first_tensor(run_model(model, b)) for b in data]
+            out = {}
+            for name, mods in units.items():
+                for m in mods:
+                    m.forward = _fake_int8_linear.__get__(m)
+                try:
+                    out[name] = relative_change(model, data, refs)
+                finally:
+                    for m in mods:
+                        m.__dict__.pop("forward", None)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def most_sensitive(sensitivity: dict[str, float], model: nn.Module, k: int) -> list[str]:
+    """The ``k`` layers whose int8 rounding costs most output change per weight: keeping those in fp16
+    buys the most fidelity per byte (fp16 storage costs one byte per weight more than int8)."""
+    modules = dict(model.named_modules())
+    size = {n: sum(p.numel() for p in modules[n].parameters()) for n in sensitivity}
+    return sorted(sensitivity, key=lambda n: (-sensitivity[n] / max(size[n], 1), n))[:k]
 
 
 def remove_fake_int8(model: nn.Module) -> nn.Module:
@@ -758,6 +830,11 @@ def front_markdown(result: dict[str, Any], plots: Sequence[str] = ()) -> str:
                      f"{'PASS' if p['passed'] else '**FAIL**'} | {'yes' if p['pareto'] else ''} | {meets} | "
                      f"{_vs(p, ref8)} |")
     lines.append("")
+    for p in pts:
+        if p.get("kept_fp16"):
+            lines.append(f"- {p['name']} keeps in fp16: {', '.join(p['kept_fp16'])}")
+    if any(p.get("kept_fp16") for p in pts):
+        lines.append("")
     for s in result["skipped"]:
         lines.append(f"> not built: {s['name']}: {s['reason']}")
     if result["skipped"]:
@@ -825,9 +902,9 @@ def plot_front(result: dict[str, Any], folder: Path, prefix: str = "front") -> l
 
 def run_search(source: str | Path, out: str | Path | None = None, *, constraints: Constraints,
                targets: Sequence[float] = (0.2, 0.4, 0.6), heal_steps: int = 0,
-               precisions: Sequence[str] = PRECISIONS, cache_dir: str | Path | None = None,
-               eval_inputs: Path | None = None, options: Any = None, log: Callable[[str], None] | None = None
-               ) -> dict[str, Any]:
+               precisions: Sequence[str] = PRECISIONS, keep_fp16: Sequence[int] = (0,),
+               cache_dir: str | Path | None = None, eval_inputs: Path | None = None, options: Any = None,
+               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``compress search``: load the model at ``source``, :func:`search`, and write the chosen ONNX file,
     ``front.json``, the front plots, ``report.json`` and ``report.md`` into ``out`` (all or nothing).
 
@@ -860,7 +937,8 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
     evaluation = output_fidelity(model, held_out)
     evaluation.metric += f" ({held_out_note})"
     heal = (0, heal_steps) if heal_steps else (0,)
-    recipes = default_recipes(targets, calibrated=calibration is not None, heal_steps=heal, precisions=precisions)
+    recipes = default_recipes(targets, calibrated=calibration is not None, heal_steps=heal, precisions=precisions,
+                              keep_fp16=keep_fp16)
     with OutputDir(out, opts.force) as tmp:
         result = search(model, inputs, evaluation=evaluation, constraints=constraints, recipes=recipes,
                         cache_dir=cache_dir, calibration=calibration, opset=opts.opset, atol=opts.atol, log=log)

@@ -17,12 +17,16 @@ from compressor.recipes import (
     Recipe,
     beats,
     choose,
+    int8_sensitivity,
+    most_sensitive,
     output_fidelity,
     pareto,
     parse_latency,
     parse_size,
     search,
 )
+
+from .test_mixed_int8 import outlier_mlp
 
 RECIPES = [Recipe("fp32"), Recipe("fp16"), Recipe("int8"),
            Recipe("fp32", 0.3), Recipe("int8", 0.3), Recipe("fp32", 0.7), Recipe("int8", 0.7),
@@ -253,3 +257,57 @@ def test_cli_search_reads_held_out_inputs_from_a_file(tmp_path):
     report = json.loads(res.output)
     assert "held-out inputs from held.pt" in report["front"]["metric"]
     assert report["chosen"]["recipe"]["precision"] == "int8" and report["chosen"]["passed"]
+
+
+def test_keep_fp16_recipes_validate_and_name():
+    assert Recipe("int8", keep_fp16=2).name == "dense-int8-fp16x2"
+    assert Recipe("int8", 0.3, True, keep_fp16=1).name == "lowrank0.3-cal-int8-fp16x1"
+    assert Recipe("int8", 0.3, keep_fp16=1).base() == Recipe("fp32", 0.3)
+    assert "keep_fp16" not in Recipe("int8").to_dict()  # keys of older recipes are unchanged
+    for bad in (dict(precision="fp16", keep_fp16=1), dict(precision="int8", keep_fp16=-1),
+                dict(precision="int8", keep_fp16=True)):
+        with pytest.raises(CompressorError):
+            Recipe(**bad)
+
+
+def test_int8_sensitivity_finds_the_layer_int8_rounds_badly():
+    model = outlier_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sens = int8_sensitivity(model, [torch.randn(16, 32, generator=torch.Generator().manual_seed(2))])
+    assert set(sens) == {"0", "2", "4"} and sens["2"] > 10 * max(sens["0"], sens["4"])
+    assert most_sensitive(sens, model, 1) == ["2"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing left patched
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_search_keeps_the_most_sensitive_layers_in_fp16(tmp_path):
+    model = outlier_mlp()
+    g = torch.Generator().manual_seed(1)
+    held_out = [torch.randn(64, 32, generator=g) for _ in range(2)]
+    kw = dict(example_inputs=torch.randn(4, 32), evaluation=output_fidelity(model, held_out),
+              cache_dir=tmp_path, latency_runs=3, constraints=Constraints(min_fidelity=0.0))
+    recipes = [Recipe("int8", keep_fp16=1), Recipe("int8", 0.3, True, keep_fp16=1)]
+    with pytest.raises(CompressorError, match="calibration"):
+        search(model, recipes=recipes, **kw)
+    result = search(model, recipes=recipes, calibration=torch.randn(32, 32, generator=g), **kw)
+    by_name = {p.recipe.name: p for p in result.points}
+    plain, mixed = by_name["dense-int8"], by_name["dense-int8-fp16x1"]
+    assert mixed.kept_fp16 == ["2"] and mixed.passed and by_name["lowrank0.3-cal-int8-fp16x1"].passed
+    # The kept 256x256 layer costs about one byte per weight more, and wins back int8's error.
+    assert 0.9 * 256 * 256 < mixed.size_bytes - plain.size_bytes < 1.1 * 256 * 256
+    assert 1 - mixed.fidelity < 0.5 * (1 - plain.fidelity)
+
+
+def test_cli_search_keep_fp16(tmp_path):
+    src, cal = tmp_path / "mlp.pt", tmp_path / "cal.pt"
+    torch.save(outlier_mlp(), src)
+    torch.save(torch.randn(32, 32, generator=torch.Generator().manual_seed(3)), cal)
+    args = ["search", src, "--input-shape", "4x32", "--targets", "0.3", "--precisions", "int8", "--min-fidelity",
+            "0.5", "--cache", tmp_path / "cache"]
+    res = cli([*args, "--keep-fp16", "1", "--calibration", cal, "--out", tmp_path / "a", "--json"])
+    assert res.exit_code == 0, res.output
+    points = {p["name"]: p for p in json.loads(res.output)["front"]["points"]}
+    assert points["dense-int8-fp16x1"]["kept_fp16"] == ["2"] and "lowrank0.3-cal-int8-fp16x1" in points
+    assert "dense-int8-fp16x1 keeps in fp16: 2" in (tmp_path / "a" / "report.md").read_text()
+    res = cli([*args, "--keep-fp16", "two", "--calibration", cal, "--out", tmp_path / "b"])
+    assert res.exit_code == 2 and "--keep-fp16" in res.output and not (tmp_path / "b").exists()
