@@ -643,7 +643,7 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
             # Variants approximate the weights: judged by cosine, as the exporter's own CLI check does.
             check = {"atol": None, "min_cosine": _min_cosine(recipe.precision)}
         v = validate_onnx(path, model, ctx.example_inputs, variant=recipe.precision, **check)
-        metrics = _fidelity(path, ctx)
+        metrics = onnx_fidelity(path, ctx.evaluation, ctx.threads)
         latency = onnx_latency(path, ctx.latency_inputs, threads=ctx.threads, warmup=3, runs=ctx.latency_runs)
         point = Point(recipe, file_size(path), metrics["fidelity"], metrics, latency["median_ms"],
                       sum(p.numel() for p in model.parameters()), v.passed, list(v.problems), plan_totals,
@@ -762,23 +762,23 @@ def _fake_int8_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(xq, wq, self.bias)
 
 
-def _fidelity(path: Path, ctx: BuildContext) -> dict[str, float]:
-    """Run the held-out batches through the ONNX file and score them."""
+def onnx_fidelity(path: str | Path, evaluation: Evaluation, threads: int = 2) -> dict[str, float]:
+    """Run ``evaluation``'s held-out batches through the ONNX file at ``path`` and score them."""
     import onnxruntime as ort
 
     from .export import flatten_inputs
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = ctx.threads
+    opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     wanted = [i.name for i in session.get_inputs()]
     outputs = []
-    for batch in ctx.evaluation.inputs:
+    for batch in evaluation.inputs:
         names, tensors = flatten_inputs(batch)
         feed = dict(zip(names, (t.detach().cpu().numpy() for t in tensors), strict=True))
         outputs.append(session.run(None, {n: feed[n] for n in wanted}))
-    return ctx.evaluation.score(outputs)
+    return evaluation.score(outputs)
 
 
 def _shape_text(inputs: Any) -> str:
@@ -856,45 +856,63 @@ def _vs(p: dict[str, Any], ref: dict[str, Any] | None) -> str:
 
 def plot_front(result: dict[str, Any], folder: Path, prefix: str = "front") -> list[str]:
     """``<prefix>_size.png`` (size vs fidelity) and ``<prefix>_latency.png`` (latency vs fidelity) in
-    ``folder``; returns their file names. The chosen point is starred, the references labelled."""
+    ``folder``; returns their file names. The chosen point is starred, the references labelled. When the
+    front also has fp32/fp16 points, a second panel zooms on the int8 points, where the comparison with
+    dense int8 is decided, with dense int8's size and fidelity drawn as lines: a point up and to the left
+    of both beats it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:red"}
     names = []
+    int8 = [p for p in result["points"] if p["recipe"]["precision"] == "int8"]
+    zoom = 1 < len(int8) < len(result["points"])
     for key, label, scale, suffix in (("size_bytes", "exported file (MB)", 1e-6, "size"),
                                       ("latency_ms", "onnxruntime latency (ms, median)", 1.0, "latency")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for p in result["points"]:
-            x, y = p[key] * scale, p["fidelity"]
-            prec = p["recipe"]["precision"]
-            dense = p["recipe"]["target"] is None
-            ax.scatter(x, y, c=colors[prec], marker="s" if dense else "o", s=60 if dense else 30,
-                       edgecolors="black" if dense else "none", alpha=1.0 if p["passed"] else 0.3)
-            if dense or p["name"] == result["chosen"]:
-                ax.annotate(p["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-            if p["name"] == result["chosen"]:
-                ax.scatter(x, y, marker="*", s=300, facecolors="none", edgecolors="gold", linewidths=2)
-        c = result["constraints"]
-        if c["min_fidelity"] is not None:
-            ax.axhline(c["min_fidelity"], color="gray", ls="--", lw=0.8)
-        limit = c["max_size"] if suffix == "size" else c["max_latency_ms"]
-        if limit is not None:
-            if suffix == "size" and limit <= 1:
-                limit *= result["fp32_bytes"]
-            ax.axvline(limit * scale, color="gray", ls="--", lw=0.8)
-        ax.set_xlabel(label)
-        ax.set_ylabel("fidelity:\n" + textwrap.shorten(result["metric"].split(" (")[0], 60), fontsize=8)
-        ax.set_title("squares: dense references; circles: low-rank; colour: fp32 / fp16 / int8", fontsize=8)
-        ax.grid(alpha=0.3)
+        fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(12 if zoom else 7, 4.5), squeeze=False)
+        _draw_front(axes[0][0], result, result["points"], key, scale, suffix)
+        axes[0][0].set_title("squares: dense references; circles: low-rank; colour: fp32 / fp16 / int8", fontsize=8)
+        if zoom:
+            ax = axes[0][1]
+            _draw_front(ax, result, int8, key, scale, suffix, label_all=len(int8) <= 12)
+            ref = next((p for p in int8 if p["name"] == "dense-int8"), None)
+            if ref is not None:
+                ax.axvline(ref[key] * scale, color="tab:red", ls=":", lw=0.8)
+                ax.axhline(ref["fidelity"], color="tab:red", ls=":", lw=0.8)
+            ax.set_title("int8 points only; dotted: dense int8 (up and left of both lines beats it)", fontsize=8)
+        for ax in axes[0]:
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("fidelity:\n" + textwrap.shorten(result["metric"].split(" (")[0], 60), fontsize=8)
         fig.tight_layout()
         name = f"{prefix}_{suffix}.png"
         atomic_write(Path(folder) / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=110))
         plt.close(fig)
         names.append(name)
     return names
+
+
+def _draw_front(ax, result: dict[str, Any], points: list[dict[str, Any]], key: str, scale: float, suffix: str,
+                label_all: bool = False) -> None:
+    colors = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:red"}
+    for p in points:
+        x, y = p[key] * scale, p["fidelity"]
+        dense = p["recipe"]["target"] is None
+        ax.scatter(x, y, c=colors[p["recipe"]["precision"]], marker="s" if dense else "o", s=60 if dense else 30,
+                   edgecolors="black" if dense else "none", alpha=1.0 if p["passed"] else 0.3)
+        if label_all or dense or p["name"] == result["chosen"]:
+            ax.annotate(p["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        if p["name"] == result["chosen"]:
+            ax.scatter(x, y, marker="*", s=300, facecolors="none", edgecolors="gold", linewidths=2)
+    c = result["constraints"]
+    if c["min_fidelity"] is not None:
+        ax.axhline(c["min_fidelity"], color="gray", ls="--", lw=0.8)
+    limit = c["max_size"] if suffix == "size" else c["max_latency_ms"]
+    if limit is not None:
+        if suffix == "size" and limit <= 1:
+            limit *= result["fp32_bytes"]
+        ax.axvline(limit * scale, color="gray", ls="--", lw=0.8)
 
 
 # ---------------------------------------------------------------------------------------- the job

@@ -156,6 +156,8 @@ def test_embedding_rows_are_projections_on_a_token_weighted_subspace():
     err = lambda approx: float((freq[:, None] * (approx - E).double().square()).sum())  # noqa: E731
     assert err(up @ down) < 0.7 * err(plain_up @ plain_down)
     assert info["rows"] == 2000 and "token frequency" in info["whitening"]
+    with pytest.raises(CompressorError, match="uniform_share"):
+        embedding_decomposition(E, m, uniform_share=0.0)
 
 
 class EmbedBag(nn.Module):
