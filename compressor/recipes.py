@@ -685,7 +685,8 @@ def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
                    **ctx.heal_options)
         model = remove_fake_int8(res.model).eval()
         heal_info = {"steps": res.steps, "before": res.before, "after": res.after, "seconds": round(res.seconds, 1)}
-    return model, plan.totals(), heal_info, {}
+    factored = {lp.name: lp.rank for lp in plan.factored}
+    return model, {**plan.totals(), "factored_ranks": factored}, heal_info, {}
 
 
 def fake_int8(model: nn.Module) -> nn.Module:
@@ -830,6 +831,17 @@ def front_markdown(result: dict[str, Any], plots: Sequence[str] = ()) -> str:
                      f"{'PASS' if p['passed'] else '**FAIL**'} | {'yes' if p['pareto'] else ''} | {meets} | "
                      f"{_vs(p, ref8)} |")
     lines.append("")
+    seen = set()
+    for p in pts:  # one line per low-rank model (its precisions share it)
+        ranks = (p.get("plan_totals") or {}).get("factored_ranks")
+        base = Recipe.from_dict(p["recipe"]).base().name
+        if ranks is not None and base not in seen:
+            seen.add(base)
+            shown = ", ".join(f"{n} (rank {r})" for n, r in list(ranks.items())[:6])
+            more = f" and {len(ranks) - 6} more" if len(ranks) > 6 else ""
+            lines.append(f"- {base.removesuffix('-fp32')} factors {len(ranks)} layers: {shown}{more}")
+    if seen:
+        lines.append("")
     for p in pts:
         if p.get("kept_fp16"):
             lines.append(f"- {p['name']} keeps in fp16: {', '.join(p['kept_fp16'])}")

@@ -308,6 +308,9 @@ def test_cli_search_keep_fp16(tmp_path):
     assert res.exit_code == 0, res.output
     points = {p["name"]: p for p in json.loads(res.output)["front"]["points"]}
     assert points["dense-int8-fp16x1"]["kept_fp16"] == ["2"] and "lowrank0.3-cal-int8-fp16x1" in points
-    assert "dense-int8-fp16x1 keeps in fp16: 2" in (tmp_path / "a" / "report.md").read_text()
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert "dense-int8-fp16x1 keeps in fp16: 2" in md
+    ranks = points["lowrank0.3-cal-int8"]["plan_totals"]["factored_ranks"]
+    assert ranks and f"lowrank0.3-cal factors {len(ranks)} layers: " in md
     res = cli([*args, "--keep-fp16", "two", "--calibration", cal, "--out", tmp_path / "b"])
     assert res.exit_code == 2 and "--keep-fp16" in res.output and not (tmp_path / "b").exists()
