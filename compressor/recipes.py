@@ -887,7 +887,7 @@ def plot_front(result: dict[str, Any], folder: Path, prefix: str = "front") -> l
         axes[0][0].set_title("squares: dense references; circles: low-rank; colour: fp32 / fp16 / int8", fontsize=8)
         if zoom:
             ax = axes[0][1]
-            _draw_front(ax, result, int8, key, scale, suffix, label_all=len(int8) <= 12)
+            _draw_front(ax, result, int8, key, scale, suffix)
             ref = next((p for p in int8 if p["name"] == "dense-int8"), None)
             if ref is not None:
                 ax.axvline(ref[key] * scale, color="tab:red", ls=":", lw=0.8)
@@ -905,15 +905,15 @@ def plot_front(result: dict[str, Any], folder: Path, prefix: str = "front") -> l
     return names
 
 
-def _draw_front(ax, result: dict[str, Any], points: list[dict[str, Any]], key: str, scale: float, suffix: str,
-                label_all: bool = False) -> None:
+def _draw_front(ax, result: dict[str, Any], points: list[dict[str, Any]], key: str, scale: float,
+                suffix: str) -> None:
     colors = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:red"}
     for p in points:
         x, y = p[key] * scale, p["fidelity"]
         dense = p["recipe"]["target"] is None
         ax.scatter(x, y, c=colors[p["recipe"]["precision"]], marker="s" if dense else "o", s=60 if dense else 30,
                    edgecolors="black" if dense else "none", alpha=1.0 if p["passed"] else 0.3)
-        if label_all or dense or p["name"] == result["chosen"]:
+        if dense or p["name"] == result["chosen"]:
             ax.annotate(p["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
         if p["name"] == result["chosen"]:
             ax.scatter(x, y, marker="*", s=300, facecolors="none", edgecolors="gold", linewidths=2)
