@@ -5,6 +5,7 @@
     compress apply MODEL plan.json          # re-apply an edited plan
     compress export MODEL                   # ONNX of the model as it is
     compress search MODEL --max-size 0.2 --min-fidelity 0.95   # best recipe on the measured front
+    compress MODEL --max-size 15MB          # the same: a constraint makes the default command a search
 
 Bad input prints one line (the problem and the fix) and exits with code 2; a failed ONNX validation
 exits with code 3. ``--debug`` shows tracebacks.
@@ -29,12 +30,18 @@ EXIT_BAD_INPUT = 2
 EXIT_VALIDATION_FAILED = 3
 
 
+# Options that make `compress MODEL ...` a recipe search: a budget rather than a policy.
+_CONSTRAINT_OPTIONS = ("--max-size", "--min-fidelity", "--max-latency")
+
+
 class DefaultGroup(click.Group):
-    """A group whose first argument, when it is not a sub-command, is the MODEL of ``compress run``."""
+    """A group whose first argument, when it is not a sub-command, is the MODEL of ``compress run``, or of
+    ``compress search`` when a constraint (``--max-size``, ``--min-fidelity``, ``--max-latency``) is given."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
-            args = ["run", *args]
+            search = any(a.split("=", 1)[0] in _CONSTRAINT_OPTIONS for a in args)
+            args = ["search" if search else "run", *args]
         return super().parse_args(ctx, args)
 
 
@@ -158,6 +165,7 @@ def main() -> None:
     compress export MODEL
     compress heal DIR --data train.pt
     compress search MODEL --max-size 15MB --min-fidelity 0.95
+    compress MODEL --max-size 15MB    the same search: a budget instead of a policy
     """
 
 

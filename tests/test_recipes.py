@@ -197,6 +197,10 @@ def test_cli_search_writes_the_front_and_reuses_the_cache(tmp_path, monkeypatch)
     res = cli(["search", *args, "--min-fidelity", "0.999", "--out", tmp_path / "b", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["front"]["built"] == 0
+    # A constraint turns the default command into the same search: `compress MODEL --max-size ...`.
+    res = cli([*args, "--max-size", "0.5", "--min-fidelity", "0.8", "--out", tmp_path / "b2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["chosen"]["name"] == chosen["name"] and (tmp_path / "b2" / "front.json").is_file()
 
     res = cli(["search", *args, "--max-size", "1KB", "--out", tmp_path / "c"])
     assert res.exit_code == 2
