@@ -149,6 +149,8 @@ def summary(r: dict[str, Any]) -> str:
         tol = criterion(v)
         lines.append(f"  {v['path']:<17} {v['size_bytes'] / 1e6:.2f} MB, max abs diff {v['max_abs_diff']:.2e}, "
                      f"cosine {v['cosine']:.6f} ({tol}): {'PASS' if v['passed'] else 'FAIL'}")
+        if v.get("kept_fp16"):
+            lines.append(f"    kept in fp16    {', '.join(v['kept_fp16'])}")
     lines.append(f"  report            {Path(r['output']) / 'report.md'}")
     return "\n".join(lines)
 
@@ -169,10 +171,17 @@ def main() -> None:
     """
 
 
+_keep_fp16_option = click.option(
+    "--keep-fp16", type=int, default=0, show_default=True,
+    help="With --int8: keep the N layers whose int8 rounding moves the output most (measured on "
+         "--calibration) in fp16, about one byte more per kept weight.")
+
+
 @main.command("run")
 @click.argument("model", type=click.Path(path_type=Path))
 @_policy_options
 @_export_options
+@_keep_fp16_option
 @_common_options
 def run_cmd(model: Path, **kw: Any) -> None:
     """Analyze, factor, export and report (the default command)."""
@@ -195,6 +204,7 @@ def analyze_cmd(model: Path, **kw: Any) -> None:
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration inputs (see compress --help).")
 @click.option("--calibration-samples", type=int)
 @_export_options
+@_keep_fp16_option
 @_common_options
 def apply_cmd(model: Path, plan: Path, **kw: Any) -> None:
     """Re-apply a plan (for example one whose ranks you edited) and export."""

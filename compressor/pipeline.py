@@ -50,6 +50,7 @@ class Options:
     opset: int = 18
     fp16: bool = False
     int8: bool = False
+    keep_fp16: int = 0  # with int8: this many int8-sensitive layers stay fp16 (measured on calibration)
     plots: bool = False
     calibration: Path | None = None
     calibration_samples: int | None = None
@@ -91,6 +92,16 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
             raise CompressorError(f"exactly one rank policy is needed, got {given}",
                                   "pass one of --energy, --rank, --rank-ratio or --target")
         policy_from_options(**opts.policy())
+    if opts.keep_fp16:
+        if isinstance(opts.keep_fp16, bool) or not isinstance(opts.keep_fp16, int) or opts.keep_fp16 < 0:
+            raise CompressorError(f"--keep-fp16 must be a whole number >= 0, got {opts.keep_fp16!r}",
+                                  "pass e.g. --keep-fp16 1")
+        if not opts.int8:
+            raise CompressorError("--keep-fp16 chooses layers of the int8 file, but --int8 is not given",
+                                  "add --int8")
+        if opts.calibration is None:
+            raise CompressorError("--keep-fp16 measures which layers int8 hurts on calibration inputs, "
+                                  "but --calibration is not given", "add --calibration FILE")
     OutputDir(out, opts.force).check()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -105,12 +116,13 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
     model = loaded.model if loaded.model is not None else weights_only_model(loaded.state_dict)
     weights_only = loaded.model is None
     model.eval()
+    calibration = _calibration(loaded, opts)
     step("load")
 
     with OutputDir(out, opts.force) as tmp:
         plan = None
         if mode in ("compress", "analyze", "apply"):
-            plan = _plan(model, loaded, opts, mode)
+            plan = _plan(model, opts, mode, calibration)
             step("analyze")
             plan.to_json(tmp / "plan.json")
         original = model
@@ -132,7 +144,7 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
                                       "to build the model for export")
             else:
                 inputs = _example_inputs(loaded, opts)
-                exports = _export(model, original, inputs, tmp, plan, opts)
+                exports = _export(model, original, inputs, tmp, plan, opts, calibration)
                 step("export")
         from .report import build_report, write_report
 
@@ -145,13 +157,15 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
     return report
 
 
-def _plan(model: nn.Module, loaded, opts: Options, mode: str) -> Plan:
-    calibration = None
-    if opts.calibration is not None:
-        from .calibrate import load_calibration
+def _calibration(loaded, opts: Options) -> list | None:
+    if opts.calibration is None:
+        return None
+    from .calibrate import load_calibration
 
-        calibration = load_calibration(opts.calibration, tokenizer=loaded.tokenizer,
-                                       samples=opts.calibration_samples)
+    return load_calibration(opts.calibration, tokenizer=loaded.tokenizer, samples=opts.calibration_samples)
+
+
+def _plan(model: nn.Module, opts: Options, mode: str, calibration: list | None) -> Plan:
     extra = {"calibration": calibration} if calibration is not None else {}
     if mode == "apply":
         if opts.plan_path is None:
@@ -183,8 +197,9 @@ def _example_inputs(loaded, opts: Options):
 
 
 def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: Plan | None,
-            opts: Options) -> dict[str, Any]:
-    from .export import VARIANTS, check_factored_graph, export_onnx, validate_onnx
+            opts: Options, calibration: list | None = None) -> dict[str, Any]:
+    from .export import VARIANTS, check_factored_graph, export_int8, export_onnx, validate_onnx
+    from .recipes import int8_sensitivity, most_sensitive
 
     path = export_onnx(model, inputs, folder / "model.onnx", opset=opts.opset,
                        dynamic_axes=_sequence_axes(inputs))
@@ -194,7 +209,12 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
         if getattr(opts, kind):
             # Rounded weights move outputs by more than --atol; variants are held to a cosine floor.
             make, min_cosine = VARIANTS[kind]
-            variant = make(path, folder / f"model.{kind}.onnx")
+            if kind == "int8" and opts.keep_fp16:
+                kept = most_sensitive(int8_sensitivity(model, calibration), model, opts.keep_fp16)
+                variant = export_int8(path, folder / "model.int8.onnx", keep_fp16=kept)
+                result["int8_kept_fp16"] = kept
+            else:
+                variant = make(path, folder / f"model.{kind}.onnx")
             result[kind] = validate_onnx(variant, model, inputs, atol=None, min_cosine=min_cosine, variant=kind)
     result["fidelity"] = output_fidelity(original, model, inputs) if original is not model else None
     return result

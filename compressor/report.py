@@ -74,6 +74,8 @@ def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | Non
             v = _plain(exports[key])
             v["path"] = Path(v["path"]).name
             report[key] = v
+    if exports.get("int8_kept_fp16"):
+        report["int8"]["kept_fp16"] = exports["int8_kept_fp16"]
     if exports.get("graph_problems"):
         report["onnx"]["graph_problems"] = exports["graph_problems"]
         report["onnx"]["passed"] = False
@@ -160,6 +162,9 @@ def render_markdown(r: dict[str, Any]) -> str:
             for problem in v.get("graph_problems", []):
                 lines.append(f"> graph: {problem}")
         lines.append("")
+        if (r.get("int8") or {}).get("kept_fp16"):
+            lines += [f"`model.int8.onnx` keeps these layers in fp16 (those whose int8 rounding moved the "
+                      f"output most on the calibration inputs): {', '.join(r['int8']['kept_fp16'])}", ""]
     if r.get("plots"):
         lines += ["## Spectra", ""] + [f"![{Path(p).stem}]({p})" for p in r["plots"]] + [""]
     if r.get("layers"):

@@ -283,3 +283,29 @@ def test_outputs_get_the_usual_file_modes(cnn_file, tmp_path):
     assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
     assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "o").iterdir()} == {
         p.name: 0o644 for p in (tmp_path / "o").iterdir()}
+
+
+def test_int8_keep_fp16_keeps_the_layer_int8_hurts_most(tmp_path):
+    from .test_mixed_int8 import outlier_mlp
+
+    src, cal = tmp_path / "mlp.pt", tmp_path / "cal.pt"
+    torch.save(outlier_mlp(), src)
+    torch.save(torch.randn(32, 32, generator=torch.Generator().manual_seed(3)), cal)
+    args = [src, "--rank", "8", "--include", "0", "--input-shape", "4x32", "--int8"]
+    res = run([*args, "--keep-fp16", "1", "--calibration", cal, "--out", tmp_path / "a"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["int8"]["kept_fp16"] == ["2"] and report["int8"]["passed"]  # the outlier layer
+    assert "kept in fp16    2" in res.output
+    assert "keeps these layers in fp16" in (tmp_path / "a" / "report.md").read_text()
+    plain = run([*args, "--out", tmp_path / "b"])
+    assert plain.exit_code == 0, plain.output
+    sizes = [json.loads((tmp_path / d / "report.json").read_text())["int8"]["size_bytes"] for d in ("a", "b")]
+    assert 0.9 * 256 * 256 < sizes[0] - sizes[1] < 1.1 * 256 * 256  # one byte more per kept weight
+    for extra, problem in ((["--keep-fp16", "1"], "--calibration"), (["--keep-fp16", "-1"], "whole number")):
+        res = run([*args, *extra, "--out", tmp_path / "c"])
+        lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert res.exit_code == 2 and len(lines) == 1 and problem in lines[0], res.output
+    res = run([src, "--rank", "8", "--input-shape", "4x32", "--keep-fp16", "1", "--calibration", cal,
+               "--out", tmp_path / "c"])
+    assert res.exit_code == 2 and "add --int8" in res.output and not (tmp_path / "c").exists()
