@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.svd import layer_kind
+from compressor.core.svd import layer_kind
 
 
 def environment(command: str) -> dict:

@@ -33,10 +33,10 @@ from _common import minilm_missing
 from torch import nn
 
 import compressor
-from compressor.calibrate import tokenize_batches
+from compressor.core.fileio import atomic_write_bytes, atomic_write_text
+from compressor.core.svd import Decomposition, max_saving_rank
+from compressor.data.calibration import tokenize_batches
 from compressor.examples import embed, load_minilm, sentence_splits
-from compressor.io import atomic_write_bytes, atomic_write_text
-from compressor.svd import Decomposition, max_saving_rank
 
 INCLUDE = ["encoder.*"]
 METHODS = {"a": "plain SVD", "b": "SVD-LLM (uniform, whitened)", "c": "compressor data-aware"}

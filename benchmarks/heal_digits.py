@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 import compressor
-from compressor.checkpoint import list_checkpoints
+from compressor.core.fileio import atomic_write_text
 from compressor.examples import accuracy, digits_splits, train_digits_cnn
-from compressor.heal import heal
-from compressor.io import atomic_write_text
+from compressor.train.checkpoint import list_checkpoints
+from compressor.train.heal import heal
 
 POLICY = {"rank_ratio": 0.25, "exclude": ["8"]}  # "8" is the final Linear(256, 10)
 EPOCHS = 8

@@ -26,9 +26,9 @@ import torch
 from _common import minilm_missing
 
 import compressor
+from compressor.core.fileio import atomic_write_text
 from compressor.examples import embed, load_minilm, sentence_splits
-from compressor.heal import heal
-from compressor.io import atomic_write_text
+from compressor.train.heal import heal
 
 N_TRAIN, N_VAL, N_EVAL = 512, 64, 500
 MAX_LENGTH = 64  # the docstring sentences are short; this bounds the cost of a training step

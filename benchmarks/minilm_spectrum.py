@@ -19,8 +19,8 @@ import torch
 from _common import minilm_missing
 
 import compressor
+from compressor.core.fileio import atomic_write_text
 from compressor.examples import load_minilm
-from compressor.io import atomic_write_text
 
 ENERGIES = (0.90, 0.95, 0.99)
 

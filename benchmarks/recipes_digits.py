@@ -4,7 +4,7 @@
 
 Fidelity is test accuracy (the 20% test split, never trained on; top-1 agreement with the fp32 model and
 logit cosine are recorded too). Healing distills on the training split; calibration (data-aware factors,
-when compressor.analyze supports it) uses 256 training images. First the three dense references are
+when compressor.analysis.analyze supports it) uses 256 training images. First the three dense references are
 measured, then every recipe under ``--min-fidelity`` = dense int8's test accuracy, so the chosen point is
 the smallest file at least as accurate as int8 (the second search reuses the first one's measurements).
 Writes ``recipes_digits.json``, ``.md`` and ``recipes_digits_size.png`` / ``_latency.png``.
@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 import compressor
+from compressor.core.fileio import atomic_write_text
 from compressor.examples import digits_splits, train_digits_cnn
-from compressor.io import atomic_write_text
-from compressor.recipes import (
+from compressor.report.report import versions
+from compressor.search.recipes import (
     REFERENCES,
     Constraints,
     Evaluation,
@@ -40,7 +41,6 @@ from compressor.recipes import (
     versus,
     versus_headline,
 )
-from compressor.report import versions
 
 THREADS = 2
 
@@ -73,7 +73,7 @@ def main() -> int:
     splits = digits_splits(seed=0)
     xtr, _ = splits["train"]
     xte, yte = splits["test"]
-    calibrated = "calibration" in inspect.signature(compressor.analyze).parameters
+    calibrated = "calibration" in inspect.signature(compressor.analysis.analyze).parameters
     calibration = [xtr[:256]] if calibrated else None
     recipes = default_recipes((0.5, 0.7, 0.8, 0.9), calibrated=calibrated, heal_steps=(0, args.heal_steps))
     cache = args.cache or Path(tempfile.mkdtemp(prefix="recipes-digits-cache-"))

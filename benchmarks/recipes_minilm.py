@@ -35,9 +35,10 @@ import torch
 from _common import minilm_missing
 
 import compressor
+from compressor.core.fileio import atomic_write_text
 from compressor.examples import load_minilm, sentence_splits
-from compressor.io import atomic_write_text
-from compressor.recipes import (
+from compressor.report.report import versions
+from compressor.search.recipes import (
     Constraints,
     Evaluation,
     Recipe,
@@ -50,7 +51,6 @@ from compressor.recipes import (
     versus,
     versus_headline,
 )
-from compressor.report import versions
 
 THREADS = 2
 TOKENS = 64
@@ -109,7 +109,7 @@ def main() -> int:
     calibration = [tokens(tok, cal_sents[i:i + 32]) for i in range(0, 256, 32)]
     heal_data = tokens(tok, cal_sents)  # the same disjoint-from-evaluation sentences
     held_out = [tokens(tok, eval_sents[i:i + 50]) for i in range(0, len(eval_sents), 50)]
-    calibrated = "calibration" in inspect.signature(compressor.analyze).parameters
+    calibrated = "calibration" in inspect.signature(compressor.analysis.analyze).parameters
     targets = [float(t) for t in args.targets.split(",")]
     keeps = [int(k) for k in args.keep.split(",") if k.strip()]
     recipes = [Recipe("int8", keep_fp16=k) for k in keeps]

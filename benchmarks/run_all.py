@@ -40,8 +40,8 @@ from torch import nn
 
 import compressor
 from compressor import examples
-from compressor.io import atomic_write_text
-from compressor.svd import weight_matrix
+from compressor.core.fileio import atomic_write_text
+from compressor.core.svd import weight_matrix
 
 ROOT = Path(__file__).resolve().parent.parent
 # latency_runs: timed runs per measurement (after latency_warmup untimed ones); each measurement is taken
@@ -68,7 +68,7 @@ class Bench:
     batches: tuple[int, int]  # batch 1 and a larger one
     timed: tuple[str, ...]  # settings whose ONNX export and latency are measured (besides dense)
     policies: list[tuple[str, str, dict]] = field(default_factory=list)  # (policy, setting, analyze kwargs)
-    heals: list[tuple[str, dict]] = field(default_factory=list)  # (setting to heal, compressor.heal kwargs)
+    heals: list[tuple[str, dict]] = field(default_factory=list)  # (setting to heal, compressor.train.heal kwargs)
     notes: str = ""  # how the data-aware and healed rows were made, for the report
 
 
@@ -116,7 +116,7 @@ def minilm_bench(cfg: dict) -> Bench | None:
     model, tok = examples.load_minilm()
     cal, sentences = examples.sentence_splits(n_calibration=512, n_eval=cfg["n_eval"])
     ref = examples.embed(model, tok, sentences)
-    from compressor.calibrate import tokenize_batches
+    from compressor.data.calibration import tokenize_batches
     calibration = tokenize_batches(tok, cal[:cfg["n_cal"]], batch_size=32)  # as in benchmarks/data_aware.py
     # Distillation on the last hidden state (masked MSE), as benchmarks/heal_minilm.py but shorter: sentences
     # cut at 64 tokens, one pass over 448 calibration sentences, 64 others for choosing the best step.
@@ -154,7 +154,7 @@ def fidelity_rows(bench: Bench) -> tuple[list[dict], dict[str, nn.Module]]:
     base_params = sum(p.numel() for p in bench.model.parameters())
     rows, models = [], {}
 
-    from compressor.measure import count_macs
+    from compressor.export.measure import count_macs
     base_macs = count_macs(bench.model, bench.inputs(1))["per_sample"]
 
     def row(policy: str, setting: str, model: nn.Module, nbytes: int, **extra) -> dict:
@@ -228,8 +228,8 @@ def speed_rows(bench: Bench, models: dict[str, nn.Module], cfg: dict, tmp: Path)
     """Export dense and the timed settings to ONNX, check them, count their multiply-adds, and time them
     in onnxruntime and torch eager at two batch sizes. Also returns the fidelity row of the dense model
     quantized by onnxruntime (int8 weights, dynamic int8 activations)."""
-    from compressor.export import export_int8, export_onnx, validate_onnx
-    from compressor.measure import count_macs, file_size, onnx_latency, torch_latency
+    from compressor.export.measure import count_macs, file_size, onnx_latency, torch_latency
+    from compressor.export.onnx import export_int8, export_onnx, validate_onnx
 
     variants = [("dense fp32", bench.model)] + [(s, models[s]) for s in bench.timed if s in models]
     base_params = sum(p.numel() for p in bench.model.parameters())
@@ -432,7 +432,7 @@ def main() -> int:
             results["section_s"][f"{slug} tool speed"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    from compressor import plots
+    from compressor.report import plots
     for name, plan in plans.items():
         slug = "minilm" if "MiniLM" in name else "digits"
         paths = plots.plot_spectra(plan, out, prefix=f"{slug}_")
@@ -451,7 +451,7 @@ def main() -> int:
 
 def render_plots(results: dict, out: Path) -> None:
     """The fidelity and latency plots, drawn from the results (spectra need the plans: drawn by the run)."""
-    from compressor import plots
+    from compressor.report import plots
     # A healed row is drawn with the policy it was healed from, so that one line joins healed settings of
     # the same policy and none joins a healed setting to an unrelated one.
     policy = {(r["model"], r["setting"]): r["policy"] for r in results["fidelity"]}

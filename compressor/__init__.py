@@ -7,16 +7,16 @@
     compressor.save(model, "out/", plan); model = compressor.load("out/")
 """
 
-from .analyze import analyze, find_layers
-from .errors import CompressorError, PlanError
-from .heal import HealConfig, HealResult, heal
-from .layers import LowRankConv, LowRankEmbedding, LowRankLinear
-from .load import Loaded, load, load_model
-from .pipeline import compress
-from .plan import LayerPlan, Plan
-from .policies import EnergyPolicy, RankPolicy, RankRatioPolicy, TargetPolicy
-from .rewrite import factor_module, rewrite
-from .save import save
+from compressor.analysis.analyze import analyze, find_layers
+from compressor.core.errors import CompressorError, PlanError
+from compressor.core.layers import LowRankConv, LowRankEmbedding, LowRankLinear
+from compressor.core.plan import LayerPlan, Plan
+from compressor.core.policies import EnergyPolicy, RankPolicy, RankRatioPolicy, TargetPolicy
+from compressor.core.rewrite import factor_module, rewrite
+from compressor.formats.load import Loaded, load, load_model
+from compressor.formats.save import save
+from compressor.jobs.compress import compress
+from compressor.train.heal import HealConfig, HealResult, heal
 
 __version__ = "0.1.0"
 

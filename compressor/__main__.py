@@ -1,3 +1,3 @@
-from .cli import main
+from compressor.cli.main import main
 
 main()

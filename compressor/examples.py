@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CompressorError
+from compressor.core.errors import CompressorError
 
 # ------------------------------------------------------------------------------------------ digits
 

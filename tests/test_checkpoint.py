@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import compressor
-from compressor.checkpoint import (
+from compressor.cli.train import checkpoints as checkpoints_command
+from compressor.train.checkpoint import (
     MARKER,
     STATE_FILE,
     TENSORS,
@@ -28,8 +29,7 @@ from compressor.checkpoint import (
     format_checkpoints,
     list_checkpoints,
 )
-from compressor.cli_train import checkpoints as checkpoints_command
-from compressor.heal import heal
+from compressor.train.heal import heal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,8 +65,8 @@ def _setup():
 CHILD = SETUP + textwrap.dedent("""
     import os, signal, sys
     from safetensors.torch import save_file
-    import compressor.checkpoint as ckpt
-    from compressor.heal import heal
+    import compressor.train.checkpoint as ckpt
+    from compressor.train.heal import heal
     what, folder = sys.argv[1], sys.argv[2]
     trains = sys.argv[3:]
     if what == "kill":

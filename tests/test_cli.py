@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from compressor.cli import main
+from compressor.cli.main import main
 from compressor.examples import digits_cnn, minilm_path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ from torch import nn
 
 import compressor
 from compressor import CompressorError, Plan, PlanError
-from compressor.layers import LOW_RANK_TYPES
-from compressor.svd import max_saving_rank, svd
+from compressor.core.layers import LOW_RANK_TYPES
+from compressor.core.svd import max_saving_rank, svd
 
 from .models import MODELS, example_input
 
@@ -292,8 +292,8 @@ def test_nan_weights_name_the_layer():
 
 def test_each_svd_is_computed_once_and_reused_by_rewrite(monkeypatch):
     # The package exports functions named like their modules, so fetch the modules themselves.
-    analyze_mod = importlib.import_module("compressor.analyze")
-    rewrite_mod = importlib.import_module("compressor.rewrite")
+    analyze_mod = importlib.import_module("compressor.analysis.analyze")
+    rewrite_mod = importlib.import_module("compressor.core.rewrite")
 
     calls = []
     real = analyze_mod.svd

@@ -12,16 +12,16 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.calibrate import (
+from compressor.core.errors import CompressorError, PlanError
+from compressor.core.svd import svd
+from compressor.data.calibration import (
     Moments,
     embedding_decomposition,
     load_calibration,
     whitened_decomposition,
     whitening,
 )
-from compressor.errors import CompressorError, PlanError
 from compressor.examples import minilm_path
-from compressor.svd import svd
 
 
 def correlated(n_rows: int, dim: int, seed: int = 0, rank: int = 6) -> torch.Tensor:

@@ -12,8 +12,9 @@ from onnx import numpy_helper
 from torch import nn
 
 import compressor
-from compressor.errors import CompressorError
-from compressor.export import (
+from compressor.core.errors import CompressorError
+from compressor.export.measure import count_macs, file_size, onnx_latency, torch_latency
+from compressor.export.onnx import (
     VARIANTS,
     check_factored_graph,
     export_fp16,
@@ -22,7 +23,6 @@ from compressor.export import (
     validate_onnx,
     weight_shapes,
 )
-from compressor.measure import count_macs, file_size, onnx_latency, torch_latency
 
 
 class TokenModel(nn.Module):

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.heal import heal
-from compressor.lora import LoRALayer, apply_lora, extract_lora, lora_parameters, merge_lora
+from compressor.train.heal import heal
+from compressor.train.lora import LoRALayer, apply_lora, extract_lora, lora_parameters, merge_lora
 
 
 @pytest.fixture(autouse=True)

@@ -17,10 +17,10 @@ from torch import nn
 
 import compressor
 from compressor import CompressorError, load, load_model, save
+from compressor.core.layers import LowRankConv, LowRankLinear
+from compressor.core.rewrite import build_factored
 from compressor.examples import digits_cnn, minilm_path
-from compressor.layers import LowRankConv, LowRankLinear
-from compressor.load import load_example_inputs, parse_input_shape, split_inputs
-from compressor.rewrite import build_factored
+from compressor.formats.load import load_example_inputs, parse_input_shape, split_inputs
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -426,7 +426,7 @@ def test_build_factored_makes_the_same_structure_without_svd(monkeypatch):
     model = small_cnn()
     plan = compressor.analyze(model, rank_ratio=0.25)
     expected = {k: v.shape for k, v in compressor.rewrite(small_cnn(), plan).state_dict().items()}
-    monkeypatch.setattr(sys.modules["compressor.rewrite"], "svd",
+    monkeypatch.setattr(sys.modules["compressor.core.rewrite"], "svd",
                         lambda *a: pytest.fail("build_factored ran an SVD"))
     built = build_factored(model, plan)
     assert {k: v.shape for k, v in built.state_dict().items()} == expected

@@ -15,9 +15,9 @@ from onnx import TensorProto, numpy_helper
 from torch import nn
 
 import compressor
-from compressor.errors import CompressorError
-from compressor.export import export_int8, export_onnx, validate_onnx
-from compressor.measure import file_size
+from compressor.core.errors import CompressorError
+from compressor.export.measure import file_size
+from compressor.export.onnx import export_int8, export_onnx, validate_onnx
 
 HIDDEN = 256  # the kept layer is HIDDEN x HIDDEN: big enough that its bytes dwarf the graph's overhead
 

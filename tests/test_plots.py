@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 
 from .models import CNN, mlp
 
 pytest.importorskip("matplotlib")
-from compressor import plots
+from compressor.report import plots
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import _common
@@ -29,7 +29,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 def figures(monkeypatch):
-    """Every figure saved by compressor.plots, keyed by file name (the PNG is still written)."""
+    """Every figure saved by compressor.report.plots, keyed by file name (the PNG is still written)."""
     saved = {}
     real = plots._save
 

@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from compressor.errors import CompressorError
-from compressor.recipes import (
+from compressor.core.errors import CompressorError
+from compressor.search.recipes import (
     Constraints,
     Recipe,
     beats,
@@ -158,7 +158,7 @@ def test_beats_is_strict():
 
 
 def output_point(size, fid):
-    from compressor.recipes import Point
+    from compressor.search.recipes import Point
 
     return Point(Recipe("int8", 0.5), size, fid, {"fidelity": fid}, 1.0, 0, True)
 
@@ -167,7 +167,7 @@ def output_point(size, fid):
 
 
 def cli(args):
-    from compressor.cli import main
+    from compressor.cli.main import main
 
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
@@ -187,13 +187,13 @@ def test_cli_search_writes_the_front_and_reuses_the_cache(tmp_path, monkeypatch)
     md = (out / "report.md").read_text()
     assert "## Measured front" in md and "(chosen)" in md and "dense-int8" in md and "front_size.png" in md
 
-    import compressor.export
+    import compressor.export.onnx
 
     def no_export(*a, **k):
         raise AssertionError("the second search must not export anything")
 
-    monkeypatch.setattr(compressor.export, "export_onnx", no_export)
-    monkeypatch.setattr(compressor.export, "export_int8", no_export)
+    monkeypatch.setattr(compressor.export.onnx, "export_onnx", no_export)
+    monkeypatch.setattr(compressor.export.onnx, "export_int8", no_export)
     res = cli(["search", *args, "--min-fidelity", "0.999", "--out", tmp_path / "b", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["front"]["built"] == 0
@@ -231,8 +231,8 @@ def test_fake_int8_simulates_onnxruntime_dynamic_int8(tmp_path):
 
     import onnxruntime as ort
 
-    from compressor.export import export_int8, export_onnx
-    from compressor.recipes import fake_int8, remove_fake_int8
+    from compressor.export.onnx import export_int8, export_onnx
+    from compressor.search.recipes import fake_int8, remove_fake_int8
 
     model = mlp()
     x = torch.randn(32, 64) * 3

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import CompressorError
-from .svd import compute_dtype, layer_kind
+from compressor.core.errors import CompressorError
+from compressor.core.svd import compute_dtype, layer_kind
 
 
 class LoRALayer(nn.Module):

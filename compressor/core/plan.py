@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CompressorError, PlanError
-from .io import atomic_write_text
+from compressor.core.errors import CompressorError, PlanError
+from compressor.core.fileio import atomic_write_text
 
 PLAN_FORMAT = "compressor-plan"
 PLAN_VERSION = 1

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import CompressorError
-from .svd import max_saving_rank, rank_for_energy
+from compressor.core.errors import CompressorError
+from compressor.core.svd import max_saving_rank, rank_for_energy
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from .errors import CompressorError
-from .io import publish_mode
+from compressor.core.errors import CompressorError
+from compressor.core.fileio import publish_mode
 
 
 class OutputDir:

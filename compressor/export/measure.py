@@ -54,7 +54,7 @@ def onnx_latency(path: str | Path, inputs: Any, *, threads: int = 2, warmup: int
     :func:`compressor.export.export_onnx`): ``{median_ms, p10_ms, p90_ms, runs, threads, batch}``."""
     import onnxruntime as ort
 
-    from .export import flatten_inputs
+    from compressor.export.onnx import flatten_inputs
 
     names, tensors = flatten_inputs(inputs)
     opts = ort.SessionOptions()
@@ -71,7 +71,7 @@ def onnx_latency(path: str | Path, inputs: Any, *, threads: int = 2, warmup: int
 def torch_latency(model: nn.Module, inputs: Any, *, threads: int = 2, warmup: int = 10, runs: int = 50
                   ) -> dict[str, Any]:
     """Latency of ``model`` in torch eager (eval mode, inference mode), same keys as :func:`onnx_latency`."""
-    from .export import call_model, flatten_inputs, model_device
+    from compressor.export.onnx import call_model, flatten_inputs, model_device
 
     names, tensors = flatten_inputs(inputs)
     tensors = [t.to(model_device(model)) for t in tensors]
@@ -95,7 +95,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     Returns ``{"total", "per_sample", "batch", "by_layer": {name: macs}}``. Embedding lookups cost 0;
     the ``up`` projection of a factored embedding is a Linear and is counted. Bias adds are not counted.
     """
-    from .export import call_model, flatten_inputs, model_device
+    from compressor.export.onnx import call_model, flatten_inputs, model_device
 
     names, tensors = flatten_inputs(example_inputs)
     tensors = [t.to(model_device(model)) for t in tensors]

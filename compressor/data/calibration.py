@@ -42,8 +42,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import CompressorError
-from .svd import Decomposition, compute_dtype, layer_kind, svd, weight_matrix
+from compressor.core.errors import CompressorError
+from compressor.core.svd import Decomposition, compute_dtype, layer_kind, svd, weight_matrix
 
 Batch = torch.Tensor | tuple | list | dict
 # Ridge added to C, relative to its mean diagonal, tried in order. 1% (not a bare jitter) regularises the
@@ -593,9 +593,9 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
                         sensitivity: bool = True, sensitivity_batches: int = 2,
                         damping: tuple[float, ...] = DAMPING) -> Calibrated:
     """Whitened decompositions, output-error rank allocation and (optionally) sequential refits."""
-    from .policies import LayerSpectrum, TargetPolicy, allocate
-    from .rewrite import factor_module
-    from .svd import max_saving_rank
+    from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate
+    from compressor.core.rewrite import factor_module
+    from compressor.core.svd import max_saving_rank
 
     cal = Calibrator(model, modules, batches)
     decs: dict[str, Decomposition] = {}

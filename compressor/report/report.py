@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from .io import atomic_write_text
-from .plan import Plan
+from compressor.core.fileio import atomic_write_text
+from compressor.core.plan import Plan
 
 LAYER_FIELDS = ("name", "kind", "matrix_shape", "rank", "full_rank", "energy_kept", "rel_error",
                 "estimated_output_error", "params_before", "params_after", "factored", "reason")

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CompressorError
-from .io import atomic_write, atomic_write_text
+from compressor.core.errors import CompressorError
+from compressor.core.fileio import atomic_write, atomic_write_text
 
 PRECISIONS = ("fp32", "fp16", "int8")
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
@@ -224,7 +224,7 @@ class Evaluation:
 def output_fidelity(model: nn.Module, batches: Sequence[Any]) -> Evaluation:
     """Fidelity to ``model``'s own outputs on held-out ``batches``: the mean per-sample cosine of the first
     output, or, when that output is class scores ``(N, C)``, top-1 agreement (cosine is kept as well)."""
-    from .export import torch_outputs
+    from compressor.export.onnx import torch_outputs
 
     batches = list(batches)
     refs = [torch_outputs(model, b)[0][1] for b in batches]
@@ -584,8 +584,8 @@ def _violation(p: Point, c: Constraints, fp32_bytes: int) -> float:
 
 
 def _factorizable_params(model: nn.Module, analyze_options: dict[str, Any]) -> int:
-    from .analyze import find_layers
-    from .svd import weight_matrix
+    from compressor.analysis.analyze import find_layers
+    from compressor.core.svd import weight_matrix
 
     found = find_layers(model, analyze_options.get("include", ()), analyze_options.get("exclude", ()))
     return sum(weight_matrix(c.module).numel() for c in found if c.skip is None)
@@ -611,8 +611,8 @@ def _cannot_fit(recipe: Recipe, c: Constraints, fp32_bytes: int, ctx: BuildConte
 def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str], None],
            last_model: dict[Recipe, tuple]) -> Point:
     """Build, export, validate and measure one recipe; store the point and its ONNX file in the cache."""
-    from .export import export_fp16, export_int8, export_onnx, validate_onnx
-    from .measure import file_size, onnx_latency
+    from compressor.export.measure import file_size, onnx_latency
+    from compressor.export.onnx import export_fp16, export_int8, export_onnx, validate_onnx
 
     start = time.perf_counter()
     cache.dir.mkdir(parents=True, exist_ok=True)
@@ -655,7 +655,7 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
 
 
 def _min_cosine(precision: str) -> float:
-    from . import export
+    from compressor.export import onnx as export
 
     return export.FP16_MIN_COSINE if precision == "fp16" else export.INT8_MIN_COSINE
 
@@ -665,8 +665,8 @@ def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
     """The torch model a recipe exports: the original (dense) or a factored, maybe healed, copy."""
     if recipe.dense:
         return ctx.model, None, None, {}
-    from .analyze import analyze
-    from .rewrite import rewrite
+    from compressor.analysis.analyze import analyze
+    from compressor.core.rewrite import rewrite
 
     model = copy.deepcopy(ctx.model).eval()
     opts = {**ctx.analyze_options, "exclude": [*ctx.analyze_options.get("exclude", ()), *recipe.exclude]}
@@ -676,7 +676,7 @@ def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
     rewrite(model, plan)
     heal_info = None
     if recipe.heal_steps:
-        from .heal import heal
+        from compressor.train.heal import heal
 
         say(f"heal     {recipe.name}: {recipe.heal_steps} steps")
         if recipe.qat:
@@ -707,8 +707,8 @@ def int8_sensitivity(model: nn.Module, batches: Any, limit: int = 2) -> dict[str
     export will (:func:`fake_int8`). Layers are the model's ``nn.Linear`` modules, the two factors of a
     factored linear layer counting as one (they are kept or quantized together); a factored embedding's
     ``.up`` is a layer of its own (its big lookup table is never worth keeping)."""
-    from .calibrate import as_batches, first_tensor, relative_change, run_model
-    from .layers import LowRankLinear
+    from compressor.core.layers import LowRankLinear
+    from compressor.data.calibration import as_batches, first_tensor, relative_change, run_model
 
     units: dict[str, list[nn.Linear]] = {}
     inside = set()
@@ -767,7 +767,7 @@ def onnx_fidelity(path: str | Path, evaluation: Evaluation, threads: int = 2) ->
     """Run ``evaluation``'s held-out batches through the ONNX file at ``path`` and score them."""
     import onnxruntime as ort
 
-    from .export import flatten_inputs
+    from compressor.export.onnx import flatten_inputs
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -783,7 +783,7 @@ def onnx_fidelity(path: str | Path, evaluation: Evaluation, threads: int = 2) ->
 
 
 def _shape_text(inputs: Any) -> str:
-    from .export import flatten_inputs
+    from compressor.export.onnx import flatten_inputs
 
     names, tensors = flatten_inputs(inputs)
     return ", ".join(f"{n} {'x'.join(map(str, t.shape))}" for n, t in zip(names, tensors, strict=True))
@@ -942,10 +942,10 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
     Held-out inputs come from ``eval_inputs`` (tensors, or text for Hugging Face models); without it,
     from seeded random inputs shaped like the example inputs (float inputs only).
     """
-    from .load import load_model
-    from .output import OutputDir
-    from .pipeline import Options, _example_inputs, default_out
-    from .report import versions
+    from compressor.core.output import OutputDir
+    from compressor.formats.load import load_model
+    from compressor.jobs.compress import Options, _example_inputs, default_out
+    from compressor.report.report import versions
 
     opts = options or Options()
     source = Path(source)
@@ -990,9 +990,9 @@ def _load_batches(path: Path, loaded: Any, samples: int | None = None) -> list[A
     """Batches of model inputs from a file: compressor.calibrate's loader (tensors or text), or, in a build
     without it, one batch of tensors read by compressor.load."""
     try:
-        from .calibrate import load_calibration
+        from compressor.data.calibration import load_calibration
     except ImportError:
-        from .load import load_example_inputs
+        from compressor.formats.load import load_example_inputs
 
         return [load_example_inputs(path)]
     return load_calibration(path, tokenizer=loaded.tokenizer, samples=samples)
@@ -1001,7 +1001,7 @@ def _load_batches(path: Path, loaded: Any, samples: int | None = None) -> list[A
 def _held_out(path: Path | None, example: Any, loaded: Any) -> tuple[list[Any], str]:
     if path is not None:
         return _load_batches(path, loaded), f"held-out inputs from {Path(path).name}"
-    from .export import flatten_inputs
+    from compressor.export.onnx import flatten_inputs
 
     names, tensors = flatten_inputs(example)
     if not all(t.is_floating_point() for t in tensors):

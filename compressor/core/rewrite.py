@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import PlanError
-from .layers import LowRankConv, LowRankEmbedding, LowRankLinear
-from .plan import Plan
-from .svd import Decomposition, layer_kind, max_saving_rank, svd, weight_fingerprint, weight_matrix
+from compressor.core.errors import PlanError
+from compressor.core.layers import LowRankConv, LowRankEmbedding, LowRankLinear
+from compressor.core.plan import Plan
+from compressor.core.svd import Decomposition, layer_kind, max_saving_rank, svd, weight_fingerprint, weight_matrix
 
 
 def factor_module(module: nn.Module, rank: int, decomposition: Decomposition | None = None) -> nn.Module:

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CompressorError
-from .io import atomic_write_bytes
-from .plan import Plan
+from compressor.core.errors import CompressorError
+from compressor.core.fileio import atomic_write_bytes
+from compressor.core.plan import Plan
 
 # Layer groups by name, for transformers (BERT and LLaMA-style names); anything else is grouped by kind.
 # Order matters: "attention.output.dense" must be claimed before the generic "output.dense".
@@ -59,7 +59,7 @@ def layer_spectra(model: nn.Module | None = None, plan: Plan | None = None) -> d
     if plan is None:
         if model is None:
             raise CompressorError("nothing to plot", "pass a model or the plan returned by compressor.analyze")
-        from .analyze import find_layers
+        from compressor.analysis.analyze import find_layers
         wanted = {c.name: c.kind for c in find_layers(model) if c.skip is None}
     else:
         wanted = {lp.name: lp.kind for lp in plan.layers if lp.supported}
@@ -69,7 +69,7 @@ def layer_spectra(model: nn.Module | None = None, plan: Plan | None = None) -> d
             lp = plan.layer(name)
             out[name] = {"S": plan._cache[name][0].S.detach().double().cpu(), "m": lp.m, "n": lp.n, "kind": kind}
         elif model is not None:
-            from .svd import compute_dtype, weight_matrix
+            from compressor.core.svd import compute_dtype, weight_matrix
             w = weight_matrix(model.get_submodule(name)).detach()
             S = torch.linalg.svdvals(w.to(compute_dtype(w.dtype)))
             out[name] = {"S": S.double().cpu(), "m": w.shape[0], "n": w.shape[1], "kind": kind}

@@ -31,10 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CompressorError
-from .io import publish_mode
-from .layers import LOW_RANK_TYPES
-from .load import (
+from compressor.core.errors import CompressorError
+from compressor.core.fileio import publish_mode
+from compressor.core.layers import LOW_RANK_TYPES
+from compressor.core.plan import Plan
+from compressor.core.rewrite import build_factored
+from compressor.formats.load import (
     TRUST_FIX,
     Loaded,
     assign_weights,
@@ -47,8 +49,6 @@ from .load import (
     pickle_globals,
     torch_load,
 )
-from .plan import Plan
-from .rewrite import build_factored
 
 FORMAT = "compressor-model"
 VERSION = 1
@@ -165,7 +165,7 @@ def _replace_dir(tmp: Path, directory: Path) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from compressor import __version__
     return __version__
 
 

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .analyze import analyze
-from .errors import CompressorError
-from .io import atomic_write_text
-from .output import OutputDir
-from .plan import Plan
-from .policies import policy_from_options
-from .rewrite import rewrite
+from compressor.analysis.analyze import analyze
+from compressor.core.errors import CompressorError
+from compressor.core.fileio import atomic_write_text
+from compressor.core.output import OutputDir
+from compressor.core.plan import Plan
+from compressor.core.policies import policy_from_options
+from compressor.core.rewrite import rewrite
 
 MODES = ("compress", "analyze", "apply", "export")
 
@@ -78,7 +78,7 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
     Options may be given as an :class:`Options` or as its field names (``energy=0.95``). The input is
     never modified; the output folder appears only when every step succeeded.
     """
-    from .load import load_model  # imported here: loading pulls optional libraries on demand
+    from compressor.formats.load import load_model  # imported here: loading pulls optional libraries on demand
 
     opts = options or Options(**kwargs)
     if mode not in MODES:
@@ -146,7 +146,7 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
                 inputs = _example_inputs(loaded, opts)
                 exports = _export(model, original, inputs, tmp, plan, opts, calibration)
                 step("export")
-        from .report import build_report, write_report
+        from compressor.report.report import build_report, write_report
 
         report = build_report(source=source, out=out, mode=mode, loaded=loaded, plan=plan,
                               original=original, compressed=model, exports=exports, timings=timings,
@@ -160,7 +160,7 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
 def _calibration(loaded, opts: Options) -> list | None:
     if opts.calibration is None:
         return None
-    from .calibrate import load_calibration
+    from compressor.data.calibration import load_calibration
 
     return load_calibration(opts.calibration, tokenizer=loaded.tokenizer, samples=opts.calibration_samples)
 
@@ -176,13 +176,13 @@ def _plan(model: nn.Module, opts: Options, mode: str, calibration: list | None) 
 
 
 def _save(model: nn.Module, folder: Path, plan: Plan, loaded) -> None:
-    from .save import save
+    from compressor.formats.save import save
 
     save(model, folder, plan, source=loaded, atomic=False)  # the OutputDir publishes the folder
 
 
 def _example_inputs(loaded, opts: Options):
-    from .load import load_example_inputs, parse_input_shape
+    from compressor.formats.load import load_example_inputs, parse_input_shape
 
     if opts.input_shapes:
         g = torch.Generator().manual_seed(0)
@@ -198,8 +198,8 @@ def _example_inputs(loaded, opts: Options):
 
 def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: Plan | None,
             opts: Options, calibration: list | None = None) -> dict[str, Any]:
-    from .export import VARIANTS, check_factored_graph, export_int8, export_onnx, validate_onnx
-    from .recipes import int8_sensitivity, most_sensitive
+    from compressor.export.onnx import VARIANTS, check_factored_graph, export_int8, export_onnx, validate_onnx
+    from compressor.search.recipes import int8_sensitivity, most_sensitive
 
     path = export_onnx(model, inputs, folder / "model.onnx", opset=opts.opset,
                        dynamic_axes=_sequence_axes(inputs))
@@ -260,7 +260,7 @@ def _first_tensor(out) -> torch.Tensor:
 
 
 def _plots(model: nn.Module, plan: Plan, folder: Path) -> list[str]:
-    from .plots import plot_spectra
+    from compressor.report.plots import plot_spectra
 
     return [str(Path(p).relative_to(folder)) for p in plot_spectra(model, plan, folder)]
 
@@ -327,11 +327,11 @@ def load_training_data(path: Path, tokenizer=None, samples: int | None = None) -
     """``(inputs, targets)`` from a file: tensors (``.pt``/``.npz``/``.safetensors``) holding either the
     model's inputs alone (targets None: distillation) or ``inputs`` and ``targets`` (also ``x``/``y``);
     or, with a tokenizer, a text file of one sentence per line."""
-    from .load import load_example_inputs
+    from compressor.formats.load import load_example_inputs
 
     path = Path(path)
     if tokenizer is not None and _is_text(path):
-        from .calibrate import load_calibration
+        from compressor.data.calibration import load_calibration
 
         return load_calibration(path, tokenizer=tokenizer, samples=samples), None
     data = load_example_inputs(path)
@@ -369,10 +369,10 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
     Without targets in ``data`` this distils from ``teacher``: by default the original model recorded
     in the compressed folder. Returns a summary (before/after metrics, best step, where it went).
     """
-    from .heal import heal
-    from .load import load_model
-    from .report import versions
-    from .save import save
+    from compressor.formats.load import load_model
+    from compressor.formats.save import save
+    from compressor.report.report import versions
+    from compressor.train.heal import heal
 
     source = Path(source)
     out = Path(out) if out is not None else source.parent / f"{source.name}.healed"

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CompressorError
+from compressor.core.errors import CompressorError
 
 ExampleInputs = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 
@@ -69,7 +69,7 @@ def load_model(path: str | Path, *, trust_pickle: bool = False, arch: str | None
     path = Path(path)
     kind = detect_format(path)
     if kind == "compressor":
-        from .save import load_compressed  # save builds on this module
+        from compressor.formats.save import load_compressed  # save builds on this module
         loaded = load_compressed(path, trust_pickle=trust_pickle, arch=arch, device=device)
     elif kind == "hf-folder":
         loaded = _load_hf(path, trust_pickle, device)

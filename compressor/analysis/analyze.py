@@ -14,12 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import as_batches, calibrated_analysis
-from .errors import CompressorError
-from .layers import LOW_RANK_TYPES
-from .plan import LayerPlan, Plan
-from .policies import LayerSpectrum, allocate, policy_from_dict, policy_from_options, policy_to_dict
-from .svd import (
+from compressor.core.errors import CompressorError
+from compressor.core.layers import LOW_RANK_TYPES
+from compressor.core.plan import LayerPlan, Plan
+from compressor.core.policies import LayerSpectrum, allocate, policy_from_dict, policy_from_options, policy_to_dict
+from compressor.core.svd import (
     Decomposition,
     break_even_rank,
     energy_kept,
@@ -29,6 +28,7 @@ from .svd import (
     weight_fingerprint,
     weight_matrix,
 )
+from compressor.data.calibration import as_batches, calibrated_analysis
 
 PROGRESS_MIN_LAYERS = 16  # below this, a progress bar is noise
 

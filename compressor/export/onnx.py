@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CompressorError
-from .measure import file_size
-from .plan import Plan
+from compressor.core.errors import CompressorError
+from compressor.core.plan import Plan
+from compressor.export.measure import file_size
 
 # Variants are approximations: they are judged by the worst per-sample cosine of their outputs to the
 # torch model's, not by an absolute difference. Measured on all-MiniLM-L6-v2 (last_hidden_state, 8

@@ -22,9 +22,9 @@ from typing import Any
 
 import click
 
-from .cli_train import checkpoints
-from .errors import CompressorError
-from .report import criterion
+from compressor.cli.train import checkpoints
+from compressor.core.errors import CompressorError
+from compressor.report.report import criterion
 
 EXIT_BAD_INPUT = 2
 EXIT_VALIDATION_FAILED = 3
@@ -98,7 +98,7 @@ _export_options = _options([
 
 def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
     """Run one mode, print the outcome, and turn errors into one line and an exit code."""
-    from .pipeline import Options, compress
+    from compressor.jobs.compress import Options, compress
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
     kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -256,7 +256,7 @@ def export_cmd(model: Path, **kw: Any) -> None:
 @_common_options
 def heal_cmd(model: Path, **kw: Any) -> None:
     """Fine-tune a compressed model's factors to win back what truncation lost."""
-    from .pipeline import heal_folder
+    from compressor.jobs.compress import heal_folder
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
     kw.pop("arch")
@@ -331,8 +331,8 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
     With --min-fidelity the smallest file meeting every constraint wins; otherwise the most faithful.
     Dense fp32, fp16 and int8 are always measured as references; measurements are cached by recipe.
     """
-    from .pipeline import Options
-    from .recipes import Constraints, parse_latency, parse_size, run_search
+    from compressor.jobs.compress import Options
+    from compressor.search.recipes import Constraints, parse_latency, parse_size, run_search
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
     kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])

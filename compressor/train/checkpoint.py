@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CompressorError
-from .io import _fsync_dir, atomic_write_text
+from compressor.core.errors import CompressorError
+from compressor.core.fileio import _fsync_dir, atomic_write_text
 
 FORMAT = 1
 TENSORS, STATE, MARKER = "tensors.safetensors", "state.json", "COMPLETE.json"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .checkpoint import format_checkpoints, list_checkpoints
+from compressor.train.checkpoint import format_checkpoints, list_checkpoints
 
 
 @click.command("checkpoints")

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .checkpoint import CheckpointManager, pack_training_state, unpack_training_state
-from .errors import CompressorError
-from .layers import LOW_RANK_TYPES
-from .lora import LoRALayer, apply_lora, lora_parameters, merge_lora
+from compressor.core.errors import CompressorError
+from compressor.core.layers import LOW_RANK_TYPES
+from compressor.train.checkpoint import CheckpointManager, pack_training_state, unpack_training_state
+from compressor.train.lora import LoRALayer, apply_lora, lora_parameters, merge_lora
 
 LOSSES = ("mse", "kl", "ce", "cosine")
 # Hyper-parameters a resumed run must share with the run that wrote the checkpoint.

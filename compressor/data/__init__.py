@@ -1,0 +1,2 @@
+"""Feeding models: one inputs module (batches, mappings, devices, compared outputs), calibration
+statistics and the readers of calibration files."""

@@ -1,0 +1,16 @@
+"""ONNX export, validation against torch, fp16 / int8 variants, and measurements (size, latency, MACs).
+
+    from compressor.export import export_onnx, validate_onnx, export_int8
+"""
+
+from compressor.export.onnx import (
+    check_factored_graph,
+    export_fp16,
+    export_int8,
+    export_onnx,
+    format_validation,
+    validate_onnx,
+)
+
+__all__ = ["check_factored_graph", "export_fp16", "export_int8", "export_onnx", "format_validation",
+           "validate_onnx"]

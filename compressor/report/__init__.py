@@ -1,0 +1,1 @@
+"""Reports (JSON + Markdown) and plots of a compression run."""
