@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.core.svd import layer_kind
+from compressor.core.handlers import handler_for
 
 
 def environment(command: str) -> dict:
@@ -71,7 +71,7 @@ def quantize_int8_(model: nn.Module) -> int:
     """
     quantized = set()
     for mod in model.modules():
-        if layer_kind(mod) is not None and mod.weight.is_floating_point():
+        if handler_for(mod) is not None and mod.weight.is_floating_point():
             w = mod.weight.reshape(mod.weight.shape[0], -1)
             scale = w.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127.0
             w.copy_((w / scale).round().clamp(-127, 127) * scale)  # a view: writes into the weight

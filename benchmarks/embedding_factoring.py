@@ -26,7 +26,6 @@ from _common import environment, minilm_missing
 import compressor
 from compressor.core.fileio import atomic_write_text
 from compressor.core.rewrite import factor_module
-from compressor.core.svd import weight_matrix
 from compressor.data.calibration import Moments, embedding_decomposition
 from compressor.examples import load_minilm, sentence_splits
 
@@ -86,7 +85,7 @@ def main() -> int:
     table = dict(model.named_modules())[LAYER]
     shares = []
     for share in SHARES:
-        dec, _ = embedding_decomposition(weight_matrix(table), counts, uniform_share=share)
+        dec, _ = embedding_decomposition(table.weight, counts, uniform_share=share)
         entry = {"uniform_share": share}
         for rank in (320, 256):
             small = copy.deepcopy(model)

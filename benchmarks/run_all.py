@@ -41,7 +41,6 @@ from torch import nn
 import compressor
 from compressor import examples
 from compressor.core.fileio import atomic_write_text
-from compressor.core.svd import weight_matrix
 
 ROOT = Path(__file__).resolve().parent.parent
 # latency_runs: timed runs per measurement (after latency_warmup untimed ones); each measurement is taken
@@ -295,7 +294,7 @@ def tool_speed_child(model_name: str, weights: str | None, repeats: int) -> dict
     else:
         model, _ = examples.load_minilm()
     found = compressor.find_layers(model)
-    mats = [weight_matrix(c.module).detach().float() for c in found if c.skip is None]
+    mats = [c.weight_matrix().detach().float() for c in found if c.skip is None]
 
     def floor() -> None:
         for a in mats:

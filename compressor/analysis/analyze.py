@@ -15,32 +15,31 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
-from compressor.core.layers import LOW_RANK_TYPES
+from compressor.core.handlers import LayerHandler, handler_for, kinds, weight_fingerprint
+from compressor.core.layers import LOW_RANK_TYPES, LoRALayer
 from compressor.core.plan import LayerPlan, Plan
 from compressor.core.policies import LayerSpectrum, allocate, policy_from_dict, policy_from_options, policy_to_dict
-from compressor.core.svd import (
-    Decomposition,
-    break_even_rank,
-    energy_kept,
-    layer_kind,
-    max_saving_rank,
-    svd,
-    weight_fingerprint,
-    weight_matrix,
-)
-from compressor.data.calibration import as_batches, calibrated_analysis
+from compressor.core.svd import Decomposition, break_even_rank, energy_kept, max_saving_rank, svd
+from compressor.data.calibration import calibrated_analysis
+from compressor.data.inputs import as_batches
 
 PROGRESS_MIN_LAYERS = 16  # below this, a progress bar is noise
+_WRAPPERS = (*LOW_RANK_TYPES, LoRALayer)  # modules compressor put in: their parts are not layers to factor
 
 
 @dataclass
 class Candidate:
-    """A module found in the model: factorizable (``skip is None``) or not, and why."""
+    """A module found in the model: factorizable (``skip is None``) or not, and why. ``handler`` is
+    None for a module that owns a weight matrix but whose kind no handler knows."""
 
     name: str
     module: nn.Module
     kind: str
     skip: str | None = None
+    handler: LayerHandler | None = None
+
+    def weight_matrix(self) -> torch.Tensor:
+        return self.handler.weight_matrix(self.module)
 
 
 def find_layers(model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
@@ -64,19 +63,17 @@ def find_layers(model: nn.Module, include: Sequence[str] = (), exclude: Sequence
 
     found: list[Candidate] = []
     for name, mod in model.named_modules():
-        if isinstance(mod, LOW_RANK_TYPES):
-            continue  # already factored: its two factors are not re-factored
-        weight = getattr(mod, "weight", None)
-        kind = layer_kind(mod)
-        if kind is None:
+        if isinstance(mod, _WRAPPERS) or _inside(model, name, _WRAPPERS):
+            continue  # already factored or adapted: its parts are not factored again
+        h = handler_for(mod)
+        if h is None:
             if _owns_matrix(mod):
                 found.append(Candidate(name, mod, type(mod).__name__, _unsupported_reason(mod)))
             continue
+        weight = h.weight(mod)
         if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
             continue
-        if _parent_is_low_rank(model, name):
-            continue
-        c = Candidate(name, mod, kind)
+        c = Candidate(name, mod, h.kind, handler=h)
         if name in functional_parents:
             c.skip = "its parent nn.MultiheadAttention reads this weight directly, not through forward()"
         elif len(names_of[id(mod)]) > 1:
@@ -85,10 +82,8 @@ def find_layers(model: nn.Module, include: Sequence[str] = (), exclude: Sequence
             others = [o for o in owners[id(weight)] if o != name]
             c.skip = (f"weight shared with {', '.join(repr(o) for o in others)} (tied); "
                       "factoring would untie it")
-        elif kind in ("conv1d", "conv2d") and mod.groups != 1:
-            c.skip = f"grouped/depthwise conv (groups={mod.groups}) has no single weight matrix to factor"
-        elif kind == "embedding" and mod.max_norm is not None:
-            c.skip = "embedding with max_norm renormalizes rows at lookup; a factored table cannot"
+        elif (reason := h.dense_reason(mod)) is not None:
+            c.skip = reason
         elif not weight.is_floating_point():
             c.skip = f"weight dtype {weight.dtype} is not floating point"
         elif include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
@@ -111,12 +106,14 @@ def _unsupported_reason(mod: nn.Module) -> str:
         return "nn.MultiheadAttention computes with its projection weights directly (functional)"
     if "Transpose" in type(mod).__name__:
         return f"{type(mod).__name__} is not supported (its weight maps outputs to inputs)"
-    return f"{type(mod).__name__} is not a supported layer type (Linear, Conv1d/2d, Embedding)"
+    return (f"{type(mod).__name__} is not a supported layer type (registered: {', '.join(kinds())}; "
+            "add one with compressor.register_handler)")
 
 
-def _parent_is_low_rank(model: nn.Module, name: str) -> bool:
-    parent = name.rpartition(".")[0]
-    return bool(parent) and isinstance(model.get_submodule(parent), LOW_RANK_TYPES)
+def _inside(model: nn.Module, name: str, types: tuple[type, ...]) -> bool:
+    """Whether a module above ``name`` is one of ``types``."""
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), types) for i in range(1, len(parts)))
 
 
 def unique_param_count(model: nn.Module) -> int:
@@ -135,7 +132,7 @@ def decompose_layers(found: Iterable[Candidate], progress: bool | None = None
         iterator = tqdm(todo, desc="SVD", unit="layer", leave=False)
     out: dict[str, Decomposition] = {}
     for c in iterator:
-        w = weight_matrix(c.module)
+        w = c.weight_matrix()
         if not torch.isfinite(w).all():
             raise CompressorError(f"layer '{c.name}' has NaN or Inf values in its weight",
                                   f"repair the weights, or leave the layer out with exclude=['{c.name}']")
@@ -147,8 +144,8 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
             rank_ratio: float | None = None, target: float | None = None, *,
             rank_multiple: int = 1, include: Sequence[str] = (), exclude: Sequence[str] = (),
             overrides: dict[str, int | None] | None = None, plan: Plan | None = None,
-            progress: bool | None = None, calibration: Any = None, sequential: bool = True,
-            sensitivity: bool = True) -> Plan:
+            progress: bool | None = None, calibration: Any = None, outputs: Sequence[str] | None = None,
+            sequential: bool = True, sensitivity: bool = True) -> Plan:
     """Analyze every weight of ``model`` and choose a rank per layer; the model is not changed.
 
     Exactly one policy: ``energy`` (fraction of spectral energy kept per layer), ``rank`` (fixed),
@@ -157,10 +154,11 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     keep dense) that win over the policy. Passing an edited ``plan`` re-derives its statistics with its
     own policy and ranks (used to re-apply a plan a person edited).
 
-    ``calibration`` (model inputs: a tensor, tuple or dict of tensors, or a list of them) makes the
-    analysis data-aware (see :mod:`compressor.calibrate`): factors minimise each layer's output error,
-    ``energy`` is of the whitened spectrum, ``target`` is spent by measured output error (with
-    ``sensitivity``), and ``sequential`` refits each layer on the inputs of the compressed layers before it.
+    ``calibration`` (model inputs: a tensor, tuple or mapping of tensors such as a tokenizer's output, or
+    a list of them) makes the analysis data-aware (see :mod:`compressor.data.calibration`): factors
+    minimise each layer's output error, ``energy`` is of the whitened spectrum, ``target`` is spent by
+    measured output error (with ``sensitivity``, over the model's ``outputs``: every floating output by
+    default), and ``sequential`` refits each layer on the inputs of the compressed layers before it.
     """
     if plan is not None:
         if plan.method != "svd" and calibration is None:
@@ -192,13 +190,13 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     method, calib_info = "svd", None
     if calibration is not None and names:
         cal = calibrated_analysis(model, {c.name: c.module for c in found if c.skip is None},
-                                  as_batches(calibration), policy, rank_multiple, fixed,
+                                  as_batches(calibration), policy, rank_multiple, fixed, outputs=outputs,
                                   sequential=sequential, sensitivity=sensitivity)
         decs, ranks, errors, calib_info = cal.decompositions, cal.ranks, cal.errors, cal.info
         method = "whitened-svd+sequential" if sequential else "whitened-svd"
     else:
         decs = decompose_layers(found, progress)
-        spectra = [LayerSpectrum.from_singular_values(c.name, *weight_matrix(c.module).shape, decs[c.name].S)
+        spectra = [LayerSpectrum.from_singular_values(c.name, *c.weight_matrix().shape, decs[c.name].S)
                    for c in found if c.skip is None]
         ranks = allocate(policy, spectra, rank_multiple, fixed)
 
@@ -226,13 +224,16 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
 
 def _layer_plan(c: Candidate, dec: Decomposition | None, policy_rank: int | None,
                 overridden: bool) -> LayerPlan:
-    # Unsupported modules may keep their matrix under another name (MultiheadAttention.in_proj_weight).
-    w = c.module.weight if layer_kind(c.module) else next(
-        p for p in c.module.parameters(recurse=False) if p.dim() >= 2)
-    m, n = (w.shape[0], w[0].numel())
+    if c.handler is not None:
+        w = c.handler.weight(c.module)
+        m, n = c.weight_matrix().shape
+        dense_macs = c.handler.macs(m, n)
+    else:  # unsupported modules may keep their matrix under another name (MultiheadAttention.in_proj_weight)
+        w = next(p for p in c.module.parameters(recurse=False) if p.dim() >= 2)
+        m, n = (w.shape[0], w[0].numel())
+        dense_macs = m * n
     bias = getattr(c.module, "bias", None)
     nbias = bias.numel() if isinstance(bias, torch.Tensor) else 0
-    dense_macs = 0 if c.kind == "embedding" else m * n
     nan = float("nan")
     base = dict(name=c.name, kind=c.kind, shape=list(w.shape), matrix_shape=[m, n],
                 full_rank=min(m, n), break_even_rank=round(break_even_rank(m, n), 3),
@@ -256,7 +257,6 @@ def _layer_plan(c: Candidate, dec: Decomposition | None, policy_rank: int | None
                          reason=f"{who} rank {policy_rank} saves no parameters (break-even "
                                 f"{m * n / (m + n):.1f})")
     r = policy_rank
-    base.update(params_after=r * (m + n) + nbias,
-                macs_after=r * n if c.kind == "embedding" else r * (m + n))
+    base.update(params_after=r * (m + n) + nbias, macs_after=c.handler.macs(m, n, r))
     return LayerPlan(**base, rank=r, policy_rank=r, energy_kept=kept, rel_error=err, factored=True,
                      reason=f"rank {r} by {who}")

@@ -1,4 +1,4 @@
-"""Low-rank replacements for dense layers.
+"""The modules compressor puts into a model: low-rank replacements of dense layers, and LoRA wrappers.
 
 Each factored layer is two thin layers, ``down`` (input -> rank) then ``up`` (rank -> output), so that
 ``W ~ up.weight @ down.weight`` and the state_dict keys of a layer ``name`` are predictable:
@@ -9,13 +9,42 @@ export keeps them as two MatMul/Gemm/Conv nodes and quantizers treat them like a
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-FACTOR_KINDS = ("linear", "conv1d", "conv2d", "embedding")
+from compressor.core.errors import CompressorError
 
 
-class LowRankLinear(nn.Module):
+class _Factored(nn.Module):
+    """What every factored layer shares: ``down`` then ``up``, and a read-only dense ``weight``."""
+
+    down: nn.Module
+    up: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def dense_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight this layer computes, detached: for code that inspects ``layer.weight``
+        (its dtype, device or shape, as ViT's patch embedding does on every call). Cached until a factor
+        changes, so such reads cost nothing in steady state; training goes through the factors."""
+        key = tuple((p.data_ptr(), p._version) for p in (self.down.weight, self.up.weight))
+        cached = self.__dict__.get("_dense_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self.dense_weight().detach())
+            self.__dict__["_dense_cache"] = cached
+        return cached[1]
+
+
+class LowRankLinear(_Factored):
     """``y = up(down(x))`` with ``down: in -> rank`` (no bias) and ``up: rank -> out`` (original bias)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
@@ -28,9 +57,6 @@ class LowRankLinear(nn.Module):
     def rank(self) -> int:
         return self.down.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
-
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) matrix this layer computes: ``up.weight @ down.weight``."""
         return self.up.weight @ self.down.weight
@@ -39,17 +65,16 @@ class LowRankLinear(nn.Module):
         return f"in={self.down.in_features}, out={self.up.out_features}, rank={self.rank}"
 
 
-class LowRankConv(nn.Module):
+class LowRankConv(_Factored):
     """A ``k``-sized conv to ``rank`` channels followed by a 1x1 conv to the output channels.
 
     The first conv keeps the original kernel, stride, padding, dilation and padding mode; the second
-    carries the original bias. Works for ``nn.Conv1d`` and ``nn.Conv2d`` with ``groups == 1``.
+    carries the original bias. Works for ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` with ``groups == 1``.
     """
 
-    def __init__(self, conv: nn.Conv1d | nn.Conv2d, rank: int):
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, rank: int):
         super().__init__()
-        cls = type(conv) if type(conv) in (nn.Conv1d, nn.Conv2d) else (
-            nn.Conv2d if isinstance(conv, nn.Conv2d) else nn.Conv1d)
+        cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[conv.weight.dim() - 3]  # plain class, even for subclasses
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         self.down = cls(conv.in_channels, rank, conv.kernel_size, stride=conv.stride,
                         padding=conv.padding, dilation=conv.dilation, bias=False,
@@ -60,9 +85,6 @@ class LowRankConv(nn.Module):
     def rank(self) -> int:
         return self.down.out_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
-
     def dense_weight(self) -> torch.Tensor:
         """The original-shaped kernel ``(out, in, *k)`` this layer computes."""
         up = self.up.weight.reshape(self.up.out_channels, self.rank)
@@ -70,7 +92,7 @@ class LowRankConv(nn.Module):
         return (up @ down).reshape(self.up.out_channels, *self.down.weight.shape[1:])
 
 
-class LowRankEmbedding(nn.Module):
+class LowRankEmbedding(_Factored):
     """``Embedding(num, rank)`` followed by ``Linear(rank, dim)`` (no bias).
 
     Note the cost: a dense embedding is a lookup (no multiply-adds); the factored one adds
@@ -89,12 +111,116 @@ class LowRankEmbedding(nn.Module):
     def rank(self) -> int:
         return self.down.embedding_dim
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(ids))
-
     def dense_weight(self) -> torch.Tensor:
         """The (num, dim) table this layer computes: ``down.weight @ up.weight.T``."""
         return self.down.weight @ self.up.weight.T
 
 
 LOW_RANK_TYPES = (LowRankLinear, LowRankConv, LowRankEmbedding)
+
+
+# ------------------------------------------------------------------------------------------- LoRA
+
+
+class LoRALayer(nn.Module):
+    """Common part of the wrappers: the frozen ``base`` layer, ``lora_A`` (rank, n), ``lora_B`` (m, rank)
+    over the base weight seen as an ``(m, n)`` matrix, and merge/unmerge."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, m: int, n: int):
+        super().__init__()
+        if rank < 1:
+            raise CompressorError(f"LoRA rank must be >= 1, got {rank}", "pass e.g. rank=8")
+        w = base.weight
+        self.base = base
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, n, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(m, rank, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        base.weight.requires_grad_(False)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale * B @ A`` in the base weight's shape."""
+        return (self.scale * (self.lora_B @ self.lora_A)).reshape(self.base.weight.shape)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the adapter into the base weight; forward then costs what the base layer costs."""
+        if not self.merged:
+            self.base.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the adapter back out of the base weight (exact up to floating-point rounding)."""
+        if self.merged:
+            self.base.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        return out if self.merged else out + self.scale * self.adapter(self.lora_dropout(x))
+
+    def adapter(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+
+
+class LoRAMatrix(LoRALayer):
+    """Any layer computing ``y = W x + b`` on the last axis, with ``W`` stored as ``weight`` or, with
+    ``transposed``, as ``weight.T`` (transformers' ``Conv1D``)."""
+
+    def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0, *,
+                 transposed: bool = False):
+        self.transposed = transposed
+        w = base.weight.T if transposed else base.weight
+        super().__init__(base, rank, alpha, dropout, w.shape[0], w.shape[1])
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = self.scale * (self.lora_B @ self.lora_A)
+        return delta.T if self.transposed else delta
+
+    def adapter(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+class LoRALinear(LoRAMatrix):
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16, dropout: float = 0.0):
+        super().__init__(base, rank, alpha, dropout)
+
+
+class LoRAConv(LoRALayer):
+    """``A`` is a conv with the base kernel/stride/padding to ``rank`` channels, ``B`` a 1x1 conv."""
+
+    def __init__(self, base: nn.Conv1d | nn.Conv2d | nn.Conv3d, rank: int = 8, alpha: float = 16, dropout: float = 0.0):
+        if base.groups != 1 or base.padding_mode != "zeros":
+            raise CompressorError("LoRA supports convs with groups=1 and zero padding only",
+                                  "leave this layer out with filter_fn")
+        super().__init__(base, rank, alpha, dropout, base.out_channels, base.weight[0].numel())
+
+    def adapter(self, x: torch.Tensor) -> torch.Tensor:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.base.weight.dim() - 3]
+        b = self.base
+        kernel = self.lora_A.reshape(self.rank, *b.weight.shape[1:])
+        a = conv(x, kernel, None, b.stride, b.padding, b.dilation)
+        return conv(a, self.lora_B.reshape(*self.lora_B.shape, *([1] * (b.weight.dim() - 2))))
+
+
+class LoRAEmbedding(LoRALayer):
+    """The table is ``(num, dim)``: ``A`` is ``(rank, dim)`` and ``B`` is ``(num, rank)``, so the
+    adapter is a rank-``rank`` lookup table; dropout does not apply to integer ids."""
+
+    def __init__(self, base: nn.Embedding, rank: int = 8, alpha: float = 16, dropout: float = 0.0):
+        super().__init__(base, rank, alpha, 0.0, base.num_embeddings, base.embedding_dim)
+        # Zero B and random A would look up zero rows forever; peft zeroes A instead and draws B.
+        with torch.no_grad():
+            nn.init.normal_(self.lora_B)
+            self.lora_A.zero_()
+
+    def adapter(self, ids: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        return F.embedding(ids, self.lora_B, b.padding_idx, b.max_norm, b.norm_type,
+                           b.scale_grad_by_freq, b.sparse) @ self.lora_A

@@ -9,13 +9,12 @@ weight's device and dtype; biases move to the second factor. State-dict keys of 
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from compressor.core.errors import PlanError
-from compressor.core.layers import LowRankConv, LowRankEmbedding, LowRankLinear
+from compressor.core.handlers import LayerHandler, handler_for, kinds, weight_fingerprint
 from compressor.core.plan import Plan
-from compressor.core.svd import Decomposition, layer_kind, max_saving_rank, svd, weight_fingerprint, weight_matrix
+from compressor.core.svd import Decomposition, max_saving_rank
 
 
 def factor_module(module: nn.Module, rank: int, decomposition: Decomposition | None = None) -> nn.Module:
@@ -24,41 +23,23 @@ def factor_module(module: nn.Module, rank: int, decomposition: Decomposition | N
     ``decomposition`` is the SVD of the module's weight matrix (computed here when None); a data-aware
     decomposition (with ``right_inv``) gives factors that minimise output error instead.
     """
-    new = empty_factored(module, rank)
-    kind = layer_kind(module)
-    dec = decomposition if decomposition is not None else svd(weight_matrix(module))
-    w = module.weight
-    up, down = (f.to(device=w.device, dtype=w.dtype) for f in dec.factors(rank))
-    with torch.no_grad():
-        if kind == "embedding":
-            new.down.weight.copy_(up)  # the (num, rank) table
-            new.up.weight.copy_(down.T)  # (dim, rank): maps the table row to the embedding
-        else:
-            new.down.weight.copy_(down.reshape(new.down.weight.shape))
-            new.up.weight.copy_(up.reshape(new.up.weight.shape))
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, torch.Tensor):
-            new.up.bias.copy_(bias)
-    return new
+    return _handler(module).factor(module, rank, decomposition)
 
 
 def empty_factored(module: nn.Module, rank: int) -> nn.Module:
     """The low-rank layer that replaces ``module`` at ``rank``, with freshly initialised factors (no SVD),
     on the module's device and dtype."""
-    kind = layer_kind(module)
-    if kind is None:
-        raise PlanError(f"{type(module).__name__} cannot be factored",
-                        "factor Linear, Conv1d/2d or Embedding layers")
-    w = module.weight
-    if kind == "linear":
-        new = LowRankLinear(module.in_features, module.out_features, rank, bias=module.bias is not None,
-                            device=w.device, dtype=w.dtype)
-    elif kind in ("conv1d", "conv2d"):
-        new = LowRankConv(module, rank)
-    else:
-        new = LowRankEmbedding(module, rank)
+    new = _handler(module).empty_factored(module, rank)
     new.train(module.training)
     return new
+
+
+def _handler(module: nn.Module) -> LayerHandler:
+    h = handler_for(module)
+    if h is None:
+        raise PlanError(f"{type(module).__name__} cannot be factored",
+                        f"factor layers of a registered kind ({', '.join(kinds())}) or register a handler")
+    return h
 
 
 def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
@@ -99,8 +80,9 @@ def _check_plan(model: nn.Module, plan: Plan) -> list[tuple]:
         except AttributeError:
             raise PlanError(f"the plan factors layer '{lp.name}', which this model does not have",
                             "apply the plan to the model it was made for") from None
-        if layer_kind(module) is None or list(module.weight.shape) != list(lp.shape):
-            got = list(module.weight.shape) if hasattr(module, "weight") else type(module).__name__
+        h = handler_for(module)
+        if h is None or h.kind != lp.kind or list(h.weight(module).shape) != list(lp.shape):
+            got = list(h.weight(module).shape) if h is not None else type(module).__name__
             raise PlanError(f"layer '{lp.name}' is {got} in the model but {lp.shape} in the plan",
                             "apply the plan to the model it was made for")
         if not lp.supported:

@@ -1,10 +1,8 @@
 """The linear algebra: weight matrices, their SVD, and the truncated factors.
 
-Every supported weight is viewed as a matrix ``W`` of shape ``(m, n)``:
-
-* ``nn.Linear``: ``(out_features, in_features)``, as stored;
-* ``nn.Conv1d``/``nn.Conv2d`` (``groups == 1``): ``(out_channels, in_channels * prod(kernel))``;
-* ``nn.Embedding``: ``(num_embeddings, embedding_dim)``, as stored.
+Every supported weight is viewed as a matrix ``W`` of shape ``(m, n)`` by its layer handler
+(:mod:`compressor.core.handlers`): ``nn.Linear`` as stored, a conv as ``(out, in * prod(kernel))``, an
+embedding table as stored, transformers' ``Conv1D`` transposed.
 
 A rank-``r`` factorization replaces ``m * n`` weights by ``r * (m + n)``; it saves parameters only when
 ``r < m * n / (m + n)`` (the break-even rank).
@@ -15,28 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
-
-def layer_kind(module: nn.Module) -> str | None:
-    """The factorization kind of a module ("linear", "conv1d", "conv2d", "embedding"), or None."""
-    # Exact-type checks for convs: subclasses such as ConvTranspose do not derive from Conv2d, but
-    # user subclasses of Linear/Conv may override forward(); isinstance keeps those, as peft does.
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    if isinstance(module, nn.Conv1d):
-        return "conv1d"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    return None
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The module's weight as an ``(m, n)`` matrix (a view: no copy, no dtype change)."""
-    w = module.weight
-    return w.reshape(w.shape[0], -1)
 
 
 def break_even_rank(m: int, n: int) -> float:
@@ -47,12 +23,6 @@ def break_even_rank(m: int, n: int) -> float:
 def max_saving_rank(m: int, n: int) -> int:
     """The largest rank whose factors hold strictly fewer weights than the ``m x n`` matrix (0 if none)."""
     return (m * n - 1) // (m + n)
-
-
-def weight_fingerprint(module: nn.Module) -> tuple:
-    """Identifies a weight's current values (storage, in-place version, shape) to validate caches."""
-    w = module.weight
-    return (w.data_ptr(), w._version, tuple(w.shape))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +40,21 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from compressor.core.errors import CompressorError
-from compressor.core.svd import Decomposition, compute_dtype, layer_kind, svd, weight_matrix
+from compressor.core.handlers import handler_for
+from compressor.core.svd import Decomposition, compute_dtype, svd
+from compressor.data.inputs import (
+    Batch,
+    as_batches,
+    attention_mask,
+    call,
+    relative_change,
+    take,
+    tensors_of,
+    to_device,
+)
 
-Batch = torch.Tensor | tuple | list | dict
 # Ridge added to C, relative to its mean diagonal, tried in order. 1% (not a bare jitter) regularises the
 # whitening and the sequential least-squares refits against over-fitting a few thousand calibration
 # tokens: on all-MiniLM-L6-v2 at 40% removal it raised held-out embedding cosine from 0.879 (1e-6) to 0.898.
@@ -61,46 +70,17 @@ ORIGINALS_BUDGET = 2 << 30  # bytes of original-model layer inputs kept to halve
 # ------------------------------------------------------------------------------------ calibration data
 
 
-def as_batches(calibration: Any) -> list[Batch]:
-    """The calibration data as a list of model inputs (one batch: a tensor, tuple or dict of tensors)."""
-    if isinstance(calibration, torch.Tensor | dict) or (
-            isinstance(calibration, tuple) and all(isinstance(t, torch.Tensor) for t in calibration)):
-        batches = [calibration]
-    elif isinstance(calibration, Iterable) and not isinstance(calibration, str | bytes):
-        batches = list(calibration)
-    else:
-        raise CompressorError(f"calibration must be model inputs (tensors, tuples or dicts of tensors), got "
-                              f"{type(calibration).__name__}", "pass a list of batches, e.g. [x1, x2]")
-    if not batches:
-        raise CompressorError("calibration data is empty", "pass at least one batch of model inputs")
-    for b in batches:
-        if not _tensors(b):
-            raise CompressorError(f"a calibration batch holds no tensors ({type(b).__name__})",
-                                  "pass tensors, tuples of tensors or dicts of named tensors")
-    return batches
-
-
-def _tensors(batch: Batch) -> list[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, dict):
-        return [v for _, v in sorted(batch.items()) if isinstance(v, torch.Tensor)]
-    if isinstance(batch, tuple | list):
-        return [t for t in batch if isinstance(t, torch.Tensor)]
-    return []
-
-
 def describe(batches: list[Batch]) -> dict[str, Any]:
     """Count of samples and tokens, and a sha256 of the calibration data (for the plan)."""
     digest = hashlib.sha256()
     samples = tokens = 0
     for b in batches:
-        for t in _tensors(b):
+        for t in tensors_of(b):
             digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
             digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        first = _tensors(b)[0]
+        first = tensors_of(b)[0]
         samples += first.shape[0] if first.dim() else 1
-        mask = mask_of(b)
+        mask = attention_mask(b)
         if mask is not None:
             tokens += int(mask.sum())
         elif not first.is_floating_point():  # token ids
@@ -109,62 +89,7 @@ def describe(batches: list[Batch]) -> dict[str, Any]:
             "sha256": digest.hexdigest()}
 
 
-def mask_of(batch: Batch) -> torch.Tensor | None:
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
-
-def _to(batch: Batch, device: torch.device) -> Batch:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return type(batch)(t.to(device) if isinstance(t, torch.Tensor) else t for t in batch)
-
-
-def run_model(model: nn.Module, batch: Batch) -> Any:
-    """``model(batch)``, ``model(*batch)`` or ``model(**batch)``."""
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, tuple | list):
-        return model(*batch)
-    return model(batch)
-
-
-def first_tensor(out: Any) -> torch.Tensor:
-    """The main output of a model: itself, or the first tensor of a tuple / dict / ModelOutput."""
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, dict) else out
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
-    raise CompressorError("the model's output holds no tensor", "calibrate a model that returns tensors")
-
-
 # ------------------------------------------------------------------------------ activation statistics
-
-
-def input_rows(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The rows ``x_i`` with ``y_i = W x_i`` that ``module`` computes on input ``x``, or None
-    (embeddings). ``mask`` (batch, tokens) drops padding tokens of a sequence input."""
-    kind = layer_kind(module)
-    if kind == "linear":
-        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            return x[mask.to(torch.bool)]
-        return x.reshape(-1, x.shape[-1])
-    if kind in ("conv1d", "conv2d"):
-        if kind == "conv1d":  # as a 1-row image, so that unfold applies
-            x = x.unsqueeze(-2)
-            k, s, d, p = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation), module.padding
-            p = p if isinstance(p, str) else (0, *p)
-        else:
-            k, s, d, p = module.kernel_size, module.stride, module.dilation, module.padding
-        if isinstance(p, str):  # "valid" / "same" (odd kernels); non-zero padding modes are approximated
-            p = (0, 0) if p == "valid" else tuple(di * (ki - 1) // 2 for ki, di in zip(k, d, strict=True))
-        patches = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (B, n, L)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    return None
 
 
 @dataclass
@@ -318,7 +243,7 @@ def _eval(model: nn.Module) -> Iterator[None]:
 
 def _forward(model: nn.Module, batch: Batch) -> Any:
     try:
-        return run_model(model, batch)
+        return call(model, batch)
     except _Stop:
         return None
 
@@ -330,6 +255,7 @@ class Calibrator:
     model: nn.Module
     modules: dict[str, nn.Module]  # factorizable layers, by name
     batches: list[Batch]
+    outputs: Sequence[str] | None = None  # the outputs sensitivity compares (None: every float output)
     device: torch.device = field(init=False)
     order: list[list[str]] = field(init=False)  # groups of layers reading the same input, in call order
     repeated: bool = field(init=False)  # a layer is called more than once per forward
@@ -337,7 +263,7 @@ class Calibrator:
     def __post_init__(self) -> None:
         p = next(iter(self.model.parameters()), None)
         self.device = p.device if p is not None else torch.device("cpu")
-        self.batches = [_to(b, self.device) for b in self.batches]
+        self.batches = [to_device(b, self.device) for b in self.batches]
         self._trace()
 
     def _trace(self) -> None:
@@ -350,7 +276,7 @@ class Calibrator:
             seen.append((name, x.data_ptr() if isinstance(x, torch.Tensor) else id(x)))
 
         with _eval(self.model), _hooks(self.modules, pre=pre):
-            run_model(self.model, self.batches[0])
+            call(self.model, self.batches[0])
         names = [n for n, _ in seen]
         self.repeated = len(names) != len(set(names))
         groups: list[list[str]] = []
@@ -366,6 +292,10 @@ class Calibrator:
         never = [n for n in self.modules if not any(n in g for g in groups)]
         self.order = groups + [[n] for n in never]
 
+    def _rows(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        mod = self.modules[name]
+        return handler_for(mod).input_rows(mod, x, mask)
+
     def moments(self) -> dict[str, Moments]:
         """``X^T X`` of every layer's input on the unchanged model, in one pass over the data."""
         acc = {name: Moments() for name in self.modules}
@@ -373,20 +303,20 @@ class Calibrator:
 
         def pre(name, args):
             mod = self.modules[name]
-            if layer_kind(mod) == "embedding":
+            if handler_for(mod).statistics == "tokens":
                 ids = args[0]
                 if mask is not None and tuple(ids.shape) == tuple(mask.shape):
                     ids = ids[mask.to(torch.bool)]
                 acc[name].add_tokens(ids, mod.num_embeddings)
                 return
-            rows = input_rows(mod, args[0], mask)
+            rows = handler_for(mod).input_rows(mod, args[0], mask)
             if rows is not None:
                 acc[name].add(rows)
 
         with _eval(self.model), _hooks(self.modules, pre=pre):
             for b in self.batches:
-                mask = mask_of(b)
-                run_model(self.model, b)
+                mask = attention_mask(b)
+                call(self.model, b)
         return acc
 
     def original_inputs(self, budget_bytes: int) -> dict[str, list[torch.Tensor | None]] | None:
@@ -397,25 +327,25 @@ class Calibrator:
 
         def size(name, args):
             nonlocal need
-            rows = input_rows(self.modules[name], args[0], mask)
+            rows = self._rows(name, args[0], mask)
             need += 0 if rows is None else rows.numel() * 4
 
         store: dict[str, list[torch.Tensor | None]] = {n: [] for n in firsts}
 
         def keep(name, args):
-            rows = input_rows(self.modules[name], args[0], mask)
+            rows = self._rows(name, args[0], mask)
             store[name].append(None if rows is None else rows.float())
 
         mods = {n: self.modules[n] for n in firsts}
         with _eval(self.model), _hooks(mods, pre=size):
-            mask = mask_of(self.batches[0])
-            run_model(self.model, self.batches[0])
+            mask = attention_mask(self.batches[0])
+            call(self.model, self.batches[0])
         if self.repeated or need * len(self.batches) > budget_bytes:
             return None
         with _eval(self.model), _hooks(mods, pre=keep):
             for b in self.batches:
-                mask = mask_of(b)
-                run_model(self.model, b)
+                mask = attention_mask(b)
+                call(self.model, b)
         return store
 
     def paired_moments(self, group: list[str], replaced: dict[str, nn.Module],
@@ -437,50 +367,38 @@ class Calibrator:
 
         with _eval(self.model):
             for i, b in enumerate(self.batches):
-                mask = mask_of(b)
+                mask = attention_mask(b)
                 if originals is None:
                     with _hooks(mods, pre=capture):
                         _forward(self.model, b)
-                    x = input_rows(self.modules[first], captured[first], mask)
+                    x = self._rows(first, captured[first], mask)
                 else:
                     x = originals[first][i]
                 with _hooks({n: self.modules[n] for n in replaced}, post=swap), _hooks(mods, pre=capture):
                     _forward(self.model, b)
-                h = input_rows(self.modules[first], captured[first], mask)
+                h = self._rows(first, captured[first], mask)
                 if x is not None:
                     for name in group:
                         acc[name].add(x, h)
         return acc
 
     def output_errors(self, replacements: dict[str, nn.Module], limit: int) -> dict[str, float]:
-        """Relative change ``||Y' - Y||^2 / ||Y||^2`` of the model's output when each layer alone is
-        replaced, over the first ``limit`` calibration batches."""
+        """Relative change of the model's compared outputs (:func:`compressor.data.inputs.relative_change`)
+        when each layer alone is replaced, over the first ``limit`` calibration batches."""
         batches = self.batches[:limit]
         with _eval(self.model):
-            refs = [first_tensor(run_model(self.model, b)) for b in batches]
+            refs = [call(self.model, b) for b in batches]
             out: dict[str, float] = {}
             for name, new in replacements.items():
                 with _hooks({name: self.modules[name]}, post=lambda _n, args, _o, new=new: new(args[0])):
-                    out[name] = relative_change(self.model, batches, refs)
+                    out[name] = relative_change(((call(self.model, b), ref, attention_mask(b))
+                                                 for b, ref in zip(batches, refs, strict=True)), self.outputs)
         return out
 
 
-def relative_change(model: nn.Module, batches: list[Batch], refs: list[torch.Tensor]) -> float:
-    """``||Y' - Y||^2 / ||Y||^2`` of ``model``'s first output over ``batches`` against ``refs`` (``Y``),
-    padding positions left out."""
-    num = den = 0.0
-    for b, ref in zip(batches, refs, strict=True):
-        diff, ref = (first_tensor(run_model(model, b)) - ref).double(), ref.double()
-        mask = mask_of(b)
-        if mask is not None and tuple(ref.shape[:2]) == tuple(mask.shape):
-            keep = mask.to(torch.bool)  # padding positions are not part of any output
-            diff, ref = diff[keep], ref[keep]
-        num, den = num + float(diff.square().sum()), den + float(ref.square().sum())
-    return num / den if den > 0 else 0.0
-
-
 def plain_decomposition(module: nn.Module) -> tuple[Decomposition, dict[str, Any]]:
-    return svd(weight_matrix(module)), {"whitening": "none (not reached by the calibration data: plain SVD)"}
+    plain = "none (not reached by the calibration data: plain SVD)"
+    return svd(handler_for(module).weight_matrix(module)), {"whitening": plain}
 
 
 # ------------------------------------------------------------------------------------------ loaders
@@ -538,18 +456,10 @@ def _cap(batches: list[Batch], samples: int | None) -> list[Batch]:
     for b in batches:
         if left <= 0:
             break
-        n = _tensors(b)[0].shape[0]
-        out.append(b if n <= left else _slice(b, left))
+        n = tensors_of(b)[0].shape[0]
+        out.append(b if n <= left else take(b, slice(0, left)))
         left -= n
     return out
-
-
-def _slice(batch: Batch, n: int) -> Batch:
-    if isinstance(batch, torch.Tensor):
-        return batch[:n]
-    if isinstance(batch, dict):
-        return {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return type(batch)(t[:n] if isinstance(t, torch.Tensor) else t for t in batch)
 
 
 def _text_batches(path: Path, tokenizer, samples: int | None, batch_size: int, max_length: int
@@ -589,7 +499,8 @@ class Calibrated:
 
 
 def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch], policy,
-                        rank_multiple: int, fixed: dict[str, int | None], *, sequential: bool = True,
+                        rank_multiple: int, fixed: dict[str, int | None], *, outputs: Sequence[str] | None = None,
+                        sequential: bool = True,
                         sensitivity: bool = True, sensitivity_batches: int = 2,
                         damping: tuple[float, ...] = DAMPING) -> Calibrated:
     """Whitened decompositions, output-error rank allocation and (optionally) sequential refits."""
@@ -597,18 +508,18 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
     from compressor.core.rewrite import factor_module
     from compressor.core.svd import max_saving_rank
 
-    cal = Calibrator(model, modules, batches)
+    cal = Calibrator(model, modules, batches, outputs)
     decs: dict[str, Decomposition] = {}
     infos: dict[str, dict[str, Any]] = {}
     for name, mom in cal.moments().items():
         mod = modules[name]
         if mom.tokens is not None:
-            decs[name], infos[name] = embedding_decomposition(weight_matrix(mod), mom)
+            decs[name], infos[name] = embedding_decomposition(handler_for(mod).weight_matrix(mod), mom)
         elif mom.xx is None:
             decs[name], infos[name] = plain_decomposition(mod)
         else:
-            decs[name], infos[name] = whitened_decomposition(weight_matrix(mod), mom, damping)
-    shapes = {name: tuple(weight_matrix(mod).shape) for name, mod in modules.items()}
+            decs[name], infos[name] = whitened_decomposition(handler_for(mod).weight_matrix(mod), mom, damping)
+    shapes = {name: tuple(handler_for(mod).weight_matrix(mod).shape) for name, mod in modules.items()}
     spectra = [LayerSpectrum.from_singular_values(name, *shapes[name], decs[name].S) for name in modules]
 
     scales: dict[str, float] = {}
@@ -644,8 +555,8 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
             if todo and replaced:
                 paired = cal.paired_moments(group, replaced, originals)
                 for name in todo:
-                    decs[name], infos[name] = whitened_decomposition(weight_matrix(modules[name]),
-                                                                     paired[name], damping)
+                    W = handler_for(modules[name]).weight_matrix(modules[name])
+                    decs[name], infos[name] = whitened_decomposition(W, paired[name], damping)
                     refit += 1
             for name in group:
                 if compressed(name):

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressor.core.handlers import handler_for
+from compressor.data.inputs import call, eval_mode, flatten, model_device, to_device
+
 
 def file_size(path: str | Path) -> int:
     """Bytes on disk of ``path``; for an ONNX model, its external-data files are counted too."""
@@ -54,9 +57,7 @@ def onnx_latency(path: str | Path, inputs: Any, *, threads: int = 2, warmup: int
     :func:`compressor.export.export_onnx`): ``{median_ms, p10_ms, p90_ms, runs, threads, batch}``."""
     import onnxruntime as ort
 
-    from compressor.export.onnx import flatten_inputs
-
-    names, tensors = flatten_inputs(inputs)
+    names, tensors = flatten(inputs)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -71,17 +72,14 @@ def onnx_latency(path: str | Path, inputs: Any, *, threads: int = 2, warmup: int
 def torch_latency(model: nn.Module, inputs: Any, *, threads: int = 2, warmup: int = 10, runs: int = 50
                   ) -> dict[str, Any]:
     """Latency of ``model`` in torch eager (eval mode, inference mode), same keys as :func:`onnx_latency`."""
-    from compressor.export.onnx import call_model, flatten_inputs, model_device
-
-    names, tensors = flatten_inputs(inputs)
-    tensors = [t.to(model_device(model)) for t in tensors]
-    as_dict = isinstance(inputs, dict)
+    inputs = to_device(inputs, model_device(model))
+    _, tensors = flatten(inputs)
     previous_threads, was_training = torch.get_num_threads(), model.training
     torch.set_num_threads(threads)
     model.eval()
     try:
         with torch.inference_mode():
-            stats = _timings(lambda: call_model(model, names, tensors, as_dict), warmup, runs)
+            stats = _timings(lambda: call(model, inputs), warmup, runs)
     finally:
         torch.set_num_threads(previous_threads)
         model.train(was_training)
@@ -89,39 +87,31 @@ def torch_latency(model: nn.Module, inputs: Any, *, threads: int = 2, warmup: in
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
-    """Multiply-adds one forward pass on ``example_inputs`` really performs in Linear, Conv and Embedding
-    layers (factored layers count through their two factors), measured with forward hooks.
+    """Multiply-adds one forward pass on ``example_inputs`` really performs in the layers a handler knows
+    (factored layers count through their two factors), measured with forward hooks.
 
     Returns ``{"total", "per_sample", "batch", "by_layer": {name: macs}}``. Embedding lookups cost 0;
     the ``up`` projection of a factored embedding is a Linear and is counted. Bias adds are not counted.
     """
-    from compressor.export.onnx import call_model, flatten_inputs, model_device
-
-    names, tensors = flatten_inputs(example_inputs)
-    tensors = [t.to(model_device(model)) for t in tensors]
+    inputs = to_device(example_inputs, model_device(model))
+    _, tensors = flatten(inputs)
     by_layer: dict[str, int] = {}
 
-    def hook(name: str):
+    def hook(name: str, handler):
         def record(mod: nn.Module, args, out) -> None:
-            if isinstance(mod, nn.Linear):
-                macs = out.numel() * mod.in_features
-            elif isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-                macs = out.numel() * (mod.in_channels // mod.groups) * int(np.prod(mod.kernel_size))
-            else:  # Embedding: a table lookup
-                macs = 0
-            by_layer[name] = by_layer.get(name, 0) + int(macs)
+            by_layer[name] = by_layer.get(name, 0) + int(handler.call_macs(mod, out))
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Embedding)]
-    was_training = model.training
-    model.eval()
+    handles = []
+    for n, m in model.named_modules():
+        h = handler_for(m)
+        if h is not None:
+            handles.append(m.register_forward_hook(hook(n, h)))
     try:
-        with torch.no_grad():
-            call_model(model, names, tensors, isinstance(example_inputs, dict))
+        with eval_mode(model), torch.no_grad():
+            call(model, inputs)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     total, batch = sum(by_layer.values()), _batch_of(tensors)
     return {"total": total, "per_sample": total / batch, "batch": batch, "by_layer": by_layer}

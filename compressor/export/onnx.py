@@ -33,7 +33,9 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
+from compressor.core.handlers import handler_of_kind
 from compressor.core.plan import Plan
+from compressor.data.inputs import call, eval_mode, flatten, model_device, named_outputs, to_device
 from compressor.export.measure import file_size
 
 # Variants are approximations: they are judged by the worst per-sample cosine of their outputs to the
@@ -45,46 +47,6 @@ INT8_MIN_COSINE = 0.9
 # Above this many bytes of weights an ONNX protobuf (2 GB limit) cannot hold them: write external data.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
-# ---------------------------------------------------------------------------------------- inputs
-
-
-def flatten_inputs(example_inputs: Any) -> tuple[list[str], list[torch.Tensor]]:
-    """``(names, tensors)`` of a tensor, a tuple/list of tensors, or a dict of named tensors."""
-    if isinstance(example_inputs, torch.Tensor):
-        return ["input"], [example_inputs]
-    if isinstance(example_inputs, Mapping):
-        items = list(example_inputs.items())
-    elif isinstance(example_inputs, tuple | list):
-        items = [(f"input_{i}", t) for i, t in enumerate(example_inputs)]
-    else:
-        items = []
-    if not items or not all(isinstance(t, torch.Tensor) for _, t in items):
-        raise CompressorError(f"example inputs must be a tensor, a tuple of tensors or a dict of tensors, "
-                              f"got {type(example_inputs).__name__}",
-                              "pass e.g. torch.randn(1, 3, 224, 224) or {'input_ids': ..., "
-                              "'attention_mask': ...}")
-    if any(t.dim() == 0 for _, t in items):
-        raise CompressorError("an example input is a scalar, so it has no batch axis",
-                              "give every input a leading batch dimension")
-    return [str(k) for k, _ in items], [t for _, t in items]
-
-
-def call_model(model: nn.Module, names: list[str], tensors: list[torch.Tensor], as_dict: bool) -> Any:
-    """Call ``model`` with ``tensors`` as keyword (``as_dict``) or positional arguments."""
-    return model(**dict(zip(names, tensors, strict=True))) if as_dict else model(*tensors)
-
-
-def _flatten_outputs(out: Any, prefix: str = "output") -> list[tuple[str, torch.Tensor]]:
-    """Plain named tensors of a model's output: a tensor, tuple, dict or Hugging Face ModelOutput."""
-    if isinstance(out, torch.Tensor):
-        return [(prefix, out)]
-    if isinstance(out, Mapping):  # dict and transformers' ModelOutput (an OrderedDict of non-None fields)
-        return [pair for k, v in out.items() for pair in _flatten_outputs(v, str(k))]
-    if isinstance(out, tuple | list):
-        return [pair for i, v in enumerate(out) for pair in _flatten_outputs(v, f"{prefix}_{i}")]
-    return []  # None, ints, strings: not graph outputs
-
-
 class _Exportable(nn.Module):
     """Calls the model with positional tensors and returns its outputs as a flat tuple of tensors."""
 
@@ -93,33 +55,16 @@ class _Exportable(nn.Module):
         self.model, self.names, self.as_dict = model, names, as_dict
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = call_model(self.model, self.names, list(tensors), self.as_dict)
-        return tuple(t for _, t in _flatten_outputs(out))
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+        args = dict(zip(self.names, tensors, strict=True)) if self.as_dict else tensors
+        return tuple(t for _, t in named_outputs(call(self.model, args)))
 
 
 def torch_outputs(model: nn.Module, example_inputs: Any) -> list[tuple[str, np.ndarray]]:
     """The model's outputs on ``example_inputs`` (eval mode, no grad) as named float64 arrays."""
-    names, tensors = flatten_inputs(example_inputs)
-    device = model_device(model)
-    with _eval_mode(model), torch.no_grad():
-        out = call_model(model, names, [t.to(device) for t in tensors], isinstance(example_inputs, Mapping))
-    return [(k, v.detach().cpu().double().numpy()) for k, v in _flatten_outputs(out)]
+    flatten(example_inputs)  # checks the inputs
+    with eval_mode(model), torch.no_grad():
+        out = call(model, to_device(example_inputs, model_device(model)))
+    return [(k, v.detach().cpu().double().numpy()) for k, v in named_outputs(out)]
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -147,7 +92,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
     if exporter not in ("auto", "dynamo", "legacy"):
         raise CompressorError(f"unknown exporter '{exporter}'", "use 'auto', 'dynamo' or 'legacy'")
     path = Path(path)
-    names, tensors = flatten_inputs(example_inputs)
+    names, tensors = flatten(example_inputs)
     as_dict = isinstance(example_inputs, Mapping)
     device = model_device(model)
     tensors = [t.to(device) for t in tensors]
@@ -158,8 +103,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
         # torch.export specializes a dimension of size 1 to a constant: export with a batch of 2.
         tensors = [torch.cat([t, t]) for t in tensors]
     try:
-        with _eval_mode(model), torch.no_grad():
-            out_names = [k for k, _ in _flatten_outputs(call_model(model, names, tensors, as_dict))]
+        with eval_mode(model), torch.no_grad():
+            out = call(model, dict(zip(names, tensors, strict=True)) if as_dict else tensors)
+            out_names = [k for k, _ in named_outputs(out)]
     except Exception as err:
         raise CompressorError(f"{type(model).__name__} fails on the example inputs ({type(err).__name__}: "
                               f"{_first_line(err)})", "give example inputs of the shape and dtype the model "
@@ -178,7 +124,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
     for how in order:
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            with _eval_mode(model), _quiet():
+            with eval_mode(model), _quiet():
                 _export_with(how, wrapper, tuple(tensors), tmpdir / path.name, names, out_names, opset,
                              axes, dynamic_batch, weight_bytes > EXTERNAL_DATA_BYTES)
             _move_into_place(tmpdir, path)
@@ -342,14 +288,8 @@ def _key(shape) -> tuple[int, ...]:
 
 
 def _factor_shapes(lp) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of the (down, up) factor weights of a factored layer, as compressor.layers stores them."""
-    r, (m, n) = lp.rank, lp.matrix_shape
-    if lp.kind in ("conv1d", "conv2d"):
-        ones = (1,) * (len(lp.shape) - 2)
-        return (r, *lp.shape[1:]), (m, r, *ones)
-    if lp.kind == "embedding":
-        return (m, r), (n, r)  # table (num, rank); Linear(rank, dim) weight (dim, rank)
-    return (r, n), (m, r)
+    """Shapes of the (down, up) factor weights of a factored layer, from its kind's handler."""
+    return handler_of_kind(lp.kind).factor_shapes(lp.shape, lp.rank)
 
 
 def check_factored_graph(onnx_path_or_model: Any, plan: Plan) -> list[str]:
@@ -429,7 +369,7 @@ def validate_onnx(onnx_path: str | Path, model: nn.Module, example_inputs: Any, 
     path = Path(onnx_path)
     if not path.is_file():
         raise CompressorError(f"ONNX file '{path}' does not exist", "export the model first")
-    names, tensors = flatten_inputs(example_inputs)
+    names, tensors = flatten(example_inputs)
     as_dict = isinstance(example_inputs, Mapping)
     providers = ["CPUExecutionProvider"]
     v = Validation(str(path), file_size(path), math.inf, math.nan, atol, min_cosine, False, providers,

@@ -26,6 +26,7 @@ from compressor.core.output import OutputDir
 from compressor.core.plan import Plan
 from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
+from compressor.data.inputs import call, cosine_fidelity, eval_mode, sequence_axes
 
 MODES = ("compress", "analyze", "apply", "export")
 
@@ -51,6 +52,7 @@ class Options:
     fp16: bool = False
     int8: bool = False
     keep_fp16: int = 0  # with int8: this many int8-sensitive layers stay fp16 (measured on calibration)
+    outputs: Sequence[str] = ()  # the outputs fidelity and sensitivity compare (empty: every float output)
     plots: bool = False
     calibration: Path | None = None
     calibration_samples: int | None = None
@@ -166,7 +168,7 @@ def _calibration(loaded, opts: Options) -> list | None:
 
 
 def _plan(model: nn.Module, opts: Options, mode: str, calibration: list | None) -> Plan:
-    extra = {"calibration": calibration} if calibration is not None else {}
+    extra = {"calibration": calibration, "outputs": opts.outputs} if calibration is not None else {}
     if mode == "apply":
         if opts.plan_path is None:
             raise CompressorError("apply needs a plan file", "compress apply MODEL PLAN.json")
@@ -201,8 +203,7 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
     from compressor.export.onnx import VARIANTS, check_factored_graph, export_int8, export_onnx, validate_onnx
     from compressor.search.recipes import int8_sensitivity, most_sensitive
 
-    path = export_onnx(model, inputs, folder / "model.onnx", opset=opts.opset,
-                       dynamic_axes=_sequence_axes(inputs))
+    path = export_onnx(model, inputs, folder / "model.onnx", opset=opts.opset, dynamic_axes=sequence_axes(inputs))
     problems = check_factored_graph(path, plan) if plan is not None and plan.factored else []
     result = {"onnx": validate_onnx(path, model, inputs, atol=opts.atol), "graph_problems": problems}
     for kind in ("fp16", "int8"):
@@ -210,53 +211,23 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
             # Rounded weights move outputs by more than --atol; variants are held to a cosine floor.
             make, min_cosine = VARIANTS[kind]
             if kind == "int8" and opts.keep_fp16:
-                kept = most_sensitive(int8_sensitivity(model, calibration), model, opts.keep_fp16)
+                kept = most_sensitive(int8_sensitivity(model, calibration, outputs=opts.outputs), model,
+                                      opts.keep_fp16)
                 variant = export_int8(path, folder / "model.int8.onnx", keep_fp16=kept)
                 result["int8_kept_fp16"] = kept
             else:
                 variant = make(path, folder / f"model.{kind}.onnx")
             result[kind] = validate_onnx(variant, model, inputs, atol=None, min_cosine=min_cosine, variant=kind)
-    result["fidelity"] = output_fidelity(original, model, inputs) if original is not model else None
+    result["fidelity"] = output_fidelity(original, model, inputs, opts.outputs) if original is not model else None
     return result
 
 
-def _sequence_axes(inputs) -> dict[str, dict[int, str]] | None:
-    """Text models take named (batch, sequence) integer inputs: let the sequence length vary too."""
-    if not isinstance(inputs, dict):
-        return None
-    return {name: {1: "sequence"} for name, t in inputs.items()
-            if isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_floating_point()}
-
-
 @torch.no_grad()
-def output_fidelity(reference: nn.Module, model: nn.Module, inputs) -> dict[str, float]:
-    """How close ``model``'s outputs are to ``reference``'s on ``inputs``: cosine and relative error."""
-    a = _first_tensor(_call(reference, inputs)).double().flatten(1)
-    b = _first_tensor(_call(model, inputs)).double().flatten(1)
-    cos = nn.functional.cosine_similarity(a, b, dim=1)
-    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-            "relative_error": float((a - b).norm() / a.norm().clamp(min=1e-30))}
-
-
-def _call(model: nn.Module, inputs):
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    return model(inputs)
-
-
-def _first_tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "last_hidden_state"):
-        return out.last_hidden_state
-    if isinstance(out, dict):
-        return _first_tensor(next(iter(out.values())))
-    if isinstance(out, tuple | list):
-        return _first_tensor(out[0])
-    raise CompressorError(f"model output of type {type(out).__name__} holds no tensor",
-                          "compare models that return tensors")
+def output_fidelity(reference: nn.Module, model: nn.Module, inputs, outputs: Sequence[str] = ()) -> dict[str, float]:
+    """How close ``model``'s compared outputs are to ``reference``'s on ``inputs``: per-sample cosine
+    (mean and worst) and relative error (:func:`compressor.data.inputs.cosine_fidelity`)."""
+    with eval_mode(reference), eval_mode(model):
+        return cosine_fidelity(call(reference, inputs), call(model, inputs), outputs or None)
 
 
 def _plots(model: nn.Module, plan: Plan, folder: Path) -> list[str]:
@@ -269,7 +240,7 @@ def weights_only_model(state_dict: dict[str, torch.Tensor] | None) -> nn.Module:
     """A stand-in module tree for a bare state_dict, so its weights can be analyzed and factored.
 
     Every ``X.weight`` of 2 dims becomes an ``nn.Linear`` (an embedding table has the same matrix
-    view), 3 and 4 dims a ``Conv1d``/``Conv2d`` whose groups cannot be known (``in == 1`` per group
+    view), 3 to 5 dims a ``Conv1d/2d/3d`` whose groups cannot be known (``in == 1`` per group
     is treated as depthwise and left dense); other tensors are kept as plain parameters so totals count
     them. The names are the state_dict's own, so the plan and factored weights match them.
     """
@@ -285,8 +256,8 @@ def weights_only_model(state_dict: dict[str, torch.Tensor] | None) -> nn.Module:
         has_bias = bias is not None and bias.dim() == 1 and bias.shape[0] == tensor.shape[0]
         if tensor.dim() == 2:
             layer: nn.Module = nn.Linear(tensor.shape[1], tensor.shape[0], bias=has_bias, device="meta")
-        elif tensor.dim() in (3, 4):
-            conv = nn.Conv1d if tensor.dim() == 3 else nn.Conv2d
+        elif tensor.dim() in (3, 4, 5):
+            conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[tensor.dim() - 3]
             groups = tensor.shape[0] if tensor.shape[1] == 1 and tensor.shape[0] > 1 else 1
             layer = conv(tensor.shape[1] * groups, tensor.shape[0], tuple(tensor.shape[2:]), groups=groups,
                          bias=has_bias, device="meta")

@@ -69,8 +69,10 @@ def layer_spectra(model: nn.Module | None = None, plan: Plan | None = None) -> d
             lp = plan.layer(name)
             out[name] = {"S": plan._cache[name][0].S.detach().double().cpu(), "m": lp.m, "n": lp.n, "kind": kind}
         elif model is not None:
-            from compressor.core.svd import compute_dtype, weight_matrix
-            w = weight_matrix(model.get_submodule(name)).detach()
+            from compressor.core.handlers import handler_for
+            from compressor.core.svd import compute_dtype
+            mod = model.get_submodule(name)
+            w = handler_for(mod).weight_matrix(mod).detach()
             S = torch.linalg.svdvals(w.to(compute_dtype(w.dtype)))
             out[name] = {"S": S.double().cpu(), "m": w.shape[0], "n": w.shape[1], "kind": kind}
         else:

@@ -585,10 +585,9 @@ def _violation(p: Point, c: Constraints, fp32_bytes: int) -> float:
 
 def _factorizable_params(model: nn.Module, analyze_options: dict[str, Any]) -> int:
     from compressor.analysis.analyze import find_layers
-    from compressor.core.svd import weight_matrix
 
     found = find_layers(model, analyze_options.get("include", ()), analyze_options.get("exclude", ()))
-    return sum(weight_matrix(c.module).numel() for c in found if c.skip is None)
+    return sum(c.weight_matrix().numel() for c in found if c.skip is None)
 
 
 def estimate_size(recipe: Recipe, fp32_bytes: int, factorizable: int, total_params: int) -> float:
@@ -701,14 +700,15 @@ def fake_int8(model: nn.Module) -> nn.Module:
     return model
 
 
-def int8_sensitivity(model: nn.Module, batches: Any, limit: int = 2) -> dict[str, float]:
+def int8_sensitivity(model: nn.Module, batches: Any, limit: int = 2, outputs: Sequence[str] = ()
+                     ) -> dict[str, float]:
     """How much int8 rounding of each layer alone moves ``model``'s first output: relative squared change
     ``||Y' - Y||^2 / ||Y||^2`` over the first ``limit`` batches, with the layer computing as the int8
     export will (:func:`fake_int8`). Layers are the model's ``nn.Linear`` modules, the two factors of a
     factored linear layer counting as one (they are kept or quantized together); a factored embedding's
     ``.up`` is a layer of its own (its big lookup table is never worth keeping)."""
     from compressor.core.layers import LowRankLinear
-    from compressor.data.calibration import as_batches, first_tensor, relative_change, run_model
+    from compressor.data.inputs import as_batches, attention_mask, call, relative_change
 
     units: dict[str, list[nn.Linear]] = {}
     inside = set()
@@ -723,13 +723,14 @@ def int8_sensitivity(model: nn.Module, batches: Any, limit: int = 2) -> dict[str
     model.eval()
     try:
         with torch.no_grad():
-            refs = [first_tensor(run_model(model, b)) for b in data]
+            refs = [call(model, b) for b in data]
             out = {}
             for name, mods in units.items():
                 for m in mods:
                     m.forward = _fake_int8_linear.__get__(m)
                 try:
-                    out[name] = relative_change(model, data, refs)
+                    out[name] = relative_change(((call(model, b), r, attention_mask(b))
+                                                 for b, r in zip(data, refs, strict=True)), outputs or None)
                 finally:
                     for m in mods:
                         m.__dict__.pop("forward", None)
@@ -767,7 +768,7 @@ def onnx_fidelity(path: str | Path, evaluation: Evaluation, threads: int = 2) ->
     """Run ``evaluation``'s held-out batches through the ONNX file at ``path`` and score them."""
     import onnxruntime as ort
 
-    from compressor.export.onnx import flatten_inputs
+    from compressor.data.inputs import flatten
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -776,16 +777,16 @@ def onnx_fidelity(path: str | Path, evaluation: Evaluation, threads: int = 2) ->
     wanted = [i.name for i in session.get_inputs()]
     outputs = []
     for batch in evaluation.inputs:
-        names, tensors = flatten_inputs(batch)
+        names, tensors = flatten(batch)
         feed = dict(zip(names, (t.detach().cpu().numpy() for t in tensors), strict=True))
         outputs.append(session.run(None, {n: feed[n] for n in wanted}))
     return evaluation.score(outputs)
 
 
 def _shape_text(inputs: Any) -> str:
-    from compressor.export.onnx import flatten_inputs
+    from compressor.data.inputs import flatten
 
-    names, tensors = flatten_inputs(inputs)
+    names, tensors = flatten(inputs)
     return ", ".join(f"{n} {'x'.join(map(str, t.shape))}" for n, t in zip(names, tensors, strict=True))
 
 
@@ -1001,9 +1002,9 @@ def _load_batches(path: Path, loaded: Any, samples: int | None = None) -> list[A
 def _held_out(path: Path | None, example: Any, loaded: Any) -> tuple[list[Any], str]:
     if path is not None:
         return _load_batches(path, loaded), f"held-out inputs from {Path(path).name}"
-    from compressor.export.onnx import flatten_inputs
+    from compressor.data.inputs import flatten
 
-    names, tensors = flatten_inputs(example)
+    names, tensors = flatten(example)
     if not all(t.is_floating_point() for t in tensors):
         raise CompressorError("the model takes integer inputs (token ids), so random held-out inputs make no sense",
                               "pass held-out inputs with --eval-inputs FILE (tensors, or text for Hugging Face)")

@@ -37,6 +37,7 @@ from torch.nn import functional as F
 
 from compressor.core.errors import CompressorError
 from compressor.core.layers import LOW_RANK_TYPES
+from compressor.data.inputs import attention_mask, call, num_samples, primary_output, take, to_device
 from compressor.train.checkpoint import CheckpointManager, pack_training_state, unpack_training_state
 from compressor.train.lora import LoRALayer, apply_lora, lora_parameters, merge_lora
 
@@ -223,13 +224,13 @@ def heal(compressed: nn.Module, *, teacher: nn.Module | None = None, data: Any, 
             epoch, index = epoch + 1, 0
         inputs, tgt = loader.batch(epoch, index)
         index += 1
-        inputs = _to(inputs, device)
+        inputs = to_device(inputs, device)
         if supervised:
-            tgt = _to(tgt, device)
+            tgt = to_device(tgt, device)
         else:
             with torch.no_grad():
                 tgt = _run(teacher, inputs, device)
-        value = loss_fn(_output(_call(model, inputs)), tgt, _mask(inputs))
+        value = loss_fn(primary_output(call(model, inputs)), tgt, attention_mask(inputs))
         if not torch.isfinite(value):
             raise CompressorError(f"the loss became {value.item()} at step {step + 1}",
                                   f"lower the learning rate (now lr={cfg.lr})")
@@ -330,7 +331,7 @@ class Batches:
                                       "pass one target batch per input batch")
             self.batch_size = 1
         else:
-            self.n = _num_samples(inputs)
+            self.n = num_samples(inputs)
             if targets is not None and len(targets) != self.n:
                 raise CompressorError(f"{self.n} inputs but {len(targets)} targets",
                                       "pass one target per input sample")
@@ -355,69 +356,11 @@ class Batches:
         if self.listed:
             i = int(idx[0])
             return self.inputs[i], None if self.targets is None else self.targets[i]
-        return _take(self.inputs, idx), None if self.targets is None else _take(self.targets, idx)
+        return take(self.inputs, idx), None if self.targets is None else take(self.targets, idx)
 
     def in_order(self):
         for i in range(len(self)):
             yield self.batch(0, i)
-
-
-def _num_samples(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return len(x)
-    if isinstance(x, dict) and x:
-        sizes = {len(v) for v in x.values()}
-        if len(sizes) == 1:
-            return sizes.pop()
-        raise CompressorError("the named input tensors have different numbers of samples",
-                              "give every tensor the same first dimension")
-    if isinstance(x, tuple) and x:
-        return _num_samples(dict(enumerate(x)))
-    raise CompressorError(f"cannot read training data of type {type(x).__name__}",
-                          "pass a tensor, a dict of tensors, or a list of batches")
-
-
-def _take(x: Any, idx: torch.Tensor) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x[idx.to(x.device)]
-    if isinstance(x, dict):
-        return {k: _take(v, idx) for k, v in x.items()}
-    if isinstance(x, tuple):
-        return tuple(_take(v, idx) for v in x)
-    return [x[int(i)] for i in idx]
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    return x
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def _output(out: Any) -> torch.Tensor:
-    """The tensor to train: the output itself, ``logits`` or ``last_hidden_state`` (HF), or the first."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        for key in ("logits", "last_hidden_state"):
-            if out.get(key) is not None:
-                return out[key]
-        return next(iter(out.values()))
-    if isinstance(out, (tuple, list)):
-        return _output(out[0])
-    raise CompressorError(f"cannot train on a model output of type {type(out).__name__}",
-                          "return a tensor, a tuple or a dict of tensors from forward()")
 
 
 def _run(teacher: nn.Module, inputs: Any, device: torch.device) -> torch.Tensor:
@@ -426,14 +369,9 @@ def _run(teacher: nn.Module, inputs: Any, device: torch.device) -> torch.Tensor:
     teacher.eval()
     try:
         with torch.no_grad():
-            return _output(_call(teacher, _to(inputs, next(teacher.parameters()).device))).to(device)
+            return primary_output(call(teacher, to_device(inputs, next(teacher.parameters()).device))).to(device)
     finally:
         teacher.train(was_training)
-
-
-def _mask(inputs: Any) -> torch.Tensor | None:
-    """The padding mask of tokenized (HF-style) inputs: loss is taken on real tokens only."""
-    return inputs.get("attention_mask") if isinstance(inputs, dict) else None
 
 
 def _is_integer(t: Any) -> bool:
@@ -482,17 +420,17 @@ def _evaluate(model: nn.Module, loader: Batches, teacher_out: list[torch.Tensor]
     total = correct = cos = 0.0
     count = labels = 0
     for i, (inputs, tgt) in enumerate(loader.in_order()):
-        inputs = _to(inputs, device)
-        tgt = teacher_out[i] if teacher_out is not None else _to(tgt, device)
-        out = _output(_call(model, inputs))
+        inputs = to_device(inputs, device)
+        tgt = teacher_out[i] if teacher_out is not None else to_device(tgt, device)
+        out = primary_output(call(model, inputs))
         n = out.shape[0]
-        total += float(loss_fn(out, tgt, _mask(inputs))) * n
+        total += float(loss_fn(out, tgt, attention_mask(inputs))) * n
         count += n
         if classes:
             correct += float((out.argmax(-1) == tgt).sum())
             labels += tgt.numel()
         elif teacher_out is not None:
-            cos += float(_masked_mean(F.cosine_similarity(out, tgt, dim=-1), _mask(inputs))) * n
+            cos += float(_masked_mean(F.cosine_similarity(out, tgt, dim=-1), attention_mask(inputs))) * n
     metrics = {"val_loss": total / count}
     if classes:
         metrics["val_accuracy"] = correct / labels

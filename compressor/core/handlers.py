@@ -1,0 +1,371 @@
+"""Layer handlers: everything compressor knows about one kind of layer, in one place.
+
+Every stage asks the registry instead of testing ``isinstance`` itself (as peft dispatches layer types):
+
+    handler = handler_for(module)          # the first registered handler that matches, or None
+    handler.weight_matrix(module)          # the weight as an (m, n) matrix: y = W x
+    handler.factor(module, rank, dec)      # the two-layer replacement
+    handler.input_rows(module, x, mask)    # rows of X with y_i = W x_i, for calibration statistics
+    handler.lora(module, rank, alpha, 0.0) # a LoRA wrapper
+
+Built in, in dispatch order: ``nn.Linear`` ("linear"), ``nn.Conv1d/2d/3d`` ("conv1d" ... "conv3d",
+groups 1), ``nn.Embedding`` ("embedding") and transformers' ``Conv1D`` ("hf-conv1d", GPT-2's layers,
+weight stored in x out). A user adds a kind from their own code in one call::
+
+    register_handler(MyHandler())            # a LayerHandler subclass; first match wins
+
+and nothing else changes: analyze, rewrite, calibration, export checks, LoRA, MACs and int8 sensitivity
+all go through the handler.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compressor.core.errors import CompressorError
+from compressor.core.layers import (
+    LoRAConv,
+    LoRAEmbedding,
+    LoRALinear,
+    LoRAMatrix,
+    LowRankConv,
+    LowRankEmbedding,
+    LowRankLinear,
+)
+from compressor.core.svd import Decomposition, svd
+
+
+class LayerHandler:
+    """One layer kind. Subclasses set ``kind`` and override what differs from a plain ``y = W x + b``.
+
+    ``statistics`` says what calibration collects for the kind: ``"rows"`` (the second moment of
+    :meth:`input_rows`, for whitened factors) or ``"tokens"`` (lookup counts, for embedding tables).
+    """
+
+    kind: str = ""
+    statistics: str = "rows"
+
+    # ------------------------------------------------------------------------------ identification
+    def matches(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def dense_reason(self, module: nn.Module) -> str | None:
+        """Why this instance must stay dense although its kind is supported (None: it can be factored)."""
+        return None
+
+    # -------------------------------------------------------------------------------------- weight
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        """The stored weight parameter (for tying checks, dtype and device)."""
+        return module.weight
+
+    def weight_matrix(self, module: nn.Module) -> torch.Tensor:
+        """The weight as an ``(m, n)`` matrix with ``y = W x`` (a view where the storage allows)."""
+        w = self.weight(module)
+        return w.reshape(w.shape[0], -1)
+
+    def macs(self, m: int, n: int, rank: int | None = None) -> int:
+        """Multiply-adds per output position, dense (``rank`` None) or factored at ``rank``."""
+        return m * n if rank is None else rank * (m + n)
+
+    def factor_shapes(self, shape: list[int], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of the (down, up) weights of the factored layer, as the exported graph stores them;
+        ``shape`` is the dense weight's own shape."""
+        m, n = shape[0], math.prod(shape[1:])
+        return (rank, n), (m, rank)
+
+    # ------------------------------------------------------------------------------------ factoring
+    def empty_factored(self, module: nn.Module, rank: int) -> nn.Module:
+        """The replacement at ``rank`` with freshly initialised factors, on the weight's device/dtype."""
+        raise NotImplementedError
+
+    def set_factors(self, new: nn.Module, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Copy ``up`` (m, r) and ``down`` (r, n) into ``new``'s two layers."""
+        new.down.weight.copy_(down.reshape(new.down.weight.shape))
+        new.up.weight.copy_(up.reshape(new.up.weight.shape))
+
+    def factor(self, module: nn.Module, rank: int, decomposition: Decomposition | None = None) -> nn.Module:
+        """The low-rank replacement at ``rank`` from ``decomposition`` (the SVD of the weight matrix,
+        computed here when None; a data-aware one gives factors that minimise output error). Any rank up
+        to full: the break-even check is the plan's business."""
+        new = self.empty_factored(module, rank)
+        dec = decomposition if decomposition is not None else svd(self.weight_matrix(module))
+        w = self.weight(module)
+        up, down = (f.to(device=w.device, dtype=w.dtype) for f in dec.factors(rank))
+        with torch.no_grad():
+            self.set_factors(new, up, down)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                new.up.bias.copy_(bias)
+        new.train(module.training)
+        return new
+
+    # ---------------------------------------------------------------------------------- calibration
+    def input_rows(self, module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The rows ``x_i`` with ``y_i = W x_i`` that ``module`` computes on its input ``x``; ``mask``
+        (batch, tokens) drops padding tokens of a sequence input. None: no rows (e.g. token ids)."""
+        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            return x[mask.to(torch.bool)]
+        return x.reshape(-1, x.shape[-1])
+
+    def call_macs(self, module: nn.Module, output: torch.Tensor) -> int:
+        """Multiply-adds one call of ``module`` performed, given its output."""
+        m, n = self.weight_matrix(module).shape
+        return output.numel() // m * m * n
+
+    # ----------------------------------------------------------------------------------- training
+    def lora(self, module: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Module:
+        """A LoRA wrapper around ``module`` (frozen base, trainable ``lora_A``/``lora_B``)."""
+        raise CompressorError(f"{type(module).__name__} ({self.kind}) cannot take a LoRA adapter",
+                              "leave this layer out of the adapted layers")
+
+    def int8_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """``module(x)`` computed as onnxruntime's dynamic int8 computes it (weights per output channel,
+        inputs per tensor), with straight-through gradients; None when int8 export leaves the kind alone."""
+        return None
+
+
+# ------------------------------------------------------------------------------------ int8 rounding
+
+
+def fake_int8_weight(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 per output channel (row 0 of ``w``), scale max|w| / 127, straight-through."""
+    rows = w.reshape(w.shape[0], -1)
+    scale = rows.detach().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    q = (rows / scale).round().clamp(-127, 127) * scale
+    return w + (q.reshape(w.shape) - w).detach()
+
+
+def fake_uint8_input(x: torch.Tensor) -> torch.Tensor:
+    """Asymmetric uint8 per tensor with a range including 0 (DynamicQuantizeLinear), straight-through."""
+    lo, hi = x.detach().min().clamp(max=0), x.detach().max().clamp(min=0)
+    s = ((hi - lo) / 255).clamp(min=1e-12)
+    zp = (-lo / s).round().clamp(0, 255)
+    return x + ((((x / s).round() + zp).clamp(0, 255) - zp) * s - x).detach()
+
+
+# -------------------------------------------------------------------------------------- built-ins
+
+
+class LinearHandler(LayerHandler):
+    kind = "linear"
+
+    def matches(self, module: nn.Module) -> bool:
+        # isinstance keeps user subclasses of Linear, as peft does.
+        return isinstance(module, nn.Linear)
+
+    def empty_factored(self, module: nn.Module, rank: int) -> nn.Module:
+        w = module.weight
+        return LowRankLinear(module.in_features, module.out_features, rank, bias=module.bias is not None,
+                             device=w.device, dtype=w.dtype)
+
+    def lora(self, module: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Module:
+        return LoRALinear(module, rank, alpha, dropout)
+
+    def int8_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        return F.linear(fake_uint8_input(x), fake_int8_weight(module.weight), module.bias)
+
+
+_CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class ConvHandler(LayerHandler):
+    """``nn.Conv1d/2d/3d``: ``W`` is ``(out, in * prod(kernel))``; factored as a conv with the original
+    kernel to ``rank`` channels, then a 1x1 conv to the outputs (the channel decomposition)."""
+
+    def __init__(self, dims: int):
+        self.dims = dims
+        self.kind = f"conv{dims}d"
+
+    def matches(self, module: nn.Module) -> bool:
+        # ConvTranspose does not derive from Conv*d: its weight maps outputs to inputs.
+        return isinstance(module, _CONV_TYPES[self.dims])
+
+    def dense_reason(self, module: nn.Module) -> str | None:
+        if module.groups != 1:
+            return f"grouped/depthwise conv (groups={module.groups}) has no single weight matrix to factor"
+        return None
+
+    def factor_shapes(self, shape: list[int], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (rank, *shape[1:]), (shape[0], rank, *([1] * (len(shape) - 2)))
+
+    def empty_factored(self, module: nn.Module, rank: int) -> nn.Module:
+        return LowRankConv(module, rank)
+
+    def input_rows(self, module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return conv_patches(module, x)
+
+    def call_macs(self, module: nn.Module, output: torch.Tensor) -> int:
+        return output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+    def lora(self, module: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Module:
+        return LoRAConv(module, rank, alpha, dropout)
+
+    def int8_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        return module._conv_forward(fake_uint8_input(x), fake_int8_weight(module.weight), module.bias)
+
+
+def conv_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The patches a conv multiplies by its weight matrix, one row per output position, in the order
+    (batch, *positions), each row ordered like ``weight.reshape(out, -1)`` (channel, then kernel).
+    Works for any number of spatial dims; non-zero padding modes are approximated by zeros."""
+    dims = x.dim() - 2
+    k, s, d, p = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    if isinstance(p, str):  # "valid", or "same" (stride 1): the total padding split as torch splits it
+        total = [0 if p == "valid" else di * (ki - 1) for ki, di in zip(k, d, strict=True)]
+        pads = [(t // 2, t - t // 2) for t in total]
+    else:
+        pads = [(pi, pi) for pi in p]
+    x = F.pad(x, [v for pair in reversed(pads) for v in pair])
+    for i in range(dims):  # each spatial axis becomes (positions, kernel taps)
+        x = x.unfold(2 + i, d[i] * (k[i] - 1) + 1, s[i])[..., ::d[i]]
+    # (B, C, L1..Ld, k1..kd) -> (B, L1..Ld, C, k1..kd) -> rows
+    order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
+    x = x.permute(order)
+    return x.reshape(-1, math.prod(x.shape[1 + dims:]))
+
+
+class EmbeddingHandler(LayerHandler):
+    """``nn.Embedding``: the table ``(num, dim)`` as stored; factored as a ``(num, rank)`` table and a
+    ``Linear(rank, dim)``. A lookup costs no multiply-adds; the factored one costs ``rank * dim``."""
+
+    kind = "embedding"
+    statistics = "tokens"
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Embedding)
+
+    def dense_reason(self, module: nn.Module) -> str | None:
+        if module.max_norm is not None:
+            return "embedding with max_norm renormalizes rows at lookup; a factored table cannot"
+        return None
+
+    def macs(self, m: int, n: int, rank: int | None = None) -> int:
+        return 0 if rank is None else rank * n
+
+    def factor_shapes(self, shape: list[int], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (shape[0], rank), (shape[1], rank)  # table (num, rank); Linear(rank, dim) weight (dim, rank)
+
+    def empty_factored(self, module: nn.Module, rank: int) -> nn.Module:
+        return LowRankEmbedding(module, rank)
+
+    def set_factors(self, new: nn.Module, up: torch.Tensor, down: torch.Tensor) -> None:
+        new.down.weight.copy_(up)  # the (num, rank) table
+        new.up.weight.copy_(down.T)  # (dim, rank): maps a table row to the embedding
+
+    def input_rows(self, module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        return None  # token ids: calibration counts lookups instead
+
+    def call_macs(self, module: nn.Module, output: torch.Tensor) -> int:
+        return 0
+
+    def lora(self, module: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Module:
+        return LoRAEmbedding(module, rank, alpha, dropout)
+
+
+class HFConv1DHandler(LayerHandler):
+    """transformers' ``Conv1D`` (GPT-2, GPT, ...): ``y = x @ W + b`` with ``W`` stored ``(in, out)``. Its
+    matrix is the transpose; it is factored into a :class:`LowRankLinear`, which computes the same."""
+
+    kind = "hf-conv1d"
+
+    def matches(self, module: nn.Module) -> bool:
+        # By name, so that transformers is never imported to ask.
+        cls = type(module)
+        return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+    def weight_matrix(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.T
+
+    def factor_shapes(self, shape: list[int], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        n, m = shape
+        return (rank, n), (m, rank)
+
+    def empty_factored(self, module: nn.Module, rank: int) -> nn.Module:
+        n, m = module.weight.shape
+        return LowRankLinear(n, m, rank, bias=module.bias is not None, device=module.weight.device,
+                             dtype=module.weight.dtype)
+
+    def lora(self, module: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Module:
+        return LoRAMatrix(module, rank, alpha, dropout, transposed=True)
+
+    def int8_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        w = fake_int8_weight(module.weight.T)
+        return F.linear(fake_uint8_input(x), w, module.bias)
+
+
+# --------------------------------------------------------------------------------------- registry
+
+_HANDLERS: list[LayerHandler] = [LinearHandler(), ConvHandler(1), ConvHandler(2), ConvHandler(3),
+                                 EmbeddingHandler(), HFConv1DHandler()]
+
+
+def handlers() -> tuple[LayerHandler, ...]:
+    """The registered handlers, in dispatch order."""
+    return tuple(_HANDLERS)
+
+
+def register_handler(handler: LayerHandler, *, before: str | None = None) -> LayerHandler:
+    """Add ``handler`` to the registry: last by default, or just before the handler of kind ``before``
+    (so that it wins over it for modules both match, e.g. a Linear subclass of your own). A handler of
+    the same kind is replaced. Returns ``handler``."""
+    if not handler.kind or not isinstance(handler, LayerHandler):
+        raise CompressorError("a layer handler needs a non-empty kind and must subclass LayerHandler",
+                              "subclass compressor.core.handlers.LayerHandler and set kind")
+    unregister_handler(handler.kind)
+    at = len(_HANDLERS)
+    if before is not None:
+        kinds = [h.kind for h in _HANDLERS]
+        if before not in kinds:
+            raise CompressorError(f"no layer handler of kind '{before}'", f"use one of {', '.join(kinds)}")
+        at = kinds.index(before)
+    _HANDLERS.insert(at, handler)
+    return handler
+
+
+def unregister_handler(kind: str) -> None:
+    """Remove the handler of ``kind`` (nothing happens when there is none)."""
+    _HANDLERS[:] = [h for h in _HANDLERS if h.kind != kind]
+
+
+@contextmanager
+def registered(handler: LayerHandler, *, before: str | None = None) -> Iterator[LayerHandler]:
+    """``with registered(MyHandler()):`` the handler is registered inside the block only."""
+    previous = list(_HANDLERS)
+    register_handler(handler, before=before)
+    try:
+        yield handler
+    finally:
+        _HANDLERS[:] = previous
+
+
+def handler_for(module: nn.Module) -> LayerHandler | None:
+    """The first registered handler that matches ``module`` (None: not a layer kind compressor knows)."""
+    for h in _HANDLERS:
+        if h.matches(module):
+            return h
+    return None
+
+
+def handler_of_kind(kind: str) -> LayerHandler:
+    """The handler registered for ``kind`` (as a plan names it)."""
+    for h in _HANDLERS:
+        if h.kind == kind:
+            return h
+    raise CompressorError(f"no layer handler of kind '{kind}' is registered",
+                          "register the handler the plan was made with (register_handler)")
+
+
+def kinds() -> list[str]:
+    return [h.kind for h in _HANDLERS]
+
+
+def weight_fingerprint(module: nn.Module) -> tuple:
+    """Identifies a weight's current values (storage, in-place version, shape) to validate caches."""
+    w = handler_for(module).weight(module)
+    return (w.data_ptr(), w._version, tuple(w.shape))

@@ -1,0 +1,242 @@
+"""One way to feed a model and read what it returns, used by every stage.
+
+A *batch* is what one forward call takes: a tensor (``model(x)``), a tuple or list of tensors
+(``model(*xs)``) or any ``Mapping`` of named tensors (``model(**batch)``), which includes a Hugging Face
+tokenizer's ``BatchEncoding``. Dimension 0 of every tensor is the sample axis.
+
+The outputs that fidelity, sensitivity and distillation compare are defined here once
+(:func:`compared_outputs`): every floating-point tensor the model returns (a tensor, a tuple, a dict or a
+``ModelOutput``, flattened with their field names), or those the user names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor.core.errors import CompressorError
+
+Batch = torch.Tensor | tuple | list | Mapping
+
+INPUTS_FIX = "pass a tensor, a tuple of tensors or a dict of named tensors (e.g. a tokenizer's output)"
+
+
+# --------------------------------------------------------------------------------------- batches
+
+
+def is_batch(x: Any) -> bool:
+    """Whether ``x`` is ONE batch (a tensor, a tuple of tensors or a mapping), not a list of batches."""
+    return (isinstance(x, torch.Tensor | Mapping)
+            or (isinstance(x, tuple) and len(x) > 0 and all(isinstance(t, torch.Tensor) for t in x)))
+
+
+def tensors_of(batch: Batch) -> list[torch.Tensor]:
+    """The tensors of a batch, in argument order (a mapping's in its own order)."""
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    if isinstance(batch, tuple | list):
+        return [t for t in batch if isinstance(t, torch.Tensor)]
+    return []
+
+
+def as_batches(data: Any, what: str = "calibration") -> list[Batch]:
+    """``data`` as a list of batches: one batch, or an iterable of batches."""
+    if is_batch(data):
+        batches = [data]
+    elif isinstance(data, Iterable) and not isinstance(data, str | bytes):
+        batches = list(data)
+    else:
+        raise CompressorError(f"{what} data must be model inputs (tensors, tuples or dicts of tensors), got "
+                              f"{type(data).__name__}", "pass a list of batches, e.g. [x1, x2]")
+    if not batches:
+        raise CompressorError(f"{what} data is empty", "pass at least one batch of model inputs")
+    for b in batches:
+        if not tensors_of(b):
+            raise CompressorError(f"a {what} batch holds no tensors ({type(b).__name__})", INPUTS_FIX)
+    return batches
+
+
+def flatten(batch: Batch) -> tuple[list[str], list[torch.Tensor]]:
+    """``(names, tensors)`` of a batch: ``input`` for a tensor, ``input_i`` for positional ones, the keys
+    of a mapping. Every tensor needs a batch axis."""
+    if isinstance(batch, torch.Tensor):
+        items = [("input", batch)]
+    elif isinstance(batch, Mapping):
+        items = [(str(k), v) for k, v in batch.items()]
+    elif isinstance(batch, tuple | list):
+        items = [(f"input_{i}", t) for i, t in enumerate(batch)]
+    else:
+        items = []
+    if not items or not all(isinstance(t, torch.Tensor) for _, t in items):
+        raise CompressorError(f"example inputs must be a tensor, a tuple of tensors or a dict of tensors, "
+                              f"got {type(batch).__name__}", INPUTS_FIX)
+    if any(t.dim() == 0 for _, t in items):
+        raise CompressorError("an example input is a scalar, so it has no batch axis",
+                              "give every input a leading batch dimension")
+    return [k for k, _ in items], [t for _, t in items]
+
+
+def rebuild(batch: Batch, tensors: Sequence[torch.Tensor]) -> Batch:
+    """A batch of the same structure as ``batch`` holding ``tensors`` (as :func:`flatten` ordered them)."""
+    if isinstance(batch, torch.Tensor):
+        return tensors[0]
+    if isinstance(batch, Mapping):
+        return dict(zip(batch.keys(), tensors, strict=True))
+    return type(batch)(tensors)
+
+
+def map_tensors(batch: Any, fn) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it (nested tuples, lists and mappings)."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    return map_tensors(batch, lambda t: t.to(device))
+
+
+def num_samples(batch: Batch) -> int:
+    """Samples in a batch: the common size of dimension 0 of its tensors."""
+    sizes = {len(t) for t in tensors_of(batch) if t.dim() > 0}
+    if len(sizes) == 1:
+        return sizes.pop()
+    if not sizes:
+        raise CompressorError(f"cannot read samples from data of type {type(batch).__name__}", INPUTS_FIX)
+    raise CompressorError("the input tensors have different numbers of samples",
+                          "give every tensor the same first dimension")
+
+
+def take(batch: Any, index: torch.Tensor | slice) -> Any:
+    """The samples ``index`` of a batch (or of a plain list of items)."""
+    if isinstance(batch, list) and not all(isinstance(t, torch.Tensor) for t in batch):
+        return [batch[int(i)] for i in torch.arange(len(batch))[index]]
+    return map_tensors(batch, lambda t: t[index.to(t.device) if isinstance(index, torch.Tensor) else index])
+
+
+def attention_mask(batch: Batch) -> torch.Tensor | None:
+    """The (batch, tokens) padding mask of a tokenized batch, or None."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def sequence_axes(batch: Batch) -> dict[str, dict[int, str]] | None:
+    """For tokenized inputs (a mapping of 2-D integer tensors): their axis 1 named ``sequence``, so an
+    export accepts sentences of any length."""
+    if not isinstance(batch, Mapping):
+        return None
+    return {name: {1: "sequence"} for name, t in batch.items()
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_floating_point()} or None
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def call(model: nn.Module, batch: Batch) -> Any:
+    """``model(batch)``, ``model(*batch)`` or ``model(**batch)``."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, tuple | list):
+        return model(*batch)
+    return model(batch)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode inside the block, its own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------- outputs
+
+
+def named_outputs(out: Any, prefix: str = "output") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of a model's output with a name: a tensor, tuple, dict or Hugging Face ModelOutput
+    (a mapping of its non-None fields), flattened (``past_key_values_0_1``)."""
+    if isinstance(out, torch.Tensor):
+        return [(prefix, out)]
+    if isinstance(out, Mapping):
+        return [pair for k, v in out.items() for pair in named_outputs(v, str(k))]
+    if isinstance(out, tuple | list):
+        return [pair for i, v in enumerate(out) for pair in named_outputs(v, f"{prefix}_{i}")]
+    return []  # None, ints, strings, caches: not outputs to compare
+
+
+def compared_outputs(out: Any, names: Sequence[str] | None = None) -> list[tuple[str, torch.Tensor]]:
+    """The outputs fidelity, sensitivity and distillation compare: every floating-point output, or the
+    ones named in ``names`` (in that order)."""
+    pairs = named_outputs(out)
+    if names:
+        have = dict(pairs)
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise CompressorError(f"the model has no output named {', '.join(repr(n) for n in missing)} "
+                                  f"(it returns {', '.join(have) or 'no tensor'})",
+                                  "name outputs the model returns")
+        return [(n, have[n]) for n in names]
+    floating = [(k, v) for k, v in pairs if v.is_floating_point()]
+    if not floating:
+        raise CompressorError("the model's output holds no floating-point tensor",
+                              "compare a model that returns float tensors, or name its outputs")
+    return floating
+
+
+def primary_output(out: Any, names: Sequence[str] | None = None) -> torch.Tensor:
+    """The one output a loss is computed on: the first compared output (``logits`` or
+    ``last_hidden_state`` for Hugging Face models, whose outputs list them first)."""
+    return compared_outputs(out, names)[0][1]
+
+
+def relative_change(results: Iterable[tuple[Any, Any, torch.Tensor | None]],
+                    names: Sequence[str] | None = None) -> float:
+    """How much outputs moved: for each compared output, ``||Y' - Y||^2 / ||Y||^2`` summed over the
+    batches of ``results`` (``(new, reference, padding mask)`` forward results per batch), then the mean
+    over outputs, so that no output dominates by its scale. Padding positions are left out."""
+    num: dict[int, float] = {}
+    den: dict[int, float] = {}
+    for new, ref, mask in results:
+        for k, ((_, y_new), (_, y)) in enumerate(zip(compared_outputs(new, names), compared_outputs(ref, names),
+                                                     strict=True)):
+            diff, y = (y_new - y).double(), y.double()
+            if mask is not None and tuple(y.shape[:2]) == tuple(mask.shape):
+                keep = mask.to(torch.bool)
+                diff, y = diff[keep], y[keep]
+            num[k] = num.get(k, 0.0) + float(diff.square().sum())
+            den[k] = den.get(k, 0.0) + float(y.square().sum())
+    ratios = [num[k] / den[k] if den[k] > 0 else 0.0 for k in num]
+    return sum(ratios) / len(ratios) if ratios else 0.0
+
+
+def cosine_fidelity(ref: Any, new: Any, names: Sequence[str] | None = None) -> dict[str, float]:
+    """How close two forward results are: per-sample cosine of each compared output (flattened per
+    sample), mean and worst over samples and outputs, and the relative error of all of them together."""
+    cosines, num, den = [], 0.0, 0.0
+    for (_, a), (_, b) in zip(compared_outputs(ref, names), compared_outputs(new, names), strict=True):
+        a, b = a.detach().double(), b.detach().double()
+        a, b = (a.reshape(len(a), -1), b.reshape(len(b), -1)) if a.dim() > 1 else (a[None], b[None])
+        cosines.append(nn.functional.cosine_similarity(a, b, dim=1))
+        num, den = num + float((a - b).square().sum()), den + float(a.square().sum())
+    cos = torch.cat(cosines)
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            "relative_error": (num / den) ** 0.5 if den > 0 else 0.0}
