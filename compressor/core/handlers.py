@@ -124,10 +124,15 @@ class LayerHandler:
         raise CompressorError(f"{type(module).__name__} ({self.kind}) cannot take a LoRA adapter",
                               "leave this layer out of the adapted layers")
 
-    def int8_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """``module(x)`` computed as onnxruntime's dynamic int8 computes it (weights per output channel,
-        inputs per tensor), with straight-through gradients; None when int8 export leaves the kind alone."""
-        return None
+    def int8_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``module(x)`` computed as onnxruntime's dynamic int8 export computes it (weights per output
+        channel, inputs per tensor), with straight-through gradients. Kinds the int8 export leaves in float
+        do not override it (see :meth:`simulates_int8`)."""
+        raise NotImplementedError
+
+    def simulates_int8(self) -> bool:
+        """Whether :meth:`int8_forward` is implemented for this kind."""
+        return type(self).int8_forward is not LayerHandler.int8_forward
 
 
 # ------------------------------------------------------------------------------------ int8 rounding
@@ -167,7 +172,7 @@ class LinearHandler(LayerHandler):
     def lora(self, module: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Module:
         return LoRALinear(module, rank, alpha, dropout)
 
-    def int8_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def int8_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(fake_uint8_input(x), fake_int8_weight(module.weight), module.bias)
 
 
@@ -206,7 +211,7 @@ class ConvHandler(LayerHandler):
     def lora(self, module: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Module:
         return LoRAConv(module, rank, alpha, dropout)
 
-    def int8_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def int8_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return module._conv_forward(fake_uint8_input(x), fake_int8_weight(module.weight), module.bias)
 
 
@@ -267,6 +272,12 @@ class EmbeddingHandler(LayerHandler):
     def lora(self, module: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Module:
         return LoRAEmbedding(module, rank, alpha, dropout)
 
+    def int8_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # onnxruntime quantizes a Gather's table as it quantizes activations: uint8, per tensor.
+        m = module
+        return F.embedding(x, fake_uint8_input(m.weight), m.padding_idx, m.max_norm, m.norm_type,
+                           m.scale_grad_by_freq, m.sparse)
+
 
 class HFConv1DHandler(LayerHandler):
     """transformers' ``Conv1D`` (GPT-2, GPT, ...): ``y = x @ W + b`` with ``W`` stored ``(in, out)``. Its
@@ -294,7 +305,7 @@ class HFConv1DHandler(LayerHandler):
     def lora(self, module: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Module:
         return LoRAMatrix(module, rank, alpha, dropout, transposed=True)
 
-    def int8_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def int8_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         w = fake_int8_weight(module.weight.T)
         return F.linear(fake_uint8_input(x), w, module.bias)
 

@@ -35,6 +35,8 @@ class _Factored(nn.Module):
         """The dense weight this layer computes, detached: for code that inspects ``layer.weight``
         (its dtype, device or shape, as ViT's patch embedding does on every call). Cached until a factor
         changes, so such reads cost nothing in steady state; training goes through the factors."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # fake tensors have no storage to key on
+            return self.dense_weight().detach()
         key = tuple((p.data_ptr(), p._version) for p in (self.down.weight, self.up.weight))
         cached = self.__dict__.get("_dense_cache")
         if cached is None or cached[0] != key:

@@ -40,6 +40,7 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write, atomic_write_text
+from compressor.core.handlers import handler_for
 
 PRECISIONS = ("fp32", "fp16", "int8")
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
@@ -689,34 +690,32 @@ def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
 
 
 def fake_int8(model: nn.Module) -> nn.Module:
-    """Make every ``nn.Linear`` of ``model`` (in place) compute as onnxruntime's dynamic int8 does: weights
-    rounded per output channel (symmetric int8 in [-127, 127], scale max|w| / 127) and inputs per tensor
-    (uint8, asymmetric range including 0, as DynamicQuantizeLinear), with straight-through gradients.
-    Undo with :func:`remove_fake_int8`. Attention's activation-by-activation products stay float, as in
-    the export. Matches onnxruntime's int8 outputs to float rounding (tests/test_recipes.py)."""
+    """Make every layer of ``model`` that the int8 export quantizes (in place) compute as onnxruntime's
+    dynamic int8 does (its handler's ``int8_forward``: weights rounded per output channel, inputs per
+    tensor), with straight-through gradients. Undo with :func:`remove_fake_int8`. Attention's
+    activation-by-activation products stay float, as in the export. Matches onnxruntime's int8 outputs
+    to float rounding (tests/test_recipes.py)."""
     for mod in model.modules():
-        if type(mod) is nn.Linear:
-            mod.forward = _fake_int8_linear.__get__(mod)
+        _simulate_int8(mod)
     return model
 
 
 def int8_sensitivity(model: nn.Module, batches: Any, limit: int = 2, outputs: Sequence[str] = ()
                      ) -> dict[str, float]:
-    """How much int8 rounding of each layer alone moves ``model``'s first output: relative squared change
-    ``||Y' - Y||^2 / ||Y||^2`` over the first ``limit`` batches, with the layer computing as the int8
-    export will (:func:`fake_int8`). Layers are the model's ``nn.Linear`` modules, the two factors of a
-    factored linear layer counting as one (they are kept or quantized together); a factored embedding's
-    ``.up`` is a layer of its own (its big lookup table is never worth keeping)."""
-    from compressor.core.layers import LowRankLinear
+    """How much int8 rounding of each layer alone moves ``model``'s compared outputs (relative squared
+    change, :func:`compressor.data.inputs.relative_change`) over the first ``limit`` batches, with the
+    layer computing as the int8 export will (:func:`fake_int8`). Layers are those whose handler simulates
+    int8; the two factors of a factored layer count as one (they are kept or quantized together)."""
+    from compressor.core.layers import LOW_RANK_TYPES
     from compressor.data.inputs import as_batches, attention_mask, call, relative_change
 
-    units: dict[str, list[nn.Linear]] = {}
+    units: dict[str, list[nn.Module]] = {}
     inside = set()
     for name, mod in model.named_modules():  # parents come before their children
-        if isinstance(mod, LowRankLinear):
+        if isinstance(mod, LOW_RANK_TYPES):
             units[name] = [mod.down, mod.up]
             inside.update((id(mod.down), id(mod.up)))
-        elif type(mod) is nn.Linear and id(mod) not in inside:
+        elif id(mod) not in inside and (h := handler_for(mod)) is not None and h.simulates_int8():
             units[name] = [mod]
     data = as_batches(batches)[:limit]
     was_training = model.training
@@ -727,7 +726,7 @@ def int8_sensitivity(model: nn.Module, batches: Any, limit: int = 2, outputs: Se
             out = {}
             for name, mods in units.items():
                 for m in mods:
-                    m.forward = _fake_int8_linear.__get__(m)
+                    _simulate_int8(m)
                 try:
                     out[name] = relative_change(((call(model, b), r, attention_mask(b))
                                                  for b, r in zip(data, refs, strict=True)), outputs or None)
@@ -753,15 +752,10 @@ def remove_fake_int8(model: nn.Module) -> nn.Module:
     return model
 
 
-def _fake_int8_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    w = self.weight
-    scale = w.detach().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-    wq = w + ((w / scale).round().clamp(-127, 127) * scale - w).detach()
-    lo, hi = x.detach().min().clamp(max=0), x.detach().max().clamp(min=0)
-    s = ((hi - lo) / 255).clamp(min=1e-12)
-    zp = (-lo / s).round().clamp(0, 255)
-    xq = x + ((((x / s).round() + zp).clamp(0, 255) - zp) * s - x).detach()
-    return nn.functional.linear(xq, wq, self.bias)
+def _simulate_int8(mod: nn.Module) -> None:
+    h = handler_for(mod)
+    if h is not None and h.simulates_int8():
+        mod.forward = lambda x, mod=mod, h=h: h.int8_forward(mod, x)
 
 
 def onnx_fidelity(path: str | Path, evaluation: Evaluation, threads: int = 2) -> dict[str, float]:
