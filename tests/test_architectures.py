@@ -74,7 +74,7 @@ def test_count_macs_reads_a_batch_encoding_by_name(gpt2_folder):
 
 @pytest.mark.slow
 def test_gpt2_compresses_end_to_end_with_text_calibration(gpt2_folder, tmp_path):
-    folder, model, _ = gpt2_folder
+    folder, _, _ = gpt2_folder
     res = _cli(folder, "--target", "0.3", "--calibration", SENTENCES, "--calibration-samples", "64", "--int8",
                "--out", tmp_path / "out", "--json")
     assert res.returncode == 0, res.stderr

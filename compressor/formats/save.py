@@ -36,6 +36,7 @@ from compressor.core.fileio import publish_mode
 from compressor.core.layers import LOW_RANK_TYPES
 from compressor.core.plan import Plan
 from compressor.core.rewrite import build_factored
+from compressor.core.version import __version__
 from compressor.formats.load import (
     TRUST_FIX,
     Loaded,
@@ -91,7 +92,7 @@ def _write(model: nn.Module, tmp: Path, plan: Plan | None, source: Loaded | None
     if plan is not None:
         plan.to_json(tmp / PLAN)
     meta: dict[str, Any] = {"format": FORMAT, "version": VERSION,
-                            "compressor_version": _version(), "torch_version": torch.__version__,
+                            "compressor_version": __version__, "torch_version": torch.__version__,
                             "architecture": _write_architecture(model, tmp, plan, source),
                             "factored_layers": sum(isinstance(m, LOW_RANK_TYPES) for m in model.modules())}
     if source is not None:
@@ -162,11 +163,6 @@ def _replace_dir(tmp: Path, directory: Path) -> None:
         os.replace(backup, directory)
         raise
     shutil.rmtree(backup, ignore_errors=True) if backup.is_dir() else backup.unlink()
-
-
-def _version() -> str:
-    from compressor import __version__
-    return __version__
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -1,0 +1,92 @@
+"""The package's shape: stages import only the stages below them (the import-linter contract in
+pyproject.toml), no module imports another's private names, and no two modules import each other, even
+from inside a function."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "compressor"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, str, int]]:
+    """``(module, name or "", line)`` for every ``compressor`` import in the file, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "compressor":
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.append((sub, "", node.lineno) if sub in modules else (node.module, alias.name, node.lineno))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, "", node.lineno) for a in node.names if a.name.split(".")[0] == "compressor"]
+    return found
+
+
+def test_stages_import_only_the_stages_below_them():
+    lint = Path(sys.executable).parent / "lint-imports"
+    if not lint.exists():
+        pytest.skip("import-linter is not installed (pip install -e '.[dev]')")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([str(lint)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "1 kept, 0 broken" in res.stdout
+
+
+def test_no_private_name_is_imported_across_modules():
+    modules = _modules()
+    bad = [f"{path.relative_to(REPO)}:{line} imports {name} from {module}"
+           for mod, path in modules.items() for module, name, line in _imports(path, modules)
+           if name.startswith("_") and not name.startswith("__") and module != mod]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycles_between_modules():
+    modules = _modules()
+    packages = {m for m, p in modules.items() if p.name == "__init__.py"}
+    graph = {m: sorted({target for target, _, _ in _imports(p, modules)
+                        if target in modules and target not in packages and target != m})
+             for m, p in modules.items() if m not in packages}
+    # Tarjan's strongly connected components: any component of two or more modules is a cycle.
+    index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, []):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, cycles
