@@ -7,16 +7,50 @@
     compressor.save(model, "out/", plan); model = compressor.load("out/")
 """
 
-from compressor.analysis.analyze import analyze, find_layers
-from compressor.core.errors import CompressorError, PlanError
-from compressor.core.layers import LowRankConv, LowRankEmbedding, LowRankLinear
-from compressor.core.plan import LayerPlan, Plan
-from compressor.core.policies import EnergyPolicy, RankPolicy, RankRatioPolicy, TargetPolicy
-from compressor.core.rewrite import factor_module, rewrite
-from compressor.formats.load import Loaded, load, load_model
-from compressor.formats.save import save
-from compressor.jobs.compress import compress
-from compressor.train.heal import HealConfig, HealResult, heal
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Each public name and the module that defines it, imported on first use: `python -m compressor` then
+# reaches its signal handlers before torch loads (a Ctrl-C during that import is answered in one line).
+_WHERE = {
+    "analyze": "compressor.analysis.analyze", "find_layers": "compressor.analysis.analyze",
+    "CompressorError": "compressor.core.errors", "PlanError": "compressor.core.errors",
+    "LowRankConv": "compressor.core.layers", "LowRankEmbedding": "compressor.core.layers",
+    "LowRankLinear": "compressor.core.layers", "LayerPlan": "compressor.core.plan", "Plan": "compressor.core.plan",
+    "EnergyPolicy": "compressor.core.policies", "RankPolicy": "compressor.core.policies",
+    "RankRatioPolicy": "compressor.core.policies", "TargetPolicy": "compressor.core.policies",
+    "factor_module": "compressor.core.rewrite", "rewrite": "compressor.core.rewrite",
+    "Loaded": "compressor.formats.load", "load": "compressor.formats.load", "load_model": "compressor.formats.load",
+    "save": "compressor.formats.save", "compress": "compressor.jobs.compress",
+    "HealConfig": "compressor.train.heal", "HealResult": "compressor.train.heal", "heal": "compressor.train.heal",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'compressor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
+
+if TYPE_CHECKING:
+    from compressor.analysis.analyze import analyze, find_layers
+    from compressor.core.errors import CompressorError, PlanError
+    from compressor.core.layers import LowRankConv, LowRankEmbedding, LowRankLinear
+    from compressor.core.plan import LayerPlan, Plan
+    from compressor.core.policies import EnergyPolicy, RankPolicy, RankRatioPolicy, TargetPolicy
+    from compressor.core.rewrite import factor_module, rewrite
+    from compressor.formats.load import Loaded, load, load_model
+    from compressor.formats.save import save
+    from compressor.jobs.compress import compress
+    from compressor.train.heal import HealConfig, HealResult, heal
 
 __version__ = "0.1.0"
 
