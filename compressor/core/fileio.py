@@ -167,6 +167,8 @@ def atomic_folder(path: Path, force: bool = False, lock: bool = True) -> Iterato
     swapped out only once the new one is complete. On failure or interrupt, the temporary folder goes.
     """
     path = Path(path)
+    if path.name in ("", ".", ".."):  # '.' or 'a/..': name it, so the temp and lock names have one
+        path = Path(os.path.abspath(path))
     check_destination(path, force)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
@@ -68,7 +69,8 @@ def _on_sigterm(signum, frame) -> None:
 
 def interrupt_on_sigterm() -> None:
     """Make SIGTERM raise :class:`Interrupted` (a KeyboardInterrupt) in the main thread."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    if threading.current_thread() is threading.main_thread():  # elsewhere signal.signal refuses
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def interrupt_exit_code(err: KeyboardInterrupt) -> int:
