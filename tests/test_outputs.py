@@ -126,9 +126,8 @@ def test_out_that_is_a_file_or_under_a_file_is_one_line(work):
     (work / "f").write_text("not a folder")
     before = snapshot(work)
     for out, needle in (("f", "is a file"), ("f/sub", "cannot write the output folder")):
-        for force in ((), ("--force",)):
-            res = cli("d/cnn.pt", *CNN_ARGS, "--out", out, *force, cwd=work)
-            one_error(res, 2, f"'{out}'", needle)
+        res = cli("d/cnn.pt", *CNN_ARGS, "--out", out, "--force", cwd=work)
+        one_error(res, 2, f"'{out}'", needle)
     assert snapshot(work) == before
 
 
@@ -282,8 +281,9 @@ def test_signal_during_a_cnn_run_leaves_only_the_input(work, sig, when):
 
 @pytest.mark.slow
 @pytest.mark.minilm
-@pytest.mark.parametrize("sig,when", [(signal.SIGTERM, "analysis"), (signal.SIGINT, "export")],
-                         ids=["SIGTERM-analysis", "SIGINT-export"])
+@pytest.mark.parametrize("sig,when", [(signal.SIGTERM, "analysis"), (signal.SIGTERM, "save"),
+                                      (signal.SIGINT, "export")],
+                         ids=["SIGTERM-analysis", "SIGTERM-save", "SIGINT-export"])
 def test_signal_during_a_minilm_run_leaves_only_the_input(tmp_path, sig, when):
     if minilm_path() is None:
         pytest.skip("all-MiniLM-L6-v2 not installed")
