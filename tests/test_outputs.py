@@ -182,6 +182,13 @@ def test_two_racing_runs_leave_one_whole_folder(work):
     assert not [p for p in work.iterdir() if p.name.startswith(".")]
 
 
+def test_a_failed_run_removes_the_parents_it_made(work):
+    before = snapshot(work)
+    res = cli("export", "d/cnn.pt", "--input-shape", "1x3x8x8", "--quiet", "--out", "new/deeper/out", cwd=work)
+    one_error(res, 2, "fails on the example inputs")  # found inside the output folder being built
+    assert snapshot(work) == before
+
+
 def test_existing_folder_is_refused_again_when_publishing(tmp_path):
     with pytest.raises(CompressorError, match="already exists"), atomic_folder(tmp_path / "out") as tmp:
         (tmp / "a").write_text("new")

@@ -170,35 +170,48 @@ def atomic_folder(path: Path, force: bool = False, lock: bool = True) -> Iterato
     if path.name in ("", ".", ".."):  # '.' or 'a/..': name it, so the temp and lock names have one
         path = Path(os.path.abspath(path))
     check_destination(path, force)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise _write_error(path, err) from None
-    with folder_lock(path) if lock else contextlib.nullcontext():
-        clean_stale(path.parent, path.name)
-        check_destination(path, force)
-        tmp = temp_name(path)
         try:
-            tmp.mkdir()
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise _write_error(path, err) from None
+        with folder_lock(path) if lock else contextlib.nullcontext(), _built_beside(path, force) as tmp:
+            yield tmp
+    except BaseException:
+        for p in made:  # the parents this run made, when nothing else was put in them
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def _built_beside(path: Path, force: bool) -> Iterator[Path]:
+    """The temporary folder of :func:`atomic_folder` (its caller holds the lock), renamed at the end."""
+    clean_stale(path.parent, path.name)
+    check_destination(path, force)
+    tmp = temp_name(path)
+    try:
+        tmp.mkdir()
+    except OSError as err:
+        raise _write_error(path, err) from None
+    try:
         try:
-            try:
-                yield tmp
-            except Exception as err:
-                code = write_errno(err)
-                if code is not None:
-                    raise _write_error(path, OSError(code, os.strerror(code))) from None
-                raise
-            publish_mode(tmp)
-            fsync_tree(tmp)
-            check_destination(path, force)  # again, under the lock: someone may have made it meanwhile
-            with signals_deferred():
-                _replace_folder(tmp, path)
-        except BaseException:
-            with signals_deferred():
-                shutil.rmtree(tmp, ignore_errors=True)
+            yield tmp
+        except Exception as err:
+            code = write_errno(err)
+            if code is not None:
+                raise _write_error(path, OSError(code, os.strerror(code))) from None
             raise
+        publish_mode(tmp)
+        fsync_tree(tmp)
+        check_destination(path, force)  # again, under the lock: someone may have made it meanwhile
+        with signals_deferred():
+            _replace_folder(tmp, path)
+    except BaseException:
+        with signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _replace_folder(tmp: Path, path: Path) -> None:
