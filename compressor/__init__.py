@@ -8,20 +8,30 @@
     compressor.register_handler(MyLayerHandler())   # a layer kind of your own, in one call
 """
 
-from compressor.analysis.analyze import analyze, find_layers
-from compressor.core.errors import CompressorError, PlanError
-from compressor.core.handlers import LayerHandler, handler_for, register_handler
-from compressor.core.layers import LowRankConv, LowRankEmbedding, LowRankLinear
-from compressor.core.plan import LayerPlan, Plan
-from compressor.core.policies import EnergyPolicy, RankPolicy, RankRatioPolicy, TargetPolicy
-from compressor.core.rewrite import factor_module, rewrite
-from compressor.core.version import __version__
-from compressor.formats.load import Loaded, load, load_model
-from compressor.formats.save import save
-from compressor.jobs.compress import compress
-from compressor.train.heal import HealConfig, HealResult, heal
+from __future__ import annotations
 
-__all__ = [
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from compressor.core.version import __version__
+
+# Each public name and the module that defines it, imported on first use: `python -m compressor` then
+# reaches its signal handlers before torch loads (a Ctrl-C during that import is answered in one line).
+_WHERE = {
+    "analyze": "compressor.analysis.analyze", "find_layers": "compressor.analysis.analyze",
+    "CompressorError": "compressor.core.errors", "PlanError": "compressor.core.errors",
+    "LayerHandler": "compressor.core.handlers", "handler_for": "compressor.core.handlers",
+    "register_handler": "compressor.core.handlers",
+    "LowRankConv": "compressor.core.layers", "LowRankEmbedding": "compressor.core.layers",
+    "LowRankLinear": "compressor.core.layers", "LayerPlan": "compressor.core.plan", "Plan": "compressor.core.plan",
+    "EnergyPolicy": "compressor.core.policies", "RankPolicy": "compressor.core.policies",
+    "RankRatioPolicy": "compressor.core.policies", "TargetPolicy": "compressor.core.policies",
+    "factor_module": "compressor.core.rewrite", "rewrite": "compressor.core.rewrite",
+    "Loaded": "compressor.formats.load", "load": "compressor.formats.load", "load_model": "compressor.formats.load",
+    "save": "compressor.formats.save", "compress": "compressor.jobs.compress",
+    "HealConfig": "compressor.train.heal", "HealResult": "compressor.train.heal", "heal": "compressor.train.heal",
+}
+__all__ = [  # the same names as _WHERE, spelled out so that linters and editors see them
     "CompressorError",
     "EnergyPolicy",
     "HealConfig",
@@ -50,3 +60,29 @@ __all__ = [
     "rewrite",
     "save",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'compressor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
+
+if TYPE_CHECKING:  # what the names above are, for type checkers and editors
+    from compressor.analysis.analyze import analyze, find_layers
+    from compressor.core.errors import CompressorError, PlanError
+    from compressor.core.handlers import LayerHandler, handler_for, register_handler
+    from compressor.core.layers import LowRankConv, LowRankEmbedding, LowRankLinear
+    from compressor.core.plan import LayerPlan, Plan
+    from compressor.core.policies import EnergyPolicy, RankPolicy, RankRatioPolicy, TargetPolicy
+    from compressor.core.rewrite import factor_module, rewrite
+    from compressor.formats.load import Loaded, load, load_model
+    from compressor.formats.save import save
+    from compressor.jobs.compress import compress
+    from compressor.train.heal import HealConfig, HealResult, heal

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import click
 
 from compressor.cli.train import checkpoints
 from compressor.core.errors import CompressorError
+from compressor.core.output import interrupt_exit_code, interrupt_on_sigterm
 from compressor.report.report import criterion
 
 EXIT_BAD_INPUT = 2
@@ -43,6 +45,28 @@ class DefaultGroup(click.Group):
             search = any(a.split("=", 1)[0] in _CONSTRAINT_OPTIONS for a in args)
             args = ["search" if search else "run", *args]
         return super().parse_args(ctx, args)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        interrupt_on_sigterm()  # from here on SIGTERM unwinds like Ctrl-C
+        with _interrupts_exit():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _interrupts_exit():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _interrupts_exit() -> Iterator[None]:
+    """Ctrl-C, and SIGTERM turned into the same exception, end every command the same way: temporary
+    outputs are removed while the exception unwinds, then one line and the shell's code for the signal."""
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        if "--debug" in sys.argv[1:]:
+            raise
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(interrupt_exit_code(err))
 
 
 def _options(opts: list[Callable]) -> Callable[[Callable], Callable]:
@@ -110,9 +134,6 @@ def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
             raise
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:

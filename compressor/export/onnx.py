@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -33,6 +30,7 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
+from compressor.core.fileio import atomic_files
 from compressor.core.handlers import handler_of_kind
 from compressor.core.plan import Plan
 from compressor.data.inputs import call, eval_mode, flatten, model_device, named_outputs, to_device
@@ -122,12 +120,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
     errors = []
     path.parent.mkdir(parents=True, exist_ok=True)
     for how in order:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            with eval_mode(model), _quiet():
+            with atomic_files(path) as tmpdir, eval_mode(model), _quiet():
                 _export_with(how, wrapper, tuple(tensors), tmpdir / path.name, names, out_names, opset,
                              axes, dynamic_batch, weight_bytes > EXTERNAL_DATA_BYTES)
-            _move_into_place(tmpdir, path)
             if errors:
                 warnings.warn(f"the dynamo exporter failed ({errors[0]}); exported with the legacy "
                               "TorchScript exporter instead", stacklevel=2)
@@ -136,8 +132,6 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
             raise
         except Exception as err:  # any exporter failure is reported with its cause
             errors.append(f"{how}: {type(err).__name__}: {_first_line(err)}")
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
     raise CompressorError(f"ONNX export of {type(model).__name__} failed ({'; '.join(errors)})",
                           "check that the example inputs match the model's forward() (shapes, dtypes), or "
                           "make the unsupported operation traceable (see the message)")
@@ -181,15 +175,6 @@ def _export_with(how: str, wrapper: nn.Module, args: tuple, target: Path, names:
     import onnx  # the saved file must at least parse before it replaces anything
 
     onnx.load(str(target), load_external_data=False)
-
-
-def _move_into_place(tmpdir: Path, path: Path) -> None:
-    # External data first, the .onnx last: a reader never sees a model whose data is missing.
-    files = sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name)
-    for f in files:
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(f, path.parent / f.name)
 
 
 @contextmanager
@@ -506,28 +491,26 @@ def export_int8(src_onnx: str | Path, dst: str | Path, *, keep_fp16: Sequence[st
     names = [keep_fp16] if isinstance(keep_fp16, str) else list(keep_fp16)
     exclude = _kept_nodes(_load_graph(src).graph, names, src) if names else None
     big = file_size(src) > EXTERNAL_DATA_BYTES
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        with _quiet():
-            quantize_dynamic(src, tmpdir / dst.name, weight_type=QuantType.QInt8, per_channel=True,
-                             use_external_data_format=big, nodes_to_exclude=exclude)
-        if exclude:
-            import onnx
+        with atomic_files(dst) as tmpdir:
+            with _quiet():
+                quantize_dynamic(src, tmpdir / dst.name, weight_type=QuantType.QInt8, per_channel=True,
+                                 use_external_data_format=big, nodes_to_exclude=exclude)
+            if exclude:
+                import onnx
 
-            model = onnx.load(str(tmpdir / dst.name))
-            # The kept nodes' weights, found again in the quantized graph: quantize_dynamic rewrites
-            # each Gemm into MatMul (+ Add) named after it, on a transposed copy of the weight.
-            inits = [t.name for t in model.graph.initializer]
-            kept = {init for init, node, _ in _weight_uses(model.graph, inits) if node.name in exclude}
-            _store_fp16(model.graph, kept)
-            _save_atomic(model, dst, onnx)
-        else:
-            _move_into_place(tmpdir, dst)
+                model = onnx.load(str(tmpdir / dst.name))
+                # The kept nodes' weights, found again in the quantized graph: quantize_dynamic rewrites
+                # each Gemm into MatMul (+ Add) named after it, on a transposed copy of the weight.
+                inits = [t.name for t in model.graph.initializer]
+                kept = {init for init, node, _ in _weight_uses(model.graph, inits) if node.name in exclude}
+                _store_fp16(model.graph, kept)
+                for f in list(tmpdir.iterdir()):
+                    f.unlink()
+                _save_onnx(model, tmpdir / dst.name, onnx)
     except Exception as err:
         raise CompressorError(f"int8 quantization of '{src}' failed ({type(err).__name__}: "
                               f"{_first_line(err)})", "export without --int8, or report the model") from err
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     return dst
 
 
@@ -587,15 +570,15 @@ def _load_full(path: Path):
 
 
 def _save_atomic(model, dst: Path, onnx) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    big = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        onnx.save(model, str(tmpdir / dst.name), save_as_external_data=big, location=f"{dst.name}.data")
-        _move_into_place(tmpdir, dst)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    with atomic_files(dst) as tmpdir:
+        _save_onnx(model, tmpdir / dst.name, onnx)
     return dst
+
+
+def _save_onnx(model, path: Path, onnx) -> None:
+    """``onnx.save``, with the weights in ``<name>.data`` beside it when they are too big for one file."""
+    big = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    onnx.save(model, str(path), save_as_external_data=big, location=f"{path.name}.data")
 
 
 # kind -> (writer, the min_cosine its validation uses): what `--fp16` / `--int8` run.

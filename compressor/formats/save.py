@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +29,7 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
-from compressor.core.fileio import publish_mode
+from compressor.core.fileio import atomic_folder
 from compressor.core.layers import LOW_RANK_TYPES
 from compressor.core.plan import Plan
 from compressor.core.rewrite import build_factored
@@ -73,15 +70,8 @@ def save(model: nn.Module, directory: str | Path, plan: Plan | None = None, *,
     if directory.exists() and not (directory.is_dir() and not any(directory.iterdir())) and not overwrite:
         raise CompressorError(f"output '{directory}' already exists",
                               "choose another output folder, or pass --force to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
+    with atomic_folder(directory, force=True) as tmp:  # an empty folder, or overwrite: replaced
         _write(model, tmp, plan, source)
-        publish_mode(tmp)
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -98,10 +88,6 @@ def _write(model: nn.Module, tmp: Path, plan: Plan | None, source: Loaded | None
     if source is not None:
         meta["source"] = {"path": str(source.source), "format": source.format}
     (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-    for f in tmp.rglob("*"):  # durable before the rename publishes the folder
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def _write_architecture(model: nn.Module, tmp: Path, plan: Plan | None, source: Loaded | None) -> dict:
@@ -150,19 +136,6 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    if not directory.exists() or (directory.is_dir() and not any(directory.iterdir())):
-        os.replace(tmp, directory)  # POSIX renames onto an empty folder in one step
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-    backup.rmdir()
-    os.replace(directory, backup)
-    try:
-        os.replace(tmp, directory)
-    except BaseException:
-        os.replace(backup, directory)
-        raise
-    shutil.rmtree(backup, ignore_errors=True) if backup.is_dir() else backup.unlink()
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -22,7 +22,7 @@ from torch import nn
 from compressor.analysis.analyze import analyze
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_text
-from compressor.core.output import OutputDir
+from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.core.plan import Plan
 from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
@@ -104,6 +104,8 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
         if opts.calibration is None:
             raise CompressorError("--keep-fp16 measures which layers int8 hurts on calibration inputs, "
                                   "but --calibration is not given", "add --calibration FILE")
+    check_not_over_inputs(out, [("model", source), ("calibration file", opts.calibration),
+                                ("example inputs", opts.example_inputs), ("plan file", opts.plan_path)])
     OutputDir(out, opts.force).check()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -347,6 +349,10 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
 
     source = Path(source)
     out = Path(out) if out is not None else source.parent / f"{source.name}.healed"
+    inputs = [("model", source), ("training data", data), ("validation data", val), ("teacher", teacher),
+              ("checkpoint folder", heal_options.get("checkpoint_dir"))]
+    check_not_over_inputs(out, inputs)
+    OutputDir(out, force).check()
     loaded = load_model(source, trust_pickle=trust_pickle)
     if loaded.model is None:
         raise CompressorError(f"'{source}' holds only weights", "heal a folder written by compress")
@@ -362,6 +368,7 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
         if teacher_path is None or not Path(teacher_path).exists():
             raise CompressorError("distillation needs the original model, and none was given or recorded",
                                   "pass --teacher PATH, or --data with inputs and targets")
+        check_not_over_inputs(out, [("teacher", teacher_path)])  # the one the folder records
         teacher_model = load_model(teacher_path, trust_pickle=trust_pickle).model
     with OutputDir(out, force) as tmp:
         result = heal(loaded.model, teacher=teacher_model, data=inputs, targets=targets, val=val_data,

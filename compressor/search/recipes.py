@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
-from compressor.core.fileio import atomic_write, atomic_write_text
+from compressor.core.fileio import atomic_write, atomic_write_text, temp_folder
 from compressor.core.handlers import handler_for
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -616,8 +615,7 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
 
     start = time.perf_counter()
     cache.dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache.dir))
-    try:
+    with temp_folder(cache.dir / "build") as work:
         base = recipe.base()
         if base not in last_model:
             last_model.clear()
@@ -650,8 +648,6 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
                       heal_info, round(time.perf_counter() - start, 2), str(path), kept_fp16=kept)
         cache.put(point)
         return point
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _min_cosine(precision: str) -> float:
@@ -937,7 +933,7 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
     Held-out inputs come from ``eval_inputs`` (tensors, or text for Hugging Face models); without it,
     from seeded random inputs shaped like the example inputs (float inputs only).
     """
-    from compressor.core.output import OutputDir
+    from compressor.core.output import OutputDir, check_not_over_inputs
     from compressor.formats.load import load_model
     from compressor.jobs.compress import Options, _example_inputs, default_out
     from compressor.report.report import versions
@@ -949,6 +945,10 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
         raise CompressorError("search needs at least one constraint",
                               "pass --max-size, --min-fidelity and/or --max-latency")
     cache_dir = Path(cache_dir) if cache_dir is not None else out.parent / ".compressor-cache"
+    check_not_over_inputs(out, [("model", source), ("calibration file", opts.calibration),
+                                ("example inputs", opts.example_inputs), ("held-out inputs", eval_inputs),
+                                ("measurement cache", cache_dir)])
+    OutputDir(out, opts.force).check()
     loaded = load_model(source, trust_pickle=opts.trust_pickle, arch=opts.arch)
     if loaded.model is None:
         raise CompressorError("the input holds weights only, so it cannot be exported",

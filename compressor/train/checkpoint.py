@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from compressor.core.errors import CompressorError
-from compressor.core.fileio import _fsync_dir, atomic_write_text
+from compressor.core.fileio import atomic_folder, atomic_write_text, clean_stale
 
 FORMAT = 1
 TENSORS, STATE, MARKER = "tensors.safetensors", "state.json", "COMPLETE.json"
@@ -212,27 +212,17 @@ class CheckpointManager:
 
         self.history = [h for h in self.history if h["step"] < step] + [{"step": step, "metrics": metrics}]
         final = self.directory / checkpoint_name(step)
-        tmp = self.directory / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         payload = {TENSORS: save(cpu, metadata={"format": str(FORMAT)}),
                    STATE: json.dumps({**state, "format": FORMAT, "step": step, "metrics": metrics,
                                       "history": self.history}, indent=1).encode()}
-        for name, data in payload.items():
-            _write_synced(tmp / name, data)
-        files = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                 for name, data in payload.items()}
-        _write_synced(tmp / MARKER, json.dumps({"format": FORMAT, "files": files}, indent=1).encode())
-        _fsync_dir(tmp)
-        if final.exists():  # re-writing a step (a resumed run): swap, never leave a half state
-            old = self.directory / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(self.directory)
+        # Re-writing a step (a resumed run) swaps the folder whole: never a half state.
+        with atomic_folder(final, force=True, lock=False) as tmp:
+            for name, data in payload.items():
+                _write_synced(tmp / name, data)
+            files = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                     for name, data in payload.items()}
+            _write_synced(tmp / MARKER, json.dumps({"format": FORMAT, "files": files}, indent=1).encode())
         self._rotate()
         self._write_state_file()
         return final
@@ -257,9 +247,7 @@ class CheckpointManager:
         for p in _checkpoint_dirs(self.directory):
             if p.name not in keep:
                 shutil.rmtree(p)
-        for p in self.directory.glob(f".{PREFIX}*"):  # leftovers of writes a crash interrupted
-            if p.is_dir() and not p.name.endswith(f"-{os.getpid()}"):
-                shutil.rmtree(p, ignore_errors=True)
+        clean_stale(self.directory)  # leftovers of writes a crash interrupted
 
     def _write_state_file(self) -> None:
         b = self.best()
