@@ -184,7 +184,7 @@ def _is_torch_legacy(path: Path) -> bool:
 def is_safe_global(name: str) -> bool:
     """Whether a global a pickle names is a torch or compressor ``nn.Module`` class (safe to rebuild)."""
     module, _, attr = name.rpartition(".")
-    if not (module == "compressor.layers" or module.startswith("torch.")):
+    if not (module == "compressor.core.layers" or module.startswith("torch.")):
         return False  # never import anything else just to look
     try:
         obj = getattr(importlib.import_module(module), attr)
