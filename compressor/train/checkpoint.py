@@ -97,8 +97,8 @@ def check(path: Path) -> str | None:
     entries = sorted(path.iterdir()) if path.is_dir() else []
     for f in entries:
         if f.is_symlink() or not f.is_file():
-            raise _malformed(path, f"it holds {'a symlink' if f.is_symlink() else 'a subfolder'} ({f.name}); "
-                                   "a checkpoint holds only plain files")
+            raise _malformed(path, f"it holds {'a symlink' if f.is_symlink() else 'a subfolder'} ({f.name}), "
+                                   "but a checkpoint holds only plain files")
     for f in entries:
         with open(f, "rb") as fh:
             head = fh.read(9)

@@ -348,7 +348,7 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
         value = loss_fn(_output(_call(model, inputs)), tgt, _mask(inputs))
         if not torch.isfinite(value):
             raise CompressorError(f"the loss became {value.item()} at step {step + 1}",
-                                  f"lower the learning rate (now lr={cfg.lr})")
+                                  f"lower the learning rate (lr= or --lr, now {cfg.lr:g})")
         opt.zero_grad(set_to_none=True)
         value.backward()
         if cfg.grad_clip:
@@ -417,6 +417,10 @@ def _preflight(model: nn.Module, teacher: nn.Module | None, loader: Batches, val
     for data, batches in (("training", loader), ("validation", val_loader)):
         if batches is None:
             continue
+        for what, values in (("inputs", batches.inputs), ("targets", batches.targets)):
+            if not all(torch.isfinite(t).all() for t in _floating(values)):
+                raise CompressorError(f"the {data} {what} hold NaN or infinite values",
+                                      f"remove or fix those samples of the {data} data")
         inputs, tgt = batches.batch(0, 0)
         out = _forward("model", model, inputs, device, data)
         if tgt is None:
@@ -451,6 +455,17 @@ def _preflight(model: nn.Module, teacher: nn.Module | None, loader: Batches, val
         elif tgt.shape != out.shape:
             raise CompressorError(f"the {data} targets are shaped {list(tgt.shape)} but the model's outputs "
                                   f"are {list(out.shape)}", f"pass targets shaped like the outputs for loss {loss}")
+
+
+def _floating(x: Any) -> list[torch.Tensor]:
+    """The floating-point tensors in ``x`` (a tensor, or a dict, tuple or list of them, nested)."""
+    if isinstance(x, torch.Tensor):
+        return [x] if x.is_floating_point() else []
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _floating(v)]
+    return []
 
 
 def _label_range(targets: Any) -> tuple[int, int]:
