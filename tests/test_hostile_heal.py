@@ -142,6 +142,9 @@ SUP = ["heal", "small", "--data", "train.pt", "--val", "val.pt", "--quiet"]
     ([*SUP[:4], "--val", "val_labels_57.pt"], ["validation labels go from 57"]),
     ([*SUP[:4], "--val", "unlabelled.pt"], ["validation data has no targets", "--val"]),
     ([*SUP[:4], "--lr", "1e30", "--grad-clip", "0", "--optimizer", "sgd"], ["the loss became", "--lr"]),
+    ([*SUP[:4], "--checkpoint-dir", "small"], ["compressed model's folder", "of its own"]),
+    ([*SUP[:4], "--checkpoint-dir", "small/ck"], ["compressed model's folder", "of its own"]),
+    ([*SUP[:4], "--out", "o", "--checkpoint-dir", "o/ck"], ["output folder", "of its own"]),
 ])
 def test_heal_refuses(work, args, words):
     _refused_untouched(work, args, *words)
@@ -225,3 +228,16 @@ def test_checkpoints_listing_survives_a_malformed_summary_file(work):
     (work / "ck" / "checkpoints.json").write_text("[1, 2]")
     res = _cli("checkpoints", "ck", cwd=work)
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+
+
+def test_resume_past_a_damaged_checkpoint_warns_in_one_line(work):
+    """Crash damage (here a truncated file) is skipped, as after a crash: one warning line, then success."""
+    newest = _newest(work)
+    data = (newest / STATE).read_bytes()
+    (newest / STATE).write_bytes(data[:-10])
+    res = _cli(*RESUME, "--json", cwd=work)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.strip().splitlines() == [f"warning: skipping checkpoint ck/{newest.name}: "
+                                               f"{STATE} is truncated or resized ({len(data) - 10} bytes, "
+                                               f"expected {len(data)})"]
+    assert json.loads(res.stdout)["resumed_from"] == 3

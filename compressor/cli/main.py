@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -244,7 +245,9 @@ def heal_cmd(model: Path, **kw: Any) -> None:
     command = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         config = HealConfig(**{name: kw.pop(name) for name in setting_names()})
-        summary = heal_folder(model, out, command=command, config=config, **kw)
+        with warnings.catch_warnings():  # e.g. a damaged checkpoint skipped: one line, not a source listing
+            warnings.showwarning = lambda message, *_, **__: click.echo(f"warning: {message}", err=True)
+            summary = heal_folder(model, out, command=command, config=config, **kw)
     except CompressorError as err:
         if debug:
             raise

@@ -388,6 +388,12 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
     if resume and checkpoint_dir is None:
         raise CompressorError("--resume needs the folder of the run to continue",
                               "pass --checkpoint-dir with --resume")
+    if checkpoint_dir is not None:
+        ck = Path(checkpoint_dir).resolve()
+        for folder, what in ((source, "the compressed model's folder"), (out, "the output folder")):
+            if ck == folder.resolve() or folder.resolve() in ck.parents:
+                raise CompressorError(f"--checkpoint-dir {checkpoint_dir} is {what} or inside it",
+                                      "pass --checkpoint-dir a folder of its own")
     OutputDir(out, force).check()  # before the (slow) loading and training
     loaded = load_model(source, trust_pickle=trust_pickle)
     if loaded.model is None:

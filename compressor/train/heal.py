@@ -1,8 +1,13 @@
 """Heal: a short low-rank fine-tune that wins back what truncation cost.
 
-    result = compressor.heal(compressed, teacher=original, data=inputs)          # distillation
-    result = compressor.heal(compressed, data=x, targets=y, val=(x_val, y_val))  # supervised
+    result = compressor.heal(compressed, teacher=original, data=inputs)               # distillation
+    result = compressor.heal(compressed, data=x, targets=y, val_data=(x_val, y_val))  # supervised
+    config = compressor.HealConfig(train="lora", lr=5e-3, epochs=4)                   # the settings
+    result = compressor.heal(compressed, config, data=x, targets=y)
     healed = result.model
+
+Every setting (its default, help, range and choices) is a field of :class:`HealConfig`, which also
+generates the ``compress heal`` options; the arguments of :func:`heal` are what the settings act on.
 
 What trains is the factor matrices (``.down`` / ``.up`` of every factored layer) or, with
 ``train="lora"``, LoRA adapters on them that are merged back at the end, so the healed model has exactly
