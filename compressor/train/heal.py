@@ -230,7 +230,7 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
     loader = Batches(data, targets, cfg.batch_size, cfg.seed, shuffle=True)
     val_loader = None
     if val is not None:
-        vx, vy = val if supervised and isinstance(val, tuple) and len(val) == 2 else (val, None)
+        vx, vy = val if supervised and isinstance(val, (tuple, list)) and len(val) == 2 else (val, None)
         if supervised and vy is None:
             raise CompressorError("the validation data has no targets",
                                   "pass val_data=(inputs, targets) (--val with inputs and targets) for "
