@@ -29,7 +29,7 @@ import compressor
 from compressor.core.fileio import atomic_write_text
 from compressor.examples import accuracy, digits_splits, train_digits_cnn
 from compressor.train.checkpoint import list_checkpoints
-from compressor.train.heal import heal
+from compressor.train.heal import HealConfig, heal
 
 POLICY = {"rank_ratio": 0.25, "exclude": ["8"]}  # "8" is the final Linear(256, 10)
 EPOCHS = 8
@@ -59,19 +59,19 @@ def main() -> int:
     comp_acc = {k: accuracy(compressed, *splits[k]) for k in ("val", "test")}
 
     xtr, ytr = splits["train"]
-    common = {"epochs": EPOCHS, "batch_size": 32, "seed": args.seed, "progress": None}
+    common = {"epochs": EPOCHS, "batch_size": 32, "seed": args.seed}
     variants = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {
-            "supervised, factors": dict(data=xtr, targets=ytr, val=splits["val"], lr=2e-3,
-                                        checkpoint_dir=Path(tmp) / "ck", keep_last=2),
-            "supervised, LoRA r=8 merged": dict(data=xtr, targets=ytr, val=splits["val"], train="lora",
-                                                lora_rank=8, lora_alpha=16, lr=5e-3),
-            "distillation (KL), factors": dict(teacher=model, data=xtr, val=splits["val"][0], loss="kl",
-                                               lr=2e-3, monitor="val_loss"),
+        runs = {  # name: (what heal acts on, its settings)
+            "supervised, factors": (dict(data=xtr, targets=ytr, val_data=splits["val"],
+                                         checkpoint_dir=Path(tmp) / "ck"), dict(lr=2e-3, keep_last=2)),
+            "supervised, LoRA r=8 merged": (dict(data=xtr, targets=ytr, val_data=splits["val"]),
+                                            dict(train="lora", lora_rank=8, lora_alpha=16, lr=5e-3)),
+            "distillation (KL), factors": (dict(teacher=model, data=xtr, val_data=splits["val"][0]),
+                                           dict(loss="kl", lr=2e-3, monitor="val_loss")),
         }
-        for name, kw in runs.items():
-            r = heal(compressed, **common, **kw)
+        for name, (kw, settings) in runs.items():
+            r = heal(compressed, HealConfig(**common, **settings), progress=None, **kw)
             test = accuracy(r.model, *splits["test"])
             variants[name] = {
                 "test_accuracy": test, "val_accuracy": accuracy(r.model, *splits["val"]),
@@ -80,7 +80,7 @@ def main() -> int:
                 "best_step": r.best_step, "steps": r.steps, "seconds": round(r.seconds, 1),
                 "params": sum(p.numel() for p in r.model.parameters()),
                 "history": r.history,
-                "options": {k: v for k, v in kw.items() if isinstance(v, (int, float, str))},
+                "config": r.config.to_dict(),
             }
             if "checkpoint_dir" in kw:
                 rows = list_checkpoints(kw["checkpoint_dir"])

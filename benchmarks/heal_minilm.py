@@ -28,7 +28,7 @@ from _common import minilm_missing
 import compressor
 from compressor.core.fileio import atomic_write_text
 from compressor.examples import embed, load_minilm, sentence_splits
-from compressor.train.heal import heal
+from compressor.train.heal import HealConfig, heal
 
 N_TRAIN, N_VAL, N_EVAL = 512, 64, 500
 MAX_LENGTH = 64  # the docstring sentences are short; this bounds the cost of a training step
@@ -70,8 +70,8 @@ def main() -> int:
     print(f"compressed: removed {totals['removed_fraction']:.3f} of the encoder's linear parameters; "
           f"embedding cosine mean {before['mean']:.4f}, p5 {before['p5']:.4f}", flush=True)
     train, val = batches(calibration[:N_TRAIN]), batches(calibration[N_TRAIN:])
-    r = heal(compressed, teacher=model, data=train, val=val, loss="mse", lr=args.lr, epochs=args.epochs,
-             warmup_steps=4, seed=args.seed, progress=None)
+    config = HealConfig(loss="mse", lr=args.lr, epochs=args.epochs, warmup_steps=4, seed=args.seed)
+    r = heal(compressed, config, teacher=model, data=train, val_data=val, progress=None)
     after = cosines(r.model)
     print(f"healed ({r.steps} steps, {r.seconds:.0f} s): embedding cosine mean {after['mean']:.4f}, "
           f"p5 {after['p5']:.4f}", flush=True)

@@ -95,8 +95,8 @@ def digits_bench(cfg: dict) -> Bench:
     xtr = splits["train"][0]
     calibration = [xtr[i:i + 256] for i in range(0, len(xtr), 256)]
     # Distillation from the dense CNN (KL on logits, no labels), the setting of benchmarks/heal_digits.py.
-    heal_kw = {"data": xtr, "val": splits["val"][0], "loss": "kl", "lr": 2e-3, "epochs": 8, "batch_size": 32,
-               "monitor": "val_loss"}
+    heal_kw = {"data": xtr, "val_data": splits["val"][0], "loss": "kl", "lr": 2e-3, "epochs": 8,
+               "batch_size": 32, "monitor": "val_loss"}
     notes = (f"`data-aware t`: `analyze(model, target=t, calibration=...)` on the {len(xtr)} training images "
              f"(every conv and linear layer). `..., healed`: `compressor.heal` distils that compressed model "
              f"from the dense one (KL on logits, no labels) for {heal_kw['epochs']} epochs over the training "
@@ -120,8 +120,8 @@ def minilm_bench(cfg: dict) -> Bench | None:
     # Distillation on the last hidden state (masked MSE), as benchmarks/heal_minilm.py but shorter: sentences
     # cut at 64 tokens, one pass over 448 calibration sentences, 64 others for choosing the best step.
     heal_kw = {"data": tokenize_batches(tok, cal[:448], batch_size=32, max_length=64),
-               "val": tokenize_batches(tok, cal[448:], batch_size=32, max_length=64), "loss": "mse", "lr": 5e-4,
-               "warmup_steps": 2, **({"steps": cfg["heal_steps"]} if cfg["heal_steps"] else {"epochs": 1})}
+               "val_data": tokenize_batches(tok, cal[448:], batch_size=32, max_length=64), "loss": "mse",
+               "lr": 5e-4, "warmup_steps": 2, **({"steps": cfg["heal_steps"]} if cfg["heal_steps"] else {"epochs": 1})}
     steps = cfg["heal_steps"] or len(heal_kw["data"])
     notes = (f"`data-aware t`: `analyze(model, target=t, include=['encoder.*'], calibration=...)` on "
              f"{cfg['n_cal']} calibration sentences, disjoint from the {len(sentences)} held-out ones; t is the "

@@ -79,7 +79,7 @@ CHILD = SETUP + textwrap.dedent("""
             write(path, data)
         ckpt._write_synced = dying_write
     for train in trains:
-        r = heal(student, data=x[:120], targets=y[:120], val=(x[120:], y[120:]), train=train, lora_rank=2,
+        r = heal(student, data=x[:120], targets=y[:120], val_data=(x[120:], y[120:]), train=train, lora_rank=2,
                  lora_dropout=0.2, batch_size=16, epochs=3, every=5, lr=3e-2, seed=7, progress=False,
                  checkpoint_dir=None if what == "full" else f"{folder}/ck-{train}", resume=what == "resume",
                  keep_last=2)
@@ -128,7 +128,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
 def _run(folder: Path, lr: float = 3e-2, **kw):
     _, student, x, y = _setup()
-    return heal(student, data=x[:120], targets=y[:120], val=(x[120:], y[120:]), batch_size=16, epochs=2,
+    return heal(student, data=x[:120], targets=y[:120], val_data=(x[120:], y[120:]), batch_size=16, epochs=2,
                 every=3, lr=lr, progress=False, checkpoint_dir=folder, keep_last=10, **kw)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -104,11 +105,11 @@ def test_heal_improves_a_compressed_model(kind, kw):
     before_state = {k: v.clone() for k, v in student.state_dict().items()}
     opts = {"lr": 1e-2, "epochs": 6, "batch_size": 32, "progress": False, **kw}
     if kind == "supervised":
-        r = heal(student, data=x[:300], targets=y[:300], val=(x[300:], y[300:]), **opts)
+        r = heal(student, data=x[:300], targets=y[:300], val_data=(x[300:], y[300:]), **opts)
         assert r.after["val_accuracy"] >= r.before["val_accuracy"] + 0.1, (r.before, r.after)
         assert r.after["val_loss"] < 0.7 * r.before["val_loss"]
     else:
-        r = heal(student, teacher=teacher, data=x[:300], val=x[300:], **opts)
+        r = heal(student, teacher=teacher, data=x[:300], val_data=x[300:], **opts)
         assert r.after["val_loss"] < 0.8 * r.before["val_loss"], (r.before, r.after)
         assert r.after["val_cosine"] > r.before["val_cosine"]
     # The result keeps the compressed architecture and size; the input was not touched.
@@ -144,7 +145,7 @@ def test_heal_on_tokenized_inputs_with_attention_mask():
     mask = (torch.arange(10) < torch.randint(3, 11, (64, 1))).long()
     ids = ids * mask
     r = heal(student, teacher=teacher, data={"input_ids": ids[:48], "attention_mask": mask[:48]},
-             val={"input_ids": ids[48:], "attention_mask": mask[48:]}, loss="cosine", epochs=20,
+             val_data={"input_ids": ids[48:], "attention_mask": mask[48:]}, loss="cosine", epochs=20,
              batch_size=16, lr=2e-2, progress=False)
     assert r.after["val_cosine"] > r.before["val_cosine"] + 0.05, (r.before, r.after)
 
@@ -176,3 +177,59 @@ def test_heal_without_validation_uses_steps_and_train_loss():
     assert r.steps == 7 and [h["step"] for h in r.history] == [0, 3, 6, 7]
     assert r.before == {} and "train_loss" in r.after
     assert r.best_step == min(r.history[1:], key=lambda h: (h["metrics"]["train_loss"], h["step"]))["step"]
+
+
+def test_heal_config_round_trips_and_validates():
+    from dataclasses import fields
+
+    from compressor.train.heal import HealConfig
+
+    cfg = HealConfig(train="lora", lora_alpha=8, steps=5, monitor="val_loss", mode="min", grad_clip=None)
+    assert isinstance(cfg.lora_alpha, float)  # an int given for a float setting is made a float
+    assert HealConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert all(f.metadata["help"] for f in fields(HealConfig))
+    for bad, match in [({"lr": float("nan")}, "lr must be a finite number"), ({"steps": 0}, "steps must be >= 1"),
+                       ({"steps": 2.5}, "whole number"), ({"batch_size": True}, "whole number"),
+                       ({"optimizer": "lion"}, "optimizer='lion' is not one of adamw, adam, sgd"),
+                       ({"lora_dropout": 1.0}, "< 1"), ({"seed": -1}, ">= 0"), ({"temperature": 0}, "> 0"),
+                       ({"warp": 9}, "unknown heal setting 'warp'")]:
+        with pytest.raises(compressor.CompressorError, match=match):
+            HealConfig.from_dict(bad)
+
+
+def test_heal_cli_options_are_generated_from_the_config():
+    """Each HealConfig field is a `compress heal` option with its name, default, help and choices."""
+    from dataclasses import fields
+
+    import click
+
+    from compressor.cli.main import heal_cmd
+    from compressor.train.heal import HealConfig
+
+    options = {p.name: p for p in heal_cmd.params}
+    for f in fields(HealConfig):
+        opt = options[f.name]
+        assert opt.opts == ["--" + f.name.replace("_", "-")] and opt.default == f.default
+        assert opt.help == f.metadata["help"]
+    assert isinstance(options["optimizer"].type, click.Choice)
+    assert list(options["optimizer"].type.choices) == ["adamw", "adam", "sgd"]
+    assert list(options["mode"].type.choices) == ["min", "max"]
+
+
+def test_heal_takes_a_config_and_settings_by_name():
+    from compressor.train.heal import HealConfig
+
+    _, student, x, y = _problem()
+    base = HealConfig(steps=3, lr=1e-2, batch_size=64, optimizer="sgd")
+    a = heal(student, base, data=x, targets=y, progress=False)
+    b = heal(student, data=x, targets=y, steps=3, lr=1e-2, batch_size=64, optimizer="sgd", progress=False)
+    c = heal(student, HealConfig(steps=3), data=x, targets=y, lr=1e-2, batch_size=64, optimizer="sgd",
+             progress=False)
+    for r in (b, c):
+        assert r.config == a.config and r.history == a.history
+    assert a.config.loss == "ce" and a.config.monitor == "train_loss" and a.config.mode == "min"  # resolved
+    assert base.loss is None  # the config passed in is not changed
+    with pytest.raises(TypeError, match="'stepz'"):
+        heal(student, data=x, targets=y, stepz=3)
+    with pytest.raises(compressor.CompressorError, match="checkpoint_dir"):
+        heal(student, base, data=x, targets=y, resume=True)

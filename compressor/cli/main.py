@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import click
 
-from compressor.cli.train import checkpoints
+from compressor.cli.train import checkpoints, heal_config_options
 from compressor.core.errors import CompressorError
 from compressor.core.output import interrupt_exit_code, interrupt_on_sigterm
 from compressor.report.report import criterion
@@ -250,41 +251,24 @@ def export_cmd(model: Path, **kw: Any) -> None:
 @click.option("--teacher", type=click.Path(path_type=Path),
               help="Original model for distillation [default: the one the compressed folder records].")
 @click.option("--samples", type=int, help="Use at most this many samples of --data and --val.")
-@click.option("--loss", type=click.Choice(["mse", "kl", "ce", "cosine"]), help="[default: ce for class labels, "
-              "mse otherwise]")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="For --loss kl.")
-@click.option("--train", type=click.Choice(["factors", "lora"]), default="factors", show_default=True,
-              help="Train the factor matrices, or LoRA adapters on them merged back at the end.")
-@click.option("--lora-rank", type=int, default=8, show_default=True)
-@click.option("--lora-alpha", type=float, default=16, show_default=True)
-@click.option("--lora-dropout", type=float, default=0.0, show_default=True)
-@click.option("--optimizer", type=click.Choice(["adamw", "adam", "sgd"]), default="adamw", show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
-@click.option("--warmup-steps", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--steps", type=int, help="Train this many steps (or --epochs).")
-@click.option("--epochs", type=int, help="Train this many passes over --data [default: 1].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--grad-clip", type=float, default=1.0, show_default=True)
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), help="Write resumable checkpoints here.")
-@click.option("--every", type=int, help="Checkpoint and validate every N steps [default: once per epoch].")
-@click.option("--keep-last", type=int, default=3, show_default=True, help="Keep this many (the best is kept too).")
-@click.option("--monitor", help="Metric that picks the best, e.g. val_loss or val_accuracy.")
-@click.option("--mode", type=click.Choice(["min", "max"]), help="Whether a lower or higher --monitor is better.")
 @click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint in --checkpoint-dir.")
+@heal_config_options
 @_common_options
 def heal_cmd(model: Path, **kw: Any) -> None:
     """Fine-tune a compressed model's factors to win back what truncation lost."""
     from compressor.jobs.compress import heal_folder
+    from compressor.train.heal import HealConfig, setting_names
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
     kw.pop("arch")
     kw["progress"] = False if quiet or as_json else None
     command = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        summary = heal_folder(model, out, command=command, **kw)
+        config = HealConfig(**{name: kw.pop(name) for name in setting_names()})
+        with warnings.catch_warnings():  # e.g. a damaged checkpoint skipped: one line, not a source listing
+            warnings.showwarning = lambda message, *_, **__: click.echo(f"warning: {message}", err=True)
+            summary = heal_folder(model, out, command=command, config=config, **kw)
     except CompressorError as err:
         if debug:
             raise

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from compressor.core.plan import Plan
 from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
 from compressor.data.inputs import call, cosine_fidelity, eval_mode, sequence_axes
+
+if TYPE_CHECKING:
+    from compressor.train.heal import HealConfig
 
 MODES = ("compress", "analyze", "apply", "export")
 
@@ -336,11 +339,15 @@ def _is_text(path: Path) -> bool:
 
 def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path, val: Path | None = None,
                 teacher: str | Path | None = None, trust_pickle: bool = False, force: bool = False,
-                samples: int | None = None, command: str | None = None, **heal_options: Any) -> dict[str, Any]:
-    """Heal the compressed model at ``source`` on the data in files, and save it to ``out``.
+                samples: int | None = None, command: str | None = None, config: HealConfig | None = None,
+                checkpoint_dir: str | Path | None = None, resume: bool = False,
+                progress: bool | None = None) -> dict[str, Any]:
+    """Heal the compressed model at ``source`` on the data in files with the settings of ``config``, and
+    save it to ``out``.
 
     Without targets in ``data`` this distils from ``teacher``: by default the original model recorded
-    in the compressed folder. Returns a summary (before/after metrics, best step, where it went).
+    in the compressed folder. Returns a summary (before/after metrics, best step, where it went, and the
+    config as JSON), also written to ``heal.json``.
     """
     from compressor.formats.load import load_model
     from compressor.formats.save import save
@@ -349,10 +356,21 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
 
     source = Path(source)
     out = Path(out) if out is not None else source.parent / f"{source.name}.healed"
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise CompressorError(f"samples must be a whole number >= 1, got {samples!r}", "pass e.g. --samples 1000")
+    if resume and checkpoint_dir is None:
+        raise CompressorError("--resume needs the folder of the run to continue",
+                              "pass --checkpoint-dir with --resume")
+    if checkpoint_dir is not None:
+        ck = Path(checkpoint_dir).resolve()
+        for folder, what in ((source, "the compressed model's folder"), (out, "the output folder")):
+            if ck == folder.resolve() or folder.resolve() in ck.parents:
+                raise CompressorError(f"--checkpoint-dir {checkpoint_dir} is {what} or inside it",
+                                      "pass --checkpoint-dir a folder of its own")
     inputs = [("model", source), ("training data", data), ("validation data", val), ("teacher", teacher),
-              ("checkpoint folder", heal_options.get("checkpoint_dir"))]
+              ("checkpoint folder", checkpoint_dir)]
     check_not_over_inputs(out, inputs)
-    OutputDir(out, force).check()
+    OutputDir(out, force).check()  # before the (slow) loading and training
     loaded = load_model(source, trust_pickle=trust_pickle)
     if loaded.model is None:
         raise CompressorError(f"'{source}' holds only weights", "heal a folder written by compress")
@@ -371,15 +389,16 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
         check_not_over_inputs(out, [("teacher", teacher_path)])  # the one the folder records
         teacher_model = load_model(teacher_path, trust_pickle=trust_pickle).model
     with OutputDir(out, force) as tmp:
-        result = heal(loaded.model, teacher=teacher_model, data=inputs, targets=targets, val=val_data,
-                      **heal_options)
+        result = heal(loaded.model, config, teacher=teacher_model, data=inputs, targets=targets,
+                      val_data=val_data, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
         plan = loaded.meta.get("plan")
         save(result.model, tmp, plan, source=loaded, atomic=False)
         summary = {"source": str(source), "output": str(out), "teacher": None if teacher_model is None else
                    str(teacher or recorded), "supervised": targets is not None, "before": result.before,
                    "after": result.after, "best_step": result.best_step, "steps": result.steps,
                    "resumed_from": result.resumed_from, "seconds": round(result.seconds, 2),
-                   "history": result.history, "options": {k: str(v) for k, v in heal_options.items()},
+                   "history": result.history, "config": result.config.to_dict(),
+                   "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
                    "command": command, "versions": versions()}
         atomic_write_text(tmp / "heal.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary

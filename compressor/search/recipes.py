@@ -497,6 +497,10 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
                               "pass calibration=... (--calibration)")
     if any(r.heal_steps for r in recipes) and heal_data is None and calibration is None:
         raise CompressorError("healed recipes need data to distill on", "pass heal_data=... (or calibration)")
+    if heal_options:
+        from compressor.train.heal import HealConfig
+
+        HealConfig.from_dict(dict(heal_options))  # a bad setting fails now, not after the first recipes
     ctx = BuildContext(model, example_inputs, evaluation,
                        latency_inputs if latency_inputs is not None else example_inputs, calibration,
                        heal_data if heal_data is not None else calibration, dict(heal_options or {}),
@@ -672,13 +676,13 @@ def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
     rewrite(model, plan)
     heal_info = None
     if recipe.heal_steps:
-        from compressor.train.heal import heal
+        from compressor.train.heal import HealConfig, heal
 
         say(f"heal     {recipe.name}: {recipe.heal_steps} steps")
         if recipe.qat:
             fake_int8(model)
-        res = heal(model, teacher=ctx.model, data=ctx.heal_data, steps=recipe.heal_steps, progress=False,
-                   **ctx.heal_options)
+        config = HealConfig.from_dict({**ctx.heal_options, "steps": recipe.heal_steps})
+        res = heal(model, config, teacher=ctx.model, data=ctx.heal_data, progress=False)
         model = remove_fake_int8(res.model).eval()
         heal_info = {"steps": res.steps, "before": res.before, "after": res.after, "seconds": round(res.seconds, 1)}
     factored = {lp.name: lp.rank for lp in plan.factored}

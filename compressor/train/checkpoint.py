@@ -48,6 +48,17 @@ class UnsafeCheckpointError(CompressorError):
     """A checkpoint holds a pickle payload: loading it could run code, so it is refused."""
 
 
+class MalformedCheckpointError(CompressorError):
+    """A checkpoint whose files pass their checksums but whose content is not a checkpoint's (a field of
+    the wrong type, a negative step, a subfolder or a symlink): no crash leaves one, so it is refused
+    rather than skipped."""
+
+
+def _malformed(path: Path, problem: str) -> MalformedCheckpointError:
+    return MalformedCheckpointError(f"checkpoint {path} is malformed: {problem}",
+                                    f"delete {path} (or resume from another run's folder)")
+
+
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
@@ -81,7 +92,14 @@ def check(path: Path) -> str | None:
     and whatever its checksum says: a valid checksum of a pickle is still a pickle).
     """
     path = Path(path)
-    for f in sorted(path.iterdir()) if path.is_dir() else []:
+    if path.is_symlink():
+        raise _malformed(path, "it is a symlink, not a folder")
+    entries = sorted(path.iterdir()) if path.is_dir() else []
+    for f in entries:
+        if f.is_symlink() or not f.is_file():
+            raise _malformed(path, f"it holds {'a symlink' if f.is_symlink() else 'a subfolder'} ({f.name}), "
+                                   "but a checkpoint holds only plain files")
+    for f in entries:
         with open(f, "rb") as fh:
             head = fh.read(9)
         # A safetensors file starts with its header length (8 bytes, which may look like a pickle's
@@ -96,17 +114,91 @@ def check(path: Path) -> str | None:
         return "incomplete: no completeness marker"
     try:
         files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
+        wants = {name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in (TENSORS, STATE)
+                 if name in files}
+    except (ValueError, KeyError, TypeError, AttributeError):
         return "completeness marker is unreadable"
     for name in (TENSORS, STATE):
-        f, want = path / name, files.get(name)
+        f, want = path / name, wants.get(name)
         if want is None or not f.is_file():
             return f"missing {name}"
-        if f.stat().st_size != want["bytes"]:
-            return f"{name} is truncated or resized ({f.stat().st_size} bytes, expected {want['bytes']})"
-        if _sha256(f) != want["sha256"]:
+        if f.stat().st_size != want[0]:
+            return f"{name} is truncated or resized ({f.stat().st_size} bytes, expected {want[0]})"
+        if _sha256(f) != want[1]:
             return f"{name} fails its sha256 checksum"
+    try:
+        state = json.loads((path / STATE).read_text())
+    except ValueError as err:
+        raise _malformed(path, f"{STATE} is not JSON ({err})") from None
+    problem = _state_problem(state, _step_of(path))
+    if problem:
+        raise _malformed(path, problem)
     return None
+
+
+def _state_problem(state: Any, step: int | None) -> str | None:
+    """What is wrong with the fields every checkpoint's ``state.json`` has, or None."""
+    if not isinstance(state, dict):
+        return f"{STATE} holds a {type(state).__name__}, not an object"
+    if state.get("format") != FORMAT:
+        return f"{STATE} has format {state.get('format')!r}, this version reads format {FORMAT}"
+    if not _whole(state.get("step")):
+        return f"its step is {state.get('step')!r}, not a whole number >= 0"
+    if step is not None and state["step"] != step:
+        return f"its step is {state['step']} but its folder name says {step}"
+    if _metrics_problem(state.get("metrics")):
+        return f"its metrics {_metrics_problem(state.get('metrics'))}"
+    history = state.get("history")
+    if not isinstance(history, list):
+        return f"its history is a {type(history).__name__}, not a list"
+    for h in history:
+        if not isinstance(h, dict) or not _whole(h.get("step")) or _metrics_problem(h.get("metrics")):
+            return f"its history holds {json.dumps(h)[:60]}, not {{\"step\": N >= 0, \"metrics\": {{...}}}}"
+    return None
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _metrics_problem(metrics: Any) -> str | None:
+    if not isinstance(metrics, dict):
+        return f"are a {type(metrics).__name__}, not an object of numbers"
+    bad = [k for k, v in metrics.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+    return f"hold non-numbers ({', '.join(bad[:3])})" if bad else None
+
+
+def check_training_state(tensors: dict[str, torch.Tensor], state: dict[str, Any], path: Path) -> None:
+    """Refuse (:class:`MalformedCheckpointError`) a checkpoint that lacks what resuming a training run
+    needs: its config, optimizer, scheduler, data position and RNG states, each of the right form."""
+    def need(ok: bool, problem: str) -> None:
+        if not ok:
+            raise _malformed(path, problem)
+
+    need(isinstance(state.get("config"), dict), "its state has no training config")
+    opt = state.get("optimizer")
+    need(isinstance(opt, dict) and isinstance(opt.get("param_groups"), list) and opt["param_groups"]
+         and all(isinstance(g, dict) for g in opt["param_groups"])
+         and isinstance(opt.get("state_keys"), dict) and isinstance(opt.get("scalars"), dict)
+         and all(isinstance(k, list) for k in opt["state_keys"].values()),
+         "its state has no optimizer state (param_groups, state_keys, scalars)")
+    for idx, keys in opt["state_keys"].items():
+        for k in keys:
+            need(f"optim.{idx}.{k}" in tensors or k in (opt["scalars"].get(idx) or {}),
+                 f"its optimizer state lacks {idx}.{k}")
+    need(state.get("scheduler") is None or isinstance(state["scheduler"], dict), "its scheduler state is not an object")
+    pos = state.get("data_position")
+    need(isinstance(pos, list) and len(pos) == 2 and all(_whole(v) for v in pos),
+         f"its data position is {pos!r}, not [epoch, batch] of whole numbers >= 0")
+    rng = state.get("rng")
+    try:
+        version, internal, _ = rng["python"]
+        name, keys, *_ = rng["numpy"]
+        ok = isinstance(version, int) and isinstance(internal, list) and isinstance(name, str) and \
+            isinstance(keys, list) and "rng.torch" in tensors
+    except (TypeError, KeyError, ValueError):
+        ok = False
+    need(ok, "its state has no RNG states (python, numpy, torch)")
 
 
 @dataclass
@@ -120,6 +212,7 @@ class CheckpointRow:
     valid: bool
     reason: str = ""
     best: bool = False
+    refused: bool = False  # malformed or unsafe: resuming would stop with an error, not skip it
 
 
 def list_checkpoints(directory: str | Path) -> list[CheckpointRow]:
@@ -127,19 +220,25 @@ def list_checkpoints(directory: str | Path) -> list[CheckpointRow]:
     directory = Path(directory)
     if not directory.is_dir():
         raise CompressorError(f"{directory} is not a folder", "pass the --checkpoint-dir of a training run")
-    summary = _read_json(directory / STATE_FILE) or {}
+    summary = _read_json(directory / STATE_FILE)
+    best_path = summary.get("best_path") if isinstance(summary, dict) else None
+    best_name = Path(best_path).name if isinstance(best_path, str) else None
     rows = []
     for path in _checkpoint_dirs(directory):
+        refused = True
         try:
             reason = check(path)
+            refused = False
         except UnsafeCheckpointError:
             reason = "refused: contains a pickle payload"
+        except MalformedCheckpointError as err:
+            reason = f"refused: {err.problem.split(': ', 1)[-1]}"
         metrics: dict[str, float] = {}
         if reason is None:
-            metrics = (_read_json(path / STATE) or {}).get("metrics", {})
-        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+            metrics = json.loads((path / STATE).read_text())["metrics"]  # check() read it
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and not f.is_symlink())
         rows.append(CheckpointRow(_step_of(path), str(path), metrics, size, reason is None, reason or "",
-                                  best=path.name == Path(summary.get("best_path") or "").name))
+                                  best=path.name == best_name, refused=refused))
     return rows
 
 

@@ -1,8 +1,13 @@
 """Heal: a short low-rank fine-tune that wins back what truncation cost.
 
-    result = compressor.heal(compressed, teacher=original, data=inputs)          # distillation
-    result = compressor.heal(compressed, data=x, targets=y, val=(x_val, y_val))  # supervised
+    result = compressor.heal(compressed, teacher=original, data=inputs)               # distillation
+    result = compressor.heal(compressed, data=x, targets=y, val_data=(x_val, y_val))  # supervised
+    config = compressor.HealConfig(train="lora", lr=5e-3, epochs=4)                   # the settings
+    result = compressor.heal(compressed, config, data=x, targets=y)
     healed = result.model
+
+Every setting (its default, help, range and choices) is a field of :class:`HealConfig`, which also
+generates the ``compress heal`` options; the arguments of :func:`heal` are what the settings act on.
 
 What trains is the factor matrices (``.down`` / ``.up`` of every factored layer) or, with
 ``train="lora"``, LoRA adapters on them that are merged back at the end, so the healed model has exactly
@@ -26,9 +31,10 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
@@ -38,7 +44,13 @@ from torch.nn import functional as F
 from compressor.core.errors import CompressorError
 from compressor.core.layers import LOW_RANK_TYPES
 from compressor.data.inputs import attention_mask, call, num_samples, primary_output, take, to_device
-from compressor.train.checkpoint import CheckpointManager, pack_training_state, unpack_training_state
+from compressor.train.checkpoint import (
+    PREFIX,
+    CheckpointManager,
+    check_training_state,
+    pack_training_state,
+    unpack_training_state,
+)
 from compressor.train.lora import LoRALayer, apply_lora, lora_parameters, merge_lora
 
 LOSSES = ("mse", "kl", "ce", "cosine")
@@ -48,48 +60,124 @@ _RESUME_KEYS = ("train", "lora_rank", "lora_alpha", "lora_dropout", "loss", "tem
                 "monitor", "mode", "total_steps", "batches_per_epoch")
 
 
+def _setting(default: Any, help: str, **checks: Any) -> Any:
+    """A :class:`HealConfig` field: its default, its help (also the ``compress heal --help`` text) and
+    its range (``min``: smallest value allowed, ``above``: the value must be larger, ``below``: smaller)."""
+    return field(default=default, metadata={"help": help, **checks})
+
+
 @dataclass
 class HealConfig:
-    """Every option of :func:`heal` that shapes the training (recorded in each checkpoint)."""
+    """Every setting of :func:`heal`: one place for its default, its help, its range and its choices.
 
-    train: str = "factors"  # "factors" or "lora"
-    lora_rank: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
-    loss: str | None = None  # None: "ce" for integer targets, else "mse"; "kl"/"cosine" for distillation
-    temperature: float = 1.0  # for "kl"
-    optimizer: str = "adamw"  # "adamw", "adam" or "sgd" (momentum 0.9)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: str = "cosine"  # or "constant"; both after `warmup_steps` of linear warm-up
-    warmup_steps: int = 0
-    batch_size: int = 32
-    steps: int | None = None  # default: `epochs` (default 1) passes over the data
-    epochs: int | None = None
-    seed: int = 0
-    grad_clip: float | None = 1.0  # max gradient norm; None or 0 disables
-    every: int | None = None  # evaluate (and checkpoint) every N steps; default once per epoch
-    keep_last: int = 3
-    monitor: str | None = None  # default: val_accuracy (class labels), val_loss (val), else train_loss
-    mode: str | None = None  # "min"/"max"; default "max" for accuracy/cosine metrics
+    The ``compress heal`` options are generated from these fields (``lora_rank`` is ``--lora-rank``), each
+    checkpoint records the settings a resumed run must share, and ``heal.json`` records all of them
+    (:meth:`to_dict`). A bad value raises :class:`CompressorError` when the config is made.
+    """
 
-    def validate(self) -> None:
-        choices = {"train": ("factors", "lora"), "optimizer": ("adamw", "adam", "sgd"),
-                   "schedule": ("cosine", "constant"), "mode": ("min", "max", None)}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise CompressorError(f"{key}={getattr(self, key)!r} is not one of {allowed}",
-                                      f"pass {key}= one of {', '.join(map(str, allowed))}")
-        if self.loss is not None and self.loss not in LOSSES:
-            raise CompressorError(f"loss={self.loss!r} is not one of {LOSSES}", "or pass a callable")
-        for key in ("lora_rank", "batch_size", "steps", "epochs", "every", "keep_last"):
-            v = getattr(self, key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise CompressorError(f"{key} must be a whole number >= 1, got {v!r}", f"pass e.g. {key}=10")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise CompressorError(f"lr must be a positive number, got {self.lr}", "pass e.g. lr=1e-3")
-        if not 0 <= self.lora_dropout < 1:
-            raise CompressorError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}", "pass e.g. 0.1")
+    train: Literal["factors", "lora"] = _setting(
+        "factors", "Train the factor matrices, or LoRA adapters on them merged back at the end.")
+    lora_rank: int = _setting(8, "Rank of the LoRA adapters (with --train lora).", min=1)
+    lora_alpha: float = _setting(16.0, "LoRA scale: the adapter update is multiplied by alpha / rank.", above=0)
+    lora_dropout: float = _setting(0.0, "Dropout on the LoRA adapters' input, in [0, 1).", min=0, below=1)
+    loss: Literal["mse", "kl", "ce", "cosine"] | None = _setting(
+        None, "Loss [default: ce for class labels, mse otherwise]; kl and cosine compare with a teacher's "
+              "outputs.")
+    temperature: float = _setting(1.0, "Softening temperature for --loss kl.", above=0)
+    optimizer: Literal["adamw", "adam", "sgd"] = _setting("adamw", "Optimizer (sgd uses momentum 0.9).")
+    lr: float = _setting(1e-3, "Peak learning rate.", above=0)
+    weight_decay: float = _setting(0.0, "Weight decay of the optimizer.", min=0)
+    schedule: Literal["cosine", "constant"] = _setting(
+        "cosine", "Learning-rate schedule after the linear warm-up.")
+    warmup_steps: int = _setting(0, "Steps of linear learning-rate warm-up.", min=0)
+    batch_size: int = _setting(32, "Samples per step (a list of ready batches is used as given).", min=1)
+    steps: int | None = _setting(None, "Train this many steps [default: --epochs passes over the data].", min=1)
+    epochs: int | None = _setting(None, "Train this many passes over the data [default: 1].", min=1)
+    seed: int = _setting(0, "Seed of the data order, initialisation and dropout.", min=0)
+    grad_clip: float | None = _setting(1.0, "Largest gradient norm; 0 turns clipping off.", min=0)
+    every: int | None = _setting(
+        None, "Validate (and checkpoint) every N steps [default: once per epoch].", min=1)
+    keep_last: int = _setting(3, "Checkpoints to keep (the best is kept too).", min=1)
+    monitor: str | None = _setting(
+        None, "Metric that picks the best step: train_loss, val_loss, val_accuracy (class labels) or "
+              "val_cosine (distillation) [default: val_accuracy, else val_loss, else train_loss].")
+    mode: Literal["min", "max"] | None = _setting(
+        None, "Whether a lower or higher --monitor is better [default: max for accuracy and cosine].")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, _checked(f, getattr(self, f.name)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON values (``from_dict(to_dict())`` gives the same config)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> HealConfig:
+        """The config of ``values`` (e.g. a ``heal.json``'s ``config``); unknown names are refused."""
+        if not isinstance(values, dict):
+            raise CompressorError(f"a heal config is a JSON object of settings, not {type(values).__name__}",
+                                  f"pass e.g. {{\"lr\": 0.001}} with names among {', '.join(setting_names())}")
+        unknown = sorted(set(values) - set(setting_names()))
+        if unknown:
+            raise CompressorError(f"unknown heal setting {', '.join(map(repr, unknown))}",
+                                  f"use names among {', '.join(setting_names())}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> HealConfig:
+        """A copy with ``changes`` (validated like a new config)."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+
+def setting_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(HealConfig))
+
+
+def setting_types() -> dict[str, tuple[type, tuple[str, ...] | None, bool]]:
+    """``name -> (type, choices or None, None allowed)`` of every :class:`HealConfig` field, read from its
+    annotation (``Literal[...]`` gives the choices)."""
+    hints = get_type_hints(HealConfig)
+    out = {}
+    for name in setting_names():
+        args = get_args(hints[name]) if get_origin(hints[name]) in (UnionType, Union) else (hints[name],)
+        optional = type(None) in args
+        (kind,) = [a for a in args if a is not type(None)]
+        choices = get_args(kind) if get_origin(kind) is Literal else None
+        out[name] = (str if choices else kind, choices, optional)
+    return out
+
+
+def _checked(f: Any, value: Any) -> Any:
+    """``value`` of the field ``f`` checked (and an int given for a float made a float)."""
+    kind, choices, optional = setting_types()[f.name]
+    flag, example = "--" + f.name.replace("_", "-"), f.default if f.default is not None else 10
+    fix = f"pass {f.name}= (--{f.name.replace('_', '-')}) e.g. {example}"
+    if value is None:
+        if optional:
+            return None
+        raise CompressorError(f"{f.name} must be set, got None", fix)
+    if choices is not None:
+        if value not in choices:
+            raise CompressorError(f"{f.name}={value!r} is not one of {', '.join(choices)}",
+                                  f"pass {f.name}= ({flag}) one of {', '.join(choices)}")
+        return value
+    if kind is str:
+        if not isinstance(value, str) or not value:
+            raise CompressorError(f"{f.name} must be a name, got {value!r}", fix)
+        return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int and not (number and float(value).is_integer() and math.isfinite(value)):
+        raise CompressorError(f"{f.name} must be a whole number, got {value!r}", fix)
+    if kind is float and not (number and math.isfinite(value)):
+        raise CompressorError(f"{f.name} must be a finite number, got {value!r}", fix)
+    value = kind(value)
+    low, above, below = f.metadata.get("min"), f.metadata.get("above"), f.metadata.get("below")
+    if (low is not None and value < low) or (above is not None and value <= above) or (
+            below is not None and value >= below):
+        want = " and ".join(w for w in (low is not None and f">= {low}", above is not None and f"> {above}",
+                                        below is not None and f"< {below}") if w)
+        raise CompressorError(f"{f.name} must be {want}, got {value!r}", fix)
+    return value
 
 
 @dataclass
@@ -103,52 +191,78 @@ class HealResult:
     resumed_from: int | None = None
     checkpoint_dir: Path | None = None
     seconds: float = 0.0
+    config: HealConfig | None = None  # the settings used, defaults resolved (loss, monitor, mode)
 
 
-def heal(compressed: nn.Module, *, teacher: nn.Module | None = None, data: Any, targets: Any = None,
-         val: Any = None, loss: str | Callable | None = None, train: str = "factors", lora_rank: int = 8,
-         lora_alpha: float = 16, lora_dropout: float = 0.0, temperature: float = 1.0,
-         optimizer: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0, schedule: str = "cosine",
-         warmup_steps: int = 0, batch_size: int = 32, steps: int | None = None, epochs: int | None = None,
-         seed: int = 0, grad_clip: float | None = 1.0, checkpoint_dir: str | Path | None = None,
-         every: int | None = None, keep_last: int = 3, monitor: str | None = None, mode: str | None = None,
-         resume: bool = False, progress: bool | None = None) -> HealResult:
-    """Fine-tune the factors of ``compressed`` (a copy) against ``targets`` or the ``teacher``'s outputs.
+def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teacher: nn.Module | None = None,
+         targets: Any = None, val_data: Any = None, loss_fn: Callable | None = None,
+         checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool | None = None,
+         **settings: Any) -> HealResult:
+    """Fine-tune the factors of ``model`` (a copy) against ``targets`` or the ``teacher``'s outputs.
 
-    ``val`` is ``(inputs, targets)`` when supervised, or inputs alone for distillation (compared with the
-    teacher). See :class:`HealConfig` for the options; ``checkpoint_dir`` with ``resume=True`` continues
-    an interrupted run from its newest valid checkpoint and ends where the uninterrupted run would.
+    ``config`` holds every setting (:class:`HealConfig`; default: its defaults); the arguments are what the
+    settings act on. ``val_data`` is ``(inputs, targets)`` when supervised, or inputs alone for
+    distillation (compared with the teacher). ``loss_fn(output, target, mask)`` replaces the named loss.
+    ``checkpoint_dir`` with ``resume=True`` continues an interrupted run from its newest valid checkpoint
+    and ends where the uninterrupted run would. For convenience, settings may also be passed by name
+    (``heal(model, data=x, targets=y, lr=1e-2)``): they override those of ``config``.
     """
     start_time = time.perf_counter()
-    cfg = HealConfig(train, lora_rank, lora_alpha, lora_dropout, loss if isinstance(loss, str) else None,
-                     temperature, optimizer, lr, weight_decay, schedule, warmup_steps, batch_size, steps,
-                     epochs, seed, grad_clip, every, keep_last, monitor, mode)
-    cfg.validate()
+    if "val" in settings:  # the name before HealConfig
+        val_data = settings.pop("val")
+    if callable(settings.get("loss")):
+        loss_fn = settings.pop("loss")
+    unknown = sorted(set(settings) - set(setting_names()))
+    if unknown:
+        raise TypeError(f"heal() got unexpected keyword arguments {', '.join(map(repr, unknown))}")
+    if config is not None and not isinstance(config, HealConfig):
+        raise TypeError(f"config must be a HealConfig, not {type(config).__name__}")
+    cfg = (config or HealConfig()).replace(**settings) if settings else copy.copy(config or HealConfig())
+    val = val_data
     supervised = targets is not None
     if not supervised and teacher is None:
         raise CompressorError("heal needs targets (supervised) or a teacher (distillation)",
                               "pass targets=labels, or teacher=the uncompressed model")
-    loader = Batches(data, targets, batch_size, seed, shuffle=True)
+    if resume and checkpoint_dir is None:
+        raise CompressorError("resume needs the folder of the run to continue",
+                              "pass checkpoint_dir= (--checkpoint-dir) with resume (--resume)")
+    if checkpoint_dir is not None:
+        _check_checkpoint_dir(Path(checkpoint_dir), resume)
+    loader = Batches(data, targets, cfg.batch_size, cfg.seed, shuffle=True)
     val_loader = None
     if val is not None:
-        vx, vy = val if supervised else (val, None)
+        vx, vy = val if supervised and isinstance(val, (tuple, list)) and len(val) == 2 else (val, None)
         if supervised and vy is None:
-            raise CompressorError("val has no targets", "pass val=(inputs, targets) for supervised healing")
-        val_loader = Batches(vx, vy, max(batch_size, 256), seed, shuffle=False)
+            raise CompressorError("the validation data has no targets",
+                                  "pass val_data=(inputs, targets) (--val with inputs and targets) for "
+                                  "supervised healing")
+        val_loader = Batches(vx, vy, max(cfg.batch_size, 256), cfg.seed, shuffle=False)
+    loss = loss_fn or cfg.loss
     if loss is None:
         loss = ("ce" if _is_integer(loader.first_targets()) else "mse") if supervised else "mse"
-    loss_fn = loss if callable(loss) else make_kl_loss(temperature) if loss == "kl" else _LOSS_FNS[loss]
-    cfg.monitor = monitor or ("val_accuracy" if val_loader and loss == "ce" else
-                              "val_loss" if val_loader else "train_loss")
-    cfg.mode = mode or ("max" if any(k in cfg.monitor for k in ("accuracy", "cosine")) else "min")
+    if isinstance(loss, str):
+        cfg.loss = loss
+    loss_fn = loss if callable(loss) else make_kl_loss(cfg.temperature) if loss == "kl" else _LOSS_FNS[loss]
+    metrics = {"train_loss", *(("val_loss", "val_accuracy" if loss == "ce" else
+                                "val_cosine" if not supervised else "val_loss") if val_loader else ())}
+    cfg.monitor = cfg.monitor or ("val_accuracy" if val_loader and loss == "ce" else
+                                  "val_loss" if val_loader else "train_loss")
+    if cfg.monitor not in metrics:
+        raise CompressorError(f"monitor={cfg.monitor!r} is not measured in this run",
+                              f"pass monitor= (--monitor) one of {', '.join(sorted(metrics))}")
+    cfg.mode = cfg.mode or ("max" if any(k in cfg.monitor for k in ("accuracy", "cosine")) else "min")
+    seed = cfg.seed
 
     # Seed everything before anything random (LoRA initialisation, dropout) happens.
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    model = copy.deepcopy(compressed)
+    compressed, model = model, copy.deepcopy(model)
     params = _trainable(model, cfg)
     device = next(iter(params.values())).device
+    # Before anything is written: the model, the teacher, the targets and the loss fit together.
+    _set_training(model, False)
+    _preflight(model, teacher, loader, val_loader, loss, device)
     total = cfg.steps or (cfg.epochs or 1) * len(loader)
     every_n = min(cfg.every or len(loader), total)
     opt = _optimizer(cfg, list(params.values()))
@@ -177,18 +291,25 @@ def heal(compressed: nn.Module, *, teacher: nn.Module | None = None, data: Any, 
     best_weights: dict[str, torch.Tensor] = {}
     _set_training(model, True)
     if checkpoint_dir is not None:
-        manager = CheckpointManager(Path(checkpoint_dir), cfg.keep_last, cfg.monitor, cfg.mode)
+        try:
+            manager = CheckpointManager(Path(checkpoint_dir), cfg.keep_last, cfg.monitor, cfg.mode)
+        except OSError as err:
+            raise CompressorError(f"cannot make the checkpoint folder {checkpoint_dir} ({err.strerror})",
+                                  "pass --checkpoint-dir a writable folder") from None
         existing = manager.newest_valid() if resume else None
-        if not resume and any(Path(checkpoint_dir).glob("step-*")):
-            raise CompressorError(f"{checkpoint_dir} already holds checkpoints",
-                                  "pass resume=True (--resume) to continue that run, or use an empty folder")
         if existing is not None:
             tensors, state = manager.load(existing)
+            check_training_state(tensors, state, existing)
             changed = [k for k, v in fingerprint.items() if state["config"].get(k) != v]
             if changed:
                 raise CompressorError(f"the checkpoint was written with other options: {', '.join(changed)}",
                                       "resume with the options of the original run")
-            unpack_training_state(tensors, state, params, opt, sched)
+            try:
+                unpack_training_state(tensors, state, params, opt, sched)
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+                raise CompressorError(f"checkpoint {existing} is malformed: its training state cannot be "
+                                      f"restored ({_first_line(err)})",
+                                      f"delete {existing} (or resume from another run's folder)") from None
             step, (epoch, index) = state["step"], state["data_position"]
             history, resumed_from = manager.history, step
             best = manager.best()
@@ -233,7 +354,7 @@ def heal(compressed: nn.Module, *, teacher: nn.Module | None = None, data: Any, 
         value = loss_fn(primary_output(call(model, inputs)), tgt, attention_mask(inputs))
         if not torch.isfinite(value):
             raise CompressorError(f"the loss became {value.item()} at step {step + 1}",
-                                  f"lower the learning rate (now lr={cfg.lr})")
+                                  f"lower the learning rate (lr= or --lr, now {cfg.lr:g})")
         opt.zero_grad(set_to_none=True)
         value.backward()
         if cfg.grad_clip:
@@ -260,7 +381,103 @@ def heal(compressed: nn.Module, *, teacher: nn.Module | None = None, data: Any, 
     model.train(compressed.training)
     best = best or history[-1]
     return HealResult(model, before, best["metrics"], best["step"], step, history, resumed_from,
-                      Path(checkpoint_dir) if checkpoint_dir else None, time.perf_counter() - start_time)
+                      Path(checkpoint_dir) if checkpoint_dir else None, time.perf_counter() - start_time, cfg)
+
+
+def _check_checkpoint_dir(path: Path, resume: bool) -> None:
+    """Refuse a checkpoint folder that cannot be one before anything is trained or written."""
+    if path.is_symlink() and not path.is_dir():
+        raise CompressorError(f"checkpoint folder {path} is a broken or looping symlink",
+                              "pass --checkpoint-dir a real folder")
+    if path.exists() and not path.is_dir():
+        raise CompressorError(f"checkpoint folder {path} is a file",
+                              "pass --checkpoint-dir a folder (a new one, or that of the run to resume)")
+    if not resume and path.is_dir() and any(path.glob(f"{PREFIX}*")):
+        raise CompressorError(f"{path} already holds checkpoints",
+                              "pass resume=True (--resume) to continue that run, or use an empty folder")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _forward(what: str, net: nn.Module, inputs: Any, device: torch.device, data: str) -> torch.Tensor:
+    """``net``'s training output on ``inputs`` (no gradients, no randomness), or a one-line error."""
+    try:
+        with torch.no_grad():
+            if what == "teacher":
+                return _run(net, inputs, device)
+            return primary_output(call(net, to_device(inputs, device)))
+    except CompressorError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as err:
+        raise CompressorError(f"the {what} cannot run on the {data} inputs ({_first_line(err)})",
+                              f"pass {data} inputs shaped and typed as the {what} expects") from None
+
+
+def _preflight(model: nn.Module, teacher: nn.Module | None, loader: Batches, val_loader: Batches | None,
+               loss: str | Callable, device: torch.device) -> None:
+    """Run the model (and the teacher) on the first batch of the training and validation data and check
+    that their outputs and the targets fit the loss: a bad file fails here, before anything is written."""
+    for data, batches in (("training", loader), ("validation", val_loader)):
+        if batches is None:
+            continue
+        for what, values in (("inputs", batches.inputs), ("targets", batches.targets)):
+            if not all(torch.isfinite(t).all() for t in _floating(values)):
+                raise CompressorError(f"the {data} {what} hold NaN or infinite values",
+                                      f"remove or fix those samples of the {data} data")
+        inputs, tgt = batches.batch(0, 0)
+        out = _forward("model", model, inputs, device, data)
+        if tgt is None:
+            t = _forward("teacher", teacher, inputs, device, data)
+            if t.shape != out.shape:
+                raise CompressorError(f"the teacher's outputs are {list(t.shape)} but the model's are "
+                                      f"{list(out.shape)}: it is not the model this one was compressed from",
+                                      "pass the original model as the teacher (--teacher)")
+            continue
+        if callable(loss):
+            continue
+        if not isinstance(tgt, torch.Tensor):
+            raise CompressorError(f"the {data} targets are a {type(tgt).__name__}, not a tensor",
+                                  "pass targets as one tensor (or a list of tensors, one per batch)")
+        labels = _is_integer(tgt)
+        if loss == "ce":
+            if not labels:
+                raise CompressorError(f"loss ce needs class labels (whole numbers), but the {data} targets "
+                                      f"are {str(tgt.dtype).replace('torch.', '')}",
+                                      "pass integer labels, or loss= (--loss) mse or cosine for target outputs")
+            if out.dim() < 2 or tgt.shape != out.shape[:-1]:
+                raise CompressorError(f"the {data} labels are shaped {list(tgt.shape)} but the model's outputs "
+                                      f"are {list(out.shape)} (one label per output row expected)",
+                                      "pass one class label per sample")
+            low, high, classes = *_label_range(batches.targets), out.shape[-1]
+            if low < 0 or high >= classes:
+                raise CompressorError(f"the {data} labels go from {low} to {high}, but the model has "
+                                      f"{classes} classes", f"pass labels in 0..{classes - 1}")
+        elif labels and loss in ("kl", "cosine"):
+            raise CompressorError(f"loss {loss} compares with target outputs, but the {data} targets are "
+                                  "class labels", "pass loss= (--loss) ce, or leave it out")
+        elif tgt.shape != out.shape:
+            raise CompressorError(f"the {data} targets are shaped {list(tgt.shape)} but the model's outputs "
+                                  f"are {list(out.shape)}", f"pass targets shaped like the outputs for loss {loss}")
+
+
+def _floating(x: Any) -> list[torch.Tensor]:
+    """The floating-point tensors in ``x`` (a tensor, or a dict, tuple or list of them, nested)."""
+    if isinstance(x, torch.Tensor):
+        return [x] if x.is_floating_point() else []
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _floating(v)]
+    return []
+
+
+def _label_range(targets: Any) -> tuple[int, int]:
+    parts = targets if isinstance(targets, list) else [targets]
+    parts = [t for t in parts if isinstance(t, torch.Tensor) and t.numel()]
+    return (min(int(t.min()) for t in parts), max(int(t.max()) for t in parts)) if parts else (0, 0)
 
 
 # ----------------------------------------------------------------------------------- what trains
