@@ -39,6 +39,7 @@ from compressor.data.calibration import tokenize_batches
 from compressor.examples import embed, load_minilm, sentence_splits
 
 INCLUDE = ["encoder.*"]
+OUTPUTS = ["last_hidden_state"]  # what sensitivity compares: the sentence embeddings' source
 METHODS = {"a": "plain SVD", "b": "SVD-LLM (uniform, whitened)", "c": "compressor data-aware"}
 
 
@@ -145,7 +146,7 @@ def main() -> int:
                 small = svd_llm(model, batches, t)
             else:
                 work = copy.deepcopy(model)  # analyzed and rewritten: data-aware factors are tied to it
-                plan = compressor.analyze(work, target=t, include=INCLUDE,
+                plan = compressor.analyze(work, target=t, include=INCLUDE, outputs=OUTPUTS,
                                           calibration=batches if key == "c" else None)
                 small = compressor.rewrite(work, plan)
             seconds = time.perf_counter() - t0

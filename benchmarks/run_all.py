@@ -72,7 +72,7 @@ class Bench:
 
 
 def policies(cfg: dict, embeddings: bool, calibration: list | None = None, include: list[str] | None = None,
-             data_aware: str = "data-aware") -> list[tuple[str, str, dict]]:
+             data_aware: str = "data-aware", outputs: list[str] | None = None) -> list[tuple[str, str, dict]]:
     out = [("energy", f"energy {e}", {"energy": e}) for e in cfg["energies"]]
     out += [("target", f"target {t}", {"target": t}) for t in cfg["targets"]]
     if embeddings:
@@ -81,7 +81,9 @@ def policies(cfg: dict, embeddings: bool, calibration: list | None = None, inclu
         out += [("target, linear only", f"target {t}, no embeddings",
                  {"target": t, "exclude": ["*embeddings*"]}) for t in cfg["targets"]]
     if calibration is not None:
-        scope = {"include": include} if include else {}
+        # outputs: what data-aware sensitivity compares; for MiniLM the last hidden state, the sentence
+        # embeddings' source, rather than every output (the pooler output is never used for them).
+        scope = {**({"include": include} if include else {}), **({"outputs": outputs} if outputs else {})}
         out += [(data_aware, f"data-aware {t}", {"target": t, "calibration": calibration, **scope})
                 for t in cfg.get("data_aware", ())]
     return out
@@ -140,7 +142,7 @@ def minilm_bench(cfg: dict) -> Bench | None:
                  timed=("energy 0.9", "target 0.4", "target 0.4, no embeddings", "target 0.6, no embeddings",
                         "data-aware 0.4"),
                  policies=policies(cfg, embeddings=True, calibration=calibration, include=["encoder.*"],
-                                   data_aware="data-aware, encoder linear"),
+                                   outputs=["last_hidden_state"], data_aware="data-aware, encoder linear"),
                  heals=[(s, heal_kw) for s in ("target 0.4, no embeddings", "data-aware 0.4")], notes=notes)
 
 
