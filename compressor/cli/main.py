@@ -27,7 +27,7 @@ import click
 from compressor.cli.train import checkpoints, heal_config_options
 from compressor.core.errors import CompressorError
 from compressor.core.output import interrupt_exit_code, interrupt_on_sigterm
-from compressor.report.report import criterion
+from compressor.report.report import Report, criterion
 
 EXIT_BAD_INPUT = 2
 EXIT_VALIDATION_FAILED = 3
@@ -136,33 +136,32 @@ def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report.to_dict(), indent=2))
     elif not quiet:
         click.echo(summary(report))
-    if not report.get("passed", True):
+    if not report.passed:
         if not as_json:
             click.echo("error: validation FAILED (see report.md); the output folder was kept for inspection",
                        err=True)
         sys.exit(EXIT_VALIDATION_FAILED)
 
 
-def summary(r: dict[str, Any]) -> str:
+def summary(r: Report) -> str:
     """The few lines a person wants after a run."""
-    lines = [f"{r['source']['path']} ({r['source']['format']}) -> {r['output']}/"]
-    if r.get("plan_totals"):
-        t = r["plan_totals"]
+    lines = [f"{r.source['path']} ({r.source['format']}) -> {r.output}/"]
+    if r.plan_totals:
+        t = r.plan_totals
         lines.append(f"  layers factored   {t['layers_factored']} of {t['layers_supported']} factorizable "
                      f"({t['layers_total']} with weight matrices)")
-        lines.append(f"  parameters        {r['params_before']:,} -> {r['params_after']:,} "
-                     f"({r['params_ratio']:.1%}); factorizable weights {t['removed_fraction']:.1%} removed")
-    for note in r.get("notes") or []:
+        lines.append(f"  parameters        {r.params_before:,} -> {r.params_after:,} "
+                     f"({r.params_ratio:.1%}); factorizable weights {t['removed_fraction']:.1%} removed")
+    for note in r.notes or []:
         lines.append(f"  note: {note}")
-    if r.get("fidelity"):
-        f = r["fidelity"]
+    if r.fidelity:
+        f = r.fidelity
         lines.append(f"  fidelity          cosine to original {f['cosine_mean']:.5f} (min {f['cosine_min']:.5f}) "
                      "on the example inputs")
-    for key in ("onnx", "fp16", "int8"):
-        v = r.get(key)
+    for v in (r.onnx, r.fp16, r.int8):
         if not v:
             continue
         if "skipped" in v:
@@ -173,7 +172,7 @@ def summary(r: dict[str, Any]) -> str:
                      f"cosine {v['cosine']:.6f} ({tol}): {'PASS' if v['passed'] else 'FAIL'}")
         if v.get("kept_fp16"):
             lines.append(f"    kept in fp16    {', '.join(v['kept_fp16'])}")
-    lines.append(f"  report            {Path(r['output']) / 'report.md'}")
+    lines.append(f"  report            {Path(r.output) / 'report.md'}")
     return "\n".join(lines)
 
 

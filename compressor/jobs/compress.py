@@ -27,6 +27,7 @@ from compressor.core.plan import Plan
 from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
 from compressor.data.inputs import call, cosine_fidelity, eval_mode, sequence_axes
+from compressor.report.report import Report, build_report, write_report
 
 if TYPE_CHECKING:
     from compressor.train.heal import HealConfig
@@ -77,8 +78,9 @@ def default_out(source: Path) -> Path:
 
 
 def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "compress",
-             options: Options | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Run the job on the model at ``source``, writing into ``out``; returns the report as a dict.
+             options: Options | None = None, **kwargs: Any) -> Report:
+    """Run the job on the model at ``source``, writing into ``out``; returns its :class:`Report`
+    (``report.to_dict()`` is ``report.json``).
 
     Options may be given as an :class:`Options` or as its field names (``energy=0.95``). The input is
     never modified; the output folder appears only when every step succeeded.
@@ -153,13 +155,11 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
                 inputs = _example_inputs(loaded, opts)
                 exports = _export(model, original, inputs, tmp, plan, opts, calibration)
                 step("export")
-        from compressor.report.report import build_report, write_report
-
         report = build_report(source=source, out=out, mode=mode, loaded=loaded, plan=plan,
                               original=original, compressed=model, exports=exports, timings=timings,
                               options=opts, folder=tmp)
         if opts.plots and plan is not None:
-            report["plots"] = _plots(model if mode == "analyze" else original, plan, tmp)
+            report.plots = _plots(model if mode == "analyze" else original, plan, tmp)
         write_report(report, tmp)
     return report
 

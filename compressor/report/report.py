@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import math
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,47 +48,89 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@dataclass
+class Report:
+    """What one run did and what it cost; :meth:`to_dict` is ``report.json``.
+
+    Fields that a mode does not produce (no plan for "export", no ONNX for weights alone) stay None and
+    are left out of the JSON. Validation results (``onnx``, ``fp16``, ``int8``) are
+    :class:`compressor.export.onnx.Validation` as dicts, ``path`` relative to the output folder.
+    """
+
+    mode: str
+    source: dict[str, Any]  # path, format, size_bytes
+    output: str
+    params_before: int
+    params_after: int
+    params_ratio: float | None
+    files: dict[str, int]  # name -> bytes, of the output folder
+    passed: bool  # every validation that ran passed
+    timings_s: dict[str, float]
+    command: str | None
+    options: dict[str, Any]  # the job's options, as given
+    versions: dict[str, str]
+    date: str
+    macs_before: int | None = None
+    macs_after: int | None = None
+    macs_unit: str | None = None
+    method: str | None = None
+    policy: dict[str, Any] | None = None
+    plan_totals: dict[str, Any] | None = None
+    notes: list[str] | None = None
+    calibration: dict[str, Any] | None = None
+    layers: list[dict[str, Any]] | None = None
+    onnx: dict[str, Any] | None = None
+    fp16: dict[str, Any] | None = None
+    int8: dict[str, Any] | None = None
+    fidelity: dict[str, float] | None = None
+    plots: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                       if getattr(self, f.name) is not None})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
 def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | None, original, compressed,
-                 exports: dict[str, Any], timings: dict[str, float], options, folder: Path) -> dict[str, Any]:
-    """The report as a dict; file sizes are read from ``folder`` (the output being written)."""
+                 exports: dict[str, Any], timings: dict[str, float], options, folder: Path) -> Report:
+    """The report of a run; file sizes are read from ``folder`` (the output being written)."""
     params_before = sum(p.numel() for p in original.parameters())
     params_after = sum(p.numel() for p in compressed.parameters())
-    report: dict[str, Any] = {
-        "mode": mode,
-        "source": {"path": str(source), "format": loaded.format, "size_bytes": _size(source)},
-        "output": str(out),
-        "params_before": params_before,
-        "params_after": params_after,
-        "params_ratio": params_after / params_before if params_before else None,
-    }
+    extra: dict[str, Any] = {}
     if plan is not None:
         totals = plan.totals()
-        report.update(macs_before=totals["macs_before"], macs_after=totals["macs_after"],
-                      macs_unit=totals["macs_unit"], method=plan.method, policy=plan.policy,
-                      plan_totals=totals, notes=plan.notes, calibration=plan.calibration,
-                      layers=[{k: getattr(lp, k) for k in LAYER_FIELDS} for lp in plan.layers])
-    report["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+        extra.update(macs_before=totals["macs_before"], macs_after=totals["macs_after"],
+                     macs_unit=totals["macs_unit"], method=plan.method, policy=plan.policy, plan_totals=totals,
+                     notes=plan.notes, calibration=plan.calibration,
+                     layers=[{k: getattr(lp, k) for k in LAYER_FIELDS} for lp in plan.layers])
     if "skipped" in exports:
-        report["onnx"] = {"skipped": exports["skipped"]}
+        extra["onnx"] = {"skipped": exports["skipped"]}
     for key in ("onnx", "fp16", "int8"):
         if key in exports:
             v = _plain(exports[key])
             v["path"] = Path(v["path"]).name
-            report[key] = v
+            extra[key] = v
     if exports.get("int8_kept_fp16"):
-        report["int8"]["kept_fp16"] = exports["int8_kept_fp16"]
+        extra["int8"]["kept_fp16"] = exports["int8_kept_fp16"]
     if exports.get("graph_problems"):
-        report["onnx"]["graph_problems"] = exports["graph_problems"]
-        report["onnx"]["passed"] = False
+        extra["onnx"]["graph_problems"] = exports["graph_problems"]
+        extra["onnx"]["passed"] = False
     if exports.get("fidelity"):
-        report["fidelity"] = exports["fidelity"]
-    checks = [report[k]["passed"] for k in ("onnx", "fp16", "int8") if k in report and "passed" in report[k]]
-    report["passed"] = all(checks)
-    report["timings_s"] = timings
-    report["command"] = options.command
-    report["versions"] = versions()
-    report["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    return _plain(report)
+        extra["fidelity"] = exports["fidelity"]
+    checks = [extra[k]["passed"] for k in ("onnx", "fp16", "int8") if k in extra and "passed" in extra[k]]
+    opts = _plain(dataclasses.asdict(options)) if dataclasses.is_dataclass(options) else {}
+    return Report(mode=mode, source={"path": str(source), "format": loaded.format, "size_bytes": _size(source)},
+                  output=str(out), params_before=params_before, params_after=params_after,
+                  params_ratio=params_after / params_before if params_before else None,
+                  files={p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()},
+                  passed=all(checks), timings_s=timings, command=getattr(options, "command", None),
+                  options={k: v for k, v in opts.items() if k not in ("command", "extra")},
+                  versions=versions(), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  **extra)
 
 
 def _size(path: Path) -> int:
@@ -104,9 +147,10 @@ def criterion(v: dict[str, Any]) -> str:
     return " and ".join(rules) or "runs"
 
 
-def write_report(report: dict[str, Any], folder: Path) -> None:
-    atomic_write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(folder / "report.md", render_markdown(report))
+def write_report(report: Report, folder: Path) -> None:
+    data = report.to_dict()
+    atomic_write_text(folder / "report.json", json.dumps(data, indent=2) + "\n")
+    atomic_write_text(folder / "report.md", render_markdown(data))
 
 
 def _mb(n: int | None) -> str:
