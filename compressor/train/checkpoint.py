@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from compressor.core.errors import CompressorError
-from compressor.core.fileio import _fsync_dir, atomic_write_text
+from compressor.core.fileio import _fsync_dir, atomic_write_text, regular_file
 
 FORMAT = 1
 TENSORS, STATE, MARKER = "tensors.safetensors", "state.json", "COMPLETE.json"
@@ -82,6 +82,10 @@ def check(path: Path) -> str | None:
     """
     path = Path(path)
     for f in sorted(path.iterdir()) if path.is_dir() else []:
+        try:
+            regular_file(f, "checkpoint file")  # a FIFO would block the read forever
+        except CompressorError as err:
+            return err.problem
         with open(f, "rb") as fh:
             head = fh.read(9)
         # A safetensors file starts with its header length (8 bytes, which may look like a pickle's
