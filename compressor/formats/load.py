@@ -13,7 +13,6 @@ Every bad input raises :class:`CompressorError`; the input is only ever read.
 
 from __future__ import annotations
 
-import _compat_pickle
 import contextlib
 import importlib
 import json
@@ -31,11 +30,21 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
+from compressor.formats.pickles import (
+    TRUST_FIX,
+    is_safe_global,
+    pickle_globals,
+    refuse_unsafe,
+    safe_class,
+    scan_pickle,
+)
+
+__all__ = ["TRUST_FIX", "Loaded", "is_safe_global", "load", "load_model", "pickle_globals", "refuse_unsafe",
+           "scan_pickle"]
 
 ExampleInputs = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 
 FORMATS = ("torch-module", "state-dict", "safetensors", "hf-folder", "compressor", "torch-export")
-TRUST_FIX = "pass --trust-pickle (trust_pickle=True) if you trust this file"
 SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a pre-1.6 (non-zip) torch.save file
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module")  # common training checkpoints
@@ -181,62 +190,6 @@ def _is_torch_legacy(path: Path) -> bool:
 # ------------------------------------------------------------------------------------ torch pickles
 
 
-def is_safe_global(name: str) -> bool:
-    """Whether a global a pickle names is a torch or compressor ``nn.Module`` class (safe to rebuild)."""
-    module, _, attr = name.rpartition(".")
-    if not (module == "compressor.layers" or module.startswith("torch.")):
-        return False  # never import anything else just to look
-    try:
-        obj = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return False
-    return isinstance(obj, type) and issubclass(obj, nn.Module)
-
-
-def pickle_globals(path: Path, legacy: bool = False) -> list[str]:
-    """The globals (``module.name``) a torch file needs beyond torch's own weights-only allowlist,
-    listed without loading it."""
-    if not legacy:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    from torch._weights_only_unpickler import _get_allowed_globals  # no public API for legacy files
-    allowed = set(_get_allowed_globals())
-    with open(path, "rb") as f:  # magic number, protocol, sys info, then the object itself
-        found = [g for _ in range(4) for g in scan_pickle(f)]
-    return list(dict.fromkeys(g for g in found if g not in allowed))
-
-
-def scan_pickle(f) -> list[str]:
-    """Every global one pickle (read from ``f`` up to its STOP) names, found by parsing, not running it.
-
-    Opcodes that can reach code without naming it plainly (a memoised STACK_GLOBAL, the copyreg
-    extension registry) are listed as such, so that "no globals" really means "no code".
-    """
-    found, strings = [], []
-    for op, arg, _pos in pickletools.genops(f):
-        if op.name in ("GLOBAL", "INST"):
-            found.append(_py3_name(*arg.split(" ", 1)))
-        elif op.name == "STACK_GLOBAL":
-            found.append(_py3_name(*strings[-2:]) if len(strings) >= 2 else "<a global named indirectly>")
-        elif op.name.startswith("EXT"):
-            found.append(f"<copyreg extension {arg}>")
-        elif isinstance(arg, str):
-            strings.append(arg)
-    return found
-
-
-def _py3_name(module: str, name: str) -> str:
-    # Protocol-2 pickles name Python 2 modules (__builtin__.set); unpickling maps them, so do we.
-    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
-
-
-def refuse_unsafe(path: Path, unsafe: list[str], what: str = "file",
-                  which: str = " that are not torch's own") -> None:
-    shown = ", ".join(unsafe[:4]) + (f" and {len(unsafe) - 4} more" if len(unsafe) > 4 else "")
-    raise CompressorError(f"'{path}' is a pickled {what} whose loading would run code from "
-                          f"{len(unsafe)} global(s){which}: {shown}", TRUST_FIX)
-
-
 def torch_load(path: Path, trust_pickle: bool, device=None, legacy: bool = False) -> tuple[Any, bool]:
     """``(object, needed_trust)`` from a torch file: weights-only with torch/compressor module classes
     allowed; a full unpickle (current folder importable) only with ``trust_pickle``."""
@@ -254,8 +207,7 @@ def torch_load(path: Path, trust_pickle: bool, device=None, legacy: bool = False
         if unsafe:
             with cwd_importable():
                 return torch.load(path, map_location=device, weights_only=False), True
-        classes = [getattr(importlib.import_module(mod), attr)
-                   for mod, _, attr in (g.rpartition(".") for g in needed)]
+        classes = [safe_class(g) for g in needed]  # all safe: resolved from imported modules only
         with torch.serialization.safe_globals(classes):
             return torch.load(path, map_location=device, weights_only=True), False
     except (ImportError, AttributeError) as err:

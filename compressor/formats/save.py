@@ -37,18 +37,16 @@ from compressor.core.layers import LOW_RANK_TYPES
 from compressor.core.plan import Plan
 from compressor.core.rewrite import build_factored
 from compressor.formats.load import (
-    TRUST_FIX,
     Loaded,
     assign_weights,
     build_from_arch,
     hf_module,
     hf_tokenizer,
     infer_example_inputs,
-    is_safe_global,
     load_safetensors,
-    pickle_globals,
     torch_load,
 )
+from compressor.formats.pickles import TRUST_FIX, is_safe_global, pickle_globals
 
 FORMAT = "compressor-model"
 VERSION = 1
