@@ -14,7 +14,8 @@ Hostile inputs: only regular files are opened (a FIFO would block forever); a fo
 (``auto_map``) is never run, whatever the flags (``trust_pickle`` is pickle trust, not remote-code
 trust); tensors claiming more bytes than they store are refused before anything copies them; a Hugging
 Face folder whose weights miss or add keys is refused (transformers would only warn and fill in random
-weights).
+weights); a state_dict saved from DataParallel/DDP (``module.``) or torch.compile (``_orig_mod.``) has
+that prefix stripped, with a note.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ FORMATS = ("torch-module", "state-dict", "safetensors", "hf-folder", "compressor
 SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a pre-1.6 (non-zip) torch.save file
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module")  # common training checkpoints
+# What nn.DataParallel / DistributedDataParallel and torch.compile put before every state_dict key.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 REMOTE_CODE_FIX = ("it cannot be loaded without running that code, which compressor never does; "
                    "load it in Python yourself (trust_remote_code=True) and save a torch model or state_dict")
 # Real English text to tokenize into example inputs for text models (2 sequences x 16 tokens).
@@ -104,8 +107,13 @@ def load_model(path: str | Path, *, trust_pickle: bool = False, arch: str | None
         raise CompressorError(f"--arch is only for weights-only files, and '{path}' already holds a whole "
                               f"model ({loaded.format})", "drop --arch")
     if loaded.state_dict is not None and arch is not None:
-        loaded.model = build_from_arch(arch, loaded.state_dict)
+        model = build_from_arch(arch)
+        loaded.state_dict = _strip_wrapper_prefix(loaded, set(model.state_dict()))
+        assign_weights(model, loaded.state_dict, f"the model built by '{arch}'")
+        loaded.model = model
         loaded.meta["arch"] = arch
+    elif loaded.state_dict is not None:
+        loaded.state_dict = _strip_wrapper_prefix(loaded)
     if loaded.model is not None:
         if loaded.format != "torch-export":  # an exported graph is fixed in the mode it was traced in
             loaded.model.eval()
@@ -353,6 +361,29 @@ def check_tensor_sizes(path: Path, named) -> None:
         raise CompressorError(f"'{path}' holds {len(views)} tensors that view the same data many times "
                               f"over ({sum(views.values()):,} bytes from {sum(storages.values()):,} stored)",
                               "save each weight once, as a model's state_dict does")
+
+
+def _strip_wrapper_prefix(loaded: Loaded, expected: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The state_dict without the prefix ``nn.DataParallel``/DDP (``module.``) or ``torch.compile``
+    (``_orig_mod.``) put before every key, when it has one and (given ``expected``, the model's keys)
+    the keys fit only without it; a note in ``loaded.meta["notes"]`` says so."""
+    sd = loaded.state_dict
+    stripped, removed = dict(sd), ""
+    while True:
+        prefix = next((p for p in WRAPPER_PREFIXES
+                       if stripped and all(k.startswith(p) and len(k) > len(p) for k in stripped)), None)
+        if prefix is None or (expected is not None and set(stripped) <= expected):
+            break
+        stripped = {k[len(prefix):]: v for k, v in stripped.items()}
+        removed += prefix
+    if not removed or (expected is not None and not set(stripped) <= expected):
+        return sd  # nothing to strip, or stripping does not help: assign_weights names the mismatch
+    loaded.meta["stripped_prefix"] = removed
+    loaded.meta.setdefault("notes", []).append(
+        f"every weight name in '{loaded.source}' started with '{removed}' (saved from a "
+        f"{'DataParallel/DDP' if removed.startswith('module.') else 'torch.compile'} wrapper); "
+        "it was removed")
+    return stripped
 
 
 def _is_state_dict(obj: Any) -> bool:

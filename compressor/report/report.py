@@ -66,6 +66,8 @@ def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | Non
                       macs_unit=totals["macs_unit"], method=plan.method, policy=plan.policy,
                       plan_totals=totals, notes=plan.notes, calibration=plan.calibration,
                       layers=[{k: getattr(lp, k) for k in LAYER_FIELDS} for lp in plan.layers])
+    if loaded is not None and loaded.meta.get("notes"):  # what loading changed (e.g. a stripped key prefix)
+        report["notes"] = [*loaded.meta["notes"], *report.get("notes", [])]
     report["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     if "skipped" in exports:
         report["onnx"] = {"skipped": exports["skipped"]}
