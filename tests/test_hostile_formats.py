@@ -384,3 +384,12 @@ def test_odd_hf_configs(tmp_path, bert_dir, case):
         (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     line = refused_untouched([folder, "--energy", "0.9"], tmp_path, timeout=60)
     assert str(folder) in line
+
+
+def test_config_far_bigger_than_its_weights(tmp_path, bert_dir):
+    # transformers would build and randomly initialise the 298 layers the file lacks before reporting them.
+    folder = copy_dir(bert_dir, tmp_path / "m")
+    edit_json(folder / "config.json", num_hidden_layers=300)
+    refused_untouched([folder, "--energy", "0.9"], tmp_path, "describes a model of", "weights files hold only")
+    edit_json(folder / "config.json", num_hidden_layers=2, vocab_size=100_000_000)  # 12.8 GB of embeddings
+    refused_untouched([folder, "--energy", "0.9"], tmp_path, "describes a model of")

@@ -517,9 +517,12 @@ def _load_hf(path: Path, trust_pickle: bool, device) -> Loaded:
     verbosity = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()  # its load report is ours to give, in one line
     try:  # trust_remote_code=False: never import the folder's code, never ask on stdin
+        _check_config_size(path, cls, transformers, trust_pickle)
         model, info = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False,
                                           use_safetensors=None if trust_pickle else True,
                                           output_loading_info=True)
+    except CompressorError:
+        raise
     except Exception as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CompressorError(f"could not load the Hugging Face model in '{path}' ({first})",
@@ -541,6 +544,23 @@ def _load_hf(path: Path, trust_pickle: bool, device) -> Loaded:
         model.to(device)
     return Loaded(model, "hf-folder", path, tokenizer=hf_tokenizer(path),
                   meta={"hf_config": config, "hf_class": type(model).__name__, "needs_trust_pickle": False})
+
+
+def _check_config_size(path: Path, cls, transformers, trust_pickle: bool) -> None:
+    """Refuse a config.json describing a model far bigger than the folder's weights files: transformers
+    would allocate (and randomly initialise) every weight the files lack before anyone could check."""
+    weights = sum(f.stat().st_size for f in path.iterdir() if f.is_file()
+                  and (f.suffix == ".safetensors" or (trust_pickle and f.suffix in (".bin", ".pt", ".pth"))))
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    with torch.device("meta"):  # the module tree only: no memory for weights
+        skeleton = (transformers.AutoModel.from_config(config, trust_remote_code=False)
+                    if cls is transformers.AutoModel else cls._from_config(config))
+    params = {id(t): t.numel() * t.element_size() for t in skeleton.state_dict(keep_vars=True).values()}
+    needed = sum(params.values())
+    if needed > 4 * weights + (1 << 20):  # 4x: fp16 files of an fp32 model, with room to spare
+        raise CompressorError(f"'{path / 'config.json'}' describes a model of {needed:,} bytes, but its "
+                              f"weights files hold only {weights:,} bytes",
+                              "repair or re-download the model folder")
 
 
 def read_json(path: Path, what: str) -> Any:
