@@ -393,3 +393,10 @@ def test_config_far_bigger_than_its_weights(tmp_path, bert_dir):
     refused_untouched([folder, "--energy", "0.9"], tmp_path, "describes a model of", "weights files hold only")
     edit_json(folder / "config.json", num_hidden_layers=2, vocab_size=100_000_000)  # 12.8 GB of embeddings
     refused_untouched([folder, "--energy", "0.9"], tmp_path, "describes a model of")
+
+
+def test_stride_zero_example_inputs_are_refused(tmp_path):
+    torch.save(digits_cnn(), tmp_path / "cnn.pt")
+    torch.save(torch.zeros(1).expand(40000, 1, 200, 200), tmp_path / "x.pt")
+    refused_untouched(["export", "cnn.pt", "--example-inputs", "x.pt"], tmp_path, "stored in only 4 bytes",
+                      timeout=60)

@@ -670,7 +670,11 @@ def load_example_inputs(path: str | Path) -> ExampleInputs:
         raise CompressorError(f"could not read example inputs from '{path}' ({str(err)[:160]})",
                               "save them with torch.save (tensors only), numpy.savez or safetensors"
                               ) from None
-    return _as_example(obj, path)
+    example = _as_example(obj, path)
+    tensors = (example.items() if isinstance(example, dict) else
+               [("0", example)] if isinstance(example, torch.Tensor) else enumerate(example))
+    check_tensor_sizes(path, ((str(k), t) for k, t in tensors))  # a stride-0 input is copied by export
+    return example
 
 
 def _is_npz(path: Path) -> bool:
