@@ -110,8 +110,8 @@ def load_minilm():
         from transformers import AutoModel, AutoTokenizer
     except ImportError:
         raise CompressorError("transformers is not installed", "pip install 'compressor[hf]'") from None
-    model = AutoModel.from_pretrained(path, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     return model.eval(), tokenizer
 
 

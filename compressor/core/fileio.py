@@ -342,3 +342,28 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def regular_file(path: str | Path, what: str = "file") -> Path:
+    """``path`` when it is a regular file (or a link to one); else a :class:`CompressorError`.
+
+    Opening a FIFO blocks until someone writes to it and a device can be endless, so every file a user
+    names is checked with ``stat`` (which never blocks) before it is opened.
+    """
+    import stat
+
+    from compressor.core.errors import CompressorError
+
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CompressorError(f"{what} '{path}' does not exist", "check the path") from None
+    except OSError as err:  # a symlink loop (ELOOP), a path through a file (ENOTDIR), no permission
+        raise CompressorError(f"{what} '{path}' cannot be read ({err.strerror})", "check the path") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "not a regular file")
+        raise CompressorError(f"{what} '{path}' is {kind}, not a regular file", "pass a regular file")
+    return path

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.core.errors import CompressorError, PlanError
-from compressor.core.fileio import atomic_write_text
+from compressor.core.fileio import atomic_write_text, regular_file
 
 PLAN_FORMAT = "compressor-plan"
 PLAN_VERSION = 1
@@ -151,7 +151,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, path: str | Path) -> Plan:
-        path = Path(path)
+        path = regular_file(path, "plan file")  # a FIFO would block the read forever
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
+from compressor.core.fileio import regular_file
 from compressor.core.handlers import handler_for
 from compressor.core.svd import Decomposition, compute_dtype, svd
 from compressor.data.inputs import (
@@ -415,9 +416,7 @@ def load_calibration(path: str | Path, *, tokenizer=None, samples: int | None = 
 
     ``samples`` caps the number of samples (rows of the first dimension) used.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CompressorError(f"calibration file '{path}' does not exist", "check the path")
+    path = regular_file(path, "calibration file")  # a FIFO would block the read forever
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
         raise CompressorError(f"calibration samples must be a whole number >= 1, got {samples}",
                               "pass e.g. --calibration-samples 256")

@@ -9,17 +9,24 @@ is torch's own or compressor's), a state_dict ("state-dict" / "safetensors"; a m
 ``arch``), a Hugging Face folder ("hf-folder"), a folder written by :func:`compressor.save`
 ("compressor") and ``torch.export`` programs ("torch-export", only with ``trust_pickle``).
 Every bad input raises :class:`CompressorError`; the input is only ever read.
+
+Hostile inputs: only regular files are opened (a FIFO would block forever); a folder's own Python code
+(``auto_map``) is never run, whatever the flags (``trust_pickle`` is pickle trust, not remote-code
+trust); tensors claiming more bytes than they store are refused before anything copies them; a Hugging
+Face folder whose weights miss or add keys is refused (transformers would only warn and fill in random
+weights); a state_dict saved from DataParallel/DDP (``module.``) or torch.compile (``_orig_mod.``) has
+that prefix stripped, with a note.
 """
 
 from __future__ import annotations
 
-import _compat_pickle
 import contextlib
 import importlib
 import json
 import os
 import pickle
 import pickletools
+import stat
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -31,14 +38,29 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
+from compressor.core.fileio import regular_file
+from compressor.formats.pickles import (
+    TRUST_FIX,
+    is_safe_global,
+    pickle_globals,
+    refuse_unsafe,
+    safe_class,
+    scan_pickle,
+)
+
+__all__ = ["TRUST_FIX", "Loaded", "is_safe_global", "load", "load_model", "pickle_globals", "refuse_unsafe",
+           "scan_pickle"]
 
 ExampleInputs = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 
 FORMATS = ("torch-module", "state-dict", "safetensors", "hf-folder", "compressor", "torch-export")
-TRUST_FIX = "pass --trust-pickle (trust_pickle=True) if you trust this file"
 SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a pre-1.6 (non-zip) torch.save file
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module")  # common training checkpoints
+# What nn.DataParallel / DistributedDataParallel and torch.compile put before every state_dict key.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+REMOTE_CODE_FIX = ("it cannot be loaded without running that code, which compressor never does; "
+                   "load it in Python yourself (trust_remote_code=True) and save a torch model or state_dict")
 # Real English text to tokenize into example inputs for text models (2 sequences x 16 tokens).
 EXAMPLE_TEXT = ["Low-rank factorization replaces each large weight matrix by two thin ones.",
                 "The compressed model should answer almost exactly like the original model does."]
@@ -85,8 +107,13 @@ def load_model(path: str | Path, *, trust_pickle: bool = False, arch: str | None
         raise CompressorError(f"--arch is only for weights-only files, and '{path}' already holds a whole "
                               f"model ({loaded.format})", "drop --arch")
     if loaded.state_dict is not None and arch is not None:
-        loaded.model = build_from_arch(arch, loaded.state_dict)
+        model = build_from_arch(arch)
+        loaded.state_dict = _strip_wrapper_prefix(loaded, set(model.state_dict()))
+        assign_weights(model, loaded.state_dict, f"the model built by '{arch}'")
+        loaded.model = model
         loaded.meta["arch"] = arch
+    elif loaded.state_dict is not None:
+        loaded.state_dict = _strip_wrapper_prefix(loaded)
     if loaded.model is not None:
         if loaded.format != "torch-export":  # an exported graph is fixed in the mode it was traced in
             loaded.model.eval()
@@ -112,9 +139,14 @@ def load(path: str | Path, *, trust_pickle: bool = False, arch: str | None = Non
 def detect_format(path: Path) -> str:
     """"compressor", "hf-folder", "torch-zip", "torch-legacy", "pickle", "torch-export" or "safetensors", read
     from the content; anything else raises :class:`CompressorError`."""
-    if not path.exists():
-        raise CompressorError(f"'{path}' does not exist", "check the path")
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CompressorError(f"'{path}' does not exist", "check the path") from None
+    except OSError as err:  # a symlink loop, a path through a file, no permission
+        raise CompressorError(f"'{path}' cannot be read ({err.strerror})", "check the path") from None
+    if stat.S_ISDIR(mode):
+        check_folder(path)
         if (path / "compressor.json").is_file():
             return "compressor"
         if (path / "config.json").is_file():
@@ -122,9 +154,7 @@ def detect_format(path: Path) -> str:
         raise CompressorError(f"folder '{path}' is neither a Hugging Face model (config.json + "
                               "*.safetensors) nor a folder written by compressor (compressor.json)",
                               "pass a model file, a Hugging Face model folder or a `compress` output folder")
-    if not path.is_file():
-        raise CompressorError(f"'{path}' is not a regular file", "pass a model file or folder")
-    size = path.stat().st_size
+    size = regular_file(path, "model file").stat().st_size
     if size == 0:
         raise CompressorError(f"'{path}' is empty (0 bytes)",
                               "pass the model file itself; it may have been cut off while copying")
@@ -143,10 +173,36 @@ def detect_format(path: Path) -> str:
                           "pass a file written by torch.save or safetensors, or a Hugging Face model folder")
 
 
+def check_folder(path: Path) -> None:
+    """Refuse a model folder holding an entry that is not a regular file or folder (a FIFO would block
+    the first read forever, a device never end) or a link that leads nowhere (a loop, a dangling link)."""
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+    except OSError as err:
+        raise CompressorError(f"folder '{path}' cannot be read ({err.strerror})", "check the path") from None
+    for entry in entries:
+        try:
+            mode = os.stat(entry.path).st_mode
+        except OSError as err:
+            raise CompressorError(f"'{entry.path}' in the model folder cannot be read ({err.strerror}: a "
+                                  "broken or looping link?)", "repair or re-download the model folder") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            regular_file(entry.path, "the model folder's file")  # raises, naming what it is
+
+
 def _zip_format(path: Path) -> str:
+    size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as z:
-            names = z.namelist()
+            infos = z.infolist()
+            names = [i.filename for i in infos]
+            # torch stores members uncompressed, so no member can be larger than the archive: a
+            # compressed or oversized one is a zip bomb (testzip would inflate it all).
+            odd = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED or i.file_size > size]
+            if odd:
+                raise CompressorError(f"'{path}' is a zip archive with {len(odd)} compressed or oversized "
+                                      f"member(s) ({', '.join(odd[:3])}), which torch.save never writes",
+                                      "pass a file written by torch.save")
             bad = z.testzip()  # torch does not check the CRCs itself: flipped bits would load silently
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise CompressorError(f"'{path}' is a damaged zip archive ({err})",
@@ -181,62 +237,6 @@ def _is_torch_legacy(path: Path) -> bool:
 # ------------------------------------------------------------------------------------ torch pickles
 
 
-def is_safe_global(name: str) -> bool:
-    """Whether a global a pickle names is a torch or compressor ``nn.Module`` class (safe to rebuild)."""
-    module, _, attr = name.rpartition(".")
-    if not (module in ("compressor.core.layers", "compressor.layers") or module.startswith("torch.")):
-        return False  # never import anything else just to look
-    try:
-        obj = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return False
-    return isinstance(obj, type) and issubclass(obj, nn.Module)
-
-
-def pickle_globals(path: Path, legacy: bool = False) -> list[str]:
-    """The globals (``module.name``) a torch file needs beyond torch's own weights-only allowlist,
-    listed without loading it."""
-    if not legacy:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    from torch._weights_only_unpickler import _get_allowed_globals  # no public API for legacy files
-    allowed = set(_get_allowed_globals())
-    with open(path, "rb") as f:  # magic number, protocol, sys info, then the object itself
-        found = [g for _ in range(4) for g in scan_pickle(f)]
-    return list(dict.fromkeys(g for g in found if g not in allowed))
-
-
-def scan_pickle(f) -> list[str]:
-    """Every global one pickle (read from ``f`` up to its STOP) names, found by parsing, not running it.
-
-    Opcodes that can reach code without naming it plainly (a memoised STACK_GLOBAL, the copyreg
-    extension registry) are listed as such, so that "no globals" really means "no code".
-    """
-    found, strings = [], []
-    for op, arg, _pos in pickletools.genops(f):
-        if op.name in ("GLOBAL", "INST"):
-            found.append(_py3_name(*arg.split(" ", 1)))
-        elif op.name == "STACK_GLOBAL":
-            found.append(_py3_name(*strings[-2:]) if len(strings) >= 2 else "<a global named indirectly>")
-        elif op.name.startswith("EXT"):
-            found.append(f"<copyreg extension {arg}>")
-        elif isinstance(arg, str):
-            strings.append(arg)
-    return found
-
-
-def _py3_name(module: str, name: str) -> str:
-    # Protocol-2 pickles name Python 2 modules (__builtin__.set); unpickling maps them, so do we.
-    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
-
-
-def refuse_unsafe(path: Path, unsafe: list[str], what: str = "file",
-                  which: str = " that are not torch's own") -> None:
-    shown = ", ".join(unsafe[:4]) + (f" and {len(unsafe) - 4} more" if len(unsafe) > 4 else "")
-    raise CompressorError(f"'{path}' is a pickled {what} whose loading would run code from "
-                          f"{len(unsafe)} global(s){which}: {shown}", TRUST_FIX)
-
-
 def torch_load(path: Path, trust_pickle: bool, device=None, legacy: bool = False) -> tuple[Any, bool]:
     """``(object, needed_trust)`` from a torch file: weights-only with torch/compressor module classes
     allowed; a full unpickle (current folder importable) only with ``trust_pickle``."""
@@ -254,8 +254,7 @@ def torch_load(path: Path, trust_pickle: bool, device=None, legacy: bool = False
         if unsafe:
             with cwd_importable():
                 return torch.load(path, map_location=device, weights_only=False), True
-        classes = [getattr(importlib.import_module(mod), attr)
-                   for mod, _, attr in (g.rpartition(".") for g in needed)]
+        classes = [safe_class(g) for g in needed]  # all safe: resolved from imported modules only
         with torch.serialization.safe_globals(classes):
             return torch.load(path, map_location=device, weights_only=True), False
     except (ImportError, AttributeError) as err:
@@ -322,6 +321,10 @@ def _as_loaded(obj: Any, path: Path, meta: dict[str, Any]) -> Loaded:
                 obj, meta["checkpoint_key"] = obj[key], key
                 break
     if isinstance(obj, nn.Module):
+        check_tensor_sizes(path, obj.state_dict(keep_vars=True).items())
+    elif _is_state_dict(obj):
+        check_tensor_sizes(path, obj.items())
+    if isinstance(obj, nn.Module):
         if any(t.is_meta for t in obj.state_dict().values()):
             raise CompressorError(f"'{path}' holds a model structure without weights (meta tensors)",
                                   "load the folder it belongs to (with model.safetensors)")
@@ -332,6 +335,55 @@ def _as_loaded(obj: Any, path: Path, meta: dict[str, Any]) -> Loaded:
             "a dict without tensors" if isinstance(obj, dict) else f"a {type(obj).__name__}")
     raise CompressorError(f"'{path}' holds {what}, not a model or a state_dict",
                           "save the model with torch.save(model) or torch.save(model.state_dict())")
+
+
+def check_tensor_sizes(path: Path, named) -> None:
+    """Refuse tensors that claim more data than the file holds.
+
+    A tensor is a view of a storage; one whose shape needs more elements than its storage has (stride 0,
+    as ``torch.zeros(1).expand(20000, 20000)`` saves: 1.5 KB on disk, 1.6 GB once copied) or views that
+    together cover far more than all storages would blow up memory the first time anything copies them.
+    """
+    storages: dict[int, int] = {}
+    views: dict[tuple, int] = {}
+    for name, t in named:
+        if not isinstance(t, torch.Tensor) or t.is_meta or t.numel() == 0:
+            continue
+        nbytes, held = t.numel() * t.element_size(), t.untyped_storage().nbytes()
+        if nbytes > held - t.storage_offset() * t.element_size():
+            raise CompressorError(f"'{path}' holds tensor '{name}' of shape {list(t.shape)} "
+                                  f"({nbytes:,} bytes) stored in only {held:,} bytes (an expanded or "
+                                  "overlapping view), which would fill memory when copied",
+                                  "save real weights: torch.save({k: v.contiguous() ...}) from a model you trust")
+        storages[t.untyped_storage().data_ptr()] = held
+        views[(t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)] = nbytes
+    if sum(views.values()) > 2 * sum(storages.values()) + (1 << 20):
+        raise CompressorError(f"'{path}' holds {len(views)} tensors that view the same data many times "
+                              f"over ({sum(views.values()):,} bytes from {sum(storages.values()):,} stored)",
+                              "save each weight once, as a model's state_dict does")
+
+
+def _strip_wrapper_prefix(loaded: Loaded, expected: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The state_dict without the prefix ``nn.DataParallel``/DDP (``module.``) or ``torch.compile``
+    (``_orig_mod.``) put before every key, when it has one and (given ``expected``, the model's keys)
+    the keys fit only without it; a note in ``loaded.meta["notes"]`` says so."""
+    sd = loaded.state_dict
+    stripped, removed = dict(sd), ""
+    while True:
+        prefix = next((p for p in WRAPPER_PREFIXES
+                       if stripped and all(k.startswith(p) and len(k) > len(p) for k in stripped)), None)
+        if prefix is None or (expected is not None and set(stripped) <= expected):
+            break
+        stripped = {k[len(prefix):]: v for k, v in stripped.items()}
+        removed += prefix
+    if not removed or (expected is not None and not set(stripped) <= expected):
+        return sd  # nothing to strip, or stripping does not help: assign_weights names the mismatch
+    loaded.meta["stripped_prefix"] = removed
+    loaded.meta.setdefault("notes", []).append(
+        f"every weight name in '{loaded.source}' started with '{removed}' (saved from a "
+        f"{'DataParallel/DDP' if removed.startswith('module.') else 'torch.compile'} wrapper); "
+        "it was removed")
+    return stripped
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -359,14 +411,14 @@ def _load_export(path: Path, trust_pickle: bool, device) -> Loaded:
 
 
 def load_safetensors(path: Path, device=None) -> dict[str, torch.Tensor]:
-    size = path.stat().st_size
+    size = regular_file(path, "weights file").stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        raw = f.read(n)
+        raw = f.read(min(n, SAFETENSORS_MAX_HEADER))
     try:
         header = json.loads(raw)
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
         raise CompressorError(f"'{path}' is a damaged safetensors file (its header is cut off or not "
                               "valid JSON)", "the file is truncated or corrupt: save or copy it again"
                               ) from None
@@ -452,36 +504,89 @@ def assign_weights(model: nn.Module, tensors: dict[str, torch.Tensor], what: str
 
 
 def _load_hf(path: Path, trust_pickle: bool, device) -> Loaded:
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CompressorError(f"'{path / 'config.json'}' is not valid JSON ({err})",
-                              "repair or re-download the model folder") from None
-    if not isinstance(config, dict):
-        raise CompressorError(f"'{path / 'config.json'}' is not a model config", "pass a model folder")
+    check_folder(path)
+    config = hf_config(path)
     if not any(path.glob("*.safetensors")) and not trust_pickle:
         raise CompressorError(f"folder '{path}' has config.json but no *.safetensors weights",
                               "convert pickle weights (pytorch_model.bin) to safetensors, or " + TRUST_FIX)
-    if config.get("auto_map") and not trust_pickle:
-        raise CompressorError(f"'{path}' asks to run its own Python code (auto_map in config.json)",
-                              TRUST_FIX)
     transformers = hf_module()
     name = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, name, None) if name else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         cls = transformers.AutoModel
-    try:
-        model = cls.from_pretrained(path, local_files_only=True, trust_remote_code=trust_pickle,
-                                    use_safetensors=None if trust_pickle else True)
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # its load report is ours to give, in one line
+    try:  # trust_remote_code=False: never import the folder's code, never ask on stdin
+        _check_config_size(path, cls, transformers, trust_pickle)
+        model, info = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False,
+                                          use_safetensors=None if trust_pickle else True,
+                                          output_loading_info=True)
+    except CompressorError:
+        raise
     except Exception as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CompressorError(f"could not load the Hugging Face model in '{path}' ({first})",
                               "check that the folder is complete (config.json + weights)") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    # transformers only warns and initialises missing weights at random: a model that is not the file's.
+    problems = [f"{label} {len(keys)} ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''})"
+                for label, keys in (("missing", info.get("missing_keys") or ()),
+                                    ("unexpected", info.get("unexpected_keys") or ()),
+                                    ("wrong shape", [str(k[0]) if isinstance(k, tuple) else str(k)
+                                                     for k in info.get("mismatched_keys") or ()]))
+                if keys]
+    if problems:
+        raise CompressorError(f"the weights in '{path}' do not fit its config.json ({type(model).__name__}): "
+                              + "; ".join(problems), "repair or re-download the model folder")
+    check_tensor_sizes(path, model.state_dict(keep_vars=True).items())
     if device is not None:
         model.to(device)
     return Loaded(model, "hf-folder", path, tokenizer=hf_tokenizer(path),
-                  meta={"hf_config": config, "hf_class": type(model).__name__,
-                        "needs_trust_pickle": bool(trust_pickle and config.get("auto_map"))})
+                  meta={"hf_config": config, "hf_class": type(model).__name__, "needs_trust_pickle": False})
+
+
+def _check_config_size(path: Path, cls, transformers, trust_pickle: bool) -> None:
+    """Refuse a config.json describing a model far bigger than the folder's weights files: transformers
+    would allocate (and randomly initialise) every weight the files lack before anyone could check."""
+    weights = sum(f.stat().st_size for f in path.iterdir() if f.is_file()
+                  and (f.suffix == ".safetensors" or (trust_pickle and f.suffix in (".bin", ".pt", ".pth"))))
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    with torch.device("meta"):  # the module tree only: no memory for weights
+        skeleton = (transformers.AutoModel.from_config(config, trust_remote_code=False)
+                    if cls is transformers.AutoModel else cls._from_config(config))
+    params = {id(t): t.numel() * t.element_size() for t in skeleton.state_dict(keep_vars=True).values()}
+    needed = sum(params.values())
+    if needed > 4 * weights + (1 << 20):  # 4x: fp16 files of an fp32 model, with room to spare
+        raise CompressorError(f"'{path / 'config.json'}' describes a model of {needed:,} bytes, but its "
+                              f"weights files hold only {weights:,} bytes",
+                              "repair or re-download the model folder")
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file a user handed us (a regular file, UTF-8), or one line saying what is wrong with it."""
+    regular_file(path, what)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CompressorError(f"'{path}' is not UTF-8 text", "repair or re-download the model folder") from None
+    except (ValueError, RecursionError) as err:
+        raise CompressorError(f"'{path}' is not valid JSON ({str(err)[:120]})",
+                              "repair or re-download the model folder") from None
+
+
+def hf_config(path: Path) -> dict[str, Any]:
+    """A Hugging Face folder's config.json, refused when the folder asks to run its own code."""
+    config = read_json(path / "config.json", "model config")
+    if not isinstance(config, dict):
+        raise CompressorError(f"'{path / 'config.json'}' is not a model config", "pass a model folder")
+    for name in ("config.json", "tokenizer_config.json"):
+        data = config if name == "config.json" else (read_json(path / name, "tokenizer config")
+                                                     if (path / name).exists() else {})
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise CompressorError(f"'{path}' needs custom Python code from the folder (auto_map in {name})",
+                                  REMOTE_CODE_FIX)
+    return config
 
 
 def hf_module():
@@ -500,7 +605,7 @@ def hf_tokenizer(path: Path):
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         return None
     try:
-        return hf_module().AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return hf_module().AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception:
         return None
 
@@ -539,9 +644,9 @@ def load_example_inputs(path: str | Path) -> ExampleInputs:
     """Example inputs from a ``.pt`` (weights-only), ``.npz``/``.npy`` or ``.safetensors`` file: a tensor,
     a tuple of tensors, or a dict of named tensors (``arr_0``, ``arr_1``, ... or ``0``, ``1``, ...
     become a tuple, in order)."""
-    path = Path(path)
-    if not path.is_file() or path.stat().st_size == 0:
-        raise CompressorError(f"example inputs file '{path}' does not exist or is empty", "check the path")
+    path = regular_file(path, "example inputs file")
+    if path.stat().st_size == 0:
+        raise CompressorError(f"example inputs file '{path}' is empty", "check the path")
     with open(path, "rb") as f:
         head = f.read(9)
     import numpy as np
@@ -565,7 +670,11 @@ def load_example_inputs(path: str | Path) -> ExampleInputs:
         raise CompressorError(f"could not read example inputs from '{path}' ({str(err)[:160]})",
                               "save them with torch.save (tensors only), numpy.savez or safetensors"
                               ) from None
-    return _as_example(obj, path)
+    example = _as_example(obj, path)
+    tensors = (example.items() if isinstance(example, dict) else
+               [("0", example)] if isinstance(example, torch.Tensor) else enumerate(example))
+    check_tensor_sizes(path, ((str(k), t) for k, t in tensors))  # a stride-0 input is copied by export
+    return example
 
 
 def _is_npz(path: Path) -> bool:

@@ -35,18 +35,18 @@ from compressor.core.plan import Plan
 from compressor.core.rewrite import build_factored
 from compressor.core.version import __version__
 from compressor.formats.load import (
-    TRUST_FIX,
     Loaded,
     assign_weights,
     build_from_arch,
+    hf_config,
     hf_module,
     hf_tokenizer,
     infer_example_inputs,
-    is_safe_global,
     load_safetensors,
-    pickle_globals,
+    read_json,
     torch_load,
 )
+from compressor.formats.pickles import TRUST_FIX, is_safe_global, pickle_globals
 
 FORMAT = "compressor-model"
 VERSION = 1
@@ -147,9 +147,12 @@ def load_compressed(directory: str | Path, *, trust_pickle: bool = False, arch: 
     layers (no SVD), then the weights."""
     directory = Path(directory)
     try:
-        meta = json.loads((directory / META).read_text())
+        meta = read_json(directory / META, "compressor folder description")
         kind = meta["architecture"]["kind"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except CompressorError as err:
+        raise CompressorError(f"{err.problem} (the compressed folder is damaged)",
+                              "save the compressed model again") from None
+    except (KeyError, TypeError):
         raise CompressorError(f"'{directory / META}' is damaged", "save the compressed model again") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CompressorError(f"'{directory}' was written in format {meta.get('format')} version "
@@ -197,6 +200,12 @@ def _build_hf(directory: Path, info: dict) -> nn.Module:
         raise CompressorError(f"'{directory}' needs the transformers class {info.get('class')!r}, which "
                               "this transformers does not have",
                               "install the transformers version it was saved with")
-    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    hf_config(directory)  # refuses a config.json (or tokenizer) that asks to run the folder's code
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CompressorError(f"could not read the Hugging Face config in '{directory}' ({first})",
+                              "save the compressed model again") from None
     kwargs = {"attn_implementation": info["attn_implementation"]} if info.get("attn_implementation") else {}
     return cls._from_config(config, **kwargs)

@@ -21,7 +21,7 @@ from torch import nn
 
 from compressor.analysis.analyze import analyze
 from compressor.core.errors import CompressorError
-from compressor.core.fileio import atomic_write_text
+from compressor.core.fileio import atomic_write_text, regular_file
 from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.core.plan import Plan
 from compressor.core.policies import policy_from_options
@@ -305,7 +305,7 @@ def load_training_data(path: Path, tokenizer=None, samples: int | None = None) -
     or, with a tokenizer, a text file of one sentence per line."""
     from compressor.formats.load import load_example_inputs
 
-    path = Path(path)
+    path = regular_file(path, "training data file")  # a FIFO would block the read forever
     if tokenizer is not None and _is_text(path):
         from compressor.data.calibration import load_calibration
 

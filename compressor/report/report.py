@@ -107,6 +107,8 @@ def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | Non
                      macs_unit=totals["macs_unit"], method=plan.method, policy=plan.policy, plan_totals=totals,
                      notes=plan.notes, calibration=plan.calibration,
                      layers=[{k: getattr(lp, k) for k in LAYER_FIELDS} for lp in plan.layers])
+    if loaded is not None and loaded.meta.get("notes"):  # what loading changed (e.g. a stripped key prefix)
+        extra["notes"] = [*loaded.meta["notes"], *(extra.get("notes") or [])]
     if "skipped" in exports:
         extra["onnx"] = {"skipped": exports["skipped"]}
     for key in ("onnx", "fp16", "int8"):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from compressor.core.errors import CompressorError
-from compressor.core.fileio import atomic_folder, atomic_write_text, clean_stale
+from compressor.core.fileio import atomic_folder, atomic_write_text, clean_stale, regular_file
 
 FORMAT = 1
 TENSORS, STATE, MARKER = "tensors.safetensors", "state.json", "COMPLETE.json"
@@ -96,10 +96,14 @@ def check(path: Path) -> str | None:
         raise _malformed(path, "it is a symlink, not a folder")
     entries = sorted(path.iterdir()) if path.is_dir() else []
     for f in entries:
-        if f.is_symlink() or not f.is_file():
+        if f.is_symlink() or f.is_dir():
             raise _malformed(path, f"it holds {'a symlink' if f.is_symlink() else 'a subfolder'} ({f.name}), "
                                    "but a checkpoint holds only plain files")
     for f in entries:
+        try:
+            regular_file(f, "checkpoint file")  # a FIFO would block the read forever: damaged, skipped
+        except CompressorError as err:
+            return err.problem
         with open(f, "rb") as fh:
             head = fh.read(9)
         # A safetensors file starts with its header length (8 bytes, which may look like a pickle's
