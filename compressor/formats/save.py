@@ -1,4 +1,5 @@
-"""Save a compressed model as a folder anyone can load back, and load such folders.
+"""Save a compressed model as a folder anyone can load back (:func:`compressor.formats.load.load_model`
+reads it).
 
     compressor.save(model, "out/", plan, source=loaded)   # -> out/ with model.safetensors, plan.json, ...
     model = compressor.load("out/")
@@ -32,25 +33,9 @@ from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_folder
 from compressor.core.layers import LOW_RANK_TYPES
 from compressor.core.plan import Plan
-from compressor.core.rewrite import build_factored
 from compressor.core.version import __version__
-from compressor.formats.load import (
-    Loaded,
-    assign_weights,
-    build_from_arch,
-    hf_config,
-    hf_module,
-    hf_tokenizer,
-    infer_example_inputs,
-    load_safetensors,
-    read_json,
-    torch_load,
-)
-from compressor.formats.pickles import TRUST_FIX, is_safe_global, pickle_globals
-
-FORMAT = "compressor-model"
-VERSION = 1
-WEIGHTS, PLAN, META, STRUCTURE = "model.safetensors", "plan.json", "compressor.json", "model.pt"
+from compressor.formats.load import FORMAT, META, PLAN, STRUCTURE, VERSION, WEIGHTS, Loaded
+from compressor.formats.pickles import is_safe_global, pickle_globals
 
 
 def save(model: nn.Module, directory: str | Path, plan: Plan | None = None, *,
@@ -134,78 +119,3 @@ def _meta_copy(model: nn.Module) -> nn.Module:
             if b is not None and key not in mod._non_persistent_buffers_set and id(b) not in memo:
                 memo[id(b)] = torch.empty_like(b, device="meta")
     return copy.deepcopy(model, memo)
-
-
-
-
-# ------------------------------------------------------------------------------------------- loading
-
-
-def load_compressed(directory: str | Path, *, trust_pickle: bool = False, arch: str | None = None,
-                    device: str | torch.device | None = None) -> Loaded:
-    """Rebuild the model in a folder written by :func:`save`: architecture, then the plan's factored
-    layers (no SVD), then the weights."""
-    directory = Path(directory)
-    try:
-        meta = read_json(directory / META, "compressor folder description")
-        kind = meta["architecture"]["kind"]
-    except CompressorError as err:
-        raise CompressorError(f"{err.problem} (the compressed folder is damaged)",
-                              "save the compressed model again") from None
-    except (KeyError, TypeError):
-        raise CompressorError(f"'{directory / META}' is damaged", "save the compressed model again") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CompressorError(f"'{directory}' was written in format {meta.get('format')} version "
-                              f"{meta.get('version')}; this compressor reads {FORMAT} version {VERSION}",
-                              "save the model again with this version of compressor")
-    needs_plan = kind in ("hf", "arch") and meta.get("factored_layers", 0) > 0
-    for name in (WEIGHTS, *((PLAN,) if needs_plan else ())):
-        if not (directory / name).is_file():
-            raise CompressorError(f"'{directory}' lacks {name}", "save the compressed model again")
-    plan = Plan.from_json(directory / PLAN) if (directory / PLAN).is_file() else None
-    tokenizer, stored_arch, needs_trust = None, None, False
-    if kind == "hf":
-        model = _build_hf(directory, meta["architecture"])
-        tokenizer = hf_tokenizer(directory)
-    elif kind in ("structure", "pickle"):
-        model, needs_trust = torch_load(directory / STRUCTURE, trust_pickle)
-        if not isinstance(model, nn.Module):
-            raise CompressorError(f"'{directory / STRUCTURE}' is not a model",
-                                  "save the compressed model again")
-    elif kind == "arch":
-        stored_arch = meta["architecture"]["arch"]
-        if arch is None and not trust_pickle:
-            raise CompressorError(f"'{directory}' was built by --arch {stored_arch}, and importing it runs "
-                                  "that code", f"pass --arch {stored_arch} again, or " + TRUST_FIX)
-        model = build_from_arch(arch or stored_arch)
-    else:
-        raise CompressorError(f"'{directory / META}' names an unknown architecture kind '{kind}'",
-                              "save the compressed model again")
-    if kind in ("hf", "arch") and plan is not None:
-        build_factored(model, plan)
-    assign_weights(model, load_safetensors(directory / WEIGHTS, device), f"'{directory}'")
-    if device is not None:
-        model.to(device)  # buffers the weights file does not hold
-    model.eval()
-    return Loaded(model, "compressor", directory, example_inputs=infer_example_inputs(model, tokenizer),
-                  tokenizer=tokenizer,
-                  meta={"compressor": meta, "plan": plan, "arch": arch or stored_arch,
-                        "needs_trust_pickle": needs_trust})
-
-
-def _build_hf(directory: Path, info: dict) -> nn.Module:
-    transformers = hf_module()
-    cls = getattr(transformers, info.get("class", ""), None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise CompressorError(f"'{directory}' needs the transformers class {info.get('class')!r}, which "
-                              "this transformers does not have",
-                              "install the transformers version it was saved with")
-    hf_config(directory)  # refuses a config.json (or tokenizer) that asks to run the folder's code
-    try:
-        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise CompressorError(f"could not read the Hugging Face config in '{directory}' ({first})",
-                              "save the compressed model again") from None
-    kwargs = {"attn_implementation": info["attn_implementation"]} if info.get("attn_implementation") else {}
-    return cls._from_config(config, **kwargs)
