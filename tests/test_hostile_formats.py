@@ -400,3 +400,16 @@ def test_stride_zero_example_inputs_are_refused(tmp_path):
     torch.save(torch.zeros(1).expand(40000, 1, 200, 200), tmp_path / "x.pt")
     refused_untouched(["export", "cnn.pt", "--example-inputs", "x.pt"], tmp_path, "stored in only 4 bytes",
                       timeout=60)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_stride_zero_calibration_is_refused(tmp_path, suffix):
+    torch.save(digits_cnn(), tmp_path / "cnn.pt")
+    bomb = torch.zeros(1).expand(40000, 1, 200, 200)
+    if suffix == ".pt":
+        torch.save(bomb, tmp_path / "cal.pt")
+    else:  # safetensors cannot store a view: a header that lies about its data instead
+        header = json.dumps({"x": {"dtype": "F32", "shape": [40000, 1, 200, 200], "data_offsets": [0, 4]}}).encode()
+        (tmp_path / "cal.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    refused_untouched(["cnn.pt", "--target", "0.3", "--input-shape", "1x1x8x8", "--calibration", f"cal{suffix}"],
+                      tmp_path, f"cal{suffix}", timeout=60)

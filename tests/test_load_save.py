@@ -19,8 +19,8 @@ import compressor
 from compressor import CompressorError, load, load_model, save
 from compressor.core.layers import LowRankConv, LowRankLinear
 from compressor.core.rewrite import build_factored
+from compressor.data.readers import load_example_inputs, parse_input_shape, split_inputs
 from compressor.examples import digits_cnn, minilm_path
-from compressor.formats.load import load_example_inputs, parse_input_shape, split_inputs
 
 # ------------------------------------------------------------------------------------------ helpers
 

@@ -55,6 +55,7 @@ from compressor.data.inputs import (
     tensors_of,
     to_device,
 )
+from compressor.data.readers import check_tensor_sizes, load_safetensors
 
 # Ridge added to C, relative to its mean diagonal, tried in order. 1% (not a bare jitter) regularises the
 # whitening and the sequential least-squares refits against over-fitting a few thousand calibration
@@ -429,8 +430,7 @@ def load_calibration(path: str | Path, *, tokenizer=None, samples: int | None = 
             with np.load(path, allow_pickle=False) as z:
                 data = {k: torch.from_numpy(z[k]) for k in z.files}
         elif suffix == ".safetensors":
-            from safetensors.torch import load_file
-            data = load_file(path)
+            data = load_safetensors(path)
         elif tokenizer is not None:
             return _text_batches(path, tokenizer, samples, batch_size, max_length)
         else:
@@ -445,6 +445,7 @@ def load_calibration(path: str | Path, *, tokenizer=None, samples: int | None = 
     if isinstance(data, dict) and len(data) == 1:
         data = next(iter(data.values()))  # a single named tensor: positional input
     batches = as_batches(data if isinstance(data, list) else [data])
+    check_tensor_sizes(path, ((str(i), t) for i, b in enumerate(batches) for t in tensors_of(b)))
     return _cap(batches, samples)
 
 

@@ -189,7 +189,7 @@ def _save(model: nn.Module, folder: Path, plan: Plan, loaded) -> None:
 
 
 def _example_inputs(loaded, opts: Options):
-    from compressor.formats.load import load_example_inputs, parse_input_shape
+    from compressor.data.readers import load_example_inputs, parse_input_shape
 
     if opts.input_shapes:
         g = torch.Generator().manual_seed(0)
@@ -303,7 +303,7 @@ def load_training_data(path: Path, tokenizer=None, samples: int | None = None) -
     """``(inputs, targets)`` from a file: tensors (``.pt``/``.npz``/``.safetensors``) holding either the
     model's inputs alone (targets None: distillation) or ``inputs`` and ``targets`` (also ``x``/``y``);
     or, with a tokenizer, a text file of one sentence per line."""
-    from compressor.formats.load import load_example_inputs
+    from compressor.data.readers import load_example_inputs
 
     path = regular_file(path, "training data file")  # a FIFO would block the read forever
     if tokenizer is not None and _is_text(path):

@@ -991,7 +991,7 @@ def _load_batches(path: Path, loaded: Any, samples: int | None = None) -> list[A
     try:
         from compressor.data.calibration import load_calibration
     except ImportError:
-        from compressor.formats.load import load_example_inputs
+        from compressor.data.readers import load_example_inputs
 
         return [load_example_inputs(path)]
     return load_calibration(path, tokenizer=loaded.tokenizer, samples=samples)
