@@ -24,7 +24,10 @@ import click
 
 from compressor.cli.train import checkpoints
 from compressor.core.errors import CompressorError
+from compressor.export.onnx import DEFAULT_OPSET
 from compressor.report.report import criterion
+from compressor.search.recipes import DEFAULT_TARGETS, PRECISIONS
+from compressor.search.search import ATOL as SEARCH_ATOL
 
 EXIT_BAD_INPUT = 2
 EXIT_VALIDATION_FAILED = 3
@@ -89,7 +92,7 @@ _export_options = _options([
                  help="Example inputs for export (.pt/.npz/.safetensors)."),
     click.option("--atol", type=float, default=1e-3, show_default=True,
                  help="Largest absolute difference allowed between onnxruntime and torch outputs."),
-    click.option("--opset", type=int, default=18, show_default=True),
+    click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True),
     click.option("--fp16", is_flag=True, help="Also write and validate model.fp16.onnx."),
     click.option("--int8", is_flag=True, help="Also write and validate model.int8.onnx (dynamic int8)."),
     click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder."),
@@ -303,9 +306,9 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--max-size", help="Largest exported file: 15MB, 800KB, or a fraction of the fp32 export (0.2).")
 @click.option("--min-fidelity", type=float, help="Lowest fidelity to the original on held-out inputs (e.g. 0.95).")
 @click.option("--max-latency", help="Slowest median onnxruntime latency on the example inputs (5ms, 0.01s).")
-@click.option("--targets", default="0.2,0.4,0.6", show_default=True,
+@click.option("--targets", default=",".join(map(str, DEFAULT_TARGETS)), show_default=True,
               help="Low-rank parameter targets to try (fractions of the factorizable weights removed).")
-@click.option("--precisions", default="fp32,fp16,int8", show_default=True, help="Storage precisions to try.")
+@click.option("--precisions", default=",".join(PRECISIONS), show_default=True, help="Storage precisions to try.")
 @click.option("--heal-steps", type=int, default=0, show_default=True,
               help="Also try each low-rank recipe healed by this many distillation steps (needs --calibration).")
 @click.option("--keep-fp16", default="0", show_default=True,
@@ -320,8 +323,8 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--calibration-samples", type=int)
 @click.option("--input-shape", "input_shapes", multiple=True, help="Shape of an example input, e.g. 1x3x224x224.")
 @click.option("--example-inputs", type=click.Path(path_type=Path), help="Example inputs (.pt/.npz/.safetensors).")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="fp32 validation tolerance.")
-@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--atol", type=float, default=SEARCH_ATOL, show_default=True, help="fp32 validation tolerance.")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True)
 @_common_options
 def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, max_latency: str | None,
                targets: str, precisions: str, heal_steps: int, keep_fp16: str, eval_inputs: Path | None,
@@ -332,7 +335,8 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
     Dense fp32, fp16 and int8 are always measured as references; measurements are cached by recipe.
     """
     from compressor.jobs.compress import Options
-    from compressor.search.recipes import Constraints, parse_latency, parse_size, run_search
+    from compressor.jobs.search import run_search
+    from compressor.search.recipes import Constraints, parse_latency, parse_size
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
     kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -42,6 +42,8 @@ from compressor.export.measure import file_size
 # leave a margin and catch a broken variant; how much fidelity a variant costs is for benchmarks to say.
 FP16_MIN_COSINE = 0.999
 INT8_MIN_COSINE = 0.9
+# The opset exports use unless told otherwise.
+DEFAULT_OPSET = 18
 # Above this many bytes of weights an ONNX protobuf (2 GB limit) cannot hold them: write external data.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
@@ -125,7 +127,7 @@ def torch_outputs(model: nn.Module, example_inputs: Any) -> list[tuple[str, np.n
 # ---------------------------------------------------------------------------------------- export
 
 
-def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opset: int = 18,
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opset: int = DEFAULT_OPSET,
                 dynamic_batch: bool = True, dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
                 exporter: str = "auto") -> Path:
     """Export ``model`` to ONNX at ``path`` (atomically) and return the path.
@@ -195,6 +197,14 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
     raise CompressorError(f"ONNX export of {type(model).__name__} failed ({'; '.join(errors)})",
                           "check that the example inputs match the model's forward() (shapes, dtypes), or "
                           "make the unsupported operation traceable (see the message)")
+
+
+def sequence_axes(inputs: Any) -> dict[str, dict[int, str]] | None:
+    """Text models take named (batch, sequence) integer inputs: let the sequence length vary too."""
+    if not isinstance(inputs, dict):
+        return None
+    return {name: {1: "sequence"} for name, t in inputs.items()
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_floating_point()}
 
 
 def _input_axes(names: list[str], tensors: list[torch.Tensor], dynamic_batch: bool,

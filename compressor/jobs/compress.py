@@ -26,6 +26,7 @@ from compressor.core.output import OutputDir
 from compressor.core.plan import Plan
 from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
+from compressor.export.onnx import DEFAULT_OPSET
 
 MODES = ("compress", "analyze", "apply", "export")
 
@@ -47,7 +48,7 @@ class Options:
     input_shapes: Sequence[str] = ()
     example_inputs: Path | None = None
     atol: float = 1e-3
-    opset: int = 18
+    opset: int = DEFAULT_OPSET
     fp16: bool = False
     int8: bool = False
     keep_fp16: int = 0  # with int8: this many int8-sensitive layers stay fp16 (measured on calibration)
@@ -143,7 +144,7 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
                 exports["skipped"] = ("the input holds weights only; pass --arch package.module:factory "
                                       "to build the model for export")
             else:
-                inputs = _example_inputs(loaded, opts)
+                inputs = example_inputs(loaded, opts)
                 exports = _export(model, original, inputs, tmp, plan, opts, calibration)
                 step("export")
         from compressor.report.report import build_report, write_report
@@ -181,7 +182,8 @@ def _save(model: nn.Module, folder: Path, plan: Plan, loaded) -> None:
     save(model, folder, plan, source=loaded, atomic=False)  # the OutputDir publishes the folder
 
 
-def _example_inputs(loaded, opts: Options):
+def example_inputs(loaded, opts: Options):
+    """The inputs to export and validate with: --input-shape, --example-inputs, or what the model file holds."""
     from compressor.formats.load import load_example_inputs, parse_input_shape
 
     if opts.input_shapes:
@@ -198,11 +200,18 @@ def _example_inputs(loaded, opts: Options):
 
 def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: Plan | None,
             opts: Options, calibration: list | None = None) -> dict[str, Any]:
-    from compressor.export.onnx import VARIANTS, check_factored_graph, export_int8, export_onnx, validate_onnx
-    from compressor.search.recipes import int8_sensitivity, most_sensitive
+    from compressor.export.onnx import (
+        VARIANTS,
+        check_factored_graph,
+        export_int8,
+        export_onnx,
+        sequence_axes,
+        validate_onnx,
+    )
+    from compressor.search.sensitivity import int8_sensitivity, most_sensitive
 
     path = export_onnx(model, inputs, folder / "model.onnx", opset=opts.opset,
-                       dynamic_axes=_sequence_axes(inputs))
+                       dynamic_axes=sequence_axes(inputs))
     problems = check_factored_graph(path, plan) if plan is not None and plan.factored else []
     result = {"onnx": validate_onnx(path, model, inputs, atol=opts.atol), "graph_problems": problems}
     for kind in ("fp16", "int8"):
@@ -218,14 +227,6 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
             result[kind] = validate_onnx(variant, model, inputs, atol=None, min_cosine=min_cosine, variant=kind)
     result["fidelity"] = output_fidelity(original, model, inputs) if original is not model else None
     return result
-
-
-def _sequence_axes(inputs) -> dict[str, dict[int, str]] | None:
-    """Text models take named (batch, sequence) integer inputs: let the sequence length vary too."""
-    if not isinstance(inputs, dict):
-        return None
-    return {name: {1: "sequence"} for name, t in inputs.items()
-            if isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_floating_point()}
 
 
 @torch.no_grad()
