@@ -184,7 +184,7 @@ def _is_torch_legacy(path: Path) -> bool:
 def is_safe_global(name: str) -> bool:
     """Whether a global a pickle names is a torch or compressor ``nn.Module`` class (safe to rebuild)."""
     module, _, attr = name.rpartition(".")
-    if not (module == "compressor.layers" or module.startswith("torch.")):
+    if not (module == "compressor.core.layers" or module.startswith("torch.")):
         return False  # never import anything else just to look
     try:
         obj = getattr(importlib.import_module(module), attr)
@@ -359,10 +359,14 @@ def _load_export(path: Path, trust_pickle: bool, device) -> Loaded:
 
 
 def load_safetensors(path: Path, device=None) -> dict[str, torch.Tensor]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        raw = f.read(n)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            raw = f.read(n) if 8 + n <= size else b""  # a damaged length must not make us read (or allocate) it
+    except OSError as err:
+        raise CompressorError(f"cannot read '{path}' ({err.strerror})",
+                              "check the file's permissions, or save or copy it again") from None
     try:
         header = json.loads(raw)
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
