@@ -47,6 +47,25 @@ class DefaultGroup(click.Group):
             args = ["search" if search else "run", *args]
         return super().parse_args(ctx, args)
 
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """As click's, but a usage error (unknown option, a value of the wrong type) is one line too:
+        ``error: <what click says>; see compress [COMMAND] --help``, exit code 2."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rc = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as err:
+            name = err.ctx.command_path if err.ctx is not None else "compress"
+            click.echo(f"error: {err.format_message().rstrip('.')}; see {name} --help", err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            click.echo(f"error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+        sys.exit(rc if isinstance(rc, int) else 0)
+
 
 def _options(opts: list[Callable]) -> Callable[[Callable], Callable]:
     """One decorator applying a list of click options, in the order listed in --help."""
@@ -111,7 +130,7 @@ def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
     except CompressorError as err:
         if debug:
             raise
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"error: {err.for_cli()}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted: nothing was written", err=True)
@@ -270,7 +289,7 @@ def heal_cmd(model: Path, **kw: Any) -> None:
     except CompressorError as err:
         if debug:
             raise
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"error: {err.for_cli()}", err=True)
         sys.exit(err.exit_code)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
@@ -351,7 +370,7 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
     except CompressorError as err:
         if debug:
             raise
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"error: {err.for_cli()}", err=True)
         sys.exit(err.exit_code)
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -80,6 +80,20 @@ def as_batches(calibration: Any) -> list[Batch]:
     return batches
 
 
+def check_fits(model: nn.Module, batches: list[Batch], what: str) -> None:
+    """Run ``model`` on two samples of the first batch and turn a failure (inputs of the wrong shape or
+    dtype for this model) into one :class:`CompressorError` naming ``what`` the inputs were."""
+    batch = _slice(batches[0], 2)
+    shapes = ", ".join("x".join(map(str, t.shape)) for t in _tensors(batches[0]))
+    try:
+        with _eval(model):
+            run_model(model, batch)
+    except Exception as err:  # any failure of the user's model on these inputs
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        raise CompressorError(f"{what} (shape {shapes}) do not fit the model ({type(err).__name__}: {first})",
+                              "pass inputs shaped and typed like the model's example inputs") from None
+
+
 def _tensors(batch: Batch) -> list[torch.Tensor]:
     if isinstance(batch, torch.Tensor):
         return [batch]

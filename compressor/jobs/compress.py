@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from compressor.core.rewrite import rewrite
 from compressor.export.onnx import DEFAULT_OPSET
 
 MODES = ("compress", "analyze", "apply", "export")
+# --input-shape makes random example inputs: refuse shapes holding more elements than this (all inputs
+# together, 2**27 float32 = 512 MiB) before allocating them.
+MAX_INPUT_ELEMENTS = 2**27
 
 
 @dataclass
@@ -87,6 +91,9 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
     source = Path(source)
     out = Path(out) if out is not None else default_out(source)
     # Cheap checks first: a bad option or an existing folder should not wait for a model to load.
+    check_options(opts)
+    if mode == "apply":
+        check_plan_path(opts.plan_path)
     if mode in ("compress", "analyze"):
         if len(opts.policy()) != 1:
             given = ", ".join(f"--{k.replace('_', '-')}" for k in opts.policy()) or "none"
@@ -118,6 +125,10 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
     weights_only = loaded.model is None
     model.eval()
     calibration = _calibration(loaded, opts)
+    if calibration is not None and not weights_only:
+        from compressor.data.calibration import check_fits
+
+        check_fits(model, calibration, f"the calibration inputs in '{opts.calibration}'")
     step("load")
 
     with OutputDir(out, opts.force) as tmp:
@@ -158,6 +169,60 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
     return report
 
 
+def check_options(opts: Options) -> None:
+    """Refuse option values no run can use, before anything is loaded (shared by compress and search)."""
+    from compressor.export.onnx import check_opset
+
+    check_opset(opts.opset)
+    if not (isinstance(opts.atol, int | float) and math.isfinite(opts.atol) and opts.atol >= 0):
+        raise CompressorError(f"atol must be a finite number >= 0 (the largest difference allowed between "
+                              f"onnxruntime and torch outputs), got {opts.atol!r}", "pass e.g. atol=1e-3",
+                              cli_fix="pass e.g. --atol 1e-3")
+    rm = opts.rank_multiple
+    if isinstance(rm, bool) or not isinstance(rm, int) or rm < 1:
+        raise CompressorError(f"rank_multiple must be a whole number >= 1, got {rm!r}", "pass e.g. rank_multiple=8",
+                              cli_fix="pass e.g. --rank-multiple 8")
+    n = opts.calibration_samples
+    if n is not None:
+        if opts.calibration is None:
+            raise CompressorError("--calibration-samples limits the calibration inputs, but --calibration is "
+                                  "not given", "pass calibration=FILE too, or leave out calibration_samples",
+                                  cli_fix="add --calibration FILE, or leave out --calibration-samples")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise CompressorError(f"calibration_samples must be a whole number >= 1, got {n!r}",
+                                  "pass e.g. calibration_samples=256", cli_fix="pass e.g. --calibration-samples 256")
+    input_shapes(opts)
+
+
+def check_plan_path(path: Path | None) -> None:
+    if path is None:
+        raise CompressorError("apply needs a plan file", "compress apply MODEL PLAN.json")
+    path = Path(path)
+    if path.is_dir():
+        inside = path / "plan.json"
+        raise CompressorError(f"the plan path '{path}' is a folder, not a plan file",
+                              f"pass the plan file itself, e.g. compress apply MODEL {inside}" if inside.is_file()
+                              else "pass the plan.json that compress or compress analyze wrote")
+    if not path.is_file():
+        raise CompressorError(f"plan file '{path}' does not exist",
+                              "pass the plan.json that compress or compress analyze wrote")
+
+
+def input_shapes(opts: Options) -> list[tuple[int, ...]]:
+    """The shapes of --input-shape, refused when they would hold more than MAX_INPUT_ELEMENTS."""
+    from compressor.formats.load import parse_input_shape
+
+    shapes = [parse_input_shape(s) for s in opts.input_shapes]
+    total = sum(math.prod(s) for s in shapes)
+    if total > MAX_INPUT_ELEMENTS:
+        raise CompressorError(f"input shapes {', '.join(opts.input_shapes)} hold {total:,} elements, more than "
+                              f"the {MAX_INPUT_ELEMENTS:,} random example inputs are allowed (about "
+                              f"{MAX_INPUT_ELEMENTS * 4 // 2**20} MiB)",
+                              "give the shape of one small batch, e.g. input_shapes=['1x3x224x224']",
+                              cli_fix="give the shape of one small batch, e.g. --input-shape 1x3x224x224")
+    return shapes
+
+
 def _calibration(loaded, opts: Options) -> list | None:
     if opts.calibration is None:
         return None
@@ -169,8 +234,6 @@ def _calibration(loaded, opts: Options) -> list | None:
 def _plan(model: nn.Module, opts: Options, mode: str, calibration: list | None) -> Plan:
     extra = {"calibration": calibration} if calibration is not None else {}
     if mode == "apply":
-        if opts.plan_path is None:
-            raise CompressorError("apply needs a plan file", "compress apply MODEL PLAN.json")
         return analyze(model, plan=Plan.from_json(opts.plan_path), progress=opts.progress, **extra)
     return analyze(model, **opts.policy(), rank_multiple=opts.rank_multiple, include=opts.include,
                    exclude=opts.exclude, progress=opts.progress, **extra)
@@ -184,11 +247,11 @@ def _save(model: nn.Module, folder: Path, plan: Plan, loaded) -> None:
 
 def example_inputs(loaded, opts: Options):
     """The inputs to export and validate with: --input-shape, --example-inputs, or what the model file holds."""
-    from compressor.formats.load import load_example_inputs, parse_input_shape
+    from compressor.formats.load import load_example_inputs
 
     if opts.input_shapes:
         g = torch.Generator().manual_seed(0)
-        tensors = tuple(torch.randn(parse_input_shape(s), generator=g) for s in opts.input_shapes)
+        tensors = tuple(torch.randn(s, generator=g) for s in input_shapes(opts))
         return tensors[0] if len(tensors) == 1 else tensors
     if opts.example_inputs is not None:
         return load_example_inputs(opts.example_inputs)

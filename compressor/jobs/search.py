@@ -46,17 +46,26 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
     from seeded random inputs shaped like the example inputs (float inputs only).
     """
     from compressor.core.output import OutputDir
+    from compressor.data.calibration import check_fits
     from compressor.formats.load import load_model
-    from compressor.jobs.compress import Options, default_out, example_inputs
+    from compressor.jobs.compress import Options, check_options, default_out, example_inputs
     from compressor.report.report import versions
 
     opts = options or Options()
     source = Path(source)
     out = Path(out) if out is not None else default_out(source)
-    if constraints == Constraints():
-        raise CompressorError("search needs at least one constraint",
-                              "pass --max-size, --min-fidelity and/or --max-latency")
     cache_dir = Path(cache_dir) if cache_dir is not None else out.parent / ".compressor-cache"
+    # Every check that needs no model comes first: a search takes minutes, a bad option should not.
+    check_constraints(constraints)
+    check_options(opts)
+    check_cache_dir(cache_dir)
+    heal = (0, heal_steps) if heal_steps else (0,)
+    recipes = default_recipes(targets, calibrated=opts.calibration is not None, heal_steps=heal,
+                              precisions=precisions, keep_fp16=keep_fp16)
+    if opts.calibration is None and any(r.heal_steps or r.keep_fp16 for r in recipes):
+        raise CompressorError("healed recipes and recipes keeping layers in fp16 need calibration inputs",
+                              "pass calibration inputs with --calibration FILE")
+    OutputDir(out, opts.force).check()
     loaded = load_model(source, trust_pickle=opts.trust_pickle, arch=opts.arch)
     if loaded.model is None:
         raise CompressorError("the input holds weights only, so it cannot be exported",
@@ -66,12 +75,12 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
     calibration = None
     if opts.calibration is not None:
         calibration = _load_batches(opts.calibration, loaded, opts.calibration_samples)
+        check_fits(model, calibration, f"the calibration inputs in '{opts.calibration}'")
     held_out, held_out_note = _held_out(eval_inputs, inputs, loaded)
+    if eval_inputs is not None:
+        check_fits(model, held_out, f"the held-out inputs in '{eval_inputs}'")
     evaluation = output_fidelity(model, held_out)
     evaluation.metric += f" ({held_out_note})"
-    heal = (0, heal_steps) if heal_steps else (0,)
-    recipes = default_recipes(targets, calibrated=calibration is not None, heal_steps=heal, precisions=precisions,
-                              keep_fp16=keep_fp16)
     with OutputDir(out, opts.force) as tmp:
         result = search(model, inputs, evaluation=evaluation, constraints=constraints, recipes=recipes,
                         cache_dir=cache_dir, calibration=calibration, opset=opts.opset, atol=opts.atol, log=log)
@@ -87,6 +96,29 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
         atomic_write_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
         atomic_write_text(tmp / "report.md", search_markdown(report))
     return report
+
+
+def check_constraints(constraints: Constraints) -> None:
+    """A search needs a constraint, and a fidelity floor it can reach: the job's fidelity (cosine
+    similarity, or top-1 agreement, with the original) is at most 1."""
+    if constraints == Constraints():
+        raise CompressorError("search needs at least one constraint",
+                              "pass --max-size, --min-fidelity and/or --max-latency")
+    f = constraints.min_fidelity
+    if f is not None and not -1 <= f <= 1:
+        raise CompressorError(f"min_fidelity {f:g} can never be met: fidelity is a cosine similarity or a "
+                              "top-1 agreement with the original model, between -1 and 1",
+                              "pass e.g. min_fidelity=0.95", cli_fix="pass e.g. --min-fidelity 0.95")
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    """The cache must be (or become) a folder: refuse a path that is, or lies inside, a file."""
+    for p in (cache_dir, *cache_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise CompressorError(f"the cache path '{cache_dir}' is not a folder ('{p}' is a file)",
+                                      "pass a folder for the cache with --cache DIR, or leave it out")
+            return
 
 
 def _load_batches(path: Path, loaded: Any, samples: int | None = None) -> list[Any]:

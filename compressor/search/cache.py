@@ -16,7 +16,7 @@ from compressor.core.fileio import atomic_write, atomic_write_text
 from compressor.search.front import Point
 from compressor.search.recipes import Recipe
 
-CACHE_VERSION = 2  # 2: calibrated embeddings are token-frequency weighted
+CACHE_VERSION = 3  # 2: calibrated embeddings are token-frequency weighted; 3: text exports have a dynamic sequence
 
 
 def fingerprint(obj: Any) -> str:

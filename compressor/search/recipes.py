@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -56,12 +57,13 @@ class Recipe:
                                   "give a low-rank target with those options")
         if isinstance(self.heal_steps, bool) or not isinstance(self.heal_steps, int) or self.heal_steps < 0:
             raise CompressorError(f"heal_steps must be a whole number >= 0, got {self.heal_steps!r}",
-                                  "pass e.g. heal_steps=200")
+                                  "pass e.g. heal_steps=200", cli_fix="pass e.g. --heal-steps 200")
         if self.qat and not self.heal_steps:
             raise CompressorError("quantization-aware healing needs heal steps", "pass heal_steps > 0 with qat")
         if isinstance(self.keep_fp16, bool) or not isinstance(self.keep_fp16, int) or self.keep_fp16 < 0:
             raise CompressorError(f"keep_fp16 must be a whole number >= 0, got {self.keep_fp16!r}",
-                                  "pass the number of layers to keep in fp16, e.g. keep_fp16=2")
+                                  "pass the number of layers to keep in fp16, e.g. keep_fp16=2",
+                                  cli_fix="pass the number of layers to keep in fp16, e.g. --keep-fp16 2")
         if self.keep_fp16 and self.precision != "int8":
             raise CompressorError(f"keep_fp16 applies to int8 recipes, not {self.precision}",
                                   "use precision='int8' with keep_fp16")
@@ -156,6 +158,20 @@ class Constraints:
     max_size: float | None = None
     min_fidelity: float | None = None
     max_latency_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        examples = {"max_size": ("max_size=15e6", "--max-size 15MB"),
+                    "min_fidelity": ("min_fidelity=0.95", "--min-fidelity 0.95"),
+                    "max_latency_ms": ("max_latency_ms=5.0", "--max-latency 5ms")}
+        for name, (api, cli) in examples.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            positive = name != "min_fidelity"
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or (
+                    positive and value <= 0):
+                raise CompressorError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value!r}",
+                                      f"pass e.g. {api}", cli_fix=f"pass e.g. {cli}")
 
     def size_limit(self, fp32_bytes: int) -> float | None:
         if self.max_size is None:

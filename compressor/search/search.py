@@ -99,9 +99,10 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
     recipes = [*REFERENCES, *[r for r in recipes if r not in REFERENCES]]
     if any(r.calibrated or r.keep_fp16 for r in recipes) and calibration is None:
         raise CompressorError("calibrated recipes and recipes keeping layers in fp16 need calibration inputs",
-                              "pass calibration=... (--calibration)")
+                              "pass calibration=...", cli_fix="pass --calibration FILE")
     if any(r.heal_steps for r in recipes) and heal_data is None and calibration is None:
-        raise CompressorError("healed recipes need data to distill on", "pass heal_data=... (or calibration)")
+        raise CompressorError("healed recipes need data to distill on", "pass heal_data=... (or calibration)",
+                              cli_fix="pass --calibration FILE")
     ctx = BuildContext(model, example_inputs, evaluation,
                        latency_inputs if latency_inputs is not None else example_inputs, calibration,
                        heal_data if heal_data is not None else calibration, dict(heal_options or {}),
@@ -178,7 +179,7 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
            last_model: dict[Recipe, tuple]) -> Point:
     """Build, export, validate and measure one recipe; store the point and its ONNX file in the cache."""
     from compressor.export.measure import file_size, onnx_latency
-    from compressor.export.onnx import export_fp16, export_int8, export_onnx, validate_onnx
+    from compressor.export.onnx import export_fp16, export_int8, export_onnx, sequence_axes, validate_onnx
 
     start = time.perf_counter()
     cache.dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,9 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
         model, plan_totals, heal_info, sensitivity = last_model[base]
         fp32 = cache.onnx(base)
         if not fp32.is_file():  # the fp32 export is shared by every precision of this recipe
-            fp32 = cache.store(base, export_onnx(model, ctx.example_inputs, work / "fp32.onnx", opset=ctx.opset))
+            # Text models get a dynamic sequence axis: held-out sentences tokenize to other lengths.
+            fp32 = cache.store(base, export_onnx(model, ctx.example_inputs, work / "fp32.onnx", opset=ctx.opset,
+                                                 dynamic_axes=sequence_axes(ctx.example_inputs)))
         kept: list[str] = []
         if recipe.precision == "fp32":
             path, check = fp32, {"atol": ctx.atol}
