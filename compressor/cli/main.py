@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ _common_options = _options([
                  help="Allow loading a pickled model whose file names code to run (only for files you trust)."),
     click.option("--arch", help="package.module:factory building the model for a bare state_dict."),
     click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
-    click.option("--quiet", is_flag=True, help="Print nothing but errors (and --json)."),
+    click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings (and --json)."),
     click.option("--debug", is_flag=True, help="Show tracebacks."),
 ])
 
@@ -120,13 +121,15 @@ _export_options = _options([
 
 def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
     """Run one mode, print the outcome, and turn errors into one line and an exit code."""
-    from compressor.jobs.compress import Options, compress
+    from compressor.jobs.compress import LowFidelityWarning, Options, compress
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
     kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     kw["progress"] = False if quiet or as_json else None
     try:
-        report = compress(model, out, mode=mode, options=Options(**kw))
+        with warnings.catch_warnings():  # printed below as one `warning:` line, spelled for the CLI
+            warnings.simplefilter("ignore", LowFidelityWarning)
+            report = compress(model, out, mode=mode, options=Options(**kw))
     except CompressorError as err:
         if debug:
             raise
@@ -136,9 +139,12 @@ def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
         click.echo("interrupted: nothing was written", err=True)
         sys.exit(130)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
-    elif not quiet:
-        click.echo(summary(report))
+        click.echo(json.dumps(report, indent=2))  # its "warnings" say what the lines below would
+    else:
+        if not quiet:
+            click.echo(summary(report))
+        for warning in report.get("warnings") or []:
+            click.echo(f"warning: {warning['cli']}", err=True)
     if not report.get("passed", True):
         if not as_json:
             click.echo("error: validation FAILED (see report.md); the output folder was kept for inspection",

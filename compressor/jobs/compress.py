@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,11 @@ from compressor.core.rewrite import rewrite
 from compressor.export.onnx import DEFAULT_OPSET
 
 MODES = ("compress", "analyze", "apply", "export")
+# Below this mean cosine to the original (on the example inputs) a compressed model's outputs are plainly
+# different, and the run says so (report["warnings"], a `warning:` line, a LowFidelityWarning).
+LOW_FIDELITY_COSINE = 0.9
+# How many of the layers that hurt most alone that warning names.
+WORST_LAYERS_SHOWN = 3
 # --input-shape makes random example inputs: refuse shapes holding more elements than this (all inputs
 # together, 2**27 float32 = 512 MiB) before allocating them.
 MAX_INPUT_ELEMENTS = 2**27
@@ -150,6 +156,7 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
             _save(model, tmp, plan, loaded)
             step("save")
         exports: dict[str, Any] = {}
+        inputs = None
         if mode in ("compress", "apply", "export"):
             if weights_only:
                 exports["skipped"] = ("the input holds weights only; pass --arch package.module:factory "
@@ -163,10 +170,58 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
         report = build_report(source=source, out=out, mode=mode, loaded=loaded, plan=plan,
                               original=original, compressed=model, exports=exports, timings=timings,
                               options=opts, folder=tmp)
+        report["warnings"] = []
+        cosine = (report.get("fidelity") or {}).get("cosine_mean")
+        if cosine is not None and cosine < LOW_FIDELITY_COSINE and plan is not None:
+            report["warnings"].append(low_fidelity_warning(cosine, original, model, plan, inputs, opts))
+            warnings.warn(report["warnings"][-1]["message"], LowFidelityWarning, stacklevel=2)
         if opts.plots and plan is not None:
             report["plots"] = _plots(model if mode == "analyze" else original, plan, tmp)
         write_report(report, tmp)
     return report
+
+
+class LowFidelityWarning(UserWarning):
+    """The compressed model's outputs are far from the original's (see LOW_FIDELITY_COSINE)."""
+
+
+def low_fidelity_warning(cosine: float, original: nn.Module, compressed: nn.Module, plan: Plan, inputs,
+                         opts: Options) -> dict[str, Any]:
+    """What to tell the user when fidelity is poor: how poor, the layers whose factoring alone costs most
+    (measured: each factored layer swapped alone into the original), and what would help. ``message``
+    spells the fixes for Python, ``cli`` for the command line."""
+    damage = layer_damage(original, compressed, [lp.name for lp in plan.factored], inputs)
+    worst = sorted(damage, key=damage.get)[:WORST_LAYERS_SHOWN]
+    shown = ", ".join(f"{n} (cosine {damage[n]:.3f} alone)" for n in worst)
+    problem = (f"the compressed model keeps cosine {cosine:.3f} to the original on the example inputs, below "
+               f"{LOW_FIDELITY_COSINE}: its outputs are plainly different; the factored layers that cost most "
+               f"alone are {shown}")
+    data_aware = "" if plan.method != "svd" else " data-aware factors ({}),"
+    api = (f"{problem}; try{data_aware.format('calibration=...')} leaving the worst layers dense "
+           f"(exclude={worst!r}), or a milder policy")
+    cli = (f"{problem}; try{data_aware.format('--calibration FILE')} leaving the worst layers dense "
+           f"({' '.join(f'--exclude {n!r}' for n in worst)}), or a milder policy")
+    return {"kind": "low_fidelity", "cosine": cosine, "threshold": LOW_FIDELITY_COSINE,
+            "worst_layers": {n: damage[n] for n in worst}, "message": api, "cli": cli}
+
+
+@torch.no_grad()
+def layer_damage(original: nn.Module, compressed: nn.Module, names: Sequence[str], inputs) -> dict[str, float]:
+    """For each named layer: the mean cosine of ``original``'s output with only that layer replaced by
+    ``compressed``'s version of it, to ``original``'s own output (``original`` is restored after each)."""
+    ref = _first_tensor(_call(original, inputs)).double().flatten(1)
+    out = {}
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = original.get_submodule(parent_name)
+        dense = getattr(parent, leaf)
+        setattr(parent, leaf, compressed.get_submodule(name))
+        try:
+            got = _first_tensor(_call(original, inputs)).double().flatten(1)
+        finally:
+            setattr(parent, leaf, dense)
+        out[name] = float(nn.functional.cosine_similarity(ref, got, dim=1).mean())
+    return out
 
 
 def check_options(opts: Options) -> None:
