@@ -26,6 +26,7 @@ import click
 from compressor.cli.train import checkpoints
 from compressor.core.errors import CompressorError
 from compressor.export.onnx import DEFAULT_OPSET
+from compressor.jobs.compress import Options
 from compressor.report.report import criterion
 from compressor.search.recipes import DEFAULT_TARGETS, PRECISIONS
 from compressor.search.search import ATOL as SEARCH_ATOL
@@ -83,7 +84,7 @@ _policy_options = _options([
     click.option("--rank-ratio", type=float, help="This fraction of each layer's full rank."),
     click.option("--target", type=float,
                  help="Remove this fraction of the factorizable parameters, allocated across layers."),
-    click.option("--rank-multiple", type=int, default=1, show_default=True,
+    click.option("--rank-multiple", type=int, default=Options.rank_multiple, show_default=True,
                  help="Round ranks up to a multiple of this (hardware friendliness)."),
     click.option("--include", multiple=True, help="Only layers matching this glob (repeatable)."),
     click.option("--exclude", multiple=True, help="Never layers matching this glob (repeatable)."),
@@ -110,9 +111,9 @@ _export_options = _options([
                  help="Shape of an example input for export, e.g. 1x3x224x224 (repeatable)."),
     click.option("--example-inputs", type=click.Path(path_type=Path),
                  help="Example inputs for export (.pt/.npz/.safetensors)."),
-    click.option("--atol", type=float, default=1e-3, show_default=True,
+    click.option("--atol", type=float, default=Options.atol, show_default=True,
                  help="Largest absolute difference allowed between onnxruntime and torch outputs."),
-    click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True),
+    click.option("--opset", type=int, default=Options.opset, show_default=True),
     click.option("--fp16", is_flag=True, help="Also write and validate model.fp16.onnx."),
     click.option("--int8", is_flag=True, help="Also write and validate model.int8.onnx (dynamic int8)."),
     click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder."),
@@ -121,7 +122,7 @@ _export_options = _options([
 
 def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
     """Run one mode, print the outcome, and turn errors into one line and an exit code."""
-    from compressor.jobs.compress import LowFidelityWarning, Options, compress
+    from compressor.jobs.compress import LowFidelityWarning, compress
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
     kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -359,7 +360,6 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
     With --min-fidelity the smallest file meeting every constraint wins; otherwise the most faithful.
     Dense fp32, fp16 and int8 are always measured as references; measurements are cached by recipe.
     """
-    from compressor.jobs.compress import Options
     from compressor.jobs.search import run_search
     from compressor.search.recipes import Constraints, parse_latency, parse_size
 
