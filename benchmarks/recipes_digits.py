@@ -29,18 +29,11 @@ import compressor
 from compressor.core.fileio import atomic_write_text
 from compressor.examples import digits_splits, train_digits_cnn
 from compressor.report.report import versions
-from compressor.search.recipes import (
-    REFERENCES,
-    Constraints,
-    Evaluation,
-    default_recipes,
-    fingerprint,
-    front_markdown,
-    plot_front,
-    search,
-    versus,
-    versus_headline,
-)
+from compressor.search.cache import fingerprint
+from compressor.search.evaluate import Evaluation
+from compressor.search.front import front_markdown, plot_front, versus, versus_headline
+from compressor.search.recipes import REFERENCES, Constraints, default_recipes
+from compressor.search.search import search
 
 THREADS = 2
 

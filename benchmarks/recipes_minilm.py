@@ -38,19 +38,11 @@ import compressor
 from compressor.core.fileio import atomic_write_text
 from compressor.examples import load_minilm, sentence_splits
 from compressor.report.report import versions
-from compressor.search.recipes import (
-    Constraints,
-    Evaluation,
-    Recipe,
-    beats,
-    fingerprint,
-    front_markdown,
-    onnx_fidelity,
-    plot_front,
-    search,
-    versus,
-    versus_headline,
-)
+from compressor.search.cache import fingerprint
+from compressor.search.evaluate import Evaluation, onnx_fidelity
+from compressor.search.front import beats, front_markdown, plot_front, versus, versus_headline
+from compressor.search.recipes import Constraints, Recipe
+from compressor.search.search import search
 
 THREADS = 2
 TOKENS = 64

@@ -12,19 +12,11 @@ from click.testing import CliRunner
 from torch import nn
 
 from compressor.core.errors import CompressorError
-from compressor.search.recipes import (
-    Constraints,
-    Recipe,
-    beats,
-    choose,
-    int8_sensitivity,
-    most_sensitive,
-    output_fidelity,
-    pareto,
-    parse_latency,
-    parse_size,
-    search,
-)
+from compressor.search.evaluate import output_fidelity
+from compressor.search.front import beats, choose, pareto
+from compressor.search.recipes import Constraints, Recipe, parse_latency, parse_size
+from compressor.search.search import search
+from compressor.search.sensitivity import int8_sensitivity, most_sensitive
 
 from .test_mixed_int8 import outlier_mlp
 
@@ -158,7 +150,7 @@ def test_beats_is_strict():
 
 
 def output_point(size, fid):
-    from compressor.search.recipes import Point
+    from compressor.search.front import Point
 
     return Point(Recipe("int8", 0.5), size, fid, {"fidelity": fid}, 1.0, 0, True)
 
@@ -232,7 +224,7 @@ def test_fake_int8_simulates_onnxruntime_dynamic_int8(tmp_path):
     import onnxruntime as ort
 
     from compressor.export.onnx import export_int8, export_onnx
-    from compressor.search.recipes import fake_int8, remove_fake_int8
+    from compressor.search.sensitivity import fake_int8, remove_fake_int8
 
     model = mlp()
     x = torch.randn(32, 64) * 3

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import sys
 from collections.abc import Iterable, Sequence
@@ -97,6 +98,29 @@ def find_layers(model: nn.Module, include: Sequence[str] = (), exclude: Sequence
     return found
 
 
+def check_patterns(include: Sequence[str], exclude: Sequence[str], layer_names: Sequence[str]) -> None:
+    """Refuse an include or exclude glob that matches no layer: a typo would otherwise factor the wrong
+    layers (or none) without a word. The error names the closest layer names."""
+    for option, patterns in (("include", include), ("exclude", exclude)):
+        for pat in patterns:
+            if any(fnmatch.fnmatchcase(n, pat) for n in layer_names):
+                continue
+            below = [n for n in layer_names if n.startswith(f"{pat}.")]
+            close = ([f"{pat}.*"] if below else []) + difflib.get_close_matches(pat, layer_names, n=3, cutoff=0.4)
+            close = close or list(layer_names[:3])
+            regex = any(ch in pat for ch in "\\^$+(){}|")
+            how = "patterns are shell globs (* ? [..]), not regular expressions; " if regex else ""
+            if not close:
+                raise CompressorError(f"{option} pattern '{pat}' matches no layer: the model has no weight "
+                                      "matrix to factor", f"leave out {option}")
+            shown = ", ".join(repr(n) for n in close)
+            raise CompressorError(f"{option} pattern '{pat}' matches no layer of the model",
+                                  f"{how}the closest layer names are {shown}; pass e.g. {option}=[{close[0]!r}] "
+                                  "(compress analyze MODEL lists every layer)",
+                                  cli_fix=f"{how}the closest layer names are {shown}; pass e.g. "
+                                          f"--{option} '{close[0]}' (compress analyze MODEL lists every layer)")
+
+
 def _owns_matrix(mod: nn.Module) -> bool:
     return any(p.dim() >= 2 for p in mod.parameters(recurse=False))
 
@@ -135,7 +159,8 @@ def decompose_layers(found: Iterable[Candidate], progress: bool | None = None
         w = c.weight_matrix()
         if not torch.isfinite(w).all():
             raise CompressorError(f"layer '{c.name}' has NaN or Inf values in its weight",
-                                  f"repair the weights, or leave the layer out with exclude=['{c.name}']")
+                                  f"repair the weights, or leave the layer out with exclude=['{c.name}']",
+                                  cli_fix=f"repair the weights, or leave the layer out with --exclude '{c.name}'")
         out[c.name] = svd(w)
     return out
 
@@ -165,7 +190,7 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
             # Re-deriving a data-aware plan by plain SVD would keep its ranks but silently lose its quality.
             raise CompressorError(f"the plan was made with the data-aware method '{plan.method}', whose factors "
                                   "need its calibration data",
-                                  "pass the same calibration (--calibration FILE / calibration=...)")
+                                  "pass the same calibration=...", cli_fix="pass the same --calibration FILE")
         pol = plan.policy
         include, exclude = pol.get("include", []), pol.get("exclude", [])
         rank_multiple = pol.get("rank_multiple", 1)
@@ -175,10 +200,12 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
         policy = policy_from_options(energy, rank, rank_ratio, target)
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise CompressorError(f"rank_multiple must be a whole number >= 1, got {rank_multiple}",
-                              "pass e.g. rank_multiple=8")
+                              "pass e.g. rank_multiple=8", cli_fix="pass e.g. --rank-multiple 8")
     include, exclude = list(include), list(exclude)
 
     found = find_layers(model, include, exclude)
+    if plan is None:
+        check_patterns(include, exclude, [c.name for c in found])
     names = {c.name for c in found if c.skip is None}
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - {c.name for c in found})

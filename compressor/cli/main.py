@@ -27,7 +27,11 @@ import click
 from compressor.cli.train import checkpoints, heal_config_options
 from compressor.core.errors import CompressorError
 from compressor.core.output import interrupt_exit_code, interrupt_on_sigterm
+from compressor.export.onnx import DEFAULT_OPSET
+from compressor.jobs.compress import Options
 from compressor.report.report import Report, criterion
+from compressor.search.recipes import DEFAULT_TARGETS, PRECISIONS
+from compressor.search.search import ATOL as SEARCH_ATOL
 
 EXIT_BAD_INPUT = 2
 EXIT_VALIDATION_FAILED = 3
@@ -55,6 +59,26 @@ class DefaultGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         with _interrupts_exit():
             return super().invoke(ctx)
+
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """As click's, but a usage error (unknown option, a value of the wrong type) is one line too:
+        ``error: <what click says>; see compress [COMMAND] --help``, exit code 2."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rc = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as err:
+            name = err.ctx.command_path if err.ctx is not None else "compress"
+            click.echo(f"error: {err.format_message().rstrip('.')}; see {name} --help", err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            click.echo(f"error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+        sys.exit(rc if isinstance(rc, int) else 0)
 
 
 @contextmanager
@@ -85,7 +109,7 @@ _policy_options = _options([
     click.option("--rank-ratio", type=float, help="This fraction of each layer's full rank."),
     click.option("--target", type=float,
                  help="Remove this fraction of the factorizable parameters, allocated across layers."),
-    click.option("--rank-multiple", type=int, default=1, show_default=True,
+    click.option("--rank-multiple", type=int, default=Options.rank_multiple, show_default=True,
                  help="Round ranks up to a multiple of this (hardware friendliness)."),
     click.option("--include", multiple=True, help="Only layers matching this glob (repeatable)."),
     click.option("--exclude", multiple=True, help="Never layers matching this glob (repeatable)."),
@@ -103,7 +127,7 @@ _common_options = _options([
                  help="Allow loading a pickled model whose file names code to run (only for files you trust)."),
     click.option("--arch", help="package.module:factory building the model for a bare state_dict."),
     click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
-    click.option("--quiet", is_flag=True, help="Print nothing but errors (and --json)."),
+    click.option("--quiet", is_flag=True, help="Print nothing but errors and warnings (and --json)."),
     click.option("--debug", is_flag=True, help="Show tracebacks."),
 ])
 
@@ -112,9 +136,9 @@ _export_options = _options([
                  help="Shape of an example input for export, e.g. 1x3x224x224 (repeatable)."),
     click.option("--example-inputs", type=click.Path(path_type=Path),
                  help="Example inputs for export (.pt/.npz/.safetensors)."),
-    click.option("--atol", type=float, default=1e-3, show_default=True,
+    click.option("--atol", type=float, default=Options.atol, show_default=True,
                  help="Largest absolute difference allowed between onnxruntime and torch outputs."),
-    click.option("--opset", type=int, default=18, show_default=True),
+    click.option("--opset", type=int, default=Options.opset, show_default=True),
     click.option("--fp16", is_flag=True, help="Also write and validate model.fp16.onnx."),
     click.option("--int8", is_flag=True, help="Also write and validate model.int8.onnx (dynamic int8)."),
     click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder."),
@@ -123,22 +147,27 @@ _export_options = _options([
 
 def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
     """Run one mode, print the outcome, and turn errors into one line and an exit code."""
-    from compressor.jobs.compress import Options, compress
+    from compressor.jobs.compress import LowFidelityWarning, compress
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
     kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     kw["progress"] = False if quiet or as_json else None
     try:
-        report = compress(model, out, mode=mode, options=Options(**kw))
+        with warnings.catch_warnings():  # printed below as one `warning:` line, spelled for the CLI
+            warnings.simplefilter("ignore", LowFidelityWarning)
+            report = compress(model, out, mode=mode, options=Options(**kw))
     except CompressorError as err:
         if debug:
             raise
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"error: {err.for_cli()}", err=True)
         sys.exit(err.exit_code)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
-    elif not quiet:
-        click.echo(summary(report))
+        click.echo(json.dumps(report.to_dict(), indent=2))  # its "warnings" say what the lines below would
+    else:
+        if not quiet:
+            click.echo(summary(report))
+        for warning in report.warnings or []:
+            click.echo(f"warning: {warning['cli']}", err=True)
     if not report.passed:
         if not as_json:
             click.echo("error: validation FAILED (see report.md); the output folder was kept for inspection",
@@ -271,7 +300,7 @@ def heal_cmd(model: Path, **kw: Any) -> None:
     except CompressorError as err:
         if debug:
             raise
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"error: {err.for_cli()}", err=True)
         sys.exit(err.exit_code)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
@@ -307,9 +336,9 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--max-size", help="Largest exported file: 15MB, 800KB, or a fraction of the fp32 export (0.2).")
 @click.option("--min-fidelity", type=float, help="Lowest fidelity to the original on held-out inputs (e.g. 0.95).")
 @click.option("--max-latency", help="Slowest median onnxruntime latency on the example inputs (5ms, 0.01s).")
-@click.option("--targets", default="0.2,0.4,0.6", show_default=True,
+@click.option("--targets", default=",".join(map(str, DEFAULT_TARGETS)), show_default=True,
               help="Low-rank parameter targets to try (fractions of the factorizable weights removed).")
-@click.option("--precisions", default="fp32,fp16,int8", show_default=True, help="Storage precisions to try.")
+@click.option("--precisions", default=",".join(PRECISIONS), show_default=True, help="Storage precisions to try.")
 @click.option("--heal-steps", type=int, default=0, show_default=True,
               help="Also try each low-rank recipe healed by this many distillation steps (needs --calibration).")
 @click.option("--keep-fp16", default="0", show_default=True,
@@ -324,8 +353,8 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--calibration-samples", type=int)
 @click.option("--input-shape", "input_shapes", multiple=True, help="Shape of an example input, e.g. 1x3x224x224.")
 @click.option("--example-inputs", type=click.Path(path_type=Path), help="Example inputs (.pt/.npz/.safetensors).")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="fp32 validation tolerance.")
-@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--atol", type=float, default=SEARCH_ATOL, show_default=True, help="fp32 validation tolerance.")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True)
 @_common_options
 def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, max_latency: str | None,
                targets: str, precisions: str, heal_steps: int, keep_fp16: str, eval_inputs: Path | None,
@@ -335,8 +364,8 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
     With --min-fidelity the smallest file meeting every constraint wins; otherwise the most faithful.
     Dense fp32, fp16 and int8 are always measured as references; measurements are cached by recipe.
     """
-    from compressor.jobs.compress import Options
-    from compressor.search.recipes import Constraints, parse_latency, parse_size, run_search
+    from compressor.jobs.search import run_search
+    from compressor.search.recipes import Constraints, parse_latency, parse_size
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
     kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -351,7 +380,7 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
     except CompressorError as err:
         if debug:
             raise
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"error: {err.for_cli()}", err=True)
         sys.exit(err.exit_code)
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -89,7 +89,8 @@ def policy_from_options(energy: float | None = None, rank: int | None = None,
     if len(given) != 1:
         names = ", ".join(given) if given else "none"
         raise CompressorError(f"exactly one rank policy is needed, got {names}",
-                              "pass one of energy=, rank=, rank_ratio= or target=")
+                              "pass one of energy=, rank=, rank_ratio= or target=",
+                              cli_fix="pass one of --energy, --rank, --rank-ratio or --target")
     (key, value), = given.items()
     if key == "energy":
         if not isinstance(value, int | float) or not 0 < value <= 1:
@@ -98,7 +99,8 @@ def policy_from_options(energy: float | None = None, rank: int | None = None,
         return EnergyPolicy(float(value))
     if key == "rank":
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CompressorError(f"rank must be a whole number >= 1, got {value}", "pass e.g. rank=64")
+            raise CompressorError(f"rank must be a whole number >= 1, got {value}", "pass e.g. rank=64",
+                                  cli_fix="pass e.g. --rank 64")
         return RankPolicy(value)
     if key == "rank_ratio":
         if not isinstance(value, int | float) or not 0 < value <= 1:
@@ -213,7 +215,8 @@ def allocate_budget(layers: list[LayerSpectrum], target: float, k: int,
             f"target {target:.3f} cannot be reached: at most {(most + target * total - need) / total:.3f} "
             "of the factorizable parameters can be removed (every layer at its smallest rank"
             + (f", a multiple of {k}" if k > 1 else "") + ")",
-            "lower the target, or allow more layers (include/exclude)")
+            "lower the target, or allow more layers (include/exclude)",
+            cli_fix="lower --target, or allow more layers (--include/--exclude)")
 
     heap: list[tuple[float, int, str, int, int]] = []  # (slope, tiebreak, name, from_params, to_rank)
     by_name = {lp.name: lp for lp in layers}

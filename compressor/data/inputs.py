@@ -168,6 +168,19 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+def check_fits(model: nn.Module, batches: Sequence[Batch], what: str) -> None:
+    """Run ``model`` on two samples of the first batch and turn a failure (inputs of the wrong shape or
+    dtype for this model) into one :class:`CompressorError` naming ``what`` the inputs were."""
+    shapes = ", ".join("x".join(map(str, t.shape)) for t in tensors_of(batches[0]))
+    try:
+        with eval_mode(model), torch.no_grad():
+            call(model, take(batches[0], slice(0, 2)))
+    except Exception as err:  # any failure of the user's model on these inputs
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        raise CompressorError(f"{what} (shape {shapes}) do not fit the model ({type(err).__name__}: {first})",
+                              "pass inputs shaped and typed like the model's example inputs") from None
+
+
 # ----------------------------------------------------------------------------------------- outputs
 
 

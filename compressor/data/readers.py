@@ -57,9 +57,13 @@ def check_tensor_sizes(path: Path, named) -> None:
 def load_safetensors(path: Path, device=None) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, its header checked against the file before the library reads it."""
     size = regular_file(path, "weights file").stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        raw = f.read(min(n, SAFETENSORS_MAX_HEADER))
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            raw = f.read(min(n, SAFETENSORS_MAX_HEADER))
+    except OSError as err:
+        raise CompressorError(f"cannot read '{path}' ({err.strerror})",
+                              "check the file's permissions, or save or copy it again") from None
     try:
         header = json.loads(raw)
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)

@@ -42,6 +42,11 @@ from compressor.export.measure import file_size
 # leave a margin and catch a broken variant; how much fidelity a variant costs is for benchmarks to say.
 FP16_MIN_COSINE = 0.999
 INT8_MIN_COSINE = 0.9
+# The opset exports use unless told otherwise, and the lowest one the exporters honour (below it the
+# dynamo exporter's version converter fails and the file silently keeps its own opset, 18); the highest
+# is the onnx package's newest (onnx.defs.onnx_opset_version()).
+DEFAULT_OPSET = 18
+MIN_OPSET = 14
 # Above this many bytes of weights an ONNX protobuf (2 GB limit) cannot hold them: write external data.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
@@ -68,7 +73,19 @@ def torch_outputs(model: nn.Module, example_inputs: Any) -> list[tuple[str, np.n
 # ---------------------------------------------------------------------------------------- export
 
 
-def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opset: int = 18,
+def check_opset(opset: int) -> int:
+    """``opset`` if the exporters and onnxruntime support it, else :class:`CompressorError` giving the range."""
+    import onnx.defs
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        between = f"between {MIN_OPSET} and {newest}, or leave it out for {DEFAULT_OPSET}"
+        raise CompressorError(f"ONNX opset {opset!r} is not supported (the exporters honour {MIN_OPSET} to "
+                              f"{newest})", f"pass opset {between}", cli_fix=f"pass --opset {between}")
+    return opset
+
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opset: int = DEFAULT_OPSET,
                 dynamic_batch: bool = True, dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
                 exporter: str = "auto") -> Path:
     """Export ``model`` to ONNX at ``path`` (atomically) and return the path.
@@ -89,6 +106,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
     # never the other factor. check_factored_graph verifies this on every export.
     if exporter not in ("auto", "dynamo", "legacy"):
         raise CompressorError(f"unknown exporter '{exporter}'", "use 'auto', 'dynamo' or 'legacy'")
+    check_opset(opset)
     path = Path(path)
     names, tensors = flatten(example_inputs)
     as_dict = isinstance(example_inputs, Mapping)

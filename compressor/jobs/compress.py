@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +33,17 @@ from compressor.report.report import Report, build_report, write_report
 
 if TYPE_CHECKING:
     from compressor.train.heal import HealConfig
+from compressor.export.onnx import DEFAULT_OPSET
 
 MODES = ("compress", "analyze", "apply", "export")
+# Below this mean cosine to the original (on the example inputs) a compressed model's outputs are plainly
+# different, and the run says so (report.warnings, a `warning:` line, a LowFidelityWarning).
+LOW_FIDELITY_COSINE = 0.9
+# How many of the layers that hurt most alone that warning names.
+WORST_LAYERS_SHOWN = 3
+# --input-shape makes random example inputs: refuse shapes holding more elements than this (all inputs
+# together, 2**27 float32 = 512 MiB) before allocating them.
+MAX_INPUT_ELEMENTS = 2**27
 
 
 @dataclass
@@ -52,7 +63,7 @@ class Options:
     input_shapes: Sequence[str] = ()
     example_inputs: Path | None = None
     atol: float = 1e-3
-    opset: int = 18
+    opset: int = DEFAULT_OPSET
     fp16: bool = False
     int8: bool = False
     keep_fp16: int = 0  # with int8: this many int8-sensitive layers stay fp16 (measured on calibration)
@@ -93,6 +104,9 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
     source = Path(source)
     out = Path(out) if out is not None else default_out(source)
     # Cheap checks first: a bad option or an existing folder should not wait for a model to load.
+    check_options(opts)
+    if mode == "apply":
+        check_plan_path(opts.plan_path)
     if mode in ("compress", "analyze"):
         if len(opts.policy()) != 1:
             given = ", ".join(f"--{k.replace('_', '-')}" for k in opts.policy()) or "none"
@@ -126,6 +140,10 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
     weights_only = loaded.model is None
     model.eval()
     calibration = _calibration(loaded, opts)
+    if calibration is not None and not weights_only:
+        from compressor.data.inputs import check_fits
+
+        check_fits(model, calibration, f"the calibration inputs in '{opts.calibration}'")
     step("load")
 
     with OutputDir(out, opts.force) as tmp:
@@ -147,21 +165,125 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
             _save(model, tmp, plan, loaded)
             step("save")
         exports: dict[str, Any] = {}
+        inputs = None
         if mode in ("compress", "apply", "export"):
             if weights_only:
                 exports["skipped"] = ("the input holds weights only; pass --arch package.module:factory "
                                       "to build the model for export")
             else:
-                inputs = _example_inputs(loaded, opts)
+                inputs = example_inputs(loaded, opts)
                 exports = _export(model, original, inputs, tmp, plan, opts, calibration)
                 step("export")
         report = build_report(source=source, out=out, mode=mode, loaded=loaded, plan=plan,
                               original=original, compressed=model, exports=exports, timings=timings,
                               options=opts, folder=tmp)
+        report.warnings = []
+        cosine = (report.fidelity or {}).get("cosine_mean")
+        if cosine is not None and cosine < LOW_FIDELITY_COSINE and plan is not None:
+            report.warnings.append(low_fidelity_warning(cosine, original, model, plan, inputs, opts))
+            warnings.warn(report.warnings[-1]["message"], LowFidelityWarning, stacklevel=2)
         if opts.plots and plan is not None:
             report.plots = _plots(model if mode == "analyze" else original, plan, tmp)
         write_report(report, tmp)
     return report
+
+
+class LowFidelityWarning(UserWarning):
+    """The compressed model's outputs are far from the original's (see LOW_FIDELITY_COSINE)."""
+
+
+def low_fidelity_warning(cosine: float, original: nn.Module, compressed: nn.Module, plan: Plan, inputs,
+                         opts: Options) -> dict[str, Any]:
+    """What to tell the user when fidelity is poor: how poor, the layers whose factoring alone costs most
+    (measured: each factored layer swapped alone into the original), and what would help. ``message``
+    spells the fixes for Python, ``cli`` for the command line."""
+    damage = layer_damage(original, compressed, [lp.name for lp in plan.factored], inputs, opts.outputs)
+    worst = sorted(damage, key=damage.get)[:WORST_LAYERS_SHOWN]
+    shown = ", ".join(f"{n} (cosine {damage[n]:.3f} alone)" for n in worst)
+    problem = (f"the compressed model keeps cosine {cosine:.3f} to the original on the example inputs, below "
+               f"{LOW_FIDELITY_COSINE}: its outputs are plainly different; the factored layers that cost most "
+               f"alone are {shown}")
+    data_aware = "" if plan.method != "svd" else " data-aware factors ({}),"
+    api = (f"{problem}; try{data_aware.format('calibration=...')} leaving the worst layers dense "
+           f"(exclude={worst!r}), or a milder policy")
+    cli = (f"{problem}; try{data_aware.format('--calibration FILE')} leaving the worst layers dense "
+           f"({' '.join(f'--exclude {n!r}' for n in worst)}), or a milder policy")
+    return {"kind": "low_fidelity", "cosine": cosine, "threshold": LOW_FIDELITY_COSINE,
+            "worst_layers": {n: damage[n] for n in worst}, "message": api, "cli": cli}
+
+
+@torch.no_grad()
+def layer_damage(original: nn.Module, compressed: nn.Module, names: Sequence[str], inputs,
+                 outputs: Sequence[str] = ()) -> dict[str, float]:
+    """For each named layer: the mean cosine of ``original``'s compared outputs with only that layer
+    replaced by ``compressed``'s version of it, to ``original``'s own (``original`` is restored after each)."""
+    with eval_mode(original):
+        ref = call(original, inputs)
+        out = {}
+        for name in names:
+            parent_name, _, leaf = name.rpartition(".")
+            parent = original.get_submodule(parent_name)
+            dense = getattr(parent, leaf)
+            setattr(parent, leaf, compressed.get_submodule(name))
+            try:
+                out[name] = cosine_fidelity(ref, call(original, inputs), outputs or None)["cosine_mean"]
+            finally:
+                setattr(parent, leaf, dense)
+    return out
+
+
+def check_options(opts: Options) -> None:
+    """Refuse option values no run can use, before anything is loaded (shared by compress and search)."""
+    from compressor.export.onnx import check_opset
+
+    check_opset(opts.opset)
+    if not (isinstance(opts.atol, int | float) and math.isfinite(opts.atol) and opts.atol >= 0):
+        raise CompressorError(f"atol must be a finite number >= 0 (the largest difference allowed between "
+                              f"onnxruntime and torch outputs), got {opts.atol!r}", "pass e.g. atol=1e-3",
+                              cli_fix="pass e.g. --atol 1e-3")
+    rm = opts.rank_multiple
+    if isinstance(rm, bool) or not isinstance(rm, int) or rm < 1:
+        raise CompressorError(f"rank_multiple must be a whole number >= 1, got {rm!r}", "pass e.g. rank_multiple=8",
+                              cli_fix="pass e.g. --rank-multiple 8")
+    n = opts.calibration_samples
+    if n is not None:
+        if opts.calibration is None:
+            raise CompressorError("--calibration-samples limits the calibration inputs, but --calibration is "
+                                  "not given", "pass calibration=FILE too, or leave out calibration_samples",
+                                  cli_fix="add --calibration FILE, or leave out --calibration-samples")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise CompressorError(f"calibration_samples must be a whole number >= 1, got {n!r}",
+                                  "pass e.g. calibration_samples=256", cli_fix="pass e.g. --calibration-samples 256")
+    input_shapes(opts)
+
+
+def check_plan_path(path: Path | None) -> None:
+    if path is None:
+        raise CompressorError("apply needs a plan file", "compress apply MODEL PLAN.json")
+    path = Path(path)
+    if path.is_dir():
+        inside = path / "plan.json"
+        raise CompressorError(f"the plan path '{path}' is a folder, not a plan file",
+                              f"pass the plan file itself, e.g. compress apply MODEL {inside}" if inside.is_file()
+                              else "pass the plan.json that compress or compress analyze wrote")
+    if not path.is_file():
+        raise CompressorError(f"plan file '{path}' does not exist",
+                              "pass the plan.json that compress or compress analyze wrote")
+
+
+def input_shapes(opts: Options) -> list[tuple[int, ...]]:
+    """The shapes of --input-shape, refused when they would hold more than MAX_INPUT_ELEMENTS."""
+    from compressor.data.readers import parse_input_shape
+
+    shapes = [parse_input_shape(s) for s in opts.input_shapes]
+    total = sum(math.prod(s) for s in shapes)
+    if total > MAX_INPUT_ELEMENTS:
+        raise CompressorError(f"input shapes {', '.join(opts.input_shapes)} hold {total:,} elements, more than "
+                              f"the {MAX_INPUT_ELEMENTS:,} random example inputs are allowed (about "
+                              f"{MAX_INPUT_ELEMENTS * 4 // 2**20} MiB)",
+                              "give the shape of one small batch, e.g. input_shapes=['1x3x224x224']",
+                              cli_fix="give the shape of one small batch, e.g. --input-shape 1x3x224x224")
+    return shapes
 
 
 def _calibration(loaded, opts: Options) -> list | None:
@@ -175,8 +297,6 @@ def _calibration(loaded, opts: Options) -> list | None:
 def _plan(model: nn.Module, opts: Options, mode: str, calibration: list | None) -> Plan:
     extra = {"calibration": calibration, "outputs": opts.outputs} if calibration is not None else {}
     if mode == "apply":
-        if opts.plan_path is None:
-            raise CompressorError("apply needs a plan file", "compress apply MODEL PLAN.json")
         return analyze(model, plan=Plan.from_json(opts.plan_path), progress=opts.progress, **extra)
     return analyze(model, **opts.policy(), rank_multiple=opts.rank_multiple, include=opts.include,
                    exclude=opts.exclude, progress=opts.progress, **extra)
@@ -188,12 +308,13 @@ def _save(model: nn.Module, folder: Path, plan: Plan, loaded) -> None:
     save(model, folder, plan, source=loaded, atomic=False)  # the OutputDir publishes the folder
 
 
-def _example_inputs(loaded, opts: Options):
-    from compressor.data.readers import load_example_inputs, parse_input_shape
+def example_inputs(loaded, opts: Options):
+    """The inputs to export and validate with: --input-shape, --example-inputs, or what the model file holds."""
+    from compressor.data.readers import load_example_inputs
 
     if opts.input_shapes:
         g = torch.Generator().manual_seed(0)
-        tensors = tuple(torch.randn(parse_input_shape(s), generator=g) for s in opts.input_shapes)
+        tensors = tuple(torch.randn(s, generator=g) for s in input_shapes(opts))
         return tensors[0] if len(tensors) == 1 else tensors
     if opts.example_inputs is not None:
         return load_example_inputs(opts.example_inputs)
@@ -206,9 +327,10 @@ def _example_inputs(loaded, opts: Options):
 def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: Plan | None,
             opts: Options, calibration: list | None = None) -> dict[str, Any]:
     from compressor.export.onnx import VARIANTS, check_factored_graph, export_int8, export_onnx, validate_onnx
-    from compressor.search.recipes import int8_sensitivity, most_sensitive
+    from compressor.search.sensitivity import int8_sensitivity, most_sensitive
 
-    path = export_onnx(model, inputs, folder / "model.onnx", opset=opts.opset, dynamic_axes=sequence_axes(inputs))
+    path = export_onnx(model, inputs, folder / "model.onnx", opset=opts.opset,
+                       dynamic_axes=sequence_axes(inputs))
     problems = check_factored_graph(path, plan) if plan is not None and plan.factored else []
     result = {"onnx": validate_onnx(path, model, inputs, atol=opts.atol), "graph_problems": problems}
     for kind in ("fp16", "int8"):

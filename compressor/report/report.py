@@ -84,6 +84,7 @@ class Report:
     int8: dict[str, Any] | None = None
     fidelity: dict[str, float] | None = None
     plots: list[str] | None = None
+    warnings: list[dict[str, Any]] | None = None  # e.g. low fidelity: "message" (Python), "cli" (command line)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self)

@@ -1,0 +1,168 @@
+"""``compress search``: load the model, search the recipes, write the chosen file, the front and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor.core.errors import CompressorError
+from compressor.core.fileio import atomic_write_text
+from compressor.search.evaluate import output_fidelity
+from compressor.search.front import front_markdown, plot_front
+from compressor.search.recipes import DEFAULT_TARGETS, PRECISIONS, Constraints, default_recipes
+from compressor.search.search import SearchResult, search
+
+
+def copy_chosen(result: SearchResult, folder: Path) -> Path:
+    """Copy the chosen ONNX file into ``folder`` as model.onnx / model.fp16.onnx / model.int8.onnx."""
+    p = result.chosen
+    name = "model.onnx" if p.recipe.precision == "fp32" else f"model.{p.recipe.precision}.onnx"
+    dst = Path(folder) / name
+    shutil.copyfile(p.onnx, dst)
+    os.utime(dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------- the job
+
+
+def run_search(source: str | Path, out: str | Path | None = None, *, constraints: Constraints,
+               targets: Sequence[float] = DEFAULT_TARGETS, heal_steps: int = 0,
+               precisions: Sequence[str] = PRECISIONS, keep_fp16: Sequence[int] = (0,),
+               cache_dir: str | Path | None = None, eval_inputs: Path | None = None, options: Any = None,
+               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``compress search``: load the model at ``source``, :func:`search`, and write the chosen ONNX file,
+    ``front.json``, the front plots, ``report.json`` and ``report.md`` into ``out`` (all or nothing).
+
+    ``options`` is a :class:`compressor.jobs.compress.Options` (loading, example inputs, calibration, opset).
+    Held-out inputs come from ``eval_inputs`` (tensors, or text for Hugging Face models); without it,
+    from seeded random inputs shaped like the example inputs (float inputs only).
+    """
+    from compressor.core.output import OutputDir, check_not_over_inputs
+    from compressor.data.inputs import check_fits
+    from compressor.formats.load import load_model
+    from compressor.jobs.compress import Options, check_options, default_out, example_inputs
+    from compressor.report.report import versions
+
+    opts = options or Options()
+    source = Path(source)
+    out = Path(out) if out is not None else default_out(source)
+    cache_dir = Path(cache_dir) if cache_dir is not None else out.parent / ".compressor-cache"
+    # Every check that needs no model comes first: a search takes minutes, a bad option should not.
+    check_constraints(constraints)
+    check_options(opts)
+    check_cache_dir(cache_dir)
+    heal = (0, heal_steps) if heal_steps else (0,)
+    recipes = default_recipes(targets, calibrated=opts.calibration is not None, heal_steps=heal,
+                              precisions=precisions, keep_fp16=keep_fp16)
+    if opts.calibration is None and any(r.heal_steps or r.keep_fp16 for r in recipes):
+        raise CompressorError("healed recipes and recipes keeping layers in fp16 need calibration inputs",
+                              "pass calibration inputs with --calibration FILE")
+    check_not_over_inputs(out, [("model", source), ("calibration file", opts.calibration),
+                                ("example inputs", opts.example_inputs), ("held-out inputs", eval_inputs),
+                                ("measurement cache", cache_dir)])
+    OutputDir(out, opts.force).check()
+    loaded = load_model(source, trust_pickle=opts.trust_pickle, arch=opts.arch)
+    if loaded.model is None:
+        raise CompressorError("the input holds weights only, so it cannot be exported",
+                              "pass --arch package.module:factory to build the model")
+    model = loaded.model.eval()
+    inputs = example_inputs(loaded, opts)
+    calibration = None
+    if opts.calibration is not None:
+        calibration = _load_batches(opts.calibration, loaded, opts.calibration_samples)
+        check_fits(model, calibration, f"the calibration inputs in '{opts.calibration}'")
+    held_out, held_out_note = _held_out(eval_inputs, inputs, loaded)
+    if eval_inputs is not None:
+        check_fits(model, held_out, f"the held-out inputs in '{eval_inputs}'")
+    evaluation = output_fidelity(model, held_out)
+    evaluation.metric += f" ({held_out_note})"
+    with OutputDir(out, opts.force) as tmp:
+        result = search(model, inputs, evaluation=evaluation, constraints=constraints, recipes=recipes,
+                        cache_dir=cache_dir, calibration=calibration, opset=opts.opset, atol=opts.atol, log=log)
+        chosen = copy_chosen(result, tmp)
+        front = result.to_dict()
+        atomic_write_text(tmp / "front.json", json.dumps(front, indent=2) + "\n")
+        plots = plot_front(front, tmp)
+        report = {"mode": "search", "source": {"path": str(source), "format": loaded.format},
+                  "output": str(out), "chosen": {**result.chosen.to_dict(), "file": chosen.name},
+                  "front": front, "cache": str(cache_dir), "plots": plots, "command": opts.command,
+                  "versions": versions(), "passed": True,
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
+        atomic_write_text(tmp / "report.md", search_markdown(report))
+    return report
+
+
+def check_constraints(constraints: Constraints) -> None:
+    """A search needs a constraint, and a fidelity floor it can reach: the job's fidelity (cosine
+    similarity, or top-1 agreement, with the original) is at most 1."""
+    if constraints == Constraints():
+        raise CompressorError("search needs at least one constraint",
+                              "pass --max-size, --min-fidelity and/or --max-latency")
+    f = constraints.min_fidelity
+    if f is not None and not -1 <= f <= 1:
+        raise CompressorError(f"min_fidelity {f:g} can never be met: fidelity is a cosine similarity or a "
+                              "top-1 agreement with the original model, between -1 and 1",
+                              "pass e.g. min_fidelity=0.95", cli_fix="pass e.g. --min-fidelity 0.95")
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    """The cache must be (or become) a folder: refuse a path that is, or lies inside, a file."""
+    for p in (cache_dir, *cache_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise CompressorError(f"the cache path '{cache_dir}' is not a folder ('{p}' is a file)",
+                                      "pass a folder for the cache with --cache DIR, or leave it out")
+            return
+
+
+def _load_batches(path: Path, loaded: Any, samples: int | None = None) -> list[Any]:
+    """Batches of model inputs from a file: compressor.data.calibration's loader (tensors or text), or, in a build
+    without it, one batch of tensors read by compressor.load."""
+    try:
+        from compressor.data.calibration import load_calibration
+    except ImportError:
+        from compressor.formats.load import load_example_inputs
+
+        return [load_example_inputs(path)]
+    return load_calibration(path, tokenizer=loaded.tokenizer, samples=samples)
+
+
+def _held_out(path: Path | None, example: Any, loaded: Any) -> tuple[list[Any], str]:
+    if path is not None:
+        return _load_batches(path, loaded), f"held-out inputs from {Path(path).name}"
+    from compressor.data.inputs import flatten
+
+    names, tensors = flatten(example)
+    if not all(t.is_floating_point() for t in tensors):
+        raise CompressorError("the model takes integer inputs (token ids), so random held-out inputs make no sense",
+                              "pass held-out inputs with --eval-inputs FILE (tensors, or text for Hugging Face)")
+    g = torch.Generator().manual_seed(1)  # the export example used seed 0: these inputs are different
+    batches = []
+    for _ in range(4):
+        fresh = [torch.randn(t.shape, generator=g).to(t.dtype) for t in tensors]
+        batches.append(fresh[0] if isinstance(example, torch.Tensor) else
+                       dict(zip(names, fresh, strict=True)) if isinstance(example, dict) else tuple(fresh))
+    return batches, "4 batches of seeded random normal inputs shaped like the example inputs"
+
+
+def search_markdown(report: dict[str, Any]) -> str:
+    c = report["chosen"]
+    lines = [f"# compressor search: {Path(report['source']['path']).name}", "",
+             f"Chosen: **{c['name']}** -> `{c['file']}`: {c['size_bytes'] / 1e6:.2f} MB "
+             f"({c['size_bytes'] / report['front']['fp32_bytes']:.3f} of the dense fp32 export), fidelity "
+             f"{c['fidelity']:.5f}, latency {c['latency_ms']:.2f} ms, onnxruntime validation "
+             f"{'PASS' if c['passed'] else 'FAIL'}.", "",
+             front_markdown(report["front"], report["plots"]),
+             "## Provenance", "", f"- command: `{report.get('command')}`", f"- date: {report['date']}",
+             f"- cache: `{report['cache']}`",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""How a candidate's fidelity is measured: held-out inputs through onnxruntime, scored against the original."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from compressor.search.cache import fingerprint
+
+# --------------------------------------------------------------------------------------- evaluation
+
+# onnxruntime threads when measuring fidelity and latency.
+THREADS = 2
+
+
+@dataclass
+class Evaluation:
+    """How fidelity is measured: onnxruntime runs each held-out batch in ``inputs``; ``score`` maps the
+    list of per-batch outputs (each a list of numpy arrays) to metrics, ``score(...)["fidelity"]`` the
+    one constraints use, described by ``metric``. ``fingerprint`` identifies data and metric in the cache."""
+
+    inputs: list[Any]
+    metric: str
+    score: Callable[[list[list[np.ndarray]]], dict[str, float]]
+    fingerprint: str
+
+
+def output_fidelity(model: nn.Module, batches: Sequence[Any]) -> Evaluation:
+    """Fidelity to ``model``'s own outputs on held-out ``batches``: the mean per-sample cosine of the first
+    output, or, when that output is class scores ``(N, C)``, top-1 agreement (cosine is kept as well)."""
+    from compressor.export.onnx import torch_outputs
+
+    batches = list(batches)
+    refs = [torch_outputs(model, b)[0][1] for b in batches]
+    classifier = refs[0].ndim == 2 and refs[0].shape[1] > 1
+
+    def score(outputs: list[list[np.ndarray]]) -> dict[str, float]:
+        got = [np.asarray(o[0], dtype=np.float64) for o in outputs]
+        cos = np.concatenate([_cosines(g, r) for g, r in zip(got, refs, strict=True)])
+        out = {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
+        if classifier:
+            agree = np.concatenate([g.argmax(1) == r.argmax(1) for g, r in zip(got, refs, strict=True)])
+            out["top1_agreement"] = float(agree.mean())
+        out["fidelity"] = out["top1_agreement"] if classifier else out["cosine"]
+        return out
+
+    metric = ("top-1 agreement with the original model's predictions" if classifier else
+              "mean per-sample cosine similarity of the outputs to the original model's")
+    return Evaluation(batches, metric, score, fingerprint(["output_fidelity", batches, refs]))
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    den = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-300)
+    return np.sum(a * b, axis=1) / den
+
+
+def onnx_fidelity(path: str | Path, evaluation: Evaluation, threads: int = THREADS) -> dict[str, float]:
+    """Run ``evaluation``'s held-out batches through the ONNX file at ``path`` and score them."""
+    import onnxruntime as ort
+
+    from compressor.data.inputs import flatten
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    wanted = [i.name for i in session.get_inputs()]
+    outputs = []
+    for batch in evaluation.inputs:
+        names, tensors = flatten(batch)
+        feed = dict(zip(names, (t.detach().cpu().numpy() for t in tensors), strict=True))
+        outputs.append(session.run(None, {n: feed[n] for n in wanted}))
+    return evaluation.score(outputs)

@@ -1,0 +1,262 @@
+"""The recipe search: low-rank factoring combined with fp16/int8 storage, chosen on the *measured* front.
+
+    result = search(model, example_inputs, evaluation=output_fidelity(model, held_out),
+                    constraints=Constraints(max_size=15e6, min_fidelity=0.95), cache_dir=".compressor-cache")
+    result.chosen.recipe, result.chosen.size_bytes, result.chosen.fidelity
+
+A :class:`Recipe` is one way to compress (dense or low-rank at a parameter target, data-aware or not,
+optionally healed by distillation, then stored as fp32, fp16 or dynamic int8, where int8 may keep the
+few layers that int8 rounding hurts most in fp16). :func:`search` builds the
+candidates that can meet the :class:`Constraints`, exports each to ONNX, validates it in onnxruntime, and
+measures its file size, its fidelity to the original model on held-out inputs and its latency. Every
+measurement (and the ONNX file) is cached by recipe key, so a second search with other constraints
+builds nothing it already measured. Dense fp32, fp16 and int8 are always measured, as references.
+
+Choice rule: among the validated candidates that meet every constraint, the *smallest file* wins when a
+fidelity floor is given (ties: higher fidelity, then lower latency); otherwise the *most faithful* one
+wins (ties: smaller, then faster). When none meets them, :class:`CompressorError` names the constraint
+that cannot be met and the closest measured point.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor.core.errors import CompressorError
+from compressor.core.fileio import temp_folder
+from compressor.export.onnx import DEFAULT_OPSET
+from compressor.search.cache import CACHE_VERSION, Cache, fingerprint, model_fingerprint
+from compressor.search.evaluate import THREADS, Evaluation, onnx_fidelity
+from compressor.search.front import Point, SearchResult, choose
+from compressor.search.recipes import BYTES_PER_PARAM, REFERENCES, Constraints, Recipe, default_recipes
+from compressor.search.sensitivity import fake_int8, int8_sensitivity, most_sensitive, remove_fake_int8
+
+# A recipe is skipped before building only when its estimated file is this much above --max-size: the
+# estimate (parameters x bytes, scaled by the measured fp32 file) is close but not exact.
+SIZE_SLACK = 1.1
+# The fp32 validation tolerance of a search's exports.
+ATOL = 1e-4
+
+
+# ------------------------------------------------------------------------------------------- search
+
+
+@dataclass
+class BuildContext:
+    """What every candidate of one search shares: the model, its inputs and how it is measured."""
+
+    model: nn.Module
+    example_inputs: Any
+    evaluation: Evaluation
+    latency_inputs: Any
+    calibration: Any = None
+    heal_data: Any = None
+    heal_options: dict[str, Any] = field(default_factory=dict)
+    analyze_options: dict[str, Any] = field(default_factory=dict)
+    opset: int = DEFAULT_OPSET
+    threads: int = THREADS
+    latency_runs: int = 20
+    atol: float = ATOL
+
+    def key(self) -> str:
+        """What every measurement depends on besides the recipe (see :meth:`Cache.name` for the rest)."""
+        import onnxruntime
+
+        return fingerprint([CACHE_VERSION, model_fingerprint(self.model), self.example_inputs,
+                            self.evaluation.fingerprint, self.latency_inputs,
+                            json.dumps(self.analyze_options, sort_keys=True, default=str),
+                            self.opset, self.threads, torch.__version__, onnxruntime.__version__])
+
+    def data_keys(self) -> dict[str, str]:
+        """Keys of what only some recipes depend on: calibration (calibrated ones), healing (healed ones)."""
+        heal = json.dumps(self.heal_options, sort_keys=True, default=str)
+        return {"calibration": fingerprint(self.calibration)[:8], "heal": fingerprint([self.heal_data, heal])[:8]}
+
+
+def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, constraints: Constraints,
+           recipes: Sequence[Recipe] | None = None, cache_dir: str | Path, latency_inputs: Any = None,
+           calibration: Any = None, heal_data: Any = None, heal_options: dict[str, Any] | None = None,
+           analyze_options: dict[str, Any] | None = None, opset: int = DEFAULT_OPSET, threads: int = THREADS,
+           latency_runs: int = 20, atol: float = ATOL, log: Callable[[str], None] | None = None
+           ) -> SearchResult:
+    """Measure the candidates that can meet ``constraints`` and return the best (see the module's rule).
+
+    ``recipes`` default to :func:`default_recipes` (calibrated when ``calibration`` is given); the dense
+    references are always added. Raises :class:`CompressorError` when no measured point meets the
+    constraints, naming the one that cannot be met and the closest point. ``model`` is not modified.
+    """
+    recipes = list(recipes) if recipes is not None else default_recipes(calibrated=calibration is not None)
+    recipes = [*REFERENCES, *[r for r in recipes if r not in REFERENCES]]
+    if any(r.calibrated or r.keep_fp16 for r in recipes) and calibration is None:
+        raise CompressorError("calibrated recipes and recipes keeping layers in fp16 need calibration inputs",
+                              "pass calibration=...", cli_fix="pass --calibration FILE")
+    if any(r.heal_steps for r in recipes) and heal_data is None and calibration is None:
+        raise CompressorError("healed recipes need data to distill on", "pass heal_data=... (or calibration)",
+                              cli_fix="pass --calibration FILE")
+    ctx = BuildContext(model, example_inputs, evaluation,
+                       latency_inputs if latency_inputs is not None else example_inputs, calibration,
+                       heal_data if heal_data is not None else calibration, dict(heal_options or {}),
+                       dict(analyze_options or {}), opset, threads, latency_runs, atol)
+    cache = Cache(Path(cache_dir), ctx.key(), ctx.data_keys())
+    say = log or (lambda _msg: None)
+    points: list[Point] = []
+    skipped: list[dict[str, Any]] = []
+    built = 0
+    fp32_bytes = 0
+    total_params = sum(p.numel() for p in model.parameters())
+    # The torch model of the last low-rank recipe built: its other precisions reuse it (factoring and
+    # healing once per recipe; a later search that only adds a precision builds the model again).
+    last_model: dict[Recipe, tuple] = {}
+    for recipe in _grouped(recipes):
+        if fp32_bytes and (reason := _cannot_fit(recipe, constraints, fp32_bytes, ctx, total_params)):
+            skipped.append({"recipe": recipe.to_dict(), "name": recipe.name, "reason": reason})
+            say(f"skip     {recipe.name}: {reason}")
+            continue
+        point = cache.get(recipe)
+        if point is None:
+            point = _build(recipe, ctx, cache, say, last_model)
+            built += 1
+        say(f"{'cached' if point.cached else 'measured'} {recipe.name}: {point.size_bytes / 1e6:.2f} MB, "
+            f"fidelity {point.fidelity:.5f}, {point.latency_ms:.2f} ms"
+            + ("" if point.passed else f", validation FAILED: {'; '.join(point.problems)}"))
+        points.append(point)
+        if recipe == Recipe("fp32"):
+            fp32_bytes = point.size_bytes
+    rule = ("smallest file meeting every constraint (ties: higher fidelity, then lower latency)"
+            if constraints.min_fidelity is not None else
+            "highest fidelity meeting every constraint (ties: smaller file, then lower latency)")
+    result = SearchResult(None, points, skipped, constraints, rule, evaluation.metric, fp32_bytes, built,
+                          {"threads": threads, "runs": latency_runs, "statistic": "median",
+                           "inputs": _shape_text(ctx.latency_inputs)})
+    result.chosen = choose(result)
+    return result
+
+
+def _grouped(recipes: Sequence[Recipe]) -> list[Recipe]:
+    """References first, then recipes sharing a torch model next to each other (first-seen order)."""
+    order: dict[Recipe, list[Recipe]] = {}
+    for r in recipes:
+        order.setdefault(r.base(), []).append(r)
+    return [r for group in order.values() for r in group]
+
+
+def _factorizable_params(model: nn.Module, analyze_options: dict[str, Any]) -> int:
+    from compressor.analysis.analyze import find_layers
+
+    found = find_layers(model, analyze_options.get("include", ()), analyze_options.get("exclude", ()))
+    return sum(c.weight_matrix().numel() for c in found if c.skip is None)
+
+
+def estimate_size(recipe: Recipe, fp32_bytes: int, factorizable: int, total_params: int) -> float:
+    """Bytes the recipe's file should take: the fp32 file scaled by parameters kept and bytes per weight."""
+    kept = total_params - (recipe.target or 0.0) * factorizable
+    return fp32_bytes * kept / total_params * BYTES_PER_PARAM[recipe.precision] / 4.0
+
+
+def _cannot_fit(recipe: Recipe, c: Constraints, fp32_bytes: int, ctx: BuildContext, total: int) -> str | None:
+    if recipe.dense or c.max_size is None:
+        return None  # references are always measured
+    opts = ctx.analyze_options
+    factorizable = _factorizable_params(ctx.model, {**opts, "exclude": [*opts.get("exclude", ()), *recipe.exclude]})
+    est, limit = estimate_size(recipe, fp32_bytes, factorizable, total), c.size_limit(fp32_bytes)
+    if est > SIZE_SLACK * limit:
+        return f"estimated {est / 1e6:.2f} MB is clearly above the {limit / 1e6:.2f} MB limit"
+    return None
+
+
+def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str], None],
+           last_model: dict[Recipe, tuple]) -> Point:
+    """Build, export, validate and measure one recipe; store the point and its ONNX file in the cache."""
+    from compressor.data.inputs import sequence_axes
+    from compressor.export.measure import file_size, onnx_latency
+    from compressor.export.onnx import export_fp16, export_int8, export_onnx, validate_onnx
+
+    start = time.perf_counter()
+    cache.dir.mkdir(parents=True, exist_ok=True)
+    with temp_folder(cache.dir / "build") as work:
+        base = recipe.base()
+        if base not in last_model:
+            last_model.clear()
+            last_model[base] = _model_for(recipe, ctx, say)
+        model, plan_totals, heal_info, sensitivity = last_model[base]
+        fp32 = cache.onnx(base)
+        if not fp32.is_file():  # the fp32 export is shared by every precision of this recipe
+            # Text models get a dynamic sequence axis: held-out sentences tokenize to other lengths.
+            fp32 = cache.store(base, export_onnx(model, ctx.example_inputs, work / "fp32.onnx", opset=ctx.opset,
+                                                 dynamic_axes=sequence_axes(ctx.example_inputs)))
+        kept: list[str] = []
+        if recipe.precision == "fp32":
+            path, check = fp32, {"atol": ctx.atol}
+        else:
+            if recipe.keep_fp16:
+                if not sensitivity:  # measured once per model, shared by every keep_fp16 of it
+                    say(f"measure  {base.name}: int8 sensitivity of each layer on the calibration inputs")
+                    outputs = ctx.analyze_options.get("outputs", ())
+                    sensitivity.update(int8_sensitivity(model, ctx.calibration, outputs=outputs))
+                kept = most_sensitive(sensitivity, model, recipe.keep_fp16)
+                made = export_int8(fp32, work / "int8.onnx", keep_fp16=kept)
+            else:
+                make = export_fp16 if recipe.precision == "fp16" else export_int8
+                made = make(fp32, work / f"{recipe.precision}.onnx")
+            path = cache.store(recipe, made)
+            # Variants approximate the weights: judged by cosine, as the exporter's own CLI check does.
+            check = {"atol": None, "min_cosine": _min_cosine(recipe.precision)}
+        v = validate_onnx(path, model, ctx.example_inputs, variant=recipe.precision, **check)
+        metrics = onnx_fidelity(path, ctx.evaluation, ctx.threads)
+        latency = onnx_latency(path, ctx.latency_inputs, threads=ctx.threads, warmup=3, runs=ctx.latency_runs)
+        point = Point(recipe, file_size(path), metrics["fidelity"], metrics, latency["median_ms"],
+                      sum(p.numel() for p in model.parameters()), v.passed, list(v.problems), plan_totals,
+                      heal_info, round(time.perf_counter() - start, 2), str(path), kept_fp16=kept)
+        cache.put(point)
+        return point
+
+
+def _min_cosine(precision: str) -> float:
+    from compressor.export import onnx as export
+
+    return export.FP16_MIN_COSINE if precision == "fp16" else export.INT8_MIN_COSINE
+
+
+def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
+               ) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any] | None]:
+    """The torch model a recipe exports: the original (dense) or a factored, maybe healed, copy."""
+    if recipe.dense:
+        return ctx.model, None, None, {}
+    from compressor.analysis.analyze import analyze
+    from compressor.core.rewrite import rewrite
+
+    model = copy.deepcopy(ctx.model).eval()
+    opts = {**ctx.analyze_options, "exclude": [*ctx.analyze_options.get("exclude", ()), *recipe.exclude]}
+    if recipe.calibrated:
+        opts["calibration"] = ctx.calibration
+    plan = analyze(model, target=recipe.target, progress=False, **opts)
+    rewrite(model, plan)
+    heal_info = None
+    if recipe.heal_steps:
+        from compressor.train.heal import heal
+
+        say(f"heal     {recipe.name}: {recipe.heal_steps} steps")
+        if recipe.qat:
+            fake_int8(model)
+        res = heal(model, teacher=ctx.model, data=ctx.heal_data, steps=recipe.heal_steps, progress=False,
+                   **ctx.heal_options)
+        model = remove_fake_int8(res.model).eval()
+        heal_info = {"steps": res.steps, "before": res.before, "after": res.after, "seconds": round(res.seconds, 1)}
+    factored = {lp.name: lp.rank for lp in plan.factored}
+    return model, {**plan.totals(), "factored_ranks": factored}, heal_info, {}
+
+
+def _shape_text(inputs: Any) -> str:
+    from compressor.data.inputs import flatten
+
+    names, tensors = flatten(inputs)
+    return ", ".join(f"{n} {'x'.join(map(str, t.shape))}" for n, t in zip(names, tensors, strict=True))
