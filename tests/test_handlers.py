@@ -23,7 +23,7 @@ from compressor.core.handlers import (
 )
 from compressor.core.layers import LowRankLinear
 from compressor.export.onnx import check_factored_graph, export_onnx, validate_onnx
-from compressor.search.recipes import int8_sensitivity
+from compressor.search.sensitivity import int8_sensitivity
 from compressor.train.lora import apply_lora, lora_parameters, merge_lora
 
 

@@ -266,9 +266,7 @@ def check_plan_path(path: Path | None) -> None:
         raise CompressorError(f"the plan path '{path}' is a folder, not a plan file",
                               f"pass the plan file itself, e.g. compress apply MODEL {inside}" if inside.is_file()
                               else "pass the plan.json that compress or compress analyze wrote")
-    if not path.is_file():
-        raise CompressorError(f"plan file '{path}' does not exist",
-                              "pass the plan.json that compress or compress analyze wrote")
+    regular_file(path, "plan file")  # missing, a FIFO, a device: one line each
 
 
 def input_shapes(opts: Options) -> list[tuple[int, ...]]:
