@@ -22,8 +22,8 @@ from compressor.core.handlers import (
     registered,
 )
 from compressor.core.layers import LowRankLinear
-from compressor.export.onnx import check_factored_graph, export_onnx, validate_onnx
-from compressor.search.sensitivity import int8_sensitivity
+from compressor.export.onnx import check_factored_graph, export_int8, export_onnx, validate_onnx
+from compressor.search.sensitivity import fake_int8, int8_sensitivity
 from compressor.train.lora import apply_lora, lora_parameters, merge_lora
 
 
@@ -151,6 +151,21 @@ def test_a_lora_heal_step_changes_only_the_adapter_and_merges_back(case):
             torch.testing.assert_close(p, frozen[n])
     merge_lora(model)
     torch.testing.assert_close(model(x), before_merge, atol=1e-5, rtol=1e-4)
+
+
+def test_simulated_int8_is_what_onnxruntime_int8_computes(case, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    _, model, x = case
+    path = export_int8(export_onnx(model, x, tmp_path / "m.onnx"), tmp_path / "m.int8.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: x.numpy() for i in session.get_inputs()}
+    got = session.run(None, feed)[0]
+    with torch.no_grad():
+        simulated = fake_int8(copy.deepcopy(model))(x).numpy()
+        dense = model(x).numpy()
+    assert np.abs(simulated - got).max() < 1e-5 < np.abs(dense - got).max()  # rounding reproduced, not absent
 
 
 def test_int8_sensitivity_ranks_the_layer(case):

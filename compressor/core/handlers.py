@@ -138,9 +138,10 @@ class LayerHandler:
 # ------------------------------------------------------------------------------------ int8 rounding
 
 
-def fake_int8_weight(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 per output channel (row 0 of ``w``), scale max|w| / 127, straight-through."""
-    rows = w.reshape(w.shape[0], -1)
+def fake_int8_weight(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
+    """Symmetric int8, scale max|w| / 127 per output channel (dim 0 of ``w``) or per tensor,
+    straight-through."""
+    rows = w.reshape(w.shape[0] if per_channel else 1, -1)
     scale = rows.detach().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
     q = (rows / scale).round().clamp(-127, 127) * scale
     return w + (q.reshape(w.shape) - w).detach()
@@ -212,7 +213,10 @@ class ConvHandler(LayerHandler):
         return LoRAConv(module, rank, alpha, dropout)
 
     def int8_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return module._conv_forward(fake_uint8_input(x), fake_int8_weight(module.weight), module.bias)
+        # onnxruntime's ConvInteger takes one weight scale for the whole kernel (measured: its int8 export
+        # stores a scalar weight_scale for Conv, a per-channel one for MatMul).
+        w = fake_int8_weight(module.weight, per_channel=False)
+        return module._conv_forward(fake_uint8_input(x), w, module.bias)
 
 
 def conv_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
