@@ -31,7 +31,6 @@ from compressor.export.onnx import DEFAULT_OPSET
 from compressor.jobs.compress import Options
 from compressor.report.report import Report, criterion
 from compressor.search.recipes import DEFAULT_TARGETS, PRECISIONS
-from compressor.search.search import ATOL as SEARCH_ATOL
 
 EXIT_BAD_INPUT = 2
 EXIT_VALIDATION_FAILED = 3
@@ -353,7 +352,7 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--calibration-samples", type=int)
 @click.option("--input-shape", "input_shapes", multiple=True, help="Shape of an example input, e.g. 1x3x224x224.")
 @click.option("--example-inputs", type=click.Path(path_type=Path), help="Example inputs (.pt/.npz/.safetensors).")
-@click.option("--atol", type=float, default=SEARCH_ATOL, show_default=True, help="fp32 validation tolerance.")
+@click.option("--atol", type=float, default=Options.atol, show_default=True, help="fp32 validation tolerance.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True)
 @_common_options
 def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, max_latency: str | None,

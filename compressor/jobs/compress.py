@@ -33,7 +33,7 @@ from compressor.report.report import Report, build_report, write_report
 
 if TYPE_CHECKING:
     from compressor.train.heal import HealConfig
-from compressor.export.onnx import DEFAULT_OPSET
+from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET
 
 MODES = ("compress", "analyze", "apply", "export")
 # Below this mean cosine to the original (on the example inputs) a compressed model's outputs are plainly
@@ -62,7 +62,7 @@ class Options:
     arch: str | None = None
     input_shapes: Sequence[str] = ()
     example_inputs: Path | None = None
-    atol: float = 1e-3
+    atol: float = DEFAULT_ATOL
     opset: int = DEFAULT_OPSET
     fp16: bool = False
     int8: bool = False

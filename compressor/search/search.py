@@ -33,7 +33,7 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import temp_folder
-from compressor.export.onnx import DEFAULT_OPSET
+from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET
 from compressor.search.cache import CACHE_VERSION, Cache, fingerprint, model_fingerprint
 from compressor.search.evaluate import THREADS, Evaluation, onnx_fidelity
 from compressor.search.front import Point, SearchResult, choose
@@ -43,8 +43,6 @@ from compressor.search.sensitivity import fake_int8, int8_sensitivity, most_sens
 # A recipe is skipped before building only when its estimated file is this much above --max-size: the
 # estimate (parameters x bytes, scaled by the measured fp32 file) is close but not exact.
 SIZE_SLACK = 1.1
-# The fp32 validation tolerance of a search's exports.
-ATOL = 1e-4
 
 
 # ------------------------------------------------------------------------------------------- search
@@ -65,7 +63,7 @@ class BuildContext:
     opset: int = DEFAULT_OPSET
     threads: int = THREADS
     latency_runs: int = 20
-    atol: float = ATOL
+    atol: float = DEFAULT_ATOL
 
     def key(self) -> str:
         """What every measurement depends on besides the recipe (see :meth:`Cache.name` for the rest)."""
@@ -86,7 +84,7 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
            recipes: Sequence[Recipe] | None = None, cache_dir: str | Path, latency_inputs: Any = None,
            calibration: Any = None, heal_data: Any = None, heal_options: dict[str, Any] | None = None,
            analyze_options: dict[str, Any] | None = None, opset: int = DEFAULT_OPSET, threads: int = THREADS,
-           latency_runs: int = 20, atol: float = ATOL, log: Callable[[str], None] | None = None
+           latency_runs: int = 20, atol: float = DEFAULT_ATOL, log: Callable[[str], None] | None = None
            ) -> SearchResult:
     """Measure the candidates that can meet ``constraints`` and return the best (see the module's rule).
 
