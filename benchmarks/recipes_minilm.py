@@ -116,7 +116,8 @@ def main() -> int:
     evaluation = embedding_evaluation(model, held_out)
     kw = dict(example_inputs=tokens(tok, eval_sents[:2]), evaluation=evaluation, cache_dir=cache,
               latency_inputs=tokens(tok, cal_sents[:8]), calibration=calibration if calibrated else None,
-              heal_data=heal_data, threads=THREADS, latency_runs=30, analyze_options={"exclude": list(EXCLUDE)},
+              heal_data=heal_data, threads=THREADS, latency_runs=30,
+              analyze_options={"exclude": list(EXCLUDE), "outputs": ["last_hidden_state"]},
               heal_options={"lr": 3e-4, "batch_size": 8}, log=lambda m: print(m, flush=True))
     # First the references alone, then every recipe asked for int8's fidelity: the smallest file at least
     # as faithful as dense int8 is chosen, and the references are not measured twice (cache).
