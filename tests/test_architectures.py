@@ -97,3 +97,18 @@ def test_vit_runs_after_its_patch_embedding_is_factored(tmp_path):
     assert "Traceback" not in res.stderr and "model.onnx" in res.stdout and "PASS" in res.stdout
     plan = compressor.core.plan.Plan.from_json(tmp_path / "out" / "plan.json")
     assert plan.layer("embeddings.patch_embeddings.projection").rank is not None
+
+
+def test_the_compared_outputs_are_every_float_output_or_those_named(gpt2_folder):
+    from compressor.core.errors import CompressorError
+    from compressor.data.inputs import compared_outputs
+
+    _, original, tokenizer = gpt2_folder
+    enc = tokenizer(["a sentence", "another sentence here"], padding=True, return_tensors="pt")
+    out = original(**enc)
+    assert [n for n, _ in compared_outputs(out)] == ["logits"]  # the cache object is not a tensor output
+    model = copy.deepcopy(original)
+    plan = compressor.analyze(model, target=0.3, calibration=enc, outputs=["logits"])
+    assert plan.calibration["sensitivity"]  # measured on the named output
+    with pytest.raises(CompressorError, match="no output named 'hidden'.*it returns logits"):
+        compressor.analyze(copy.deepcopy(original), target=0.3, calibration=enc, outputs=["hidden"])

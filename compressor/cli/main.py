@@ -102,6 +102,11 @@ def _options(opts: list[Callable]) -> Callable[[Callable], Callable]:
     return apply
 
 
+_outputs_option = click.option(
+    "--output", "outputs", multiple=True,
+    help="A model output that fidelity and sensitivity compare, e.g. last_hidden_state (repeatable) "
+         "[default: every floating-point output].")
+
 _policy_options = _options([
     click.option("--energy", type=float, help="Per layer, keep this fraction of spectral energy (0, 1]."),
     click.option("--rank", type=int, help="The same rank for every layer."),
@@ -116,6 +121,7 @@ _policy_options = _options([
                  help="Calibration inputs for data-aware factors: tensors (.pt/.npz/.safetensors) or, "
                       "for Hugging Face text models, a text file with one sentence per line."),
     click.option("--calibration-samples", type=int, help="Use at most this many calibration samples."),
+    _outputs_option,
 ])
 
 _common_options = _options([
@@ -252,6 +258,7 @@ def analyze_cmd(model: Path, **kw: Any) -> None:
 @click.argument("plan", type=click.Path(path_type=Path))
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration inputs (see compress --help).")
 @click.option("--calibration-samples", type=int)
+@_outputs_option
 @_export_options
 @_keep_fp16_option
 @_common_options
@@ -350,6 +357,7 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
               help="Measurement cache folder [default: .compressor-cache/ beside the output].")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration inputs (see compress --help).")
 @click.option("--calibration-samples", type=int)
+@_outputs_option
 @click.option("--input-shape", "input_shapes", multiple=True, help="Shape of an example input, e.g. 1x3x224x224.")
 @click.option("--example-inputs", type=click.Path(path_type=Path), help="Example inputs (.pt/.npz/.safetensors).")
 @click.option("--atol", type=float, default=Options.atol, show_default=True, help="fp32 validation tolerance.")

@@ -82,11 +82,12 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
     held_out, held_out_note = _held_out(eval_inputs, inputs, loaded)
     if eval_inputs is not None:
         check_fits(model, held_out, f"the held-out inputs in '{eval_inputs}'")
-    evaluation = output_fidelity(model, held_out)
+    evaluation = output_fidelity(model, held_out, opts.outputs)
     evaluation.metric += f" ({held_out_note})"
     with OutputDir(out, opts.force) as tmp:
         result = search(model, inputs, evaluation=evaluation, constraints=constraints, recipes=recipes,
-                        cache_dir=cache_dir, calibration=calibration, opset=opts.opset, atol=opts.atol, log=log)
+                        cache_dir=cache_dir, calibration=calibration, opset=opts.opset, atol=opts.atol, log=log,
+                        analyze_options={"outputs": list(opts.outputs)} if opts.outputs else None)
         chosen = copy_chosen(result, tmp)
         front = result.to_dict()
         atomic_write_text(tmp / "front.json", json.dumps(front, indent=2) + "\n")

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
+from compressor.export.onnx import torch_outputs
 from compressor.search.cache import fingerprint
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -30,28 +32,36 @@ class Evaluation:
     fingerprint: str
 
 
-def output_fidelity(model: nn.Module, batches: Sequence[Any]) -> Evaluation:
-    """Fidelity to ``model``'s own outputs on held-out ``batches``: the mean per-sample cosine of the first
-    output, or, when that output is class scores ``(N, C)``, top-1 agreement (cosine is kept as well)."""
-    from compressor.export.onnx import torch_outputs
+def output_fidelity(model: nn.Module, batches: Sequence[Any], outputs: Sequence[str] = ()) -> Evaluation:
+    """Fidelity to ``model``'s own compared outputs (:func:`compressor.data.inputs.compared_outputs`:
+    every floating output, or those named) on held-out ``batches``: the mean per-sample cosine over
+    samples and outputs, or, when the one compared output is class scores ``(N, C)``, top-1 agreement
+    (cosine is kept as well). An exported graph returns the model's outputs in the same order."""
+    from compressor.data.inputs import call, compared_outputs, eval_mode, named_outputs
 
     batches = list(batches)
-    refs = [torch_outputs(model, b)[0][1] for b in batches]
-    classifier = refs[0].ndim == 2 and refs[0].shape[1] > 1
+    with eval_mode(model), torch.no_grad():
+        first = call(model, batches[0])
+    order = [name for name, _ in named_outputs(first)]
+    index = [order.index(name) for name, _ in compared_outputs(first, outputs or None)]
+    refs = [[ref[i][1] for i in index] for ref in (torch_outputs(model, b) for b in batches)]
+    classifier = len(index) == 1 and refs[0][0].ndim == 2 and refs[0][0].shape[1] > 1
 
-    def score(outputs: list[list[np.ndarray]]) -> dict[str, float]:
-        got = [np.asarray(o[0], dtype=np.float64) for o in outputs]
-        cos = np.concatenate([_cosines(g, r) for g, r in zip(got, refs, strict=True)])
+    def score(got_per_batch: list[list[np.ndarray]]) -> dict[str, float]:
+        cos = np.concatenate([_cosines(np.asarray(got[i], dtype=np.float64), r)
+                              for got, ref in zip(got_per_batch, refs, strict=True)
+                              for i, r in zip(index, ref, strict=True)])
         out = {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
         if classifier:
-            agree = np.concatenate([g.argmax(1) == r.argmax(1) for g, r in zip(got, refs, strict=True)])
+            agree = np.concatenate([np.asarray(got[index[0]]).argmax(1) == ref[0].argmax(1)
+                                    for got, ref in zip(got_per_batch, refs, strict=True)])
             out["top1_agreement"] = float(agree.mean())
         out["fidelity"] = out["top1_agreement"] if classifier else out["cosine"]
         return out
 
     metric = ("top-1 agreement with the original model's predictions" if classifier else
               "mean per-sample cosine similarity of the outputs to the original model's")
-    return Evaluation(batches, metric, score, fingerprint(["output_fidelity", batches, refs]))
+    return Evaluation(batches, metric, score, fingerprint(["output_fidelity", batches, refs, index]))
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
