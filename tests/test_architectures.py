@@ -110,5 +110,5 @@ def test_the_compared_outputs_are_every_float_output_or_those_named(gpt2_folder)
     model = copy.deepcopy(original)
     plan = compressor.analyze(model, target=0.3, calibration=enc, outputs=["logits"])
     assert plan.calibration["sensitivity"]  # measured on the named output
-    with pytest.raises(CompressorError, match="no output named 'hidden'.*it returns logits"):
+    with pytest.raises(CompressorError, match=r"no output named 'hidden'.*it returns logits"):
         compressor.analyze(copy.deepcopy(original), target=0.3, calibration=enc, outputs=["hidden"])
