@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 # validated ONNX (fp32 and int8), report and plots in out/minilm/.
 demo: $(STAMP)
 	$(VENV)/bin/compress "$$($(PY) -c 'from compressor.examples import minilm_path; print(minilm_path())')" \
-		--target 0.3 --include 'encoder.*' --calibration examples/calibration_sentences.txt \
+		--target 0.3 --include 'encoder.*' --calibration examples/calibration_sentences.txt --output last_hidden_state \
 		--int8 --plots --out out/minilm --force
 
 lint: $(STAMP)
