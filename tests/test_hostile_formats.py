@@ -413,3 +413,25 @@ def test_stride_zero_calibration_is_refused(tmp_path, suffix):
         (tmp_path / "cal.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
     refused_untouched(["cnn.pt", "--target", "0.3", "--input-shape", "1x1x8x8", "--calibration", f"cal{suffix}"],
                       tmp_path, f"cal{suffix}", timeout=60)
+
+
+class _Runs:
+    """Pickles to a call of ``target`` (os.system or subprocess.Popen) that would write a marker file."""
+
+    def __init__(self, target, marker: Path):
+        self.target, self.marker = target, marker
+
+    def __reduce__(self):
+        import os as _os
+
+        arg = f"touch {self.marker}" if self.target is _os.system else ["touch", str(self.marker)]
+        return self.target, (arg,)
+
+
+@pytest.mark.parametrize("target, shown", [("os.system", "posix.system"), ("subprocess.Popen", "subprocess.Popen")])
+def test_code_in_a_torch_pickle_is_named_as_python_3_resolves_it(tmp_path, target, shown):
+    module, _, name = target.rpartition(".")
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.zeros(2, 2), "x": _Runs(getattr(__import__(module), name), marker)}, tmp_path / "m.pt")
+    line = refused_untouched(["m.pt", "--energy", "0.9"], tmp_path, shown, "--trust-pickle")
+    assert "commands." not in line and not marker.exists()

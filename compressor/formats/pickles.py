@@ -48,8 +48,8 @@ def is_safe_global(name: str) -> bool:
 def pickle_globals(path: Path, legacy: bool = False) -> list[str]:
     """The globals (``module.name``) a torch file needs beyond torch's own weights-only allowlist,
     listed without loading it."""
-    if not legacy:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    if not legacy:  # named as Python 3 resolves them: protocol 2 writes subprocess.Popen as commands.Popen
+        return [py3_name(*g.rsplit(".", 1)) for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)]
     from torch._weights_only_unpickler import _get_allowed_globals  # no public API for legacy files
     allowed = set(_get_allowed_globals())
     with open(path, "rb") as f:  # magic number, protocol, sys info, then the object itself
