@@ -27,7 +27,7 @@ import click
 from compressor.cli.train import checkpoints, heal_config_options
 from compressor.core.errors import CompressorError
 from compressor.core.output import interrupt_exit_code, interrupt_on_sigterm
-from compressor.export.onnx import DEFAULT_OPSET
+from compressor.export.onnx import DEFAULT_OPSET, VARIANTS
 from compressor.jobs.compress import Options
 from compressor.report.report import Report, criterion
 from compressor.search.recipes import DEFAULT_TARGETS, PRECISIONS
@@ -144,14 +144,17 @@ _export_options = _options([
     click.option("--atol", type=float, default=Options.atol, show_default=True,
                  help="Largest absolute difference allowed between onnxruntime and torch outputs."),
     click.option("--opset", type=int, default=Options.opset, show_default=True),
-    click.option("--fp16", is_flag=True, help="Also write and validate model.fp16.onnx."),
-    click.option("--int8", is_flag=True, help="Also write and validate model.int8.onnx (dynamic int8)."),
+    # One flag per export variant (export.onnx.VARIANTS): --fp16, --int8, ... gathered into `variants`.
+    *(click.option(f"--{v.name}", f"variant_{v.name}", is_flag=True,
+                   help=f"Also write and validate model.{v.name}.onnx ({v.help}).")
+      for v in VARIANTS.values() if v.write is not None),
     click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder."),
 ])
 
 
 def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
     """Run one mode, print the outcome, and turn errors into one line and an exit code."""
+    kw["variants"] = [name for name in VARIANTS if kw.pop(f"variant_{name}", False)]
     from compressor.jobs.compress import LowFidelityWarning, compress
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")

@@ -18,7 +18,7 @@ import logging
 import math
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from io import StringIO
@@ -603,5 +603,21 @@ def _save_onnx(model, path: Path, onnx) -> None:
     onnx.save(model, str(path), save_as_external_data=big, location=f"{path.name}.data")
 
 
-# kind -> (writer, the min_cosine its validation uses): what `--fp16` / `--int8` run.
-VARIANTS = {"fp16": (export_fp16, FP16_MIN_COSINE), "int8": (export_int8, INT8_MIN_COSINE)}
+@dataclass(frozen=True)
+class Variant:
+    """A storage precision of an exported model: how it is written from the fp32 export, how its
+    validation judges it, and what a weight costs in it (for size estimates). A new precision is one
+    entry in :data:`VARIANTS`: ``compress --NAME``, the search's precisions and their checks follow."""
+
+    name: str
+    write: Callable[[Path, Path], Path] | None  # (fp32 file, destination) -> destination; None: fp32 itself
+    min_cosine: float | None  # validation floor for approximated weights (None: held to atol instead)
+    bytes_per_param: float
+    help: str
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("fp32", None, None, 4.0, "the exported model itself"),
+    Variant("fp16", export_fp16, FP16_MIN_COSINE, 2.0, "weights stored as float16"),
+    Variant("int8", export_int8, INT8_MIN_COSINE, 1.0, "dynamic int8 (onnxruntime quantize_dynamic)"),
+)}

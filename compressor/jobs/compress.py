@@ -64,8 +64,7 @@ class Options:
     example_inputs: Path | None = None
     atol: float = DEFAULT_ATOL
     opset: int = DEFAULT_OPSET
-    fp16: bool = False
-    int8: bool = False
+    variants: Sequence[str] = ()  # precisions written beside model.onnx, from export.onnx.VARIANTS
     keep_fp16: int = 0  # with int8: this many int8-sensitive layers stay fp16 (measured on calibration)
     outputs: Sequence[str] = ()  # the outputs fidelity and sensitivity compare (empty: every float output)
     plots: bool = False
@@ -117,9 +116,9 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
         if isinstance(opts.keep_fp16, bool) or not isinstance(opts.keep_fp16, int) or opts.keep_fp16 < 0:
             raise CompressorError(f"--keep-fp16 must be a whole number >= 0, got {opts.keep_fp16!r}",
                                   "pass e.g. --keep-fp16 1")
-        if not opts.int8:
+        if "int8" not in opts.variants:
             raise CompressorError("--keep-fp16 chooses layers of the int8 file, but --int8 is not given",
-                                  "add --int8")
+                                  "add --int8", cli_fix="add --int8")
         if opts.calibration is None:
             raise CompressorError("--keep-fp16 measures which layers int8 hurts on calibration inputs, "
                                   "but --calibration is not given", "add --calibration FILE")
@@ -234,9 +233,14 @@ def layer_damage(original: nn.Module, compressed: nn.Module, names: Sequence[str
 
 def check_options(opts: Options) -> None:
     """Refuse option values no run can use, before anything is loaded (shared by compress and search)."""
-    from compressor.export.onnx import check_opset
+    from compressor.export.onnx import VARIANTS, check_opset
 
     check_opset(opts.opset)
+    written = [v for v in VARIANTS if VARIANTS[v].write is not None]
+    unknown = [v for v in opts.variants if v not in written]
+    if unknown:
+        raise CompressorError(f"unknown export variant(s) {', '.join(map(repr, unknown))}",
+                              f"choose from {', '.join(written)}")
     if not (isinstance(opts.atol, int | float) and math.isfinite(opts.atol) and opts.atol >= 0):
         raise CompressorError(f"atol must be a finite number >= 0 (the largest difference allowed between "
                               f"onnxruntime and torch outputs), got {opts.atol!r}", "pass e.g. atol=1e-3",
@@ -331,18 +335,17 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
                        dynamic_axes=sequence_axes(inputs))
     problems = check_factored_graph(path, plan) if plan is not None and plan.factored else []
     result = {"onnx": validate_onnx(path, model, inputs, atol=opts.atol), "graph_problems": problems}
-    for kind in ("fp16", "int8"):
-        if getattr(opts, kind):
-            # Rounded weights move outputs by more than --atol; variants are held to a cosine floor.
-            make, min_cosine = VARIANTS[kind]
-            if kind == "int8" and opts.keep_fp16:
-                kept = most_sensitive(int8_sensitivity(model, calibration, outputs=opts.outputs), model,
-                                      opts.keep_fp16)
-                variant = export_int8(path, folder / "model.int8.onnx", keep_fp16=kept)
-                result["int8_kept_fp16"] = kept
-            else:
-                variant = make(path, folder / f"model.{kind}.onnx")
-            result[kind] = validate_onnx(variant, model, inputs, atol=None, min_cosine=min_cosine, variant=kind)
+    for kind in opts.variants:
+        # Rounded weights move outputs by more than --atol; variants are held to a cosine floor.
+        v = VARIANTS[kind]
+        if kind == "int8" and opts.keep_fp16:
+            kept = most_sensitive(int8_sensitivity(model, calibration, outputs=opts.outputs), model,
+                                  opts.keep_fp16)
+            written = export_int8(path, folder / "model.int8.onnx", keep_fp16=kept)
+            result["int8_kept_fp16"] = kept
+        else:
+            written = v.write(path, folder / f"model.{kind}.onnx")
+        result[kind] = validate_onnx(written, model, inputs, atol=None, min_cosine=v.min_cosine, variant=kind)
     result["fidelity"] = output_fidelity(original, model, inputs, opts.outputs) if original is not model else None
     return result
 

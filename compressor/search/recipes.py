@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from compressor.core.errors import CompressorError
+from compressor.export.onnx import VARIANTS
 
-PRECISIONS = ("fp32", "fp16", "int8")
-BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
+PRECISIONS = tuple(VARIANTS)  # the storage precisions a recipe can use (export.onnx.VARIANTS)
 # The low-rank parameter targets a search tries unless told otherwise.
 DEFAULT_TARGETS = (0.2, 0.4, 0.6)
 

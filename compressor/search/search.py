@@ -33,11 +33,11 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import temp_folder
-from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET
+from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET, VARIANTS
 from compressor.search.cache import CACHE_VERSION, Cache, fingerprint, model_fingerprint
 from compressor.search.evaluate import THREADS, Evaluation, onnx_fidelity
 from compressor.search.front import Point, SearchResult, choose
-from compressor.search.recipes import BYTES_PER_PARAM, REFERENCES, Constraints, Recipe, default_recipes
+from compressor.search.recipes import REFERENCES, Constraints, Recipe, default_recipes
 from compressor.search.sensitivity import fake_int8, int8_sensitivity, most_sensitive, remove_fake_int8
 
 # A recipe is skipped before building only when its estimated file is this much above --max-size: the
@@ -157,7 +157,7 @@ def _factorizable_params(model: nn.Module, analyze_options: dict[str, Any]) -> i
 def estimate_size(recipe: Recipe, fp32_bytes: int, factorizable: int, total_params: int) -> float:
     """Bytes the recipe's file should take: the fp32 file scaled by parameters kept and bytes per weight."""
     kept = total_params - (recipe.target or 0.0) * factorizable
-    return fp32_bytes * kept / total_params * BYTES_PER_PARAM[recipe.precision] / 4.0
+    return fp32_bytes * kept / total_params * VARIANTS[recipe.precision].bytes_per_param / 4.0
 
 
 def _cannot_fit(recipe: Recipe, c: Constraints, fp32_bytes: int, ctx: BuildContext, total: int) -> str | None:
@@ -176,7 +176,7 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
     """Build, export, validate and measure one recipe; store the point and its ONNX file in the cache."""
     from compressor.data.inputs import sequence_axes
     from compressor.export.measure import file_size, onnx_latency
-    from compressor.export.onnx import export_fp16, export_int8, export_onnx, validate_onnx
+    from compressor.export.onnx import export_int8, export_onnx, validate_onnx
 
     start = time.perf_counter()
     cache.dir.mkdir(parents=True, exist_ok=True)
@@ -203,11 +203,10 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
                 kept = most_sensitive(sensitivity, model, recipe.keep_fp16)
                 made = export_int8(fp32, work / "int8.onnx", keep_fp16=kept)
             else:
-                make = export_fp16 if recipe.precision == "fp16" else export_int8
-                made = make(fp32, work / f"{recipe.precision}.onnx")
+                made = VARIANTS[recipe.precision].write(fp32, work / f"{recipe.precision}.onnx")
             path = cache.store(recipe, made)
             # Variants approximate the weights: judged by cosine, as the exporter's own CLI check does.
-            check = {"atol": None, "min_cosine": _min_cosine(recipe.precision)}
+            check = {"atol": None, "min_cosine": VARIANTS[recipe.precision].min_cosine}
         v = validate_onnx(path, model, ctx.example_inputs, variant=recipe.precision, **check)
         metrics = onnx_fidelity(path, ctx.evaluation, ctx.threads)
         latency = onnx_latency(path, ctx.latency_inputs, threads=ctx.threads, warmup=3, runs=ctx.latency_runs)
@@ -216,12 +215,6 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
                       heal_info, round(time.perf_counter() - start, 2), str(path), kept_fp16=kept)
         cache.put(point)
         return point
-
-
-def _min_cosine(precision: str) -> float:
-    from compressor.export import onnx as export
-
-    return export.FP16_MIN_COSINE if precision == "fp16" else export.INT8_MIN_COSINE
 
 
 def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
