@@ -619,5 +619,5 @@ class Variant:
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("fp32", None, None, 4.0, "the exported model itself"),
     Variant("fp16", export_fp16, FP16_MIN_COSINE, 2.0, "weights stored as float16"),
-    Variant("int8", export_int8, INT8_MIN_COSINE, 1.0, "dynamic int8 (onnxruntime quantize_dynamic)"),
+    Variant("int8", export_int8, INT8_MIN_COSINE, 1.0, "dynamic int8, onnxruntime quantize_dynamic"),
 )}
