@@ -24,6 +24,7 @@ from typing import Any
 
 import click
 
+from compressor.cli.lora import lora
 from compressor.cli.train import checkpoints, heal_config_options
 from compressor.core.errors import CompressorError
 from compressor.core.output import interrupt_exit_code, interrupt_on_sigterm
@@ -321,6 +322,7 @@ def heal_cmd(model: Path, **kw: Any) -> None:
 
 
 main.add_command(checkpoints)
+main.add_command(lora)
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -328,3 +328,105 @@ def _target_modules(names: list[str], modules: list[str] | None) -> list[str] | 
 
 def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
+
+
+# ---------------------------------------------------------------------------------- extraction
+
+
+@dataclass
+class ExtractedLayer:
+    """What :func:`extract_adapter` kept of one layer's change ``delta = tuned - base`` (Frobenius norms)."""
+
+    layer: str
+    kind: str
+    shape: tuple[int, int]  # the handler's (m, n) weight matrix
+    rank: int
+    full_rank: int  # singular values of delta above zero (numerically)
+    energy_kept: float  # sum of the kept squared singular values / all of them
+    delta_norm: float
+    abs_error: float  # ||delta - B @ A||: the discarded singular values' root sum of squares (Eckart-Young)
+    rel_error: float  # abs_error / delta_norm
+
+
+def check_extract_options(energy: float | None, rank: int | None) -> None:
+    """Exactly one of ``energy`` in (0, 1] and ``rank`` >= 1, or a one-line error."""
+    if (energy is None) == (rank is None):
+        raise CompressorError("extract needs exactly one of energy and rank", "pass energy=0.9 or rank=8",
+                              cli_fix="pass --energy 0.9 or --rank 8")
+    if energy is not None and not (0 < energy <= 1):
+        raise CompressorError(f"energy must be in (0, 1], got {energy}", "pass e.g. energy=0.9",
+                              cli_fix="pass e.g. --energy 0.9")
+    if rank is not None and rank < 1:
+        raise CompressorError(f"rank must be >= 1, got {rank}", "pass e.g. rank=8", cli_fix="pass e.g. --rank 8")
+
+
+def extract_adapter(base: nn.Module, tuned: nn.Module, *, energy: float | None = None, rank: int | None = None,
+                    base_model_name_or_path: str | None = None
+                    ) -> tuple[Adapter, list[ExtractedLayer], dict[str, float]]:
+    """The LoRA adapter that best explains ``tuned`` as ``base`` plus low-rank updates.
+
+    Per adaptable layer (every handler's layer kind, its weight seen through the handler's
+    ``weight_matrix``, so convolutions and transformers' Conv1D work), the truncated SVD of
+    ``tuned - base`` at the rank keeping ``energy`` of the change's squared singular values, or at
+    ``rank``: by Eckart-Young no adapter of that rank leaves a smaller error. Unchanged layers get none.
+    Returns the adapter (alpha = rank, so its scale is 1), one row per adapted layer, and the relative
+    change of every other tensor that changed (biases, norms: an adapter does not carry them).
+    """
+    check_extract_options(energy, rank)
+    tuned_modules = dict(tuned.named_modules())
+    layers: dict[str, AdapterLayer] = {}
+    rows: list[ExtractedLayer] = []
+    covered, seen = set(), set()
+    for name, mod in base.named_modules():
+        h = handler_for(mod)
+        if h is None or h.dense_reason(mod) is not None:
+            continue
+        covered.add(f"{name}.weight" if name else "weight")
+        if id(h.weight(mod)) in seen:
+            continue  # a tied weight, adapted through the first module holding it
+        seen.add(id(h.weight(mod)))
+        other = tuned_modules.get(name)
+        if other is None or handler_for(other) is not h:
+            raise CompressorError(f"the base model has the {h.kind} layer '{name}' but the tuned model has "
+                                  f"{'none' if other is None else type(other).__name__} there",
+                                  "compare two checkpoints of the same architecture")
+        w0, w1 = h.weight_matrix(mod), h.weight_matrix(other)
+        if w0.shape != w1.shape:
+            raise CompressorError(f"layer '{name}' is {list(w0.shape)} in the base but {list(w1.shape)} tuned",
+                                  "compare two checkpoints of the same architecture")
+        dtype = torch.float64
+        delta = w1.detach().to(dtype) - w0.detach().to(device=w1.device, dtype=dtype)
+        norm = float(torch.linalg.matrix_norm(delta))
+        if norm == 0:
+            continue
+        u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+        power = sv.pow(2)
+        cum = torch.cumsum(power, 0) / power.sum()
+        # energy: the fewest singular values whose squares reach that fraction of the total
+        r = rank if energy is None else int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=dtype))) + 1
+        r = max(1, min(r, sv.numel()))
+        out_dtype = h.weight(mod).dtype
+        transposed = h.kind == "hf-conv1d"
+        layout = {"embedding": "embedding", "conv1d": "conv", "conv2d": "conv", "conv3d": "conv"}.get(h.kind, "matrix")
+        kernel = tuple(h.weight(mod).shape[1:]) if layout == "conv" else ()
+        layers[name] = AdapterLayer(vh[:r].to(out_dtype).contiguous(), (u[:, :r] * sv[:r]).to(out_dtype).contiguous(),
+                                    float(r), layout, kernel, transposed)
+        err = float(power[r:].sum().sqrt())
+        tol = float(sv[0]) * max(delta.shape) * torch.finfo(dtype).eps
+        rows.append(ExtractedLayer(name, h.kind, tuple(delta.shape), r, int((sv > tol).sum()), float(cum[r - 1]),
+                                   norm, err, err / norm))
+    if not layers:
+        raise CompressorError("the two models have the same weights in every adaptable layer",
+                              "pass the fine-tuned model as TUNED and the model it was tuned from as BASE")
+    others = {}
+    tuned_state = tuned.state_dict()
+    for key, t0 in base.state_dict().items():
+        t1 = tuned_state.get(key)
+        if key in covered or t1 is None or not t0.is_floating_point() or t0.shape != t1.shape:
+            continue
+        diff = float((t1.double() - t0.double()).norm())
+        if diff > 0:
+            others[key] = diff / max(float(t0.double().norm()), 1e-30)
+    names = [n for n, _ in base.named_modules()]
+    adapter = Adapter(layers, base_model_name_or_path or _name_or_path(base), module_names=names)
+    return adapter, rows, others
