@@ -198,3 +198,6 @@ def test_heal_lora_saves_the_adapter_it_trained(tmp_path):
     with torch.no_grad():
         assert (small(x) - compressor.load(tmp_path / "small")(x)).abs().max() > 1e-4  # it trained
         torch.testing.assert_close(small(x), healed(x), rtol=1e-4, atol=1e-4)
+        peft = pytest.importorskip("peft")  # peft reads it onto the compressed model too
+        via_peft = peft.PeftModel.from_pretrained(compressor.load(tmp_path / "small"), str(tmp_path / "ad")).eval()
+        torch.testing.assert_close(via_peft(x), healed(x), rtol=1e-4, atol=1e-4)

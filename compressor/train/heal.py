@@ -380,7 +380,10 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
                 p.copy_(best_weights[k])
     adapter = None
     if cfg.train == "lora":
-        adapter = Adapter.from_model(model)
+        # Its base is the compressed model given here (the adapters sit on its factors), which has no path
+        # of its own: not the original the config may name. heal_folder records the compressed folder.
+        adapter = Adapter.from_model(model, base_model_name_or_path="")
+        adapter.base_model_name_or_path = None
         merge_lora(model)
     for p, q in zip(model.parameters(), compressed.parameters(), strict=True):
         p.requires_grad_(q.requires_grad)
