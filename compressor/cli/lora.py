@@ -36,7 +36,7 @@ def _fail(err: CompressorError, debug: bool) -> None:
     sys.exit(err.exit_code)
 
 
-@click.group("lora")
+@click.group("lora", no_args_is_help=False)
 def lora() -> None:
     """LoRA adapters as PEFT writes them: extract one from two checkpoints, merge one into a model."""
 

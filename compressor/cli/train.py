@@ -24,7 +24,7 @@ class _ListByDefault(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group("checkpoints", cls=_ListByDefault)
+@click.group("checkpoints", cls=_ListByDefault, no_args_is_help=False)
 def checkpoints() -> None:
     """A training run's checkpoints: list them (compress checkpoints DIR [--plot PNG]), or compare two
     sets of weights (compress checkpoints diff A B)."""
