@@ -24,6 +24,7 @@ from typing import Any
 
 import click
 
+from compressor.cli.lora import lora
 from compressor.cli.train import checkpoints, heal_config_options
 from compressor.core.errors import CompressorError
 from compressor.core.output import interrupt_exit_code, interrupt_on_sigterm
@@ -290,6 +291,9 @@ def export_cmd(model: Path, **kw: Any) -> None:
 @click.option("--samples", type=int, help="Use at most this many samples of --data and --val.")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), help="Write resumable checkpoints here.")
 @click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint in --checkpoint-dir.")
+@click.option("--save-adapter", type=click.Path(path_type=Path),
+              help="With --train lora: also write the trained adapters (before merging) to this folder as "
+                   "PEFT does (adapter_config.json + adapter_model.safetensors).")
 @heal_config_options
 @_common_options
 def heal_cmd(model: Path, **kw: Any) -> None:
@@ -321,6 +325,7 @@ def heal_cmd(model: Path, **kw: Any) -> None:
 
 
 main.add_command(checkpoints)
+main.add_command(lora)
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -464,13 +464,15 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
                 teacher: str | Path | None = None, trust_pickle: bool = False, force: bool = False,
                 samples: int | None = None, command: str | None = None, config: HealConfig | None = None,
                 checkpoint_dir: str | Path | None = None, resume: bool = False,
-                progress: bool | None = None) -> dict[str, Any]:
+                progress: bool | None = None, save_adapter: str | Path | None = None) -> dict[str, Any]:
     """Heal the compressed model at ``source`` on the data in files with the settings of ``config``, and
     save it to ``out``.
 
     Without targets in ``data`` this distils from ``teacher``: by default the original model recorded
     in the compressed folder. Returns a summary (before/after metrics, best step, where it went, and the
-    config as JSON), also written to ``heal.json``.
+    config as JSON), also written to ``heal.json``. ``save_adapter`` (with ``config.train == "lora"``)
+    also writes the trained adapters, before merging, to that folder as PEFT writes them; their base
+    model is the compressed folder ``source``.
     """
     from compressor.formats.load import load_model
     from compressor.formats.save import save
@@ -494,6 +496,12 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
               ("checkpoint folder", checkpoint_dir)]
     check_not_over_inputs(out, inputs)
     OutputDir(out, force).check()  # before the (slow) loading and training
+    if save_adapter is not None:
+        if config is None or config.train != "lora":
+            raise CompressorError("only LoRA training has an adapter to save",
+                                  "pass config.train='lora' with save_adapter", cli_fix="pass --train lora")
+        check_not_over_inputs(save_adapter, [*inputs, ("output folder", out)])
+        OutputDir(Path(save_adapter), force).check()
     loaded = load_model(source, trust_pickle=trust_pickle)
     if loaded.model is None:
         raise CompressorError(f"'{source}' holds only weights", "heal a folder written by compress")
@@ -523,5 +531,11 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
                    "history": result.history, "config": result.config.to_dict(),
                    "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
                    "command": command, "versions": versions()}
+        if save_adapter is not None:
+            summary["adapter"] = str(save_adapter)
+            result.adapter.base_model_name_or_path = str(source.resolve())
         atomic_write_text(tmp / "heal.json", json.dumps(summary, indent=2, default=str) + "\n")
+        if save_adapter is not None:  # inside: a failure here publishes neither folder
+            with OutputDir(Path(save_adapter), force) as adapter_tmp:
+                result.adapter.write_into(adapter_tmp)
     return summary

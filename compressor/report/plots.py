@@ -221,3 +221,26 @@ def _save(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_metric_history(history: Sequence[dict], monitor: str, path: str | Path, best_step: int | None = None,
+                        mode: str | None = None) -> Path:
+    """The monitored metric over training steps (``history``: ``{"step", "metrics"}`` per evaluation, as a
+    checkpoint folder records it), the best step marked."""
+    points = [(h["step"], h["metrics"][monitor]) for h in history
+              if isinstance(h.get("metrics"), dict) and isinstance(h["metrics"].get(monitor), (int, float))]
+    if not points:
+        raise CompressorError(f"the run recorded no {monitor} to plot", "train with validation, or pick a "
+                              "recorded metric")
+    fig = _grid(1, cols=1, size=(6, 4))
+    ax = fig.axes[0]
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=4, label=monitor)
+    best = [p for p in points if p[0] == best_step]
+    if best:
+        ax.plot([best[0][0]], [best[0][1]], "r*", ms=14, label=f"best (step {best_step})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(monitor + (f" ({mode} is better)" if mode else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, Path(path))
+    return Path(path)

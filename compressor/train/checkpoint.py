@@ -473,3 +473,14 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], rng: dict[str, Any]) -> Non
     cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+
+
+def run_history(directory: str | Path) -> dict[str, Any]:
+    """What a run's ``checkpoints.json`` records: ``history`` (``{"step", "metrics"}`` per evaluation),
+    ``monitor``, ``mode`` and ``best_step``."""
+    directory = Path(directory)
+    summary = _read_json(directory / STATE_FILE)
+    if not isinstance(summary, dict) or not isinstance(summary.get("history"), list):
+        raise CompressorError(f"{directory} has no readable {STATE_FILE}",
+                              "pass the --checkpoint-dir of a training run")
+    return summary

@@ -44,6 +44,7 @@ from torch.nn import functional as F
 from compressor.core.errors import CompressorError
 from compressor.core.layers import LOW_RANK_TYPES
 from compressor.data.inputs import attention_mask, call, num_samples, primary_output, take, to_device
+from compressor.train.adapter import Adapter
 from compressor.train.checkpoint import (
     PREFIX,
     CheckpointManager,
@@ -192,6 +193,9 @@ class HealResult:
     checkpoint_dir: Path | None = None
     seconds: float = 0.0
     config: HealConfig | None = None  # the settings used, defaults resolved (loss, monitor, mode)
+    # train="lora": the trained adapters (best step) before they were merged, on the input model's layers
+    # (``adapter.save(folder)`` writes them as PEFT does; ``adapter.apply(input_model)`` puts them back)
+    adapter: Adapter | None = None
 
 
 def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teacher: nn.Module | None = None,
@@ -374,14 +378,20 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(best_weights[k])
+    adapter = None
     if cfg.train == "lora":
+        # Its base is the compressed model given here (the adapters sit on its factors), which has no path
+        # of its own: not the original the config may name. heal_folder records the compressed folder.
+        adapter = Adapter.from_model(model, base_model_name_or_path="")
+        adapter.base_model_name_or_path = None
         merge_lora(model)
     for p, q in zip(model.parameters(), compressed.parameters(), strict=True):
         p.requires_grad_(q.requires_grad)
     model.train(compressed.training)
     best = best or history[-1]
     return HealResult(model, before, best["metrics"], best["step"], step, history, resumed_from,
-                      Path(checkpoint_dir) if checkpoint_dir else None, time.perf_counter() - start_time, cfg)
+                      Path(checkpoint_dir) if checkpoint_dir else None, time.perf_counter() - start_time, cfg,
+                      adapter)
 
 
 def _check_checkpoint_dir(path: Path, resume: bool) -> None:

@@ -42,7 +42,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: floa
         r = min(rank, *h.weight_matrix(mod).shape)
         # Keep alpha / rank of the requested rank, so a capped layer is not scaled up.
         wrapped[name] = h.lora(mod, r, alpha * r / rank, dropout)
-        _set_submodule(model, name, wrapped[name])
+        set_submodule(model, name, wrapped[name])
     return wrapped
 
 
@@ -50,7 +50,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Merge every adapter into its base weight and put the plain base modules back; returns ``model``."""
     for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]:
         mod.merge()
-        _set_submodule(model, name, mod.base)
+        set_submodule(model, name, mod.base)
     return model
 
 
@@ -99,7 +99,7 @@ def extract_lora(base_state_dict: dict[str, torch.Tensor], tuned_state_dict: dic
     return out
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
