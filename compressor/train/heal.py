@@ -56,9 +56,12 @@ from compressor.train.lora import LoRALayer, apply_lora, lora_parameters, merge_
 
 LOSSES = ("mse", "kl", "ce", "cosine")
 # Hyper-parameters a resumed run must share with the run that wrote the checkpoint.
-_RESUME_KEYS = ("train", "lora_rank", "lora_alpha", "lora_dropout", "loss", "temperature", "optimizer", "lr",
-                "weight_decay", "schedule", "warmup_steps", "batch_size", "seed", "grad_clip", "every",
+_RESUME_KEYS = ("train", "lora_rank", "lora_alpha", "lora_dropout", "lora_init", "loss", "temperature", "optimizer",
+                "lr", "weight_decay", "schedule", "warmup_steps", "batch_size", "seed", "grad_clip", "every",
                 "monitor", "mode", "total_steps", "batches_per_epoch")
+
+# What a checkpoint written before a setting existed ran with.
+_OLD_DEFAULTS = {"lora_init": "zero"}
 
 
 def _setting(default: Any, help: str, **checks: Any) -> Any:
@@ -81,6 +84,10 @@ class HealConfig:
     lora_rank: int = _setting(8, "Rank of the LoRA adapters (with --train lora).", min=1)
     lora_alpha: float = _setting(16.0, "LoRA scale: the adapter update is multiplied by alpha / rank.", above=0)
     lora_dropout: float = _setting(0.0, "Dropout on the LoRA adapters' input, in [0, 1).", min=0, below=1)
+    lora_init: Literal["zero", "pissa"] = _setting(
+        "zero", "LoRA start: zero (the adapter adds nothing) or pissa (the adapter holds each weight's top "
+                "singular directions, the frozen base the rest); a saved pissa adapter is a rank-2r LoRA on "
+                "the original weights.")
     loss: Literal["mse", "kl", "ce", "cosine"] | None = _setting(
         None, "Loss [default: ce for class labels, mse otherwise]; kl and cosine compare with a teacher's "
               "outputs.")
@@ -304,7 +311,7 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
         if existing is not None:
             tensors, state = manager.load(existing)
             check_training_state(tensors, state, existing)
-            changed = [k for k, v in fingerprint.items() if state["config"].get(k) != v]
+            changed = [k for k, v in fingerprint.items() if state["config"].get(k, _OLD_DEFAULTS.get(k)) != v]
             if changed:
                 raise CompressorError(f"the checkpoint was written with other options: {', '.join(changed)}",
                                       "resume with the options of the original run")
@@ -500,7 +507,7 @@ def _trainable(model: nn.Module, cfg: HealConfig) -> dict[str, nn.Parameter]:
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.train == "lora":
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, init=cfg.lora_init,
                    filter_fn=lambda name, _: name.rpartition(".")[0] in factored
                    and name.rpartition(".")[2] in ("down", "up"))
         params = lora_parameters(model)
