@@ -127,3 +127,42 @@ def test_heal_with_pissa_trains_from_the_same_start_and_its_adapter_fits_the_com
         torch.testing.assert_close(again(x), healed(x), atol=1e-4, rtol=1e-4)
     with pytest.raises(CompressorError, match="lora_init"):
         HealConfig(lora_init="olora")
+
+
+def test_heal_lora_fine_tunes_a_model_that_was_never_compressed(tmp_path):
+    """`compress heal MODEL --train lora --save-adapter DIR` on a plain .pt: adapters on every layer."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from compressor.examples import digits_cnn, digits_splits
+
+    torch.manual_seed(0)
+    model = digits_cnn().eval()
+    torch.save(model, tmp_path / "cnn.pt")
+    x, y = digits_splits(0)["train"]
+    torch.save({"inputs": x[:128], "targets": y[:128]}, tmp_path / "train.pt")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "compressor", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    plain = cli("heal", "cnn.pt", "--data", "train.pt", "--steps", "2", "--out", "nope")
+    assert plain.returncode != 0 and "--train lora" in plain.stderr and not (tmp_path / "nope").exists()
+    ok = cli("heal", "cnn.pt", "--data", "train.pt", "--train", "lora", "--lora-rank", "2", "--lora-init", "pissa",
+             "--lr", "0.01", "--steps", "4", "--save-adapter", "ad", "--out", "tuned", "--quiet")
+    assert ok.returncode == 0, ok.stderr
+    adapted = set(Adapter.load(tmp_path / "ad").layers)
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n in adapted}
+    assert {"Conv2d", "Linear"} <= kinds  # every layer kind of the CNN, not only factors
+    import compressor
+
+    tuned = compressor.load(tmp_path / "tuned")
+    again = torch.load(tmp_path / "cnn.pt", weights_only=False)
+    load_adapter(again, tmp_path / "ad")
+    xs = x[:64]
+    with torch.no_grad():
+        assert (tuned(xs) - model(xs)).abs().max() > 1e-4  # it trained
+        torch.testing.assert_close(again(xs), tuned(xs), atol=1e-4, rtol=1e-4)
