@@ -135,13 +135,14 @@ def embed(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 6
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
-def docstring_sentences(limit: int | None = None, seed: int = 0) -> list[str]:
-    """Real English sentences from the docstrings of Python's standard library, deduplicated and
-    shuffled with ``seed``. Only prose-like sentences are kept (6 to 60 words, no code markers)."""
+def docstring_sentences(limit: int | None = None, seed: int = 0, modules: list[str] | None = None) -> list[str]:
+    """Real English sentences from the docstrings of Python's standard library (or of the named
+    ``modules``, e.g. third-party ones, read the same way), deduplicated and shuffled with ``seed``. Only
+    prose-like sentences are kept (6 to 60 words, no code markers)."""
     seen: set[str] = set()
     sentences: list[str] = []
-    for name in sorted(sys.stdlib_module_names):
-        if name.startswith("_") or name in _SKIP_MODULES:
+    for name in sorted(sys.stdlib_module_names) if modules is None else modules:
+        if modules is None and (name.startswith("_") or name in _SKIP_MODULES):
             continue
         try:
             module = importlib.import_module(name)

@@ -140,11 +140,31 @@ class LoRALayer(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        # PiSSA: the adapter's values at step 0 (the base then holds the residual W - W_r); None for
+        # the standard init, where the adapter starts at zero and the base is the original weight.
+        self.register_buffer("init_A", None, persistent=False)
+        self.register_buffer("init_B", None, persistent=False)
         base.weight.requires_grad_(False)
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * B @ A`` in the base weight's shape."""
         return (self.scale * (self.lora_B @ self.lora_A)).reshape(self.base.weight.shape)
+
+    @torch.no_grad()
+    def init_pissa(self, w: torch.Tensor) -> None:
+        """PiSSA (Meng et al. 2024): put the top-``rank`` singular triplets of ``w`` (the base weight as the
+        ``(m, n)`` matrix this wrapper adapts) into the adapter, ``B = U_r sqrt(S_r) / sqrt(scale)`` and
+        ``A = sqrt(S_r) Vh_r / sqrt(scale)`` so ``scale * B @ A = W_r``, and leave the residual ``W - W_r`` in
+        the base: the layer computes what it computed before, but training starts on the principal part."""
+        if self.merged or self.init_A is not None:
+            raise CompressorError("PiSSA init needs a fresh, unmerged adapter", "apply it once, before training")
+        wd = w.detach().to(torch.float64)
+        U, S, Vh = torch.linalg.svd(wd, full_matrices=False)
+        r, root = self.rank, S[: self.rank].sqrt() / math.sqrt(self.scale)
+        self.lora_B.copy_((U[:, :r] * root).reshape(self.lora_B.shape))
+        self.lora_A.copy_((root[:, None] * Vh[:r]).reshape(self.lora_A.shape))
+        self.base.weight.sub_(self.delta_weight())
+        self.init_A, self.init_B = self.lora_A.detach().clone(), self.lora_B.detach().clone()
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -14,6 +14,12 @@ names: the same files, which peft also reads onto that model with a custom confi
 
 In memory every layer is held in compressor's convention, whatever its kind: the handler's weight matrix
 ``W`` (m, n) with ``y = W x``, and ``delta W = (alpha / r) * B @ A`` with ``A`` (r, n), ``B`` (m, r).
+
+A PiSSA-initialised model (``apply_lora(..., init="pissa")``) has residual base weights, on which its
+adapter alone means nothing. Compressor therefore writes it as peft's "convert PiSSA to LoRA" does: the
+change to the *original* weights, ``scale * (B @ A - B0 @ A0)``, as a plain LoRA of rank ``2r`` (alpha
+doubled, ``init_lora_weights: true``), which compressor and peft apply to the untouched model; the weights
+file's safetensors header then records ``lora_init: "pissa, converted to lora on the original weights"``.
 """
 
 from __future__ import annotations
@@ -108,12 +114,14 @@ class Adapter:
     # Every module name of the base model, where known: target_modules is then written as a list when
     # PEFT's suffix matching selects exactly the adapted layers (else as one exact regular expression).
     module_names: list[str] | None = field(default=None, repr=False)
+    # Written into the weights file's safetensors header beside {"format": "pt"} (peft ignores it).
+    metadata: dict[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------ from a model
     @classmethod
     def from_model(cls, model: nn.Module, base_model_name_or_path: str | None = None) -> Adapter:
         """The adapters of every LoRA wrapper in ``model`` (copied: later training does not change them)."""
-        layers, dropouts = {}, set()
+        layers, dropouts, pissa = {}, set(), False
         for name, mod in model.named_modules():
             if not isinstance(mod, LoRALayer):
                 continue
@@ -121,8 +129,15 @@ class Adapter:
             layout = "embedding" if isinstance(mod, LoRAEmbedding) else "conv" if isinstance(mod, LoRAConv) \
                 else "matrix"
             kernel = tuple(mod.base.weight.shape[1:]) if layout == "conv" else ()
-            layers[name] = AdapterLayer(mod.lora_A.detach().clone(), mod.lora_B.detach().clone(), float(mod.alpha),
-                                        layout, kernel, transposed)
+            A, B, alpha = mod.lora_A.detach().clone(), mod.lora_B.detach().clone(), float(mod.alpha)
+            if mod.init_A is not None:
+                # PiSSA: the base holds W - scale * B0 @ A0, so the change to the original weight is
+                # scale * (B @ A - B0 @ A0) = scale * [B, -B0] @ [A; A0]: a LoRA of rank 2r, alpha doubled
+                # to keep the scale (peft's "convert PiSSA to LoRA"), which applies to the untouched model.
+                A = torch.cat([A, mod.init_A.reshape(A.shape)])
+                B = torch.cat([B, -mod.init_B.reshape(B.shape)], dim=1)
+                alpha, pissa = 2 * alpha, True
+            layers[name] = AdapterLayer(A, B, alpha, layout, kernel, transposed)
             drop = mod.lora_dropout
             dropouts.add(float(drop.p) if isinstance(drop, nn.Dropout) else 0.0)
         if not layers:
@@ -132,7 +147,8 @@ class Adapter:
             base_model_name_or_path = _name_or_path(model)
         # The base model's names: the wrappers' own children (base, lora_dropout) are not in it.
         names = [n for n, _ in model.named_modules() if not any(n.startswith(w + ".") for w in layers)]
-        return cls(layers, base_model_name_or_path, max(dropouts), module_names=names)
+        metadata = {"lora_init": "pissa, converted to lora on the original weights"} if pissa else {}
+        return cls(layers, base_model_name_or_path, max(dropouts), module_names=names, metadata=metadata)
 
     # ------------------------------------------------------------------------------ onto a model
     def apply(self, model: nn.Module) -> dict[str, LoRALayer]:
@@ -205,7 +221,7 @@ class Adapter:
         """Write the two files into an existing folder (a caller's temporary one)."""
         from safetensors.torch import save_file
 
-        save_file(self.tensors(), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_file(self.tensors(), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", **self.metadata})
         (folder / ADAPTER_CONFIG).write_text(json.dumps(self.config(), indent=2) + "\n")
 
     def num_bytes(self) -> int:

@@ -11,7 +11,9 @@ generates the ``compress heal`` options; the arguments of :func:`heal` are what 
 
 What trains is the factor matrices (``.down`` / ``.up`` of every factored layer) or, with
 ``train="lora"``, LoRA adapters on them that are merged back at the end, so the healed model has exactly
-the compressed model's layers and size. Everything else is frozen and the model runs in eval mode
+the compressed model's layers and size. A model without factored layers can be given with
+``train="lora"`` only: adapters then go on every layer a handler adapts (plain LoRA fine-tuning).
+Everything else is frozen and the model runs in eval mode
 (dropout off, batch-norm statistics fixed): healing changes only the chosen weights. The input models
 are never modified. With a validation set the best step by ``monitor`` is returned (the starting point
 included, so healing never returns a model worse on validation than the one it was given).
@@ -56,9 +58,12 @@ from compressor.train.lora import LoRALayer, apply_lora, lora_parameters, merge_
 
 LOSSES = ("mse", "kl", "ce", "cosine")
 # Hyper-parameters a resumed run must share with the run that wrote the checkpoint.
-_RESUME_KEYS = ("train", "lora_rank", "lora_alpha", "lora_dropout", "loss", "temperature", "optimizer", "lr",
-                "weight_decay", "schedule", "warmup_steps", "batch_size", "seed", "grad_clip", "every",
+_RESUME_KEYS = ("train", "lora_rank", "lora_alpha", "lora_dropout", "lora_init", "loss", "temperature", "optimizer",
+                "lr", "weight_decay", "schedule", "warmup_steps", "batch_size", "seed", "grad_clip", "every",
                 "monitor", "mode", "total_steps", "batches_per_epoch")
+
+# What a checkpoint written before a setting existed ran with.
+_OLD_DEFAULTS = {"lora_init": "zero"}
 
 
 def _setting(default: Any, help: str, **checks: Any) -> Any:
@@ -77,10 +82,15 @@ class HealConfig:
     """
 
     train: Literal["factors", "lora"] = _setting(
-        "factors", "Train the factor matrices, or LoRA adapters on them merged back at the end.")
+        "factors", "Train the factor matrices, or LoRA adapters on them merged back at the end (on a model that was "
+                    "never compressed: on every adaptable layer).")
     lora_rank: int = _setting(8, "Rank of the LoRA adapters (with --train lora).", min=1)
     lora_alpha: float = _setting(16.0, "LoRA scale: the adapter update is multiplied by alpha / rank.", above=0)
     lora_dropout: float = _setting(0.0, "Dropout on the LoRA adapters' input, in [0, 1).", min=0, below=1)
+    lora_init: Literal["zero", "pissa"] = _setting(
+        "zero", "LoRA start: zero (the adapter adds nothing) or pissa (the adapter holds each weight's top "
+                "singular directions, the frozen base the rest); a saved pissa adapter is a rank-2r LoRA on "
+                "the original weights.")
     loss: Literal["mse", "kl", "ce", "cosine"] | None = _setting(
         None, "Loss [default: ce for class labels, mse otherwise]; kl and cosine compare with a teacher's "
               "outputs.")
@@ -304,7 +314,7 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
         if existing is not None:
             tensors, state = manager.load(existing)
             check_training_state(tensors, state, existing)
-            changed = [k for k, v in fingerprint.items() if state["config"].get(k) != v]
+            changed = [k for k, v in fingerprint.items() if state["config"].get(k, _OLD_DEFAULTS.get(k)) != v]
             if changed:
                 raise CompressorError(f"the checkpoint was written with other options: {', '.join(changed)}",
                                       "resume with the options of the original run")
@@ -380,7 +390,7 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
                 p.copy_(best_weights[k])
     adapter = None
     if cfg.train == "lora":
-        # Its base is the compressed model given here (the adapters sit on its factors), which has no path
+        # Its base is the model given here (compressed: the adapters sit on its factors), which has no path
         # of its own: not the original the config may name. heal_folder records the compressed folder.
         adapter = Adapter.from_model(model, base_model_name_or_path="")
         adapter.base_model_name_or_path = None
@@ -494,14 +504,18 @@ def _label_range(targets: Any) -> tuple[int, int]:
 
 def _trainable(model: nn.Module, cfg: HealConfig) -> dict[str, nn.Parameter]:
     factored = {name for name, m in model.named_modules() if isinstance(m, LOW_RANK_TYPES)}
-    if not factored:
+    if not factored and cfg.train != "lora":
         raise CompressorError("the model has no factored layers to heal",
-                              "compress it first: compressor.rewrite(model, compressor.analyze(model, ...))")
+                              "compress it first: compressor.rewrite(model, compressor.analyze(model, ...)), "
+                              "or fine-tune it with train='lora'", cli_fix="compress it first, or fine-tune it "
+                              "with --train lora")
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.train == "lora":
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                   filter_fn=lambda name, _: name.rpartition(".")[0] in factored
+        # A compressed model: adapters on its factors. A plain one: on every layer a handler adapts, so
+        # heal with train="lora" is also the fine-tuning command.
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, init=cfg.lora_init,
+                   filter_fn=None if not factored else lambda name, _: name.rpartition(".")[0] in factored
                    and name.rpartition(".")[2] in ("down", "up"))
         params = lora_parameters(model)
     else:

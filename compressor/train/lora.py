@@ -5,7 +5,9 @@
     merge_lora(model)                          # W += (alpha / rank) * B @ A; plain modules again
 
 A wrapped layer computes ``base(x) + scale * B(A(dropout(x)))`` with ``A`` initialised like a Linear
-layer and ``B`` at zero, so a fresh adapter changes nothing (as in peft). ``extract_lora`` goes the other
+layer and ``B`` at zero, so a fresh adapter changes nothing (as in peft); or, with ``init="pissa"``,
+with the top singular directions of W in the adapter and the residual in the frozen base (same outputs).
+``extract_lora`` goes the other
 way: the adapters that best explain the difference between two checkpoints (truncated SVD).
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -24,12 +27,20 @@ from compressor.core.svd import compute_dtype
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
-               filter_fn: Callable[[str, nn.Module], bool] | None = None) -> dict[str, LoRALayer]:
+               filter_fn: Callable[[str, nn.Module], bool] | None = None,
+               init: Literal["zero", "pissa"] = "zero") -> dict[str, LoRALayer]:
     """Wrap every layer whose handler takes an adapter and that ``filter_fn(name, module)`` accepts
     (default: all) in place; each layer kind's wrapper comes from its handler.
 
+    ``init="zero"``: the standard LoRA start (the adapter adds nothing). ``init="pissa"``: the adapter
+    holds the top-``r`` singular triplets of each weight and the base weight becomes the residual
+    ``W - W_r`` (see ``LoRALayer.init_pissa``); the model computes the same at step 0 either way.
+    ``save_adapter`` writes a PiSSA adapter as a plain LoRA of twice the rank on the *original* weights.
+
     The adapter rank is capped at each layer's full rank. Returns ``{name: wrapper}``.
     """
+    if init not in ("zero", "pissa"):
+        raise CompressorError(f"unknown LoRA init {init!r}", "pass init='zero' or init='pissa'")
     wrapped_bases = {id(m.base) for m in model.modules() if isinstance(m, LoRALayer)}
     chosen = []
     for name, mod in model.named_modules():
@@ -37,12 +48,21 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: floa
         if (h is not None and h.dense_reason(mod) is None and id(mod) not in wrapped_bases
                 and not isinstance(mod, LoRALayer) and (filter_fn is None or filter_fn(name, mod))):
             chosen.append((name, mod, h))
+    if init == "pissa":
+        weights = [id(h.weight(mod)) for _, mod, h in chosen]
+        for (name, mod, h) in chosen:
+            if weights.count(id(h.weight(mod))) > 1:  # a tied weight would get the residual twice
+                raise CompressorError(f"'{name}' shares its weight with another adapted layer; PiSSA cannot "
+                                      "split a tied weight", "leave one of the tied layers out with filter_fn")
     wrapped = {}
     for name, mod, h in chosen:
         r = min(rank, *h.weight_matrix(mod).shape)
         # Keep alpha / rank of the requested rank, so a capped layer is not scaled up.
         wrapped[name] = h.lora(mod, r, alpha * r / rank, dropout)
         set_submodule(model, name, wrapped[name])
+    if init == "pissa":
+        for (name, mod, h) in chosen:
+            wrapped[name].init_pissa(h.weight_matrix(mod))
     return wrapped
 
 
