@@ -258,6 +258,8 @@ def test_heal_and_checkpoints_commands(tmp_path):
     assert summary["supervised"] and summary["after"]["val_accuracy"] > summary["before"]["val_accuracy"]
     healed = json.loads((tmp_path / "small.healed" / "heal.json").read_text())
     assert healed["best_step"] == summary["best_step"]
+    plot = tmp_path / "small.healed" / healed["plot"]  # the monitored metric over steps, linked from heal.json
+    assert plot.suffix == ".png" and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import compressor
 
     small, again = compressor.load(tmp_path / "small"), compressor.load(tmp_path / "small.healed")

@@ -534,6 +534,12 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
         if save_adapter is not None:
             summary["adapter"] = str(save_adapter)
             result.adapter.base_model_name_or_path = str(source.resolve())
+        monitor, mode = result.config.monitor, result.config.mode
+        if any(isinstance(h.get("metrics", {}).get(monitor), int | float) for h in result.history):
+            from compressor.report.plots import plot_metric_history
+
+            plot_metric_history(result.history, monitor, tmp / "metrics.png", result.best_step, mode)
+            summary["plot"] = "metrics.png"  # the monitored metric over steps, the best step marked
         atomic_write_text(tmp / "heal.json", json.dumps(summary, indent=2, default=str) + "\n")
         if save_adapter is not None:  # inside: a failure here publishes neither folder
             with OutputDir(Path(save_adapter), force) as adapter_tmp:
