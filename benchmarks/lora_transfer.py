@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment
 
 from compressor.core.fileio import atomic_write_text
-from compressor.examples import accuracy, digits_cnn, digits_splits
+from compressor.examples import accuracy, digits_cnn, digits_splits, fit_classifier
 from compressor.train.adapter import load_adapter, save_adapter
 from compressor.train.lora import apply_lora, lora_parameters
 
@@ -52,22 +52,6 @@ def _subset(split: tuple[torch.Tensor, torch.Tensor], classes: tuple[int, ...]):
     x, y = split
     keep = torch.isin(y, torch.tensor(classes))
     return x[keep], y[keep]
-
-
-def _train(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor, epochs: int,
-           lr: float, seed: int) -> None:
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), 32):
-            idx = perm[i:i + 32]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
 
 
 def _file_bytes(model: nn.Module, folder: Path) -> int:
@@ -93,7 +77,7 @@ def _adapt(base: nn.Module, method: str, x: torch.Tensor, y: torch.Tensor, lr: f
     for p in params:
         p.requires_grad_(True)
     t0 = time.perf_counter()
-    _train(model, params, x, y, ADAPT_EPOCHS, lr, seed)
+    fit_classifier(model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0), x, y, ADAPT_EPOCHS, 32, seed)
     return model, params, time.perf_counter() - t0
 
 
@@ -102,7 +86,8 @@ def run_seed(seed: int, splits: dict, work: Path) -> dict:
     base = digits_cnn()
     x_old, y_old = _subset(splits["train"], OLD)
     t0 = time.perf_counter()
-    _train(base, list(base.parameters()), x_old, y_old, BASE_EPOCHS, 2e-3, seed)
+    fit_classifier(base, torch.optim.AdamW(base.parameters(), lr=2e-3, weight_decay=0.0), x_old, y_old,
+                   BASE_EPOCHS, 32, seed)
     base_seconds = time.perf_counter() - t0
     test_old, test_new = _subset(splits["test"], OLD), _subset(splits["test"], NEW)
     x_new, y_new = _subset(splits["train"], NEW)

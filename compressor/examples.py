@@ -72,18 +72,25 @@ def train_digits_cnn(seed: int = 0, epochs: int = 15, lr: float = 2e-3) -> tuple
     splits = digits_splits(seed)
     xtr, ytr = splits["train"]
     model = digits_cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(ytr), generator=gen)
-        for i in range(0, len(ytr), 64):
-            idx = perm[i:i + 64]
-            loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    fit_classifier(model, torch.optim.Adam(model.parameters(), lr=lr), xtr, ytr, epochs, batch_size=64, seed=seed)
     return model, {k: accuracy(model, *splits[k]) for k in ("val", "test")}
+
+
+def fit_classifier(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                   epochs: int, batch_size: int, seed: int) -> nn.Module:
+    """Plain minibatch cross-entropy training (a seeded order per epoch); the model ends in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), batch_size):
+            idx = perm[i:i + batch_size]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    return model
 
 
 # ------------------------------------------------------------------------------------------ MiniLM
