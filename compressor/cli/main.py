@@ -322,6 +322,8 @@ def heal_cmd(model: Path, **kw: Any) -> None:
         click.echo(f"{summary['source']} -> {summary['output']}/ ({summary['steps']} steps, best step "
                    f"{summary['best_step']})\n  before  {fmt(f'{k} {v:.4f}' for k, v in summary['before'].items())}"
                    f"\n  after   {fmt(f'{k} {v:.4f}' for k, v in summary['after'].items())}")
+        if summary.get("note"):
+            click.echo(f"note: {summary['note']}")
 
 
 main.add_command(checkpoints)

@@ -528,6 +528,8 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
                    str(teacher or recorded), "supervised": targets is not None, "before": result.before,
                    "after": result.after, "best_step": result.best_step, "steps": result.steps,
                    "resumed_from": result.resumed_from, "seconds": round(result.seconds, 2),
+                   "note": result.note,
+                   "blocks": [{k: v for k, v in b.items() if k != "history"} for b in result.blocks],
                    "history": result.history, "config": result.config.to_dict(),
                    "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
                    "command": command, "versions": versions()}

@@ -60,10 +60,13 @@ LOSSES = ("mse", "kl", "ce", "cosine")
 # Hyper-parameters a resumed run must share with the run that wrote the checkpoint.
 _RESUME_KEYS = ("train", "lora_rank", "lora_alpha", "lora_dropout", "lora_init", "loss", "temperature", "optimizer",
                 "lr", "weight_decay", "schedule", "warmup_steps", "batch_size", "seed", "grad_clip", "every",
-                "monitor", "mode", "total_steps", "batches_per_epoch")
+                "monitor", "mode", "total_steps", "batches_per_epoch", "method", "block_steps", "block_lr",
+                "blocks")
 
 # What a checkpoint written before a setting existed ran with.
-_OLD_DEFAULTS = {"lora_init": "zero"}
+_OLD_DEFAULTS = {"lora_init": "zero", "method": "end-to-end", "block_steps": 100, "block_lr": None,
+                 "blocks": None}
+BLOCKS_DIR = "blocks"  # the block-wise phase's checkpoints, inside the checkpoint folder
 
 
 def _setting(default: Any, help: str, **checks: Any) -> Any:
@@ -104,6 +107,16 @@ class HealConfig:
     batch_size: int = _setting(32, "Samples per step (a list of ready batches is used as given).", min=1)
     steps: int | None = _setting(None, "Train this many steps [default: --epochs passes over the data].", min=1)
     epochs: int | None = _setting(None, "Train this many passes over the data [default: 1].", min=1)
+    method: Literal["end-to-end", "blockwise", "both"] = _setting(
+        "end-to-end", "end-to-end: distil (or fit) the whole model's output; blockwise: each block (a "
+                      "transformer layer, a CNN stage) learns the teacher's block on the inputs the healed "
+                      "blocks before it give, one block at a time; both: blockwise, then end-to-end.")
+    block_steps: int = _setting(100, "Steps per block of the block-wise phase (batches of --batch-size).", min=1)
+    block_lr: float | None = _setting(None, "Peak learning rate of the block-wise phase [default: --lr].",
+                                      above=0)
+    blocks: str | None = _setting(
+        None, "Comma-separated globs naming the blocks, e.g. 'encoder.layer.*' [default: the children of a "
+              "ModuleList holding trained weights, else the first module whose children split them].")
     seed: int = _setting(0, "Seed of the data order, initialisation and dropout.", min=0)
     grad_clip: float | None = _setting(1.0, "Largest gradient norm; 0 turns clipping off.", min=0)
     every: int | None = _setting(
@@ -206,6 +219,10 @@ class HealResult:
     # train="lora": the trained adapters (best step) before they were merged, on the input model's layers
     # (``adapter.save(folder)`` writes them as PEFT does; ``adapter.apply(input_model)`` puts them back)
     adapter: Adapter | None = None
+    note: str | None = None  # one line when the input came back unchanged (no step beat it)
+    # method blockwise/both: per block {"block", "before", "after" (relative output error on the held-out
+    # data), "best_step", "steps", "history"}
+    blocks: list[dict[str, Any]] = field(default_factory=list)
 
 
 def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teacher: nn.Module | None = None,
@@ -277,7 +294,12 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
     # Before anything is written: the model, the teacher, the targets and the loss fit together.
     _set_training(model, False)
     _preflight(model, teacher, loader, val_loader, loss, device)
-    total = cfg.steps or (cfg.epochs or 1) * len(loader)
+    if cfg.method != "end-to-end" and teacher is None:
+        raise CompressorError(f"method={cfg.method} distils each block from the teacher's, and no teacher "
+                              "was given", "pass teacher= (the uncompressed model), or method='end-to-end'",
+                              cli_fix="pass --data without targets and --teacher, or --method end-to-end")
+    # Block-wise alone trains no end-to-end step.
+    total = 0 if cfg.method == "blockwise" else cfg.steps or (cfg.epochs or 1) * len(loader)
     every_n = min(cfg.every or len(loader), total)
     opt = _optimizer(cfg, list(params.values()))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
@@ -297,6 +319,13 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
             _set_training(model, True)
         return metrics
 
+    # What the input scores: the bar every returned model must beat, or the input comes back.
+    input_metrics = evaluate(None) if cfg.method != "end-to-end" else None
+    blocks: list[dict[str, Any]] = []
+    if cfg.method != "end-to-end":
+        blocks = _heal_blocks(model, teacher, params, cfg, loader, val_loader, device,
+                              None if checkpoint_dir is None else Path(checkpoint_dir) / BLOCKS_DIR, resume,
+                              fingerprint)
     manager = None
     step = epoch = index = 0
     history: list[dict[str, Any]] = []
@@ -347,7 +376,7 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
 
     if resumed_from is None:
         record(evaluate(None))
-    before = history[0]["metrics"]
+    before = input_metrics or history[0]["metrics"]
 
     from tqdm.auto import tqdm
     show = progress if progress is not None else sys.stderr.isatty()
@@ -384,6 +413,17 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
             bar.set_postfix({k: f"{v:.4g}" for k, v in history[-1]["metrics"].items()})
     bar.close()
 
+    best = best or history[-1]
+    if not _beats(best["metrics"], before, cfg) and _beats(before, best["metrics"], cfg, or_equal=True):
+        # Nothing trained beat the input on the held-out data: the input itself, not a rounding of it
+        # (a merged zero adapter, a PiSSA split put back), is the answer.
+        value = before[cfg.monitor]
+        note = (f"no healing step beat the input on {cfg.monitor} ({value:.6g}): the input model is returned "
+                "unchanged")
+        model = copy.deepcopy(compressed)
+        return HealResult(model, before, before, 0, step, history, resumed_from,
+                          Path(checkpoint_dir) if checkpoint_dir else None, time.perf_counter() - start_time,
+                          cfg, None, note, blocks)
     if best_weights:
         with torch.no_grad():
             for k, p in params.items():
@@ -398,10 +438,70 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
     for p, q in zip(model.parameters(), compressed.parameters(), strict=True):
         p.requires_grad_(q.requires_grad)
     model.train(compressed.training)
-    best = best or history[-1]
     return HealResult(model, before, best["metrics"], best["step"], step, history, resumed_from,
                       Path(checkpoint_dir) if checkpoint_dir else None, time.perf_counter() - start_time, cfg,
-                      adapter)
+                      adapter, None, blocks)
+
+
+def _beats(a: dict[str, float], b: dict[str, float], cfg: HealConfig, or_equal: bool = False) -> bool:
+    """Whether metrics ``a`` are better than ``b`` on the monitored metric (False when either lacks it:
+    without held-out data there is nothing to compare the input with)."""
+    x, y = a.get(cfg.monitor), b.get(cfg.monitor)
+    if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
+        return False
+    return (x <= y if cfg.mode == "min" else x >= y) if or_equal else (x < y if cfg.mode == "min" else x > y)
+
+
+def _heal_blocks(model: nn.Module, teacher: nn.Module, params: dict[str, nn.Parameter], cfg: HealConfig,
+                 loader: Batches, val_loader: Batches | None, device: torch.device,
+                 folder: Path | None, resume: bool, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
+    """The block-wise phase (see :mod:`compressor.train.blockwise`) on ``model`` in place: each block's
+    ``params`` trained for ``cfg.block_steps`` to match the teacher's block, the best by held-out block
+    error kept (by training block error without held-out data). After each block a checkpoint in
+    ``folder`` holds the weights so far; a resumed run loads the newest and redoes the block after it,
+    which, seeded by its index, ends as the uninterrupted run did. Returns one summary per block."""
+    from compressor.train.blockwise import capture, find_blocks, train_block
+
+    names = find_blocks(model, list(params), [p.strip() for p in cfg.blocks.split(",")] if cfg.blocks else None)
+    train_batches = [to_device(b, device) for b, _ in loader.in_order()]
+    select_batches = train_batches if val_loader is None else [to_device(b, device) for b, _ in val_loader.in_order()]
+    manager, done = None, []
+    if folder is not None:
+        manager = CheckpointManager(folder, keep_last=1, monitor="blocks_done", mode="max")
+        newest = manager.newest_valid() if resume else None
+        if newest is not None:
+            tensors, state = manager.load(newest)
+            changed = [k for k, v in fingerprint.items() if state.get("config", {}).get(k) != v]
+            if changed or state.get("block_names") != names:
+                raise CompressorError(f"the block checkpoint was written with other options: "
+                                      f"{', '.join(changed) or 'blocks'}",
+                                      "resume with the options of the original run")
+            if set(tensors) != {f"param.{k}" for k in params}:
+                raise CompressorError(f"checkpoint {newest} does not hold the weights this model trains",
+                                      "resume with the same model and options, or delete that folder")
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(tensors[f"param.{k}"])
+            done = state["blocks"]
+    lr = cfg.block_lr or cfg.lr
+    for i, name in enumerate(names[len(done):], start=len(done)):
+        block = model.get_submodule(name)
+        own = {k: p for k, p in params.items() if k.startswith(name + ".")}
+        train = capture(model, teacher, name, train_batches)
+        select = train if val_loader is None else capture(model, teacher, name, select_batches)
+        # Seeded by the block's index: a block redone after a crash trains exactly as it did.
+        torch.manual_seed(cfg.seed * 1_000 + i)
+        # Masked MSE whatever the end-to-end loss: a block's output is features, not classes.
+        info = train_block(block, own, train, select, mse_loss, _optimizer(cfg.replace(lr=lr), list(own.values())),
+                           _schedule(cfg, cfg.block_steps), cfg.block_steps, cfg.seed * 1_000 + i, cfg.grad_clip)
+        done.append({"block": name, **info})
+        if manager is not None:
+            metrics = {"blocks_done": len(done), "block_error_before": info["before"],
+                       "block_error_after": info["after"]}
+            tensors = {f"param.{k}": p for k, p in params.items()}
+            manager.save(len(done), tensors, {"config": fingerprint, "block_names": names, "blocks": done},
+                         metrics)
+    return done
 
 
 def _check_checkpoint_dir(path: Path, resume: bool) -> None:
@@ -412,7 +512,7 @@ def _check_checkpoint_dir(path: Path, resume: bool) -> None:
     if path.exists() and not path.is_dir():
         raise CompressorError(f"checkpoint folder {path} is a file",
                               "pass --checkpoint-dir a folder (a new one, or that of the run to resume)")
-    if not resume and path.is_dir() and any(path.glob(f"{PREFIX}*")):
+    if not resume and path.is_dir() and (any(path.glob(f"{PREFIX}*")) or any(path.glob(f"{BLOCKS_DIR}/{PREFIX}*"))):
         raise CompressorError(f"{path} already holds checkpoints",
                               "pass resume=True (--resume) to continue that run, or use an empty folder")
 

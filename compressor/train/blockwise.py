@@ -1,0 +1,155 @@
+"""Block-wise distillation: each block of a compressed model learns to reproduce the original block.
+
+A *block* is a repeated unit of the model that holds trainable weights: a child of a ``ModuleList``
+(``encoder.layer.3`` of a Hugging Face transformer, ``layers.0`` of a Llama), or, in a model without
+one, a child of the first module whose children split the trainable weights (the stages or layers of
+a ``Sequential`` CNN). :func:`find_blocks` finds them; glob ``patterns`` name them instead.
+
+Blocks are healed in order. Block ``i``'s inputs are those the *student* feeds it, after blocks
+``0..i-1`` were healed, and its target is the *teacher's* block ``i`` on those same inputs. Inputs from
+the student, not from the teacher's own previous block, because the student's block will see the
+student's stream at inference: it learns the teacher's function where it is used, and the errors left by
+earlier blocks are not compounded by a block trained on a distribution it never meets. Only block
+``i``'s trainable weights move, against a cache of its inputs and targets (one pass of the model
+prefix, no gradients through the rest), which is cheap in memory and time. The block's weights
+with the lowest held-out output error (the start included) are kept, so no block gets worse on the
+selection data.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor.core.errors import CompressorError
+from compressor.data.inputs import attention_mask, call, primary_output, relative_change
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: the rest of the model need not run."""
+
+
+def find_blocks(model: nn.Module, trainable: Sequence[str], patterns: Sequence[str] | None = None) -> list[str]:
+    """The names of ``model``'s blocks that hold some of the ``trainable`` parameter names, in model
+    order; the outermost where blocks nest. ``patterns`` (globs such as ``"encoder.layer.*"``) name
+    them instead of the automatic rule (children of a ``ModuleList``, else the first split)."""
+    def holds(name: str) -> bool:
+        return any(p.startswith(name + ".") for p in trainable)
+
+    modules = [name for name, _ in model.named_modules() if name]
+    if patterns:
+        found = [n for n in modules if any(fnmatch.fnmatchcase(n, p) for p in patterns) and holds(n)]
+        if not found:
+            raise CompressorError(f"no module matching {', '.join(patterns)} holds weights to train",
+                                  "pass block patterns naming modules with factored layers, e.g. "
+                                  "'encoder.layer.*', or leave them out")
+    else:
+        found = [f"{name}.{child}" for name, m in model.named_modules() if isinstance(m, nn.ModuleList)
+                 for child, _ in m.named_children() if holds(f"{name}.{child}" if name else child)]
+        found = [n.lstrip(".") for n in found]
+        if not found:
+            found = _first_split(model, holds)
+    return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+
+
+def _first_split(model: nn.Module, holds: Callable[[str], bool]) -> list[str]:
+    """Children of the first module (from the root down) with more than one child holding weights."""
+    prefix, node = "", model
+    while True:
+        kids = [(f"{prefix}{name}", m) for name, m in node.named_children() if holds(f"{prefix}{name}")]
+        if len(kids) == 1 and any(True for _ in kids[0][1].children()):
+            name, node = kids[0]
+            prefix = name + "."
+            continue
+        return [name for name, _ in kids]
+
+
+@dataclass
+class BlockData:
+    """One batch as a block sees it: its call arguments, the teacher block's output on them, and the
+    padding mask of the model inputs (or None)."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    target: torch.Tensor
+    mask: torch.Tensor | None
+
+
+@torch.no_grad()
+def capture(student: nn.Module, teacher: nn.Module, name: str, batches: Sequence[Any]) -> list[BlockData]:
+    """Block ``name``'s inputs in ``student`` on each of ``batches`` (model inputs) and the teacher's
+    block ``name`` output on them. Only the model up to the block runs."""
+    block, original = student.get_submodule(name), teacher.get_submodule(name)
+    seen: list[tuple[tuple, dict]] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append((args, kwargs))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    out = []
+    try:
+        for batch in batches:
+            try:
+                call(student, batch)
+            except _Stop:
+                pass
+            else:
+                raise CompressorError(f"block {name} does not run in the model's forward pass",
+                                      "pass block patterns naming modules the forward pass calls")
+            args, kwargs = seen.pop()
+            out.append(BlockData(args, kwargs, primary_output(original(*args, **kwargs)), attention_mask(batch)))
+    finally:
+        handle.remove()
+    return out
+
+
+@torch.no_grad()
+def block_error(block: nn.Module, data: Sequence[BlockData]) -> float:
+    """``||block(x) - target||^2 / ||target||^2`` over ``data`` (padding left out)."""
+    return relative_change((primary_output(block(*d.args, **d.kwargs)), d.target, d.mask) for d in data)
+
+
+def train_block(block: nn.Module, params: dict[str, nn.Parameter], train: Sequence[BlockData],
+                select: Sequence[BlockData], loss_fn: Callable, optimizer: torch.optim.Optimizer,
+                factor: Callable[[int], float], steps: int, seed: int, grad_clip: float | None,
+                evaluations: int = 4) -> dict[str, Any]:
+    """Train ``params`` (the block's trainable weights) for ``steps`` so that ``block`` reproduces the
+    targets of ``train``; keep the weights with the lowest :func:`block_error` on ``select`` among the
+    start and ``evaluations`` evenly spaced steps. Returns ``{"before", "after", "best_step", "steps",
+    "history"}`` (errors on ``select``)."""
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    every = max(1, math.ceil(steps / evaluations))
+    history = [{"step": 0, "error": block_error(block, select)}]
+    best, best_weights = history[0], {k: p.detach().clone() for k, p in params.items()}
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for step in range(1, steps + 1):
+        if not order:
+            order = torch.randperm(len(train), generator=generator).tolist()
+        d = train[order.pop()]
+        value = loss_fn(primary_output(block(*d.args, **d.kwargs)), d.target, d.mask)
+        if not torch.isfinite(value):
+            raise CompressorError(f"the block loss became {value.item()} at step {step}",
+                                  "lower the block learning rate (block_lr= or --block-lr)")
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(list(params.values()), grad_clip)
+        optimizer.step()
+        sched.step()
+        if step % every == 0 or step == steps:
+            history.append({"step": step, "error": block_error(block, select)})
+            if history[-1]["error"] < best["error"]:
+                best, best_weights = history[-1], {k: p.detach().clone() for k, p in params.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(best_weights[k])
+    return {"before": history[0]["error"], "after": best["error"], "best_step": best["step"], "steps": steps,
+            "history": history}
