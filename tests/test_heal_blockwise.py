@@ -188,3 +188,34 @@ def test_blockwise_resume_after_sigkill_is_byte_identical(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (m, k)
+
+
+@pytest.mark.slow
+def test_cli_heals_blockwise_and_refuses_it_without_a_teacher(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    torch.save(teacher, tmp_path / "teacher.pt")
+    plan = compressor.analyze(teacher, rank=2)
+    compressor.save(compressor.rewrite(copy.deepcopy(teacher), plan), tmp_path / "small", plan,
+                    source=compressor.load_model(tmp_path / "teacher.pt"))
+    x = torch.randn(96, 6)
+    torch.save(x[:64], tmp_path / "x.pt")
+    torch.save(x[64:], tmp_path / "val.pt")
+    torch.save({"inputs": x[:64], "targets": torch.zeros(64, dtype=torch.long)}, tmp_path / "labelled.pt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "compressor", "heal", "small", *args], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=120)
+
+    ok = cli("--data", "x.pt", "--val", "val.pt", "--method", "blockwise", "--block-steps", "10", "--lr", "1e-2",
+             "--json")
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads(ok.stdout)
+    assert [b["block"] for b in summary["blocks"]] == ["0", "2", "4"] and summary["config"]["method"] == "blockwise"
+    assert (tmp_path / "small.healed" / "heal.json").is_file()
+    bad = cli("--data", "labelled.pt", "--method", "blockwise", "--out", "bad")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no teacher" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -15,8 +15,13 @@ the compressed model's layers and size. A model without factored layers can be g
 ``train="lora"`` only: adapters then go on every layer a handler adapts (plain LoRA fine-tuning).
 Everything else is frozen and the model runs in eval mode
 (dropout off, batch-norm statistics fixed): healing changes only the chosen weights. The input models
-are never modified. With a validation set the best step by ``monitor`` is returned (the starting point
-included, so healing never returns a model worse on validation than the one it was given).
+are never modified. With a validation set the best step by ``monitor`` is returned; when no step beats
+the input on it, the input itself comes back (a copy, equal byte for byte) and ``HealResult.note`` says
+so in one line: healing never returns a model worse on validation than the one it was given.
+
+``method="blockwise"`` (or ``"both"``: blockwise, then end-to-end) first heals one block at a time (a
+transformer layer, a CNN stage: :mod:`compressor.train.blockwise`), each learning the teacher's block on
+the inputs the healed blocks before it give; it needs a teacher.
 
 Data is a tensor, a tuple of tensors (positional inputs) or a dict of named tensors (keyword inputs),
 with samples along the first dimension, batched here; or a *list* of ready batches (each a tensor, a
