@@ -419,7 +419,7 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
     bar.close()
 
     best = best or history[-1]
-    if not _beats(best["metrics"], before, cfg) and _beats(before, best["metrics"], cfg, or_equal=True):
+    if _at_least_as_good(before, best["metrics"], cfg):
         # Nothing trained beat the input on the held-out data: the input itself, not a rounding of it
         # (a merged zero adapter, a PiSSA split put back), is the answer.
         value = before[cfg.monitor]
@@ -448,13 +448,13 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
                       adapter, None, blocks)
 
 
-def _beats(a: dict[str, float], b: dict[str, float], cfg: HealConfig, or_equal: bool = False) -> bool:
-    """Whether metrics ``a`` are better than ``b`` on the monitored metric (False when either lacks it:
-    without held-out data there is nothing to compare the input with)."""
+def _at_least_as_good(a: dict[str, float], b: dict[str, float], cfg: HealConfig) -> bool:
+    """Whether metrics ``a`` are as good as ``b`` or better on the monitored metric (False when either
+    lacks it: without held-out data there is nothing to compare the input with)."""
     x, y = a.get(cfg.monitor), b.get(cfg.monitor)
     if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
         return False
-    return (x <= y if cfg.mode == "min" else x >= y) if or_equal else (x < y if cfg.mode == "min" else x > y)
+    return x <= y if cfg.mode == "min" else x >= y
 
 
 def _heal_blocks(model: nn.Module, teacher: nn.Module, params: dict[str, nn.Parameter], cfg: HealConfig,
