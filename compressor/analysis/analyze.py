@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import fnmatch
 import sys
@@ -15,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressor.analysis.batchnorm import conv_bn_pairs
 from compressor.core.errors import CompressorError
+from compressor.core.fold import apply_folds
 from compressor.core.handlers import LayerHandler, handler_for, kinds, weight_fingerprint
 from compressor.core.layers import LOW_RANK_TYPES, LoRALayer
 from compressor.core.plan import LayerPlan, Plan
@@ -170,7 +173,8 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
             rank_multiple: int = 1, include: Sequence[str] = (), exclude: Sequence[str] = (),
             overrides: dict[str, int | None] | None = None, plan: Plan | None = None,
             progress: bool | None = None, calibration: Any = None, outputs: Sequence[str] | None = None,
-            sequential: bool = True, sensitivity: bool = True) -> Plan:
+            sequential: bool = True, sensitivity: bool = True, fold_batchnorm: bool = True,
+            example_inputs: Any = None) -> Plan:
     """Analyze every weight of ``model`` and choose a rank per layer; the model is not changed.
 
     Exactly one policy: ``energy`` (fraction of spectral energy kept per layer), ``rank`` (fixed),
@@ -184,6 +188,11 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     minimise each layer's output error, ``energy`` is of the whitened spectrum, ``target`` is spent by
     measured output error (with ``sensitivity``, over the model's ``outputs``: every floating output by
     default), and ``sequential`` refits each layer on the inputs of the compressed layers before it.
+
+    ``fold_batchnorm``: a BatchNorm that directly follows a factorizable conv is folded into it first (exact
+    in eval mode; see :mod:`compressor.core.fold`), so the factors approximate what the network computes;
+    the pairs are found by running the model on the first calibration batch or on ``example_inputs`` (with
+    neither, nothing is folded) and recorded in ``plan.folded``, which ``rewrite`` applies. False keeps them.
     """
     if plan is not None:
         if plan.method != "svd" and calibration is None:
@@ -203,9 +212,14 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
                               "pass e.g. rank_multiple=8", cli_fix="pass e.g. --rank-multiple 8")
     include, exclude = list(include), list(exclude)
 
+    original = model
     found = find_layers(model, include, exclude)
     if plan is None:
         check_patterns(include, exclude, [c.name for c in found])
+    folded = _folds(model, found, plan, fold_batchnorm, calibration, example_inputs)
+    if folded:  # analyze the folded network on a copy: the model itself is not changed
+        model = apply_folds(copy.deepcopy(model), folded)
+        found = find_layers(model, include, exclude)
     names = {c.name for c in found if c.skip is None}
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - {c.name for c in found})
@@ -236,6 +250,10 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
                           "include": include, "exclude": exclude},
                   layers=layers, params_total_before=unique_param_count(model), method=method,
                   calibration=calib_info)
+    result.folded = folded
+    if folded:
+        result.notes.append(f"{len(folded)} BatchNorm layers folded into the convs before them (exact in eval "
+                            "mode); parameter counts are of the folded model")
     if not names:
         result.notes.append("no layer of this model can be factored")
     if "target" in result.policy:
@@ -243,9 +261,21 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
         if abs(got - policy.target) > 0.01:
             result.notes.append(f"removed {got:.3f} of the factorizable parameters against the target "
                                 f"{policy.target:.3f}: the rank steps of these layers are too coarse")
-    for name, dec in decs.items():
-        result._cache[name] = (dec, weight_fingerprint(model.get_submodule(name)))
+    for name, dec in decs.items():  # keyed by the unfolded model's weights: rewrite checks them before folding
+        result._cache[name] = (dec, weight_fingerprint(original.get_submodule(name)))
     return result
+
+
+def _folds(model: nn.Module, found: list[Candidate], plan: Plan | None, fold: bool, calibration: Any,
+           example_inputs: Any) -> list[list[str]]:
+    """The ``[conv, bn]`` pairs to fold: an edited plan's own, or those found on the first input."""
+    if plan is not None:
+        return [list(p) for p in plan.folded]
+    probe = calibration if calibration is not None else example_inputs
+    if not fold or probe is None:
+        return []
+    convs = {c.name for c in found if c.skip is None and c.kind.startswith("conv")}
+    return conv_bn_pairs(model, as_batches(probe)[0], convs) if convs else []
 
 
 

@@ -122,6 +122,8 @@ _policy_options = _options([
                  help="Calibration inputs for data-aware factors: tensors (.pt/.npz/.safetensors) or, "
                       "for Hugging Face text models, a text file with one sentence per line."),
     click.option("--calibration-samples", type=int, help="Use at most this many calibration samples."),
+    click.option("--keep-batchnorm", is_flag=True,
+                 help="Do not fold BatchNorms into the convs before them [default: fold, exact in eval mode]."),
     _outputs_option,
 ])
 

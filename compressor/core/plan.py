@@ -68,6 +68,8 @@ class Plan:
     method: str = "svd"
     calibration: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    # [conv name, BatchNorm name] pairs folded (core/fold.py) before factoring; rewrite folds them first.
+    folded: list[list[str]] = field(default_factory=list)
     version: int = PLAN_VERSION
     # Decompositions computed by analyze, reused by rewrite while the weights are unchanged.
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -118,6 +120,7 @@ class Plan:
             "totals": self.totals(),
             "calibration": self.calibration,
             "notes": self.notes,
+            "folded": self.folded,
             "layers": [asdict(lp) for lp in self.layers],
         }
 
@@ -138,7 +141,7 @@ class Plan:
             plan = cls(policy=data["policy"], layers=layers,
                        params_total_before=int(data["totals"]["params_before"]),
                        method=data.get("method", "svd"), calibration=data.get("calibration"),
-                       notes=list(data.get("notes", [])))
+                       notes=list(data.get("notes", [])), folded=[list(p) for p in data.get("folded", [])])
         except (KeyError, TypeError) as err:
             raise PlanError(f"plan is missing or has a malformed field ({err})",
                             "only edit the \"rank\" values of a plan written by compressor") from None

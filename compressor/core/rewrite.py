@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from compressor.core.errors import PlanError
+from compressor.core.fold import apply_folds
 from compressor.core.handlers import LayerHandler, handler_for, kinds, weight_fingerprint
 from compressor.core.plan import Plan
 from compressor.core.svd import Decomposition, max_saving_rank
@@ -46,7 +47,8 @@ def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
     """Replace every layer with a ``rank`` in ``plan`` by its factored form; returns ``model``.
 
     Raises :class:`PlanError` (and changes nothing) when the plan does not fit the model: an unknown
-    layer, a shape mismatch, or a rank that would not save parameters.
+    layer, a shape mismatch, or a rank that would not save parameters. The BatchNorms in ``plan.folded``
+    are folded into their convs first (exact in eval mode: rewrite a model meant for inference).
     """
     todo = []
     for lp, module in _check_plan(model, plan):
@@ -58,6 +60,7 @@ def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
                             "data (a plan read from JSON, or weights changed since analyze)",
                             "re-run compressor.analyze(model, plan=plan, calibration=...) before rewrite")
         todo.append((lp, module, dec))
+    apply_folds(model, plan.folded)  # checks every pair before changing anything
     for lp, module, dec in todo:  # every check passed: only now is the model changed
         _set_submodule(model, lp.name, factor_module(module, lp.rank, dec))
     return model
@@ -66,7 +69,9 @@ def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
 def build_factored(model: nn.Module, plan: Plan) -> nn.Module:
     """Swap in the plan's factored layers with uninitialised-by-SVD factors (no SVD is computed): the
     skeleton that saved factored weights load into. Changes nothing when the plan does not fit."""
-    for lp, module in _check_plan(model, plan):
+    todo = _check_plan(model, plan)
+    apply_folds(model, plan.folded, weights=False)
+    for lp, module in todo:
         _set_submodule(model, lp.name, empty_factored(module, lp.rank))
     return model
 

@@ -70,6 +70,7 @@ class Options:
     plots: bool = False
     calibration: Path | None = None
     calibration_samples: int | None = None
+    keep_batchnorm: bool = False  # do not fold BatchNorms into the convs before them (analyze's fold_batchnorm)
     force: bool = False
     progress: bool | None = None
     command: str | None = None
@@ -148,7 +149,7 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
     with OutputDir(out, opts.force) as tmp:
         plan = None
         if mode in ("compress", "analyze", "apply"):
-            plan = _plan(model, opts, mode, calibration)
+            plan = _plan(model, opts, mode, calibration, _probe(loaded, opts, weights_only))
             step("analyze")
             plan.to_json(tmp / "plan.json")
         original = model
@@ -296,12 +297,22 @@ def _calibration(loaded, opts: Options) -> list | None:
     return load_calibration(opts.calibration, tokenizer=loaded.tokenizer, samples=opts.calibration_samples)
 
 
-def _plan(model: nn.Module, opts: Options, mode: str, calibration: list | None) -> Plan:
+def _plan(model: nn.Module, opts: Options, mode: str, calibration: list | None, probe=None) -> Plan:
     extra = {"calibration": calibration, "outputs": opts.outputs} if calibration is not None else {}
     if mode == "apply":
         return analyze(model, plan=Plan.from_json(opts.plan_path), progress=opts.progress, **extra)
     return analyze(model, **opts.policy(), rank_multiple=opts.rank_multiple, include=opts.include,
-                   exclude=opts.exclude, progress=opts.progress, **extra)
+                   exclude=opts.exclude, progress=opts.progress, fold_batchnorm=not opts.keep_batchnorm,
+                   example_inputs=probe, **extra)
+
+
+def _probe(loaded, opts: Options, weights_only: bool):
+    """Example inputs to find BatchNorm/conv pairs with when there is no calibration data (None: unknown)."""
+    if weights_only or opts.keep_batchnorm or opts.calibration is not None:
+        return None
+    if opts.input_shapes or opts.example_inputs is not None or loaded.example_inputs is not None:
+        return example_inputs(loaded, opts)
+    return None
 
 
 def _save(model: nn.Module, folder: Path, plan: Plan, loaded) -> None:
