@@ -19,10 +19,18 @@ from torch import nn
 from compressor.analysis.batchnorm import conv_bn_pairs
 from compressor.core.errors import CompressorError
 from compressor.core.fold import apply_folds
-from compressor.core.handlers import LayerHandler, handler_for, kinds, weight_fingerprint
+from compressor.core.handlers import LayerHandler, handler_for, handler_of_kind, kinds, weight_fingerprint
 from compressor.core.layers import LOW_RANK_TYPES, LoRALayer
 from compressor.core.plan import LayerPlan, Plan
-from compressor.core.policies import LayerSpectrum, allocate, policy_from_dict, policy_from_options, policy_to_dict
+from compressor.core.policies import (
+    LayerSpectrum,
+    allocate,
+    operating_keep,
+    policy_from_dict,
+    policy_from_options,
+    policy_to_dict,
+    prefer_alternative,
+)
 from compressor.core.svd import Decomposition, break_even_rank, energy_kept, max_saving_rank, svd
 from compressor.data.calibration import calibrated_analysis
 from compressor.data.inputs import as_batches
@@ -174,7 +182,7 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
             overrides: dict[str, int | None] | None = None, plan: Plan | None = None,
             progress: bool | None = None, calibration: Any = None, outputs: Sequence[str] | None = None,
             sequential: bool = True, sensitivity: bool = True, fold_batchnorm: bool = True,
-            example_inputs: Any = None) -> Plan:
+            example_inputs: Any = None, spatial: bool = True) -> Plan:
     """Analyze every weight of ``model`` and choose a rank per layer; the model is not changed.
 
     Exactly one policy: ``energy`` (fraction of spectral energy kept per layer), ``rank`` (fixed),
@@ -193,6 +201,10 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     in eval mode; see :mod:`compressor.core.fold`), so the factors approximate what the network computes;
     the pairs are found by running the model on the first calibration batch or on ``example_inputs`` (with
     neither, nothing is folded) and recorded in ``plan.folded``, which ``rewrite`` applies. False keeps them.
+
+    ``spatial``: with a ``target``, a ``kh x kw`` conv (both > 1) may be factored as a ``kh x 1`` then
+    ``1 x kw`` conv (kind "conv2d-spatial") instead of the channel decomposition, chosen per layer where it
+    loses less (weight or output error) at ``1 - target`` of its parameters.
     """
     if plan is not None:
         if plan.method != "svd" and calibration is None:
@@ -227,19 +239,26 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
         raise CompressorError(f"overrides name layers the model does not have: {', '.join(unknown[:5])}",
                               "use layer names from the plan (compress analyze MODEL)")
     fixed = {k: v for k, v in overrides.items() if k in names}
+    # A re-derived plan keeps each layer's factorization; otherwise analyze may choose an alternative.
+    forced = {lp.name: lp.kind for lp in plan.layers if lp.supported} if plan is not None else None
     errors: dict[str, float] = {}
     method, calib_info = "svd", None
     if calibration is not None and names:
         cal = calibrated_analysis(model, {c.name: c.module for c in found if c.skip is None},
                                   as_batches(calibration), policy, rank_multiple, fixed, outputs=outputs,
-                                  sequential=sequential, sensitivity=sensitivity)
+                                  sequential=sequential, sensitivity=sensitivity, spatial=spatial, kinds=forced)
         decs, ranks, errors, calib_info = cal.decompositions, cal.ranks, cal.errors, cal.info
+        chosen = cal.kinds
         method = "whitened-svd+sequential" if sequential else "whitened-svd"
     else:
         decs = decompose_layers(found, progress)
-        spectra = [LayerSpectrum.from_singular_values(c.name, *c.weight_matrix().shape, decs[c.name].S)
-                   for c in found if c.skip is None]
-        ranks = allocate(policy, spectra, rank_multiple, fixed)
+        spectra = {c.name: LayerSpectrum.from_singular_values(c.name, *c.weight_matrix().shape, decs[c.name].S)
+                   for c in found if c.skip is None}
+        chosen = _alternatives(found, decs, spectra, operating_keep(policy), spatial, forced)
+        ranks = allocate(policy, list(spectra.values()), rank_multiple, fixed)
+    for c in found:
+        if c.name in chosen:
+            c.kind, c.handler = chosen[c.name], handler_of_kind(chosen[c.name])
 
     layers = [_layer_plan(c, decs.get(c.name), ranks.get(c.name), c.name in overrides)
               for c in found]
@@ -264,6 +283,29 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     for name, dec in decs.items():  # keyed by the unfolded model's weights: rewrite checks them before folding
         result._cache[name] = (dec, weight_fingerprint(original.get_submodule(name)))
     return result
+
+
+def _alternatives(found: list[Candidate], decs: dict[str, Decomposition], spectra: dict[str, LayerSpectrum],
+                  keep: float | None, spatial: bool, forced: dict[str, str] | None) -> dict[str, str]:
+    """``{layer: alternative kind}`` for the layers factored another way (plain SVD); ``decs`` and ``spectra``
+    are updated to it. The relative Frobenius error is the same norm for every layout of one kernel, so the
+    two spectra compare directly."""
+    chosen = {}
+    for c in found:
+        if c.skip is not None:
+            continue
+        wanted = forced.get(c.name) if forced is not None else None
+        options = ([wanted] if wanted not in (None, c.kind) else []) if forced is not None else \
+            (c.handler.alternatives if spatial and keep is not None else ())
+        for kind in options:
+            alt = handler_of_kind(kind)
+            if not alt.accepts(c.module):
+                continue
+            dec = svd(alt.weight_matrix(c.module))
+            sp = LayerSpectrum.from_singular_values(c.name, *alt.weight_matrix(c.module).shape, dec.S)
+            if forced is not None or prefer_alternative(spectra[c.name], sp, keep):
+                decs[c.name], spectra[c.name], chosen[c.name] = dec, sp, kind
+    return chosen
 
 
 def _folds(model: nn.Module, found: list[Candidate], plan: Plan | None, fold: bool, calibration: Any,

@@ -122,6 +122,26 @@ def policy_from_dict(data: dict) -> Policy:
                                   if data.get(k) is not None})
 
 
+def operating_keep(policy: Policy) -> float | None:
+    """The fraction of a layer's parameters a policy roughly keeps, where two ways of factoring the layer are
+    compared (:func:`prefer_alternative`): ``1 - target``. None for the other policies, which set ranks,
+    not parameters: a rank means different sizes in different layouts, so they keep the layer's own kind."""
+    return 1 - policy.target if isinstance(policy, TargetPolicy) else None
+
+
+def operating_rank(sp: LayerSpectrum, keep: float) -> int:
+    """The rank at which ``sp``'s factors hold about ``keep`` of the layer's parameters (at least 1, at
+    most the largest saving rank)."""
+    return max(1, min(max_saving_rank(sp.m, sp.n), int(keep * sp.m * sp.n / (sp.m + sp.n))))
+
+
+def prefer_alternative(base: LayerSpectrum, alt: LayerSpectrum, keep: float) -> bool:
+    """Whether ``alt`` (another factorization of the same weights, e.g. a conv's spatial one) loses less than
+    ``base`` at the same parameter count, ``keep`` of the layer's. Both losses must be in the same units
+    (relative energy of the weight, or relative output error)."""
+    return float(alt.loss[operating_rank(alt, keep)]) < float(base.loss[operating_rank(base, keep)])
+
+
 def round_up(rank: int, multiple: int, cap: int) -> int:
     """``rank`` rounded up to a multiple of ``multiple``, never above ``cap``."""
     return min(cap, -(-rank // multiple) * multiple)

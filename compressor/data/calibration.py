@@ -496,31 +496,43 @@ class Calibrated:
     ranks: dict[str, int | None]
     errors: dict[str, float]  # estimated relative output error of each factored layer
     info: dict[str, Any]  # for plan.calibration
+    kinds: dict[str, str] = field(default_factory=dict)  # layers factored by an alternative kind
 
 
 def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch], policy,
                         rank_multiple: int, fixed: dict[str, int | None], *, outputs: Sequence[str] | None = None,
                         sequential: bool = True,
                         sensitivity: bool = True, sensitivity_batches: int = 2,
-                        damping: tuple[float, ...] = DAMPING) -> Calibrated:
-    """Whitened decompositions, output-error rank allocation and (optionally) sequential refits."""
-    from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate
+                        damping: tuple[float, ...] = DAMPING, spatial: bool = True,
+                        kinds: dict[str, str] | None = None) -> Calibrated:
+    """Whitened decompositions, output-error rank allocation and (optionally) sequential refits.
+
+    ``spatial``: layers with an alternative factorization (a conv's spatial one) take it where its measured
+    output error at the policy's operating point is lower; ``kinds`` (a re-derived plan's) fixes each
+    layer's kind instead."""
+    from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate, operating_keep
     from compressor.core.rewrite import factor_module
     from compressor.core.svd import max_saving_rank
 
     cal = Calibrator(model, modules, batches, outputs)
+    handlers = {name: handler_for(mod) for name, mod in modules.items()}
     decs: dict[str, Decomposition] = {}
     infos: dict[str, dict[str, Any]] = {}
-    for name, mom in cal.moments().items():
+    moments = cal.moments()
+    for name, mom in moments.items():
         mod = modules[name]
         if mom.tokens is not None:
-            decs[name], infos[name] = embedding_decomposition(handler_for(mod).weight_matrix(mod), mom)
+            decs[name], infos[name] = embedding_decomposition(handlers[name].weight_matrix(mod), mom)
         elif mom.xx is None:
             decs[name], infos[name] = plain_decomposition(mod)
         else:
-            decs[name], infos[name] = whitened_decomposition(handler_for(mod).weight_matrix(mod), mom, damping)
-    shapes = {name: tuple(handler_for(mod).weight_matrix(mod).shape) for name, mod in modules.items()}
-    spectra = [LayerSpectrum.from_singular_values(name, *shapes[name], decs[name].S) for name in modules]
+            decs[name], infos[name] = whitened_decomposition(handlers[name].weight_matrix(mod), mom, damping)
+    spectra = {name: LayerSpectrum.from_singular_values(name, *handlers[name].weight_matrix(mod).shape,
+                                                        decs[name].S) for name, mod in modules.items()}
+    chosen = _alternatives(modules, moments, handlers, decs, infos, spectra, operating_keep(policy), damping,
+                           spatial, kinds)
+    shapes = {name: tuple(handlers[name].weight_matrix(mod).shape) for name, mod in modules.items()}
+    spectra = list(spectra.values())
 
     scales: dict[str, float] = {}
     if sensitivity and isinstance(policy, TargetPolicy):
@@ -532,7 +544,7 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
                 continue
             uniform = int((1 - policy.target) * sp.m * sp.n / (sp.m + sp.n))
             r = max(1, min(max_saving_rank(sp.m, sp.n), uniform))
-            probes[sp.name] = (r, factor_module(modules[sp.name], r, decs[sp.name]))
+            probes[sp.name] = (r, factor_module(modules[sp.name], r, decs[sp.name], handlers[sp.name].kind))
         moved = cal.output_errors({n: new for n, (_, new) in probes.items()}, sensitivity_batches)
         for sp in spectra:
             if sp.name in probes:
@@ -555,12 +567,14 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
             if todo and replaced:
                 paired = cal.paired_moments(group, replaced, originals)
                 for name in todo:
-                    W = handler_for(modules[name]).weight_matrix(modules[name])
-                    decs[name], infos[name] = whitened_decomposition(W, paired[name], damping)
+                    h, mod, p = handlers[name], modules[name], paired[name]
+                    if name in chosen:  # the alternative's own moments (see LayerHandler.moments)
+                        p = Moments(h.moments(mod, p.xx), h.moments(mod, p.hh), h.moments(mod, p.xh), p.rows)
+                    decs[name], infos[name] = whitened_decomposition(h.weight_matrix(mod), p, damping)
                     refit += 1
             for name in group:
                 if compressed(name):
-                    replaced[name] = factor_module(modules[name], ranks[name], decs[name])
+                    replaced[name] = factor_module(modules[name], ranks[name], decs[name], handlers[name].kind)
     errors = {n: output_error(decs[n], infos[n], ranks[n]) for n in modules if compressed(n)}
     fallbacks = sorted(n for n, i in infos.items() if i.get("whitening") in ("eigh", "identity"))
     info = {**describe(batches), "sequential": sequential, "layers_refit_sequentially": refit,
@@ -569,4 +583,43 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
             "token_weighted_embeddings": sorted(n for n, i in infos.items()
                                                 if i.get("whitening", "").startswith("token frequency")),
             "sensitivity": {n: round(s, 6) for n, s in scales.items()}}
-    return Calibrated(decs, spectra, ranks, errors, info)
+    info["spatial_layers"] = sorted(chosen)
+    return Calibrated(decs, spectra, ranks, errors, info, chosen)
+
+
+def _alternatives(modules: dict[str, nn.Module], moments: dict[str, Moments], handlers: dict, decs: dict,
+                  infos: dict, spectra: dict, keep: float | None, damping: tuple[float, ...], spatial: bool,
+                  kinds: dict[str, str] | None) -> dict[str, str]:
+    """``{layer: alternative kind}`` for the layers factored another way; ``handlers``, ``decs``, ``infos``
+    and ``spectra`` are updated to it. An alternative's whitening may be approximate (the spatial one ignores
+    correlations across kernel columns), so its loss curve is rescaled to the true output error at the
+    operating rank, measured with the full second moment, before the two are compared."""
+    from compressor.core.handlers import handler_of_kind
+    from compressor.core.policies import LayerSpectrum, operating_rank, prefer_alternative
+
+    chosen = {}
+    for name, mod in modules.items():
+        mom, base = moments[name], handlers[name]
+        if mom.xx is None:
+            continue
+        wanted = kinds.get(name) if kinds is not None else None
+        options = ([wanted] if wanted not in (None, base.kind) else []) if kinds is not None else \
+            (base.alternatives if spatial and keep is not None else ())
+        for kind in options:
+            alt = handler_of_kind(kind)
+            if not alt.accepts(mod):
+                continue
+            A = alt.weight_matrix(mod)
+            dec, info = whitened_decomposition(A, Moments(alt.moments(mod, mom.xx), rows=mom.rows), damping)
+            sp = LayerSpectrum.from_singular_values(name, *A.shape, dec.S)
+            r = operating_rank(sp, keep if keep is not None else 0.5)  # None: a plan's kind, only rescaled
+            up, down = dec.factors(r)
+            W = base.weight_matrix(mod).detach().double()
+            delta = W - alt.kernel((up @ down).double(), mod.weight.shape).reshape(W.shape)
+            true = float((delta @ mom.xx * delta).sum()) / max(float((W @ mom.xx * W).sum()), 1e-300)
+            approx = float(sp.loss[r])
+            sp.loss = sp.loss * (true / approx) if approx > 0 else sp.loss
+            if kinds is not None or prefer_alternative(spectra[name], sp, keep):
+                handlers[name], decs[name], infos[name], spectra[name] = alt, dec, info, sp
+                chosen[name] = kind
+    return chosen
