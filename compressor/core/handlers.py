@@ -56,6 +56,8 @@ class LayerHandler:
     # Kinds of other handlers that factor the same modules another way (a per-layer choice analyze makes,
     # e.g. a conv's spatial decomposition); those handlers never match a module by themselves.
     alternatives: tuple[str, ...] = ()
+    # Whether calibration's sequential correction refits this kind on the compressed model's inputs.
+    refit: bool = True
 
     # ------------------------------------------------------------------------------ identification
     def matches(self, module: nn.Module) -> bool:
@@ -203,6 +205,9 @@ class ConvHandler(LayerHandler):
         self.dims = dims
         self.kind = f"conv{dims}d"
         self.alternatives = ("conv2d-spatial",) if dims == 2 else ()
+        # Measured on MobileNetV2 and EfficientNet-Lite0 (160 px, 54 photos, 40% removed): refitting convs
+        # on the compressed model's inputs lowered held-out logit cosine (0.75 -> 0.67, 0.55 -> 0.41).
+        self.refit = False
 
     def matches(self, module: nn.Module) -> bool:
         # ConvTranspose does not derive from Conv*d: its weight maps outputs to inputs.

@@ -66,7 +66,14 @@ DAMPING = (1e-2, 1e-1)
 # the tokens text uses. On all-MiniLM-L6-v2 any share from 0.2% to 50% did about equally well on held-out
 # sentences, and far better than the plain SVD (share 1): benchmarks/results/embedding_factoring.md.
 UNIFORM_TOKEN_SHARE = 0.1
-ORIGINALS_BUDGET = 2 << 30  # bytes of original-model layer inputs kept to halve sequential passes
+# Rows per input feature a layer's second moment is estimated from, per batch (a fixed random subset of a
+# conv's positions beyond that). Measured on MobileNetV2 and EfficientNet-Lite0 (benchmarks/cnn.py, 160 px).
+ROWS_PER_FEATURE = 64
+ORIGINALS_BUDGET = 2 << 30
+# A sequential refit is a least-squares fit of n weights per output: with fewer than this many calibration
+# rows per input feature it fits the calibration set, not the layer (a CNN's classifier sees one row per
+# image). Kinds whose handler says refit=False (convs) are never refit; see LayerHandler.refit.
+REFIT_ROWS_PER_FEATURE = 4  # bytes of original-model layer inputs kept to halve sequential passes
 
 
 # ------------------------------------------------------------------------------------ calibration data
@@ -110,14 +117,22 @@ class Moments:
         self.tokens = counts if self.tokens is None else self.tokens.add_(counts)
         self.rows += ids.numel()
 
-    def add(self, x: torch.Tensor, h: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, h: torch.Tensor | None = None, weight: float = 1.0) -> None:
+        """Add rows ``x`` (and ``h``); ``weight``: each row stands for that many (a subsample's)."""
         x = x.detach().double()
-        self.xx = x.T @ x if self.xx is None else self.xx.addmm_(x.T, x)
+        xw = x * weight if weight != 1.0 else x
+        self.xx = xw.T @ x if self.xx is None else self.xx.addmm_(xw.T, x)
         if h is not None:
             h = h.detach().double()
-            self.hh = h.T @ h if self.hh is None else self.hh.addmm_(h.T, h)
-            self.xh = x.T @ h if self.xh is None else self.xh.addmm_(x.T, h)
-        self.rows += x.shape[0]
+            hw = h * weight if weight != 1.0 else h
+            self.hh = hw.T @ h if self.hh is None else self.hh.addmm_(hw.T, h)
+            self.xh = xw.T @ h if self.xh is None else self.xh.addmm_(xw.T, h)
+        self.rows += round(x.shape[0] * weight)
+
+    def copy(self) -> Moments:
+        def c(t):
+            return None if t is None else t.clone()
+        return Moments(c(self.xx), c(self.hh), c(self.xh), self.rows, c(self.tokens))
 
 
 @dataclass
@@ -298,9 +313,15 @@ class Calibrator:
         mod = self.modules[name]
         return handler_for(mod).input_rows(mod, x, mask)
 
-    def moments(self) -> dict[str, Moments]:
-        """``X^T X`` of every layer's input on the unchanged model, in one pass over the data."""
+    def moments(self, hold_out: int = 0) -> tuple[dict[str, Moments], dict[str, Moments] | None]:
+        """``X^T X`` of every layer's input on the unchanged model, in one pass over the data; and, with
+        ``hold_out``, the same without the first ``hold_out`` batches (None without).
+
+        Layers with many rows per batch (convs at high resolution) use a fixed random subset of
+        ``ROWS_PER_FEATURE`` rows per input feature, weighted up to the full count: neighbouring positions
+        are nearly duplicates, and the products of all of them dominated calibration time."""
         acc = {name: Moments() for name in self.modules}
+        held = None
         mask = None
 
         def pre(name, args):
@@ -313,13 +334,21 @@ class Calibrator:
                 return
             rows = handler_for(mod).input_rows(mod, args[0], mask)
             if rows is not None:
-                acc[name].add(rows)
+                keep = ROWS_PER_FEATURE * rows.shape[1]
+                if rows.shape[0] > keep:
+                    pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:keep]
+                    acc[name].add(rows[pick.to(rows.device)], weight=rows.shape[0] / keep)
+                else:
+                    acc[name].add(rows)
 
+        order = self.batches[hold_out:] + self.batches[:hold_out]  # the held-out batches last
         with _eval(self.model), _hooks(self.modules, pre=pre):
-            for b in self.batches:
+            for i, b in enumerate(order):
+                if hold_out and i == len(order) - hold_out:
+                    held = {n: m.copy() for n, m in acc.items()}
                 mask = attention_mask(b)
                 call(self.model, b)
-        return acc
+        return acc, held
 
     def original_inputs(self, budget_bytes: int) -> dict[str, list[torch.Tensor | None]] | None:
         """Every layer group's input rows on the original model, per batch (one pass), or None when
@@ -518,7 +547,11 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
     handlers = {name: handler_for(mod) for name, mod in modules.items()}
     decs: dict[str, Decomposition] = {}
     infos: dict[str, dict[str, Any]] = {}
-    moments = cal.moments()
+    # Sensitivity is measured on batches the probe factors were not fit on: measured in sample, a layer with
+    # fewer calibration rows than inputs (a classifier sees one row per image) looks free to truncate.
+    hold_out = sensitivity_batches if sensitivity and isinstance(policy, TargetPolicy) and \
+        len(batches) > sensitivity_batches else 0
+    moments, held = cal.moments(hold_out)
     for name, mom in moments.items():
         mod = modules[name]
         if mom.tokens is not None:
@@ -544,12 +577,18 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
                 continue
             uniform = int((1 - policy.target) * sp.m * sp.n / (sp.m + sp.n))
             r = max(1, min(max_saving_rank(sp.m, sp.n), uniform))
-            probes[sp.name] = (r, factor_module(modules[sp.name], r, decs[sp.name], handlers[sp.name].kind))
+            h, mod, dec = handlers[sp.name], modules[sp.name], decs[sp.name]
+            if held is not None and held[sp.name].xx is not None:  # factors fit without the probe batches
+                xx = held[sp.name].xx if h.kind == handler_for(mod).kind else h.moments(mod, held[sp.name].xx)
+                dec, _ = whitened_decomposition(h.weight_matrix(mod), Moments(xx, rows=held[sp.name].rows), damping)
+            probes[sp.name] = (r, factor_module(mod, r, dec, h.kind))
         moved = cal.output_errors({n: new for n, (_, new) in probes.items()}, sensitivity_batches)
         for sp in spectra:
             if sp.name in probes:
-                own = float(sp.loss[probes[sp.name][0]])
-                scales[sp.name] = moved[sp.name] / own if own > 1e-12 else 0.0
+                # Scaled so the curve passes through the measured point (a floor: a curve that is ~0 there,
+                # in sample, must not make the layer look free).
+                own = max(float(sp.loss[probes[sp.name][0]]), 1e-12)
+                scales[sp.name] = moved[sp.name] / own
                 sp.loss = sp.loss * scales[sp.name]
     ranks = allocate(policy, spectra, rank_multiple, fixed)
 
@@ -563,7 +602,8 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
         replaced: dict[str, nn.Module] = {}
         for group in cal.order:
             # Only whitened layers are refit: embeddings and layers the data never reached keep theirs.
-            todo = [n for n in group if compressed(n) and infos[n].get("whitening") in ("cholesky", "eigh", "identity")]
+            todo = [n for n in group if compressed(n) and infos[n].get("whitening") in ("cholesky", "eigh", "identity")
+                    and handlers[n].refit and moments[n].rows >= REFIT_ROWS_PER_FEATURE * shapes[n][1]]
             if todo and replaced:
                 paired = cal.paired_moments(group, replaced, originals)
                 for name in todo:
@@ -578,6 +618,7 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
     errors = {n: output_error(decs[n], infos[n], ranks[n]) for n in modules if compressed(n)}
     fallbacks = sorted(n for n, i in infos.items() if i.get("whitening") in ("eigh", "identity"))
     info = {**describe(batches), "sequential": sequential, "layers_refit_sequentially": refit,
+            "sensitivity_held_out_batches": hold_out,
             "allocation": "output-error x measured sensitivity" if scales else "whitened spectrum",
             "damping": list(damping), "whitening_fallbacks": fallbacks,
             "token_weighted_embeddings": sorted(n for n, i in infos.items()
