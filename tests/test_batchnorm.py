@@ -112,3 +112,21 @@ def test_a_plan_folding_a_missing_layer_changes_nothing():
         compressor.rewrite(model, plan)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert apply_folds(model, []) is model
+
+
+@pytest.mark.filterwarnings("ignore::compressor.jobs.compress.LowFidelityWarning")  # random weights, plain SVD
+def test_the_compress_job_folds_with_example_inputs_and_keep_batchnorm_keeps_them(tmp_path):
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                        nn.Flatten(), nn.Linear(16 * 8 * 8, 10)))
+    path = tmp_path / "cnn.pt"
+    torch.save(model, path)
+    out = tmp_path / "out"
+    report = compressor.compress(path, out, target=0.3, input_shapes=["2x3x8x8"])
+    assert report.onnx["passed"]
+    assert Plan.from_json(out / "plan.json").folded == [["0", "1"], ["3", "4"]]
+    assert isinstance(compressor.load(out)[1], nn.Identity)  # the folded structure is what loads back
+    compressor.compress(path, tmp_path / "kept", mode="analyze", target=0.3, input_shapes=["2x3x8x8"],
+                        keep_batchnorm=True)
+    assert Plan.from_json(tmp_path / "kept" / "plan.json").folded == []
