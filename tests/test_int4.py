@@ -169,3 +169,44 @@ def test_int4_refuses_bad_settings(tmp_path):
     before = copy.deepcopy(model.state_dict())
     int4_correction(model, energy=0.5, block_size=16)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input never modified
+
+
+def test_cli_writes_a_corrected_int4_file_and_refuses_stray_settings(tmp_path):
+    import json
+
+    from .test_cli import run
+
+    src, cal = tmp_path / "mlp.pt", tmp_path / "cal.pt"
+    torch.save(_mlp(), src)
+    torch.save(torch.randn(64, 72, generator=torch.Generator().manual_seed(2)), cal)
+    res = run(["export", src, "--input-shape", "4x72", "--int4", "--int4-block-size", "16", "--int4-correction",
+               "rank=4", "--int4-factors", "int8", "--calibration", cal, "--out", tmp_path / "a"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    corr = report["int4"]["correction"]
+    assert report["int4"]["passed"] and corr["data_aware"] and corr["ranks"] == {"0": 4, "2": 4}
+    assert corr["factors"] == "int8" and "corrects 2 of 2 4-bit layers" in (tmp_path / "a" / "report.md").read_text()
+    for extra, problem in ((["--int4-correction", "rank=4"], "add --int4"),
+                           (["--int4", "--int4-block-size", "24"], "power of two"),
+                           (["--int4", "--int4-correction", "depth=2"], "RULE=VALUE")):
+        res = run(["export", src, "--input-shape", "4x72", *extra, "--out", tmp_path / "c"])
+        lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert res.exit_code == 2 and len(lines) == 1 and problem in lines[0], res.output
+        assert not (tmp_path / "c").exists()
+
+
+def test_search_recipes_with_int4_corrections():
+    from compressor.search.recipes import Recipe, default_recipes
+
+    r = Recipe("int4", calibrated=True, int4_correction="budget=0.03")
+    assert r.name == "dense-int4+budget0.03-cal" and r.base() == Recipe("fp32")
+    assert Recipe.from_dict(r.to_dict()) == r and r.key() != Recipe("int4", int4_correction="budget=0.03").key()
+    assert "int4_correction" not in Recipe("int8").to_dict()  # older recipes keep their cache keys
+    assert Recipe("int4", 0.2, True, int4_correction="rank=8").name == "lowrank0.2-cal-int4+rank8"
+    for bad in (dict(precision="int8", int4_correction="rank=8"), dict(precision="int4", int4_correction="x=1"),
+                dict(precision="int4", calibrated=True)):
+        with pytest.raises(CompressorError):
+            Recipe(**bad)
+    names = [r.name for r in default_recipes([0.3], calibrated=True, int4_corrections=("rank=16",))]
+    assert {"dense-int4", "lowrank0.3-cal-int4", "dense-int4+rank16-cal"} <= set(names)
+    assert not any("+" in n for n in (r.name for r in default_recipes([0.3], precisions=("fp32", "int8"))))

@@ -548,6 +548,9 @@ def export_int8(src_onnx: str | Path, dst: str | Path, *, keep_fp16: Sequence[st
 # ------------------------------------------------------------------------------------------- int4
 
 
+FACTOR_STORAGE = ("fp16", "int8")  # how export_int4 stores correction factors; the first is the default
+
+
 def check_int4_block_size(block_size: int) -> int:
     """``block_size`` if onnxruntime's 4-bit kernels take it (a power of two, at least 16), else
     :class:`CompressorError`."""
@@ -560,7 +563,7 @@ def check_int4_block_size(block_size: int) -> int:
 
 
 def export_int4(src_onnx: str | Path, dst: str | Path, *, block_size: int = INT4_BLOCK_SIZE,
-                corrections: Mapping[str, tuple[Any, Any]] | None = None) -> Path:
+                corrections: Mapping[str, tuple[Any, Any]] | None = None, factors: str = "fp16") -> Path:
     """onnxruntime's 4-bit weight-only quantization of ``src_onnx`` (MatMulNBitsQuantizer, asymmetric,
     blocks of ``block_size`` weights along the input dimension): every MatMul/Gemm by a constant weight
     becomes a MatMulNBits node, every embedding lookup a GatherBlockQuantized node; convolutions and the
@@ -568,12 +571,17 @@ def export_int4(src_onnx: str | Path, dst: str | Path, *, block_size: int = INT4
 
     ``corrections`` maps torch module names (``"encoder.layer.0.output.dense"``) to ``(up, down)`` of
     shapes ``(out, r)`` and ``(r, in)``: beside that layer's MatMulNBits node the graph then computes
-    ``x @ down^T @ up^T`` with two small MatMuls (factors stored as float16) and adds it to its output, so
-    the layer computes ``x (deq(Q(W)) + up down)^T``."""
+    ``x @ down^T @ up^T`` with two small MatMuls and adds it to its output, so the layer computes
+    ``x (deq(Q(W)) + up down)^T``. ``factors``: how those MatMuls store their weights, "fp16" (cast back
+    to float32 at load) or "int8" (onnxruntime dynamic int8: per-channel weights, inputs quantized at run
+    time, half the bytes of fp16 and a little more error)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     check_int4_block_size(block_size)
+    if factors not in FACTOR_STORAGE:
+        raise CompressorError(f"unknown int4 correction factor storage {factors!r}",
+                              f"use one of {', '.join(FACTOR_STORAGE)}")
     src, dst = Path(src_onnx), Path(dst)
     model = _load_full(src)
     graph = model.graph
@@ -600,9 +608,21 @@ def export_int4(src_onnx: str | Path, dst: str | Path, *, block_size: int = INT4
     if missing:
         raise CompressorError(f"onnxruntime left layer(s) {', '.join(missing[:3])} of '{src}' unquantized, so "
                               "there is no MatMulNBits node to correct", "leave those layers out of the correction")
-    factors = _add_corrections(model.graph, {by_module[m].name: corrections[m] for m in sorted(corrections)})
-    _store_fp16(model.graph, factors)
-    return _save_atomic(model, dst, onnx)
+    weights = _add_corrections(model.graph, {by_module[m].name: corrections[m] for m in sorted(corrections)})
+    if factors == "fp16" or not weights:
+        _store_fp16(model.graph, weights)
+        return _save_atomic(model, dst, onnx)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    with atomic_files(dst) as tmpdir:
+        _save_onnx(model, tmpdir / "fp32_factors.onnx", onnx)
+        with _quiet():
+            quantize_dynamic(tmpdir / "fp32_factors.onnx", tmpdir / dst.name, weight_type=QuantType.QInt8,
+                             per_channel=True, nodes_to_quantize=nodes)
+        for f in tmpdir.glob("fp32_factors.onnx*"):
+            f.unlink()
+    return dst
 
 
 def _gemms_to_matmuls(graph) -> None:
