@@ -160,7 +160,7 @@ def render(record: dict) -> str:
                 "build s"]
         body = [[r["name"], f"{r['size_bytes'] / scale:.2f} {unit}", f"{r['size_bytes'] / rows[0]['size_bytes']:.3f}",
                  r["correction"] or "-", r["factors"] or "-", r["correction_params"],
-                 *[f"{r[m]:.5f}" for m in metrics], f"{r['latency_ms']:.2f} ms", r["build_seconds"]]
+                 *[f"{r[m]:.5f}" for m in metrics], f"{r['latency_ms']:.2f} ms", f"{r['build_seconds']:.1f}"]
                 for r in sorted(rows, key=lambda r: r["size_bytes"])]
         return md_table(head, body)
 
@@ -198,7 +198,11 @@ def main() -> int:
     ap.add_argument("--blocks", default="128,64", help="block sizes of the corrected int4 files")
     ap.add_argument("--calibration", type=int, default=128, help="calibration sentences")
     ap.add_argument("--eval", type=int, default=300, help="held-out sentences")
+    ap.add_argument("--render", type=Path, help="only write the Markdown again from this run's JSON")
     args = ap.parse_args()
+    if args.render:
+        atomic_write_text(args.render.with_suffix(".md"), render(json.loads(args.render.read_text())))
+        return 0
     args.ranks = [int(r) for r in args.ranks.split(",") if r]
     args.budgets = [float(b) for b in args.budgets.split(",") if b]
     args.blocks = [int(b) for b in args.blocks.split(",") if b]
