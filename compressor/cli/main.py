@@ -30,7 +30,7 @@ from compressor.core.errors import CompressorError
 from compressor.core.output import interrupt_exit_code, interrupt_on_sigterm
 from compressor.export.onnx import DEFAULT_OPSET, FACTOR_STORAGE, VARIANTS
 from compressor.jobs.compress import Options
-from compressor.report.report import Report, criterion
+from compressor.report.report import VALIDATED, Report, criterion
 from compressor.search.recipes import DEFAULT_INT4_CORRECTIONS, DEFAULT_TARGETS, PRECISIONS
 
 EXIT_BAD_INPUT = 2
@@ -208,7 +208,7 @@ def summary(r: Report) -> str:
         f = r.fidelity
         lines.append(f"  fidelity          cosine to original {f['cosine_mean']:.5f} (min {f['cosine_min']:.5f}) "
                      "on the example inputs")
-    for v in (r.onnx, r.fp16, r.int8):
+    for v in (getattr(r, key) for key in VALIDATED):
         if not v:
             continue
         if "skipped" in v:
@@ -219,6 +219,10 @@ def summary(r: Report) -> str:
                      f"cosine {v['cosine']:.6f} ({tol}): {'PASS' if v['passed'] else 'FAIL'}")
         if v.get("kept_fp16"):
             lines.append(f"    kept in fp16    {', '.join(v['kept_fp16'])}")
+        if v.get("correction"):
+            c = v["correction"]
+            lines.append(f"    corrected       {sum(1 for x in c['ranks'].values() if x)} layers, "
+                         f"{c['parameters']:,} {c['factors']} factor weights ({c['rule']})")
     lines.append(f"  report            {Path(r.output) / 'report.md'}")
     return "\n".join(lines)
 

@@ -551,6 +551,14 @@ def export_int8(src_onnx: str | Path, dst: str | Path, *, keep_fp16: Sequence[st
 FACTOR_STORAGE = ("fp16", "int8")  # how export_int4 stores correction factors; the first is the default
 
 
+def check_factor_storage(factors: str) -> str:
+    """``factors`` if it is one of :data:`FACTOR_STORAGE`, else :class:`CompressorError`."""
+    if factors not in FACTOR_STORAGE:
+        raise CompressorError(f"unknown int4 correction factor storage {factors!r}",
+                              f"use one of {', '.join(FACTOR_STORAGE)}")
+    return factors
+
+
 def check_int4_block_size(block_size: int) -> int:
     """``block_size`` if onnxruntime's 4-bit kernels take it (a power of two, at least 16), else
     :class:`CompressorError`."""
@@ -579,9 +587,7 @@ def export_int4(src_onnx: str | Path, dst: str | Path, *, block_size: int = INT4
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     check_int4_block_size(block_size)
-    if factors not in FACTOR_STORAGE:
-        raise CompressorError(f"unknown int4 correction factor storage {factors!r}",
-                              f"use one of {', '.join(FACTOR_STORAGE)}")
+    check_factor_storage(factors)
     src, dst = Path(src_onnx), Path(dst)
     model = _load_full(src)
     graph = model.graph

@@ -238,7 +238,7 @@ def layer_damage(original: nn.Module, compressed: nn.Module, names: Sequence[str
 def check_options(opts: Options) -> None:
     """Refuse option values no run can use, before anything is loaded (shared by compress and search)."""
     from compressor.analysis.int4 import parse_correction
-    from compressor.export.onnx import VARIANTS, check_int4_block_size, check_opset
+    from compressor.export.onnx import VARIANTS, check_factor_storage, check_int4_block_size, check_opset
 
     check_opset(opts.opset)
     int4_settings = {"int4_block_size": opts.int4_block_size != INT4_BLOCK_SIZE,
@@ -247,14 +247,13 @@ def check_options(opts: Options) -> None:
     given = [k for k, v in int4_settings.items() if v]
     if given and "int4" not in opts.variants:
         flag = given[0].replace("_", "-")
-        raise CompressorError(f"{given[0]} sets up the int4 file, but the int4 variant is not asked for",
-                              "add 'int4' to variants", cli_fix=f"add --int4 (--{flag} applies to it)")
+        raise CompressorError("an int4 block size, correction or factor storage is given, but the int4 file "
+                              "is not asked for", "add 'int4' to variants",
+                              cli_fix=f"add --int4 (--{flag} applies to it)")
     check_int4_block_size(opts.int4_block_size)
+    check_factor_storage(opts.int4_factors)
     if opts.int4_correction is not None:
         parse_correction(opts.int4_correction)
-    if opts.int4_factors not in FACTOR_STORAGE:
-        raise CompressorError(f"unknown int4 correction factor storage {opts.int4_factors!r}",
-                              f"use one of {', '.join(FACTOR_STORAGE)}")
     written = [v for v in VARIANTS if VARIANTS[v].write is not None]
     unknown = [v for v in opts.variants if v not in written]
     if unknown:
