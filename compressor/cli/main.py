@@ -222,7 +222,8 @@ def summary(r: Report) -> str:
         if v.get("correction"):
             c = v["correction"]
             lines.append(f"    corrected       {sum(1 for x in c['ranks'].values() if x)} layers, "
-                         f"{c['parameters']:,} {c['factors']} factor weights ({c['rule']})")
+                         f"{c['parameters']:,} {c['factors']} factor weights "
+                         f"({', '.join(f'{k}={x:g}' for k, x in c['rule'].items())})")
     lines.append(f"  report            {Path(r.output) / 'report.md'}")
     return "\n".join(lines)
 

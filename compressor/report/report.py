@@ -224,7 +224,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             ranks = [v for v in corr["ranks"].values() if v]
             lines += [f"`model.int4.onnx` (blocks of {corr['block_size']}) corrects {len(ranks)} of "
                       f"{len(corr['ranks'])} 4-bit layers with low-rank factors ({corr['parameters']:,} weights, "
-                      f"ranks {min(ranks, default=0)} to {max(ranks, default=0)}, rule {corr['rule']}, "
+                      f"ranks {min(ranks, default=0)} to {max(ranks, default=0)}, rule "
+                      f"{', '.join(f'{k}={x:g}' for k, x in corr['rule'].items())}, "
                       f"{'data-aware' if corr['data_aware'] else 'plain SVD'}).", ""]
     if r.get("plots"):
         lines += ["## Spectra", ""] + [f"![{Path(p).stem}]({p})" for p in r["plots"]] + [""]
