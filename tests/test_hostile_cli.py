@@ -188,7 +188,7 @@ def test_bad_policy_and_export_options(work, args, needle):
     (["--max-latency", "-1"], "cannot read the latency '-1'"),
     (["--max-latency", "0"], "cannot read the latency"),
     (["--max-size", "0.5", "--targets", "1.5"], "target 1.5 is outside (0, 1)"),
-    (["--max-size", "0.5", "--precisions", "int4"], "'int4'"),
+    (["--max-size", "0.5", "--precisions", "int3"], "'int3'"),
     (["--max-size", "0.5", "--heal-steps", "5"], "--calibration FILE"),
     (["--max-size", "0.5", "--keep-fp16", "2"], "--calibration FILE"),
     ([], "at least one constraint"),

@@ -20,7 +20,7 @@ from compressor.search.sensitivity import int8_sensitivity, most_sensitive
 
 from .test_mixed_int8 import outlier_mlp
 
-RECIPES = [Recipe("fp32"), Recipe("fp16"), Recipe("int8"),
+RECIPES = [Recipe("fp32"), Recipe("fp16"), Recipe("int8"), Recipe("int4"),
            Recipe("fp32", 0.3), Recipe("int8", 0.3), Recipe("fp32", 0.7), Recipe("int8", 0.7),
            Recipe("int8", 0.7, heal_steps=4, qat=True)]
 
@@ -57,7 +57,7 @@ def test_recipe_is_frozen_json_and_keyed():
     assert r.name == "lowrank0.4-cal-heal200-xembeddings.*-int8" and Recipe("fp16").name == "dense-fp16"
     with pytest.raises(AttributeError):
         r.target = 0.5  # frozen
-    for bad in (dict(precision="int4"), dict(target=1.0), dict(calibrated=True), dict(target=0.5, heal_steps=-1)):
+    for bad in (dict(precision="int2"), dict(target=1.0), dict(calibrated=True), dict(target=0.5, heal_steps=-1)):
         with pytest.raises(CompressorError):
             Recipe(**bad)
 
@@ -91,7 +91,7 @@ def test_every_measured_variant_passed_onnxruntime_validation(searched):
         ort.InferenceSession(p.onnx, providers=["CPUExecutionProvider"])  # the cached file itself loads
     size = {p.recipe: p.size_bytes for p in result.points}
     # The measured front has the shape the recipes promise: int8 < fp16 < fp32, low-rank < dense.
-    assert size[Recipe("int8")] < size[Recipe("fp16")] < size[Recipe("fp32")]
+    assert size[Recipe("int4")] < size[Recipe("int8")] < size[Recipe("fp16")] < size[Recipe("fp32")]
     assert size[Recipe("int8", 0.7)] < size[Recipe("int8", 0.3)] < size[Recipe("int8")]
     healed = result.points[-1]
     assert healed.heal["steps"] == 4 and healed.size_bytes == size[Recipe("int8", 0.7)]

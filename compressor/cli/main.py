@@ -28,10 +28,10 @@ from compressor.cli.lora import lora
 from compressor.cli.train import checkpoints, heal_config_options
 from compressor.core.errors import CompressorError
 from compressor.core.output import interrupt_exit_code, interrupt_on_sigterm
-from compressor.export.onnx import DEFAULT_OPSET, VARIANTS
+from compressor.export.onnx import DEFAULT_OPSET, FACTOR_STORAGE, VARIANTS
 from compressor.jobs.compress import Options
-from compressor.report.report import Report, criterion
-from compressor.search.recipes import DEFAULT_TARGETS, PRECISIONS
+from compressor.report.report import VALIDATED, Report, criterion
+from compressor.search.recipes import DEFAULT_INT4_CORRECTIONS, DEFAULT_TARGETS, PRECISIONS
 
 EXIT_BAD_INPUT = 2
 EXIT_VALIDATION_FAILED = 3
@@ -151,6 +151,15 @@ _export_options = _options([
     *(click.option(f"--{v.name}", f"variant_{v.name}", is_flag=True,
                    help=f"Also write and validate model.{v.name}.onnx ({v.help}).")
       for v in VARIANTS.values() if v.write is not None),
+    click.option("--int4-block-size", type=int, default=Options.int4_block_size, show_default=True,
+                 help="With --int4: weights per scale and zero point (a power of two >= 16; smaller: more "
+                      "faithful, bigger)."),
+    click.option("--int4-correction",
+                 help="With --int4: add a low-rank correction of each Linear's 4-bit rounding error: rank=R "
+                      "(every layer), energy=E (of the error's spectrum) or budget=F (correction weights worth F "
+                      "of the Linear weights, spent where they help most); whitened by --calibration if given."),
+    click.option("--int4-factors", type=click.Choice(FACTOR_STORAGE), default=Options.int4_factors,
+                 show_default=True, help="With --int4-correction: how its factors are stored."),
     click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder."),
 ])
 
@@ -201,7 +210,7 @@ def summary(r: Report) -> str:
         f = r.fidelity
         lines.append(f"  fidelity          cosine to original {f['cosine_mean']:.5f} (min {f['cosine_min']:.5f}) "
                      "on the example inputs")
-    for v in (r.onnx, r.fp16, r.int8):
+    for v in (getattr(r, key) for key in VALIDATED):
         if not v:
             continue
         if "skipped" in v:
@@ -212,6 +221,11 @@ def summary(r: Report) -> str:
                      f"cosine {v['cosine']:.6f} ({tol}): {'PASS' if v['passed'] else 'FAIL'}")
         if v.get("kept_fp16"):
             lines.append(f"    kept in fp16    {', '.join(v['kept_fp16'])}")
+        if v.get("correction"):
+            c = v["correction"]
+            lines.append(f"    corrected       {sum(1 for x in c['ranks'].values() if x)} layers, "
+                         f"{c['parameters']:,} {c['factors']} factor weights "
+                         f"({', '.join(f'{k}={x:g}' for k, x in c['rule'].items())})")
     lines.append(f"  report            {Path(r.output) / 'report.md'}")
     return "\n".join(lines)
 
@@ -275,6 +289,9 @@ def apply_cmd(model: Path, plan: Path, **kw: Any) -> None:
 
 @main.command("export")
 @click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="Calibration inputs for a data-aware --int4-correction (see compress --help).")
+@click.option("--calibration-samples", type=int)
 @_export_options
 @_common_options
 def export_cmd(model: Path, **kw: Any) -> None:
@@ -360,6 +377,10 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--keep-fp16", default="0", show_default=True,
               help="Also try each int8 recipe keeping this many layers, those int8 rounding hurts most "
                    "(measured on --calibration), in fp16; a comma list such as 2,4.")
+@click.option("--int4-corrections", default=",".join(DEFAULT_INT4_CORRECTIONS), show_default=True,
+              help="With int4 among --precisions: also try dense int4 with each of these low-rank corrections "
+                   "of its rounding error (rank=R, energy=E or budget=F; data-aware with --calibration); "
+                   "'' for none.")
 @click.option("--eval-inputs", type=click.Path(path_type=Path),
               help="Held-out inputs for fidelity (tensors, or text for Hugging Face models) "
                    "[default: seeded random inputs shaped like the example inputs].")
@@ -374,12 +395,14 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True)
 @_common_options
 def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, max_latency: str | None,
-               targets: str, precisions: str, heal_steps: int, keep_fp16: str, eval_inputs: Path | None,
+               targets: str, precisions: str, heal_steps: int, keep_fp16: str, int4_corrections: str,
+               eval_inputs: Path | None,
                cache_dir: Path | None, **kw: Any) -> None:
-    """Measure low-rank x fp32/fp16/int8 recipes and keep the best one meeting the constraints.
+    """Measure low-rank x fp32/fp16/int8/int4 recipes (and corrected int4) and keep the best one meeting the
+    constraints.
 
     With --min-fidelity the smallest file meeting every constraint wins; otherwise the most faithful.
-    Dense fp32, fp16 and int8 are always measured as references; measurements are cached by recipe.
+    Dense fp32, fp16, int8 and int4 are always measured as references; measurements are cached by recipe.
     """
     from compressor.jobs.search import run_search
     from compressor.search.recipes import Constraints, parse_latency, parse_size
@@ -393,6 +416,7 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
         report = run_search(model, out, constraints=constraints, targets=_floats(targets),
                             precisions=tuple(p.strip() for p in precisions.split(",")), heal_steps=heal_steps,
                             keep_fp16=_ints(keep_fp16, "--keep-fp16"),
+                            int4_corrections=[c.strip() for c in int4_corrections.split(",") if c.strip()],
                             cache_dir=cache_dir, eval_inputs=eval_inputs, options=Options(**kw), log=log)
     except CompressorError as err:
         if debug:

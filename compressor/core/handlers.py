@@ -58,6 +58,9 @@ class LayerHandler:
     alternatives: tuple[str, ...] = ()
     # Whether calibration's sequential correction refits this kind on the compressed model's inputs.
     refit: bool = True
+    # How onnxruntime's 4-bit weight-only export stores the kind: "matmul" (MatMulNBits, which a low-rank
+    # correction can sit beside), "gather" (GatherBlockQuantized) or "none" (it stays float).
+    int4: str = "none"
 
     # ------------------------------------------------------------------------------ identification
     def matches(self, module: nn.Module) -> bool:
@@ -164,6 +167,43 @@ def fake_int8_weight(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
     return w + (q.reshape(w.shape) - w).detach()
 
 
+# ------------------------------------------------------------------------------------ int4 rounding
+
+# onnxruntime's MatMulNBitsQuantizer defaults: 4 bits, asymmetric (a zero point per block), blocks of
+# 128 weights along the input dimension. Smaller blocks: more scales, lower error.
+INT4_BLOCK_SIZE = 128
+INT4_SYMMETRIC = False
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    # C's roundf, which onnxruntime's block quantizer uses (torch.round rounds half to even).
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def fake_int4_weight(w: torch.Tensor, block_size: int = INT4_BLOCK_SIZE,
+                     symmetric: bool = INT4_SYMMETRIC) -> torch.Tensor:
+    """``w`` (m, n) rounded as onnxruntime's MatMulNBitsQuantizer stores it (4 bits per weight, a float
+    scale and, asymmetric, a 4-bit zero point per block of ``block_size`` consecutive weights of a row,
+    i.e. along the input dimension ``n``) and dequantized back, in float32; not differentiable."""
+    m, n = w.shape
+    blocks = -(-n // block_size)
+    x = F.pad(w.detach().float(), (0, blocks * block_size - n)).reshape(m, blocks, block_size)
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    if symmetric:
+        # The value of largest magnitude maps to -8, so the other sign reaches at most +7.
+        scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -8
+        inv = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
+        q = (_round_half_away(x * inv) + 8).clamp(0, 15) - 8
+    else:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        scale = (hi - lo) / 15
+        inv = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
+        zp = torch.where(scale == 0, torch.zeros_like(lo), -lo * inv)
+        zp = _round_half_away(zp).clamp(0, 15)
+        q = (_round_half_away(x * inv + zp)).clamp(0, 15) - zp
+    return (q * scale).reshape(m, blocks * block_size)[:, :n].to(w.dtype)
+
+
 def fake_uint8_input(x: torch.Tensor) -> torch.Tensor:
     """Asymmetric uint8 per tensor with a range including 0 (DynamicQuantizeLinear), straight-through."""
     lo, hi = x.detach().min().clamp(max=0), x.detach().max().clamp(min=0)
@@ -177,6 +217,7 @@ def fake_uint8_input(x: torch.Tensor) -> torch.Tensor:
 
 class LinearHandler(LayerHandler):
     kind = "linear"
+    int4 = "matmul"
 
     def matches(self, module: nn.Module) -> bool:
         # isinstance keeps user subclasses of Linear, as peft does.
@@ -316,6 +357,7 @@ class EmbeddingHandler(LayerHandler):
 
     kind = "embedding"
     statistics = "tokens"
+    int4 = "gather"
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Embedding)
@@ -359,6 +401,7 @@ class HFConv1DHandler(LayerHandler):
     matrix is the transpose; it is factored into a :class:`LowRankLinear`, which computes the same."""
 
     kind = "hf-conv1d"
+    int4 = "matmul"
 
     def matches(self, module: nn.Module) -> bool:
         # By name, so that transformers is never imported to ask.

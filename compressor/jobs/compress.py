@@ -33,7 +33,8 @@ from compressor.report.report import Report, build_report, write_report
 
 if TYPE_CHECKING:
     from compressor.train.heal import HealConfig
-from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET
+from compressor.core.handlers import INT4_BLOCK_SIZE
+from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET, FACTOR_STORAGE
 
 MODES = ("compress", "analyze", "apply", "export")
 # Below this mean cosine to the original (on the example inputs) a compressed model's outputs are plainly
@@ -66,6 +67,9 @@ class Options:
     opset: int = DEFAULT_OPSET
     variants: Sequence[str] = ()  # precisions written beside model.onnx, from export.onnx.VARIANTS
     keep_fp16: int = 0  # with int8: this many int8-sensitive layers stay fp16 (measured on calibration)
+    int4_block_size: int = INT4_BLOCK_SIZE  # with int4: weights per scale / zero point
+    int4_correction: str | None = None  # with int4: "rank=16", "energy=0.5" or "budget=0.05" (analysis.int4)
+    int4_factors: str = FACTOR_STORAGE[0]  # with a correction: its factors stored "fp16" or "int8"
     outputs: Sequence[str] = ()  # the outputs fidelity and sensitivity compare (empty: every float output)
     plots: bool = False
     calibration: Path | None = None
@@ -234,9 +238,23 @@ def layer_damage(original: nn.Module, compressed: nn.Module, names: Sequence[str
 
 def check_options(opts: Options) -> None:
     """Refuse option values no run can use, before anything is loaded (shared by compress and search)."""
-    from compressor.export.onnx import VARIANTS, check_opset
+    from compressor.analysis.int4 import parse_correction
+    from compressor.export.onnx import VARIANTS, check_factor_storage, check_int4_block_size, check_opset
 
     check_opset(opts.opset)
+    int4_settings = {"int4_block_size": opts.int4_block_size != INT4_BLOCK_SIZE,
+                     "int4_correction": opts.int4_correction is not None,
+                     "int4_factors": opts.int4_factors != FACTOR_STORAGE[0]}
+    given = [k for k, v in int4_settings.items() if v]
+    if given and "int4" not in opts.variants:
+        flag = given[0].replace("_", "-")
+        raise CompressorError("an int4 block size, correction or factor storage is given, but the int4 file "
+                              "is not asked for", "add 'int4' to variants",
+                              cli_fix=f"add --int4 (--{flag} applies to it)")
+    check_int4_block_size(opts.int4_block_size)
+    check_factor_storage(opts.int4_factors)
+    if opts.int4_correction is not None:
+        parse_correction(opts.int4_correction)
     written = [v for v in VARIANTS if VARIANTS[v].write is not None]
     unknown = [v for v in opts.variants if v not in written]
     if unknown:
@@ -354,11 +372,29 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
                                   opts.keep_fp16)
             written = export_int8(path, folder / "model.int8.onnx", keep_fp16=kept)
             result["int8_kept_fp16"] = kept
+        elif kind == "int4":
+            written, result["int4_correction"] = _int4(model, path, folder, opts, calibration)
         else:
             written = v.write(path, folder / f"model.{kind}.onnx")
         result[kind] = validate_onnx(written, model, inputs, atol=None, min_cosine=v.min_cosine, variant=kind)
     result["fidelity"] = output_fidelity(original, model, inputs, opts.outputs) if original is not model else None
     return result
+
+
+def _int4(model: nn.Module, path: Path, folder: Path, opts: Options, calibration: list | None
+          ) -> tuple[Path, dict[str, Any] | None]:
+    """model.int4.onnx, with the low-rank correction of its rounding error when asked (data-aware with
+    calibration inputs); returns the file and the correction's summary."""
+    from compressor.analysis.int4 import int4_correction, parse_correction
+    from compressor.export.onnx import export_int4
+
+    corr = None
+    if opts.int4_correction is not None:
+        corr = int4_correction(model, block_size=opts.int4_block_size, calibration=calibration,
+                               outputs=opts.outputs or None, **parse_correction(opts.int4_correction))
+    written = export_int4(path, folder / "model.int4.onnx", block_size=opts.int4_block_size,
+                          corrections=corr.factors if corr else None, factors=opts.int4_factors)
+    return written, None if corr is None else {**corr.to_dict(), "factors": opts.int4_factors}
 
 
 @torch.no_grad()

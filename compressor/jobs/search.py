@@ -16,7 +16,13 @@ from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_text
 from compressor.search.evaluate import output_fidelity
 from compressor.search.front import front_markdown, plot_front
-from compressor.search.recipes import DEFAULT_TARGETS, PRECISIONS, Constraints, default_recipes
+from compressor.search.recipes import (
+    DEFAULT_INT4_CORRECTIONS,
+    DEFAULT_TARGETS,
+    PRECISIONS,
+    Constraints,
+    default_recipes,
+)
 from compressor.search.search import SearchResult, search
 
 
@@ -36,7 +42,8 @@ def copy_chosen(result: SearchResult, folder: Path) -> Path:
 def run_search(source: str | Path, out: str | Path | None = None, *, constraints: Constraints,
                targets: Sequence[float] = DEFAULT_TARGETS, heal_steps: int = 0,
                precisions: Sequence[str] = PRECISIONS, keep_fp16: Sequence[int] = (0,),
-               cache_dir: str | Path | None = None, eval_inputs: Path | None = None, options: Any = None,
+               int4_corrections: Sequence[str] = DEFAULT_INT4_CORRECTIONS, cache_dir: str | Path | None = None,
+               eval_inputs: Path | None = None, options: Any = None,
                log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``compress search``: load the model at ``source``, :func:`search`, and write the chosen ONNX file,
     ``front.json``, the front plots, ``report.json`` and ``report.md`` into ``out`` (all or nothing).
@@ -61,7 +68,7 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
     check_cache_dir(cache_dir)
     heal = (0, heal_steps) if heal_steps else (0,)
     recipes = default_recipes(targets, calibrated=opts.calibration is not None, heal_steps=heal,
-                              precisions=precisions, keep_fp16=keep_fp16)
+                              precisions=precisions, keep_fp16=keep_fp16, int4_corrections=int4_corrections)
     if opts.calibration is None and any(r.heal_steps or r.keep_fp16 for r in recipes):
         raise CompressorError("healed recipes and recipes keeping layers in fp16 need calibration inputs",
                               "pass calibration inputs with --calibration FILE")

@@ -258,7 +258,8 @@ def plot_front(result: dict[str, Any], folder: Path, prefix: str = "front") -> l
                                       ("latency_ms", "onnxruntime latency (ms, median)", 1.0, "latency")):
         fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(12 if zoom else 7, 4.5), squeeze=False)
         _draw_front(axes[0][0], result, result["points"], key, scale, suffix)
-        axes[0][0].set_title("squares: dense references; circles: low-rank; colour: fp32 / fp16 / int8", fontsize=8)
+        axes[0][0].set_title("squares: dense references; circles: low-rank; colour: fp32 / fp16 / int8 / int4",
+                             fontsize=8)
         if zoom:
             ax = axes[0][1]
             _draw_front(ax, result, int8, key, scale, suffix)
@@ -281,7 +282,7 @@ def plot_front(result: dict[str, Any], folder: Path, prefix: str = "front") -> l
 
 def _draw_front(ax, result: dict[str, Any], points: list[dict[str, Any]], key: str, scale: float,
                 suffix: str) -> None:
-    colors = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:red"}
+    colors = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:red", "int4": "tab:purple"}
     for p in points:
         x, y = p[key] * scale, p["fidelity"]
         dense = p["recipe"]["target"] is None

@@ -202,6 +202,8 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
                     sensitivity.update(int8_sensitivity(model, ctx.calibration, outputs=outputs))
                 kept = most_sensitive(sensitivity, model, recipe.keep_fp16)
                 made = export_int8(fp32, work / "int8.onnx", keep_fp16=kept)
+            elif recipe.int4_correction:
+                made = _corrected_int4(recipe, model, fp32, work, ctx)
             else:
                 made = VARIANTS[recipe.precision].write(fp32, work / f"{recipe.precision}.onnx")
             path = cache.store(recipe, made)
@@ -215,6 +217,17 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
                       heal_info, round(time.perf_counter() - start, 2), str(path), kept_fp16=kept)
         cache.put(point)
         return point
+
+
+def _corrected_int4(recipe: Recipe, model: nn.Module, fp32: Path, work: Path, ctx: BuildContext) -> Path:
+    """The int4 file of ``model`` with the recipe's low-rank correction of its rounding error."""
+    from compressor.analysis.int4 import int4_correction, parse_correction
+    from compressor.export.onnx import export_int4
+
+    corr = int4_correction(model, calibration=ctx.calibration if recipe.calibrated else None,
+                           outputs=ctx.analyze_options.get("outputs") or None,
+                           **parse_correction(recipe.int4_correction))
+    return export_int4(fp32, work / "int4.onnx", corrections=corr.factors, factors="int8")
 
 
 def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
