@@ -98,7 +98,7 @@ def test_data_aware_correction_minimises_the_whitened_error():
     batches = [_ids(8, 9), _ids(8, 9) % 30]
     c = int4_correction(model, rank=5, block_size=16, calibration=batches)
     assert c.data_aware
-    mom = Calibrator(model, {"out": model.out}, batches).moments()["out"]
+    mom = Calibrator(model, {"out": model.out}, batches).moments()[0]["out"]
     Sw = whitening(mom.xx).S.float()
     E = model.out.weight.detach() - fake_int4_weight(model.out.weight, 16)
     up, down = c.factors["out"]

@@ -129,7 +129,7 @@ def int4_correction(model: nn.Module, *, rank: int | None = None, energy: float 
     cal = None
     if calibration is not None:
         cal = Calibrator(model, layers, as_batches(calibration), outputs)
-        for name, mom in cal.moments().items():
+        for name, mom in cal.moments()[0].items():
             W = handler_for(layers[name]).weight_matrix(layers[name]).double()
             if mom.xx is None:  # never reached by the calibration data
                 decs[name] = svd(errors[name])
