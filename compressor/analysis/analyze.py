@@ -21,6 +21,7 @@ from compressor.core.layers import LOW_RANK_TYPES, LoRALayer
 from compressor.core.plan import LayerPlan, Plan
 from compressor.core.policies import LayerSpectrum, allocate, policy_from_dict, policy_from_options, policy_to_dict
 from compressor.core.svd import Decomposition, break_even_rank, energy_kept, max_saving_rank, svd
+from compressor.core.threads import thread_budget
 from compressor.data.calibration import calibrated_analysis
 from compressor.data.inputs import as_batches
 
@@ -170,7 +171,7 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
             rank_multiple: int = 1, include: Sequence[str] = (), exclude: Sequence[str] = (),
             overrides: dict[str, int | None] | None = None, plan: Plan | None = None,
             progress: bool | None = None, calibration: Any = None, outputs: Sequence[str] | None = None,
-            sequential: bool = True, sensitivity: bool = True) -> Plan:
+            sequential: bool = True, sensitivity: bool = True, threads: int | None = None) -> Plan:
     """Analyze every weight of ``model`` and choose a rank per layer; the model is not changed.
 
     Exactly one policy: ``energy`` (fraction of spectral energy kept per layer), ``rank`` (fixed),
@@ -184,7 +185,20 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     minimise each layer's output error, ``energy`` is of the whitened spectrum, ``target`` is spent by
     measured output error (with ``sensitivity``, over the model's ``outputs``: every floating output by
     default), and ``sequential`` refits each layer on the inputs of the compressed layers before it.
+
+    ``threads``: torch threads for all of it (restored afterwards); by default (None) each SVD runs on
+    one thread, which stays fast on a busy machine, and forward passes keep the caller's setting
+    (:mod:`compressor.core.threads`).
     """
+    with thread_budget(threads):
+        return _analyze(model, energy, rank, rank_ratio, target, rank_multiple, include, exclude, overrides, plan,
+                        progress, calibration, outputs, sequential, sensitivity)
+
+
+def _analyze(model: nn.Module, energy: float | None, rank: int | None, rank_ratio: float | None,
+             target: float | None, rank_multiple: int, include: Sequence[str], exclude: Sequence[str],
+             overrides: dict[str, int | None] | None, plan: Plan | None, progress: bool | None, calibration: Any,
+             outputs: Sequence[str] | None, sequential: bool, sensitivity: bool) -> Plan:
     if plan is not None:
         if plan.method != "svd" and calibration is None:
             # Re-deriving a data-aware plan by plain SVD would keep its ranks but silently lose its quality.

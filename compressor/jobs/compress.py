@@ -28,6 +28,7 @@ from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.core.plan import Plan
 from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
+from compressor.core.threads import check_threads, thread_budget
 from compressor.data.inputs import call, cosine_fidelity, eval_mode, sequence_axes
 from compressor.report.report import Report, build_report, write_report
 
@@ -73,6 +74,7 @@ class Options:
     force: bool = False
     progress: bool | None = None
     command: str | None = None
+    threads: int | None = None  # torch threads for the whole job; None: the tool chooses per operation
     extra: dict[str, Any] = field(default_factory=dict)
 
     def policy(self) -> dict[str, Any]:
@@ -95,12 +97,16 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
     Options may be given as an :class:`Options` or as its field names (``energy=0.95``). The input is
     never modified; the output folder appears only when every step succeeded.
     """
-    from compressor.formats.load import load_model  # imported here: loading pulls optional libraries on demand
-
     opts = options or Options(**kwargs)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    source = Path(source)
+    with thread_budget(opts.threads):
+        return _job(Path(source), out, mode, opts)
+
+
+def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Report:
+    from compressor.formats.load import load_model  # imported here: loading pulls optional libraries on demand
+
     out = Path(out) if out is not None else default_out(source)
     # Cheap checks first: a bad option or an existing folder should not wait for a model to load.
     check_options(opts)
@@ -236,6 +242,7 @@ def check_options(opts: Options) -> None:
     from compressor.export.onnx import VARIANTS, check_opset
 
     check_opset(opts.opset)
+    check_threads(opts.threads)
     written = [v for v in VARIANTS if VARIANTS[v].write is not None]
     unknown = [v for v in opts.variants if v not in written]
     if unknown:
