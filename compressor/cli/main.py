@@ -142,6 +142,12 @@ _threads_option = click.option(
     help="torch (and onnxruntime) threads for every step [default: the tool chooses per operation: SVDs on "
          "one thread, which stays fast on a busy machine].")
 
+_latency_option = click.option(
+    "--latency-aware/--no-latency-aware", default=None,
+    help="Factor only the layers measured faster than dense in onnxruntime at the example input shape "
+         "(break-even ranks cached per machine), and time every file against dense in the report; a search "
+         "also never returns a file slower than dense. [default: on in search, off otherwise]")
+
 _export_options = _options([
     click.option("--input-shape", "input_shapes", multiple=True,
                  help="Shape of an example input for export, e.g. 1x3x224x224 (repeatable)."),
@@ -246,6 +252,7 @@ _keep_fp16_option = click.option(
 @_policy_options
 @_export_options
 @_keep_fp16_option
+@_latency_option
 @_threads_option
 @_common_options
 def run_cmd(model: Path, **kw: Any) -> None:
@@ -272,6 +279,7 @@ def analyze_cmd(model: Path, **kw: Any) -> None:
 @_outputs_option
 @_export_options
 @_keep_fp16_option
+@_latency_option
 @_threads_option
 @_common_options
 def apply_cmd(model: Path, plan: Path, **kw: Any) -> None:
@@ -379,6 +387,7 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--example-inputs", type=click.Path(path_type=Path), help="Example inputs (.pt/.npz/.safetensors).")
 @click.option("--atol", type=float, default=Options.atol, show_default=True, help="fp32 validation tolerance.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True)
+@_latency_option
 @_threads_option
 @_common_options
 def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, max_latency: str | None,

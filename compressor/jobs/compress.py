@@ -75,6 +75,9 @@ class Options:
     progress: bool | None = None
     command: str | None = None
     threads: int | None = None  # torch threads for the whole job; None: the tool chooses per operation
+    # Factor only layers measured faster than dense at the example input shape, and time every written
+    # file against dense (report.latency). None: the command's default (off here, on in search).
+    latency_aware: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def policy(self) -> dict[str, Any]:
@@ -156,9 +159,22 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
         if mode in ("compress", "analyze", "apply"):
             plan = _plan(model, opts, mode, calibration)
             step("analyze")
+            if opts.latency_aware and not weights_only and mode != "analyze":
+                from compressor.export.latency import keep_slow_layers_dense, latency_decisions
+
+                keep_slow_layers_dense(plan, latency_decisions(model, plan, example_inputs(loaded, opts),
+                                                               threads=_ort_threads(opts)))
+                step("latency")
             plan.to_json(tmp / "plan.json")
         original = model
         if mode in ("compress", "apply"):
+            if not plan.factored and any(lp.reason.startswith(f"rank {lp.policy_rank} kept dense: slower")
+                                         for lp in plan.layers):
+                raise CompressorError("no layer would be factored: every factored form was measured slower than "
+                                      "its dense layer at the example input shape",
+                                      "leave out latency_aware to compress for size alone, or try a larger batch",
+                                      cli_fix="leave out --latency-aware to compress for size alone, or try a "
+                                              "larger --input-shape batch")
             if not plan.factored:
                 raise CompressorError(
                     "no layer would be factored: every candidate rank saves no parameters "
@@ -183,6 +199,15 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
                               original=original, compressed=model, exports=exports, timings=timings,
                               options=opts, folder=tmp)
         report.warnings = []
+        if report.latency and report.latency["slower_than_dense"]:
+            slow = ", ".join(f"{n} ({report.latency['files'][n]['latency_ratio']:.2f}x)"
+                             for n in report.latency["slower_than_dense"])
+            message = (f"measured slower than the dense model side by side: {slow}; the multiply-adds went down "
+                       "but the latency did not")
+            report.warnings.append({"kind": "slower_than_dense", "message": message + "; try compressor.search "
+                                    "(latency-aware by default) or a milder policy",
+                                    "cli": message + "; try compress search (latency-aware by default) or a "
+                                           "milder policy"})
         cosine = (report.fidelity or {}).get("cosine_mean")
         if cosine is not None and cosine < LOW_FIDELITY_COSINE and plan is not None:
             report.warnings.append(low_fidelity_warning(cosine, original, model, plan, inputs, opts))
@@ -354,7 +379,33 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
             written = v.write(path, folder / f"model.{kind}.onnx")
         result[kind] = validate_onnx(written, model, inputs, atol=None, min_cosine=v.min_cosine, variant=kind)
     result["fidelity"] = output_fidelity(original, model, inputs, opts.outputs) if original is not model else None
+    if opts.latency_aware and original is not model:
+        result["latency"] = _latency(original, model, inputs, folder, opts)
     return result
+
+
+def _ort_threads(opts: Options) -> int:
+    from compressor.search.evaluate import THREADS
+
+    return opts.threads or THREADS
+
+
+def _latency(original: nn.Module, model: nn.Module, inputs, folder: Path, opts: Options) -> dict[str, Any]:
+    """Every written ONNX file timed side by side with the dense model's export, next to the ratio of
+    multiply-adds (counted by the handlers on the example inputs)."""
+    import tempfile
+
+    from compressor.export.latency import latency_vs_macs
+    from compressor.export.measure import count_macs
+    from compressor.export.onnx import export_onnx
+
+    macs = count_macs(original, inputs)["total"]
+    files = {p.name: p for p in (folder / "model.onnx", *(folder / f"model.{v}.onnx" for v in opts.variants))}
+    with tempfile.TemporaryDirectory(prefix="compressor-dense-") as tmp:
+        dense = export_onnx(original, inputs, Path(tmp) / "dense.onnx", opset=opts.opset,
+                            dynamic_axes=sequence_axes(inputs))
+        return latency_vs_macs(dense, files, inputs, threads=_ort_threads(opts),
+                               macs_ratio=count_macs(model, inputs)["total"] / macs if macs else None)
 
 
 @torch.no_grad()

@@ -97,7 +97,7 @@ def _search_job(source: Path, out: str | Path | None, constraints: Constraints, 
     with OutputDir(out, opts.force) as tmp:
         result = search(model, inputs, evaluation=evaluation, constraints=constraints, recipes=recipes,
                         cache_dir=cache_dir, calibration=calibration, opset=opts.opset, atol=opts.atol, log=log,
-                        threads=opts.threads or THREADS,
+                        threads=opts.threads or THREADS, latency_aware=opts.latency_aware is not False,
                         analyze_options={"outputs": list(opts.outputs)} if opts.outputs else None)
         chosen = copy_chosen(result, tmp)
         front = result.to_dict()

@@ -33,6 +33,9 @@ class Point:
     onnx: str = ""  # the cached ONNX file
     cached: bool = False  # True: read from the cache in this search, nothing was built
     kept_fp16: list[str] = field(default_factory=list)  # int8 recipes: the layers stored as fp16
+    # Latency-aware searches: latency / dense fp32 latency timed side by side, for the points checked.
+    latency_vs_dense: float | None = None
+    slower_than_dense: bool = False  # measured so: never chosen
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -137,7 +140,7 @@ def versus_headline(vs: dict, metric: str, mb_digits: int = 2, digits: int = 5) 
 def choose(result: SearchResult) -> Point:
     """The point the rule picks, or :class:`CompressorError` naming what cannot be met."""
     c, fp32 = result.constraints, result.fp32_bytes
-    valid = [p for p in result.points if p.passed]
+    valid = [p for p in result.points if p.passed and not p.slower_than_dense]
     ok = [p for p in valid if all(p.meets(c, fp32).values())]
     if ok:
         if c.min_fidelity is not None:
@@ -151,9 +154,14 @@ def choose(result: SearchResult) -> Point:
     closest = min(valid, key=lambda p: _violation(p, c, fp32))
     what = (" and ".join(names[k] for k in alone) + " cannot be met by any candidate" if alone else
             "no candidate meets " + " together with ".join(names[k] for k in names if k in closest.meets(c, fp32)))
+    slow = [p.recipe.name for p in result.points if p.slower_than_dense]
+    aside = (f"; set aside as measured slower than dense fp32 (latency-aware): {', '.join(slow)}" if slow else "")
+    fix = "relax the constraint, or allow more recipes (other --targets, --heal-steps)"
     raise CompressorError(f"{what} ({c.describe(fp32)}; {len(valid)} measured); the closest is "
-                          f"{describe_point(closest, result.metric)}",
-                          "relax the constraint, or allow more recipes (other --targets, --heal-steps)")
+                          f"{describe_point(closest, result.metric)}{aside}",
+                          fix + (", or pass latency_aware=False to choose by size and fidelity alone" if slow else ""),
+                          cli_fix=fix + (", or pass --no-latency-aware to choose by size and fidelity alone"
+                                         if slow else ""))
 
 
 def describe_point(p: Point, metric: str = "fidelity") -> str:
@@ -176,6 +184,18 @@ def _violation(p: Point, c: Constraints, fp32_bytes: int) -> float:
 # --------------------------------------------------------------------------------- report and plots
 
 
+def _latency_lines(result: dict[str, Any]) -> list[str]:
+    """Latency-aware searches: what the side-by-side check against dense fp32 found."""
+    if not result["latency"].get("latency_aware"):
+        return ["- latency-aware: off (chosen by size and fidelity alone)"]
+    checked = [p for p in result["points"] if p.get("latency_vs_dense") is not None]
+    lines = ["- latency-aware: low-rank recipes keep dense the layers whose factored form was measured slower; "
+             "the chosen file was timed side by side with dense fp32"]
+    lines += [f"  - {p['name']}: {p['latency_vs_dense']:.3f}x the dense fp32 latency"
+              + (" (slower: set aside)" if p.get("slower_than_dense") else "") for p in checked]
+    return lines
+
+
 def front_markdown(result: dict[str, Any], plots: Sequence[str] = ()) -> str:
     """The measured front as a Markdown section: constraints, rule, chosen point, table and plots.
 
@@ -191,7 +211,8 @@ def front_markdown(result: dict[str, Any], plots: Sequence[str] = ()) -> str:
              f"- constraints: {result['constraints_text']}",
              f"- rule: {result['rule']}",
              f"- chosen: **{result['chosen'] or 'none'}**",
-             f"- built in this run: {result['built']} of {len(pts)} (the rest came from the cache)", "",
+             f"- built in this run: {result['built']} of {len(pts)} (the rest came from the cache)",
+             *_latency_lines(result), "",
              "| recipe | size | vs fp32 | fidelity | other metrics | latency | params | valid | front | "
              "meets | vs dense int8 |",
              "|---|---:|---:|---:|---|---:|---:|---|---|---|---|"]
