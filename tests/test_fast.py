@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -165,6 +166,7 @@ def _search(tmp_path, timer):
                   latency_table=LatencyTable(tmp_path / "t.json"))
 
 
+@pytest.mark.slow
 def test_search_never_returns_a_recipe_slower_than_dense(tmp_path):
     from compressor.search.recipes import Recipe
 
@@ -183,3 +185,27 @@ def test_search_never_returns_a_recipe_slower_than_dense(tmp_path):
     dense_again = _search(tmp_path / "layers", rank_timer(1, int8=1.3))
     point = next(p for p in dense_again.points if p.recipe == Recipe("fp16", 0.5))
     assert point.plan_totals["layers_factored"] == 0
+
+
+@pytest.mark.slow
+def test_cli_latency_aware_run_uses_the_cached_break_even_and_reports_latency_next_to_macs(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
+    model = tmp_path / "mlp.pt"
+    torch.save(net, model)
+    # This machine's table, as an earlier run left it: layer 0 is faster factored up to rank 40, layer 2 never.
+    monkeypatch.setenv("COMPRESSOR_CACHE_DIR", str(tmp_path / "cache"))
+    table = LatencyTable()
+    for layer, x, be in ((net[0], torch.zeros(16, 64), 40), (net[2], torch.zeros(16, 256), 0)):
+        table.put(layer_key(layer, x, 1), {"break_even": be, "max_saving_rank": 51, "ratios": {}, "threads": 1,
+                                            "input_shape": list(x.shape)})
+    res = run([model, "--rank", "8", "--input-shape", "16x64", "--latency-aware", "--threads", "1", "--quiet"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "mlp.compressed"
+    plan = {lp["name"]: lp for lp in json.loads((out / "plan.json").read_text())["layers"]}
+    assert plan["0"]["factored"] and plan["0"]["rank"] == 8
+    assert not plan["2"]["factored"] and "slower than dense" in plan["2"]["reason"]
+    lat = json.loads((out / "report.json").read_text())["latency"]
+    assert set(lat["files"]) == {"model.onnx"} and lat["threads"] == 1 and lat["inputs"] == "input 16x64"
+    assert 0 < lat["macs_ratio"] < 1 and lat["files"]["model.onnx"]["latency_ratio"] > 0
+    assert "Latency vs multiply-adds" in (out / "report.md").read_text()
