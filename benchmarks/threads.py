@@ -1,11 +1,11 @@
 """`compress analyze` on all-MiniLM-L6-v2 with the machine idle and under a load this script makes itself.
 
-    python benchmarks/threads.py [--rounds 3] [--out benchmarks/results]
+    python benchmarks/threads.py [--rounds 2] [--out benchmarks/results]
 
 The load is 2 busy processes (pure-Python loops, one core's worth each) started by this script; idle and
-loaded runs alternate, so slow drift of the (shared) machine hits both alike. Measured: the tool's own
-thread choice (SVDs on one thread, ``threads=None``) every round, and torch's former default on this
-machine (``--threads`` = every core, here the old behaviour) once, idle and loaded. Writes
+loaded runs alternate, so slow drift of the (shared) machine hits both alike. Measured, the same number
+of rounds each: the tool's own thread choice (SVDs on one thread, ``threads=None``), ``--threads 1`` and
+``--threads`` = every core (torch's default, the behaviour before the per-operation choice). Writes
 ``threads.md`` and ``threads.json``.
 """
 
@@ -60,7 +60,7 @@ def timed_analyze(threads: int | None, loaded: bool) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     if minilm_missing():
@@ -68,20 +68,21 @@ def main() -> int:
     env = environment("python " + " ".join(sys.argv))
     cores = available_cores()
     runs = []
+    settings = (None, 1, cores)
     timed_analyze(None, False)  # warm-up: imports and file cache
     for _ in range(args.rounds):
-        for loaded in (False, True):
-            runs.append(timed_analyze(None, loaded))
-            print(runs[-1], flush=True)
-    for loaded in (False, True):
-        runs.append(timed_analyze(cores, loaded))
-        print(runs[-1], flush=True)
+        for threads in settings:
+            for loaded in (False, True):
+                runs.append(timed_analyze(threads, loaded))
+                print(runs[-1], flush=True)
 
     def median(threads, loaded):
         return statistics.median(r["seconds"] for r in runs if r["threads"] == threads and r["loaded"] == loaded)
 
     rows = []
-    for threads, label in ((None, "tool's choice (SVDs on 1 thread)"), (cores, f"--threads {cores} (every core)")):
+    labels = {None: "tool's choice (SVDs on 1 thread)", 1: "--threads 1 (every step)",
+              cores: f"--threads {cores} (every core: torch's own default here)"}
+    for threads, label in labels.items():
         idle, busy = median(threads, False), median(threads, True)
         n = sum(1 for r in runs if r["threads"] == threads and not r["loaded"])
         rows.append([label, n, f"{idle:.2f}", f"{busy:.2f}", f"{busy / idle:.2f}x"])

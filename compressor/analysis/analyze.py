@@ -21,7 +21,7 @@ from compressor.core.layers import LOW_RANK_TYPES, LoRALayer
 from compressor.core.plan import LayerPlan, Plan
 from compressor.core.policies import LayerSpectrum, allocate, policy_from_dict, policy_from_options, policy_to_dict
 from compressor.core.svd import Decomposition, break_even_rank, energy_kept, max_saving_rank, svd
-from compressor.core.threads import thread_budget
+from compressor.core.threads import LINALG_THREADS, thread_budget, torch_threads
 from compressor.data.calibration import calibrated_analysis
 from compressor.data.inputs import as_batches
 
@@ -186,11 +186,12 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     measured output error (with ``sensitivity``, over the model's ``outputs``: every floating output by
     default), and ``sequential`` refits each layer on the inputs of the compressed layers before it.
 
-    ``threads``: torch threads for all of it (restored afterwards); by default (None) each SVD runs on
-    one thread, which stays fast on a busy machine, and forward passes keep the caller's setting
-    (:mod:`compressor.core.threads`).
+    ``threads``: torch threads for all of it (restored afterwards); by default (None) the weight-only work
+    (every SVD, and the whole analysis without calibration) runs on one thread, which stays fast on a busy
+    machine, while calibration forward passes keep the caller's setting (:mod:`compressor.core.threads`).
     """
-    with thread_budget(threads):
+    weights_only = threads is None and calibration is None
+    with thread_budget(threads), torch_threads(LINALG_THREADS if weights_only else None):
         return _analyze(model, energy, rank, rank_ratio, target, rank_multiple, include, exclude, overrides, plan,
                         progress, calibration, outputs, sequential, sensitivity)
 

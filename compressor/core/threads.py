@@ -5,12 +5,12 @@
     with linalg_threads():          # around an SVD / Cholesky / eigh: 1 thread unless the user chose N
         U, S, Vh = torch.linalg.svd(A)
 
-Why SVDs default to one thread: torch's multi-threaded LAPACK calls spin-wait for their team at every
-step, so on a machine whose cores other processes hold they are an order of magnitude slower than one
-thread. Measured on this project's 2-core machine while two busy processes ran (the full numbers are
-in benchmarks/results/threads.md): all of MiniLM's SVDs took 4.6 s with 1 thread and 110 s with 2; on
-the idle machine 1 thread cost at most about 1.3x the 2-thread time, and running the layers' 1-thread
-SVDs in parallel was no faster than one after the other. Forward passes keep the caller's setting.
+Why weight-only work defaults to one thread: torch's multi-threaded kernels (LAPACK's SVD above all)
+spin-wait for their team at every step, so on a machine whose cores other processes hold they can be
+an order of magnitude slower than one thread, while on an idle machine one thread costs little here
+(benchmarks/threads.py measures `compress analyze` on MiniLM both ways, idle and under a generated
+load). So SVDs, Cholesky and eigendecompositions, model loading and the whole analysis without
+calibration run on :data:`LINALG_THREADS`; forward passes keep the caller's setting.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.core.plan import Plan
 from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
-from compressor.core.threads import check_threads, thread_budget
+from compressor.core.threads import LINALG_THREADS, check_threads, thread_budget, torch_threads
 from compressor.data.inputs import call, cosine_fidelity, eval_mode, sequence_axes
 from compressor.report.report import Report, build_report, write_report
 
@@ -143,7 +143,8 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
         timings[name] = round(now - clock, 4)
         clock = now
 
-    loaded = load_model(source, trust_pickle=opts.trust_pickle, arch=opts.arch)
+    with torch_threads(LINALG_THREADS if opts.threads is None else None):  # weight-only work (core.threads)
+        loaded = load_model(source, trust_pickle=opts.trust_pickle, arch=opts.arch)
     model = loaded.model if loaded.model is not None else weights_only_model(loaded.state_dict)
     weights_only = loaded.model is None
     model.eval()
