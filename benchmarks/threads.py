@@ -4,7 +4,7 @@
 
 The load is 2 busy processes (pure-Python loops, one core's worth each) started by this script; idle and
 loaded runs alternate, so slow drift of the (shared) machine hits both alike. Measured, the same number
-of rounds each: the tool's own thread choice (SVDs on one thread, ``threads=None``), ``--threads 1`` and
+of rounds each: the tool's own thread choice (``threads=None``: weight-only work on one thread), ``--threads 1`` and
 ``--threads`` = every core (torch's default, the behaviour before the per-operation choice). Writes
 ``threads.md`` and ``threads.json``.
 """
@@ -80,7 +80,7 @@ def main() -> int:
         return statistics.median(r["seconds"] for r in runs if r["threads"] == threads and r["loaded"] == loaded)
 
     rows = []
-    labels = {None: "tool's choice (SVDs on 1 thread)", 1: "--threads 1 (every step)",
+    labels = {None: "tool's choice (weight-only work on 1 thread)", 1: "--threads 1 (every step)",
               cores: f"--threads {cores} (every core: torch's own default here)"}
     for threads, label in labels.items():
         idle, busy = median(threads, False), median(threads, True)
