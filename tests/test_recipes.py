@@ -284,7 +284,8 @@ def test_search_keeps_the_most_sensitive_layers_in_fp16(tmp_path):
     g = torch.Generator().manual_seed(1)
     held_out = [torch.randn(64, 32, generator=g) for _ in range(2)]
     kw = dict(example_inputs=torch.randn(4, 32), evaluation=output_fidelity(model, held_out),
-              cache_dir=tmp_path, latency_runs=3, constraints=Constraints(min_fidelity=0.0))
+              cache_dir=tmp_path, latency_runs=3, constraints=Constraints(min_fidelity=0.0),
+              latency_aware=False)  # kept fp16 layers here, not the latency check
     recipes = [Recipe("int8", keep_fp16=1), Recipe("int8", 0.3, True, keep_fp16=1)]
     with pytest.raises(CompressorError, match="calibration"):
         search(model, recipes=recipes, **kw)
