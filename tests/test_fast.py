@@ -209,3 +209,12 @@ def test_cli_latency_aware_run_uses_the_cached_break_even_and_reports_latency_ne
     assert set(lat["files"]) == {"model.onnx"} and lat["threads"] == 1 and lat["inputs"] == "input 16x64"
     assert 0 < lat["macs_ratio"] < 1 and lat["files"]["model.onnx"]["latency_ratio"] > 0
     assert "Latency vs multiply-adds" in (out / "report.md").read_text()
+    # A factored model measured slower than dense as a whole is never handed back: one line, nothing written.
+    import compressor.export.latency as latency
+
+    monkeypatch.setattr(latency, "compare_onnx", lambda a, b, inputs, threads, rounds=7: Comparison(1.0, 1.2, 1.2, 1))
+    slow = run([model, "--rank", "8", "--input-shape", "16x64", "--latency-aware", "--threads", "1", "--out",
+                tmp_path / "slow"])
+    assert slow.exit_code == 2 and "ran 1.200x the dense model's latency" in slow.output, slow.output
+    assert "Traceback" not in slow.output and not (tmp_path / "slow").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -145,8 +145,9 @@ _threads_option = click.option(
 _latency_option = click.option(
     "--latency-aware/--no-latency-aware", default=None,
     help="Factor only the layers measured faster than dense in onnxruntime at the example input shape "
-         "(break-even ranks cached per machine), and time every file against dense in the report; a search "
-         "also never returns a file slower than dense. [default: on in search, off otherwise]")
+         "(break-even ranks cached per machine), and time every file against dense in the report; a model.onnx "
+         "slower than dense is refused (a search falls back to a file that is not slower). "
+         "[default: on in search, off otherwise]")
 
 _export_options = _options([
     click.option("--input-shape", "input_shapes", multiple=True,

@@ -200,6 +200,16 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
                               original=original, compressed=model, exports=exports, timings=timings,
                               options=opts, folder=tmp)
         report.warnings = []
+        if report.latency and "model.onnx" in report.latency["slower_than_dense"]:
+            # --latency-aware never hands back a compressed model slower than the dense one.
+            ratio = report.latency["files"]["model.onnx"]["latency_ratio"]
+            raise CompressorError(f"the factored model.onnx ran {ratio:.3f}x the dense model's latency side by side "
+                                  f"on the example inputs ({report.latency['inputs']}), although each factored layer "
+                                  "was measured faster alone; nothing was written",
+                                  "leave out latency_aware to compress for size alone, or use compressor.search, "
+                                  "which falls back to a file that is not slower",
+                                  cli_fix="leave out --latency-aware to compress for size alone, or use compress "
+                                          "search, which falls back to a file that is not slower")
         if report.latency and report.latency["slower_than_dense"]:
             slow = ", ".join(f"{n} ({report.latency['files'][n]['latency_ratio']:.2f}x)"
                              for n in report.latency["slower_than_dense"])
