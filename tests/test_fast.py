@@ -168,6 +168,7 @@ def _search(tmp_path, timer):
 
 @pytest.mark.slow
 def test_search_never_returns_a_recipe_slower_than_dense(tmp_path):
+    from compressor.search.front import front_markdown
     from compressor.search.recipes import Recipe
 
     # The smallest file (low rank + int8) would win, but every int8 file is measured slower than dense:
@@ -178,6 +179,9 @@ def test_search_never_returns_a_recipe_slower_than_dense(tmp_path):
     assert result.chosen.latency_vs_dense is not None and result.chosen.latency_vs_dense < 1
     aside = {p.recipe for p in result.points if p.slower_than_dense}
     assert Recipe("int8", 0.5) in aside
+    md = front_markdown(result.to_dict())
+    assert "lowrank0.5-int8: 1.300x the dense fp32 latency (slower: set aside)" in md
+    assert "lowrank0.5-fp16: 0.500x the dense fp32 latency" in md
     # Everything slower than dense: dense fp32 itself comes back.
     # (the same cache: every point is read back, only the side-by-side checks run again)
     assert _search(tmp_path / "aware", rank_timer(1000, int8=1.3, other=1.1)).chosen.recipe == Recipe("fp32")
