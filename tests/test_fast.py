@@ -182,6 +182,7 @@ def test_search_never_returns_a_recipe_slower_than_dense(tmp_path):
     md = front_markdown(result.to_dict())
     assert "lowrank0.5-int8: 1.300x the dense fp32 latency (slower: set aside)" in md
     assert "lowrank0.5-fp16: 0.500x the dense fp32 latency" in md
+    assert "| latency vs fp32 | MAC ratio |" in md
     # Everything slower than dense: dense fp32 itself comes back.
     # (the same cache: every point is read back, only the side-by-side checks run again)
     assert _search(tmp_path / "aware", rank_timer(1000, int8=1.3, other=1.1)).chosen.recipe == Recipe("fp32")

@@ -10,6 +10,7 @@ from typing import Any
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write
+from compressor.export.latency import LATENCY_MAC_GAP
 from compressor.search.recipes import Constraints, Recipe
 
 # ------------------------------------------------------------------------------------------- points
@@ -213,19 +214,29 @@ def front_markdown(result: dict[str, Any], plots: Sequence[str] = ()) -> str:
              f"- chosen: **{result['chosen'] or 'none'}**",
              f"- built in this run: {result['built']} of {len(pts)} (the rest came from the cache)",
              *_latency_lines(result), "",
-             "| recipe | size | vs fp32 | fidelity | other metrics | latency | params | valid | front | "
-             "meets | vs dense int8 |",
-             "|---|---:|---:|---:|---|---:|---:|---|---|---|---|"]
+             "| recipe | size | vs fp32 | fidelity | other metrics | latency | latency vs fp32 | MAC ratio | params | "
+             "valid | front | meets | vs dense int8 |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|---|---|"]
+    dense_ms = next((p["latency_ms"] for p in pts if p["name"] == "dense-fp32"), None)
+    differ = []
     for p in sorted(pts, key=lambda p: p["size_bytes"]):
+        totals = p.get("plan_totals") or {}
+        macs = totals["macs_after"] / totals["macs_before"] if totals.get("macs_before") else 1.0
+        lat = p["latency_ms"] / dense_ms if dense_ms else None
+        if lat is not None and abs(lat - macs) > LATENCY_MAC_GAP:
+            differ.append(f"{p['name']} ({lat:.2f}x the latency, {macs:.2f}x the multiply-adds)")
         others = ", ".join(f"{k} {v:.4f}" for k, v in p["metrics"].items() if k != "fidelity")
         meets = "all" if p["meets"] and all(p["meets"].values()) else \
             ", ".join(f"not {k}" for k, ok in p["meets"].items() if not ok) or "-"
         name = f"**{p['name']}** (chosen)" if p["name"] == result["chosen"] else p["name"]
         lines.append(f"| {name} | {p['size_bytes'] / 1e6:.2f} MB | {p['size_bytes'] / fp32:.3f} | "
-                     f"{p['fidelity']:.5f} | {others} | {p['latency_ms']:.2f} ms | {p['params']:,} | "
+                     f"{p['fidelity']:.5f} | {others} | {p['latency_ms']:.2f} ms | "
+                     f"{'-' if lat is None else f'{lat:.3f}'} | {macs:.3f} | {p['params']:,} | "
                      f"{'PASS' if p['passed'] else '**FAIL**'} | {'yes' if p['pareto'] else ''} | {meets} | "
                      f"{_vs(p, ref8)} |")
     lines.append("")
+    if differ:  # latency vs fp32 from separate medians; MAC ratio of the factorizable layers
+        lines += [f"Latency and multiply-adds differ by more than {LATENCY_MAC_GAP}: {', '.join(differ)}", ""]
     seen = set()
     for p in pts:  # one line per low-rank model (its precisions share it)
         ranks = (p.get("plan_totals") or {}).get("factored_ranks")
