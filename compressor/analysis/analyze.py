@@ -32,6 +32,7 @@ from compressor.core.policies import (
     prefer_alternative,
 )
 from compressor.core.svd import Decomposition, break_even_rank, energy_kept, max_saving_rank, svd
+from compressor.core.threads import LINALG_THREADS, thread_budget, torch_threads
 from compressor.data.calibration import calibrated_analysis
 from compressor.data.inputs import as_batches
 
@@ -182,7 +183,7 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
             overrides: dict[str, int | None] | None = None, plan: Plan | None = None,
             progress: bool | None = None, calibration: Any = None, outputs: Sequence[str] | None = None,
             sequential: bool = True, sensitivity: bool = True, fold_batchnorm: bool = True,
-            example_inputs: Any = None, spatial: bool = True) -> Plan:
+            example_inputs: Any = None, spatial: bool = True, threads: int | None = None) -> Plan:
     """Analyze every weight of ``model`` and choose a rank per layer; the model is not changed.
 
     Exactly one policy: ``energy`` (fraction of spectral energy kept per layer), ``rank`` (fixed),
@@ -205,7 +206,23 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     ``spatial``: with a ``target``, a ``kh x kw`` conv (both > 1) may be factored as a ``kh x 1`` then
     ``1 x kw`` conv (kind "conv2d-spatial") instead of the channel decomposition, chosen per layer where it
     loses less (weight or output error) at ``1 - target`` of its parameters.
+
+    ``threads``: torch threads for all of it (restored afterwards); by default (None) the weight-only work
+    (every SVD, and the whole analysis without calibration) runs on one thread, which stays fast on a busy
+    machine, while calibration forward passes keep the caller's setting (:mod:`compressor.core.threads`).
     """
+    weights_only = threads is None and calibration is None
+    with thread_budget(threads), torch_threads(LINALG_THREADS if weights_only else None):
+        return _analyze(model, energy, rank, rank_ratio, target, rank_multiple, include, exclude, overrides, plan,
+                        progress, calibration, outputs, sequential, sensitivity, fold_batchnorm, example_inputs,
+                        spatial)
+
+
+def _analyze(model: nn.Module, energy: float | None, rank: int | None, rank_ratio: float | None,
+             target: float | None, rank_multiple: int, include: Sequence[str], exclude: Sequence[str],
+             overrides: dict[str, int | None] | None, plan: Plan | None, progress: bool | None, calibration: Any,
+             outputs: Sequence[str] | None, sequential: bool, sensitivity: bool, fold_batchnorm: bool,
+             example_inputs: Any, spatial: bool) -> Plan:
     if plan is not None:
         if plan.method != "svd" and calibration is None:
             # Re-deriving a data-aware plan by plain SVD would keep its ranks but silently lose its quality.

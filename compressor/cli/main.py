@@ -139,6 +139,18 @@ _common_options = _options([
     click.option("--debug", is_flag=True, help="Show tracebacks."),
 ])
 
+_threads_option = click.option(
+    "--threads", type=int,
+    help="torch (and onnxruntime) threads for every step [default: the tool chooses per operation: SVDs on "
+         "one thread, which stays fast on a busy machine].")
+
+_latency_option = click.option(
+    "--latency-aware/--no-latency-aware", default=None,
+    help="Factor only the layers measured faster than dense in onnxruntime at the example input shape "
+         "(break-even ranks cached per machine), and time every file against dense in the report; a model.onnx "
+         "slower than dense is refused (a search falls back to a file that is not slower). "
+         "[default: on in search, off otherwise]")
+
 _export_options = _options([
     click.option("--input-shape", "input_shapes", multiple=True,
                  help="Shape of an example input for export, e.g. 1x3x224x224 (repeatable)."),
@@ -257,6 +269,8 @@ _keep_fp16_option = click.option(
 @_policy_options
 @_export_options
 @_keep_fp16_option
+@_latency_option
+@_threads_option
 @_common_options
 def run_cmd(model: Path, **kw: Any) -> None:
     """Analyze, factor, export and report (the default command)."""
@@ -267,6 +281,7 @@ def run_cmd(model: Path, **kw: Any) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @_policy_options
 @click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder.")
+@_threads_option
 @_common_options
 def analyze_cmd(model: Path, **kw: Any) -> None:
     """Spectra and plan only: nothing is rewritten."""
@@ -281,6 +296,8 @@ def analyze_cmd(model: Path, **kw: Any) -> None:
 @_outputs_option
 @_export_options
 @_keep_fp16_option
+@_latency_option
+@_threads_option
 @_common_options
 def apply_cmd(model: Path, plan: Path, **kw: Any) -> None:
     """Re-apply a plan (for example one whose ranks you edited) and export."""
@@ -293,6 +310,7 @@ def apply_cmd(model: Path, plan: Path, **kw: Any) -> None:
               help="Calibration inputs for a data-aware --int4-correction (see compress --help).")
 @click.option("--calibration-samples", type=int)
 @_export_options
+@_threads_option
 @_common_options
 def export_cmd(model: Path, **kw: Any) -> None:
     """Export the model as it is to ONNX and validate it."""
@@ -393,6 +411,8 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--example-inputs", type=click.Path(path_type=Path), help="Example inputs (.pt/.npz/.safetensors).")
 @click.option("--atol", type=float, default=Options.atol, show_default=True, help="fp32 validation tolerance.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True)
+@_latency_option
+@_threads_option
 @_common_options
 def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, max_latency: str | None,
                targets: str, precisions: str, heal_steps: int, keep_fp16: str, int4_corrections: str,

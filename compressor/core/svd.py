@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from compressor.core.threads import linalg_threads
+
 
 def break_even_rank(m: int, n: int) -> float:
     """``m * n / (m + n)``: at this rank or above, two factors hold at least as many weights as ``W``."""
@@ -62,9 +64,10 @@ class Decomposition:
 
 
 def svd(matrix: torch.Tensor) -> Decomposition:
-    """Thin SVD of ``matrix`` on its own device, in float32 or better."""
+    """Thin SVD of ``matrix`` on its own device, in float32 or better, with :func:`linalg_threads`."""
     a = matrix.detach().to(compute_dtype(matrix.dtype))
-    U, S, Vh = torch.linalg.svd(a, full_matrices=False)
+    with linalg_threads():
+        U, S, Vh = torch.linalg.svd(a, full_matrices=False)
     return Decomposition(U, S, Vh)
 
 

@@ -45,6 +45,7 @@ from compressor.core.errors import CompressorError
 from compressor.core.fileio import regular_file
 from compressor.core.handlers import handler_for
 from compressor.core.svd import Decomposition, compute_dtype, svd
+from compressor.core.threads import linalg_threads
 from compressor.data.inputs import (
     Batch,
     as_batches,
@@ -181,12 +182,13 @@ def whitened_decomposition(W: torch.Tensor, m: Moments, damping: tuple[float, ..
     out_dtype = compute_dtype(W.dtype)
     Wd = W.detach().double()
     seq = m.hh is not None
-    wh = whitening(m.hh if seq else m.xx, damping)
-    # W* S = W C_xh C^-1 S = W C_xh S^-T, since C = S S^T.
-    A = Wd @ m.xh @ wh.S_inv.T if seq else Wd @ wh.S
-    # Moments and whitening are float64 (sums of many rows, ill-conditioned); the SVD itself runs in
-    # the weight's compute dtype, as plain SVD does (float64 SVDs are about 5x slower on CPU).
-    U, S, Vh = torch.linalg.svd(A.to(out_dtype), full_matrices=False)
+    with linalg_threads():  # dense factorizations: one thread unless the user chose (core.threads)
+        wh = whitening(m.hh if seq else m.xx, damping)
+        # W* S = W C_xh C^-1 S = W C_xh S^-T, since C = S S^T.
+        A = Wd @ m.xh @ wh.S_inv.T if seq else Wd @ wh.S
+        # Moments and whitening are float64 (sums of many rows, ill-conditioned); the SVD itself runs in
+        # the weight's compute dtype, as plain SVD does (float64 SVDs are about 5x slower on CPU).
+        U, S, Vh = torch.linalg.svd(A.to(out_dtype), full_matrices=False)
     S = S.double()
     total = float((Wd @ m.xx * Wd).sum())  # ||W X||^2 of the original layer
     floor = max(0.0, total - float(S.square().sum())) if seq else 0.0  # ||W X - W* X^||^2
@@ -211,7 +213,8 @@ def embedding_decomposition(E: torch.Tensor, m: Moments, uniform_share: float = 
     counts = m.tokens.to(E.device)
     p = (1 - uniform_share) * counts / counts.sum().clamp(min=1) + uniform_share / len(counts)
     root = p.sqrt()
-    U, S, Vh = torch.linalg.svd((root[:, None] * E.detach().double()).to(out_dtype), full_matrices=False)
+    with linalg_threads():
+        U, S, Vh = torch.linalg.svd((root[:, None] * E.detach().double()).to(out_dtype), full_matrices=False)
     dec = Decomposition(U, S, Vh, left_inv=(1 / root).to(out_dtype))
     info = {"whitening": f"token frequency ({uniform_share:g} uniform share)",
             "output_energy": float(S.double().square().sum()), "floor": 0.0, "rows": m.rows}

@@ -28,6 +28,7 @@ from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.core.plan import Plan
 from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
+from compressor.core.threads import LINALG_THREADS, check_threads, thread_budget, torch_threads
 from compressor.data.inputs import call, cosine_fidelity, eval_mode, sequence_axes
 from compressor.report.report import Report, build_report, write_report
 
@@ -78,6 +79,10 @@ class Options:
     force: bool = False
     progress: bool | None = None
     command: str | None = None
+    threads: int | None = None  # torch threads for the whole job; None: the tool chooses per operation
+    # Factor only layers measured faster than dense at the example input shape, and time every written
+    # file against dense (report.latency). None: the command's default (off here, on in search).
+    latency_aware: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def policy(self) -> dict[str, Any]:
@@ -100,12 +105,16 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
     Options may be given as an :class:`Options` or as its field names (``energy=0.95``). The input is
     never modified; the output folder appears only when every step succeeded.
     """
-    from compressor.formats.load import load_model  # imported here: loading pulls optional libraries on demand
-
     opts = options or Options(**kwargs)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    source = Path(source)
+    with thread_budget(opts.threads):
+        return _job(Path(source), out, mode, opts)
+
+
+def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Report:
+    from compressor.formats.load import load_model  # imported here: loading pulls optional libraries on demand
+
     out = Path(out) if out is not None else default_out(source)
     # Cheap checks first: a bad option or an existing folder should not wait for a model to load.
     check_options(opts)
@@ -139,7 +148,8 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
         timings[name] = round(now - clock, 4)
         clock = now
 
-    loaded = load_model(source, trust_pickle=opts.trust_pickle, arch=opts.arch)
+    with torch_threads(LINALG_THREADS if opts.threads is None else None):  # weight-only work (core.threads)
+        loaded = load_model(source, trust_pickle=opts.trust_pickle, arch=opts.arch)
     model = loaded.model if loaded.model is not None else weights_only_model(loaded.state_dict)
     weights_only = loaded.model is None
     model.eval()
@@ -155,9 +165,22 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
         if mode in ("compress", "analyze", "apply"):
             plan = _plan(model, opts, mode, calibration, _probe(loaded, opts, weights_only))
             step("analyze")
+            if opts.latency_aware and not weights_only and mode != "analyze":
+                from compressor.export.latency import keep_slow_layers_dense, latency_decisions
+
+                keep_slow_layers_dense(plan, latency_decisions(model, plan, example_inputs(loaded, opts),
+                                                               threads=_ort_threads(opts)))
+                step("latency")
             plan.to_json(tmp / "plan.json")
         original = model
         if mode in ("compress", "apply"):
+            if not plan.factored and any(lp.reason.startswith(f"rank {lp.policy_rank} kept dense: slower")
+                                         for lp in plan.layers):
+                raise CompressorError("no layer would be factored: every factored form was measured slower than "
+                                      "its dense layer at the example input shape",
+                                      "leave out latency_aware to compress for size alone, or try a larger batch",
+                                      cli_fix="leave out --latency-aware to compress for size alone, or try a "
+                                              "larger --input-shape batch")
             if not plan.factored:
                 raise CompressorError(
                     "no layer would be factored: every candidate rank saves no parameters "
@@ -182,6 +205,25 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
                               original=original, compressed=model, exports=exports, timings=timings,
                               options=opts, folder=tmp)
         report.warnings = []
+        if report.latency and "model.onnx" in report.latency["slower_than_dense"]:
+            # --latency-aware never hands back a compressed model slower than the dense one.
+            ratio = report.latency["files"]["model.onnx"]["latency_ratio"]
+            raise CompressorError(f"the factored model.onnx ran {ratio:.3f}x the dense model's latency side by side "
+                                  f"on the example inputs ({report.latency['inputs']}), although each factored layer "
+                                  "was measured faster alone; nothing was written",
+                                  "leave out latency_aware to compress for size alone, or use compressor.search, "
+                                  "which falls back to a file that is not slower",
+                                  cli_fix="leave out --latency-aware to compress for size alone, or use compress "
+                                          "search, which falls back to a file that is not slower")
+        if report.latency and report.latency["slower_than_dense"]:
+            slow = ", ".join(f"{n} ({report.latency['files'][n]['latency_ratio']:.2f}x)"
+                             for n in report.latency["slower_than_dense"])
+            message = (f"measured slower than the dense model side by side: {slow}; the multiply-adds went down "
+                       "but the latency did not")
+            report.warnings.append({"kind": "slower_than_dense", "message": message + "; try compressor.search "
+                                    "(latency-aware by default) or a milder policy",
+                                    "cli": message + "; try compress search (latency-aware by default) or a "
+                                           "milder policy"})
         cosine = (report.fidelity or {}).get("cosine_mean")
         if cosine is not None and cosine < LOW_FIDELITY_COSINE and plan is not None:
             report.warnings.append(low_fidelity_warning(cosine, original, model, plan, inputs, opts))
@@ -255,6 +297,7 @@ def check_options(opts: Options) -> None:
     check_factor_storage(opts.int4_factors)
     if opts.int4_correction is not None:
         parse_correction(opts.int4_correction)
+    check_threads(opts.threads)
     written = [v for v in VARIANTS if VARIANTS[v].write is not None]
     unknown = [v for v in opts.variants if v not in written]
     if unknown:
@@ -378,6 +421,8 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
             written = v.write(path, folder / f"model.{kind}.onnx")
         result[kind] = validate_onnx(written, model, inputs, atol=None, min_cosine=v.min_cosine, variant=kind)
     result["fidelity"] = output_fidelity(original, model, inputs, opts.outputs) if original is not model else None
+    if opts.latency_aware and original is not model:
+        result["latency"] = _latency(original, model, inputs, folder, opts)
     return result
 
 
@@ -395,6 +440,30 @@ def _int4(model: nn.Module, path: Path, folder: Path, opts: Options, calibration
     written = export_int4(path, folder / "model.int4.onnx", block_size=opts.int4_block_size,
                           corrections=corr.factors if corr else None, factors=opts.int4_factors)
     return written, None if corr is None else {**corr.to_dict(), "factors": opts.int4_factors}
+
+
+def _ort_threads(opts: Options) -> int:
+    from compressor.search.evaluate import THREADS
+
+    return opts.threads or THREADS
+
+
+def _latency(original: nn.Module, model: nn.Module, inputs, folder: Path, opts: Options) -> dict[str, Any]:
+    """Every written ONNX file timed side by side with the dense model's export, next to the ratio of
+    multiply-adds (counted by the handlers on the example inputs)."""
+    import tempfile
+
+    from compressor.export.latency import latency_vs_macs
+    from compressor.export.measure import count_macs
+    from compressor.export.onnx import export_onnx
+
+    macs = count_macs(original, inputs)["total"]
+    files = {p.name: p for p in (folder / "model.onnx", *(folder / f"model.{v}.onnx" for v in opts.variants))}
+    with tempfile.TemporaryDirectory(prefix="compressor-dense-") as tmp:
+        dense = export_onnx(original, inputs, Path(tmp) / "dense.onnx", opset=opts.opset,
+                            dynamic_axes=sequence_axes(inputs))
+        return latency_vs_macs(dense, files, inputs, threads=_ort_threads(opts),
+                               macs_ratio=count_macs(model, inputs)["total"] / macs if macs else None)
 
 
 @torch.no_grad()

@@ -14,7 +14,8 @@ import torch
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_text
-from compressor.search.evaluate import output_fidelity
+from compressor.core.threads import thread_budget
+from compressor.search.evaluate import THREADS, output_fidelity
 from compressor.search.front import front_markdown, plot_front
 from compressor.search.recipes import (
     DEFAULT_INT4_CORRECTIONS,
@@ -52,14 +53,24 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
     Held-out inputs come from ``eval_inputs`` (tensors, or text for Hugging Face models); without it,
     from seeded random inputs shaped like the example inputs (float inputs only).
     """
+    from compressor.jobs.compress import Options
+
+    opts = options or Options()
+    with thread_budget(opts.threads):
+        return _search_job(Path(source), out, constraints, targets, heal_steps, precisions, keep_fp16,
+                           int4_corrections, cache_dir, eval_inputs, opts, log)
+
+
+def _search_job(source: Path, out: str | Path | None, constraints: Constraints, targets: Sequence[float],
+                heal_steps: int, precisions: Sequence[str], keep_fp16: Sequence[int],
+                int4_corrections: Sequence[str], cache_dir: str | Path | None,
+                eval_inputs: Path | None, opts: Any, log: Callable[[str], None] | None) -> dict[str, Any]:
     from compressor.core.output import OutputDir, check_not_over_inputs
     from compressor.data.inputs import check_fits
     from compressor.formats.load import load_model
-    from compressor.jobs.compress import Options, check_options, default_out, example_inputs
+    from compressor.jobs.compress import check_options, default_out, example_inputs
     from compressor.report.report import versions
 
-    opts = options or Options()
-    source = Path(source)
     out = Path(out) if out is not None else default_out(source)
     cache_dir = Path(cache_dir) if cache_dir is not None else out.parent / ".compressor-cache"
     # Every check that needs no model comes first: a search takes minutes, a bad option should not.
@@ -94,6 +105,7 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
     with OutputDir(out, opts.force) as tmp:
         result = search(model, inputs, evaluation=evaluation, constraints=constraints, recipes=recipes,
                         cache_dir=cache_dir, calibration=calibration, opset=opts.opset, atol=opts.atol, log=log,
+                        threads=opts.threads or THREADS, latency_aware=opts.latency_aware is not False,
                         analyze_options={"outputs": list(opts.outputs)} if opts.outputs else None)
         chosen = copy_chosen(result, tmp)
         front = result.to_dict()

@@ -89,6 +89,7 @@ class Report:
     int4: dict[str, Any] | None = None
     fidelity: dict[str, float] | None = None
     plots: list[str] | None = None
+    latency: dict[str, Any] | None = None  # latency-aware runs: each file vs dense, next to the MAC ratio
     warnings: list[dict[str, Any]] | None = None  # e.g. low fidelity: "message" (Python), "cli" (command line)
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,6 +132,8 @@ def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | Non
         extra["onnx"]["passed"] = False
     if exports.get("fidelity"):
         extra["fidelity"] = exports["fidelity"]
+    if exports.get("latency"):
+        extra["latency"] = exports["latency"]
     checks = [extra[k]["passed"] for k in VALIDATED if k in extra and "passed" in extra[k]]
     opts = _plain(dataclasses.asdict(options)) if dataclasses.is_dataclass(options) else {}
     return Report(mode=mode, source={"path": str(source), "format": loaded.format, "size_bytes": _size(source)},
@@ -227,6 +230,15 @@ def render_markdown(r: dict[str, Any]) -> str:
                       f"ranks {min(ranks, default=0)} to {max(ranks, default=0)}, rule "
                       f"{', '.join(f'{k}={x:g}' for k, x in corr['rule'].items())}, "
                       f"{'data-aware' if corr['data_aware'] else 'plain SVD'}).", ""]
+    if r.get("latency"):
+        lat = r["latency"]
+        mac = "-" if lat.get("macs_ratio") is None else f"{lat['macs_ratio']:.3f}"
+        lines += ["## Latency vs multiply-adds (onnxruntime, each file side by side with the dense export)", "",
+                  f"{lat['threads']} threads, inputs {lat['inputs']}, {lat['rounds']} rounds ({lat['statistic']}).",
+                  "", "| file | dense ms | file ms | latency ratio | multiply-add ratio |", "|---|---:|---:|---:|---:|"]
+        for name, f in lat["files"].items():
+            lines.append(f"| `{name}` | {f['dense_ms']:.3f} | {f['ms']:.3f} | {f['latency_ratio']:.3f} | {mac} |")
+        lines += [""] + [f"> differs: {d}" for d in lat["differ"]] + [""]
     if r.get("plots"):
         lines += ["## Spectra", ""] + [f"![{Path(p).stem}]({p})" for p in r["plots"]] + [""]
     if r.get("layers"):
