@@ -88,7 +88,7 @@ def test_cli_threads_is_checked_and_restored(tmp_path):
 def rank_timer(slow_from: int, calls: list | None = None, int8: float = 0.5, other: float = 0.5):
     """A fake onnxruntime timer. A factored layer graph of rank r (its file is rank<r>.onnx) runs at
     r / slow_from of the dense latency, so it is faster below ``slow_from``; a whole model file at ``int8``
-    of dense if it holds int8 operators, else at ``other``."""
+    of dense if it holds integer operators (int8 or 4-bit), else at ``other``."""
     def timer(a, b, inputs, threads) -> Comparison:
         b = Path(b)
         if calls is not None:
@@ -99,7 +99,7 @@ def rank_timer(slow_from: int, calls: list | None = None, int8: float = 0.5, oth
             import onnx
 
             ops = {node.op_type for node in onnx.load(str(b), load_external_data=False).graph.node}
-            ratio = int8 if any("Integer" in op or "Quantize" in op for op in ops) else other
+            ratio = int8 if any(k in op for op in ops for k in ("Integer", "Quantize", "NBits")) else other
         return Comparison(1.0, ratio, ratio, 1)
     return timer
 
@@ -171,14 +171,14 @@ def test_search_never_returns_a_recipe_slower_than_dense(tmp_path):
     from compressor.search.front import front_markdown
     from compressor.search.recipes import Recipe
 
-    # The smallest file (low rank + int8) would win, but every int8 file is measured slower than dense:
-    # the search sets them aside and returns low rank fp16, whose layers are all faster factored here.
+    # The smallest files (int4, low rank + int8) would win, but every integer file is measured slower than
+    # dense: the search sets them aside and returns low rank fp16, whose layers are all faster factored here.
     result = _search(tmp_path / "aware", rank_timer(1000, int8=1.3))
-    assert min(result.points, key=lambda p: p.size_bytes).recipe == Recipe("int8", 0.5)
+    assert min(result.points, key=lambda p: p.size_bytes).recipe.precision in ("int4", "int8")
     assert result.chosen.recipe == Recipe("fp16", 0.5)
     assert result.chosen.latency_vs_dense is not None and result.chosen.latency_vs_dense < 1
     aside = {p.recipe for p in result.points if p.slower_than_dense}
-    assert Recipe("int8", 0.5) in aside
+    assert {Recipe("int8", 0.5), Recipe("int4")} <= aside
     md = front_markdown(result.to_dict())
     assert "lowrank0.5-int8: 1.300x the dense fp32 latency (slower: set aside)" in md
     assert "lowrank0.5-fp16: 0.500x the dense fp32 latency" in md
