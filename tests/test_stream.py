@@ -124,9 +124,9 @@ def test_stream_gpt2_layout_transposed_and_tied(tmp_path):
 
 
 @pytest.mark.slow
-def test_stream_matches_in_memory_on_minilm_and_a_sharded_copy(tmp_path):
-    if minilm_path() is None:
-        pytest.skip("all-MiniLM-L6-v2 not installed")
+def test_stream_matches_in_memory_on_minilm_and_a_sharded_copy(minilm, tmp_path):
+    from compressor.analysis.analyze import analyze
+
     src = Path(minilm_path())
     sharded = tmp_path / "sharded"
     sharded.mkdir()
@@ -144,10 +144,10 @@ def test_stream_matches_in_memory_on_minilm_and_a_sharded_copy(tmp_path):
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     torch.set_num_threads(1)
     opts = {"energy": 0.9, "include": ["embeddings.position_embeddings", "encoder.layer.[05].*"]}
-    compress(src, tmp_path / "mem", mode="analyze", progress=False, **opts)
+    analyze(minilm[0], **opts).to_json(tmp_path / "mem.json")  # what `compress analyze` writes as plan.json
     stream_compress(src, tmp_path / "one", **opts)
     stream_compress(sharded, tmp_path / "three", **opts)
-    ref = (tmp_path / "mem/plan.json").read_bytes()
+    ref = (tmp_path / "mem.json").read_bytes()
     assert json.loads(ref)["totals"]["layers_factored"] >= 6
     assert ref == (tmp_path / "one/plan.json").read_bytes() == (tmp_path / "three/plan.json").read_bytes()
 
@@ -162,6 +162,9 @@ def test_randomized_stream_records_the_check_in_the_plan(llama, tmp_path):
     assert "svd" not in layers["model.embed_tokens"] or layers["model.embed_tokens"]["svd"]["method"]
     with pytest.raises(CompressorError, match="randomized SVD finds only"):
         stream_compress(llama, tmp_path / "t", target=0.3, svd="randomized")
+    with pytest.raises(CompressorError, match="device 'nosuch' cannot be used"):
+        stream_compress(llama, tmp_path / "t", rank=4, device="nosuch")
+    assert not state_dir(tmp_path / "t").exists()
 
 
 # ---------------------------------------------------------------------------------------- resumable
@@ -227,3 +230,16 @@ def test_ray_local_gives_the_serial_plan(llama, tmp_path):
     stream_compress(llama, tmp_path / "ray", energy=0.8, ray="local", workers=2)
     assert (tmp_path / "serial/plan.json").read_bytes() == (tmp_path / "ray/plan.json").read_bytes()
     assert json.loads((tmp_path / "ray/stream.json").read_text())["ray"] == "local"
+
+
+@pytest.mark.slow
+def test_streaming_benchmark_tiny_variant(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import streaming
+
+    assert streaming.main(["--tiny", "--layers", "3", "--analyse", "1", "--rank", "4", "--dir",
+                           str(tmp_path / "work"), "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "streaming_tiny.json").read_text())
+    assert 0 < res["run"]["peak_rss_gib"] < 4 and res["run"]["layers"] == 7
+    assert set(res["exact_svd_floor_s"]) == set(res["run"]["seconds_per_layer"])
+    assert res["run"]["output_bytes"] > 0 and not (tmp_path / "work").exists()  # the checkpoint is deleted

@@ -46,6 +46,7 @@ class LayerTask:
     factor: bool = True
     rank: int | None = None  # factor at this rank (a second pass, when the policy is global)
     svd_rank: int | None = None  # randomized: the rank of the analysis' SVD, so factors match its spectrum
+    device: str = "cpu"  # where the SVD runs ("cuda" on a GPU machine); results are stored on the CPU
 
 
 @contextlib.contextmanager
@@ -86,7 +87,9 @@ def run_layer(task: LayerTask) -> dict[str, Any]:
             raise CompressorError(f"layer '{task.name}' has NaN or Inf values in its weight",
                                   f"repair the weights, or leave the layer out with exclude=['{task.name}']",
                                   cli_fix=f"repair the weights, or leave the layer out with --exclude '{task.name}'")
-        dec = _decompose(task, matrix)
+        dec = _decompose(task, matrix.to(task.device))
+        dec = Decomposition(*(t.cpu() for t in (dec.U, dec.S, dec.Vh)), total_energy=dec.total_energy,
+                            check=dec.check)
         m, n = matrix.shape
         spectrum = LayerSpectrum.from_singular_values(task.name, m, n, dec.S, dec.total_energy)
         rank = task.rank

@@ -165,6 +165,8 @@ _stream_options = _options([
     click.option("--ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
                  help="With --stream: run the per-layer work as Ray tasks, on a Ray started here (no ADDRESS) or "
                       "on the cluster at ADDRESS (every node must see the model files at the same path)."),
+    click.option("--device", default=Options.device, show_default=True,
+                 help="With --stream: where the SVDs run, e.g. cuda (results are byte-identical on one kind only)."),
     click.option("--restart", is_flag=True,
                  help="With --stream: start over, dropping an unfinished run's state instead of continuing it."),
 ])
@@ -209,7 +211,7 @@ def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
         _run_stream(mode, model, kw)
         return
     stream_only = [f"--{k}" for k in ("ray", "restart") if kw.pop(k, None)]
-    stream_only += [f"--{k}" for k in ("svd", "workers") if k in kw and kw.pop(k) != getattr(Options, k)]
+    stream_only += [f"--{k}" for k in ("svd", "workers", "device") if k in kw and kw.pop(k) != getattr(Options, k)]
     if stream_only:
         click.echo(f"error: {', '.join(stream_only)} apply to streamed runs only; add --stream", err=True)
         sys.exit(EXIT_BAD_INPUT)

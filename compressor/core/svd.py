@@ -96,13 +96,14 @@ def rank_for_energy(S: torch.Tensor, energy: float, total: float | None = None) 
 
 
 # ------------------------------------------------------------------------------- randomized SVD
-# Defaults of the randomized path, measured in benchmarks/randomized_svd.py: oversampling and power
-# iterations enough that the residual check below passes on trained weights (NOTES: q = r + 10 with two
-# iterations left the r-th singular value 9-12% off on a 4096x4096 matrix).
+# Defaults of the randomized path, measured in benchmarks/randomized_svd.py (results/randomized_svd.md). The
+# bound is conservative: on MiniLM's weights it stays near 0.1 while the singular values are found within
+# about 3% and the rank-k truncation error within 0.5% of the exact SVD's. NOTES: q = r + 10 with two
+# iterations left the r-th singular value 9-12% off; hence more oversampling and four iterations.
 RSVD_OVERSAMPLE = 0.25  # extra columns, as a fraction of the rank asked for (at least RSVD_MIN_OVERSAMPLE)
 RSVD_MIN_OVERSAMPLE = 16
 RSVD_POWER_ITERS = 4
-RSVD_TOL = 0.05  # largest residual bound, relative to the smallest singular value kept, before exact SVD
+RSVD_TOL = 0.15  # largest residual bound, relative to the k-th singular value, before the exact SVD is taken
 
 
 def frobenius_sq(matrix: torch.Tensor) -> float:

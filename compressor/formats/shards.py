@@ -25,7 +25,9 @@ from compressor.core.fileio import atomic_file, atomic_write_text, regular_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
+# Output shards of at most 1 GiB: a shard's tensors are held until it is written, so this bounds the
+# rewrite's memory (transformers' own default, 5 GB, would exceed a 4 GiB budget by itself).
+DEFAULT_SHARD_BYTES = 2**30
 
 
 @dataclass

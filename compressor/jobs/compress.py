@@ -84,6 +84,7 @@ class Options:
     workers: int = DEFAULT_WORKERS
     ray: str | None = None  # "local", or the address of a Ray cluster
     restart: bool = False  # drop an unfinished streamed run's state instead of continuing it
+    device: str = "cpu"  # where a streamed run's SVDs run ("cuda" for a GPU)
     shard_bytes: int = DEFAULT_SHARD_BYTES
     extra: dict[str, Any] = field(default_factory=dict)
 

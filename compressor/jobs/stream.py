@@ -56,6 +56,7 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
     without loading it whole; returns the summary also written to ``stream.json``.
 
     Options as for :func:`compressor.jobs.compress.compress`, plus ``svd`` ("exact" or "randomized"),
+    ``device`` (where the SVDs run: "cpu", or "cuda" for a GPU; byte-identical results only on one kind),
     ``workers`` (processes; 1 runs in this one), ``ray`` (None, "local" to start Ray on this machine, or a
     cluster address), ``restart`` (drop an unfinished run's state instead of continuing it) and
     ``shard_bytes`` (largest output shard).
@@ -74,7 +75,7 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
     factor = mode == "compress"
     # Checked before the skeleton is built, so that a changed input is told at once.
     settings = {"policy": policy_to_dict(policy), "rank_multiple": opts.rank_multiple, "include": include,
-                "exclude": exclude, "svd": opts.svd, "factor": factor, "calibration": None}
+                "exclude": exclude, "svd": opts.svd, "factor": factor, "calibration": None, "device": opts.device}
     state = _State(state_dir(out), {"format": STATE_FORMAT, "checkpoint": ckpt.fingerprint(), "settings": settings},
                    opts.restart)
     skeleton = _skeleton(source, ckpt)
@@ -85,7 +86,7 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
                                {p: keymap[f"{c.name}.{p}"] for p, _ in c.module.named_parameters()},
                                {keymap[f"{c.name}.{p}"]: str(ckpt.tensors[keymap[f"{c.name}.{p}"]].file)
                                 for p, _ in c.module.named_parameters()},
-                               policy, opts.rank_multiple, opts.svd, factor)
+                               policy, opts.rank_multiple, opts.svd, factor, device=opts.device)
              for c in found if c.skip is None}
     names = list(tasks)
     resumed = sum(state.has(i) for i in range(len(names)))
@@ -153,6 +154,11 @@ def _check(opts: Options):
     if opts.calibration is not None:
         raise CompressorError("streamed analysis does not take calibration data yet",
                               "leave out --calibration, or analyse in memory (without --stream)")
+    try:
+        torch.empty(0, device=opts.device)
+    except (RuntimeError, AssertionError) as err:
+        raise CompressorError(f"device {opts.device!r} cannot be used here ({str(err).splitlines()[0][:100]})",
+                              "pass device='cpu'", cli_fix="pass --device cpu") from None
     w = opts.workers
     if isinstance(w, bool) or not isinstance(w, int) or w < 1:
         raise CompressorError(f"workers must be a whole number >= 1, got {w!r}", "pass e.g. workers=2",
