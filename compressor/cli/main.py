@@ -213,7 +213,7 @@ def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
     stream_only = [f"--{k}" for k in ("ray", "restart") if kw.pop(k, None)]
     stream_only += [f"--{k}" for k in ("svd", "workers", "device") if k in kw and kw.pop(k) != getattr(Options, k)]
     if stream_only:
-        click.echo(f"error: {', '.join(stream_only)} apply to streamed runs only; add --stream", err=True)
+        click.echo(f"error: {', '.join(stream_only)}: only for streamed runs; add --stream", err=True)
         sys.exit(EXIT_BAD_INPUT)
     kw["variants"] = [name for name in VARIANTS if kw.pop(f"variant_{name}", False)]
     from compressor.jobs.compress import LowFidelityWarning, compress
