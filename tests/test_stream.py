@@ -160,6 +160,8 @@ def test_randomized_stream_records_the_check_in_the_plan(llama, tmp_path):
     assert q["svd"]["method"] in ("randomized", "exact")
     assert 0 < q["energy_kept"] < 1
     assert "svd" not in layers["model.embed_tokens"] or layers["model.embed_tokens"]["svd"]["method"]
+    with pytest.raises(CompressorError, match="include pattern 'nope' matches no layer"):
+        stream_compress(llama, tmp_path / "t", rank=4, include=["nope"])
     with pytest.raises(CompressorError, match="randomized SVD finds only"):
         stream_compress(llama, tmp_path / "t", target=0.3, svd="randomized")
     with pytest.raises(CompressorError, match="device 'nosuch' cannot be used"):

@@ -219,10 +219,14 @@ class _State:
                                       "changed)", "rerun the same command to continue it, or pass restart=True to "
                                       "start over", cli_fix="rerun the same command to continue it, or pass "
                                       "--restart to start over")
-        else:
-            (folder / "layers").mkdir(parents=True, exist_ok=True)
-            atomic_write_text(stamp, json.dumps(fingerprint, indent=2) + "\n")
-        (folder / "layers").mkdir(exist_ok=True)
+        self.fingerprint = fingerprint
+
+    def _begin(self) -> None:
+        """Create the folder and its fingerprint with the first finished layer: a run refused before any
+        work leaves nothing behind."""
+        if not (self.folder / "fingerprint.json").is_file():
+            (self.folder / "layers").mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.folder / "fingerprint.json", json.dumps(self.fingerprint, indent=2) + "\n")
 
     def _path(self, i: int, kind: str = "layer") -> Path:
         return self.folder / "layers" / f"{i:05d}.{kind}.safetensors"
@@ -246,6 +250,7 @@ class _State:
     def save_layer(self, i: int, result: dict[str, Any]) -> None:
         from safetensors.torch import save
 
+        self._begin()
         factors = result["factors"] or {}
         info = {"total": result["total"], "check": result["check"], "seconds": result["seconds"],
                 "factored": bool(factors)}
@@ -255,6 +260,7 @@ class _State:
     def save_factors(self, i: int, result: dict[str, Any]) -> None:
         from safetensors.torch import save
 
+        self._begin()
         atomic_write_bytes(self._path(i, "factors"), save(result["factors"]))
 
     def layer(self, i: int) -> dict[str, Any]:
