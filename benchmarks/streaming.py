@@ -5,7 +5,7 @@ analysis and the shard-by-shard rewrite, against the exact-SVD floor of the same
                                    [--svd randomized] [--dir /tmp/compressor-stream-bench] [--tiny]
 
 Writes a Hugging Face folder (LlamaForCausalLM config, ``--layers`` decoder layers of Llama-2-7B's shapes,
-its embedding and head, random bf16 weights, 2 GB shards and an index) under ``--dir``, then runs
+its embedding and head, random bf16 weights, 5 GB shards and an index) under ``--dir``, then runs
 ``compress MODEL --stream`` in a child process on the first ``--analyse`` decoder layers (``--include``;
 every other tensor is copied through) and reads the child's peak RSS from ``wait4``. The floor is
 ``torch.linalg.svd`` alone (float32, same threads) of the matrices of the first ``--floor-layers``
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_checkpoint(folder: Path, shapes: dict, layers: int, shard_bytes: int) -> int:
-    """A Llama folder of random bf16 weights, written shard by shard (never the whole model in memory)."""
+    """A Llama folder of random bf16 weights, written tensor by tensor (never the whole model in memory)."""
     import transformers
 
     from compressor.formats.shards import ShardWriter
@@ -51,22 +51,25 @@ def write_checkpoint(folder: Path, shapes: dict, layers: int, shard_bytes: int) 
     h, f, v = shapes["hidden_size"], shapes["intermediate_size"], shapes["vocab_size"]
     g = torch.Generator().manual_seed(0)
 
-    def rand(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+    def rand(*shape: int):  # generated when its shard is written: one tensor in memory at a time
+        return shape, torch.bfloat16, lambda: (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    def ones(n: int):
+        return (n,), torch.bfloat16, lambda: torch.ones(n, dtype=torch.bfloat16)
 
     writer = ShardWriter(folder, shard_bytes)
-    writer.add("model.embed_tokens.weight", rand(v, h))
+    writer.add("model.embed_tokens.weight", *rand(v, h))
     for i in range(layers):
         p = f"model.layers.{i}"
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            writer.add(f"{p}.self_attn.{name}.weight", rand(h, h))
-        writer.add(f"{p}.mlp.gate_proj.weight", rand(f, h))
-        writer.add(f"{p}.mlp.up_proj.weight", rand(f, h))
-        writer.add(f"{p}.mlp.down_proj.weight", rand(h, f))
-        writer.add(f"{p}.input_layernorm.weight", torch.ones(h, dtype=torch.bfloat16))
-        writer.add(f"{p}.post_attention_layernorm.weight", torch.ones(h, dtype=torch.bfloat16))
-    writer.add("model.norm.weight", torch.ones(h, dtype=torch.bfloat16))
-    writer.add("lm_head.weight", rand(v, h))
+            writer.add(f"{p}.self_attn.{name}.weight", *rand(h, h))
+        writer.add(f"{p}.mlp.gate_proj.weight", *rand(f, h))
+        writer.add(f"{p}.mlp.up_proj.weight", *rand(f, h))
+        writer.add(f"{p}.mlp.down_proj.weight", *rand(h, f))
+        writer.add(f"{p}.input_layernorm.weight", *ones(h))
+        writer.add(f"{p}.post_attention_layernorm.weight", *ones(h))
+    writer.add("model.norm.weight", *ones(h))
+    writer.add("lm_head.weight", *rand(v, h))
     writer.close()
     return writer.total
 
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a small model: seconds, for the test suite")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    shapes, shard = (TINY, 200_000) if args.tiny else (LLAMA_7B, 2 * 10**9)
+    shapes, shard = (TINY, 200_000) if args.tiny else (LLAMA_7B, 5 * 10**9)
     env = environment("python benchmarks/streaming.py " + " ".join(sys.argv[1:] if argv is None else argv))
     if args.dir.exists():
         shutil.rmtree(args.dir)

@@ -6,7 +6,7 @@
 A sharded Hugging Face folder names its shards in ``model.safetensors.index.json`` (``weight_map``: tensor
 name -> shard file); a folder with one ``model.safetensors`` or a single ``.safetensors`` file is one shard.
 :class:`ShardWriter` writes tensors in the order given into shards of at most ``max_bytes`` each plus the
-same kind of index; each shard is written atomically.
+same kind of index; each shard is written atomically, one tensor at a time.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,9 +26,7 @@ from compressor.core.fileio import atomic_file, atomic_write_text, regular_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-# Output shards of at most 1 GiB: a shard's tensors are held until it is written, so this bounds the
-# rewrite's memory (transformers' own default, 5 GB, would exceed a 4 GiB budget by itself).
-DEFAULT_SHARD_BYTES = 2**30
+DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' max_shard_size: shards are written a tensor at a time
 
 
 @dataclass
@@ -133,60 +132,89 @@ def _index_files(folder: Path, index: Path) -> list[Path]:
     return files
 
 
-class ShardWriter:
-    """Tensors written in order into ``model-0000i-of-0000N.safetensors`` shards of at most ``max_bytes``
-    (a larger tensor gets a shard of its own) and ``model.safetensors.index.json``, in ``folder``.
+_NAMES = {v: k for k, v in _DTYPES.items()}
 
-    The shard count is known only at the end, so shards are written as ``model-0000i.safetensors`` and
-    renamed by :meth:`close`; a single shard becomes ``model.safetensors`` with no index.
+
+@dataclass
+class _Planned:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty((), dtype=self.dtype).element_size()
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class ShardWriter:
+    """Tensors planned in order (name, shape, dtype and how to load them), then written into
+    ``model-0000i-of-0000N.safetensors`` shards of at most ``max_bytes`` (a larger tensor gets a shard of
+    its own) and ``model.safetensors.index.json`` in ``folder``; a single shard is ``model.safetensors``.
+
+    Each shard is written as the safetensors format lays it out (header, then the tensors' bytes) one
+    tensor at a time: only one tensor is in memory at once, whatever the shard size.
     """
 
     def __init__(self, folder: Path, max_bytes: int = DEFAULT_SHARD_BYTES):
         self.folder = Path(folder)
         self.max_bytes = max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = []
+        self.shards: list[list[_Planned]] = []
         self.total = 0
+        self._size = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total += size
+    def add(self, name: str, shape: Iterable[int], dtype: torch.dtype, load: Callable[[], torch.Tensor]) -> None:
+        """Plan one tensor; ``load()`` is called when its shard is written."""
+        item = _Planned(name, tuple(shape), dtype, load)
+        if not self.shards or (self._size and self._size + item.nbytes > self.max_bytes):
+            self.shards.append([])
+            self._size = 0
+        self.shards[-1].append(item)
+        self._size += item.nbytes
+        self.total += item.nbytes
 
-    def add_all(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        for name, t in tensors:
-            self.add(name, t)
-
-    def flush(self) -> None:
-        """Write the tensors added so far as the next shard, durably, and let them go."""
-        from safetensors.torch import save_file
-
-        if not self.pending:
-            return
-        path = self.folder / f"model-{len(self.shards) + 1:05d}.safetensors"
-        with atomic_file(path) as tmp:
-            save_file(self.pending, str(tmp), metadata={"format": "pt"})
-        self.shards.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Plan a tensor already in memory (it is held until written)."""
+        self.add(name, tensor.shape, tensor.dtype, lambda: tensor)
 
     def close(self) -> list[Path]:
-        """Flush, give the shards their final names and write the index; returns the files written."""
-        self.flush()
+        """Write every shard (each atomically) and the index; returns the files written."""
         n = len(self.shards)
-        if n == 1:
-            final = self.folder / SINGLE
-            os.replace(self.shards[0][0], final)
-            return [final]
+        if n <= 1:
+            path = self.folder / SINGLE
+            _write_safetensors(path, self.shards[0] if self.shards else [])
+            return [path]
         weight_map, out = {}, []
-        for i, (path, names) in enumerate(self.shards, 1):
-            final = self.folder / f"model-{i:05d}-of-{n:05d}.safetensors"
-            os.replace(path, final)
-            out.append(final)
-            weight_map.update(dict.fromkeys(names, final.name))
+        for i, items in enumerate(self.shards, 1):
+            path = self.folder / f"model-{i:05d}-of-{n:05d}.safetensors"
+            _write_safetensors(path, items)
+            out.append(path)
+            weight_map.update(dict.fromkeys((it.name for it in items), path.name))
         atomic_write_text(self.folder / INDEX, json.dumps({"metadata": {"total_size": self.total},
                                                            "weight_map": weight_map}, indent=2) + "\n")
         return [*out, self.folder / INDEX]
+
+
+def _write_safetensors(path: Path, items: list[_Planned]) -> None:
+    """A safetensors file written tensor by tensor: the header (8-byte length, JSON padded to 8 bytes)
+    from the planned shapes, then each tensor's bytes as it is loaded (checked against its plan)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for it in items:
+        header[it.name] = {"dtype": _NAMES[it.dtype], "shape": list(it.shape),
+                           "data_offsets": [offset, offset + it.nbytes]}
+        offset += it.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for it in items:
+            t = it.load()
+            if tuple(t.shape) != it.shape or t.dtype != it.dtype:
+                raise ValueError(f"tensor '{it.name}' is {t.dtype} {list(t.shape)}, planned as "
+                                 f"{it.dtype} {list(it.shape)}")
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)

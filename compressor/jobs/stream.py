@@ -270,12 +270,9 @@ class _State:
             info = json.loads(f.metadata()["info"])
             return {**info, "S": f.get_tensor("S")}
 
-    def factors(self, i: int) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        path = self._path(i, "factors") if self._path(i, "factors").is_file() else self._path(i)
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if k != "S"}  # noqa: SIM118
+    def factors_path(self, i: int) -> Path:
+        """The file holding layer ``i``'s factors: its own, or the layer's file (factored in one pass)."""
+        return self._path(i, "factors") if self._path(i, "factors").is_file() else self._path(i)
 
     def remove(self) -> None:
         with signals_deferred():
@@ -341,16 +338,26 @@ def _run_ray(todo: list[tuple[int, LayerTask]], save: Callable[[int, dict], None
 def _write_weights(folder: Path, ckpt: Checkpoint, tasks: dict[str, LayerTask], factored: dict[str, int],
                    state: _State, shard_bytes: int) -> list[Path]:
     """Every tensor of the checkpoint in its order, a factored layer's weight (and bias) replaced by its
-    factors, written shard by shard: only one shard's tensors are in memory at a time."""
+    factors, written shard by shard and tensor by tensor: one tensor in memory at a time."""
     replaced = {key: name for name in factored for key in tasks[name].keys.values()}
     writer = ShardWriter(folder, shard_bytes)
-    for key in ckpt.tensors:
+    for key, info in ckpt.tensors.items():
         name = replaced.get(key)
         if name is None:
-            writer.add(key, ckpt.tensor(key))
+            writer.add(key, info.shape, info.dtype, lambda key=key: ckpt.tensor(key))
         elif key == tasks[name].keys["weight"]:  # the factors take the weight's place
-            writer.add_all(state.factors(factored[name]).items())
+            path = state.factors_path(factored[name])
+            for fkey, finfo in Checkpoint.open(path).tensors.items():
+                if fkey != "S":
+                    writer.add(fkey, finfo.shape, finfo.dtype, lambda path=path, fkey=fkey: _read(path, fkey))
     return writer.close()
+
+
+def _read(path: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor(key)
 
 
 def _copy_companions(source: Path, folder: Path) -> None:
