@@ -5,7 +5,7 @@ analysis and the shard-by-shard rewrite, against the exact-SVD floor of the same
                                    [--svd randomized] [--dir /tmp/compressor-stream-bench] [--tiny]
 
 Writes a Hugging Face folder (LlamaForCausalLM config, ``--layers`` decoder layers of Llama-2-7B's shapes,
-its embedding and head, random bf16 weights, 5 GB shards and an index) under ``--dir``, then runs
+its embedding and head, random bf16 weights, 1 GB shards and an index) under ``--dir``, then runs
 ``compress MODEL --stream`` in a child process on the first ``--analyse`` decoder layers (``--include``;
 every other tensor is copied through) and reads the child's peak RSS from ``wait4``. The floor is
 ``torch.linalg.svd`` alone (float32, same threads) of the matrices of the first ``--floor-layers``
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a small model: seconds, for the test suite")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    shapes, shard = (TINY, 200_000) if args.tiny else (LLAMA_7B, 5 * 10**9)
+    shapes, shard = (TINY, 200_000) if args.tiny else (LLAMA_7B, 10**9)  # 1 GB: a few decoder layers still shard
     env = environment("python benchmarks/streaming.py " + " ".join(sys.argv[1:] if argv is None else argv))
     if args.dir.exists():
         shutil.rmtree(args.dir)
