@@ -277,7 +277,7 @@ def _analyze(model: nn.Module, energy: float | None, rank: int | None, rank_rati
         if c.name in chosen:
             c.kind, c.handler = chosen[c.name], handler_of_kind(chosen[c.name])
 
-    layers = [_layer_plan(c, decs.get(c.name), ranks.get(c.name), c.name in overrides)
+    layers = [layer_plan(c, decs.get(c.name), ranks.get(c.name), c.name in overrides)
               for c in found]
     for lp in layers:
         if lp.factored and lp.name in errors:
@@ -338,8 +338,17 @@ def _folds(model: nn.Module, found: list[Candidate], plan: Plan | None, fold: bo
 
 
 
-def _layer_plan(c: Candidate, dec: Decomposition | None, policy_rank: int | None,
-                overridden: bool) -> LayerPlan:
+def layer_plan(c: Candidate, dec: Decomposition | None, policy_rank: int | None,
+               overridden: bool) -> LayerPlan:
+    """The plan entry of one candidate from its decomposition (None: not factorizable; only ``S``,
+    ``total_energy`` and ``check`` are read) and the rank the policy asked for."""
+    lp = _entry(c, dec, policy_rank, overridden)
+    if dec is not None and dec.check is not None:
+        lp.svd = dec.check  # how a partial spectrum was found, and its a-posteriori bound
+    return lp
+
+
+def _entry(c: Candidate, dec: Decomposition | None, policy_rank: int | None, overridden: bool) -> LayerPlan:
     if c.handler is not None:
         w = c.handler.weight(c.module)
         m, n = c.weight_matrix().shape
@@ -365,7 +374,7 @@ def _layer_plan(c: Candidate, dec: Decomposition | None, policy_rank: int | None
     if policy_rank > min(m, n) or policy_rank < 1:
         raise CompressorError(f"layer '{c.name}': rank {policy_rank} is outside 1..{min(m, n)}",
                               "choose a rank between 1 and the layer's full rank")
-    kept = energy_kept(dec.S, policy_rank)
+    kept = energy_kept(dec.S, policy_rank, dec.total_energy)
     err = max(0.0, 1.0 - kept) ** 0.5
     if policy_rank > max_saving_rank(m, n):
         return LayerPlan(**base, rank=None, policy_rank=policy_rank, energy_kept=kept, rel_error=err,

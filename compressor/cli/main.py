@@ -176,8 +176,68 @@ _export_options = _options([
 ])
 
 
+_stream_options = _options([
+    click.option("--stream", is_flag=True,
+                 help="Read a safetensors checkpoint (file or sharded Hugging Face folder) tensor by tensor and "
+                      "write factored shards, never holding the model; resumable (rerun the same command)."),
+    click.option("--svd", type=click.Choice(["exact", "randomized"]), default=Options.svd, show_default=True,
+                 help="With --stream: 'randomized' finds only the leading singular triplets (--rank, --rank-ratio, "
+                      "--energy), checked per layer by an a-posteriori bound, exact SVD where it fails."),
+    click.option("--workers", type=int, default=Options.workers, show_default=True,
+                 help="With --stream: worker processes for the per-layer SVDs (1: in this process)."),
+    click.option("--ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                 help="With --stream: run the per-layer work as Ray tasks, on a Ray started here (no ADDRESS) or "
+                      "on the cluster at ADDRESS (every node must see the model files at the same path)."),
+    click.option("--device", default=Options.device, show_default=True,
+                 help="With --stream: where the SVDs run, e.g. cuda (results are byte-identical on one kind only)."),
+    click.option("--restart", is_flag=True,
+                 help="With --stream: start over, dropping an unfinished run's state instead of continuing it."),
+])
+
+
+def _run_stream(mode: str, model: Path, kw: dict[str, Any]) -> None:
+    """``--stream``: :func:`compressor.jobs.stream.stream_compress`, its summary, errors as one line."""
+    from compressor.jobs.stream import stream_compress
+
+    as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
+    unused = [f"--{k.replace('_', '-')}" for k in ("plots", "trust_pickle", "arch", "outputs", "input_shapes",
+                                                  "example_inputs", "keep_fp16") if kw.get(k)]
+    unused += [f"--{v}" for v in VARIANTS if kw.get(f"variant_{v}")]
+    try:
+        if unused:
+            raise CompressorError(f"{', '.join(unused)} cannot be used with --stream (it writes the plan and "
+                                  "the factored weights only)", "leave them out, or run without --stream")
+        fields = {k: v for k, v in kw.items() if k in Options.__dataclass_fields__ and k != "progress"}
+        summary = stream_compress(model, out, mode="compress" if mode == "compress" else "analyze",
+                                  options=Options(**fields))
+    except CompressorError as err:
+        if debug:
+            raise
+        click.echo(f"error: {err.for_cli()}", err=True)
+        sys.exit(err.exit_code)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif not quiet:
+        t = summary["totals"]
+        click.echo(f"{model} (streamed, {summary['shards_in']} shard(s)) -> {summary['output']}/\n"
+                   f"  layers factored   {t['layers_factored']} of {t['layers_supported']} factorizable "
+                   f"({summary['resumed_layers']} of {summary['layers']} resumed from an earlier run)\n"
+                   f"  parameters        {t['params_before']:,} -> {t['params_after']:,}; factorizable weights "
+                   f"{t['removed_fraction']:.1%} removed\n"
+                   f"  time              analyze {summary['analyze_seconds']:.1f} s"
+                   + (f", rewrite {summary['rewrite_seconds']:.1f} s" if "rewrite_seconds" in summary else ""))
+
+
 def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
     """Run one mode, print the outcome, and turn errors into one line and an exit code."""
+    if kw.pop("stream", False):
+        _run_stream(mode, model, kw)
+        return
+    stream_only = [f"--{k}" for k in ("ray", "restart") if kw.pop(k, None)]
+    stream_only += [f"--{k}" for k in ("svd", "workers", "device") if k in kw and kw.pop(k) != getattr(Options, k)]
+    if stream_only:
+        click.echo(f"error: {', '.join(stream_only)}: only for streamed runs; add --stream", err=True)
+        sys.exit(EXIT_BAD_INPUT)
     kw["variants"] = [name for name in VARIANTS if kw.pop(f"variant_{name}", False)]
     from compressor.jobs.compress import LowFidelityWarning, compress
 
@@ -271,6 +331,7 @@ _keep_fp16_option = click.option(
 @_keep_fp16_option
 @_latency_option
 @_threads_option
+@_stream_options
 @_common_options
 def run_cmd(model: Path, **kw: Any) -> None:
     """Analyze, factor, export and report (the default command)."""
@@ -282,6 +343,7 @@ def run_cmd(model: Path, **kw: Any) -> None:
 @_policy_options
 @click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder.")
 @_threads_option
+@_stream_options
 @_common_options
 def analyze_cmd(model: Path, **kw: Any) -> None:
     """Spectra and plan only: nothing is rewritten."""

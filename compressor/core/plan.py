@@ -48,6 +48,9 @@ class LayerPlan:
     reason: str
     supported: bool = True  # False: never factorable (grouped conv, tied weight, ...), see reason
     estimated_output_error: float | None = None  # data-aware methods: relative output error estimate
+    # Randomized SVD: method ("randomized", or "exact" after a failed check), rank, a-posteriori bound.
+    # Left out of the JSON when None, so plans of the exact path read as before.
+    svd: dict[str, Any] | None = None
 
     @property
     def m(self) -> int:
@@ -121,7 +124,7 @@ class Plan:
             "calibration": self.calibration,
             "notes": self.notes,
             "folded": self.folded,
-            "layers": [asdict(lp) for lp in self.layers],
+            "layers": [_entry_dict(lp) for lp in self.layers],
         }
 
     def to_json(self, path: str | Path) -> None:
@@ -187,3 +190,10 @@ class Plan:
                     f"{t['removed_fraction']:.1%} removed; {t['layers_factored']} of "
                     f"{t['layers_supported']} layers factored")
         return "\n".join(rows)
+
+
+def _entry_dict(lp: LayerPlan) -> dict[str, Any]:
+    d = asdict(lp)
+    if d["svd"] is None:
+        del d["svd"]
+    return d

@@ -67,18 +67,26 @@ class LayerSpectrum:
     n: int
     S: torch.Tensor
     loss: torch.Tensor
+    total: float | None = None  # ||W||_F**2 when S holds only the leading values (randomized SVD)
 
     @property
     def full_rank(self) -> int:
         return min(self.m, self.n)
 
     @classmethod
-    def from_singular_values(cls, name: str, m: int, n: int, S: torch.Tensor) -> LayerSpectrum:
+    def from_singular_values(cls, name: str, m: int, n: int, S: torch.Tensor,
+                             total: float | None = None) -> LayerSpectrum:
+        """``total`` (``||W||_F**2``) when ``S`` holds only the leading values: ``loss`` then covers ranks
+        ``0..len(S)``."""
         sq = S.detach().double().cpu().square()
-        total = float(sq.sum())
-        tail = torch.cat([torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0]), sq.new_zeros(1)])
-        loss = tail / total if total > 0 else torch.zeros_like(tail)
-        return cls(name, m, n, S.detach().cpu(), loss)
+        if total is None:
+            tail = torch.cat([torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0]), sq.new_zeros(1)])
+            denom = float(sq.sum())
+        else:
+            tail = (total - torch.cat([sq.new_zeros(1), torch.cumsum(sq, 0)])).clamp(min=0)
+            denom = total
+        loss = tail / denom if denom > 0 else torch.zeros_like(tail)
+        return cls(name, m, n, S.detach().cpu(), loss, total)
 
 
 def policy_from_options(energy: float | None = None, rank: int | None = None,
@@ -179,7 +187,7 @@ def _free(layers: list[LayerSpectrum], fixed: dict[str, int | None]) -> list[Lay
 
 @register(EnergyPolicy)
 def _energy(policy: EnergyPolicy, layers, k, fixed):
-    return {lp.name: round_up(rank_for_energy(lp.S, policy.energy), k, lp.full_rank)
+    return {lp.name: round_up(rank_for_energy(lp.S, policy.energy, lp.total), k, lp.full_rank)
             for lp in _free(layers, fixed)}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
 from compressor.core.threads import LINALG_THREADS, check_threads, thread_budget, torch_threads
 from compressor.data.inputs import call, cosine_fidelity, eval_mode, sequence_axes
+from compressor.formats.shards import DEFAULT_SHARD_BYTES
 from compressor.report.report import Report, build_report, write_report
 
 if TYPE_CHECKING:
@@ -46,6 +48,9 @@ WORST_LAYERS_SHOWN = 3
 # --input-shape makes random example inputs: refuse shapes holding more elements than this (all inputs
 # together, 2**27 float32 = 512 MiB) before allocating them.
 MAX_INPUT_ELEMENTS = 2**27
+# Streamed runs: one worker process per two cores (each SVD on one thread, the rest left for reading and
+# writing); below two workers the layers run in the calling process, one after another.
+DEFAULT_WORKERS = max(1, (os.cpu_count() or 1) // 2)
 
 
 @dataclass
@@ -83,6 +88,14 @@ class Options:
     # Factor only layers measured faster than dense at the example input shape, and time every written
     # file against dense (report.latency). None: the command's default (off here, on in search).
     latency_aware: bool | None = None
+    # Streamed runs (compressor.jobs.stream): checkpoints read tensor by tensor, resumable, parallel.
+    stream: bool = False
+    svd: str = "exact"  # or "randomized": the leading singular triplets only, checked per layer
+    workers: int = DEFAULT_WORKERS
+    ray: str | None = None  # "local", or the address of a Ray cluster
+    restart: bool = False  # drop an unfinished streamed run's state instead of continuing it
+    device: str = "cpu"  # where a streamed run's SVDs run ("cuda" for a GPU)
+    shard_bytes: int = DEFAULT_SHARD_BYTES
     extra: dict[str, Any] = field(default_factory=dict)
 
     def policy(self) -> dict[str, Any]:
