@@ -35,6 +35,7 @@ from compressor.core.handlers import handler_of_kind
 from compressor.core.plan import Plan
 from compressor.data.inputs import call, eval_mode, flatten, model_device, named_outputs, to_device
 from compressor.export.measure import file_size
+from compressor.formats.onnx_graph import feeds
 
 # Variants are approximations: they are judged by the worst per-sample cosine of their outputs to the
 # torch model's, not by an absolute difference. Measured on all-MiniLM-L6-v2 (last_hidden_state, 8
@@ -71,6 +72,18 @@ def torch_outputs(model: nn.Module, example_inputs: Any) -> list[tuple[str, np.n
     with eval_mode(model), torch.no_grad():
         out = call(model, to_device(example_inputs, model_device(model)))
     return [(k, v.detach().cpu().double().numpy()) for k, v in named_outputs(out)]
+
+
+def onnx_outputs(path: str | Path, inputs: Any) -> list[tuple[str, np.ndarray]]:
+    """The outputs of the ONNX file ``path`` run in onnxruntime (CPU) on ``inputs``, named; inputs are
+    matched to the graph's inputs by name (a mapping) or position."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return list(zip(names, sess.run(names, feeds(sess, inputs)), strict=True))
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -361,11 +374,12 @@ def _batch_variant(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat([t, t[:1]]) for t in tensors]
 
 
-def validate_onnx(onnx_path: str | Path, model: nn.Module, example_inputs: Any, *,
+def validate_onnx(onnx_path: str | Path, model: nn.Module | str | Path, example_inputs: Any, *,
                   atol: float | None = DEFAULT_ATOL,
-                  min_cosine: float | None = None, variant: str = "fp32") -> Validation:
+                  min_cosine: float | None = None, variant: str = "fp32", batch_variant: bool = True) -> Validation:
     """Check ``onnx_path`` with ``onnx.checker`` and run it in onnxruntime (CPU) on ``example_inputs`` and
-    on a batch one larger (which proves the dynamic batch axis), comparing every output with ``model``.
+    on a batch one larger (which proves the dynamic batch axis; ``batch_variant=False``: not tried),
+    comparing every output with ``model``: a torch model, or the path of an ONNX file run in onnxruntime.
 
     Passes when the checker and the runs succeed, ``max_abs_diff <= atol`` and ``cosine >= min_cosine``
     (each criterion only when given). Failures are returned (``passed=False``, ``problems``), not raised.
@@ -394,12 +408,17 @@ def validate_onnx(onnx_path: str | Path, model: nn.Module, example_inputs: Any, 
         v.problems.append(f"onnxruntime cannot load the model: {_first_line(err)}")
         return v
     diffs, cosines = [], []
-    for batch in (tensors, _batch_variant(tensors)):
+    for batch in (tensors, _batch_variant(tensors)) if batch_variant else (tensors,):
         inputs = dict(zip(names, batch, strict=True)) if as_dict else tuple(batch)
-        expected = torch_outputs(model, inputs)
         feed_all = {n: t.detach().cpu().numpy() for n, t in zip(names, batch, strict=True)}
+        if isinstance(model, nn.Module):
+            expected = torch_outputs(model, inputs)
+            feed = {i.name: feed_all[i.name] for i in session.get_inputs()}
+        else:  # an ONNX reference: its outputs in onnxruntime, inputs matched to graph inputs by name
+            expected = [(k, np.asarray(v, dtype=np.float64)) for k, v in onnx_outputs(model, inputs)]
+            feed = feeds(session, inputs)
         try:
-            got = session.run(None, {i.name: feed_all[i.name] for i in session.get_inputs()})
+            got = session.run(None, feed)
         except Exception as err:
             v.problems.append(f"onnxruntime failed at batch {len(batch[0])}: {_first_line(err)}")
             return v

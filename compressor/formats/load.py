@@ -66,7 +66,7 @@ VERSION = 1
 WEIGHTS, PLAN, META, STRUCTURE = "model.safetensors", "plan.json", "compressor.json", "model.pt"
 
 
-FORMATS = ("torch-module", "state-dict", "safetensors", "hf-folder", "compressor", "torch-export")
+FORMATS = ("torch-module", "state-dict", "safetensors", "hf-folder", "compressor", "torch-export", "onnx")
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a pre-1.6 (non-zip) torch.save file
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module")  # common training checkpoints
 # What nn.DataParallel / DistributedDataParallel and torch.compile put before every state_dict key.
