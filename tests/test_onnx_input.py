@@ -4,6 +4,7 @@ their exports exactly as their torch models are compressed with the same plan.""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from compressor.analysis.analyze import analyze
 from compressor.cli.main import main
 from compressor.core.plan import Plan
 from compressor.core.rewrite import rewrite
+from compressor.data.inputs import sequence_axes
 from compressor.export.onnx import export_onnx
 from compressor.formats.onnx_graph import read_onnx
 from compressor.jobs.compress import compress
@@ -169,6 +171,18 @@ def test_plan_edited_and_applied_to_the_onnx_file(tmp_path):
     assert ops[0] == ("MatMul", ["x", "W1__down"]) and ops[-1] == ("MatMul", ["r", "W2"])
 
 
+def test_layer_names_come_from_the_exporters_records(tmp_path):
+    """The dynamo exporter's name scopes (its folded weights are val_N), the legacy exporter's node names,
+    else the weight's name; compressor's own "model." wrapper prefix is dropped."""
+    nodes = [helper.make_node("MatMul", ["x", "val_7"], ["h"], name="node_MatMul_3"),
+             helper.make_node("MatMul", ["h", "onnx::MatMul_9"], ["g"], name="/model/encoder/layer.0/fc/MatMul"),
+             helper.make_node("MatMul", ["g", "model.head.weight"], ["y"], name="n2")]
+    nodes[0].metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['', 'model.encoder.q', 'linear']")
+    inits = {"val_7": _w(8, 8), "onnx::MatMul_9": _w(8, 8), "model.head.weight": _w(8, 4)}
+    src = _save(nodes, [_fvi("x", ["b", 8])], [_out("y", 2)], inits, tmp_path / "n.onnx")
+    assert [lay.name for lay in read_onnx(src).layers] == ["encoder.q", "encoder.layer.0.fc", "head"]
+
+
 @pytest.mark.parametrize("what", ["garbage", "checker", "dynamic"])
 def test_bad_onnx_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, what):
     path = tmp_path / "bad.onnx"
@@ -193,13 +207,13 @@ def test_bad_onnx_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, what):
 
 def test_digits_cnn_from_its_onnx_export_matches_the_torch_compression(tmp_path):
     """Same plan and calibration, torch path vs ONNX path: the compressed models compute the same."""
-    from compressor.examples import digits_cnn, digits_splits
+    from compressor.examples import digits_splits, train_digits_cnn
 
-    torch.manual_seed(0)
-    model = digits_cnn().eval()
+    model, _ = train_digits_cnn(epochs=2)  # about 90% test accuracy: enough to be a real classifier
     x = digits_splits()["train"][0][:256]
     calib, held = x[:192], x[192:]
-    src = export_onnx(model, held[:4], tmp_path / "cnn.onnx")
+    # The legacy exporter (fast here); it keeps the parameters' names ("model.0.weight", ...).
+    src = export_onnx(model, held[:4], tmp_path / "cnn.onnx", exporter="legacy")
     np.savez(tmp_path / "calib.npz", input=calib.numpy())
     np.savez(tmp_path / "held.npz", input=held.numpy())
     report = compress(src, tmp_path / "out", target=0.5, calibration=tmp_path / "calib.npz",
@@ -216,3 +230,31 @@ def test_digits_cnn_from_its_onnx_export_matches_the_torch_compression(tmp_path)
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
     cos = torch.nn.functional.cosine_similarity(torch.from_numpy(got), ref, dim=1).mean()
     assert abs(float(cos) - report.fidelity["cosine_mean"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_minilm_from_its_onnx_export_matches_the_torch_compression(tmp_path, minilm):
+    """A torch plan applied to MiniLM's export (the legacy exporter, fast here: weights renamed
+    onnx::MatMul_N, layers named from the node names): the compressed graph computes what the compressed
+    torch model computes."""
+    model, tok = minilm
+    model = copy.deepcopy(model)
+    sentences = ["Low-rank factors replace each weight matrix by two thin ones.",
+                 "An ONNX file is all some people have of their model.", "Short one."]
+    held = dict(tok(sentences, padding=True, return_tensors="pt"))
+    src = export_onnx(model, held, tmp_path / "minilm.onnx", dynamic_axes=sequence_axes(held), exporter="legacy")
+    plan = analyze(model, rank_ratio=0.3, exclude=["embeddings.*"])  # embedding lookups are not factored in ONNX
+    plan.to_json(tmp_path / "plan.json")
+    np.savez(tmp_path / "held.npz", **{k: v.numpy() for k, v in held.items()})
+    report = compress(src, tmp_path / "out", mode="apply", plan_path=tmp_path / "plan.json",
+                      example_inputs=tmp_path / "held.npz")
+    # 6 x (query, key, value, output, ffn in, ffn out) + pooler
+    assert report.plan_totals["layers_factored"] == len(plan.factored) == 37
+    with torch.no_grad():
+        ref = model(**held).last_hidden_state
+        want = rewrite(model, plan)(**held).last_hidden_state
+    got = torch.from_numpy(_run(tmp_path / "out" / "model.onnx", {k: v.numpy() for k, v in held.items()})[0])
+    assert float((got - want).abs().max()) < 1e-3 * float(want.abs().max())
+    cos_torch = torch.nn.functional.cosine_similarity(want.flatten(1), ref.flatten(1)).mean()
+    cos_onnx = torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)).mean()
+    assert abs(float(cos_torch) - float(cos_onnx)) < 1e-5

@@ -35,7 +35,7 @@ from compressor.core.handlers import handler_of_kind
 from compressor.core.plan import Plan
 from compressor.data.inputs import call, eval_mode, flatten, model_device, named_outputs, to_device
 from compressor.export.measure import file_size
-from compressor.formats.onnx_graph import feeds
+from compressor.formats.onnx_graph import feeds, module_name
 
 # Variants are approximations: they are judged by the worst per-sample cosine of their outputs to the
 # torch model's, not by an absolute difference. Measured on all-MiniLM-L6-v2 (last_hidden_state, 8
@@ -74,14 +74,19 @@ def torch_outputs(model: nn.Module, example_inputs: Any) -> list[tuple[str, np.n
     return [(k, v.detach().cpu().double().numpy()) for k, v in named_outputs(out)]
 
 
-def onnx_outputs(path: str | Path, inputs: Any) -> list[tuple[str, np.ndarray]]:
-    """The outputs of the ONNX file ``path`` run in onnxruntime (CPU) on ``inputs``, named; inputs are
-    matched to the graph's inputs by name (a mapping) or position."""
+def onnx_session(path: str | Path):
+    """An onnxruntime CPU session of the ONNX file ``path``."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_outputs(model: Any, inputs: Any) -> list[tuple[str, np.ndarray]]:
+    """The outputs of ``model`` (an ONNX file's path, or a session of one) in onnxruntime on ``inputs``,
+    named; inputs are matched to the graph's inputs by name (a mapping) or position."""
+    sess = onnx_session(model) if isinstance(model, str | Path) else model
     names = [o.name for o in sess.get_outputs()]
     return list(zip(names, sess.run(names, feeds(sess, inputs)), strict=True))
 
@@ -408,6 +413,7 @@ def validate_onnx(onnx_path: str | Path, model: nn.Module | str | Path, example_
         v.problems.append(f"onnxruntime cannot load the model: {_first_line(err)}")
         return v
     diffs, cosines = [], []
+    reference = None if isinstance(model, nn.Module) else onnx_session(model)
     for batch in (tensors, _batch_variant(tensors)) if batch_variant else (tensors,):
         inputs = dict(zip(names, batch, strict=True)) if as_dict else tuple(batch)
         feed_all = {n: t.detach().cpu().numpy() for n, t in zip(names, batch, strict=True)}
@@ -415,7 +421,7 @@ def validate_onnx(onnx_path: str | Path, model: nn.Module | str | Path, example_
             expected = torch_outputs(model, inputs)
             feed = {i.name: feed_all[i.name] for i in session.get_inputs()}
         else:  # an ONNX reference: its outputs in onnxruntime, inputs matched to graph inputs by name
-            expected = [(k, np.asarray(v, dtype=np.float64)) for k, v in onnx_outputs(model, inputs)]
+            expected = [(k, np.asarray(v, dtype=np.float64)) for k, v in onnx_outputs(reference, inputs)]
             feed = feeds(session, inputs)
         try:
             got = session.run(None, feed)
@@ -555,35 +561,12 @@ def export_int8(src_onnx: str | Path, dst: str | Path, *, keep_fp16: Sequence[st
     return dst
 
 
-def _module_of(weight: str, node) -> str | None:
-    """The torch module a weight node computes, as the exporters record it: the dynamo exporter in the
-    node's ``name_scopes`` metadata (its weights may be renamed ``val_N`` once a Transpose is folded
-    into them), the legacy exporter in the node's name (``/model/encoder/layer.0/.../MatMul``; weights
-    ``onnx::MatMul_N``); else the weight's own name (``<module>.weight``)."""
-    import ast
-
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            scopes = ast.literal_eval(prop.value)  # a list of strings; the last is the op's own name
-            if len(scopes) >= 2 and scopes[-2]:
-                return scopes[-2]
-    if node.name.startswith("/") and node.name.count("/") >= 2:
-        # Each scope is a module's name from its last non-numeric atom on ("encoder", "layer.0"), so a
-        # child of a Sequential that ran as a module repeats the Sequential's name: "/model/model.0/".
-        atoms: list[str] = []
-        for scope in node.name.split("/")[1:-1]:
-            head, *rest = scope.split(".")
-            atoms += rest if atoms and atoms[-1] == head and rest else [head, *rest]
-        return ".".join(atoms)
-    return weight.removesuffix(".weight") if weight.endswith(".weight") else None
-
-
 def _kept_nodes(graph, names: list[str], src: Path) -> set[str]:
     """Names of the nodes quantize_dynamic must leave alone to keep the layers ``names`` unquantized."""
     layers: dict[str, list] = {}  # module name, without export_onnx's "model." prefix -> [node, ...]
     weights = [t.name for t in graph.initializer if len(t.dims) >= 2]
     for weight, node, path in _weight_uses(graph, weights):
-        module = _module_of(weight, node)
+        module = module_name(weight, node)
         if module:
             layers.setdefault(module.removeprefix("model."), []).extend([node, *path])
     exclude = set()

@@ -190,7 +190,7 @@ def _layers(graph, inits: dict[str, Any]) -> list[OnnxLayer]:
                               "(shared); factoring one use would store it twice")
             elif w.data_type not in FLOAT_TYPES:
                 layer.skip = f"weight type {_type_name(w.data_type)} is not floating point"
-        layer.name = _module_name(layer.weight, node)
+        layer.name = module_name(layer.weight, node) or layer.weight
         found.append(layer)
     _unique_names(found)
     return found
@@ -251,19 +251,28 @@ def _all_nodes(graph) -> Iterator[Any]:
                 yield from _all_nodes(sub)
 
 
-def _module_name(weight: str, node) -> str:
-    """The torch module a node computes, as the exporters record it (the dynamo exporter in the node's
-    ``name_scopes`` metadata, since it may rename a folded weight ``val_N``); else the weight's name
-    without ``.weight``; else the weight's name."""
+def module_name(weight: str, node) -> str | None:
+    """The torch module a weight node computes, as the exporters record it: the dynamo exporter in the
+    node's ``name_scopes`` metadata (its weights may be renamed ``val_N`` once a Transpose is folded
+    into them), the legacy exporter in the node's name (``/model/encoder/layer.0/.../MatMul``; weights
+    ``onnx::MatMul_N``); else the weight's own name (``<module>.weight``)."""
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
             try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                break
+                scopes = ast.literal_eval(prop.value)  # a list of strings; the last is the op's own name
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                break  # not what the exporter writes: ignored
             if isinstance(scopes, list) and len(scopes) >= 2 and isinstance(scopes[-2], str) and scopes[-2]:
                 return scopes[-2]
-    return weight.removesuffix(".weight") if weight.endswith(".weight") and len(weight) > 7 else weight
+    if node.name.startswith("/") and node.name.count("/") >= 2:
+        # Each scope is a module's name from its last non-numeric atom on ("encoder", "layer.0"), so a
+        # child of a Sequential that ran as a module repeats the Sequential's name: "/model/model.0/".
+        atoms: list[str] = []
+        for scope in node.name.split("/")[1:-1]:
+            head, *rest = scope.split(".")
+            atoms += rest if atoms and atoms[-1] == head and rest else [head, *rest]
+        return ".".join(atoms)
+    return weight.removesuffix(".weight") if weight.endswith(".weight") else None
 
 
 def _unique_names(layers: list[OnnxLayer]) -> None:
