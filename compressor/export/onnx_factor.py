@@ -15,7 +15,7 @@ weight are written there too.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +186,10 @@ def write_factored(graph: OnnxGraph, factors: dict[str, tuple[torch.Tensor, torc
     return save_onnx(model, Path(path), graph.base_dir, external)
 
 
-def onnx_fidelity(reference: str | Path, compressed: str | Path, inputs: Any) -> dict[str, float]:
-    """Cosine (mean, worst sample) and relative error of ``compressed``'s float outputs to ``reference``'s,
-    both run in onnxruntime on ``inputs``."""
+def onnx_fidelity(reference: str | Path, compressed: str | Path, inputs: Any,
+                  outputs: Sequence[str] = ()) -> dict[str, float]:
+    """Cosine (mean, worst sample) and relative error of ``compressed``'s outputs (those named in
+    ``outputs``, or every float one) to ``reference``'s, both run in onnxruntime on ``inputs``."""
     ref = {k: torch.from_numpy(np.asarray(v)) for k, v in onnx_outputs(reference, inputs)}
     new = {k: torch.from_numpy(np.asarray(v)) for k, v in onnx_outputs(compressed, inputs)}
-    return cosine_fidelity(ref, new)
+    return cosine_fidelity(ref, new, list(outputs) or None)

@@ -32,6 +32,9 @@ LAYER_OPS = ("MatMul", "Gemm", "Conv")
 PASS_OPS = ("Cast", "DequantizeLinear", "Transpose", "Reshape", "Identity")
 FLOAT_TYPES = {1: np.float32, 10: np.float16, 11: np.float64}  # TensorProto.FLOAT, FLOAT16, DOUBLE
 ONNX_FIX = "pass a valid .onnx file (onnx.checker.check_model must accept it)"
+# Tags of the ModelProto fields that can follow ir_version (2-8: producer, domain, version, doc, graph,
+# opset_import; 14: metadata_props; 20: functions).
+ONNX_THIRD_BYTES = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0xA2}
 
 
 @dataclass
@@ -95,8 +98,12 @@ def is_onnx(path: str | Path) -> bool:
     if not path.is_file():
         return False
     with open(path, "rb") as f:
-        head = f.read(1)
-    if head != b"\x08":  # field 1 (ir_version), a varint: how every ONNX file starts
+        head = f.read(9)
+    # Field 1 (ir_version, a small varint) then the tag of a later ModelProto field: how ONNX files start.
+    # Checked before parsing, which reads the whole file (a large safetensors file can start with 0x08 too).
+    if len(head) < 3 or head[0] != 0x08 or not 1 <= head[1] < 0x80 or head[2] not in ONNX_THIRD_BYTES:
+        return False
+    if head[8:9] == b"{":  # a safetensors header
         return False
     try:
         import onnx
@@ -309,6 +316,10 @@ def tensor_array(tensor, base_dir: Path) -> np.ndarray:
     offset = int(info.get("offset", 0))
     if count == 0:
         return np.zeros(shape, dtype)
+    need = offset + count * np.dtype(dtype).itemsize
+    if offset < 0 or file.stat().st_size < need:
+        raise CompressorError(f"external data of tensor '{tensor.name}' needs bytes up to {need} of '{file}', "
+                              f"which holds {file.stat().st_size}", "the .data file is truncated: copy it again")
     return np.memmap(file, dtype=np.dtype(dtype).newbyteorder("<"), mode="c", offset=offset, shape=shape)
 
 

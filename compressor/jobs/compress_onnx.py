@@ -67,6 +67,11 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
                                 exclude=opts.exclude, progress=opts.progress, **extra)
         step("analyze")
         plan.to_json(tmp / "plan.json")
+        plots = None
+        if opts.plots:  # of the weights as they are: before the rewrite
+            from compressor.report.plots import plot_spectra
+
+            plots = [str(Path(p).relative_to(tmp)) for p in plot_spectra(model, plan, tmp)]
         exports: dict[str, Any] = {}
         totals = plan.totals()
         if mode != "analyze":
@@ -83,7 +88,7 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
             batch_variant = dynamic_batch(graph)
             # Against the original graph the outputs differ by the approximation: judged by fidelity, not atol.
             exports["onnx"] = validate_onnx(path, source, inputs, atol=None, batch_variant=batch_variant)
-            exports["fidelity"] = onnx_fidelity(source, path, inputs)
+            exports["fidelity"] = onnx_fidelity(source, path, inputs, opts.outputs)
             for kind in opts.variants:  # each variant against the fp32 file it rounds, as the torch path does
                 v = VARIANTS[kind]
                 written = v.write(path, tmp / f"model.{kind}.onnx")
@@ -93,7 +98,7 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
         report = build_report(source=source, out=out, mode=mode, loaded=loaded, plan=plan, original=None,
                               compressed=None, exports=exports, timings=timings, options=opts, folder=tmp,
                               params=(totals["params_before"], totals["params_after"]))
-        report.warnings = []
+        report.warnings, report.plots = [], plots
         cosine = (report.fidelity or {}).get("cosine_mean")
         if cosine is not None and cosine < low_fidelity:
             problem = (f"the compressed graph keeps cosine {cosine:.3f} to the original on the example inputs, "
