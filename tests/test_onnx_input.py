@@ -107,7 +107,7 @@ def test_each_layer_kind_is_factored_in_the_graph_as_two_nodes_of_its_kind(tmp_p
 
 def _two_layer(tmp_path: Path, shared: bool = False, cast: bool = False, **save) -> Path:
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="first"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Relu", ["h"], ["r"]),  # unnamed: it must stay so
              helper.make_node("MatMul", ["r", "W2"], ["y"], name="second")]
     inits = {"W1": _w(32, 32), "W2": _w(32, 16)}
     if shared:
@@ -129,6 +129,7 @@ def test_shared_and_cast_weights_stay_dense_with_their_reason(tmp_path):
     shared = [v for k, v in reasons.items() if k.startswith("W1")]
     assert len(shared) == 2 and all(r is None and "shared" in why for r, why in shared)
     out = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert [n.name for n in out.graph.node] == ["first", "", "second__down", "second__up", "third"]
     w1 = {t.name: t for t in out.graph.initializer}["W1"]
     original = {t.name: t for t in onnx.load(str(src)).graph.initializer}["W1"]
     assert w1.SerializeToString() == original.SerializeToString()

@@ -64,18 +64,18 @@ def factored_model(graph: OnnxGraph, factors: dict[str, tuple[torch.Tensor, torc
     if unknown:
         raise CompressorError(f"the plan factors {', '.join(unknown[:3])}, which '{graph.path}' does not have",
                               "apply the plan to the ONNX model it was made for")
-    by_node = {by_name[n].node: (by_name[n], *factors[n]) for n in factors}
+    by_index = {by_name[n].index: (by_name[n], *factors[n]) for n in factors}
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
     g = model.graph
     taken = {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
     taken |= {name for node in g.node for name in (*node.input, *node.output, node.name)}
     removed, external, new_inits, nodes = set(), set(), [], []
-    for node in g.node:
-        if node.name not in by_node:
+    for index, node in enumerate(g.node):
+        if index not in by_index:
             nodes.append(node)
             continue
-        lay, up, down = by_node[node.name]
+        lay, up, down = by_index[index]
         first_w, second_w = _factor_tensors(lay, up, down)
         dtype = helper.tensor_dtype_to_np_dtype(graph.inits[lay.weight].data_type)
         names = [_unique(f"{lay.weight}__{part}", taken) for part in ("down", "up")]
@@ -102,7 +102,7 @@ def factored_model(graph: OnnxGraph, factors: dict[str, tuple[torch.Tensor, torc
             ones = [1] * (len(lay.shape) - 2)
             second = helper.make_node("Conv", [hidden, names[1], *rest], list(node.output), kernel_shape=ones)
         for new, part in ((first, "down"), (second, "up")):
-            new.name = _unique(f"{node.name}__{part}", taken)
+            new.name = _unique(f"{node.name or lay.name}__{part}", taken)
             new.domain = node.domain
             new.doc_string = node.doc_string
             new.metadata_props.extend(node.metadata_props)  # keeps the module name the exporter recorded

@@ -43,7 +43,7 @@ class OnnxLayer:
     ``matrix_shape`` ``(m, n)``, as compressor's handlers see it (a conv as ``(out, in * prod(kernel))``)."""
 
     name: str  # the layer's name in the plan (the torch module it came from, when the exporter recorded it)
-    node: str  # the node's name (unique: unnamed nodes get one when the graph is read)
+    node: str  # the node's name (may be empty: ONNX does not require one)
     op: str  # "MatMul", "Gemm" or "Conv"
     weight: str  # the initializer's name
     shape: tuple[int, ...]  # the initializer's shape
@@ -55,6 +55,7 @@ class OnnxLayer:
     bias: str | None = None  # Gemm C / Conv B initializer (counted as the layer's bias)
     conv: dict[str, Any] = field(default_factory=dict)  # Conv attributes: strides, pads, dilations, auto_pad
     skip: str | None = None  # why it stays dense
+    index: int = -1  # the node's position in the graph
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -129,9 +130,6 @@ def read_onnx(path: str | Path) -> OnnxGraph:
     except Exception as err:
         raise CompressorError(f"'{path}' fails onnx.checker ({_line(err)})", ONNX_FIX) from None
     graph = model.graph
-    for i, node in enumerate(graph.node):  # every node needs a name: the rewrite and reports refer to it
-        if not node.name:
-            node.name = f"{node.op_type}_{i}"
     inits = {t.name: t for t in graph.initializer}
     result = OnnxGraph(path, model, [], inits)
     result.layers = _layers(graph, inits)
@@ -175,7 +173,7 @@ def _layers(graph, inits: dict[str, Any]) -> list[OnnxLayer]:
         return (name if name in inits else None), ops
 
     found: list[OnnxLayer] = []
-    for node in graph.node:
+    for index, node in enumerate(graph.node):
         if node.op_type not in LAYER_OPS or len(node.input) < 2:
             continue
         layer = _layer(node, inits, _attrs(node))
@@ -198,6 +196,7 @@ def _layers(graph, inits: dict[str, Any]) -> list[OnnxLayer]:
             elif w.data_type not in FLOAT_TYPES:
                 layer.skip = f"weight type {_type_name(w.data_type)} is not floating point"
         layer.name = module_name(layer.weight, node) or layer.weight
+        layer.index = index
         found.append(layer)
     _unique_names(found)
     return found
@@ -293,7 +292,7 @@ def _unique_names(layers: list[OnnxLayer]) -> None:
         counts[lay.name] = counts.get(lay.name, 0) + 1
     for lay in layers:
         if counts[lay.name] > 1:
-            lay.name = f"{lay.name}:{lay.node}"
+            lay.name = f"{lay.name}:{lay.node or lay.index}"
 
 
 # ------------------------------------------------------------------------------------ tensors
