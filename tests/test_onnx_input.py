@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.analysis.analyze import analyze
+from compressor.analysis.onnx_model import OnnxModel, analyze_onnx
 from compressor.cli.main import main
 from compressor.core.plan import Plan
 from compressor.core.rewrite import rewrite
@@ -217,12 +218,22 @@ def test_digits_cnn_from_its_onnx_export_matches_the_torch_compression(tmp_path)
     src = export_onnx(model, held[:4], tmp_path / "cnn.onnx", exporter="legacy")
     np.savez(tmp_path / "calib.npz", input=calib.numpy())
     np.savez(tmp_path / "held.npz", input=held.numpy())
-    report = compress(src, tmp_path / "out", target=0.5, calibration=tmp_path / "calib.npz",
+    # A parameter target: ranks spent by measured output sensitivity, measured alike on both paths.
+    onnx_plan = analyze_onnx(OnnxModel(read_onnx(src)), target=0.5, calibration=[calib])
+    torch_plan = analyze(model, target=0.5, calibration=[calib])
+    assert onnx_plan.ranks() == torch_plan.ranks()
+    sensitivity = torch_plan.calibration["sensitivity"]
+    assert set(onnx_plan.calibration["sensitivity"]) == set(sensitivity) == {"0", "2", "6", "8"}
+    for name, s in sensitivity.items():
+        assert onnx_plan.calibration["sensitivity"][name] == pytest.approx(s, rel=1e-3)
+    # Every layer factored: later layers are refit sequentially on the compressed layers' outputs.
+    report = compress(src, tmp_path / "out", rank_ratio=0.25, calibration=tmp_path / "calib.npz",
                       example_inputs=tmp_path / "held.npz")
     plan = Plan.from_json(tmp_path / "out" / "plan.json")
-    assert plan.method == "whitened-svd" and plan.factored
+    assert plan.method == "whitened-svd+sequential" and len(plan.factored) == 4
+    assert plan.calibration["layers_refit_sequentially"] == 3
     # The torch model, same plan (the ONNX layer names are the torch module names), same calibration.
-    twin = analyze(model, plan=plan, calibration=[calib], sequential=False, sensitivity=False)
+    twin = analyze(model, plan=plan, calibration=[calib])
     assert twin.ranks() == plan.ranks()
     with torch.no_grad():
         ref = model(held)

@@ -17,6 +17,7 @@ exactly the rows the graph multiplies. Weights stay memory-mapped where the file
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,28 +30,43 @@ from compressor.core.errors import CompressorError
 from compressor.core.plan import Plan
 from compressor.formats.onnx_graph import OnnxGraph, OnnxLayer, feeds, session
 
-# What calibration on an ONNX graph does not do, told in the plan.
-ONNX_CALIBRATION_NOTE = ("ONNX input: whitened factors and whitened-spectrum ranks; no sequential refits or "
-                         "measured output sensitivity (each would rerun the graph once per layer)")
-
 
 class Dense(nn.Module):
     """A weight the analysis lists but never factors (shared, behind a Cast, grouped conv, ...): its
-    ``(m, n)`` matrix shape only, on the meta device."""
+    ``(m, n)`` matrix shape only (a zero-stride view: no memory)."""
 
     def __init__(self, m: int, n: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(m, n, device="meta"), requires_grad=False)
+        self.weight = nn.Parameter(torch.zeros(()).expand(m, n), requires_grad=False)
+
+
+@dataclass
+class _Level:
+    """One step of a forward pass: run the graph segment that computes ``targets`` (the inputs of
+    ``layers``) from what is known, then the torch ``layers``; then forget the tensors used for the last time."""
+
+    layers: list[OnnxLayer]
+    targets: list[str]
+    nodes: list[int] = field(default_factory=list)  # node positions of the segment
+    inputs: list[str] = field(default_factory=list)  # known tensors the segment reads
+    outputs: list[str] = field(default_factory=list)  # tensors it computes that later steps need
+    forget: list[str] = field(default_factory=list)
+    session: Any = None
 
 
 class OnnxModel(nn.Module):
-    """The factorizable layers of an ONNX graph as torch modules named like the plan's layers."""
+    """The factorizable layers of an ONNX graph as torch modules named like the plan's layers.
+
+    Calling it computes the graph: onnxruntime runs the segments between factorizable nodes, and each
+    factorizable node is computed by its torch module, so hooks see every layer's input and a hook that
+    replaces a layer's output changes what the graph computes after it (as in a torch model: the
+    calibration's sequential refits and sensitivity run unchanged). Returns ``{output name: tensor}``."""
 
     def __init__(self, graph: OnnxGraph):
         super().__init__()
         self.graph = graph
         self.onnx_layers: dict[str, OnnxLayer] = {}
-        self._session = None
+        self._levels: list[_Level] | None = None
         if not any(lay.skip is None for lay in graph.layers):
             if graph.layers:
                 why = "; ".join(sorted({lay.skip for lay in graph.layers}))[:300]
@@ -74,20 +90,130 @@ class OnnxModel(nn.Module):
             node = node._modules[part]
         node.add_module(leaf, module)
 
-    def forward(self, *args: Any, **kwargs: Any) -> None:
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         batch = kwargs if kwargs else args[0] if len(args) == 1 else tuple(args)
-        todo = [lay for lay in self.onnx_layers.values() if lay.skip is None]
-        graph_inputs = {i.name for i in self.graph.inputs()}
-        exposed = sorted({lay.input for lay in todo} - graph_inputs)
-        if self._session is None:
-            self._session = session(self.graph, exposed)
-        feed = feeds(self._session, batch)
-        values: dict[str, Any] = dict(feed)
-        values.update(zip(exposed, self._session.run(exposed, feed), strict=True))
-        tensors = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in values.items()}
-        for lay in todo:
-            module = self.get_submodule(lay.name)
-            module(layer_input(lay, tensors[lay.input].to(module.weight.dtype)))
+        if self._levels is None:
+            self._levels = self._schedule()
+        known: dict[str, Any] = dict(feeds(self.graph, batch))
+        for level in self._levels:
+            if level.nodes:
+                feed = {n: _array(known[n]) for n in level.inputs}
+                if level.session is None:
+                    level.session = self._segment(level, feed)
+                got = level.session.run(level.outputs, feed)
+                known.update(zip(level.outputs, got, strict=True))
+            for lay in level.layers:
+                module = self.get_submodule(lay.name)
+                x = _torch(known[lay.input]).to(module.weight.dtype)
+                known[lay.output] = layer_output(self.graph, lay, module(layer_input(lay, x)))
+            for name in level.forget:
+                known.pop(name, None)
+        return {o.name: _torch(known[o.name]) for o in self.graph.model.graph.output}
+
+    # -------------------------------------------------------------------------------- scheduling
+    def _schedule(self) -> list[_Level]:
+        """Levels of factorizable layers (a layer's level: one more than the deepest it depends on), the
+        graph segment each level needs, and when each tensor is needed for the last time."""
+        g = self.graph.model.graph
+        cut = {lay.index: lay for lay in self.onnx_layers.values() if lay.skip is None}
+        producer = {name: i for i, node in enumerate(g.node) for name in node.output if name}
+        depth: dict[str, int] = {}  # tensor -> how many factorizable layers deep it is (0: none before it)
+        for i, node in enumerate(g.node):
+            d = max((depth.get(name, 0) for name in _reads(node)), default=0)
+            for name in node.output:
+                depth[name] = d + 1 if i in cut else d
+        by_level: dict[int, list[OnnxLayer]] = {}
+        for lay in cut.values():
+            by_level.setdefault(depth.get(lay.input, 0), []).append(lay)
+        finals = [o.name for o in g.output]
+        levels = [_Level(sorted(by_level[d], key=lambda lay: lay.index), []) for d in sorted(by_level)]
+        levels.append(_Level([], finals))
+        for level in levels:
+            level.targets = list(dict.fromkeys([lay.input for lay in level.layers] + level.targets))
+        known = {i.name for i in self.graph.inputs()} | set(self.graph.inits)
+        computed: set[int] = set()
+        for level in levels:
+            need: set[int] = set()
+            stack = [t for t in level.targets if t not in known]
+            while stack:
+                name = stack.pop()
+                i = producer.get(name)
+                if i is None or i in need or name in known:
+                    continue
+                if i in cut or i in computed:
+                    raise CompressorError(f"cannot schedule the graph of '{self.graph.path}' around its layers",
+                                          "report the model")
+                need.add(i)
+                stack += [n for n in _reads(g.node[i]) if n not in known]
+            level.nodes = sorted(need)
+            computed |= need
+            made = {name for i in need for name in g.node[i].output if name}
+            level.inputs = sorted({n for i in need for n in _reads(g.node[i])
+                                   if n in known and n not in self.graph.inits} - made)
+            level.outputs = sorted(made)  # trimmed below to what later steps read
+            known |= made | {lay.output for lay in level.layers}
+        # Keep only outputs read later (or graph outputs); forget each tensor after its last reader.
+        last: dict[str, int] = {}
+        for k, level in enumerate(levels):
+            for name in level.inputs + [lay.input for lay in level.layers]:
+                last[name] = k
+        for k, level in enumerate(levels):
+            level.outputs = [n for n in level.outputs if last.get(n, -1) > k or n in finals
+                             or n in {lay.input for lay in level.layers}]
+        for name, k in last.items():
+            if name not in finals:
+                levels[k].forget.append(name)
+        return levels
+
+    def _segment(self, level: _Level, feed: dict[str, np.ndarray]):
+        """An onnxruntime session of one segment of the graph, its inputs typed from ``feed``."""
+        import onnx
+
+        g = self.graph.model.graph
+        nodes = [g.node[i] for i in level.nodes]
+        used = {n for node in nodes for n in _reads(node)}
+        sub = onnx.ModelProto()
+        sub.CopyFrom(self.graph.model)
+        del sub.graph.node[:]
+        sub.graph.node.extend(nodes)
+        del sub.graph.initializer[:]
+        sub.graph.initializer.extend(t for t in g.initializer if t.name in used)
+        del sub.graph.input[:]
+        sub.graph.input.extend(onnx.helper.make_tensor_value_info(
+            n, onnx.helper.np_dtype_to_tensor_dtype(feed[n].dtype), None) for n in level.inputs)
+        del sub.graph.output[:]
+        sub.graph.output.extend(onnx.ValueInfoProto(name=n) for n in level.outputs)
+        del sub.graph.value_info[:]
+        return session(self.graph, model=sub)
+
+
+def _reads(node) -> list[str]:
+    """The tensors a node reads: its inputs, and names its subgraphs read from the enclosing graph."""
+    names = [n for n in node.input if n]
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            inner = {o for n in _nodes(sub) for o in n.output} | {t.name for t in sub.initializer} | \
+                    {i.name for i in sub.input}
+            names += [n for x in _nodes(sub) for n in x.input if n and n not in inner]
+    return names
+
+
+def _nodes(graph) -> list[Any]:
+    out = []
+    for node in graph.node:
+        out.append(node)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                out += _nodes(sub)
+    return out
+
+
+def _torch(value: Any) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+
+
+def _array(value: Any) -> np.ndarray:
+    return value.detach().cpu().contiguous().numpy() if isinstance(value, torch.Tensor) else value
 
 
 def _tensor(arr: np.ndarray) -> torch.Tensor:
@@ -101,8 +227,8 @@ def _layer_module(graph: OnnxGraph, lay: OnnxLayer) -> nn.Module:
         return Dense(m, n)
     w = _tensor(graph.array(lay.weight))
     bias = None
-    if lay.bias is not None and math.prod(graph.inits[lay.bias].dims) == m:
-        bias = _tensor(graph.array(lay.bias)).reshape(m)
+    if folded_bias(graph, lay):  # Gemm's beta * C, or Conv's B: the torch layer's own bias
+        bias = _tensor(graph.array(lay.bias)).reshape(m) * (lay.beta if lay.op == "Gemm" else 1.0)
     if lay.op == "Conv":
         cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[w.dim() - 3]
         dims = w.dim() - 2
@@ -121,6 +247,23 @@ def _layer_module(graph: OnnxGraph, lay: OnnxLayer) -> nn.Module:
     if bias is not None:
         module.bias = nn.Parameter(bias, requires_grad=False)
     return module.eval()
+
+
+def folded_bias(graph: OnnxGraph, lay: OnnxLayer) -> bool:
+    """Whether the node's bias is a vector over its outputs (the torch layer then carries it)."""
+    if lay.bias is None:
+        return False
+    dims = list(graph.inits[lay.bias].dims)
+    return dims in ([lay.matrix_shape[0]], [1, lay.matrix_shape[0]]) and lay.op in ("Gemm", "Conv")
+
+
+def layer_output(graph: OnnxGraph, lay: OnnxLayer, y: torch.Tensor) -> torch.Tensor:
+    """The node's output, given what its torch layer returned."""
+    if lay.op == "MatMul" and lay.side == "left":
+        return y.transpose(-1, -2)
+    if lay.op == "Gemm" and lay.bias is not None and not folded_bias(graph, lay):
+        return y + lay.beta * _torch(graph.array(lay.bias)).to(y.dtype)
+    return y
 
 
 def layer_input(lay: OnnxLayer, x: torch.Tensor) -> torch.Tensor:
@@ -157,16 +300,13 @@ def conv_pads(lay: OnnxLayer, spatial: list[int]) -> tuple[list[int], list[int]]
 def analyze_onnx(model: OnnxModel, *, calibration: Any = None, **options: Any) -> Plan:
     """:func:`compressor.analysis.analyze.analyze` over an ONNX graph's layers (same options, same plan).
 
-    With ``calibration`` the factors are whitened by each layer's input statistics, collected by running
-    the original graph in onnxruntime; ranks follow the whitened spectra (no sequential refits and no
-    measured sensitivity: see :data:`ONNX_CALIBRATION_NOTE`)."""
-    extra = dict(calibration=calibration, sequential=False, sensitivity=False) if calibration is not None else {}
-    plan = analyze(model, **options, **extra)
+    With ``calibration`` (batches keyed by the graph's input names, or positional) the analysis is the
+    torch path's data-aware one: whitened factors, sequential refits and measured output sensitivity,
+    computed by running the graph (see :class:`OnnxModel`)."""
+    plan = analyze(model, **options, **({"calibration": calibration} if calibration is not None else {}))
     for lp in plan.layers:
         lay = model.onnx_layers.get(lp.name)
         if lay is not None and lay.skip is not None:
             lp.kind, lp.reason = lay.op, lay.skip
     plan.params_total_before = model.graph.float_params()
-    if calibration is not None:
-        plan.notes.append(ONNX_CALIBRATION_NOTE)
     return plan

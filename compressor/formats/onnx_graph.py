@@ -52,10 +52,12 @@ class OnnxLayer:
     trans_a: bool = False  # Gemm
     trans_b: bool = False  # Gemm
     alpha: float = 1.0  # Gemm
-    bias: str | None = None  # Gemm C / Conv B initializer (counted as the layer's bias)
+    beta: float = 1.0  # Gemm
+    bias: str | None = None  # Gemm C / Conv B initializer
     conv: dict[str, Any] = field(default_factory=dict)  # Conv attributes: strides, pads, dilations, auto_pad
     skip: str | None = None  # why it stays dense
     index: int = -1  # the node's position in the graph
+    output: str = ""  # the node's output
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -196,7 +198,7 @@ def _layers(graph, inits: dict[str, Any]) -> list[OnnxLayer]:
             elif w.data_type not in FLOAT_TYPES:
                 layer.skip = f"weight type {_type_name(w.data_type)} is not floating point"
         layer.name = module_name(layer.weight, node) or layer.weight
-        layer.index = index
+        layer.index, layer.output = index, node.output[0]
         found.append(layer)
     _unique_names(found)
     return found
@@ -220,16 +222,22 @@ def _layer(node, inits: dict[str, Any], attrs: dict[str, Any]) -> OnnxLayer | No
                 return OnnxLayer("", node.name, "Gemm", a, tuple(inits[a].dims), b,
                                  skip="the Gemm's constant is its first operand (A); only B is factored")
             return None
-        c = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
-        return OnnxLayer("", node.name, "Gemm", b, tuple(inits[b].dims), a, trans_a=bool(attrs.get("transA", 0)),
-                         trans_b=bool(attrs.get("transB", 0)), alpha=float(attrs.get("alpha", 1.0)), bias=c)
+        c = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        layer = OnnxLayer("", node.name, "Gemm", b, tuple(inits[b].dims), a, trans_a=bool(attrs.get("transA", 0)),
+                          trans_b=bool(attrs.get("transB", 0)), alpha=float(attrs.get("alpha", 1.0)),
+                          beta=float(attrs.get("beta", 1.0)), bias=c)
+        if c is not None and c not in inits:
+            layer.skip = "the Gemm's C is computed at run time, not an initializer"
+        return layer
     if b not in inits or a in inits:
         return None
     dims = len(inits[b].dims)
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     layer = OnnxLayer("", node.name, "Conv", b, tuple(inits[b].dims), a, bias=bias,
                       conv={k: attrs[k] for k in ("strides", "pads", "dilations", "auto_pad") if k in attrs})
-    if attrs.get("group", 1) != 1:
+    if bias is not None and bias not in inits:
+        layer.skip = "the Conv's bias is computed at run time, not an initializer"
+    elif attrs.get("group", 1) != 1:
         layer.skip = f"grouped/depthwise conv (group={attrs['group']}) has no single weight matrix to factor"
     elif not 3 <= dims <= 5:
         layer.skip = f"a {dims}-D conv weight is not supported (1 to 3 spatial dimensions are)"
@@ -363,25 +371,32 @@ _NP_OF_ORT = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor
 
 
 def feeds(sess, batch: Any) -> dict[str, np.ndarray]:
-    """``batch`` (a tensor, a tuple: positional in graph-input order, or a mapping: by name) as the
-    session's inputs, each cast to the type the graph declares. Mapping keys the graph lacks are dropped."""
-    wanted = sess.get_inputs()
+    """``batch`` (a tensor, a tuple: positional in graph-input order, or a mapping: by name) as the inputs
+    of ``sess`` (an onnxruntime session, or an :class:`OnnxGraph`), each cast to the type the graph
+    declares. Mapping keys the graph lacks are dropped."""
+    if isinstance(sess, OnnxGraph):
+        import onnx
+
+        wanted = [(i.name, onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+                  for i in sess.inputs()]
+    else:
+        wanted = [(i.name, _NP_OF_ORT.get(i.type)) for i in sess.get_inputs()]
     if isinstance(batch, Mapping):
         given = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     else:
         _, tensors = flatten(batch)
         if len(tensors) != len(wanted):
-            raise CompressorError(f"the graph takes {len(wanted)} input(s) ({', '.join(i.name for i in wanted)}), "
+            raise CompressorError(f"the graph takes {len(wanted)} input(s) ({', '.join(n for n, _ in wanted)}), "
                                   f"the data gives {len(tensors)}", "give one tensor per graph input, or a dict "
                                   "keyed by the graph's input names")
-        given = dict(zip([i.name for i in wanted], tensors, strict=True))
-    missing = [i.name for i in wanted if i.name not in given]
+        given = dict(zip([n for n, _ in wanted], tensors, strict=True))
+    missing = [n for n, _ in wanted if n not in given]
     if missing:
         raise CompressorError(f"the data has no tensor for graph input(s) {', '.join(missing)} (it has "
                               f"{', '.join(given) or 'none'})", "save the inputs as a dict keyed by the graph's "
                               "input names (e.g. numpy.savez(path, input_ids=..., attention_mask=...))")
     out = {}
-    for i in wanted:
-        arr = given[i.name].detach().cpu().numpy()
-        out[i.name] = arr.astype(_NP_OF_ORT.get(i.type, arr.dtype), copy=False)
+    for name, dtype in wanted:
+        arr = given[name].detach().cpu().numpy()
+        out[name] = arr.astype(dtype or arr.dtype, copy=False)
     return out
