@@ -9,9 +9,11 @@ Each MatMul / Gemm / Conv with a weight initializer becomes the torch layer comp
 (a MatMul ``x @ B`` is ``Linear`` with weight ``B^T``; ``A @ x`` is ``Linear`` with weight ``A`` applied to
 the columns of ``x``; a Gemm's ``alpha`` is folded into its matrix; a Conv keeps its kernel, strides and
 dilations, its padding is applied to the input first). Their names are the plan's layer names, so a plan
-made on the torch model applies to its export. Calling the model runs the ORIGINAL graph in onnxruntime
-with every layer's input also returned, then calls each layer on its own input: calibration hooks see
-exactly the rows the graph multiplies. Weights stay memory-mapped where the file keeps external data.
+made on the torch model applies to its export. Calling the model computes the ORIGINAL graph:
+onnxruntime runs the segments between factorizable nodes, and each of those nodes is its torch layer, so
+calibration hooks see exactly the rows the graph multiplies, and a hook that swaps a layer's output
+changes what follows (sequential refits and sensitivity work as on a torch model). Weights stay
+memory-mapped where the file keeps external data.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """ONNX files as compressor reads them: the graph (weights left on disk), its factorizable layers, weights
-read one tensor at a time, and onnxruntime sessions that also return chosen intermediate tensors.
+read one tensor at a time, onnxruntime sessions of (parts of) the graph and the inputs they are fed.
 
     graph = read_onnx("model.onnx")           # checked; external data is not loaded
     for layer in graph.layers: ...            # every MatMul / Gemm / Conv whose weight is an initializer
@@ -341,19 +341,12 @@ def external_file(base_dir: Path, location: str) -> Path:
 # ----------------------------------------------------------------------------------- running
 
 
-def session(graph: OnnxGraph, outputs: list[str] = (), model=None):
-    """An onnxruntime CPU session of ``model`` (default: ``graph.model``) that also returns the tensors
-    ``outputs``; external data is read from ``graph``'s folder."""
-    import onnx
+def session(graph: OnnxGraph, model=None):
+    """An onnxruntime CPU session of ``model`` (a ModelProto; default ``graph.model``) whose external
+    data is read from ``graph``'s folder."""
     import onnxruntime as ort
 
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model if model is not None else graph.model)
-    have = {o.name for o in proto.graph.output}
-    for name in outputs:
-        if name not in have:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-            have.add(name)
+    proto = model if model is not None else graph.model
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
