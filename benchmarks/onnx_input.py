@@ -1,8 +1,8 @@
 """ONNX in, compressed ONNX out, on all-MiniLM-L6-v2: the torch path and the ONNX path side by side.
 
-    python benchmarks/onnx_input.py [--out benchmarks/results] [--targets 0.1 0.3]
+    python benchmarks/onnx_input.py [--out benchmarks/results] [--targets 0.1 ...]
 
-MiniLM is exported to ONNX (``export_onnx``, the dynamo exporter). For each ``--target``, with the same 256
+MiniLM is exported to ONNX (``export_onnx``, the dynamo exporter). For each ``--target``, with the same 128
 calibration sentences (stdlib docstrings), the default data-aware analysis (whitened factors, sequential
 refits, measured sensitivity) on both paths:
 
@@ -11,7 +11,7 @@ refits, measured sensitivity) on both paths:
 * ONNX: ``compress("minilm.onnx", target=t, calibration="cal.npz")``, the whole job (analysis through the
   graph in onnxruntime, rewrite of the graph, validation against the original graph).
 
-Fidelity: mean cosine of mean-pooled sentence embeddings to the dense model's on 200 held-out sentences;
+Fidelity: mean cosine of mean-pooled sentence embeddings to the dense model's on 100 held-out sentences;
 the largest |difference| between the ONNX and torch compressed models' last_hidden_state; onnxruntime
 latency of the compressed graph against the original (1 thread, batch 32 x 64 tokens, median of runs
 interleaved in the same process). Writes ``onnx_input.md`` and ``.json``.
@@ -87,7 +87,7 @@ def latency(paths: dict[str, Path], batch: dict[str, torch.Tensor]) -> dict[str,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    ap.add_argument("--targets", type=float, nargs="+", default=[0.1, 0.3])
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.1])
     args = ap.parse_args()
     if minilm_missing():
         return 2
@@ -95,7 +95,7 @@ def main() -> int:
     env = environment("python benchmarks/onnx_input.py " + " ".join(sys.argv[1:]))
     start = time.perf_counter()
     model, tok = load_minilm()
-    cal_sents, eval_sents = sentence_splits(n_calibration=256, n_eval=200)
+    cal_sents, eval_sents = sentence_splits(n_calibration=128, n_eval=100)
     cal, held = tokens(tok, cal_sents), tokens(tok, eval_sents)
     with torch.no_grad():
         ref = pooled(model(**held).last_hidden_state, held["attention_mask"])
@@ -159,8 +159,8 @@ def markdown(r: dict) -> str:
              f"{r['load_average_at_end']} at end (other processes share the machine: times are indicative, "
              "the latency ratio is measured side by side); total {r['seconds']} s.", "",
              "Both paths: default data-aware analysis (whitened factors, sequential refits, measured sensitivity), "
-             "256 calibration sentences; the torch path excludes the embeddings (the ONNX graph's lookups are not "
-             "factored). Embedding cosine: mean-pooled sentence embeddings vs the dense model's, 200 held-out "
+             "128 calibration sentences; the torch path excludes the embeddings (the ONNX graph's lookups are not "
+             "factored). Embedding cosine: mean-pooled sentence embeddings vs the dense model's, 100 held-out "
              f"sentences x {MAX_LENGTH} tokens.", "",
              "| target | layers factored (torch / ONNX) | same ranks | params kept (ONNX) | cosine, torch path | "
              "cosine, ONNX path | max abs diff ONNX vs torch (max abs value) | ONNX file | onnxruntime latency "

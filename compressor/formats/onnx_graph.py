@@ -349,6 +349,9 @@ def session(graph: OnnxGraph, model=None):
     proto = model if model is not None else graph.model
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # No arena: a graph run in segments holds one session per segment, and each arena would keep the
+    # peak activation memory of its segment (measured: 8.7 GB resident for MiniLM on 256 sentences).
+    opts.enable_cpu_mem_arena = False
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                   str(graph.base_dir.resolve()))
     try:
