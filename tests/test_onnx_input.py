@@ -146,8 +146,10 @@ def test_external_data_is_streamed_and_copied_byte_for_byte(tmp_path):
     src = _two_layer(tmp_path, save_as_external_data=True, location="two.onnx.data", size_threshold=0)
     graph = read_onnx(src)
     assert isinstance(graph.array("W1"), np.memmap)  # read lazily, not loaded
-    compress(src, tmp_path / "out", rank=4, exclude=["W1"])
+    np.savez(tmp_path / "cal.npz", x=RNG.standard_normal((64, 32)).astype(np.float32))
+    compress(src, tmp_path / "out", rank=4, exclude=["W1"], calibration=tmp_path / "cal.npz")  # graph run in parts
     out = tmp_path / "out"
+    assert Plan.from_json(out / "plan.json").method == "whitened-svd+sequential"
     assert (out / "model.onnx.data").is_file()
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
