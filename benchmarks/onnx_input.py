@@ -157,7 +157,7 @@ def markdown(r: dict) -> str:
              f"`{env['command']}`, {env['date']}, {env['processor']} ({env['cpu_count']} cores), "
              f"{THREADS} thread(s); load average {env['load_average_at_start']} at start, "
              f"{r['load_average_at_end']} at end (other processes share the machine: times are indicative, "
-             "the latency ratio is measured side by side); total {r['seconds']} s.", "",
+             f"the latency ratio is measured side by side); total {r['seconds']} s.", "",
              "Both paths: default data-aware analysis (whitened factors, sequential refits, measured sensitivity), "
              "128 calibration sentences; the torch path excludes the embeddings (the ONNX graph's lookups are not "
              "factored). Embedding cosine: mean-pooled sentence embeddings vs the dense model's, 100 held-out "
