@@ -309,6 +309,7 @@ def main() -> None:
 
     \b
     compress MODEL --energy 0.95      analyze, factor, export, report
+    compress MODEL.onnx --energy 0.9  factor an ONNX graph's weights in the graph
     compress analyze MODEL --target 0.4
     compress apply MODEL plan.json
     compress export MODEL

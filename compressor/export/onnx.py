@@ -35,6 +35,7 @@ from compressor.core.handlers import INT4_BLOCK_SIZE, INT4_SYMMETRIC, handler_of
 from compressor.core.plan import Plan
 from compressor.data.inputs import call, eval_mode, flatten, model_device, named_outputs, to_device
 from compressor.export.measure import file_size
+from compressor.formats.onnx_graph import feeds, module_name
 
 # Variants are approximations: they are judged by the worst per-sample cosine of their outputs to the
 # torch model's, not by an absolute difference. Measured on all-MiniLM-L6-v2 (last_hidden_state, 8
@@ -74,6 +75,23 @@ def torch_outputs(model: nn.Module, example_inputs: Any) -> list[tuple[str, np.n
     with eval_mode(model), torch.no_grad():
         out = call(model, to_device(example_inputs, model_device(model)))
     return [(k, v.detach().cpu().double().numpy()) for k, v in named_outputs(out)]
+
+
+def onnx_session(path: str | Path):
+    """An onnxruntime CPU session of the ONNX file ``path``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_outputs(model: Any, inputs: Any) -> list[tuple[str, np.ndarray]]:
+    """The outputs of ``model`` (an ONNX file's path, or a session of one) in onnxruntime on ``inputs``,
+    named; inputs are matched to the graph's inputs by name (a mapping) or position."""
+    sess = onnx_session(model) if isinstance(model, str | Path) else model
+    names = [o.name for o in sess.get_outputs()]
+    return list(zip(names, sess.run(names, feeds(sess, inputs)), strict=True))
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -370,11 +388,12 @@ def _batch_variant(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat([t, t[:1]]) for t in tensors]
 
 
-def validate_onnx(onnx_path: str | Path, model: nn.Module, example_inputs: Any, *,
+def validate_onnx(onnx_path: str | Path, model: nn.Module | str | Path, example_inputs: Any, *,
                   atol: float | None = DEFAULT_ATOL,
-                  min_cosine: float | None = None, variant: str = "fp32") -> Validation:
+                  min_cosine: float | None = None, variant: str = "fp32", batch_variant: bool = True) -> Validation:
     """Check ``onnx_path`` with ``onnx.checker`` and run it in onnxruntime (CPU) on ``example_inputs`` and
-    on a batch one larger (which proves the dynamic batch axis), comparing every output with ``model``.
+    on a batch one larger (which proves the dynamic batch axis; ``batch_variant=False``: not tried),
+    comparing every output with ``model``: a torch model, or the path of an ONNX file run in onnxruntime.
 
     Passes when the checker and the runs succeed, ``max_abs_diff <= atol`` and ``cosine >= min_cosine``
     (each criterion only when given). Failures are returned (``passed=False``, ``problems``), not raised.
@@ -403,12 +422,18 @@ def validate_onnx(onnx_path: str | Path, model: nn.Module, example_inputs: Any, 
         v.problems.append(f"onnxruntime cannot load the model: {_first_line(err)}")
         return v
     diffs, cosines = [], []
-    for batch in (tensors, _batch_variant(tensors)):
+    reference = None if isinstance(model, nn.Module) else onnx_session(model)
+    for batch in (tensors, _batch_variant(tensors)) if batch_variant else (tensors,):
         inputs = dict(zip(names, batch, strict=True)) if as_dict else tuple(batch)
-        expected = torch_outputs(model, inputs)
         feed_all = {n: t.detach().cpu().numpy() for n, t in zip(names, batch, strict=True)}
+        if isinstance(model, nn.Module):
+            expected = torch_outputs(model, inputs)
+            feed = {i.name: feed_all[i.name] for i in session.get_inputs()}
+        else:  # an ONNX reference: its outputs in onnxruntime, inputs matched to graph inputs by name
+            expected = [(k, np.asarray(v, dtype=np.float64)) for k, v in onnx_outputs(reference, inputs)]
+            feed = feeds(session, inputs)
         try:
-            got = session.run(None, {i.name: feed_all[i.name] for i in session.get_inputs()})
+            got = session.run(None, feed)
         except Exception as err:
             v.problems.append(f"onnxruntime failed at batch {len(batch[0])}: {_first_line(err)}")
             return v
@@ -669,7 +694,7 @@ def _matmul_modules(graph) -> dict[str, str]:
     inits = [t.name for t in graph.initializer if len(t.dims) == 2]
     out = {}
     for weight, node, _ in _weight_uses(graph, inits):
-        module = _module_of(weight, node) if node.op_type == "MatMul" else None
+        module = module_name(weight, node) if node.op_type == "MatMul" else None
         if module and node.name:
             out[node.name] = module.removeprefix("model.")
     return out
@@ -716,35 +741,12 @@ def _add_corrections(graph, corrections: Mapping[str, tuple[Any, Any]]) -> set[s
     return names
 
 
-def _module_of(weight: str, node) -> str | None:
-    """The torch module a weight node computes, as the exporters record it: the dynamo exporter in the
-    node's ``name_scopes`` metadata (its weights may be renamed ``val_N`` once a Transpose is folded
-    into them), the legacy exporter in the node's name (``/model/encoder/layer.0/.../MatMul``; weights
-    ``onnx::MatMul_N``); else the weight's own name (``<module>.weight``)."""
-    import ast
-
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            scopes = ast.literal_eval(prop.value)  # a list of strings; the last is the op's own name
-            if len(scopes) >= 2 and scopes[-2]:
-                return scopes[-2]
-    if node.name.startswith("/") and node.name.count("/") >= 2:
-        # Each scope is a module's name from its last non-numeric atom on ("encoder", "layer.0"), so a
-        # child of a Sequential that ran as a module repeats the Sequential's name: "/model/model.0/".
-        atoms: list[str] = []
-        for scope in node.name.split("/")[1:-1]:
-            head, *rest = scope.split(".")
-            atoms += rest if atoms and atoms[-1] == head and rest else [head, *rest]
-        return ".".join(atoms)
-    return weight.removesuffix(".weight") if weight.endswith(".weight") else None
-
-
 def _kept_nodes(graph, names: list[str], src: Path) -> set[str]:
     """Names of the nodes quantize_dynamic must leave alone to keep the layers ``names`` unquantized."""
     layers: dict[str, list] = {}  # module name, without export_onnx's "model." prefix -> [node, ...]
     weights = [t.name for t in graph.initializer if len(t.dims) >= 2]
     for weight, node, path in _weight_uses(graph, weights):
-        module = _module_of(weight, node)
+        module = module_name(weight, node)
         if module:
             layers.setdefault(module.removeprefix("model."), []).extend([node, *path])
     exclude = set()

@@ -48,6 +48,7 @@ from compressor.data.readers import (
     damaged,
     load_safetensors,
 )
+from compressor.formats.onnx_graph import is_onnx
 from compressor.formats.pickles import (
     TRUST_FIX,
     is_safe_global,
@@ -66,7 +67,7 @@ VERSION = 1
 WEIGHTS, PLAN, META, STRUCTURE = "model.safetensors", "plan.json", "compressor.json", "model.pt"
 
 
-FORMATS = ("torch-module", "state-dict", "safetensors", "hf-folder", "compressor", "torch-export")
+FORMATS = ("torch-module", "state-dict", "safetensors", "hf-folder", "compressor", "torch-export", "onnx")
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a pre-1.6 (non-zip) torch.save file
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module")  # common training checkpoints
 # What nn.DataParallel / DistributedDataParallel and torch.compile put before every state_dict key.
@@ -178,6 +179,9 @@ def detect_format(path: Path) -> str:
     header_len = int.from_bytes(head[:8], "little")
     if len(head) == 9 and head[8:9] == b"{" and 2 <= header_len <= SAFETENSORS_MAX_HEADER:
         return "safetensors"
+    if is_onnx(path):  # `compress` itself sends ONNX files elsewhere: this is another command
+        raise CompressorError(f"'{path}' is an ONNX model, which only `compress MODEL.onnx` (and its analyze "
+                              "and apply) take", "compress it with: compress MODEL.onnx --energy 0.9")
     what = ("a text/JSON file" if head.lstrip()[:1] in (b"{", b"[")
             else "not a model file (not a torch checkpoint, safetensors file or model folder)")
     raise CompressorError(f"'{path}' is {what}",

@@ -31,7 +31,9 @@ from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
 from compressor.core.threads import LINALG_THREADS, check_threads, thread_budget, torch_threads
 from compressor.data.inputs import call, cosine_fidelity, eval_mode, sequence_axes
+from compressor.formats.onnx_graph import is_onnx
 from compressor.formats.shards import DEFAULT_SHARD_BYTES
+from compressor.jobs.compress_onnx import compress_onnx
 from compressor.report.report import Report, build_report, write_report
 
 if TYPE_CHECKING:
@@ -152,6 +154,8 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
     check_not_over_inputs(out, [("model", source), ("calibration file", opts.calibration),
                                 ("example inputs", opts.example_inputs), ("plan file", opts.plan_path)])
     OutputDir(out, opts.force).check()
+    if is_onnx(source):
+        return compress_onnx(source, out, mode, opts, shapes=input_shapes(opts), low_fidelity=LOW_FIDELITY_COSINE)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 

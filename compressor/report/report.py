@@ -103,10 +103,15 @@ class Report:
 
 
 def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | None, original, compressed,
-                 exports: dict[str, Any], timings: dict[str, float], options, folder: Path) -> Report:
-    """The report of a run; file sizes are read from ``folder`` (the output being written)."""
-    params_before = sum(p.numel() for p in original.parameters())
-    params_after = sum(p.numel() for p in compressed.parameters())
+                 exports: dict[str, Any], timings: dict[str, float], options, folder: Path,
+                 params: tuple[int, int] | None = None) -> Report:
+    """The report of a run; file sizes are read from ``folder`` (the output being written). ``params``
+    (before, after) stands in for counting the torch models' parameters (an ONNX input has none)."""
+    if params is not None:
+        params_before, params_after = params
+    else:
+        params_before = sum(p.numel() for p in original.parameters())
+        params_after = sum(p.numel() for p in compressed.parameters())
     extra: dict[str, Any] = {}
     if plan is not None:
         totals = plan.totals()
@@ -199,11 +204,14 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines.append("")
     if r.get("fidelity"):
         f = r["fidelity"]
-        lines += ["## Fidelity of the compressed torch model to the original (example inputs)", "",
+        what = "ONNX graph" if r["source"].get("format") == "onnx" else "torch model"
+        lines += [f"## Fidelity of the compressed {what} to the original (example inputs)", "",
                   f"cosine mean {f['cosine_mean']:.5f}, min {f['cosine_min']:.5f}, relative error "
                   f"{f['relative_error']:.4f}", ""]
     if any(k in r for k in VALIDATED):
-        lines += ["## ONNX validation (onnxruntime vs the torch model)", "",
+        against = ("the original ONNX model; variants vs `model.onnx`" if r["source"].get("format") == "onnx"
+                   else "the torch model")
+        lines += [f"## ONNX validation (onnxruntime vs {against})", "",
                   "| file | size | max abs diff | cosine | tolerance | result |", "|---|---:|---:|---:|---|---|"]
         for key in VALIDATED:
             v = r.get(key)
