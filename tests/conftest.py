@@ -4,6 +4,16 @@ import torch
 from compressor.examples import minilm_path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _latency_cache(tmp_path_factory):
+    """Latency-aware runs cache break-even ranks per machine: in the tests, in a folder of the session
+    (shared by its tests, never the user's ~/.cache)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("COMPRESSOR_CACHE_DIR", str(tmp_path_factory.mktemp("compressor-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

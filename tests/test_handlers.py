@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from compressor.core.handlers import (
     LayerHandler,
     conv_patches,
     handler_for,
+    handler_for_kind,
     handler_of_kind,
     handlers,
     kinds,
@@ -55,6 +57,15 @@ def _x(*shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(3))
 
 
+def _separable_conv() -> Wrap:
+    """A 3x3 conv whose kernel is nearly rank 2 in the spatial layout: analyze picks "conv2d-spatial"."""
+    conv = nn.Conv2d(4, 16, 3, padding=1)
+    with torch.no_grad():
+        A = torch.randn(16 * 3, 2) @ torch.randn(2, 4 * 3) + 0.01 * torch.randn(16 * 3, 4 * 3)
+        conv.weight.copy_(handler_of_kind("conv2d-spatial").kernel(A, conv.weight.shape))
+    return Wrap(conv, 16 * 6 * 6, flatten=True)
+
+
 # kind, model factory, example input: one row per built-in handler.
 CASES = [
     ("linear", lambda: Wrap(nn.Linear(24, 32), 32), lambda: _x(5, 24)),
@@ -65,6 +76,7 @@ CASES = [
      lambda: _x(2, 3, 4, 4, 4)),
     ("embedding", lambda: Wrap(nn.Embedding(40, 24), 24), lambda: _ids((4, 6))),
     ("hf-conv1d", lambda: Wrap(_hf_conv1d(32, 24), 32), lambda: _x(5, 24)),
+    ("conv2d-spatial", _separable_conv, lambda: _x(2, 4, 6, 6)),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -83,10 +95,13 @@ def case(request):
 
 def test_handler_is_found_and_the_matrix_computes_the_layer(case):
     kind, model, x = case
-    h = handler_for(model.layer)
+    h = handler_for_kind(model.layer, kind)
     assert h is not None and h.kind == kind and handler_of_kind(kind) is h
     W = h.weight_matrix(model.layer)
-    if h.statistics == "rows":  # y_i = W x_i for every row the handler says the layer multiplies
+    if h is not handler_for(model.layer):  # an alternative layout of the dispatched kind's weights
+        assert kind in handler_for(model.layer).alternatives and not h.matches(model.layer)
+        torch.testing.assert_close(h.kernel(W, model.layer.weight.shape), model.layer.weight, atol=0, rtol=0)
+    elif h.statistics == "rows":  # y_i = W x_i for every row the handler says the layer multiplies
         captured = {}
         model.layer.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
         model(x)
@@ -99,8 +114,8 @@ def test_handler_is_found_and_the_matrix_computes_the_layer(case):
 
 
 def test_full_rank_outputs_equal_the_original(case):
-    _, model, x = case
-    h = handler_for(model.layer)
+    kind, model, x = case
+    h = handler_for_kind(model.layer, kind)
     m, n = h.weight_matrix(model.layer).shape
     new = copy.deepcopy(model)
     new.layer = h.factor(model.layer, min(m, n))
@@ -108,13 +123,16 @@ def test_full_rank_outputs_equal_the_original(case):
 
 
 def test_truncation_error_is_the_discarded_singular_values(case):
-    _, model, _x = case
-    h = handler_for(model.layer)
+    kind, model, _x = case
+    h = handler_for_kind(model.layer, kind)
     W = h.weight_matrix(model.layer).detach()
     S = torch.linalg.svdvals(W)
     r = max(1, min(W.shape) // 3)
     factored = h.factor(model.layer, r)
-    approx = factored.dense_weight().detach().reshape(W.shape[0], -1)
+    if kind == "conv2d-spatial":  # Eckart-Young on the regrouped kernel
+        approx = h.weight_matrix(SimpleNamespace(weight=factored.dense_weight().detach()))
+    else:
+        approx = factored.dense_weight().detach().reshape(W.shape[0], -1)
     if approx.shape != W.shape:  # an embedding's dense table is stored as its matrix already
         approx = approx.T
     err = torch.linalg.matrix_norm(W - approx)
@@ -122,9 +140,11 @@ def test_truncation_error_is_the_discarded_singular_values(case):
 
 
 def test_onnx_keeps_two_factors_per_layer_and_validates(case, tmp_path):
-    _, model, x = case
-    plan = compressor.analyze(model, rank_ratio=0.25, include=["layer"])
-    assert [lp.name for lp in plan.factored] == ["layer"]
+    kind, model, x = case
+    # Alternative factorizations are chosen under a parameter target only (a rank means different sizes).
+    policy = {"target": 0.5} if kind == "conv2d-spatial" else {"rank_ratio": 0.25}
+    plan = compressor.analyze(model, **policy, include=["layer"])
+    assert [(lp.name, lp.kind) for lp in plan.factored] == [("layer", kind)]
     compressor.rewrite(model, plan)
     path = export_onnx(model, x, tmp_path / "m.onnx")
     assert check_factored_graph(path, plan) == []

@@ -174,7 +174,7 @@ def test_hints_are_spelled_for_the_command_line(work):
     (["--target", "0"], "target must be in (0, 1)"),
     (["--rank-ratio", "0"], "rank_ratio must be in (0, 1]"),
     (["--energy", "0.9", "--rank", "8"], "exactly one rank policy"),
-    (["--energy", "0.9", "--threads", "0"], "No such option '--threads'"),
+    (["--energy", "0.9", "--threads", "0"], "threads must be a whole number >= 1"),
     (["--energy", "0.9", "--atol", "abc"], "'abc' is not a valid float"),
     (["--energy", "0.9", "--keep-fp16", "1", "--int8"], "--calibration"),
 ])
@@ -188,7 +188,7 @@ def test_bad_policy_and_export_options(work, args, needle):
     (["--max-latency", "-1"], "cannot read the latency '-1'"),
     (["--max-latency", "0"], "cannot read the latency"),
     (["--max-size", "0.5", "--targets", "1.5"], "target 1.5 is outside (0, 1)"),
-    (["--max-size", "0.5", "--precisions", "int4"], "'int4'"),
+    (["--max-size", "0.5", "--precisions", "int3"], "'int3'"),
     (["--max-size", "0.5", "--heal-steps", "5"], "--calibration FILE"),
     (["--max-size", "0.5", "--keep-fp16", "2"], "--calibration FILE"),
     ([], "at least one constraint"),
@@ -232,7 +232,8 @@ def test_search_on_a_text_model_with_longer_held_out_sentences(tiny_text_model, 
         f"wooden fence number {i}.\n" for i in range(6)))
     before = snapshot(tiny_text_model)
     res, _ = cli(tmp_path, "search", str(tiny_text_model), "--max-size", "0.9", "--targets", "0.5",
-                 "--precisions", "fp32", "--eval-inputs", "long.txt", "--out", "s", "--cache", "c", "--quiet")
+                 "--precisions", "fp32", "--eval-inputs", "long.txt", "--out", "s", "--cache", "c", "--quiet",
+                 "--no-latency-aware")  # sequence axes here; a tiny model's factored layers may run slower
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "s" / "report.json").is_file() and snapshot(tiny_text_model) == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

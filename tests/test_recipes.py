@@ -20,7 +20,7 @@ from compressor.search.sensitivity import int8_sensitivity, most_sensitive
 
 from .test_mixed_int8 import outlier_mlp
 
-RECIPES = [Recipe("fp32"), Recipe("fp16"), Recipe("int8"),
+RECIPES = [Recipe("fp32"), Recipe("fp16"), Recipe("int8"), Recipe("int4"),
            Recipe("fp32", 0.3), Recipe("int8", 0.3), Recipe("fp32", 0.7), Recipe("int8", 0.7),
            Recipe("int8", 0.7, heal_steps=4, qat=True)]
 
@@ -45,7 +45,8 @@ def searched(tmp_path_factory):
     held_out = [torch.randn(64, 64, generator=g) for _ in range(2)]
     cache = tmp_path_factory.mktemp("cache")
     kw = dict(example_inputs=torch.randn(4, 64), evaluation=output_fidelity(model, held_out), recipes=RECIPES,
-              cache_dir=cache, latency_runs=5, heal_data=torch.randn(64, 64), heal_options={"batch_size": 16})
+              cache_dir=cache, latency_runs=5, heal_data=torch.randn(64, 64), heal_options={"batch_size": 16},
+              latency_aware=False)  # the size / fidelity rule alone (latency-aware: tests/test_fast.py)
     result = search(model, constraints=Constraints(min_fidelity=0.0), **kw)
     return model, kw, result
 
@@ -57,7 +58,7 @@ def test_recipe_is_frozen_json_and_keyed():
     assert r.name == "lowrank0.4-cal-heal200-xembeddings.*-int8" and Recipe("fp16").name == "dense-fp16"
     with pytest.raises(AttributeError):
         r.target = 0.5  # frozen
-    for bad in (dict(precision="int4"), dict(target=1.0), dict(calibrated=True), dict(target=0.5, heal_steps=-1)):
+    for bad in (dict(precision="int2"), dict(target=1.0), dict(calibrated=True), dict(target=0.5, heal_steps=-1)):
         with pytest.raises(CompressorError):
             Recipe(**bad)
 
@@ -91,7 +92,7 @@ def test_every_measured_variant_passed_onnxruntime_validation(searched):
         ort.InferenceSession(p.onnx, providers=["CPUExecutionProvider"])  # the cached file itself loads
     size = {p.recipe: p.size_bytes for p in result.points}
     # The measured front has the shape the recipes promise: int8 < fp16 < fp32, low-rank < dense.
-    assert size[Recipe("int8")] < size[Recipe("fp16")] < size[Recipe("fp32")]
+    assert size[Recipe("int4")] < size[Recipe("int8")] < size[Recipe("fp16")] < size[Recipe("fp32")]
     assert size[Recipe("int8", 0.7)] < size[Recipe("int8", 0.3)] < size[Recipe("int8")]
     healed = result.points[-1]
     assert healed.heal["steps"] == 4 and healed.size_bytes == size[Recipe("int8", 0.7)]
@@ -168,7 +169,8 @@ def test_cli_search_writes_the_front_and_reuses_the_cache(tmp_path, monkeypatch)
     src = tmp_path / "mlp.pt"
     torch.save(mlp(), src)
     cache = tmp_path / "cache"
-    args = [src, "--input-shape", "4x64", "--targets", "0.5", "--precisions", "fp32,int8", "--cache", cache]
+    args = [src, "--input-shape", "4x64", "--targets", "0.5", "--precisions", "fp32,int8", "--cache", cache,
+            "--no-latency-aware"]  # sizes and the cache here; the latency-aware choice: tests/test_fast.py
     res = cli(["search", *args, "--max-size", "0.5", "--min-fidelity", "0.8", "--out", tmp_path / "a"])
     assert res.exit_code == 0, res.output
     out = tmp_path / "a"
@@ -248,7 +250,8 @@ def test_cli_search_reads_held_out_inputs_from_a_file(tmp_path):
     torch.save(mlp(), src)
     torch.save(torch.randn(32, 64), held)
     res = cli(["search", src, "--input-shape", "4x64", "--targets", "0.5", "--precisions", "int8",
-               "--eval-inputs", held, "--min-fidelity", "0.5", "--out", tmp_path / "o", "--json"])
+               "--eval-inputs", held, "--min-fidelity", "0.5", "--out", tmp_path / "o", "--json",
+               "--no-latency-aware"])  # int8 may run slower than fp32 here: this test is about the held-out file
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
     assert "held-out inputs from held.pt" in report["front"]["metric"]
@@ -281,7 +284,8 @@ def test_search_keeps_the_most_sensitive_layers_in_fp16(tmp_path):
     g = torch.Generator().manual_seed(1)
     held_out = [torch.randn(64, 32, generator=g) for _ in range(2)]
     kw = dict(example_inputs=torch.randn(4, 32), evaluation=output_fidelity(model, held_out),
-              cache_dir=tmp_path, latency_runs=3, constraints=Constraints(min_fidelity=0.0))
+              cache_dir=tmp_path, latency_runs=3, constraints=Constraints(min_fidelity=0.0),
+              latency_aware=False)  # kept fp16 layers here, not the latency check
     recipes = [Recipe("int8", keep_fp16=1), Recipe("int8", 0.3, True, keep_fp16=1)]
     with pytest.raises(CompressorError, match="calibration"):
         search(model, recipes=recipes, **kw)
@@ -299,7 +303,7 @@ def test_cli_search_keep_fp16(tmp_path):
     torch.save(outlier_mlp(), src)
     torch.save(torch.randn(32, 32, generator=torch.Generator().manual_seed(3)), cal)
     args = ["search", src, "--input-shape", "4x32", "--targets", "0.3", "--precisions", "int8", "--min-fidelity",
-            "0.5", "--cache", tmp_path / "cache"]
+            "0.5", "--cache", tmp_path / "cache", "--no-latency-aware"]
     res = cli([*args, "--keep-fp16", "1", "--calibration", cal, "--out", tmp_path / "a", "--json"])
     assert res.exit_code == 0, res.output
     points = {p["name"]: p for p in json.loads(res.output)["front"]["points"]}

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import fnmatch
 import sys
@@ -15,12 +16,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressor.analysis.batchnorm import conv_bn_pairs
 from compressor.core.errors import CompressorError
-from compressor.core.handlers import LayerHandler, handler_for, kinds, weight_fingerprint
+from compressor.core.fold import apply_folds
+from compressor.core.handlers import LayerHandler, handler_for, handler_of_kind, kinds, weight_fingerprint
 from compressor.core.layers import LOW_RANK_TYPES, LoRALayer
 from compressor.core.plan import LayerPlan, Plan
-from compressor.core.policies import LayerSpectrum, allocate, policy_from_dict, policy_from_options, policy_to_dict
+from compressor.core.policies import (
+    LayerSpectrum,
+    allocate,
+    operating_keep,
+    policy_from_dict,
+    policy_from_options,
+    policy_to_dict,
+    prefer_alternative,
+)
 from compressor.core.svd import Decomposition, break_even_rank, energy_kept, max_saving_rank, svd
+from compressor.core.threads import LINALG_THREADS, thread_budget, torch_threads
 from compressor.data.calibration import calibrated_analysis
 from compressor.data.inputs import as_batches
 
@@ -170,7 +182,8 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
             rank_multiple: int = 1, include: Sequence[str] = (), exclude: Sequence[str] = (),
             overrides: dict[str, int | None] | None = None, plan: Plan | None = None,
             progress: bool | None = None, calibration: Any = None, outputs: Sequence[str] | None = None,
-            sequential: bool = True, sensitivity: bool = True) -> Plan:
+            sequential: bool = True, sensitivity: bool = True, fold_batchnorm: bool = True,
+            example_inputs: Any = None, spatial: bool = True, threads: int | None = None) -> Plan:
     """Analyze every weight of ``model`` and choose a rank per layer; the model is not changed.
 
     Exactly one policy: ``energy`` (fraction of spectral energy kept per layer), ``rank`` (fixed),
@@ -184,7 +197,32 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     minimise each layer's output error, ``energy`` is of the whitened spectrum, ``target`` is spent by
     measured output error (with ``sensitivity``, over the model's ``outputs``: every floating output by
     default), and ``sequential`` refits each layer on the inputs of the compressed layers before it.
+
+    ``fold_batchnorm``: a BatchNorm that directly follows a factorizable conv is folded into it first (exact
+    in eval mode; see :mod:`compressor.core.fold`), so the factors approximate what the network computes;
+    the pairs are found by running the model on the first calibration batch or on ``example_inputs`` (with
+    neither, nothing is folded) and recorded in ``plan.folded``, which ``rewrite`` applies. False keeps them.
+
+    ``spatial``: with a ``target``, a ``kh x kw`` conv (both > 1) may be factored as a ``kh x 1`` then
+    ``1 x kw`` conv (kind "conv2d-spatial") instead of the channel decomposition, chosen per layer where it
+    loses less (weight or output error) at ``1 - target`` of its parameters.
+
+    ``threads``: torch threads for all of it (restored afterwards); by default (None) the weight-only work
+    (every SVD, and the whole analysis without calibration) runs on one thread, which stays fast on a busy
+    machine, while calibration forward passes keep the caller's setting (:mod:`compressor.core.threads`).
     """
+    weights_only = threads is None and calibration is None
+    with thread_budget(threads), torch_threads(LINALG_THREADS if weights_only else None):
+        return _analyze(model, energy, rank, rank_ratio, target, rank_multiple, include, exclude, overrides, plan,
+                        progress, calibration, outputs, sequential, sensitivity, fold_batchnorm, example_inputs,
+                        spatial)
+
+
+def _analyze(model: nn.Module, energy: float | None, rank: int | None, rank_ratio: float | None,
+             target: float | None, rank_multiple: int, include: Sequence[str], exclude: Sequence[str],
+             overrides: dict[str, int | None] | None, plan: Plan | None, progress: bool | None, calibration: Any,
+             outputs: Sequence[str] | None, sequential: bool, sensitivity: bool, fold_batchnorm: bool,
+             example_inputs: Any, spatial: bool) -> Plan:
     if plan is not None:
         if plan.method != "svd" and calibration is None:
             # Re-deriving a data-aware plan by plain SVD would keep its ranks but silently lose its quality.
@@ -203,9 +241,14 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
                               "pass e.g. rank_multiple=8", cli_fix="pass e.g. --rank-multiple 8")
     include, exclude = list(include), list(exclude)
 
+    original = model
     found = find_layers(model, include, exclude)
     if plan is None:
         check_patterns(include, exclude, [c.name for c in found])
+    folded = _folds(model, found, plan, fold_batchnorm, calibration, example_inputs)
+    if folded:  # analyze the folded network on a copy: the model itself is not changed
+        model = apply_folds(copy.deepcopy(model), folded)
+        found = find_layers(model, include, exclude)
     names = {c.name for c in found if c.skip is None}
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - {c.name for c in found})
@@ -213,21 +256,28 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
         raise CompressorError(f"overrides name layers the model does not have: {', '.join(unknown[:5])}",
                               "use layer names from the plan (compress analyze MODEL)")
     fixed = {k: v for k, v in overrides.items() if k in names}
+    # A re-derived plan keeps each layer's factorization; otherwise analyze may choose an alternative.
+    forced = {lp.name: lp.kind for lp in plan.layers if lp.supported} if plan is not None else None
     errors: dict[str, float] = {}
     method, calib_info = "svd", None
     if calibration is not None and names:
         cal = calibrated_analysis(model, {c.name: c.module for c in found if c.skip is None},
                                   as_batches(calibration), policy, rank_multiple, fixed, outputs=outputs,
-                                  sequential=sequential, sensitivity=sensitivity)
+                                  sequential=sequential, sensitivity=sensitivity, spatial=spatial, kinds=forced)
         decs, ranks, errors, calib_info = cal.decompositions, cal.ranks, cal.errors, cal.info
+        chosen = cal.kinds
         method = "whitened-svd+sequential" if sequential else "whitened-svd"
     else:
         decs = decompose_layers(found, progress)
-        spectra = [LayerSpectrum.from_singular_values(c.name, *c.weight_matrix().shape, decs[c.name].S)
-                   for c in found if c.skip is None]
-        ranks = allocate(policy, spectra, rank_multiple, fixed)
+        spectra = {c.name: LayerSpectrum.from_singular_values(c.name, *c.weight_matrix().shape, decs[c.name].S)
+                   for c in found if c.skip is None}
+        chosen = _alternatives(found, decs, spectra, operating_keep(policy), spatial, forced)
+        ranks = allocate(policy, list(spectra.values()), rank_multiple, fixed)
+    for c in found:
+        if c.name in chosen:
+            c.kind, c.handler = chosen[c.name], handler_of_kind(chosen[c.name])
 
-    layers = [_layer_plan(c, decs.get(c.name), ranks.get(c.name), c.name in overrides)
+    layers = [layer_plan(c, decs.get(c.name), ranks.get(c.name), c.name in overrides)
               for c in found]
     for lp in layers:
         if lp.factored and lp.name in errors:
@@ -236,6 +286,10 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
                           "include": include, "exclude": exclude},
                   layers=layers, params_total_before=unique_param_count(model), method=method,
                   calibration=calib_info)
+    result.folded = folded
+    if folded:
+        result.notes.append(f"{len(folded)} BatchNorm layers folded into the convs before them (exact in eval "
+                            "mode); parameter counts are of the folded model")
     if not names:
         result.notes.append("no layer of this model can be factored")
     if "target" in result.policy:
@@ -243,14 +297,58 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
         if abs(got - policy.target) > 0.01:
             result.notes.append(f"removed {got:.3f} of the factorizable parameters against the target "
                                 f"{policy.target:.3f}: the rank steps of these layers are too coarse")
-    for name, dec in decs.items():
-        result._cache[name] = (dec, weight_fingerprint(model.get_submodule(name)))
+    for name, dec in decs.items():  # keyed by the unfolded model's weights: rewrite checks them before folding
+        result._cache[name] = (dec, weight_fingerprint(original.get_submodule(name)))
     return result
 
 
+def _alternatives(found: list[Candidate], decs: dict[str, Decomposition], spectra: dict[str, LayerSpectrum],
+                  keep: float | None, spatial: bool, forced: dict[str, str] | None) -> dict[str, str]:
+    """``{layer: alternative kind}`` for the layers factored another way (plain SVD); ``decs`` and ``spectra``
+    are updated to it. The relative Frobenius error is the same norm for every layout of one kernel, so the
+    two spectra compare directly."""
+    chosen = {}
+    for c in found:
+        if c.skip is not None:
+            continue
+        wanted = forced.get(c.name) if forced is not None else None
+        options = ([wanted] if wanted not in (None, c.kind) else []) if forced is not None else \
+            (c.handler.alternatives if spatial and keep is not None else ())
+        for kind in options:
+            alt = handler_of_kind(kind)
+            if not alt.accepts(c.module):
+                continue
+            dec = svd(alt.weight_matrix(c.module))
+            sp = LayerSpectrum.from_singular_values(c.name, *alt.weight_matrix(c.module).shape, dec.S)
+            if forced is not None or prefer_alternative(spectra[c.name], sp, keep):
+                decs[c.name], spectra[c.name], chosen[c.name] = dec, sp, kind
+    return chosen
 
-def _layer_plan(c: Candidate, dec: Decomposition | None, policy_rank: int | None,
-                overridden: bool) -> LayerPlan:
+
+def _folds(model: nn.Module, found: list[Candidate], plan: Plan | None, fold: bool, calibration: Any,
+           example_inputs: Any) -> list[list[str]]:
+    """The ``[conv, bn]`` pairs to fold: an edited plan's own, or those found on the first input."""
+    if plan is not None:
+        return [list(p) for p in plan.folded]
+    probe = calibration if calibration is not None else example_inputs
+    if not fold or probe is None:
+        return []
+    convs = {c.name for c in found if c.skip is None and c.kind.startswith("conv")}
+    return conv_bn_pairs(model, as_batches(probe)[0], convs) if convs else []
+
+
+
+def layer_plan(c: Candidate, dec: Decomposition | None, policy_rank: int | None,
+               overridden: bool) -> LayerPlan:
+    """The plan entry of one candidate from its decomposition (None: not factorizable; only ``S``,
+    ``total_energy`` and ``check`` are read) and the rank the policy asked for."""
+    lp = _entry(c, dec, policy_rank, overridden)
+    if dec is not None and dec.check is not None:
+        lp.svd = dec.check  # how a partial spectrum was found, and its a-posteriori bound
+    return lp
+
+
+def _entry(c: Candidate, dec: Decomposition | None, policy_rank: int | None, overridden: bool) -> LayerPlan:
     if c.handler is not None:
         w = c.handler.weight(c.module)
         m, n = c.weight_matrix().shape
@@ -276,7 +374,7 @@ def _layer_plan(c: Candidate, dec: Decomposition | None, policy_rank: int | None
     if policy_rank > min(m, n) or policy_rank < 1:
         raise CompressorError(f"layer '{c.name}': rank {policy_rank} is outside 1..{min(m, n)}",
                               "choose a rank between 1 and the layer's full rank")
-    kept = energy_kept(dec.S, policy_rank)
+    kept = energy_kept(dec.S, policy_rank, dec.total_energy)
     err = max(0.0, 1.0 - kept) ** 0.5
     if policy_rank > max_saving_rank(m, n):
         return LayerPlan(**base, rank=None, policy_rank=policy_rank, energy_kept=kept, rel_error=err,

@@ -28,10 +28,10 @@ from compressor.cli.lora import lora
 from compressor.cli.train import checkpoints, heal_config_options
 from compressor.core.errors import CompressorError
 from compressor.core.output import interrupt_exit_code, interrupt_on_sigterm
-from compressor.export.onnx import DEFAULT_OPSET, VARIANTS
+from compressor.export.onnx import DEFAULT_OPSET, FACTOR_STORAGE, VARIANTS
 from compressor.jobs.compress import Options
-from compressor.report.report import Report, criterion
-from compressor.search.recipes import DEFAULT_TARGETS, PRECISIONS
+from compressor.report.report import VALIDATED, Report, criterion
+from compressor.search.recipes import DEFAULT_INT4_CORRECTIONS, DEFAULT_TARGETS, PRECISIONS
 
 EXIT_BAD_INPUT = 2
 EXIT_VALIDATION_FAILED = 3
@@ -122,6 +122,8 @@ _policy_options = _options([
                  help="Calibration inputs for data-aware factors: tensors (.pt/.npz/.safetensors) or, "
                       "for Hugging Face text models, a text file with one sentence per line."),
     click.option("--calibration-samples", type=int, help="Use at most this many calibration samples."),
+    click.option("--keep-batchnorm", is_flag=True,
+                 help="Do not fold BatchNorms into the convs before them [default: fold, exact in eval mode]."),
     _outputs_option,
 ])
 
@@ -137,6 +139,18 @@ _common_options = _options([
     click.option("--debug", is_flag=True, help="Show tracebacks."),
 ])
 
+_threads_option = click.option(
+    "--threads", type=int,
+    help="torch (and onnxruntime) threads for every step [default: the tool chooses per operation: SVDs on "
+         "one thread, which stays fast on a busy machine].")
+
+_latency_option = click.option(
+    "--latency-aware/--no-latency-aware", default=None,
+    help="Factor only the layers measured faster than dense in onnxruntime at the example input shape "
+         "(break-even ranks cached per machine), and time every file against dense in the report; a model.onnx "
+         "slower than dense is refused (a search falls back to a file that is not slower). "
+         "[default: on in search, off otherwise]")
+
 _export_options = _options([
     click.option("--input-shape", "input_shapes", multiple=True,
                  help="Shape of an example input for export, e.g. 1x3x224x224 (repeatable)."),
@@ -149,12 +163,81 @@ _export_options = _options([
     *(click.option(f"--{v.name}", f"variant_{v.name}", is_flag=True,
                    help=f"Also write and validate model.{v.name}.onnx ({v.help}).")
       for v in VARIANTS.values() if v.write is not None),
+    click.option("--int4-block-size", type=int, default=Options.int4_block_size, show_default=True,
+                 help="With --int4: weights per scale and zero point (a power of two >= 16; smaller: more "
+                      "faithful, bigger)."),
+    click.option("--int4-correction",
+                 help="With --int4: add a low-rank correction of each Linear's 4-bit rounding error: rank=R "
+                      "(every layer), energy=E (of the error's spectrum) or budget=F (correction weights worth F "
+                      "of the Linear weights, spent where they help most); whitened by --calibration if given."),
+    click.option("--int4-factors", type=click.Choice(FACTOR_STORAGE), default=Options.int4_factors,
+                 show_default=True, help="With --int4-correction: how its factors are stored."),
     click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder."),
 ])
 
 
+_stream_options = _options([
+    click.option("--stream", is_flag=True,
+                 help="Read a safetensors checkpoint (file or sharded Hugging Face folder) tensor by tensor and "
+                      "write factored shards, never holding the model; resumable (rerun the same command)."),
+    click.option("--svd", type=click.Choice(["exact", "randomized"]), default=Options.svd, show_default=True,
+                 help="With --stream: 'randomized' finds only the leading singular triplets (--rank, --rank-ratio, "
+                      "--energy), checked per layer by an a-posteriori bound, exact SVD where it fails."),
+    click.option("--workers", type=int, default=Options.workers, show_default=True,
+                 help="With --stream: worker processes for the per-layer SVDs (1: in this process)."),
+    click.option("--ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                 help="With --stream: run the per-layer work as Ray tasks, on a Ray started here (no ADDRESS) or "
+                      "on the cluster at ADDRESS (every node must see the model files at the same path)."),
+    click.option("--device", default=Options.device, show_default=True,
+                 help="With --stream: where the SVDs run, e.g. cuda (results are byte-identical on one kind only)."),
+    click.option("--restart", is_flag=True,
+                 help="With --stream: start over, dropping an unfinished run's state instead of continuing it."),
+])
+
+
+def _run_stream(mode: str, model: Path, kw: dict[str, Any]) -> None:
+    """``--stream``: :func:`compressor.jobs.stream.stream_compress`, its summary, errors as one line."""
+    from compressor.jobs.stream import stream_compress
+
+    as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
+    unused = [f"--{k.replace('_', '-')}" for k in ("plots", "trust_pickle", "arch", "outputs", "input_shapes",
+                                                  "example_inputs", "keep_fp16") if kw.get(k)]
+    unused += [f"--{v}" for v in VARIANTS if kw.get(f"variant_{v}")]
+    try:
+        if unused:
+            raise CompressorError(f"{', '.join(unused)} cannot be used with --stream (it writes the plan and "
+                                  "the factored weights only)", "leave them out, or run without --stream")
+        fields = {k: v for k, v in kw.items() if k in Options.__dataclass_fields__ and k != "progress"}
+        summary = stream_compress(model, out, mode="compress" if mode == "compress" else "analyze",
+                                  options=Options(**fields))
+    except CompressorError as err:
+        if debug:
+            raise
+        click.echo(f"error: {err.for_cli()}", err=True)
+        sys.exit(err.exit_code)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif not quiet:
+        t = summary["totals"]
+        click.echo(f"{model} (streamed, {summary['shards_in']} shard(s)) -> {summary['output']}/\n"
+                   f"  layers factored   {t['layers_factored']} of {t['layers_supported']} factorizable "
+                   f"({summary['resumed_layers']} of {summary['layers']} resumed from an earlier run)\n"
+                   f"  parameters        {t['params_before']:,} -> {t['params_after']:,}; factorizable weights "
+                   f"{t['removed_fraction']:.1%} removed\n"
+                   f"  time              analyze {summary['analyze_seconds']:.1f} s"
+                   + (f", rewrite {summary['rewrite_seconds']:.1f} s" if "rewrite_seconds" in summary else ""))
+
+
 def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
     """Run one mode, print the outcome, and turn errors into one line and an exit code."""
+    if kw.pop("stream", False):
+        _run_stream(mode, model, kw)
+        return
+    stream_only = [f"--{k}" for k in ("ray", "restart") if kw.pop(k, None)]
+    stream_only += [f"--{k}" for k in ("svd", "workers", "device") if k in kw and kw.pop(k) != getattr(Options, k)]
+    if stream_only:
+        click.echo(f"error: {', '.join(stream_only)}: only for streamed runs; add --stream", err=True)
+        sys.exit(EXIT_BAD_INPUT)
     kw["variants"] = [name for name in VARIANTS if kw.pop(f"variant_{name}", False)]
     from compressor.jobs.compress import LowFidelityWarning, compress
 
@@ -199,7 +282,7 @@ def summary(r: Report) -> str:
         f = r.fidelity
         lines.append(f"  fidelity          cosine to original {f['cosine_mean']:.5f} (min {f['cosine_min']:.5f}) "
                      "on the example inputs")
-    for v in (r.onnx, r.fp16, r.int8):
+    for v in (getattr(r, key) for key in VALIDATED):
         if not v:
             continue
         if "skipped" in v:
@@ -210,6 +293,11 @@ def summary(r: Report) -> str:
                      f"cosine {v['cosine']:.6f} ({tol}): {'PASS' if v['passed'] else 'FAIL'}")
         if v.get("kept_fp16"):
             lines.append(f"    kept in fp16    {', '.join(v['kept_fp16'])}")
+        if v.get("correction"):
+            c = v["correction"]
+            lines.append(f"    corrected       {sum(1 for x in c['ranks'].values() if x)} layers, "
+                         f"{c['parameters']:,} {c['factors']} factor weights "
+                         f"({', '.join(f'{k}={x:g}' for k, x in c['rule'].items())})")
     lines.append(f"  report            {Path(r.output) / 'report.md'}")
     return "\n".join(lines)
 
@@ -221,6 +309,7 @@ def main() -> None:
 
     \b
     compress MODEL --energy 0.95      analyze, factor, export, report
+    compress MODEL.onnx --energy 0.9  factor an ONNX graph's weights in the graph
     compress analyze MODEL --target 0.4
     compress apply MODEL plan.json
     compress export MODEL
@@ -241,6 +330,9 @@ _keep_fp16_option = click.option(
 @_policy_options
 @_export_options
 @_keep_fp16_option
+@_latency_option
+@_threads_option
+@_stream_options
 @_common_options
 def run_cmd(model: Path, **kw: Any) -> None:
     """Analyze, factor, export and report (the default command)."""
@@ -251,6 +343,8 @@ def run_cmd(model: Path, **kw: Any) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @_policy_options
 @click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder.")
+@_threads_option
+@_stream_options
 @_common_options
 def analyze_cmd(model: Path, **kw: Any) -> None:
     """Spectra and plan only: nothing is rewritten."""
@@ -265,6 +359,8 @@ def analyze_cmd(model: Path, **kw: Any) -> None:
 @_outputs_option
 @_export_options
 @_keep_fp16_option
+@_latency_option
+@_threads_option
 @_common_options
 def apply_cmd(model: Path, plan: Path, **kw: Any) -> None:
     """Re-apply a plan (for example one whose ranks you edited) and export."""
@@ -273,7 +369,11 @@ def apply_cmd(model: Path, plan: Path, **kw: Any) -> None:
 
 @main.command("export")
 @click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="Calibration inputs for a data-aware --int4-correction (see compress --help).")
+@click.option("--calibration-samples", type=int)
 @_export_options
+@_threads_option
 @_common_options
 def export_cmd(model: Path, **kw: Any) -> None:
     """Export the model as it is to ONNX and validate it."""
@@ -360,6 +460,10 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--keep-fp16", default="0", show_default=True,
               help="Also try each int8 recipe keeping this many layers, those int8 rounding hurts most "
                    "(measured on --calibration), in fp16; a comma list such as 2,4.")
+@click.option("--int4-corrections", default=",".join(DEFAULT_INT4_CORRECTIONS), show_default=True,
+              help="With int4 among --precisions: also try dense int4 with each of these low-rank corrections "
+                   "of its rounding error (rank=R, energy=E or budget=F; data-aware with --calibration); "
+                   "'' for none.")
 @click.option("--eval-inputs", type=click.Path(path_type=Path),
               help="Held-out inputs for fidelity (tensors, or text for Hugging Face models) "
                    "[default: seeded random inputs shaped like the example inputs].")
@@ -372,14 +476,18 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--example-inputs", type=click.Path(path_type=Path), help="Example inputs (.pt/.npz/.safetensors).")
 @click.option("--atol", type=float, default=Options.atol, show_default=True, help="fp32 validation tolerance.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True)
+@_latency_option
+@_threads_option
 @_common_options
 def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, max_latency: str | None,
-               targets: str, precisions: str, heal_steps: int, keep_fp16: str, eval_inputs: Path | None,
+               targets: str, precisions: str, heal_steps: int, keep_fp16: str, int4_corrections: str,
+               eval_inputs: Path | None,
                cache_dir: Path | None, **kw: Any) -> None:
-    """Measure low-rank x fp32/fp16/int8 recipes and keep the best one meeting the constraints.
+    """Measure low-rank x fp32/fp16/int8/int4 recipes (and corrected int4) and keep the best one meeting the
+    constraints.
 
     With --min-fidelity the smallest file meeting every constraint wins; otherwise the most faithful.
-    Dense fp32, fp16 and int8 are always measured as references; measurements are cached by recipe.
+    Dense fp32, fp16, int8 and int4 are always measured as references; measurements are cached by recipe.
     """
     from compressor.jobs.search import run_search
     from compressor.search.recipes import Constraints, parse_latency, parse_size
@@ -393,6 +501,7 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
         report = run_search(model, out, constraints=constraints, targets=_floats(targets),
                             precisions=tuple(p.strip() for p in precisions.split(",")), heal_steps=heal_steps,
                             keep_fp16=_ints(keep_fp16, "--keep-fp16"),
+                            int4_corrections=[c.strip() for c in int4_corrections.split(",") if c.strip()],
                             cache_dir=cache_dir, eval_inputs=eval_inputs, options=Options(**kw), log=log)
     except CompressorError as err:
         if debug:

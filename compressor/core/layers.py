@@ -94,6 +94,40 @@ class LowRankConv(_Factored):
         return (up @ down).reshape(self.up.out_channels, *self.down.weight.shape[1:])
 
 
+class LowRankSpatialConv(_Factored):
+    """The spatial decomposition of a 2-D ``kh x kw`` conv (Jaderberg et al. 2014, Tai et al. 2016): a
+    ``kh x 1`` conv to ``rank`` channels, then a ``1 x kw`` conv to the outputs.
+
+    The first conv keeps the vertical stride, padding and dilation, the second the horizontal ones and the
+    bias; the padding mode is kept on both. At full rank it computes the original conv exactly: the first
+    acts on each input column alone, so padding its output's columns equals padding the input's.
+    """
+
+    def __init__(self, conv: nn.Conv2d, rank: int):
+        super().__init__()
+        factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        (sh, sw), (dh, dw) = conv.stride, conv.dilation
+        if isinstance(conv.padding, str):  # "same"/"valid" mean the same thing along each axis
+            pad_v = pad_h = conv.padding
+        else:
+            pad_v, pad_h = (conv.padding[0], 0), (0, conv.padding[1])
+        self.down = nn.Conv2d(conv.in_channels, rank, (conv.kernel_size[0], 1), stride=(sh, 1), padding=pad_v,
+                              dilation=(dh, 1), bias=False, padding_mode=conv.padding_mode, **factory)
+        self.up = nn.Conv2d(rank, conv.out_channels, (1, conv.kernel_size[1]), stride=(1, sw), padding=pad_h,
+                            dilation=(1, dw), bias=conv.bias is not None, padding_mode=conv.padding_mode, **factory)
+
+    @property
+    def rank(self) -> int:
+        return self.down.out_channels
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(out, in, kh, kw)`` kernel: ``W[o, c, i, j] = sum_r up[o, r, 0, j] * down[r, c, i, 0]``."""
+        return torch.einsum("orj,rci->ocij", self.up.weight[:, :, 0], self.down.weight[..., 0])
+
+    def extra_repr(self) -> str:
+        return f"spatial, rank={self.rank}"
+
+
 class LowRankEmbedding(_Factored):
     """``Embedding(num, rank)`` followed by ``Linear(rank, dim)`` (no bias).
 
@@ -118,7 +152,7 @@ class LowRankEmbedding(_Factored):
         return self.down.weight @ self.up.weight.T
 
 
-LOW_RANK_TYPES = (LowRankLinear, LowRankConv, LowRankEmbedding)
+LOW_RANK_TYPES = (LowRankLinear, LowRankConv, LowRankSpatialConv, LowRankEmbedding)
 
 
 # ------------------------------------------------------------------------------------------- LoRA

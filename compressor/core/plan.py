@@ -48,6 +48,9 @@ class LayerPlan:
     reason: str
     supported: bool = True  # False: never factorable (grouped conv, tied weight, ...), see reason
     estimated_output_error: float | None = None  # data-aware methods: relative output error estimate
+    # Randomized SVD: method ("randomized", or "exact" after a failed check), rank, a-posteriori bound.
+    # Left out of the JSON when None, so plans of the exact path read as before.
+    svd: dict[str, Any] | None = None
 
     @property
     def m(self) -> int:
@@ -68,6 +71,8 @@ class Plan:
     method: str = "svd"
     calibration: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    # [conv name, BatchNorm name] pairs folded (core/fold.py) before factoring; rewrite folds them first.
+    folded: list[list[str]] = field(default_factory=list)
     version: int = PLAN_VERSION
     # Decompositions computed by analyze, reused by rewrite while the weights are unchanged.
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -118,7 +123,8 @@ class Plan:
             "totals": self.totals(),
             "calibration": self.calibration,
             "notes": self.notes,
-            "layers": [asdict(lp) for lp in self.layers],
+            "folded": self.folded,
+            "layers": [_entry_dict(lp) for lp in self.layers],
         }
 
     def to_json(self, path: str | Path) -> None:
@@ -138,7 +144,7 @@ class Plan:
             plan = cls(policy=data["policy"], layers=layers,
                        params_total_before=int(data["totals"]["params_before"]),
                        method=data.get("method", "svd"), calibration=data.get("calibration"),
-                       notes=list(data.get("notes", [])))
+                       notes=list(data.get("notes", [])), folded=[list(p) for p in data.get("folded", [])])
         except (KeyError, TypeError) as err:
             raise PlanError(f"plan is missing or has a malformed field ({err})",
                             "only edit the \"rank\" values of a plan written by compressor") from None
@@ -184,3 +190,10 @@ class Plan:
                     f"{t['removed_fraction']:.1%} removed; {t['layers_factored']} of "
                     f"{t['layers_supported']} layers factored")
         return "\n".join(rows)
+
+
+def _entry_dict(lp: LayerPlan) -> dict[str, Any]:
+    d = asdict(lp)
+    if d["svd"] is None:
+        del d["svd"]
+    return d

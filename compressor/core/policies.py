@@ -67,18 +67,26 @@ class LayerSpectrum:
     n: int
     S: torch.Tensor
     loss: torch.Tensor
+    total: float | None = None  # ||W||_F**2 when S holds only the leading values (randomized SVD)
 
     @property
     def full_rank(self) -> int:
         return min(self.m, self.n)
 
     @classmethod
-    def from_singular_values(cls, name: str, m: int, n: int, S: torch.Tensor) -> LayerSpectrum:
+    def from_singular_values(cls, name: str, m: int, n: int, S: torch.Tensor,
+                             total: float | None = None) -> LayerSpectrum:
+        """``total`` (``||W||_F**2``) when ``S`` holds only the leading values: ``loss`` then covers ranks
+        ``0..len(S)``."""
         sq = S.detach().double().cpu().square()
-        total = float(sq.sum())
-        tail = torch.cat([torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0]), sq.new_zeros(1)])
-        loss = tail / total if total > 0 else torch.zeros_like(tail)
-        return cls(name, m, n, S.detach().cpu(), loss)
+        if total is None:
+            tail = torch.cat([torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0]), sq.new_zeros(1)])
+            denom = float(sq.sum())
+        else:
+            tail = (total - torch.cat([sq.new_zeros(1), torch.cumsum(sq, 0)])).clamp(min=0)
+            denom = total
+        loss = tail / denom if denom > 0 else torch.zeros_like(tail)
+        return cls(name, m, n, S.detach().cpu(), loss, total)
 
 
 def policy_from_options(energy: float | None = None, rank: int | None = None,
@@ -122,6 +130,26 @@ def policy_from_dict(data: dict) -> Policy:
                                   if data.get(k) is not None})
 
 
+def operating_keep(policy: Policy) -> float | None:
+    """The fraction of a layer's parameters a policy roughly keeps, where two ways of factoring the layer are
+    compared (:func:`prefer_alternative`): ``1 - target``. None for the other policies, which set ranks,
+    not parameters: a rank means different sizes in different layouts, so they keep the layer's own kind."""
+    return 1 - policy.target if isinstance(policy, TargetPolicy) else None
+
+
+def operating_rank(sp: LayerSpectrum, keep: float) -> int:
+    """The rank at which ``sp``'s factors hold about ``keep`` of the layer's parameters (at least 1, at
+    most the largest saving rank)."""
+    return max(1, min(max_saving_rank(sp.m, sp.n), int(keep * sp.m * sp.n / (sp.m + sp.n))))
+
+
+def prefer_alternative(base: LayerSpectrum, alt: LayerSpectrum, keep: float) -> bool:
+    """Whether ``alt`` (another factorization of the same weights, e.g. a conv's spatial one) loses less than
+    ``base`` at the same parameter count, ``keep`` of the layer's. Both losses must be in the same units
+    (relative energy of the weight, or relative output error)."""
+    return float(alt.loss[operating_rank(alt, keep)]) < float(base.loss[operating_rank(base, keep)])
+
+
 def round_up(rank: int, multiple: int, cap: int) -> int:
     """``rank`` rounded up to a multiple of ``multiple``, never above ``cap``."""
     return min(cap, -(-rank // multiple) * multiple)
@@ -159,7 +187,7 @@ def _free(layers: list[LayerSpectrum], fixed: dict[str, int | None]) -> list[Lay
 
 @register(EnergyPolicy)
 def _energy(policy: EnergyPolicy, layers, k, fixed):
-    return {lp.name: round_up(rank_for_energy(lp.S, policy.energy), k, lp.full_rank)
+    return {lp.name: round_up(rank_for_energy(lp.S, policy.energy, lp.total), k, lp.full_rank)
             for lp in _free(layers, fixed)}
 
 

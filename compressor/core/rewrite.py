@@ -12,32 +12,36 @@ from __future__ import annotations
 from torch import nn
 
 from compressor.core.errors import PlanError
-from compressor.core.handlers import LayerHandler, handler_for, kinds, weight_fingerprint
+from compressor.core.fold import apply_folds
+from compressor.core.handlers import LayerHandler, handler_for, handler_for_kind, kinds, weight_fingerprint
 from compressor.core.plan import Plan
 from compressor.core.svd import Decomposition, max_saving_rank
 
 
-def factor_module(module: nn.Module, rank: int, decomposition: Decomposition | None = None) -> nn.Module:
+def factor_module(module: nn.Module, rank: int, decomposition: Decomposition | None = None,
+                  kind: str | None = None) -> nn.Module:
     """The low-rank replacement of ``module`` at ``rank`` (any rank up to full: no break-even check).
 
     ``decomposition`` is the SVD of the module's weight matrix (computed here when None); a data-aware
-    decomposition (with ``right_inv``) gives factors that minimise output error instead.
+    decomposition (with ``right_inv``) gives factors that minimise output error instead. ``kind`` picks an
+    alternative factorization (``"conv2d-spatial"``); None: the module's own kind.
     """
-    return _handler(module).factor(module, rank, decomposition)
+    return _handler(module, kind).factor(module, rank, decomposition)
 
 
-def empty_factored(module: nn.Module, rank: int) -> nn.Module:
+def empty_factored(module: nn.Module, rank: int, kind: str | None = None) -> nn.Module:
     """The low-rank layer that replaces ``module`` at ``rank``, with freshly initialised factors (no SVD),
     on the module's device and dtype."""
-    new = _handler(module).empty_factored(module, rank)
+    new = _handler(module, kind).empty_factored(module, rank)
     new.train(module.training)
     return new
 
 
-def _handler(module: nn.Module) -> LayerHandler:
-    h = handler_for(module)
+def _handler(module: nn.Module, kind: str | None = None) -> LayerHandler:
+    h = handler_for(module) if kind is None else handler_for_kind(module, kind)
     if h is None:
-        raise PlanError(f"{type(module).__name__} cannot be factored",
+        what = type(module).__name__ + ("" if kind is None else f" as {kind}")
+        raise PlanError(f"{what} cannot be factored",
                         f"factor layers of a registered kind ({', '.join(kinds())}) or register a handler")
     return h
 
@@ -46,7 +50,8 @@ def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
     """Replace every layer with a ``rank`` in ``plan`` by its factored form; returns ``model``.
 
     Raises :class:`PlanError` (and changes nothing) when the plan does not fit the model: an unknown
-    layer, a shape mismatch, or a rank that would not save parameters.
+    layer, a shape mismatch, or a rank that would not save parameters. The BatchNorms in ``plan.folded``
+    are folded into their convs first (exact in eval mode: rewrite a model meant for inference).
     """
     todo = []
     for lp, module in _check_plan(model, plan):
@@ -58,16 +63,19 @@ def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
                             "data (a plan read from JSON, or weights changed since analyze)",
                             "re-run compressor.analyze(model, plan=plan, calibration=...) before rewrite")
         todo.append((lp, module, dec))
+    apply_folds(model, plan.folded)  # checks every pair before changing anything
     for lp, module, dec in todo:  # every check passed: only now is the model changed
-        _set_submodule(model, lp.name, factor_module(module, lp.rank, dec))
+        _set_submodule(model, lp.name, factor_module(module, lp.rank, dec, lp.kind))
     return model
 
 
 def build_factored(model: nn.Module, plan: Plan) -> nn.Module:
     """Swap in the plan's factored layers with uninitialised-by-SVD factors (no SVD is computed): the
     skeleton that saved factored weights load into. Changes nothing when the plan does not fit."""
-    for lp, module in _check_plan(model, plan):
-        _set_submodule(model, lp.name, empty_factored(module, lp.rank))
+    todo = _check_plan(model, plan)
+    apply_folds(model, plan.folded, weights=False)
+    for lp, module in todo:
+        _set_submodule(model, lp.name, empty_factored(module, lp.rank, lp.kind))
     return model
 
 
@@ -80,8 +88,8 @@ def _check_plan(model: nn.Module, plan: Plan) -> list[tuple]:
         except AttributeError:
             raise PlanError(f"the plan factors layer '{lp.name}', which this model does not have",
                             "apply the plan to the model it was made for") from None
-        h = handler_for(module)
-        if h is None or h.kind != lp.kind or list(h.weight(module).shape) != list(lp.shape):
+        h = handler_for_kind(module, lp.kind)
+        if h is None or list(h.weight(module).shape) != list(lp.shape):
             got = list(h.weight(module).shape) if h is not None else type(module).__name__
             raise PlanError(f"layer '{lp.name}' is {got} in the model but {lp.shape} in the plan",
                             "apply the plan to the model it was made for")

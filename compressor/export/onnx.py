@@ -31,10 +31,11 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_files
-from compressor.core.handlers import handler_of_kind
+from compressor.core.handlers import INT4_BLOCK_SIZE, INT4_SYMMETRIC, handler_of_kind
 from compressor.core.plan import Plan
 from compressor.data.inputs import call, eval_mode, flatten, model_device, named_outputs, to_device
 from compressor.export.measure import file_size
+from compressor.formats.onnx_graph import feeds, module_name
 
 # Variants are approximations: they are judged by the worst per-sample cosine of their outputs to the
 # torch model's, not by an absolute difference. Measured on all-MiniLM-L6-v2 (last_hidden_state, 8
@@ -45,6 +46,9 @@ FP16_MIN_COSINE = 0.999
 # 1.3e-5, a 2-layer GPT-2's logits 3e-7; 1e-3 leaves room for deeper models' float summation order.
 DEFAULT_ATOL = 1e-3
 INT8_MIN_COSINE = 0.9
+# Measured on all-MiniLM-L6-v2 (last_hidden_state, 2 sentences x 16 tokens): 4-bit weights, blocks of 128,
+# 0.893; of 32, 0.962. The floor catches a broken file, not a coarse one.
+INT4_MIN_COSINE = 0.8
 # The opset exports use unless told otherwise, and the lowest one the exporters honour (below it the
 # dynamo exporter's version converter fails and the file silently keeps its own opset, 18); the highest
 # is the onnx package's newest (onnx.defs.onnx_opset_version()).
@@ -71,6 +75,23 @@ def torch_outputs(model: nn.Module, example_inputs: Any) -> list[tuple[str, np.n
     with eval_mode(model), torch.no_grad():
         out = call(model, to_device(example_inputs, model_device(model)))
     return [(k, v.detach().cpu().double().numpy()) for k, v in named_outputs(out)]
+
+
+def onnx_session(path: str | Path):
+    """An onnxruntime CPU session of the ONNX file ``path``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_outputs(model: Any, inputs: Any) -> list[tuple[str, np.ndarray]]:
+    """The outputs of ``model`` (an ONNX file's path, or a session of one) in onnxruntime on ``inputs``,
+    named; inputs are matched to the graph's inputs by name (a mapping) or position."""
+    sess = onnx_session(model) if isinstance(model, str | Path) else model
+    names = [o.name for o in sess.get_outputs()]
+    return list(zip(names, sess.run(names, feeds(sess, inputs)), strict=True))
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -237,7 +258,8 @@ def _first_line(err: BaseException) -> str:
 # Nodes that multiply by (or look up in) a weight, and nodes a weight may pass through on its way there
 # (pre-transposed, cast from fp16, dequantized from int8).
 _WEIGHT_OPS = {"MatMul", "Gemm", "Conv", "Gather", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
-               "QLinearMatMul", "QLinearConv", "FusedMatMul", "MatMulNBits"}
+               "QLinearMatMul", "QLinearConv", "FusedMatMul", "MatMulNBits",
+               "GatherBlockQuantized"}
 _PASS_OPS = {"Transpose", "Cast", "DequantizeLinear", "Reshape", "Identity", "Squeeze", "Unsqueeze"}
 
 
@@ -264,6 +286,11 @@ def weight_shapes(onnx_path_or_model: Any) -> dict[str, tuple[int, ...]]:
                 if attr.name == "value":
                     consts[node.output[0]] = tuple(attr.t.dims)
     used = {name for name, _, _ in _weight_uses(graph, consts)}
+    for node in graph.node:
+        if node.op_type == "MatMulNBits" and node.input[1] in consts:
+            # Stored packed as (N, blocks, bytes per block): the weight it multiplies by is (K, N).
+            attrs = {a.name: a.i for a in node.attribute}
+            consts[node.input[1]] = (attrs["K"], attrs["N"])
     return {n: s for n, s in consts.items() if len(s) >= 2 and n in used}
 
 
@@ -361,11 +388,12 @@ def _batch_variant(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat([t, t[:1]]) for t in tensors]
 
 
-def validate_onnx(onnx_path: str | Path, model: nn.Module, example_inputs: Any, *,
+def validate_onnx(onnx_path: str | Path, model: nn.Module | str | Path, example_inputs: Any, *,
                   atol: float | None = DEFAULT_ATOL,
-                  min_cosine: float | None = None, variant: str = "fp32") -> Validation:
+                  min_cosine: float | None = None, variant: str = "fp32", batch_variant: bool = True) -> Validation:
     """Check ``onnx_path`` with ``onnx.checker`` and run it in onnxruntime (CPU) on ``example_inputs`` and
-    on a batch one larger (which proves the dynamic batch axis), comparing every output with ``model``.
+    on a batch one larger (which proves the dynamic batch axis; ``batch_variant=False``: not tried),
+    comparing every output with ``model``: a torch model, or the path of an ONNX file run in onnxruntime.
 
     Passes when the checker and the runs succeed, ``max_abs_diff <= atol`` and ``cosine >= min_cosine``
     (each criterion only when given). Failures are returned (``passed=False``, ``problems``), not raised.
@@ -394,12 +422,18 @@ def validate_onnx(onnx_path: str | Path, model: nn.Module, example_inputs: Any, 
         v.problems.append(f"onnxruntime cannot load the model: {_first_line(err)}")
         return v
     diffs, cosines = [], []
-    for batch in (tensors, _batch_variant(tensors)):
+    reference = None if isinstance(model, nn.Module) else onnx_session(model)
+    for batch in (tensors, _batch_variant(tensors)) if batch_variant else (tensors,):
         inputs = dict(zip(names, batch, strict=True)) if as_dict else tuple(batch)
-        expected = torch_outputs(model, inputs)
         feed_all = {n: t.detach().cpu().numpy() for n, t in zip(names, batch, strict=True)}
+        if isinstance(model, nn.Module):
+            expected = torch_outputs(model, inputs)
+            feed = {i.name: feed_all[i.name] for i in session.get_inputs()}
+        else:  # an ONNX reference: its outputs in onnxruntime, inputs matched to graph inputs by name
+            expected = [(k, np.asarray(v, dtype=np.float64)) for k, v in onnx_outputs(reference, inputs)]
+            feed = feeds(session, inputs)
         try:
-            got = session.run(None, {i.name: feed_all[i.name] for i in session.get_inputs()})
+            got = session.run(None, feed)
         except Exception as err:
             v.problems.append(f"onnxruntime failed at batch {len(batch[0])}: {_first_line(err)}")
             return v
@@ -536,27 +570,175 @@ def export_int8(src_onnx: str | Path, dst: str | Path, *, keep_fp16: Sequence[st
     return dst
 
 
-def _module_of(weight: str, node) -> str | None:
-    """The torch module a weight node computes, as the exporters record it: the dynamo exporter in the
-    node's ``name_scopes`` metadata (its weights may be renamed ``val_N`` once a Transpose is folded
-    into them), the legacy exporter in the node's name (``/model/encoder/layer.0/.../MatMul``; weights
-    ``onnx::MatMul_N``); else the weight's own name (``<module>.weight``)."""
-    import ast
+# ------------------------------------------------------------------------------------------- int4
 
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            scopes = ast.literal_eval(prop.value)  # a list of strings; the last is the op's own name
-            if len(scopes) >= 2 and scopes[-2]:
-                return scopes[-2]
-    if node.name.startswith("/") and node.name.count("/") >= 2:
-        # Each scope is a module's name from its last non-numeric atom on ("encoder", "layer.0"), so a
-        # child of a Sequential that ran as a module repeats the Sequential's name: "/model/model.0/".
-        atoms: list[str] = []
-        for scope in node.name.split("/")[1:-1]:
-            head, *rest = scope.split(".")
-            atoms += rest if atoms and atoms[-1] == head and rest else [head, *rest]
-        return ".".join(atoms)
-    return weight.removesuffix(".weight") if weight.endswith(".weight") else None
+
+FACTOR_STORAGE = ("fp16", "int8")  # how export_int4 stores correction factors; the first is the default
+
+
+def check_factor_storage(factors: str) -> str:
+    """``factors`` if it is one of :data:`FACTOR_STORAGE`, else :class:`CompressorError`."""
+    if factors not in FACTOR_STORAGE:
+        raise CompressorError(f"unknown int4 correction factor storage {factors!r}",
+                              f"use one of {', '.join(FACTOR_STORAGE)}")
+    return factors
+
+
+def check_int4_block_size(block_size: int) -> int:
+    """``block_size`` if onnxruntime's 4-bit kernels take it (a power of two, at least 16), else
+    :class:`CompressorError`."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or \
+            block_size & (block_size - 1):
+        raise CompressorError(f"int4 block size {block_size!r} is not a power of two >= 16 (MatMulNBits and "
+                              "GatherBlockQuantized need one)", "pass e.g. block_size=32 or 128",
+                              cli_fix="pass e.g. --int4-block-size 32")
+    return block_size
+
+
+def export_int4(src_onnx: str | Path, dst: str | Path, *, block_size: int = INT4_BLOCK_SIZE,
+                corrections: Mapping[str, tuple[Any, Any]] | None = None, factors: str = "fp16") -> Path:
+    """onnxruntime's 4-bit weight-only quantization of ``src_onnx`` (MatMulNBitsQuantizer, asymmetric,
+    blocks of ``block_size`` weights along the input dimension): every MatMul/Gemm by a constant weight
+    becomes a MatMulNBits node, every embedding lookup a GatherBlockQuantized node; convolutions and the
+    rest stay float32. Written atomically; returns ``dst``.
+
+    ``corrections`` maps torch module names (``"encoder.layer.0.output.dense"``) to ``(up, down)`` of
+    shapes ``(out, r)`` and ``(r, in)``: beside that layer's MatMulNBits node the graph then computes
+    ``x @ down^T @ up^T`` with two small MatMuls and adds it to its output, so the layer computes
+    ``x (deq(Q(W)) + up down)^T``. ``factors``: how those MatMuls store their weights, "fp16" (cast back
+    to float32 at load) or "int8" (onnxruntime dynamic int8: per-channel weights, inputs quantized at run
+    time, half the bytes of fp16 and a little more error)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    check_int4_block_size(block_size)
+    check_factor_storage(factors)
+    src, dst = Path(src_onnx), Path(dst)
+    model = _load_full(src)
+    graph = model.graph
+    _gemms_to_matmuls(graph)
+    modules = _matmul_modules(graph)  # MatMul node name -> torch module name, before the quantizer drops it
+    corrections = dict(corrections or {})
+    unknown = sorted(set(corrections) - set(modules.values()))
+    if unknown:
+        some = ", ".join(sorted(set(modules.values()))[:3])
+        raise CompressorError(f"int4 corrections name layers with no MatMul in '{src}': {', '.join(unknown[:3])}",
+                              f"name torch Linear modules as in model.named_modules(), e.g. {some}")
+    try:
+        with _quiet():
+            q = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=INT4_SYMMETRIC,
+                                     op_types_to_quantize=("MatMul", "Gather"))
+            q.process()
+    except Exception as err:
+        raise CompressorError(f"int4 quantization of '{src}' failed ({type(err).__name__}: {_first_line(err)})",
+                              "export without --int4, or report the model") from err
+    model = q.model.model
+    by_module = {modules[n.name.removesuffix("_Q4")]: n for n in model.graph.node
+                 if n.op_type == "MatMulNBits" and n.name.removesuffix("_Q4") in modules}
+    missing = sorted(set(corrections) - set(by_module))
+    if missing:
+        raise CompressorError(f"onnxruntime left layer(s) {', '.join(missing[:3])} of '{src}' unquantized, so "
+                              "there is no MatMulNBits node to correct", "leave those layers out of the correction")
+    weights = _add_corrections(model.graph, {by_module[m].name: corrections[m] for m in sorted(corrections)})
+    if factors == "fp16" or not weights:
+        _store_fp16(model.graph, weights)
+        return _save_atomic(model, dst, onnx)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    with atomic_files(dst) as tmpdir:
+        _save_onnx(model, tmpdir / "fp32_factors.onnx", onnx)
+        with _quiet():
+            quantize_dynamic(tmpdir / "fp32_factors.onnx", tmpdir / dst.name, weight_type=QuantType.QInt8,
+                             per_channel=True, nodes_to_quantize=nodes)
+        for f in tmpdir.glob("fp32_factors.onnx*"):
+            f.unlink()
+    return dst
+
+
+def _gemms_to_matmuls(graph) -> None:
+    """Rewrite each ``Gemm(x, W, b)`` with a constant ``W`` (alpha = beta = 1, x not transposed) into
+    ``MatMul(x, W')`` (+ ``Add(b)``) under the Gemm's name: onnxruntime's 4-bit quantizer reads MatMul only."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        w = inits.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        if w is None or len(w.dims) != 2 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or \
+                attrs.get("beta", 1.0) != 1.0:
+            nodes.append(node)
+            continue
+        arr = numpy_helper.to_array(w)
+        wt = numpy_helper.from_array(np.ascontiguousarray(arr.T if attrs.get("transB", 0) else arr),
+                                     f"{w.name}__matmul")
+        graph.initializer.append(wt)
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        mm_out = f"{node.output[0]}__matmul" if bias else node.output[0]
+        mm = helper.make_node("MatMul", [node.input[0], wt.name], [mm_out], name=node.name)
+        mm.metadata_props.extend(node.metadata_props)  # the torch module it computes
+        nodes.append(mm)
+        if bias:
+            nodes.append(helper.make_node("Add", [mm_out, bias], [node.output[0]], name=f"{node.name}__bias"))
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+
+
+def _matmul_modules(graph) -> dict[str, str]:
+    """``{MatMul node name: torch module name}`` for the MatMuls by a constant 2-D weight."""
+    inits = [t.name for t in graph.initializer if len(t.dims) == 2]
+    out = {}
+    for weight, node, _ in _weight_uses(graph, inits):
+        module = module_name(weight, node) if node.op_type == "MatMul" else None
+        if module and node.name:
+            out[node.name] = module.removeprefix("model.")
+    return out
+
+
+def _add_corrections(graph, corrections: Mapping[str, tuple[Any, Any]]) -> set[str]:
+    """Add ``x @ down^T @ up^T`` to the output of each MatMulNBits node named in ``corrections``; returns
+    the names of the factor initializers."""
+    from onnx import helper, numpy_helper
+
+    names: set[str] = set()
+    extra: dict[str, list] = {}  # the node after which each correction's nodes go
+    nodes_by_name = {n.name: n for n in graph.node}
+    for node_name, (up, down) in corrections.items():
+        node = nodes_by_name[node_name]
+        up, down = (np.asarray(f.detach().cpu().float() if isinstance(f, torch.Tensor) else f, np.float32)
+                    for f in (up, down))
+        attrs = {a.name: a.i for a in node.attribute}
+        k, n = attrs["K"], attrs["N"]
+        if down.shape[1] != k or up.shape[0] != n or up.shape[1] != down.shape[0]:
+            raise CompressorError(f"int4 correction of node '{node.name}' has factors {up.shape} and "
+                                  f"{down.shape}, not (out={n}, r) and (r, in={k})",
+                                  "pass (up, down) as the module's weight is (out, in)")
+        base = node.name.removesuffix("_Q4")
+        a = numpy_helper.from_array(np.ascontiguousarray(down.T), f"{base}__correction_down")
+        b = numpy_helper.from_array(np.ascontiguousarray(up.T), f"{base}__correction_up")
+        graph.initializer.extend([a, b])
+        names |= {a.name, b.name}
+        out = node.output[0]
+        node.output[0] = f"{out}__int4"
+        extra[node.name] = [
+            helper.make_node("MatMul", [node.input[0], a.name], [f"{base}__correction_h"],
+                             name=f"{base}__correction_down"),
+            helper.make_node("MatMul", [f"{base}__correction_h", b.name], [f"{base}__correction"],
+                             name=f"{base}__correction_up"),
+            helper.make_node("Add", [node.output[0], f"{base}__correction"], [out], name=f"{base}__corrected"),
+        ]
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        nodes.extend(extra.get(node.name, []))
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    return names
 
 
 def _kept_nodes(graph, names: list[str], src: Path) -> set[str]:
@@ -564,7 +746,7 @@ def _kept_nodes(graph, names: list[str], src: Path) -> set[str]:
     layers: dict[str, list] = {}  # module name, without export_onnx's "model." prefix -> [node, ...]
     weights = [t.name for t in graph.initializer if len(t.dims) >= 2]
     for weight, node, path in _weight_uses(graph, weights):
-        module = _module_of(weight, node)
+        module = module_name(weight, node)
         if module:
             layers.setdefault(module.removeprefix("model."), []).extend([node, *path])
     exclude = set()
@@ -620,4 +802,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("fp32", None, None, 4.0, "the exported model itself"),
     Variant("fp16", export_fp16, FP16_MIN_COSINE, 2.0, "weights stored as float16"),
     Variant("int8", export_int8, INT8_MIN_COSINE, 1.0, "dynamic int8, onnxruntime quantize_dynamic"),
+    # 4 bits, plus per block of INT4_BLOCK_SIZE weights a float32 scale and a 4-bit zero point.
+    Variant("int4", export_int4, INT4_MIN_COSINE, 0.5 + 4.5 / INT4_BLOCK_SIZE,
+            "4-bit weights (onnxruntime MatMulNBits), embeddings too; convolutions stay fp32"),
 )}

@@ -48,6 +48,7 @@ from compressor.data.readers import (
     damaged,
     load_safetensors,
 )
+from compressor.formats.onnx_graph import is_onnx
 from compressor.formats.pickles import (
     TRUST_FIX,
     is_safe_global,
@@ -66,7 +67,7 @@ VERSION = 1
 WEIGHTS, PLAN, META, STRUCTURE = "model.safetensors", "plan.json", "compressor.json", "model.pt"
 
 
-FORMATS = ("torch-module", "state-dict", "safetensors", "hf-folder", "compressor", "torch-export")
+FORMATS = ("torch-module", "state-dict", "safetensors", "hf-folder", "compressor", "torch-export", "onnx")
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a pre-1.6 (non-zip) torch.save file
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module")  # common training checkpoints
 # What nn.DataParallel / DistributedDataParallel and torch.compile put before every state_dict key.
@@ -178,6 +179,9 @@ def detect_format(path: Path) -> str:
     header_len = int.from_bytes(head[:8], "little")
     if len(head) == 9 and head[8:9] == b"{" and 2 <= header_len <= SAFETENSORS_MAX_HEADER:
         return "safetensors"
+    if is_onnx(path):  # `compress` itself sends ONNX files elsewhere: this is another command
+        raise CompressorError(f"'{path}' is an ONNX model, which only `compress MODEL.onnx` (and its analyze "
+                              "and apply) take", "compress it with: compress MODEL.onnx --energy 0.9")
     what = ("a text/JSON file" if head.lstrip()[:1] in (b"{", b"[")
             else "not a model file (not a torch checkpoint, safetensors file or model folder)")
     raise CompressorError(f"'{path}' is {what}",
@@ -464,10 +468,7 @@ def _load_hf(path: Path, trust_pickle: bool, device) -> Loaded:
         raise CompressorError(f"folder '{path}' has config.json but no *.safetensors weights",
                               "convert pickle weights (pytorch_model.bin) to safetensors, or " + TRUST_FIX)
     transformers = hf_module()
-    name = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, name, None) if isinstance(name, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        cls = transformers.AutoModel
+    cls = hf_class(config, transformers)
     verbosity = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()  # its load report is ours to give, in one line
     try:  # trust_remote_code=False: never import the folder's code, never ask on stdin
@@ -505,16 +506,34 @@ def _check_config_size(path: Path, cls, transformers, trust_pickle: bool) -> Non
     would allocate (and randomly initialise) every weight the files lack before anyone could check."""
     weights = sum(f.stat().st_size for f in path.iterdir() if f.is_file()
                   and (f.suffix == ".safetensors" or (trust_pickle and f.suffix in (".bin", ".pt", ".pth"))))
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    with torch.device("meta"):  # the module tree only: no memory for weights
-        skeleton = (transformers.AutoModel.from_config(config, trust_remote_code=False)
-                    if cls is transformers.AutoModel else cls._from_config(config))
+    skeleton = hf_skeleton(path, cls)
     params = {id(t): t.numel() * t.element_size() for t in skeleton.state_dict(keep_vars=True).values()}
     needed = sum(params.values())
     if needed > 4 * weights + (1 << 20):  # 4x: fp16 files of an fp32 model, with room to spare
         raise CompressorError(f"'{path / 'config.json'}' describes a model of {needed:,} bytes, but its "
                               f"weights files hold only {weights:,} bytes",
                               "repair or re-download the model folder")
+
+
+def hf_class(config: dict[str, Any], transformers) -> type:
+    """The transformers class a folder's config names (``architectures``), or AutoModel."""
+    name = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        cls = transformers.AutoModel
+    return cls
+
+
+def hf_skeleton(path: Path, cls: type | None = None) -> nn.Module:
+    """The module tree a Hugging Face folder's config describes, on the meta device (no weights, no
+    memory), built as :func:`load_model` builds it; the folder's own code is never run."""
+    transformers = hf_module()
+    if cls is None:
+        cls = hf_class(hf_config(path), transformers)
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    with torch.device("meta"):  # the module tree only: no memory for weights
+        return (transformers.AutoModel.from_config(config, trust_remote_code=False)
+                if cls is transformers.AutoModel else cls._from_config(config))
 
 
 def read_json(path: Path, what: str) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -28,12 +29,17 @@ from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.core.plan import Plan
 from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
+from compressor.core.threads import LINALG_THREADS, check_threads, thread_budget, torch_threads
 from compressor.data.inputs import call, cosine_fidelity, eval_mode, sequence_axes
+from compressor.formats.onnx_graph import is_onnx
+from compressor.formats.shards import DEFAULT_SHARD_BYTES
+from compressor.jobs.compress_onnx import compress_onnx
 from compressor.report.report import Report, build_report, write_report
 
 if TYPE_CHECKING:
     from compressor.train.heal import HealConfig
-from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET
+from compressor.core.handlers import INT4_BLOCK_SIZE
+from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET, FACTOR_STORAGE
 
 MODES = ("compress", "analyze", "apply", "export")
 # Below this mean cosine to the original (on the example inputs) a compressed model's outputs are plainly
@@ -44,6 +50,9 @@ WORST_LAYERS_SHOWN = 3
 # --input-shape makes random example inputs: refuse shapes holding more elements than this (all inputs
 # together, 2**27 float32 = 512 MiB) before allocating them.
 MAX_INPUT_ELEMENTS = 2**27
+# Streamed runs: one worker process per two cores (each SVD on one thread, the rest left for reading and
+# writing); below two workers the layers run in the calling process, one after another.
+DEFAULT_WORKERS = max(1, (os.cpu_count() or 1) // 2)
 
 
 @dataclass
@@ -66,13 +75,29 @@ class Options:
     opset: int = DEFAULT_OPSET
     variants: Sequence[str] = ()  # precisions written beside model.onnx, from export.onnx.VARIANTS
     keep_fp16: int = 0  # with int8: this many int8-sensitive layers stay fp16 (measured on calibration)
+    int4_block_size: int = INT4_BLOCK_SIZE  # with int4: weights per scale / zero point
+    int4_correction: str | None = None  # with int4: "rank=16", "energy=0.5" or "budget=0.05" (analysis.int4)
+    int4_factors: str = FACTOR_STORAGE[0]  # with a correction: its factors stored "fp16" or "int8"
     outputs: Sequence[str] = ()  # the outputs fidelity and sensitivity compare (empty: every float output)
     plots: bool = False
     calibration: Path | None = None
     calibration_samples: int | None = None
+    keep_batchnorm: bool = False  # do not fold BatchNorms into the convs before them (analyze's fold_batchnorm)
     force: bool = False
     progress: bool | None = None
     command: str | None = None
+    threads: int | None = None  # torch threads for the whole job; None: the tool chooses per operation
+    # Factor only layers measured faster than dense at the example input shape, and time every written
+    # file against dense (report.latency). None: the command's default (off here, on in search).
+    latency_aware: bool | None = None
+    # Streamed runs (compressor.jobs.stream): checkpoints read tensor by tensor, resumable, parallel.
+    stream: bool = False
+    svd: str = "exact"  # or "randomized": the leading singular triplets only, checked per layer
+    workers: int = DEFAULT_WORKERS
+    ray: str | None = None  # "local", or the address of a Ray cluster
+    restart: bool = False  # drop an unfinished streamed run's state instead of continuing it
+    device: str = "cpu"  # where a streamed run's SVDs run ("cuda" for a GPU)
+    shard_bytes: int = DEFAULT_SHARD_BYTES
     extra: dict[str, Any] = field(default_factory=dict)
 
     def policy(self) -> dict[str, Any]:
@@ -95,12 +120,16 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
     Options may be given as an :class:`Options` or as its field names (``energy=0.95``). The input is
     never modified; the output folder appears only when every step succeeded.
     """
-    from compressor.formats.load import load_model  # imported here: loading pulls optional libraries on demand
-
     opts = options or Options(**kwargs)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    source = Path(source)
+    with thread_budget(opts.threads):
+        return _job(Path(source), out, mode, opts)
+
+
+def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Report:
+    from compressor.formats.load import load_model  # imported here: loading pulls optional libraries on demand
+
     out = Path(out) if out is not None else default_out(source)
     # Cheap checks first: a bad option or an existing folder should not wait for a model to load.
     check_options(opts)
@@ -125,6 +154,8 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
     check_not_over_inputs(out, [("model", source), ("calibration file", opts.calibration),
                                 ("example inputs", opts.example_inputs), ("plan file", opts.plan_path)])
     OutputDir(out, opts.force).check()
+    if is_onnx(source):
+        return compress_onnx(source, out, mode, opts, shapes=input_shapes(opts), low_fidelity=LOW_FIDELITY_COSINE)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -134,7 +165,8 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
         timings[name] = round(now - clock, 4)
         clock = now
 
-    loaded = load_model(source, trust_pickle=opts.trust_pickle, arch=opts.arch)
+    with torch_threads(LINALG_THREADS if opts.threads is None else None):  # weight-only work (core.threads)
+        loaded = load_model(source, trust_pickle=opts.trust_pickle, arch=opts.arch)
     model = loaded.model if loaded.model is not None else weights_only_model(loaded.state_dict)
     weights_only = loaded.model is None
     model.eval()
@@ -148,11 +180,24 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
     with OutputDir(out, opts.force) as tmp:
         plan = None
         if mode in ("compress", "analyze", "apply"):
-            plan = _plan(model, opts, mode, calibration)
+            plan = _plan(model, opts, mode, calibration, _probe(loaded, opts, weights_only))
             step("analyze")
+            if opts.latency_aware and not weights_only and mode != "analyze":
+                from compressor.export.latency import keep_slow_layers_dense, latency_decisions
+
+                keep_slow_layers_dense(plan, latency_decisions(model, plan, example_inputs(loaded, opts),
+                                                               threads=_ort_threads(opts)))
+                step("latency")
             plan.to_json(tmp / "plan.json")
         original = model
         if mode in ("compress", "apply"):
+            if not plan.factored and any(lp.reason.startswith(f"rank {lp.policy_rank} kept dense: slower")
+                                         for lp in plan.layers):
+                raise CompressorError("no layer would be factored: every factored form was measured slower than "
+                                      "its dense layer at the example input shape",
+                                      "leave out latency_aware to compress for size alone, or try a larger batch",
+                                      cli_fix="leave out --latency-aware to compress for size alone, or try a "
+                                              "larger --input-shape batch")
             if not plan.factored:
                 raise CompressorError(
                     "no layer would be factored: every candidate rank saves no parameters "
@@ -177,6 +222,25 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
                               original=original, compressed=model, exports=exports, timings=timings,
                               options=opts, folder=tmp)
         report.warnings = []
+        if report.latency and "model.onnx" in report.latency["slower_than_dense"]:
+            # --latency-aware never hands back a compressed model slower than the dense one.
+            ratio = report.latency["files"]["model.onnx"]["latency_ratio"]
+            raise CompressorError(f"the factored model.onnx ran {ratio:.3f}x the dense model's latency side by side "
+                                  f"on the example inputs ({report.latency['inputs']}), although each factored layer "
+                                  "was measured faster alone; nothing was written",
+                                  "leave out latency_aware to compress for size alone, or use compressor.search, "
+                                  "which falls back to a file that is not slower",
+                                  cli_fix="leave out --latency-aware to compress for size alone, or use compress "
+                                          "search, which falls back to a file that is not slower")
+        if report.latency and report.latency["slower_than_dense"]:
+            slow = ", ".join(f"{n} ({report.latency['files'][n]['latency_ratio']:.2f}x)"
+                             for n in report.latency["slower_than_dense"])
+            message = (f"measured slower than the dense model side by side: {slow}; the multiply-adds went down "
+                       "but the latency did not")
+            report.warnings.append({"kind": "slower_than_dense", "message": message + "; try compressor.search "
+                                    "(latency-aware by default) or a milder policy",
+                                    "cli": message + "; try compress search (latency-aware by default) or a "
+                                           "milder policy"})
         cosine = (report.fidelity or {}).get("cosine_mean")
         if cosine is not None and cosine < LOW_FIDELITY_COSINE and plan is not None:
             report.warnings.append(low_fidelity_warning(cosine, original, model, plan, inputs, opts))
@@ -233,9 +297,24 @@ def layer_damage(original: nn.Module, compressed: nn.Module, names: Sequence[str
 
 def check_options(opts: Options) -> None:
     """Refuse option values no run can use, before anything is loaded (shared by compress and search)."""
-    from compressor.export.onnx import VARIANTS, check_opset
+    from compressor.analysis.int4 import parse_correction
+    from compressor.export.onnx import VARIANTS, check_factor_storage, check_int4_block_size, check_opset
 
     check_opset(opts.opset)
+    int4_settings = {"int4_block_size": opts.int4_block_size != INT4_BLOCK_SIZE,
+                     "int4_correction": opts.int4_correction is not None,
+                     "int4_factors": opts.int4_factors != FACTOR_STORAGE[0]}
+    given = [k for k, v in int4_settings.items() if v]
+    if given and "int4" not in opts.variants:
+        flag = given[0].replace("_", "-")
+        raise CompressorError("an int4 block size, correction or factor storage is given, but the int4 file "
+                              "is not asked for", "add 'int4' to variants",
+                              cli_fix=f"add --int4 (--{flag} applies to it)")
+    check_int4_block_size(opts.int4_block_size)
+    check_factor_storage(opts.int4_factors)
+    if opts.int4_correction is not None:
+        parse_correction(opts.int4_correction)
+    check_threads(opts.threads)
     written = [v for v in VARIANTS if VARIANTS[v].write is not None]
     unknown = [v for v in opts.variants if v not in written]
     if unknown:
@@ -296,12 +375,22 @@ def _calibration(loaded, opts: Options) -> list | None:
     return load_calibration(opts.calibration, tokenizer=loaded.tokenizer, samples=opts.calibration_samples)
 
 
-def _plan(model: nn.Module, opts: Options, mode: str, calibration: list | None) -> Plan:
+def _plan(model: nn.Module, opts: Options, mode: str, calibration: list | None, probe=None) -> Plan:
     extra = {"calibration": calibration, "outputs": opts.outputs} if calibration is not None else {}
     if mode == "apply":
         return analyze(model, plan=Plan.from_json(opts.plan_path), progress=opts.progress, **extra)
     return analyze(model, **opts.policy(), rank_multiple=opts.rank_multiple, include=opts.include,
-                   exclude=opts.exclude, progress=opts.progress, **extra)
+                   exclude=opts.exclude, progress=opts.progress, fold_batchnorm=not opts.keep_batchnorm,
+                   example_inputs=probe, **extra)
+
+
+def _probe(loaded, opts: Options, weights_only: bool):
+    """Example inputs to find BatchNorm/conv pairs with when there is no calibration data (None: unknown)."""
+    if weights_only or opts.keep_batchnorm or opts.calibration is not None:
+        return None
+    if opts.input_shapes or opts.example_inputs is not None or loaded.example_inputs is not None:
+        return example_inputs(loaded, opts)
+    return None
 
 
 def _save(model: nn.Module, folder: Path, plan: Plan, loaded) -> None:
@@ -343,11 +432,55 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
                                   opts.keep_fp16)
             written = export_int8(path, folder / "model.int8.onnx", keep_fp16=kept)
             result["int8_kept_fp16"] = kept
+        elif kind == "int4":
+            written, result["int4_correction"] = _int4(model, path, folder, opts, calibration)
         else:
             written = v.write(path, folder / f"model.{kind}.onnx")
         result[kind] = validate_onnx(written, model, inputs, atol=None, min_cosine=v.min_cosine, variant=kind)
     result["fidelity"] = output_fidelity(original, model, inputs, opts.outputs) if original is not model else None
+    if opts.latency_aware and original is not model:
+        result["latency"] = _latency(original, model, inputs, folder, opts)
     return result
+
+
+def _int4(model: nn.Module, path: Path, folder: Path, opts: Options, calibration: list | None
+          ) -> tuple[Path, dict[str, Any] | None]:
+    """model.int4.onnx, with the low-rank correction of its rounding error when asked (data-aware with
+    calibration inputs); returns the file and the correction's summary."""
+    from compressor.analysis.int4 import int4_correction, parse_correction
+    from compressor.export.onnx import export_int4
+
+    corr = None
+    if opts.int4_correction is not None:
+        corr = int4_correction(model, block_size=opts.int4_block_size, calibration=calibration,
+                               outputs=opts.outputs or None, **parse_correction(opts.int4_correction))
+    written = export_int4(path, folder / "model.int4.onnx", block_size=opts.int4_block_size,
+                          corrections=corr.factors if corr else None, factors=opts.int4_factors)
+    return written, None if corr is None else {**corr.to_dict(), "factors": opts.int4_factors}
+
+
+def _ort_threads(opts: Options) -> int:
+    from compressor.search.evaluate import THREADS
+
+    return opts.threads or THREADS
+
+
+def _latency(original: nn.Module, model: nn.Module, inputs, folder: Path, opts: Options) -> dict[str, Any]:
+    """Every written ONNX file timed side by side with the dense model's export, next to the ratio of
+    multiply-adds (counted by the handlers on the example inputs)."""
+    import tempfile
+
+    from compressor.export.latency import latency_vs_macs
+    from compressor.export.measure import count_macs
+    from compressor.export.onnx import export_onnx
+
+    macs = count_macs(original, inputs)["total"]
+    files = {p.name: p for p in (folder / "model.onnx", *(folder / f"model.{v}.onnx" for v in opts.variants))}
+    with tempfile.TemporaryDirectory(prefix="compressor-dense-") as tmp:
+        dense = export_onnx(original, inputs, Path(tmp) / "dense.onnx", opset=opts.opset,
+                            dynamic_axes=sequence_axes(inputs))
+        return latency_vs_macs(dense, files, inputs, threads=_ort_threads(opts),
+                               macs_ratio=count_macs(model, inputs)["total"] / macs if macs else None)
 
 
 @torch.no_grad()

@@ -14,9 +14,16 @@ import torch
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_text
-from compressor.search.evaluate import output_fidelity
+from compressor.core.threads import thread_budget
+from compressor.search.evaluate import THREADS, output_fidelity
 from compressor.search.front import front_markdown, plot_front
-from compressor.search.recipes import DEFAULT_TARGETS, PRECISIONS, Constraints, default_recipes
+from compressor.search.recipes import (
+    DEFAULT_INT4_CORRECTIONS,
+    DEFAULT_TARGETS,
+    PRECISIONS,
+    Constraints,
+    default_recipes,
+)
 from compressor.search.search import SearchResult, search
 
 
@@ -36,7 +43,8 @@ def copy_chosen(result: SearchResult, folder: Path) -> Path:
 def run_search(source: str | Path, out: str | Path | None = None, *, constraints: Constraints,
                targets: Sequence[float] = DEFAULT_TARGETS, heal_steps: int = 0,
                precisions: Sequence[str] = PRECISIONS, keep_fp16: Sequence[int] = (0,),
-               cache_dir: str | Path | None = None, eval_inputs: Path | None = None, options: Any = None,
+               int4_corrections: Sequence[str] = DEFAULT_INT4_CORRECTIONS, cache_dir: str | Path | None = None,
+               eval_inputs: Path | None = None, options: Any = None,
                log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``compress search``: load the model at ``source``, :func:`search`, and write the chosen ONNX file,
     ``front.json``, the front plots, ``report.json`` and ``report.md`` into ``out`` (all or nothing).
@@ -45,14 +53,24 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
     Held-out inputs come from ``eval_inputs`` (tensors, or text for Hugging Face models); without it,
     from seeded random inputs shaped like the example inputs (float inputs only).
     """
+    from compressor.jobs.compress import Options
+
+    opts = options or Options()
+    with thread_budget(opts.threads):
+        return _search_job(Path(source), out, constraints, targets, heal_steps, precisions, keep_fp16,
+                           int4_corrections, cache_dir, eval_inputs, opts, log)
+
+
+def _search_job(source: Path, out: str | Path | None, constraints: Constraints, targets: Sequence[float],
+                heal_steps: int, precisions: Sequence[str], keep_fp16: Sequence[int],
+                int4_corrections: Sequence[str], cache_dir: str | Path | None,
+                eval_inputs: Path | None, opts: Any, log: Callable[[str], None] | None) -> dict[str, Any]:
     from compressor.core.output import OutputDir, check_not_over_inputs
     from compressor.data.inputs import check_fits
     from compressor.formats.load import load_model
-    from compressor.jobs.compress import Options, check_options, default_out, example_inputs
+    from compressor.jobs.compress import check_options, default_out, example_inputs
     from compressor.report.report import versions
 
-    opts = options or Options()
-    source = Path(source)
     out = Path(out) if out is not None else default_out(source)
     cache_dir = Path(cache_dir) if cache_dir is not None else out.parent / ".compressor-cache"
     # Every check that needs no model comes first: a search takes minutes, a bad option should not.
@@ -61,7 +79,7 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
     check_cache_dir(cache_dir)
     heal = (0, heal_steps) if heal_steps else (0,)
     recipes = default_recipes(targets, calibrated=opts.calibration is not None, heal_steps=heal,
-                              precisions=precisions, keep_fp16=keep_fp16)
+                              precisions=precisions, keep_fp16=keep_fp16, int4_corrections=int4_corrections)
     if opts.calibration is None and any(r.heal_steps or r.keep_fp16 for r in recipes):
         raise CompressorError("healed recipes and recipes keeping layers in fp16 need calibration inputs",
                               "pass calibration inputs with --calibration FILE")
@@ -87,6 +105,7 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
     with OutputDir(out, opts.force) as tmp:
         result = search(model, inputs, evaluation=evaluation, constraints=constraints, recipes=recipes,
                         cache_dir=cache_dir, calibration=calibration, opset=opts.opset, atol=opts.atol, log=log,
+                        threads=opts.threads or THREADS, latency_aware=opts.latency_aware is not False,
                         analyze_options={"outputs": list(opts.outputs)} if opts.outputs else None)
         chosen = copy_chosen(result, tmp)
         front = result.to_dict()

@@ -15,6 +15,10 @@ import torch
 
 from compressor.core.fileio import atomic_write_text
 from compressor.core.plan import Plan
+from compressor.export.onnx import VARIANTS
+
+# The validated files a report lists: the fp32 export, then every written variant (export.onnx.VARIANTS).
+VALIDATED = ("onnx", *(name for name, v in VARIANTS.items() if v.write is not None))
 
 LAYER_FIELDS = ("name", "kind", "matrix_shape", "rank", "full_rank", "energy_kept", "rel_error",
                 "estimated_output_error", "params_before", "params_after", "factored", "reason")
@@ -82,8 +86,10 @@ class Report:
     onnx: dict[str, Any] | None = None
     fp16: dict[str, Any] | None = None
     int8: dict[str, Any] | None = None
+    int4: dict[str, Any] | None = None
     fidelity: dict[str, float] | None = None
     plots: list[str] | None = None
+    latency: dict[str, Any] | None = None  # latency-aware runs: each file vs dense, next to the MAC ratio
     warnings: list[dict[str, Any]] | None = None  # e.g. low fidelity: "message" (Python), "cli" (command line)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,10 +103,15 @@ class Report:
 
 
 def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | None, original, compressed,
-                 exports: dict[str, Any], timings: dict[str, float], options, folder: Path) -> Report:
-    """The report of a run; file sizes are read from ``folder`` (the output being written)."""
-    params_before = sum(p.numel() for p in original.parameters())
-    params_after = sum(p.numel() for p in compressed.parameters())
+                 exports: dict[str, Any], timings: dict[str, float], options, folder: Path,
+                 params: tuple[int, int] | None = None) -> Report:
+    """The report of a run; file sizes are read from ``folder`` (the output being written). ``params``
+    (before, after) stands in for counting the torch models' parameters (an ONNX input has none)."""
+    if params is not None:
+        params_before, params_after = params
+    else:
+        params_before = sum(p.numel() for p in original.parameters())
+        params_after = sum(p.numel() for p in compressed.parameters())
     extra: dict[str, Any] = {}
     if plan is not None:
         totals = plan.totals()
@@ -112,19 +123,23 @@ def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | Non
         extra["notes"] = [*loaded.meta["notes"], *(extra.get("notes") or [])]
     if "skipped" in exports:
         extra["onnx"] = {"skipped": exports["skipped"]}
-    for key in ("onnx", "fp16", "int8"):
+    for key in VALIDATED:
         if key in exports:
             v = _plain(exports[key])
             v["path"] = Path(v["path"]).name
             extra[key] = v
     if exports.get("int8_kept_fp16"):
         extra["int8"]["kept_fp16"] = exports["int8_kept_fp16"]
+    if exports.get("int4_correction"):
+        extra["int4"]["correction"] = exports["int4_correction"]
     if exports.get("graph_problems"):
         extra["onnx"]["graph_problems"] = exports["graph_problems"]
         extra["onnx"]["passed"] = False
     if exports.get("fidelity"):
         extra["fidelity"] = exports["fidelity"]
-    checks = [extra[k]["passed"] for k in ("onnx", "fp16", "int8") if k in extra and "passed" in extra[k]]
+    if exports.get("latency"):
+        extra["latency"] = exports["latency"]
+    checks = [extra[k]["passed"] for k in VALIDATED if k in extra and "passed" in extra[k]]
     opts = _plain(dataclasses.asdict(options)) if dataclasses.is_dataclass(options) else {}
     return Report(mode=mode, source={"path": str(source), "format": loaded.format, "size_bytes": _size(source)},
                   output=str(out), params_before=params_before, params_after=params_after,
@@ -171,7 +186,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                      f"{r['macs_after']:,} | {r['macs_after'] / r['macs_before']:.3f} |")
     files = r.get("files", {})
     src = r["source"]["size_bytes"]
-    for name in ("model.safetensors", "model.onnx", "model.fp16.onnx", "model.int8.onnx"):
+    for name in ("model.safetensors", "model.onnx", *(f"model.{k}.onnx" for k in VALIDATED[1:])):
         if name in files:
             lines.append(f"| `{name}` size (input file: {_mb(src)}) | | {_mb(files[name])} | "
                          f"{files[name] / src:.3f} |")
@@ -189,13 +204,16 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines.append("")
     if r.get("fidelity"):
         f = r["fidelity"]
-        lines += ["## Fidelity of the compressed torch model to the original (example inputs)", "",
+        what = "ONNX graph" if r["source"].get("format") == "onnx" else "torch model"
+        lines += [f"## Fidelity of the compressed {what} to the original (example inputs)", "",
                   f"cosine mean {f['cosine_mean']:.5f}, min {f['cosine_min']:.5f}, relative error "
                   f"{f['relative_error']:.4f}", ""]
-    if any(k in r for k in ("onnx", "fp16", "int8")):
-        lines += ["## ONNX validation (onnxruntime vs the torch model)", "",
+    if any(k in r for k in VALIDATED):
+        against = ("the original ONNX model; variants vs `model.onnx`" if r["source"].get("format") == "onnx"
+                   else "the torch model")
+        lines += [f"## ONNX validation (onnxruntime vs {against})", "",
                   "| file | size | max abs diff | cosine | tolerance | result |", "|---|---:|---:|---:|---|---|"]
-        for key in ("onnx", "fp16", "int8"):
+        for key in VALIDATED:
             v = r.get(key)
             if not v:
                 continue
@@ -212,6 +230,23 @@ def render_markdown(r: dict[str, Any]) -> str:
         if (r.get("int8") or {}).get("kept_fp16"):
             lines += [f"`model.int8.onnx` keeps these layers in fp16 (those whose int8 rounding moved the "
                       f"output most on the calibration inputs): {', '.join(r['int8']['kept_fp16'])}", ""]
+        corr = (r.get("int4") or {}).get("correction")
+        if corr:
+            ranks = [v for v in corr["ranks"].values() if v]
+            lines += [f"`model.int4.onnx` (blocks of {corr['block_size']}) corrects {len(ranks)} of "
+                      f"{len(corr['ranks'])} 4-bit layers with low-rank factors ({corr['parameters']:,} weights, "
+                      f"ranks {min(ranks, default=0)} to {max(ranks, default=0)}, rule "
+                      f"{', '.join(f'{k}={x:g}' for k, x in corr['rule'].items())}, "
+                      f"{'data-aware' if corr['data_aware'] else 'plain SVD'}).", ""]
+    if r.get("latency"):
+        lat = r["latency"]
+        mac = "-" if lat.get("macs_ratio") is None else f"{lat['macs_ratio']:.3f}"
+        lines += ["## Latency vs multiply-adds (onnxruntime, each file side by side with the dense export)", "",
+                  f"{lat['threads']} threads, inputs {lat['inputs']}, {lat['rounds']} rounds ({lat['statistic']}).",
+                  "", "| file | dense ms | file ms | latency ratio | multiply-add ratio |", "|---|---:|---:|---:|---:|"]
+        for name, f in lat["files"].items():
+            lines.append(f"| `{name}` | {f['dense_ms']:.3f} | {f['ms']:.3f} | {f['latency_ratio']:.3f} | {mac} |")
+        lines += [""] + [f"> differs: {d}" for d in lat["differ"]] + [""]
     if r.get("plots"):
         lines += ["## Spectra", ""] + [f"![{Path(p).stem}]({p})" for p in r["plots"]] + [""]
     if r.get("layers"):

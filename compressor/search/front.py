@@ -10,6 +10,7 @@ from typing import Any
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write
+from compressor.export.latency import LATENCY_MAC_GAP
 from compressor.search.recipes import Constraints, Recipe
 
 # ------------------------------------------------------------------------------------------- points
@@ -33,6 +34,9 @@ class Point:
     onnx: str = ""  # the cached ONNX file
     cached: bool = False  # True: read from the cache in this search, nothing was built
     kept_fp16: list[str] = field(default_factory=list)  # int8 recipes: the layers stored as fp16
+    # Latency-aware searches: latency / dense fp32 latency timed side by side, for the points checked.
+    latency_vs_dense: float | None = None
+    slower_than_dense: bool = False  # measured so: never chosen
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -137,7 +141,7 @@ def versus_headline(vs: dict, metric: str, mb_digits: int = 2, digits: int = 5) 
 def choose(result: SearchResult) -> Point:
     """The point the rule picks, or :class:`CompressorError` naming what cannot be met."""
     c, fp32 = result.constraints, result.fp32_bytes
-    valid = [p for p in result.points if p.passed]
+    valid = [p for p in result.points if p.passed and not p.slower_than_dense]
     ok = [p for p in valid if all(p.meets(c, fp32).values())]
     if ok:
         if c.min_fidelity is not None:
@@ -151,9 +155,14 @@ def choose(result: SearchResult) -> Point:
     closest = min(valid, key=lambda p: _violation(p, c, fp32))
     what = (" and ".join(names[k] for k in alone) + " cannot be met by any candidate" if alone else
             "no candidate meets " + " together with ".join(names[k] for k in names if k in closest.meets(c, fp32)))
+    slow = [p.recipe.name for p in result.points if p.slower_than_dense]
+    aside = (f"; set aside as measured slower than dense fp32 (latency-aware): {', '.join(slow)}" if slow else "")
+    fix = "relax the constraint, or allow more recipes (other --targets, --heal-steps)"
     raise CompressorError(f"{what} ({c.describe(fp32)}; {len(valid)} measured); the closest is "
-                          f"{describe_point(closest, result.metric)}",
-                          "relax the constraint, or allow more recipes (other --targets, --heal-steps)")
+                          f"{describe_point(closest, result.metric)}{aside}",
+                          fix + (", or pass latency_aware=False to choose by size and fidelity alone" if slow else ""),
+                          cli_fix=fix + (", or pass --no-latency-aware to choose by size and fidelity alone"
+                                         if slow else ""))
 
 
 def describe_point(p: Point, metric: str = "fidelity") -> str:
@@ -176,6 +185,18 @@ def _violation(p: Point, c: Constraints, fp32_bytes: int) -> float:
 # --------------------------------------------------------------------------------- report and plots
 
 
+def _latency_lines(result: dict[str, Any]) -> list[str]:
+    """Latency-aware searches: what the side-by-side check against dense fp32 found."""
+    if not result["latency"].get("latency_aware"):
+        return ["- latency-aware: off (chosen by size and fidelity alone)"]
+    checked = [p for p in result["points"] if p.get("latency_vs_dense") is not None]
+    lines = ["- latency-aware: low-rank recipes keep dense the layers whose factored form was measured slower; "
+             "the chosen file was timed side by side with dense fp32"]
+    lines += [f"  - {p['name']}: {p['latency_vs_dense']:.3f}x the dense fp32 latency"
+              + (" (slower: set aside)" if p.get("slower_than_dense") else "") for p in checked]
+    return lines
+
+
 def front_markdown(result: dict[str, Any], plots: Sequence[str] = ()) -> str:
     """The measured front as a Markdown section: constraints, rule, chosen point, table and plots.
 
@@ -191,20 +212,31 @@ def front_markdown(result: dict[str, Any], plots: Sequence[str] = ()) -> str:
              f"- constraints: {result['constraints_text']}",
              f"- rule: {result['rule']}",
              f"- chosen: **{result['chosen'] or 'none'}**",
-             f"- built in this run: {result['built']} of {len(pts)} (the rest came from the cache)", "",
-             "| recipe | size | vs fp32 | fidelity | other metrics | latency | params | valid | front | "
-             "meets | vs dense int8 |",
-             "|---|---:|---:|---:|---|---:|---:|---|---|---|---|"]
+             f"- built in this run: {result['built']} of {len(pts)} (the rest came from the cache)",
+             *_latency_lines(result), "",
+             "| recipe | size | vs fp32 | fidelity | other metrics | latency | latency vs fp32 | MAC ratio | params | "
+             "valid | front | meets | vs dense int8 |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|---|---|"]
+    dense_ms = next((p["latency_ms"] for p in pts if p["name"] == "dense-fp32"), None)
+    differ = []
     for p in sorted(pts, key=lambda p: p["size_bytes"]):
+        totals = p.get("plan_totals") or {}
+        macs = totals["macs_after"] / totals["macs_before"] if totals.get("macs_before") else 1.0
+        lat = p["latency_ms"] / dense_ms if dense_ms else None
+        if lat is not None and abs(lat - macs) > LATENCY_MAC_GAP:
+            differ.append(f"{p['name']} ({lat:.2f}x the latency, {macs:.2f}x the multiply-adds)")
         others = ", ".join(f"{k} {v:.4f}" for k, v in p["metrics"].items() if k != "fidelity")
         meets = "all" if p["meets"] and all(p["meets"].values()) else \
             ", ".join(f"not {k}" for k, ok in p["meets"].items() if not ok) or "-"
         name = f"**{p['name']}** (chosen)" if p["name"] == result["chosen"] else p["name"]
         lines.append(f"| {name} | {p['size_bytes'] / 1e6:.2f} MB | {p['size_bytes'] / fp32:.3f} | "
-                     f"{p['fidelity']:.5f} | {others} | {p['latency_ms']:.2f} ms | {p['params']:,} | "
+                     f"{p['fidelity']:.5f} | {others} | {p['latency_ms']:.2f} ms | "
+                     f"{'-' if lat is None else f'{lat:.3f}'} | {macs:.3f} | {p['params']:,} | "
                      f"{'PASS' if p['passed'] else '**FAIL**'} | {'yes' if p['pareto'] else ''} | {meets} | "
                      f"{_vs(p, ref8)} |")
     lines.append("")
+    if differ:  # latency vs fp32 from separate medians; MAC ratio of the factorizable layers
+        lines += [f"Latency and multiply-adds differ by more than {LATENCY_MAC_GAP}: {', '.join(differ)}", ""]
     seen = set()
     for p in pts:  # one line per low-rank model (its precisions share it)
         ranks = (p.get("plan_totals") or {}).get("factored_ranks")
@@ -258,7 +290,8 @@ def plot_front(result: dict[str, Any], folder: Path, prefix: str = "front") -> l
                                       ("latency_ms", "onnxruntime latency (ms, median)", 1.0, "latency")):
         fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(12 if zoom else 7, 4.5), squeeze=False)
         _draw_front(axes[0][0], result, result["points"], key, scale, suffix)
-        axes[0][0].set_title("squares: dense references; circles: low-rank; colour: fp32 / fp16 / int8", fontsize=8)
+        axes[0][0].set_title("squares: dense references; circles: low-rank; colour: fp32 / fp16 / int8 / int4",
+                             fontsize=8)
         if zoom:
             ax = axes[0][1]
             _draw_front(ax, result, int8, key, scale, suffix)
@@ -281,7 +314,7 @@ def plot_front(result: dict[str, Any], folder: Path, prefix: str = "front") -> l
 
 def _draw_front(ax, result: dict[str, Any], points: list[dict[str, Any]], key: str, scale: float,
                 suffix: str) -> None:
-    colors = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:red"}
+    colors = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:red", "int4": "tab:purple"}
     for p in points:
         x, y = p[key] * scale, p["fidelity"]
         dense = p["recipe"]["target"] is None

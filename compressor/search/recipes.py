@@ -17,6 +17,8 @@ from compressor.export.onnx import VARIANTS
 PRECISIONS = tuple(VARIANTS)  # the storage precisions a recipe can use (export.onnx.VARIANTS)
 # The low-rank parameter targets a search tries unless told otherwise.
 DEFAULT_TARGETS = (0.2, 0.4, 0.6)
+# The low-rank corrections of dense int4 a search tries unless told otherwise (analysis.int4 rules).
+DEFAULT_INT4_CORRECTIONS = ("rank=16", "budget=0.03")
 
 
 # ------------------------------------------------------------------------------------------ recipes
@@ -35,6 +37,9 @@ class Recipe:
     that int8 export will do. ``keep_fp16`` (int8 only): that many layers stay fp16-stored, those whose
     int8 rounding moves the model's output most per parameter, measured on the calibration inputs
     (:func:`int8_sensitivity`); a dense recipe may keep layers too (mixed precision without low rank).
+    ``int4_correction`` (int4 only): a low-rank correction of every Linear's 4-bit rounding error beside its
+    MatMulNBits node, ``"rank=16"``, ``"energy=0.5"`` or ``"budget=0.03"`` (:func:`int4_correction`), with
+    int8-stored factors; ``calibrated`` makes it data-aware (whitened by the calibration activations).
     """
 
     precision: str = "fp32"
@@ -44,6 +49,7 @@ class Recipe:
     exclude: tuple[str, ...] = ()
     qat: bool = False
     keep_fp16: int = 0
+    int4_correction: str | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -52,9 +58,17 @@ class Recipe:
         if self.target is not None and not 0 < self.target < 1:
             raise CompressorError(f"recipe target {self.target} is outside (0, 1)",
                                   "give the fraction of factorizable parameters to remove, e.g. 0.4")
-        if self.target is None and (self.calibrated or self.heal_steps or self.exclude):
-            raise CompressorError("a dense recipe cannot be calibrated, healed or exclude layers",
-                                  "give a low-rank target with those options")
+        if self.target is None and ((self.calibrated and not self.int4_correction) or self.heal_steps or
+                                    self.exclude):
+            raise CompressorError("a dense recipe cannot be calibrated (but for its int4 correction), healed or "
+                                  "exclude layers", "give a low-rank target with those options")
+        if self.int4_correction is not None:
+            if self.precision != "int4":
+                raise CompressorError(f"int4_correction applies to int4 recipes, not {self.precision}",
+                                      "use precision='int4' with int4_correction")
+            from compressor.analysis.int4 import parse_correction
+
+            parse_correction(self.int4_correction)
         if isinstance(self.heal_steps, bool) or not isinstance(self.heal_steps, int) or self.heal_steps < 0:
             raise CompressorError(f"heal_steps must be a whole number >= 0, got {self.heal_steps!r}",
                                   "pass e.g. heal_steps=200", cli_fix="pass e.g. --heal-steps 200")
@@ -77,20 +91,26 @@ class Recipe:
     def name(self) -> str:
         """Short and readable: ``dense-int8``, ``lowrank0.4-cal-heal200-int8``, ``dense-int8-fp16x2``."""
         keep = f"fp16x{self.keep_fp16}" if self.keep_fp16 else ""
+        precision = self.precision
+        if self.int4_correction:  # "dense-int4+rank16-cal", "lowrank0.2-cal-int4+budget0.03"
+            data_aware = "-cal" if self.calibrated and self.dense else ""
+            precision += "+" + self.int4_correction.replace("=", "") + data_aware
         if self.dense:
-            return "-".join(p for p in (f"dense-{self.precision}", keep) if p)
+            return "-".join(p for p in (f"dense-{precision}", keep) if p)
         parts = [f"lowrank{self.target:g}", "cal" if self.calibrated else "",
                  f"heal{self.heal_steps}" if self.heal_steps else "", "qat" if self.qat else "",
-                 "x" + ",".join(self.exclude) if self.exclude else "", self.precision, keep]
+                 "x" + ",".join(self.exclude) if self.exclude else "", precision, keep]
         return "-".join(p for p in parts if p)
 
     def base(self) -> Recipe:
         """The same model stored as fp32: the ONNX export every precision of this recipe derives from."""
-        return replace(self, precision="fp32", keep_fp16=0)
+        return replace(self, precision="fp32", keep_fp16=0, int4_correction=None,
+                       calibrated=self.calibrated and not self.dense)
 
     def to_dict(self) -> dict[str, Any]:
         d = {**asdict(self), "exclude": list(self.exclude)}
-        for newer in ("qat", "keep_fp16"):  # keys of recipes without the newer fields stay as they were
+        # Keys of recipes without the newer fields stay as they were.
+        for newer in ("qat", "keep_fp16", "int4_correction"):
             if not d[newer]:
                 del d[newer]
         return d
@@ -109,11 +129,13 @@ REFERENCES = tuple(Recipe(p) for p in PRECISIONS)
 
 def default_recipes(targets: Sequence[float] = DEFAULT_TARGETS, *, calibrated: bool = False,
                     heal_steps: Sequence[int] = (0,), precisions: Sequence[str] = PRECISIONS,
-                    exclude: Sequence[str] = (), qat: bool = False, keep_fp16: Sequence[int] = (0,)
-                    ) -> list[Recipe]:
+                    exclude: Sequence[str] = (), qat: bool = False, keep_fp16: Sequence[int] = (0,),
+                    int4_corrections: Sequence[str] = DEFAULT_INT4_CORRECTIONS) -> list[Recipe]:
     """The dense references plus every low-rank ``target x heal_steps x precision`` combination, and with
     ``qat`` the quantization-aware healed int8 recipe of every target and nonzero heal_steps. Each nonzero
-    ``keep_fp16`` adds that mixed-precision variant of every int8 recipe, dense int8 included."""
+    ``keep_fp16`` adds that mixed-precision variant of every int8 recipe, dense int8 included. With int4
+    among ``precisions``, each of ``int4_corrections`` adds dense int4 with that correction (data-aware
+    when ``calibrated``)."""
     out = list(REFERENCES)
     for t in targets:
         for h in heal_steps:
@@ -121,7 +143,10 @@ def default_recipes(targets: Sequence[float] = DEFAULT_TARGETS, *, calibrated: b
             if qat and h:
                 out.append(Recipe("int8", t, calibrated, h, tuple(exclude), qat=True))
     keeps = [k for k in keep_fp16 if k]
-    return out + [replace(r, keep_fp16=k) for k in keeps for r in out if r.precision == "int8"]
+    out += [replace(r, keep_fp16=k) for k in keeps for r in out if r.precision == "int8"]
+    if "int4" in precisions:
+        out += [Recipe("int4", calibrated=calibrated, int4_correction=c) for c in int4_corrections]
+    return out
 
 
 # -------------------------------------------------------------------------------------- constraints

@@ -33,6 +33,7 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import temp_folder
+from compressor.export.latency import LatencyTable, Timer, compare_onnx, keep_slow_layers_dense, latency_decisions
 from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET, VARIANTS
 from compressor.search.cache import CACHE_VERSION, Cache, fingerprint, model_fingerprint
 from compressor.search.evaluate import THREADS, Evaluation, onnx_fidelity
@@ -64,6 +65,9 @@ class BuildContext:
     threads: int = THREADS
     latency_runs: int = 20
     atol: float = DEFAULT_ATOL
+    latency_aware: bool = True
+    latency_table: LatencyTable | None = None
+    timer: Timer | None = None
 
     def key(self) -> str:
         """What every measurement depends on besides the recipe (see :meth:`Cache.name` for the rest)."""
@@ -72,7 +76,8 @@ class BuildContext:
         return fingerprint([CACHE_VERSION, model_fingerprint(self.model), self.example_inputs,
                             self.evaluation.fingerprint, self.latency_inputs,
                             json.dumps(self.analyze_options, sort_keys=True, default=str),
-                            self.opset, self.threads, torch.__version__, onnxruntime.__version__])
+                            self.opset, self.threads, torch.__version__, onnxruntime.__version__]
+                           + (["latency-aware"] if self.latency_aware else []))
 
     def data_keys(self) -> dict[str, str]:
         """Keys of what only some recipes depend on: calibration (calibrated ones), healing (healed ones)."""
@@ -84,13 +89,20 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
            recipes: Sequence[Recipe] | None = None, cache_dir: str | Path, latency_inputs: Any = None,
            calibration: Any = None, heal_data: Any = None, heal_options: dict[str, Any] | None = None,
            analyze_options: dict[str, Any] | None = None, opset: int = DEFAULT_OPSET, threads: int = THREADS,
-           latency_runs: int = 20, atol: float = DEFAULT_ATOL, log: Callable[[str], None] | None = None
+           latency_runs: int = 20, atol: float = DEFAULT_ATOL, log: Callable[[str], None] | None = None,
+           latency_aware: bool = True, latency_table: LatencyTable | None = None, timer: Timer | None = None
            ) -> SearchResult:
     """Measure the candidates that can meet ``constraints`` and return the best (see the module's rule).
 
     ``recipes`` default to :func:`default_recipes` (calibrated when ``calibration`` is given); the dense
     references are always added. Raises :class:`CompressorError` when no measured point meets the
     constraints, naming the one that cannot be met and the closest point. ``model`` is not modified.
+
+    ``latency_aware`` (the default): each low-rank recipe leaves dense the layers whose factored form was
+    measured slower at the shape of ``latency_inputs`` (:mod:`compressor.export.latency`), and the chosen
+    file is timed against dense fp32 side by side: one that is slower is set aside and the rule picks
+    again, so the search never returns a model slower than dense. ``timer`` and ``latency_table`` replace
+    the onnxruntime timer and the per-machine cache (tests). False: size and fidelity alone.
     """
     recipes = list(recipes) if recipes is not None else default_recipes(calibrated=calibration is not None)
     recipes = [*REFERENCES, *[r for r in recipes if r not in REFERENCES]]
@@ -103,7 +115,8 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
     ctx = BuildContext(model, example_inputs, evaluation,
                        latency_inputs if latency_inputs is not None else example_inputs, calibration,
                        heal_data if heal_data is not None else calibration, dict(heal_options or {}),
-                       dict(analyze_options or {}), opset, threads, latency_runs, atol)
+                       dict(analyze_options or {}), opset, threads, latency_runs, atol, latency_aware,
+                       (latency_table or LatencyTable()) if latency_aware else None, timer)
     cache = Cache(Path(cache_dir), ctx.key(), ctx.data_keys())
     say = log or (lambda _msg: None)
     points: list[Point] = []
@@ -134,8 +147,18 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
             "highest fidelity meeting every constraint (ties: smaller file, then lower latency)")
     result = SearchResult(None, points, skipped, constraints, rule, evaluation.metric, fp32_bytes, built,
                           {"threads": threads, "runs": latency_runs, "statistic": "median",
-                           "inputs": _shape_text(ctx.latency_inputs)})
+                           "inputs": _shape_text(ctx.latency_inputs), "latency_aware": latency_aware})
     result.chosen = choose(result)
+    while latency_aware and result.chosen.recipe != Recipe("fp32"):
+        # The per-recipe latencies are separate medians; the final word is a side-by-side comparison.
+        check = (timer or compare_onnx)(result.reference("fp32").onnx, result.chosen.onnx, ctx.latency_inputs, threads)
+        result.chosen.latency_vs_dense = check.ratio
+        if check.ratio < 1.0:
+            break
+        say(f"slower   {result.chosen.recipe.name}: {check.ratio:.3f}x the dense fp32 latency side by side; "
+            "set aside")
+        result.chosen.slower_than_dense = True
+        result.chosen = choose(result)
     return result
 
 
@@ -202,6 +225,8 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
                     sensitivity.update(int8_sensitivity(model, ctx.calibration, outputs=outputs))
                 kept = most_sensitive(sensitivity, model, recipe.keep_fp16)
                 made = export_int8(fp32, work / "int8.onnx", keep_fp16=kept)
+            elif recipe.int4_correction:
+                made = _corrected_int4(recipe, model, fp32, work, ctx)
             else:
                 made = VARIANTS[recipe.precision].write(fp32, work / f"{recipe.precision}.onnx")
             path = cache.store(recipe, made)
@@ -217,6 +242,17 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
         return point
 
 
+def _corrected_int4(recipe: Recipe, model: nn.Module, fp32: Path, work: Path, ctx: BuildContext) -> Path:
+    """The int4 file of ``model`` with the recipe's low-rank correction of its rounding error."""
+    from compressor.analysis.int4 import int4_correction, parse_correction
+    from compressor.export.onnx import export_int4
+
+    corr = int4_correction(model, calibration=ctx.calibration if recipe.calibrated else None,
+                           outputs=ctx.analyze_options.get("outputs") or None,
+                           **parse_correction(recipe.int4_correction))
+    return export_int4(fp32, work / "int4.onnx", corrections=corr.factors, factors="int8")
+
+
 def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
                ) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any] | None]:
     """The torch model a recipe exports: the original (dense) or a factored, maybe healed, copy."""
@@ -230,6 +266,11 @@ def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
     if recipe.calibrated:
         opts["calibration"] = ctx.calibration
     plan = analyze(model, target=recipe.target, progress=False, **opts)
+    if ctx.latency_aware:
+        decisions = latency_decisions(ctx.model, plan, ctx.latency_inputs, threads=ctx.threads,
+                                      table=ctx.latency_table, timer=ctx.timer, log=say)
+        if slow := keep_slow_layers_dense(plan, decisions):
+            say(f"dense    {recipe.name}: {len(slow)} layer(s) whose factored form is slower stay dense")
     rewrite(model, plan)
     heal_info = None
     if recipe.heal_steps:

@@ -1,0 +1,145 @@
+"""The compress job for an ONNX file: read the graph -> analyze its weights -> factor them in the graph ->
+validate against the ORIGINAL graph in onnxruntime -> variants -> report. :func:`compressor.jobs.compress.compress`
+sends ``.onnx`` inputs (detected by content) here; the plan and report are the torch path's.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor.analysis.onnx_model import OnnxModel, analyze_onnx
+from compressor.core.errors import CompressorError
+from compressor.core.output import OutputDir
+from compressor.core.plan import Plan
+from compressor.core.rewrite import rewrite
+from compressor.report.report import Report, build_report, write_report
+
+# Float graph inputs without --example-inputs are validated on random normal inputs, symbolic axes this long.
+SYMBOLIC_AXIS = 2
+
+
+def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list[tuple[int, ...]],
+                  low_fidelity: float) -> Report:
+    """Run ``mode`` ("compress", "analyze" or "apply") on the ONNX file ``source`` with the job's ``opts``
+    (``shapes``: its checked --input-shape values); a cosine below ``low_fidelity`` adds a warning."""
+    from compressor.export.onnx import VARIANTS, validate_onnx
+    from compressor.export.onnx_factor import onnx_fidelity, write_factored
+    from compressor.formats.load import Loaded
+    from compressor.formats.onnx_graph import read_onnx
+
+    if mode == "export":
+        raise CompressorError(f"'{source}' is already an ONNX model", "compress it: compress MODEL.onnx --energy 0.9")
+    if opts.keep_fp16:
+        raise CompressorError("--keep-fp16 measures int8 sensitivity on a torch model; an ONNX input has none",
+                              "leave out --keep-fp16")
+    if opts.arch or opts.trust_pickle:
+        raise CompressorError("--arch and --trust-pickle are for torch files; an ONNX file needs neither",
+                              "leave them out")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 4)
+        clock = now
+
+    graph = read_onnx(source)
+    model = OnnxModel(graph)  # refuses a graph with nothing to factor
+    calibration = None
+    if opts.calibration is not None:
+        from compressor.data.calibration import load_calibration
+
+        calibration = load_calibration(opts.calibration, samples=opts.calibration_samples)
+    inputs = example_inputs(graph, opts, shapes, calibration) if mode != "analyze" else None
+    step("load")
+    loaded = Loaded(None, "onnx", source)
+    with OutputDir(out, opts.force) as tmp:
+        extra = {"calibration": calibration} if calibration is not None else {}
+        if mode == "apply":
+            plan = analyze_onnx(model, plan=Plan.from_json(opts.plan_path), progress=opts.progress, **extra)
+        else:
+            plan = analyze_onnx(model, **opts.policy(), rank_multiple=opts.rank_multiple, include=opts.include,
+                                exclude=opts.exclude, progress=opts.progress, **extra)
+        step("analyze")
+        plan.to_json(tmp / "plan.json")
+        plots = None
+        if opts.plots:  # of the weights as they are: before the rewrite
+            from compressor.report.plots import plot_spectra
+
+            plots = [str(Path(p).relative_to(tmp)) for p in plot_spectra(model, plan, tmp)]
+        exports: dict[str, Any] = {}
+        totals = plan.totals()
+        if mode != "analyze":
+            if not plan.factored:
+                raise CompressorError(
+                    "no layer would be factored: every candidate rank saves no parameters "
+                    f"({totals['layers_supported']} factorizable layers)",
+                    "lower --energy or --rank, or use --target to choose a parameter budget")
+            rewrite(model, plan)
+            factors = {lp.name: (model.get_submodule(lp.name).up.weight, model.get_submodule(lp.name).down.weight)
+                       for lp in plan.factored}
+            path = write_factored(graph, factors, tmp / "model.onnx")
+            step("rewrite")
+            batch_variant = dynamic_batch(graph)
+            # Against the original graph the outputs differ by the approximation: judged by fidelity, not atol.
+            exports["onnx"] = validate_onnx(path, source, inputs, atol=None, batch_variant=batch_variant)
+            exports["fidelity"] = onnx_fidelity(source, path, inputs, opts.outputs)
+            for kind in opts.variants:  # each variant against the fp32 file it rounds, as the torch path does
+                v = VARIANTS[kind]
+                written = v.write(path, tmp / f"model.{kind}.onnx")
+                exports[kind] = validate_onnx(written, path, inputs, atol=None, min_cosine=v.min_cosine,
+                                              variant=kind, batch_variant=batch_variant)
+            step("export")
+        report = build_report(source=source, out=out, mode=mode, loaded=loaded, plan=plan, original=None,
+                              compressed=None, exports=exports, timings=timings, options=opts, folder=tmp,
+                              params=(totals["params_before"], totals["params_after"]))
+        report.warnings, report.plots = [], plots
+        cosine = (report.fidelity or {}).get("cosine_mean")
+        if cosine is not None and cosine < low_fidelity:
+            problem = (f"the compressed graph keeps cosine {cosine:.3f} to the original on the example inputs, "
+                       f"below {low_fidelity}: its outputs are plainly different")
+            report.warnings.append({"kind": "low_fidelity", "cosine": cosine, "threshold": low_fidelity,
+                                    "message": f"{problem}; try calibration=..., exclude=[...] or a milder policy",
+                                    "cli": f"{problem}; try --calibration FILE, --exclude LAYER or a milder policy"})
+        write_report(report, tmp)
+    return report
+
+
+def dynamic_batch(graph) -> bool:
+    """Whether every graph input's first axis is symbolic (so a batch one larger can be validated)."""
+    for i in graph.inputs():
+        dims = i.type.tensor_type.shape.dim
+        if not dims or dims[0].HasField("dim_value"):
+            return False
+    return True
+
+
+def example_inputs(graph, opts: Any, shapes: list[tuple[int, ...]], calibration: list | None) -> Any:
+    """The inputs to validate with: --input-shape or --example-inputs, else the first calibration batch,
+    else random normal tensors for a graph whose inputs are all float."""
+    from compressor.data.readers import load_example_inputs
+
+    if shapes:
+        g = torch.Generator().manual_seed(0)
+        tensors = tuple(torch.randn(s, generator=g) for s in shapes)
+        return tensors[0] if len(tensors) == 1 else tensors
+    if opts.example_inputs is not None:
+        return load_example_inputs(opts.example_inputs)
+    if calibration:
+        return calibration[0]
+    g = torch.Generator().manual_seed(0)
+    made = {}
+    for i in graph.inputs():
+        tt = i.type.tensor_type
+        if tt.elem_type != 1:  # not float: random values would not be valid inputs (token ids, masks)
+            raise CompressorError(f"cannot make example inputs for graph input '{i.name}' (not float)",
+                                  "pass --example-inputs FILE (tensors keyed by graph input names) or "
+                                  "--calibration FILE")
+        shape = [d.dim_value if d.HasField("dim_value") else SYMBOLIC_AXIS for d in tt.shape.dim]
+        made[i.name] = torch.randn(shape, generator=g)
+    return made

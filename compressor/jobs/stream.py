@@ -1,0 +1,369 @@
+"""Checkpoints bigger than memory: analysis and rewrite streamed tensor by tensor, resumable, parallel.
+
+    summary = compressor.jobs.stream.stream_compress("llama-folder", "out", mode="compress", rank=256)
+
+The input is a safetensors file or a Hugging Face folder (one ``model.safetensors`` or shards named by
+``model.safetensors.index.json``). Which tensors are layers is decided on a weightless skeleton (meta
+tensors) by the same layer handlers as in memory: the Hugging Face model its ``config.json`` describes,
+or, for a bare file, the stand-in of :func:`compressor.jobs.compress.weights_only_model`. Each layer's
+tensors are then read alone through memory maps and analysed by :func:`compressor.analysis.stream.run_layer`
+(here, in a process pool, or on Ray). Every finished layer is written at once, durably, to a state
+folder beside the output (``.OUT.stream/``) with a fingerprint of the checkpoint and the settings; the
+same command run again after a crash or SIGKILL continues from there and writes the same bytes. The
+output folder holds ``plan.json`` (the same bytes as the in-memory analysis), ``stream.json`` (per-layer
+times), and with ``mode="compress"`` the factored weights, shard by shard, with the folder's other
+files (config, tokenizer) copied.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor.analysis.analyze import check_patterns, find_layers, layer_plan, unique_param_count
+from compressor.analysis.stream import SVD_METHODS, LayerTask, timed_layer
+from compressor.core.errors import CompressorError
+from compressor.core.fileio import atomic_write_bytes, atomic_write_text, signals_deferred
+from compressor.core.output import OutputDir, check_not_over_inputs
+from compressor.core.plan import Plan
+from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate, policy_from_options, policy_to_dict
+from compressor.core.svd import Decomposition
+from compressor.formats.shards import Checkpoint, ShardWriter
+from compressor.jobs.compress import Options, default_out, weights_only_model
+
+STATE_FORMAT = 1
+
+
+def state_dir(out: Path) -> Path:
+    """Where an unfinished run keeps its finished layers: ``.OUT.stream/`` beside the output folder."""
+    out = Path(out)
+    return out.parent / f".{out.name}.stream"
+
+
+def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: str = "analyze",
+                    options: Options | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Analyse (``mode="analyze"``) or analyse and factor (``"compress"``) the checkpoint at ``source``
+    without loading it whole; returns the summary also written to ``stream.json``.
+
+    Options as for :func:`compressor.jobs.compress.compress`, plus ``svd`` ("exact" or "randomized"),
+    ``device`` (where the SVDs run: "cpu", or "cuda" for a GPU; byte-identical results only on one kind),
+    ``workers`` (processes; 1 runs in this one), ``ray`` (None, "local" to start Ray on this machine, or a
+    cluster address), ``restart`` (drop an unfinished run's state instead of continuing it) and
+    ``shard_bytes`` (largest output shard).
+    """
+    opts = options or Options(**kwargs)
+    source = Path(source)
+    out = Path(out) if out is not None else default_out(source)
+    if mode not in ("analyze", "compress"):
+        raise ValueError("mode must be 'analyze' or 'compress'")
+    policy = _check(opts)
+    check_not_over_inputs(out, [("model", source)])
+    OutputDir(out, opts.force).check()
+    clock = time.perf_counter()
+    ckpt = Checkpoint.open(source)
+    include, exclude = list(opts.include), list(opts.exclude)
+    factor = mode == "compress"
+    # Checked before the skeleton is built, so that a changed input is told at once.
+    settings = {"policy": policy_to_dict(policy), "rank_multiple": opts.rank_multiple, "include": include,
+                "exclude": exclude, "svd": opts.svd, "factor": factor, "calibration": None, "device": opts.device}
+    state = _State(state_dir(out), {"format": STATE_FORMAT, "checkpoint": ckpt.fingerprint(), "settings": settings},
+                   opts.restart)
+    skeleton = _skeleton(source, ckpt)
+    found = find_layers(skeleton, include, exclude)
+    check_patterns(include, exclude, [c.name for c in found])
+    keymap = _keymap(skeleton, ckpt, [c.name for c in found if c.skip is None])
+    tasks = {c.name: LayerTask(c.name, c.module, c.handler,
+                               {p: keymap[f"{c.name}.{p}"] for p, _ in c.module.named_parameters()},
+                               {keymap[f"{c.name}.{p}"]: str(ckpt.tensors[keymap[f"{c.name}.{p}"]].file)
+                                for p, _ in c.module.named_parameters()},
+                               policy, opts.rank_multiple, opts.svd, factor, device=opts.device)
+             for c in found if c.skip is None}
+    names = list(tasks)
+    resumed = sum(state.has(i) for i in range(len(names)))
+    _run_all([(i, tasks[n]) for i, n in enumerate(names) if not state.has(i)], state.save_layer, opts)
+    layers = {n: state.layer(i) for i, n in enumerate(names)}
+
+    decs = {n: Decomposition(torch.empty(0), info["S"], torch.empty(0), total_energy=info["total"],
+                             check=info["check"]) for n, info in layers.items()}
+    spectra = [LayerSpectrum.from_singular_values(c.name, *c.weight_matrix().shape, decs[c.name].S,
+                                                  decs[c.name].total_energy) for c in found if c.skip is None]
+    ranks = allocate(policy, spectra, opts.rank_multiple)
+    plan = Plan(policy={**policy_to_dict(policy), "rank_multiple": opts.rank_multiple, "include": include,
+                        "exclude": exclude},
+                layers=[layer_plan(c, decs.get(c.name), ranks.get(c.name), False) for c in found],
+                params_total_before=unique_param_count(skeleton))
+    if not tasks:
+        plan.notes.append("no layer of this model can be factored")
+    if isinstance(policy, TargetPolicy):
+        got = plan.totals()["removed_fraction"]
+        if abs(got - policy.target) > 0.01:
+            plan.notes.append(f"removed {got:.3f} of the factorizable parameters against the target "
+                              f"{policy.target:.3f}: the rank steps of these layers are too coarse")
+    if factor:  # a global policy (target) knows the ranks only now: factor those layers in a second pass
+        second = [(i, replace(tasks[n], rank=plan.layer(n).rank,
+                              svd_rank=(layers[n]["check"] or {}).get("rank")
+                              if (layers[n]["check"] or {}).get("method") == "randomized" else None,
+                              method="randomized" if (layers[n]["check"] or {}).get("method") == "randomized"
+                              else "exact"))
+                  for i, n in enumerate(names)
+                  if plan.layer(n).rank is not None and not state.has_factors(i)]
+        _run_all(second, state.save_factors, opts)
+    analysed = time.perf_counter() - clock
+
+    summary = {"source": str(source), "output": str(out), "mode": mode, "svd": opts.svd,
+               "workers": 1 if opts.ray is None and opts.workers <= 1 else opts.workers,
+               "ray": opts.ray, "shards_in": len(ckpt.files), "layers": len(names), "resumed_layers": resumed,
+               "seconds_per_layer": {n: layers[n]["seconds"] for n in names}, "analyze_seconds": round(analysed, 3),
+               "totals": plan.totals()}
+    with OutputDir(out, opts.force) as tmp:
+        plan.to_json(tmp / "plan.json")
+        if factor:
+            t = time.perf_counter()
+            factored = {n: i for i, n in enumerate(names) if plan.layer(n).rank is not None}
+            summary["files"] = [p.name for p in _write_weights(tmp, ckpt, tasks, factored, state, opts.shard_bytes)]
+            _copy_companions(source, tmp)
+            summary["rewrite_seconds"] = round(time.perf_counter() - t, 3)
+        atomic_write_text(tmp / "stream.json", json.dumps(summary, indent=2) + "\n")
+    state.remove()
+    return summary
+
+
+def _check(opts: Options):
+    if len(opts.policy()) != 1:
+        given = ", ".join(f"--{k.replace('_', '-')}" for k in opts.policy()) or "none"
+        raise CompressorError(f"exactly one rank policy is needed, got {given}",
+                              "pass one of --energy, --rank, --rank-ratio or --target")
+    policy = policy_from_options(**opts.policy())
+    if opts.svd not in SVD_METHODS:
+        raise CompressorError(f"svd must be one of {', '.join(SVD_METHODS)}, got {opts.svd!r}",
+                              "pass svd='exact' or svd='randomized'", cli_fix="pass --svd exact or --svd randomized")
+    if opts.svd == "randomized" and isinstance(policy, TargetPolicy):
+        raise CompressorError("the randomized SVD finds only the leading singular values, but --target compares "
+                              "every layer's whole spectrum", "use svd='exact' with target",
+                              cli_fix="leave out --svd randomized with --target")
+    if opts.calibration is not None:
+        raise CompressorError("streamed analysis does not take calibration data yet",
+                              "leave out --calibration, or analyse in memory (without --stream)")
+    try:
+        torch.empty(0, device=opts.device)
+    except (RuntimeError, AssertionError) as err:
+        raise CompressorError(f"device {opts.device!r} cannot be used here ({str(err).splitlines()[0][:100]})",
+                              "pass device='cpu'", cli_fix="pass --device cpu") from None
+    w = opts.workers
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        raise CompressorError(f"workers must be a whole number >= 1, got {w!r}", "pass e.g. workers=2",
+                              cli_fix="pass e.g. --workers 2")
+    if isinstance(opts.rank_multiple, bool) or not isinstance(opts.rank_multiple, int) or opts.rank_multiple < 1:
+        raise CompressorError(f"rank_multiple must be a whole number >= 1, got {opts.rank_multiple!r}",
+                              "pass e.g. rank_multiple=8", cli_fix="pass e.g. --rank-multiple 8")
+    return policy
+
+
+def _skeleton(source: Path, ckpt: Checkpoint) -> torch.nn.Module:
+    """The module tree, without weights: from config.json for a Hugging Face folder, else the stand-in
+    a bare state_dict gets (every 2-D ``X.weight`` a Linear, 3-5-D a conv)."""
+    if source.is_dir() and (source / "config.json").is_file():
+        from compressor.formats.load import hf_skeleton
+
+        return hf_skeleton(source)
+    return weights_only_model({n: torch.empty(t.shape, dtype=t.dtype, device="meta")
+                               for n, t in ckpt.tensors.items()})
+
+
+def _keymap(skeleton: torch.nn.Module, ckpt: Checkpoint, layers: list[str]) -> dict[str, str]:
+    """Skeleton parameter name -> checkpoint name for the layers' parameters. Hugging Face checkpoints of a
+    task model may store the base model's weights with or without its prefix (``bert.``, ``model.``)."""
+    prefix = getattr(skeleton, "base_model_prefix", "") or ""
+    out: dict[str, str] = {}
+    for layer in layers:
+        for pname, _ in skeleton.get_submodule(layer).named_parameters():
+            name = f"{layer}.{pname}"
+            tries = [name, f"{prefix}.{name}"] + ([name[len(prefix) + 1:]] if prefix and name.startswith(f"{prefix}.")
+                                                  else [])
+            key = next((k for k in tries if k in ckpt.tensors), None)
+            if key is None:
+                raise CompressorError(f"the checkpoint has no tensor '{name}', which its config.json describes",
+                                      "repair or re-download the model folder")
+            want = tuple(skeleton.get_parameter(name).shape)
+            if ckpt.tensors[key].shape != want:
+                raise CompressorError(f"tensor '{key}' has shape {list(ckpt.tensors[key].shape)}, but the config "
+                                      f"describes {list(want)}", "repair or re-download the model folder")
+            out[name] = key
+    return out
+
+
+class _State:
+    """The finished layers of a run, one durable file each, under a fingerprint of inputs and settings."""
+
+    def __init__(self, folder: Path, fingerprint: dict[str, Any], restart: bool):
+        self.folder = folder
+        stamp = folder / "fingerprint.json"
+        if folder.exists() and restart:
+            shutil.rmtree(folder)
+        if stamp.is_file():
+            old = json.loads(stamp.read_text())
+            if old != fingerprint:
+                what = [k for k in ("checkpoint", "settings", "format") if old.get(k) != fingerprint.get(k)]
+                changed = ", ".join("the model files" if k == "checkpoint" else k for k in what)
+                raise CompressorError(f"the unfinished run in '{folder}' was started with other inputs ({changed} "
+                                      "changed)", "rerun the same command to continue it, or pass restart=True to "
+                                      "start over", cli_fix="rerun the same command to continue it, or pass "
+                                      "--restart to start over")
+        self.fingerprint = fingerprint
+
+    def _begin(self) -> None:
+        """Create the folder and its fingerprint with the first finished layer: a run refused before any
+        work leaves nothing behind."""
+        if not (self.folder / "fingerprint.json").is_file():
+            (self.folder / "layers").mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.folder / "fingerprint.json", json.dumps(self.fingerprint, indent=2) + "\n")
+
+    def _path(self, i: int, kind: str = "layer") -> Path:
+        return self.folder / "layers" / f"{i:05d}.{kind}.safetensors"
+
+    def has(self, i: int) -> bool:
+        return self._path(i).is_file()
+
+    def has_factors(self, i: int) -> bool:
+        return self._path(i, "factors").is_file() or self.factors_in_layer(i)
+
+    def factors_in_layer(self, i: int) -> bool:
+        return self.has(i) and json.loads(self._meta(self._path(i))["info"])["factored"]
+
+    @staticmethod
+    def _meta(path: Path) -> dict[str, str]:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return f.metadata()
+
+    def save_layer(self, i: int, result: dict[str, Any]) -> None:
+        from safetensors.torch import save
+
+        self._begin()
+        factors = result["factors"] or {}
+        info = {"total": result["total"], "check": result["check"], "seconds": result["seconds"],
+                "factored": bool(factors)}
+        data = save({"S": result["S"], **factors}, metadata={"info": json.dumps(info)})
+        atomic_write_bytes(self._path(i), data)
+
+    def save_factors(self, i: int, result: dict[str, Any]) -> None:
+        from safetensors.torch import save
+
+        self._begin()
+        atomic_write_bytes(self._path(i, "factors"), save(result["factors"]))
+
+    def layer(self, i: int) -> dict[str, Any]:
+        from safetensors import safe_open
+
+        with safe_open(self._path(i), framework="pt") as f:
+            info = json.loads(f.metadata()["info"])
+            return {**info, "S": f.get_tensor("S")}
+
+    def factors_path(self, i: int) -> Path:
+        """The file holding layer ``i``'s factors: its own, or the layer's file (factored in one pass)."""
+        return self._path(i, "factors") if self._path(i, "factors").is_file() else self._path(i)
+
+    def remove(self) -> None:
+        with signals_deferred():
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _run_all(todo: list[tuple[int, LayerTask]], save: Callable[[int, dict], None], opts: Options) -> None:
+    """Run the tasks here, in a process pool or on Ray, saving each result as soon as it is back (in
+    whatever order they finish: each layer's result does not depend on the others)."""
+    if not todo:
+        return
+    if opts.ray is not None:
+        _run_ray(todo, save, opts.ray, opts.workers)
+    elif opts.workers <= 1:
+        for i, task in todo:
+            save(i, timed_layer(task))
+    else:
+        # spawn: a forked child would inherit torch's thread pools and locks mid-use.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(opts.workers, mp_context=ctx) as pool:
+            queue, running = list(todo), {}
+            while queue or running:
+                while queue and len(running) < 2 * opts.workers:  # bounded: a few layers in flight at most
+                    i, task = queue.pop(0)
+                    running[pool.submit(timed_layer, task)] = i
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    save(running.pop(fut), fut.result())
+
+
+def _run_ray(todo: list[tuple[int, LayerTask]], save: Callable[[int, dict], None], address: str,
+             workers: int) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise CompressorError("--ray needs Ray", "pip install 'compressor[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        # Workers import compressor from where this process does (a checkout need not be installed there).
+        root = str(Path(__file__).resolve().parents[2])
+        env = {"env_vars": {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}}
+        if address == "local":
+            ray.init(num_cpus=max(workers, 1), include_dashboard=False, runtime_env=env, log_to_driver=False,
+                     configure_logging=False, _node_ip_address="127.0.0.1")
+        else:
+            ray.init(address=address, runtime_env=env, log_to_driver=False, configure_logging=False)
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=2)(timed_layer)
+        queue, running = list(todo), {}
+        limit = 2 * max(workers, int(ray.cluster_resources().get("CPU", 1)))
+        while queue or running:
+            while queue and len(running) < limit:
+                i, task = queue.pop(0)
+                running[remote.remote(task)] = i
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                save(running.pop(ref), ray.get(ref))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _write_weights(folder: Path, ckpt: Checkpoint, tasks: dict[str, LayerTask], factored: dict[str, int],
+                   state: _State, shard_bytes: int) -> list[Path]:
+    """Every tensor of the checkpoint in its order, a factored layer's weight (and bias) replaced by its
+    factors, written shard by shard and tensor by tensor: one tensor in memory at a time."""
+    replaced = {key: name for name in factored for key in tasks[name].keys.values()}
+    writer = ShardWriter(folder, shard_bytes)
+    for key, info in ckpt.tensors.items():
+        name = replaced.get(key)
+        if name is None:
+            writer.add(key, info.shape, info.dtype, lambda key=key: ckpt.tensor(key))
+        elif key == tasks[name].keys["weight"]:  # the factors take the weight's place
+            path = state.factors_path(factored[name])
+            for fkey, finfo in Checkpoint.open(path).tensors.items():
+                if fkey != "S":
+                    writer.add(fkey, finfo.shape, finfo.dtype, lambda path=path, fkey=fkey: _read(path, fkey))
+    return writer.close()
+
+
+def _read(path: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def _copy_companions(source: Path, folder: Path) -> None:
+    """A Hugging Face folder's small files (config, tokenizer) beside the factored weights."""
+    if not source.is_dir():
+        return
+    for f in sorted(source.iterdir()):
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copyfile(f, folder / f.name)

