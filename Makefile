@@ -30,6 +30,8 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# One pytest worker per core (pytest-xdist): the suite is mostly single-threaded work and takes about
+# half the time on CI's two cores.
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
