@@ -68,7 +68,10 @@ def test_replayed_prefix_matches_full_passes(shared, monkeypatch):
 
 def test_prefix_replays_only_modules_finished_before_the_layer():
     model = Net().eval()
-    prefix = _Prefix(model, torch.randn(2, 3, 6, 6))
-    before = prefix._before(model.blocks[2].conv2)
+    layer = model.blocks[2].conv2
+    prefix = _Prefix(model, torch.randn(2, 3, 6, 6), [layer])
+    before = prefix.before[layer]
     assert set(before) == {model.stem, model.blocks[0], model.blocks[1], model.blocks[2].conv, model.blocks[2].act}
-    assert _Prefix(Net(shared=True).eval(), torch.randn(2, 3, 6, 6)).usable == set()
+    assert set(prefix.cache) == set(before)  # only what a probe replays is recorded
+    shared = Net(shared=True).eval()
+    assert _Prefix(shared, torch.randn(2, 3, 6, 6), [shared.head]).usable == set()

@@ -441,7 +441,7 @@ class Calibrator:
         pays only for the part of the model from its layer on (about half the probe time on MobileNetV2)."""
         batches = self.batches[:limit]
         with _eval(self.model):
-            prefix = _Prefix(self.model, batches[0])
+            prefix = _Prefix(self.model, batches[0], [self.modules[n] for n in replacements])
             refs = []
             for b in batches:
                 with prefix.recording():
@@ -463,9 +463,10 @@ class _Prefix:
     A module qualifies when it is called once per forward, returns a tensor and has no ``forward`` of its
     own instance; for a layer, the outermost qualifying modules that finish before the layer starts (in the
     traced call order) are replayed from their reference outputs. Models that call a module more than once
-    per forward are run in full (the call order would not say which call precedes which)."""
+    per forward are run in full (the call order would not say which call precedes which). Only the modules
+    some probed layer replays are recorded, not every activation of the model."""
 
-    def __init__(self, model: nn.Module, batch: Batch) -> None:
+    def __init__(self, model: nn.Module, batch: Batch, layers: Sequence[nn.Module]) -> None:
         self.children = {m: list(m.children()) for m in model.modules()}
         self.root = model
         span: dict[nn.Module, list[int]] = {}
@@ -495,7 +496,8 @@ class _Prefix:
         self.span = span
         self.usable = {m for m in tensor_out if calls[m] == 1 and "forward" not in m.__dict__} \
             if all(c == 1 for c in calls.values()) else set()
-        self.cache: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in self.usable}
+        self.before = {layer: self._before(layer) for layer in layers}
+        self.cache: dict[nn.Module, list[torch.Tensor]] = {m: [] for ms in self.before.values() for m in ms}
 
     def _before(self, layer: nn.Module) -> list[nn.Module]:
         """The outermost usable modules that finish before ``layer`` starts."""
@@ -514,7 +516,7 @@ class _Prefix:
     def recording(self) -> Iterator[None]:
         # Cloned: a later in-place op (an in-place ReLU, ``x += ...``) may change the returned tensor.
         handles = [m.register_forward_hook(lambda mod, _a, out: self.cache[mod].append(out.clone()))
-                   for m in self.usable]
+                   for m in self.cache]
         try:
             yield
         finally:
@@ -523,7 +525,7 @@ class _Prefix:
 
     @contextmanager
     def replaying(self, layer: nn.Module, batch: int) -> Iterator[None]:
-        skipped = self._before(layer)
+        skipped = self.before[layer]
         for m in skipped:  # an instance attribute shadows the class's forward; a clone, as when recording
             m.forward = lambda *_a, _m=m, **_k: self.cache[_m][batch].clone()
         try:
