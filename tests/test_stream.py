@@ -109,6 +109,46 @@ def test_stream_plan_and_weights_match_in_memory_on_a_sharded_bf16_llama(llama, 
     assert set(index["weight_map"]) == set(got)
 
 
+def test_streamed_output_loads_with_compressor_load_as_the_in_memory_rewrite(llama, tmp_path):
+    import compressor
+    from compressor.core.plan import Plan
+    from compressor.core.rewrite import rewrite
+    from compressor.formats.load import load_model
+
+    out = tmp_path / "stream"
+    stream_compress(llama, out, mode="compress", energy=0.8, shard_bytes=40_000)
+    meta = json.loads((out / "compressor.json").read_text())
+    assert meta["architecture"]["kind"] == "hf" and meta["factored_layers"] == 16
+    assert not (out / "model.safetensors").exists()  # shards + index only
+    loaded = load_model(out)
+    plan = Plan.from_json(out / "plan.json")
+    assert loaded.format == "compressor" and loaded.meta["plan"].to_dict() == plan.to_dict()
+    model = compressor.load(out)
+    expected = load_model(llama).model
+    rewrite(expected, plan)  # the in-memory rewrite with the same plan
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, expected.eval()(input_ids=ids).logits
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+
+    # Strict: a tensor missing from the shards (index and shards agreeing) is refused, not filled in.
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = "elsewhere.safetensors"
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CompressorError):
+        compressor.load(out)
+
+
+def test_streamed_output_exports_to_onnx(tmp_path):
+    src = _llama(tmp_path / "llama", dtype=torch.float32)
+    stream_compress(src, tmp_path / "s", mode="compress", rank=4, shard_bytes=40_000)
+    torch.save({"input_ids": torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))},
+               tmp_path / "ex.pt")
+    report = compress(tmp_path / "s", tmp_path / "e", mode="export", progress=False, example_inputs=tmp_path / "ex.pt")
+    assert report.to_dict()["passed"] and (tmp_path / "e/model.onnx").is_file()
+
+
 def test_stream_gpt2_layout_transposed_and_tied(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)

@@ -65,6 +65,7 @@ __all__ = ["TRUST_FIX", "Loaded", "is_safe_global", "load", "load_model", "pickl
 FORMAT = "compressor-model"
 VERSION = 1
 WEIGHTS, PLAN, META, STRUCTURE = "model.safetensors", "plan.json", "compressor.json", "model.pt"
+INDEX = "model.safetensors.index.json"  # a Hugging Face folder's weights as shards (compress --stream)
 
 
 FORMATS = ("torch-module", "state-dict", "safetensors", "hf-folder", "compressor", "torch-export", "onnx")
@@ -625,7 +626,8 @@ def load_compressed(directory: str | Path, *, trust_pickle: bool = False, arch: 
                               f"{meta.get('version')}; this compressor reads {FORMAT} version {VERSION}",
                               "save the model again with this version of compressor")
     needs_plan = kind in ("hf", "arch") and meta.get("factored_layers", 0) > 0
-    for name in (WEIGHTS, *((PLAN,) if needs_plan else ())):
+    sharded = kind == "hf" and (directory / INDEX).is_file()  # written shard by shard (compress --stream)
+    for name in (INDEX if sharded else WEIGHTS, *((PLAN,) if needs_plan else ())):
         if not (directory / name).is_file():
             raise CompressorError(f"'{directory}' lacks {name}", "save the compressed model again")
     plan = Plan.from_json(directory / PLAN) if (directory / PLAN).is_file() else None
@@ -649,7 +651,8 @@ def load_compressed(directory: str | Path, *, trust_pickle: bool = False, arch: 
                               "save the compressed model again")
     if kind in ("hf", "arch") and plan is not None:
         build_factored(model, plan)
-    assign_weights(model, load_safetensors(directory / WEIGHTS, device), f"'{directory}'")
+    weights = _sharded_weights(directory, device) if sharded else load_safetensors(directory / WEIGHTS, device)
+    assign_weights(model, weights, f"'{directory}'")
     if device is not None:
         model.to(device)  # buffers the weights file does not hold
     model.eval()
@@ -657,6 +660,25 @@ def load_compressed(directory: str | Path, *, trust_pickle: bool = False, arch: 
                   tokenizer=tokenizer,
                   meta={"compressor": meta, "plan": plan, "arch": arch or stored_arch,
                         "needs_trust_pickle": needs_trust})
+
+
+def _sharded_weights(directory: Path, device) -> dict[str, torch.Tensor]:
+    """Every tensor of the shards ``model.safetensors.index.json`` names, each shard read as
+    :func:`load_safetensors` reads one file; a tensor stored twice, or not where the index says, is refused."""
+    from compressor.formats.shards import index_files
+
+    files, weight_map = index_files(directory, directory / INDEX)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        for name, t in load_safetensors(f, device).items():
+            if name in tensors or weight_map.get(name) != f.name:
+                raise CompressorError(f"tensor '{name}' in '{f}' is not where '{directory / INDEX}' puts it",
+                                      "save the compressed model again")
+            tensors[name] = t
+    if len(tensors) != len(weight_map):
+        raise CompressorError(f"'{directory / INDEX}' names {len(weight_map)} tensors, the shards hold "
+                              f"{len(tensors)}", "save the compressed model again")
+    return tensors
 
 
 def _build_hf(directory: Path, info: dict) -> nn.Module:

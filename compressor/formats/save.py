@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
-from compressor.core.fileio import atomic_folder
+from compressor.core.fileio import atomic_folder, atomic_write_text
 from compressor.core.layers import LOW_RANK_TYPES
 from compressor.core.plan import Plan
 from compressor.core.version import __version__
@@ -66,26 +66,43 @@ def _write(model: nn.Module, tmp: Path, plan: Plan | None, source: Loaded | None
     save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
     if plan is not None:
         plan.to_json(tmp / PLAN)
+    write_meta(tmp, _write_architecture(model, tmp, plan, source),
+               sum(isinstance(m, LOW_RANK_TYPES) for m in model.modules()),
+               (str(source.source), source.format) if source is not None else None)
+
+
+def write_meta(folder: Path, architecture: dict, factored_layers: int,
+               source: tuple[str, str] | None = None) -> None:
+    """Write ``compressor.json`` (atomically) into ``folder``: how to rebuild the architecture (see
+    :func:`hf_architecture`), how many layers the plan factored, and ``(path, format)`` of the original."""
     meta: dict[str, Any] = {"format": FORMAT, "version": VERSION,
                             "compressor_version": __version__, "torch_version": torch.__version__,
-                            "architecture": _write_architecture(model, tmp, plan, source),
-                            "factored_layers": sum(isinstance(m, LOW_RANK_TYPES) for m in model.modules())}
+                            "architecture": architecture, "factored_layers": factored_layers}
     if source is not None:
-        meta["source"] = {"path": str(source.source), "format": source.format}
-    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        meta["source"] = {"path": source[0], "format": source[1]}
+    atomic_write_text(folder / META, json.dumps(meta, indent=2) + "\n")
 
 
-def _write_architecture(model: nn.Module, tmp: Path, plan: Plan | None, source: Loaded | None) -> dict:
+def hf_architecture(model: nn.Module) -> dict | None:
+    """The ``architecture`` entry of ``compressor.json`` for a Hugging Face model (a skeleton on the meta
+    device will do), or None when ``model`` is not one transformers can rebuild from its config."""
     transformers = sys.modules.get("transformers")  # an HF model means transformers is imported already
     if (transformers is not None and isinstance(model, transformers.PreTrainedModel)
             and getattr(transformers, type(model).__name__, None) is type(model)):
+        return {"kind": "hf", "class": type(model).__name__,
+                "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+    return None
+
+
+def _write_architecture(model: nn.Module, tmp: Path, plan: Plan | None, source: Loaded | None) -> dict:
+    hf = hf_architecture(model)
+    if hf is not None:
         _check_plan_matches(model, plan)
         model.config.to_json_file(tmp / "config.json")
         tokenizer = source.tokenizer if source is not None else None
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        return {"kind": "hf", "class": type(model).__name__,
-                "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+        return hf
     torch.save(_meta_copy(model), tmp / STRUCTURE)
     unsafe = [g for g in pickle_globals(tmp / STRUCTURE) if not is_safe_global(g)]
     if not unsafe:

@@ -63,7 +63,7 @@ class Checkpoint:
         if path.is_dir():
             index = path / INDEX
             if index.is_file():
-                files = _index_files(path, index)
+                files = index_files(path, index)[0]
             elif (path / SINGLE).is_file():
                 files = [path / SINGLE]
             else:
@@ -114,11 +114,14 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
-def _index_files(folder: Path, index: Path) -> list[Path]:
+def index_files(folder: Path, index: Path) -> tuple[list[Path], dict[str, str]]:
+    """The shard files a safetensors index names (each a file in ``folder``), and its ``weight_map``."""
     try:
         data = json.loads(regular_file(index, "checkpoint index").read_text())
         weight_map = data["weight_map"]
         names = list(dict.fromkeys(weight_map.values()))
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise TypeError
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CompressorError(f"'{index}' is not a safetensors index (no \"weight_map\")",
                               "repair or re-download the checkpoint") from None
@@ -129,7 +132,7 @@ def _index_files(folder: Path, index: Path) -> list[Path]:
             raise CompressorError(f"'{index}' names the shard '{name}', which is not a file in the folder",
                                   "repair or re-download the checkpoint")
         files.append(f)
-    return files
+    return files, weight_map
 
 
 _NAMES = {v: k for k, v in _DTYPES.items()}

@@ -12,7 +12,8 @@ folder beside the output (``.OUT.stream/``) with a fingerprint of the checkpoint
 same command run again after a crash or SIGKILL continues from there and writes the same bytes. The
 output folder holds ``plan.json`` (the same bytes as the in-memory analysis), ``stream.json`` (per-layer
 times), and with ``mode="compress"`` the factored weights, shard by shard, with the folder's other
-files (config, tokenizer) copied.
+files (config, tokenizer) copied and, for a Hugging Face folder, the ``compressor.json``
+:func:`compressor.formats.save.save` writes, so that :func:`compressor.load` reads the output.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.core.plan import Plan
 from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate, policy_from_options, policy_to_dict
 from compressor.core.svd import Decomposition
+from compressor.formats.save import hf_architecture, write_meta
 from compressor.formats.shards import Checkpoint, ShardWriter
 from compressor.jobs.compress import Options, default_out, weights_only_model
 
@@ -132,6 +134,9 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
             factored = {n: i for i, n in enumerate(names) if plan.layer(n).rank is not None}
             summary["files"] = [p.name for p in _write_weights(tmp, ckpt, tasks, factored, state, opts.shard_bytes)]
             _copy_companions(source, tmp)
+            architecture = hf_architecture(skeleton)
+            if architecture is not None:  # a folder compressor.load reads (a bare file's stand-in is not)
+                write_meta(tmp, architecture, len(factored), (str(source), "hf-folder"))
             summary["rewrite_seconds"] = round(time.perf_counter() - t, 3)
         atomic_write_text(tmp / "stream.json", json.dumps(summary, indent=2) + "\n")
     state.remove()
