@@ -253,3 +253,23 @@ def test_minilm_exports_and_validates_dense_and_factored(tmp_path):
         want = model(input_ids=other["input_ids"], attention_mask=other["attention_mask"]).last_hidden_state
     assert got.shape == tuple(want.shape) and abs(got - want.numpy()).max() < 1e-4
     assert file_size(factored) < 0.9 * file_size(dense)
+
+
+class _Overflow(nn.Module):
+    """A model whose outputs are infinite: the differences between torch and onnxruntime are not finite."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc(x) * float("inf")
+
+
+def test_a_difference_that_is_not_finite_is_reported_not_crashed_on(tmp_path):
+    torch.manual_seed(0)
+    torch.save(_Overflow(), tmp_path / "m.pt")
+    report = compressor.compress(tmp_path / "m.pt", tmp_path / "out", rank=4, trust_pickle=True,
+                                 input_shapes=["2x16"])
+    assert report.onnx["max_abs_diff"] is None and not report.onnx["passed"]
+    assert "| n/a |" in (tmp_path / "out" / "report.md").read_text()

@@ -30,7 +30,7 @@ from compressor.core.errors import CompressorError
 from compressor.core.output import interrupt_exit_code, interrupt_on_sigterm
 from compressor.export.onnx import DEFAULT_OPSET, FACTOR_STORAGE, VARIANTS
 from compressor.jobs.compress import Options
-from compressor.report.report import VALIDATED, Report, criterion
+from compressor.report.report import VALIDATED, Report, criterion, number
 from compressor.search.recipes import DEFAULT_INT4_CORRECTIONS, DEFAULT_TARGETS, PRECISIONS
 
 EXIT_BAD_INPUT = 2
@@ -280,8 +280,8 @@ def summary(r: Report) -> str:
         lines.append(f"  note: {note}")
     if r.fidelity:
         f = r.fidelity
-        lines.append(f"  fidelity          cosine to original {f['cosine_mean']:.5f} (min {f['cosine_min']:.5f}) "
-                     "on the example inputs")
+        lines.append(f"  fidelity          cosine to original {number(f['cosine_mean'], '.5f')} "
+                     f"(min {number(f['cosine_min'], '.5f')}) on the example inputs")
     for v in (getattr(r, key) for key in VALIDATED):
         if not v:
             continue
@@ -289,8 +289,9 @@ def summary(r: Report) -> str:
             lines.append(f"  onnx              skipped: {v['skipped']}")
             continue
         tol = criterion(v)
-        lines.append(f"  {v['path']:<17} {v['size_bytes'] / 1e6:.2f} MB, max abs diff {v['max_abs_diff']:.2e}, "
-                     f"cosine {v['cosine']:.6f} ({tol}): {'PASS' if v['passed'] else 'FAIL'}")
+        lines.append(f"  {v['path']:<17} {v['size_bytes'] / 1e6:.2f} MB, "
+                     f"max abs diff {number(v['max_abs_diff'], '.2e')}, cosine {number(v['cosine'], '.6f')} "
+                     f"({tol}): {'PASS' if v['passed'] else 'FAIL'}")
         if v.get("kept_fp16"):
             lines.append(f"    kept in fp16    {', '.join(v['kept_fp16'])}")
         if v.get("correction"):

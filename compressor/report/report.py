@@ -158,6 +158,12 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
+def number(x: float | None, spec: str) -> str:
+    """``x`` formatted with ``spec``, or "n/a" for a value JSON could not hold (a NaN or infinite difference
+    is stored as None)."""
+    return "n/a" if x is None else format(x, spec)
+
+
 def criterion(v: dict[str, Any]) -> str:
     """The pass rule of a validation, in words: ``atol 0.0001`` and/or ``cosine >= 0.9``."""
     rules = ([f"atol {v['atol']:g}"] if v.get("atol") is not None else []) + (
@@ -206,8 +212,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f = r["fidelity"]
         what = "ONNX graph" if r["source"].get("format") == "onnx" else "torch model"
         lines += [f"## Fidelity of the compressed {what} to the original (example inputs)", "",
-                  f"cosine mean {f['cosine_mean']:.5f}, min {f['cosine_min']:.5f}, relative error "
-                  f"{f['relative_error']:.4f}", ""]
+                  f"cosine mean {number(f['cosine_mean'], '.5f')}, min {number(f['cosine_min'], '.5f')}, "
+                  f"relative error {number(f['relative_error'], '.4f')}", ""]
     if any(k in r for k in VALIDATED):
         against = ("the original ONNX model; variants vs `model.onnx`" if r["source"].get("format") == "onnx"
                    else "the torch model")
@@ -221,8 +227,8 @@ def render_markdown(r: dict[str, Any]) -> str:
                 lines.append(f"| - | | | | | skipped: {v['skipped']} |")
                 continue
             tol = criterion(v)
-            lines.append(f"| `{v['path']}` | {_mb(v.get('size_bytes'))} | {v.get('max_abs_diff', 0):.2e} | "
-                         f"{v.get('cosine', float('nan')):.6f} | {tol} | "
+            lines.append(f"| `{v['path']}` | {_mb(v.get('size_bytes'))} | {number(v.get('max_abs_diff', 0), '.2e')} | "
+                         f"{number(v.get('cosine', float('nan')), '.6f')} | {tol} | "
                          f"{'PASS' if v.get('passed') else '**FAIL**'} |")
             for problem in v.get("graph_problems", []):
                 lines.append(f"> graph: {problem}")
