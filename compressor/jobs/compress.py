@@ -12,7 +12,6 @@ import copy
 import json
 import math
 import os
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from compressor.data.inputs import call, cosine_fidelity, eval_mode, sequence_ax
 from compressor.formats.onnx_graph import is_onnx
 from compressor.formats.shards import DEFAULT_SHARD_BYTES
 from compressor.jobs.compress_onnx import compress_onnx
-from compressor.report.report import Report, build_report, write_report
+from compressor.report.report import Report, StepTimes, build_report, write_report
 
 if TYPE_CHECKING:
     from compressor.train.heal import HealConfig
@@ -156,14 +155,8 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
     OutputDir(out, opts.force).check()
     if is_onnx(source):
         return compress_onnx(source, out, mode, opts, shapes=input_shapes(opts), low_fidelity=LOW_FIDELITY_COSINE)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def step(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 4)
-        clock = now
+    timings = StepTimes()
+    step = timings.step
 
     with torch_threads(LINALG_THREADS if opts.threads is None else None):  # weight-only work (core.threads)
         loaded = load_model(source, trust_pickle=opts.trust_pickle, arch=opts.arch)

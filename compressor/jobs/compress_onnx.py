@@ -5,7 +5,6 @@ sends ``.onnx`` inputs (detected by content) here; the plan and report are the t
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from compressor.core.errors import CompressorError
 from compressor.core.output import OutputDir
 from compressor.core.plan import Plan
 from compressor.core.rewrite import rewrite
-from compressor.report.report import Report, build_report, write_report
+from compressor.report.report import Report, StepTimes, build_report, write_report
 
 # Float graph inputs without --example-inputs are validated on random normal inputs, symbolic axes this long.
 SYMBOLIC_AXIS = 2
@@ -39,14 +38,8 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
     if opts.arch or opts.trust_pickle:
         raise CompressorError("--arch and --trust-pickle are for torch files; an ONNX file needs neither",
                               "leave them out")
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def step(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 4)
-        clock = now
+    timings = StepTimes()
+    step = timings.step
 
     graph = read_onnx(source)
     model = OnnxModel(graph)  # refuses a graph with nothing to factor

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import math
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,19 @@ def _size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
+
+
+class StepTimes(dict):
+    """Seconds per step of a job (``report.timings_s``): ``step(name)`` records the time since the last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = time.perf_counter()
+
+    def step(self, name: str) -> None:
+        now = time.perf_counter()
+        self[name] = round(now - self._clock, 4)
+        self._clock = now
 
 
 def number(x: float | None, spec: str) -> str:
