@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from compressor.cli.common import fail
 from compressor.core.errors import CompressorError
 
 _load_options = [
@@ -27,13 +28,6 @@ def _with(options):
             f = opt(f)
         return f
     return apply
-
-
-def _fail(err: CompressorError, debug: bool) -> None:
-    if debug:
-        raise err
-    click.echo(f"error: {err.for_cli()}", err=True)
-    sys.exit(err.exit_code)
 
 
 @click.group("lora", no_args_is_help=False)
@@ -59,7 +53,7 @@ def extract_cmd(base: Path, tuned: Path, energy: float | None, rank: int | None,
         report = extract_folder(base, tuned, out, energy=energy, rank=rank, force=force, trust_pickle=trust_pickle,
                                 arch=arch, command=command)
     except CompressorError as err:
-        _fail(err, debug)
+        fail(err, debug)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -85,5 +79,5 @@ def merge_cmd(base: Path, adapter: Path, out: Path, force: bool, trust_pickle: b
     try:
         merge_folder(base, adapter, out, force=force, trust_pickle=trust_pickle, arch=arch)
     except CompressorError as err:
-        _fail(err, debug)
+        fail(err, debug)
     click.echo(f"{base} + {adapter} -> {out}/")

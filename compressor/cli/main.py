@@ -24,6 +24,7 @@ from typing import Any
 
 import click
 
+from compressor.cli.common import fail
 from compressor.cli.lora import lora
 from compressor.cli.train import checkpoints, heal_config_options
 from compressor.core.errors import CompressorError
@@ -211,10 +212,7 @@ def _run_stream(mode: str, model: Path, kw: dict[str, Any]) -> None:
         summary = stream_compress(model, out, mode="compress" if mode == "compress" else "analyze",
                                   options=Options(**fields))
     except CompressorError as err:
-        if debug:
-            raise
-        click.echo(f"error: {err.for_cli()}", err=True)
-        sys.exit(err.exit_code)
+        fail(err, debug)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
@@ -249,10 +247,7 @@ def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
             warnings.simplefilter("ignore", LowFidelityWarning)
             report = compress(model, out, mode=mode, options=Options(**kw))
     except CompressorError as err:
-        if debug:
-            raise
-        click.echo(f"error: {err.for_cli()}", err=True)
-        sys.exit(err.exit_code)
+        fail(err, debug)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))  # its "warnings" say what the lines below would
     else:
@@ -412,10 +407,7 @@ def heal_cmd(model: Path, **kw: Any) -> None:
             warnings.showwarning = lambda message, *_, **__: click.echo(f"warning: {message}", err=True)
             summary = heal_folder(model, out, command=command, config=config, **kw)
     except CompressorError as err:
-        if debug:
-            raise
-        click.echo(f"error: {err.for_cli()}", err=True)
-        sys.exit(err.exit_code)
+        fail(err, debug)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
     elif not quiet:
@@ -505,10 +497,7 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
                             int4_corrections=[c.strip() for c in int4_corrections.split(",") if c.strip()],
                             cache_dir=cache_dir, eval_inputs=eval_inputs, options=Options(**kw), log=log)
     except CompressorError as err:
-        if debug:
-            raise
-        click.echo(f"error: {err.for_cli()}", err=True)
-        sys.exit(err.exit_code)
+        fail(err, debug)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from compressor.cli.common import fail
 from compressor.core.errors import CompressorError
 from compressor.train.checkpoint import format_checkpoints, list_checkpoints, run_history
 from compressor.train.heal import HealConfig, setting_types
@@ -52,8 +53,7 @@ def list_cmd(directory: Path, as_json: bool, plot: Path | None) -> None:
             plot_metric_history(run["history"], run.get("monitor") or "train_loss", plot,
                                 best_step=run.get("best_step"), mode=run.get("mode"))
     except CompressorError as err:
-        click.echo(f"error: {err.for_cli()}", err=True)
-        sys.exit(err.exit_code)
+        fail(err)
     click.echo(json.dumps([asdict(r) for r in rows], indent=1) if as_json else format_checkpoints(rows))
     refused = [r for r in rows if r.refused]
     if refused:
@@ -82,8 +82,7 @@ def diff_cmd(a: Path, b: Path, energy: float, top: int, as_json: bool, trust_pic
         diff = diff_weights(read_weights(a, trust_pickle=trust_pickle, arch=arch),
                             read_weights(b, trust_pickle=trust_pickle, arch=arch), energy)
     except CompressorError as err:
-        click.echo(f"error: {err.for_cli()}", err=True)
-        sys.exit(err.exit_code)
+        fail(err)
     click.echo(json.dumps(diff.to_dict(), indent=1) if as_json else format_diff(diff, top))
 
 
