@@ -273,3 +273,25 @@ def test_a_difference_that_is_not_finite_is_reported_not_crashed_on(tmp_path):
                                  input_shapes=["2x16"])
     assert report.onnx["max_abs_diff"] is None and not report.onnx["passed"]
     assert "| n/a |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_bfloat16_model_is_exported_as_float32_and_validates(tmp_path):
+    # onnxruntime has no bfloat16 CPU MatMul: a bfloat16 graph could not even be loaded for validation.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8)).to(torch.bfloat16)
+    torch.save(model, tmp_path / "m.pt")
+    report = compressor.compress(tmp_path / "m.pt", tmp_path / "out", rank=4, trust_pickle=True,
+                                 input_shapes=["2x32"], variants=("fp16",))
+    assert report.onnx["passed"] and report.fp16["passed"], (report.onnx, report.fp16)
+    assert any("bfloat16 weights are exported as float32" in n for n in report.notes)
+    graph = onnx.load(tmp_path / "out" / "model.onnx").graph
+    assert {i.data_type for i in graph.initializer} == {onnx.TensorProto.FLOAT}
+    # the saved torch model keeps its dtype: only the ONNX file is widened
+    assert all(p.dtype == torch.bfloat16 for p in compressor.load(tmp_path / "out").parameters())
+
+
+def test_a_failed_validation_says_why_in_the_report(tmp_path):
+    torch.manual_seed(0)
+    torch.save(_Overflow(), tmp_path / "m.pt")
+    compressor.compress(tmp_path / "m.pt", tmp_path / "out", rank=4, trust_pickle=True, input_shapes=["2x16"])
+    assert "> `model.onnx`: the ONNX model produced NaN or Inf" in (tmp_path / "out" / "report.md").read_text()

@@ -287,6 +287,8 @@ def summary(r: Report) -> str:
         lines.append(f"  {v['path']:<17} {v['size_bytes'] / 1e6:.2f} MB, "
                      f"max abs diff {number(v['max_abs_diff'], '.2e')}, cosine {number(v['cosine'], '.6f')} "
                      f"({tol}): {'PASS' if v['passed'] else 'FAIL'}")
+        for problem in v.get("problems") or []:
+            lines.append(f"    problem         {problem}")
         if v.get("kept_fp16"):
             lines.append(f"    kept in fp16    {', '.join(v['kept_fp16'])}")
         if v.get("correction"):

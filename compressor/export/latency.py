@@ -226,8 +226,11 @@ def break_even(module: nn.Module, x: torch.Tensor, *, threads: int, table: Laten
     """The largest rank at which ``module``'s factored form runs faster than it on input ``x`` (0: at no
     rank), found by bisection over ``1 .. max saving rank`` assuming the factored latency grows with the
     rank; ``{"break_even", "ratios": {rank: factored / dense}, "threads"}``, cached in ``table``."""
+    from compressor.export.onnx import onnx_ready
+
     table = table if table is not None else LatencyTable()
     timer = timer or compare_onnx
+    module, x, _ = onnx_ready(module, x)  # timed as it will be exported (bfloat16 widened to float32)
     key = layer_key(module, x, threads)
     if (hit := table.get(key)) is not None:
         return hit
@@ -268,6 +271,8 @@ def latency_decisions(model: nn.Module, plan: Plan, inputs: Any, *, threads: int
     """For every layer ``plan`` factors (``model`` is the dense model the plan was made for): its rank, the
     measured break-even rank at the input it receives on ``inputs`` (the user's batch shape), and whether
     the factored form is faster (``faster``; None when ``inputs`` never reach the layer)."""
+    from compressor.export.onnx import onnx_ready
+
     table = table if table is not None else LatencyTable()
     names = {lp.name for lp in plan.factored}
     xs = layer_inputs(model, inputs, names)
@@ -277,7 +282,7 @@ def latency_decisions(model: nn.Module, plan: Plan, inputs: Any, *, threads: int
         if x is None:
             out[lp.name] = {"rank": lp.rank, "faster": None, "break_even": None}
             continue
-        cached = table.get(layer_key(model.get_submodule(lp.name), x, threads)) is not None
+        cached = table.get(layer_key(*onnx_ready(model.get_submodule(lp.name), x)[:2], threads)) is not None
         be = break_even(model.get_submodule(lp.name), x, threads=threads, table=table, timer=timer)
         if log and not cached:
             log(f"latency  {lp.name} {'x'.join(map(str, x.shape))}: break-even rank {be['break_even']} "

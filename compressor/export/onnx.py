@@ -14,6 +14,7 @@ every input and output is the batch axis, dynamic in the exported graph.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
@@ -33,7 +34,7 @@ from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_files
 from compressor.core.handlers import INT4_BLOCK_SIZE, INT4_SYMMETRIC, handler_of_kind
 from compressor.core.plan import Plan
-from compressor.data.inputs import call, eval_mode, flatten, model_device, named_outputs, to_device
+from compressor.data.inputs import call, eval_mode, flatten, map_tensors, model_device, named_outputs, to_device
 from compressor.export.measure import file_size
 from compressor.formats.onnx_graph import feeds, module_name
 
@@ -95,6 +96,22 @@ def onnx_outputs(model: Any, inputs: Any) -> list[tuple[str, np.ndarray]]:
 
 
 # ---------------------------------------------------------------------------------------- export
+
+
+def onnx_ready(model: nn.Module, inputs: Any) -> tuple[nn.Module, Any, str | None]:
+    """The model and inputs to export and validate: themselves, or float32 copies when the model holds
+    bfloat16 tensors, with a note saying so.
+
+    Why: onnxruntime's CPU kernels have no bfloat16 MatMul, Gemm or Conv, so a bfloat16 graph cannot be
+    loaded where the file is validated (nor on most edge runtimes). Widening bfloat16 to float32 is exact;
+    the fp16 variant then halves the file again.
+    """
+    if not any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *model.buffers())):
+        return model, inputs, None
+    widened = map_tensors(inputs, lambda t: t.float() if t.dtype == torch.bfloat16 else t)
+    return (copy.deepcopy(model).float(), widened,
+            "bfloat16 weights are exported as float32 (exact; onnxruntime has no bfloat16 CPU kernels) and "
+            "validated against the float32 copy; the fp16 variant halves the file")
 
 
 def check_opset(opset: int) -> int:

@@ -397,8 +397,11 @@ def example_inputs(loaded, opts: Options):
     from compressor.data.readers import load_example_inputs
 
     if opts.input_shapes:
+        # Random inputs in the model's floating dtype (a bfloat16 model cannot take float32 inputs).
+        dtype = next((p.dtype for p in (loaded.model.parameters() if loaded.model is not None else ())
+                      if p.is_floating_point()), torch.float32)
         g = torch.Generator().manual_seed(0)
-        tensors = tuple(torch.randn(s, generator=g) for s in input_shapes(opts))
+        tensors = tuple(torch.randn(s, generator=g).to(dtype) for s in input_shapes(opts))
         return tensors[0] if len(tensors) == 1 else tensors
     if opts.example_inputs is not None:
         return load_example_inputs(opts.example_inputs)
@@ -410,13 +413,23 @@ def example_inputs(loaded, opts: Options):
 
 def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: Plan | None,
             opts: Options, calibration: list | None = None) -> dict[str, Any]:
-    from compressor.export.onnx import VARIANTS, check_factored_graph, export_int8, export_onnx, validate_onnx
+    from compressor.export.onnx import (
+        VARIANTS,
+        check_factored_graph,
+        export_int8,
+        export_onnx,
+        onnx_ready,
+        validate_onnx,
+    )
     from compressor.search.sensitivity import int8_sensitivity, most_sensitive
 
+    compressed, original_inputs = model, inputs
+    model, inputs, widened = onnx_ready(model, inputs)
     path = export_onnx(model, inputs, folder / "model.onnx", opset=opts.opset,
                        dynamic_axes=sequence_axes(inputs))
     problems = check_factored_graph(path, plan) if plan is not None and plan.factored else []
-    result = {"onnx": validate_onnx(path, model, inputs, atol=opts.atol), "graph_problems": problems}
+    result = {"onnx": validate_onnx(path, model, inputs, atol=opts.atol), "graph_problems": problems,
+              "notes": [widened] if widened else []}
     for kind in opts.variants:
         # Rounded weights move outputs by more than --atol; variants are held to a cosine floor.
         v = VARIANTS[kind]
@@ -430,9 +443,10 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
         else:
             written = v.write(path, folder / f"model.{kind}.onnx")
         result[kind] = validate_onnx(written, model, inputs, atol=None, min_cosine=v.min_cosine, variant=kind)
-    result["fidelity"] = output_fidelity(original, model, inputs, opts.outputs) if original is not model else None
-    if opts.latency_aware and original is not model:
-        result["latency"] = _latency(original, model, inputs, folder, opts)
+    result["fidelity"] = (output_fidelity(original, compressed, original_inputs, opts.outputs)
+                          if original is not compressed else None)
+    if opts.latency_aware and original is not compressed:
+        result["latency"] = _latency(original, compressed, original_inputs, folder, opts)
     return result
 
 
@@ -465,8 +479,10 @@ def _latency(original: nn.Module, model: nn.Module, inputs, folder: Path, opts: 
 
     from compressor.export.latency import latency_vs_macs
     from compressor.export.measure import count_macs
-    from compressor.export.onnx import export_onnx
+    from compressor.export.onnx import export_onnx, onnx_ready
 
+    original, _, _ = onnx_ready(original, inputs)  # timed as exported (bfloat16 widened to float32)
+    model, inputs, _ = onnx_ready(model, inputs)
     macs = count_macs(original, inputs)["total"]
     files = {p.name: p for p in (folder / "model.onnx", *(folder / f"model.{v}.onnx" for v in opts.variants))}
     with tempfile.TemporaryDirectory(prefix="compressor-dense-") as tmp:

@@ -122,6 +122,8 @@ def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | Non
                      layers=[{k: getattr(lp, k) for k in LAYER_FIELDS} for lp in plan.layers])
     if loaded is not None and loaded.meta.get("notes"):  # what loading changed (e.g. a stripped key prefix)
         extra["notes"] = [*loaded.meta["notes"], *(extra.get("notes") or [])]
+    if exports.get("notes"):  # what exporting changed (e.g. bfloat16 widened to float32)
+        extra["notes"] = [*(extra.get("notes") or []), *exports["notes"]]
     if "skipped" in exports:
         extra["onnx"] = {"skipped": exports["skipped"]}
     for key in VALIDATED:
@@ -246,6 +248,8 @@ def render_markdown(r: dict[str, Any]) -> str:
                          f"{'PASS' if v.get('passed') else '**FAIL**'} |")
             for problem in v.get("graph_problems", []):
                 lines.append(f"> graph: {problem}")
+            for problem in v.get("problems", []):
+                lines.append(f"> `{v['path']}`: {problem}")
         lines.append("")
         if (r.get("int8") or {}).get("kept_fp16"):
             lines += [f"`model.int8.onnx` keeps these layers in fp16 (those whose int8 rounding moved the "
