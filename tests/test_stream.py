@@ -262,6 +262,52 @@ def test_a_changed_setting_is_refused_in_one_line_or_restarted(llama, tmp_path):
     assert summary["resumed_layers"] == 0 and (out / "plan.json").is_file() and not state.exists()
 
 
+def test_one_byte_changed_in_place_with_size_and_mtime_restored_is_refused(tmp_path, monkeypatch):
+    model = _llama(tmp_path / "m")
+    out = tmp_path / "o"
+    import compressor.jobs.stream as s
+
+    run, calls = s.timed_layer, []
+
+    def crash_after_two(task):  # a run that dies after two finished layers, leaving its state behind
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        calls.append(task.name)
+        return run(task)
+
+    monkeypatch.setattr(s, "timed_layer", crash_after_two)
+    with pytest.raises(RuntimeError, match="killed"):
+        stream_compress(model, out, rank=4)
+    monkeypatch.setattr(s, "timed_layer", run)
+    assert len(list((state_dir(out) / "layers").glob("*.safetensors"))) == 2
+
+    # One byte in the middle of a weight's data, size and mtime put back: only the content differs.
+    from compressor.formats.shards import Checkpoint
+
+    key = "model.layers.1.mlp.down_proj.weight"
+    shard = Checkpoint.open(model).tensors[key].file
+    with open(shard, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        start, end = json.loads(f.read(header))[key]["data_offsets"]
+    where = 8 + header + (start + end) // 2
+    st = os.stat(shard)
+    with open(shard, "r+b") as f:
+        f.seek(where)
+        old = f.read(1)
+        f.seek(where)
+        f.write(bytes([old[0] ^ 0x01]))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(shard).st_size == st.st_size and os.stat(shard).st_mtime_ns == st.st_mtime_ns
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "compressor", "analyze", str(model), "--stream", "--rank", "4", "--out", str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1
+    assert "(the model files changed)" in r.stderr and "--restart" in r.stderr
+    summary = stream_compress(model, out, rank=4, restart=True)
+    assert summary["resumed_layers"] == 0 and (out / "plan.json").is_file() and not state_dir(out).exists()
+
+
 # ------------------------------------------------------------------------------------------ parallel
 
 
