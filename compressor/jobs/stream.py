@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -73,12 +74,15 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
     OutputDir(out, opts.force).check()
     clock = time.perf_counter()
     ckpt = Checkpoint.open(source)
+    hashed = time.perf_counter()
+    fingerprint = ckpt.fingerprint()
+    hashed = time.perf_counter() - hashed
     include, exclude = list(opts.include), list(opts.exclude)
     factor = mode == "compress"
     # Checked before the skeleton is built, so that a changed input is told at once.
     settings = {"policy": policy_to_dict(policy), "rank_multiple": opts.rank_multiple, "include": include,
                 "exclude": exclude, "svd": opts.svd, "factor": factor, "calibration": None, "device": opts.device}
-    state = _State(state_dir(out), {"format": STATE_FORMAT, "checkpoint": ckpt.fingerprint(), "settings": settings},
+    state = _State(state_dir(out), {"format": STATE_FORMAT, "checkpoint": fingerprint, "settings": settings},
                    opts.restart)
     skeleton = _skeleton(source, ckpt)
     found = find_layers(skeleton, include, exclude)
@@ -126,7 +130,8 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
                "workers": 1 if opts.ray is None and opts.workers <= 1 else opts.workers,
                "ray": opts.ray, "shards_in": len(ckpt.files), "layers": len(names), "resumed_layers": resumed,
                "seconds_per_layer": {n: layers[n]["seconds"] for n in names}, "analyze_seconds": round(analysed, 3),
-               "totals": plan.totals()}
+               "fingerprint_seconds": round(hashed, 3), "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.files),
+               "peak_rss_analyze_gib": _peak_rss_gib(), "totals": plan.totals()}
     with OutputDir(out, opts.force) as tmp:
         plan.to_json(tmp / "plan.json")
         if factor:
@@ -138,9 +143,15 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
             if architecture is not None:  # a folder compressor.load reads (a bare file's stand-in is not)
                 write_meta(tmp, architecture, len(factored), (str(source), "hf-folder"))
             summary["rewrite_seconds"] = round(time.perf_counter() - t, 3)
+        summary["peak_rss_gib"] = _peak_rss_gib()
         atomic_write_text(tmp / "stream.json", json.dumps(summary, indent=2) + "\n")
     state.remove()
     return summary
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory so far (the kernel's high-water mark; KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3)
 
 
 def _check(opts: Options):
