@@ -202,11 +202,49 @@ def test_randomized_stream_records_the_check_in_the_plan(llama, tmp_path):
     assert "svd" not in layers["model.embed_tokens"] or layers["model.embed_tokens"]["svd"]["method"]
     with pytest.raises(CompressorError, match="include pattern 'nope' matches no layer"):
         stream_compress(llama, tmp_path / "t", rank=4, include=["nope"])
-    with pytest.raises(CompressorError, match="randomized SVD finds only"):
+    with pytest.raises(CompressorError, match="randomized SVD finds only") as err:
         stream_compress(llama, tmp_path / "t", target=0.3, svd="randomized")
+    assert "--max-rank" in err.value.for_cli() and "\n" not in err.value.for_cli()
     with pytest.raises(CompressorError, match="device 'nosuch' cannot be used"):
         stream_compress(llama, tmp_path / "t", rank=4, device="nosuch")
     assert not state_dir(tmp_path / "t").exists()
+
+
+def _decaying(path: Path) -> Path:
+    """A bare .safetensors of a small MLP whose weights have decaying spectra (as trained weights do)."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    for i, (m, n, decay) in enumerate([(96, 80, 0.85), (80, 64, 0.8), (120, 64, 0.9), (64, 96, 0.75)]):
+        q1, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g))
+        q2, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g))
+        tensors[f"net.{i}.weight"] = (q1 * decay ** torch.arange(float(min(m, n)))) @ q2.T
+        tensors[f"net.{i}.bias"] = torch.randn(m, generator=g)
+    from safetensors.torch import save_file
+
+    save_file(tensors, path)
+    return path
+
+
+def test_bounded_randomized_target_plans_the_ranks_of_the_exact_one(tmp_path):
+    model = _decaying(tmp_path / "mlp.safetensors")
+    exact = stream_compress(model, tmp_path / "exact", target=0.4, max_rank=12)
+    rand = stream_compress(model, tmp_path / "rand", mode="compress", target=0.4, max_rank=12, svd="randomized")
+    plans = {k: json.loads((tmp_path / k / "plan.json").read_text()) for k in ("exact", "rand")}
+    ranks = {k: {lp["name"]: lp["rank"] for lp in p["layers"]} for k, p in plans.items()}
+    assert ranks["exact"] == ranks["rand"] and exact["totals"] == rand["totals"]
+    assert all(r is None or r <= 12 for r in ranks["rand"].values()) and any(ranks["rand"].values())
+    assert rand["totals"]["removed_fraction"] >= 0.4  # above it by a step from dense to <= 12 at most
+    assert plans["rand"]["policy"]["max_rank"] == 12 and plans["rand"]["policy"]["svd"] == "randomized"
+    checks = [lp["svd"] for lp in plans["rand"]["layers"] if lp.get("svd")]
+    assert len(checks) == 4 and all(c["method"] == "randomized" and c["rank"] == 12 for c in checks)
+    weights = _tensors(tmp_path / "rand")  # the factors of the bounded ranks, from the same 12 triplets
+    for name, r in ranks["rand"].items():
+        if r is not None:
+            assert weights[f"{name}.down.weight"].shape[0] == weights[f"{name}.up.weight"].shape[1] == r, name
+    # Without a bound the spectrum is whole: the bound is what makes the ranks small here.
+    stream_compress(model, tmp_path / "free", target=0.4)
+    plan = json.loads((tmp_path / "free/plan.json").read_text())
+    assert "max_rank" not in plan["policy"] and any((lp["rank"] or 0) > 12 for lp in plan["layers"])
 
 
 # ---------------------------------------------------------------------------------------- resumable

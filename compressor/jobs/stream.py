@@ -33,12 +33,12 @@ from typing import Any
 import torch
 
 from compressor.analysis.analyze import check_patterns, find_layers, layer_plan, unique_param_count
-from compressor.analysis.stream import SVD_METHODS, LayerTask, timed_layer
+from compressor.analysis.stream import SVD_METHODS, LayerTask, bounded_spectrum, timed_layer
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_bytes, atomic_write_text, signals_deferred
 from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.core.plan import Plan
-from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate, policy_from_options, policy_to_dict
+from compressor.core.policies import TargetPolicy, allocate, policy_from_options, policy_to_dict
 from compressor.core.svd import Decomposition
 from compressor.formats.save import hf_architecture, write_meta
 from compressor.formats.shards import Checkpoint, ShardWriter
@@ -81,7 +81,8 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
     factor = mode == "compress"
     # Checked before the skeleton is built, so that a changed input is told at once.
     settings = {"policy": policy_to_dict(policy), "rank_multiple": opts.rank_multiple, "include": include,
-                "exclude": exclude, "svd": opts.svd, "factor": factor, "calibration": None, "device": opts.device}
+                "exclude": exclude, "svd": opts.svd, "factor": factor, "calibration": None, "device": opts.device,
+                "max_rank": opts.max_rank}
     state = _State(state_dir(out), {"format": STATE_FORMAT, "checkpoint": fingerprint, "settings": settings},
                    opts.restart)
     skeleton = _skeleton(source, ckpt)
@@ -92,7 +93,8 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
                                {p: keymap[f"{c.name}.{p}"] for p, _ in c.module.named_parameters()},
                                {keymap[f"{c.name}.{p}"]: str(ckpt.tensors[keymap[f"{c.name}.{p}"]].file)
                                 for p, _ in c.module.named_parameters()},
-                               policy, opts.rank_multiple, opts.svd, factor, device=opts.device)
+                               policy, opts.rank_multiple, opts.svd, factor, device=opts.device,
+                               max_rank=opts.max_rank)
              for c in found if c.skip is None}
     names = list(tasks)
     resumed = sum(state.has(i) for i in range(len(names)))
@@ -101,11 +103,14 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
 
     decs = {n: Decomposition(torch.empty(0), info["S"], torch.empty(0), total_energy=info["total"],
                              check=info["check"]) for n, info in layers.items()}
-    spectra = [LayerSpectrum.from_singular_values(c.name, *c.weight_matrix().shape, decs[c.name].S,
-                                                  decs[c.name].total_energy) for c in found if c.skip is None]
+    spectra = [bounded_spectrum(c.name, *c.weight_matrix().shape, decs[c.name].S, decs[c.name].total_energy,
+                                opts.max_rank) for c in found if c.skip is None]
     ranks = allocate(policy, spectra, opts.rank_multiple)
+    # The bound and the SVD method are recorded only when used: an exact unbounded plan has the in-memory bytes.
+    extra = {**({"max_rank": opts.max_rank} if opts.max_rank is not None else {}),
+             **({"svd": opts.svd} if opts.svd != "exact" else {})}
     plan = Plan(policy={**policy_to_dict(policy), "rank_multiple": opts.rank_multiple, "include": include,
-                        "exclude": exclude},
+                        "exclude": exclude, **extra},
                 layers=[layer_plan(c, decs.get(c.name), ranks.get(c.name), False) for c in found],
                 params_total_before=unique_param_count(skeleton))
     if not tasks:
@@ -163,10 +168,15 @@ def _check(opts: Options):
     if opts.svd not in SVD_METHODS:
         raise CompressorError(f"svd must be one of {', '.join(SVD_METHODS)}, got {opts.svd!r}",
                               "pass svd='exact' or svd='randomized'", cli_fix="pass --svd exact or --svd randomized")
-    if opts.svd == "randomized" and isinstance(policy, TargetPolicy):
-        raise CompressorError("the randomized SVD finds only the leading singular values, but --target compares "
-                              "every layer's whole spectrum", "use svd='exact' with target",
-                              cli_fix="leave out --svd randomized with --target")
+    m = opts.max_rank
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise CompressorError(f"max_rank must be a whole number >= 1, got {m!r}", "pass e.g. max_rank=256",
+                              cli_fix="pass e.g. --max-rank 256")
+    if opts.svd == "randomized" and isinstance(policy, TargetPolicy) and m is None:
+        raise CompressorError("the randomized SVD finds only the leading singular values, but --target without a "
+                              "rank bound compares every layer's whole spectrum",
+                              "pass max_rank=N (e.g. 256), or svd='exact'",
+                              cli_fix="add --max-rank N (e.g. --max-rank 256), or leave out --svd randomized")
     if opts.calibration is not None:
         raise CompressorError("streamed analysis does not take calibration data yet",
                               "leave out --calibration, or analyse in memory (without --stream)")
