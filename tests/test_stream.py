@@ -247,6 +247,40 @@ def test_bounded_randomized_target_plans_the_ranks_of_the_exact_one(tmp_path):
     assert "max_rank" not in plan["policy"] and any((lp["rank"] or 0) > 12 for lp in plan["layers"])
 
 
+def test_streamed_bare_safetensors_output_loads_into_the_users_module(tmp_path):
+    from torch import nn
+
+    import compressor
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 48), nn.ReLU(),
+                             nn.Linear(48, 10)).to(torch.bfloat16)
+
+    from safetensors.torch import save_file
+
+    model = net()
+    save_file(model.state_dict(), tmp_path / "net.safetensors")
+    stream_compress(tmp_path / "net.safetensors", tmp_path / "out", mode="compress", rank=4, shard_bytes=2_000)
+    assert (tmp_path / "out/model.safetensors.index.json").is_file()  # sharded: the index is followed
+    with pytest.raises(CompressorError, match=r"holds only weights and their plan.*load_into"):
+        compressor.load(tmp_path / "out")  # no architecture in the folder: hence load_into
+
+    got = compressor.load_into(tmp_path / "out", net())
+    expected = compressor.rewrite(model, compressor.analyze(model, rank=4))  # the same plan, in memory
+    assert [type(m).__name__ for m in got.modules()] == [type(m).__name__ for m in expected.modules()]
+    ref = expected.state_dict()
+    assert {k: (t.dtype, t.shape) for k, t in got.state_dict().items()} == {k: (t.dtype, t.shape)
+                                                                           for k, t in ref.items()}
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.allclose(got(x).float(), expected(x).float(), atol=0.05, rtol=0.05)
+    other = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(compressor.PlanError, match="is Linear in the model but"):
+        compressor.load_into(tmp_path / "out", other)
+    assert isinstance(other[0], nn.Linear)  # a plan that does not fit changes nothing
+
+
 # ---------------------------------------------------------------------------------------- resumable
 
 _SLOW_RUN = """
