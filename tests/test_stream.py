@@ -237,6 +237,14 @@ def test_bounded_randomized_target_plans_the_ranks_of_the_exact_one(tmp_path):
     assert plans["rand"]["policy"]["max_rank"] == 12 and plans["rand"]["policy"]["svd"] == "randomized"
     checks = [lp["svd"] for lp in plans["rand"]["layers"] if lp.get("svd")]
     assert len(checks) == 4 and all(c["method"] == "randomized" and c["rank"] == 12 for c in checks)
+    report = json.loads((tmp_path / "rand/report.json").read_text())  # the in-memory job's report, streamed
+    assert report["params_after"] == rand["totals"]["params_after"] < report["params_before"]
+    assert [lp["rank"] for lp in report["layers"]] == list(ranks["rand"].values())
+    st = report["stream"]
+    assert set(st["seconds_per_layer"]) == set(ranks["rand"]) and st["peak_rss_gib"] >= st["peak_rss_analyze_gib"] > 0
+    assert st["bytes_written"] == sum(p.stat().st_size for p in (tmp_path / "rand").glob("*.safetensors"))
+    md = (tmp_path / "rand/report.md").read_text()
+    assert "## Streamed run" in md and "4 layers randomized" in md and "| `net.3` |" in md
     weights = _tensors(tmp_path / "rand")  # the factors of the bounded ranks, from the same 12 triplets
     for name, r in ranks["rand"].items():
         if r is not None:

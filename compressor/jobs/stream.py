@@ -11,9 +11,11 @@ tensors are then read alone through memory maps and analysed by :func:`compresso
 folder beside the output (``.OUT.stream/``) with a fingerprint of the checkpoint and the settings; the
 same command run again after a crash or SIGKILL continues from there and writes the same bytes. The
 output folder holds ``plan.json`` (the same bytes as the in-memory analysis), ``stream.json`` (per-layer
-times), and with ``mode="compress"`` the factored weights, shard by shard, with the folder's other
-files (config, tokenizer) copied and, for a Hugging Face folder, the ``compressor.json``
-:func:`compressor.formats.save.save` writes, so that :func:`compressor.load` reads the output.
+times and SVD checks, peak RSS, bytes), ``report.md`` / ``report.json`` (as the in-memory job's, with a
+"Streamed run" section), and with ``mode="compress"`` the factored weights, shard by shard, with the
+folder's other files (config, tokenizer) copied and, for a Hugging Face folder, the ``compressor.json``
+:func:`compressor.formats.save.save` writes, so that :func:`compressor.load` reads the output (a bare
+file's output loads into the user's own module with :func:`compressor.load_into`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from compressor.core.svd import Decomposition
 from compressor.formats.save import hf_architecture, write_meta
 from compressor.formats.shards import Checkpoint, ShardWriter
 from compressor.jobs.compress import Options, default_out, weights_only_model
+from compressor.report.report import stream_report, write_report
 
 STATE_FORMAT = 1
 
@@ -136,7 +139,8 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
                "ray": opts.ray, "shards_in": len(ckpt.files), "layers": len(names), "resumed_layers": resumed,
                "seconds_per_layer": {n: layers[n]["seconds"] for n in names}, "analyze_seconds": round(analysed, 3),
                "fingerprint_seconds": round(hashed, 3), "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.files),
-               "peak_rss_analyze_gib": _peak_rss_gib(), "totals": plan.totals()}
+               "peak_rss_analyze_gib": _peak_rss_gib(), "max_rank": opts.max_rank,
+               "svd_checks": {n: layers[n]["check"] for n in names}, "totals": plan.totals()}
     with OutputDir(out, opts.force) as tmp:
         plan.to_json(tmp / "plan.json")
         if factor:
@@ -149,7 +153,12 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
                 write_meta(tmp, architecture, len(factored), (str(source), "hf-folder"))
             summary["rewrite_seconds"] = round(time.perf_counter() - t, 3)
         summary["peak_rss_gib"] = _peak_rss_gib()
+        summary["bytes_written"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         atomic_write_text(tmp / "stream.json", json.dumps(summary, indent=2) + "\n")
+        timings = {k: summary[f"{k}_seconds"] for k in ("fingerprint", "analyze", "rewrite")
+                   if f"{k}_seconds" in summary}
+        write_report(stream_report(source=source, out=out, mode=mode, plan=plan, stream=summary, timings=timings,
+                                   options=opts, folder=tmp), tmp)
     state.remove()
     return summary
 
