@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/compressor-stream-bench"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--tiny", action="store_true", help="a small model: seconds, for the test suite")
+    ap.add_argument("--name", default=None, help="results file stem (default: streaming, or streaming_tiny)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     policy = {"target": args.target} if args.target is not None else {"rank": args.rank or 128}
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "exact_svd_floor_s": round(floor_block, 2)},
               "embedding_and_head_s": others,
               "extrapolated": {"exact_svd_floor_decoder_layers_s": round(args.layers * floor_block, 1)}}
-    name = "streaming_tiny" if args.tiny else "streaming"
+    name = args.name or ("streaming_tiny" if args.tiny else "streaming")
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / f"{name}.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(args.out / f"{name}.md", markdown(result))
