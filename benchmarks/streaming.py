@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks = [sum(s for n, s in run["seconds_per_layer"].items() if n.startswith(f"model.layers.{i}."))
               for i in range(analysed)]
     others = {n: s for n, s in run["seconds_per_layer"].items() if not n.startswith("model.layers.")}
-    floor_block = sum(floor.values()) / args.floor_layers
+    floor_block = sum(floor.values()) / args.floor_layers if args.floor_layers else None  # 0: no floor
     randomized = [c for c in checks if c.get("method") == "randomized"]
     result = {"environment": env, "load_average_at_end": load_average(), "tiny": args.tiny,
               "checkpoint": {"decoder_layers": args.layers, "shapes": shapes, "dtype": "bfloat16", "bytes": size,
@@ -192,9 +192,10 @@ def main(argv: list[str] | None = None) -> int:
               "exact_svd_floor_s": floor,
               "per_decoder_layer": {"streamed_mean_s": round(sum(blocks) / len(blocks), 2),
                                     "streamed_min_s": round(min(blocks), 2), "streamed_max_s": round(max(blocks), 2),
-                                    "exact_svd_floor_s": round(floor_block, 2)},
+                                    "exact_svd_floor_s": None if floor_block is None else round(floor_block, 2)},
               "embedding_and_head_s": others,
-              "extrapolated": {"exact_svd_floor_decoder_layers_s": round(args.layers * floor_block, 1)}}
+              "extrapolated": {"exact_svd_floor_decoder_layers_s": None if floor_block is None
+                               else round(args.layers * floor_block, 1)}}
     name = args.name or ("streaming_tiny" if args.tiny else "streaming")
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / f"{name}.json", json.dumps(result, indent=2) + "\n")
@@ -236,10 +237,11 @@ def markdown(r: dict) -> str:
              f"mean {per['streamed_mean_s']:.1f} s, min {per['streamed_min_s']:.1f}, max {per['streamed_max_s']:.1f} |",
              "| embedding and head, streamed | "
              + (", ".join(f"{n} {s:.1f} s" for n, s in r["embedding_and_head_s"].items()) or "not analysed") + " |",
-             f"| per decoder layer, exact-SVD floor (torch.linalg.svd alone, measured on the first "
-             f"{r['floor_decoder_layers']}) | {per['exact_svd_floor_s']:.1f} s |",
-             f"| **extrapolated** from that: exact-SVD floor of all {ck['decoder_layers']} decoder layers | "
-             f"{r['extrapolated']['exact_svd_floor_decoder_layers_s']:.0f} s |",
+             *([] if per["exact_svd_floor_s"] is None else [
+                 f"| per decoder layer, exact-SVD floor (torch.linalg.svd alone, measured on the first "
+                 f"{r['floor_decoder_layers']}) | {per['exact_svd_floor_s']:.1f} s |",
+                 f"| **extrapolated** from that: exact-SVD floor of all {ck['decoder_layers']} decoder layers | "
+                 f"{r['extrapolated']['exact_svd_floor_decoder_layers_s']:.0f} s |"]),
              f"| SVD checks in the plan | {chk['randomized']} randomized (worst bound {chk['worst_bound']}), "
              f"{chk['exact']} exact{' (' + '; '.join(chk['exact_reasons']) + ')' if chk['exact'] else ''} |", "",
              "| matrix | streamed s | exact SVD floor s |", "|---|---|---|"]
