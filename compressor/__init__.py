@@ -5,6 +5,7 @@
     model = compressor.rewrite(model, plan)          # swaps layers in place; returns the model
     plan.to_json("plan.json"); plan = compressor.Plan.from_json("plan.json")
     compressor.save(model, "out/", plan); model = compressor.load("out/")
+    compressor.load_into("out/", MyNet())           # factored weights of a bare .safetensors into your module
     compressor.register_handler(MyLayerHandler())   # a layer kind of your own, in one call
 """
 
@@ -28,6 +29,7 @@ _WHERE = {
     "RankRatioPolicy": "compressor.core.policies", "TargetPolicy": "compressor.core.policies",
     "factor_module": "compressor.core.rewrite", "rewrite": "compressor.core.rewrite",
     "Loaded": "compressor.formats.load", "load": "compressor.formats.load", "load_model": "compressor.formats.load",
+    "load_into": "compressor.formats.load",
     "save": "compressor.formats.save", "compress": "compressor.jobs.compress",
     "HealConfig": "compressor.train.heal", "HealResult": "compressor.train.heal", "heal": "compressor.train.heal",
 }
@@ -55,6 +57,7 @@ __all__ = [  # the same names as _WHERE, spelled out so that linters and editors
     "handler_for",
     "heal",
     "load",
+    "load_into",
     "load_model",
     "register_handler",
     "rewrite",
@@ -82,7 +85,7 @@ if TYPE_CHECKING:  # what the names above are, for type checkers and editors
     from compressor.core.plan import LayerPlan, Plan
     from compressor.core.policies import EnergyPolicy, RankPolicy, RankRatioPolicy, TargetPolicy
     from compressor.core.rewrite import factor_module, rewrite
-    from compressor.formats.load import Loaded, load, load_model
+    from compressor.formats.load import Loaded, load, load_into, load_model
     from compressor.formats.save import save
     from compressor.jobs.compress import compress
     from compressor.train.heal import HealConfig, HealResult, heal

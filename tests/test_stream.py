@@ -202,11 +202,91 @@ def test_randomized_stream_records_the_check_in_the_plan(llama, tmp_path):
     assert "svd" not in layers["model.embed_tokens"] or layers["model.embed_tokens"]["svd"]["method"]
     with pytest.raises(CompressorError, match="include pattern 'nope' matches no layer"):
         stream_compress(llama, tmp_path / "t", rank=4, include=["nope"])
-    with pytest.raises(CompressorError, match="randomized SVD finds only"):
+    with pytest.raises(CompressorError, match="randomized SVD finds only") as err:
         stream_compress(llama, tmp_path / "t", target=0.3, svd="randomized")
+    assert "--max-rank" in err.value.for_cli() and "\n" not in err.value.for_cli()
     with pytest.raises(CompressorError, match="device 'nosuch' cannot be used"):
         stream_compress(llama, tmp_path / "t", rank=4, device="nosuch")
     assert not state_dir(tmp_path / "t").exists()
+
+
+def _decaying(path: Path) -> Path:
+    """A bare .safetensors of a small MLP whose weights have decaying spectra (as trained weights do)."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    for i, (m, n, decay) in enumerate([(96, 80, 0.85), (80, 64, 0.8), (120, 64, 0.9), (64, 96, 0.75)]):
+        q1, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g))
+        q2, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g))
+        tensors[f"net.{i}.weight"] = (q1 * decay ** torch.arange(float(min(m, n)))) @ q2.T
+        tensors[f"net.{i}.bias"] = torch.randn(m, generator=g)
+    from safetensors.torch import save_file
+
+    save_file(tensors, path)
+    return path
+
+
+def test_bounded_randomized_target_plans_the_ranks_of_the_exact_one(tmp_path):
+    model = _decaying(tmp_path / "mlp.safetensors")
+    exact = stream_compress(model, tmp_path / "exact", target=0.4, max_rank=12)
+    rand = stream_compress(model, tmp_path / "rand", mode="compress", target=0.4, max_rank=12, svd="randomized")
+    plans = {k: json.loads((tmp_path / k / "plan.json").read_text()) for k in ("exact", "rand")}
+    ranks = {k: {lp["name"]: lp["rank"] for lp in p["layers"]} for k, p in plans.items()}
+    assert ranks["exact"] == ranks["rand"] and exact["totals"] == rand["totals"]
+    assert all(r is None or r <= 12 for r in ranks["rand"].values()) and any(ranks["rand"].values())
+    assert rand["totals"]["removed_fraction"] >= 0.4  # above it by a step from dense to <= 12 at most
+    assert plans["rand"]["policy"]["max_rank"] == 12 and plans["rand"]["policy"]["svd"] == "randomized"
+    checks = [lp["svd"] for lp in plans["rand"]["layers"] if lp.get("svd")]
+    assert len(checks) == 4 and all(c["method"] == "randomized" and c["rank"] == 12 for c in checks)
+    report = json.loads((tmp_path / "rand/report.json").read_text())  # the in-memory job's report, streamed
+    assert report["params_after"] == rand["totals"]["params_after"] < report["params_before"]
+    assert [lp["rank"] for lp in report["layers"]] == list(ranks["rand"].values())
+    st = report["stream"]
+    assert set(st["seconds_per_layer"]) == set(ranks["rand"]) and st["peak_rss_gib"] >= st["peak_rss_analyze_gib"] > 0
+    assert st["bytes_written"] == sum(p.stat().st_size for p in (tmp_path / "rand").glob("*.safetensors"))
+    md = (tmp_path / "rand/report.md").read_text()
+    assert "## Streamed run" in md and "4 layers randomized" in md and "| `net.3` |" in md
+    weights = _tensors(tmp_path / "rand")  # the factors of the bounded ranks, from the same 12 triplets
+    for name, r in ranks["rand"].items():
+        if r is not None:
+            assert weights[f"{name}.down.weight"].shape[0] == weights[f"{name}.up.weight"].shape[1] == r, name
+    # Without a bound the spectrum is whole: the bound is what makes the ranks small here.
+    stream_compress(model, tmp_path / "free", target=0.4)
+    plan = json.loads((tmp_path / "free/plan.json").read_text())
+    assert "max_rank" not in plan["policy"] and any((lp["rank"] or 0) > 12 for lp in plan["layers"])
+
+
+def test_streamed_bare_safetensors_output_loads_into_the_users_module(tmp_path):
+    from torch import nn
+
+    import compressor
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 48), nn.ReLU(),
+                             nn.Linear(48, 10)).to(torch.bfloat16)
+
+    from safetensors.torch import save_file
+
+    model = net()
+    save_file(model.state_dict(), tmp_path / "net.safetensors")
+    stream_compress(tmp_path / "net.safetensors", tmp_path / "out", mode="compress", rank=4, shard_bytes=2_000)
+    assert (tmp_path / "out/model.safetensors.index.json").is_file()  # sharded: the index is followed
+    with pytest.raises(CompressorError, match=r"holds only weights and their plan.*load_into"):
+        compressor.load(tmp_path / "out")  # no architecture in the folder: hence load_into
+
+    got = compressor.load_into(tmp_path / "out", net())
+    expected = compressor.rewrite(model, compressor.analyze(model, rank=4))  # the same plan, in memory
+    assert [type(m).__name__ for m in got.modules()] == [type(m).__name__ for m in expected.modules()]
+    ref = expected.state_dict()
+    assert {k: (t.dtype, t.shape) for k, t in got.state_dict().items()} == {k: (t.dtype, t.shape)
+                                                                           for k, t in ref.items()}
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.allclose(got(x).float(), expected(x).float(), atol=0.05, rtol=0.05)
+    other = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(compressor.PlanError, match="is Linear in the model but"):
+        compressor.load_into(tmp_path / "out", other)
+    assert isinstance(other[0], nn.Linear)  # a plan that does not fit changes nothing
 
 
 # ---------------------------------------------------------------------------------------- resumable
@@ -260,6 +340,52 @@ def test_a_changed_setting_is_refused_in_one_line_or_restarted(llama, tmp_path):
         stream_compress(llama, out, rank=4)
     summary = stream_compress(llama, out, rank=4, restart=True)
     assert summary["resumed_layers"] == 0 and (out / "plan.json").is_file() and not state.exists()
+
+
+def test_one_byte_changed_in_place_with_size_and_mtime_restored_is_refused(tmp_path, monkeypatch):
+    model = _llama(tmp_path / "m")
+    out = tmp_path / "o"
+    import compressor.jobs.stream as s
+
+    run, calls = s.timed_layer, []
+
+    def crash_after_two(task):  # a run that dies after two finished layers, leaving its state behind
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        calls.append(task.name)
+        return run(task)
+
+    monkeypatch.setattr(s, "timed_layer", crash_after_two)
+    with pytest.raises(RuntimeError, match="killed"):
+        stream_compress(model, out, rank=4)
+    monkeypatch.setattr(s, "timed_layer", run)
+    assert len(list((state_dir(out) / "layers").glob("*.safetensors"))) == 2
+
+    # One byte in the middle of a weight's data, size and mtime put back: only the content differs.
+    from compressor.formats.shards import Checkpoint
+
+    key = "model.layers.1.mlp.down_proj.weight"
+    shard = Checkpoint.open(model).tensors[key].file
+    with open(shard, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        start, end = json.loads(f.read(header))[key]["data_offsets"]
+    where = 8 + header + (start + end) // 2
+    st = os.stat(shard)
+    with open(shard, "r+b") as f:
+        f.seek(where)
+        old = f.read(1)
+        f.seek(where)
+        f.write(bytes([old[0] ^ 0x01]))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(shard).st_size == st.st_size and os.stat(shard).st_mtime_ns == st.st_mtime_ns
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "compressor", "analyze", str(model), "--stream", "--rank", "4", "--out", str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1
+    assert "(the model files changed)" in r.stderr and "--restart" in r.stderr
+    summary = stream_compress(model, out, rank=4, restart=True)
+    assert summary["resumed_layers"] == 0 and (out / "plan.json").is_file() and not state_dir(out).exists()
 
 
 # ------------------------------------------------------------------------------------------ parallel

@@ -47,6 +47,7 @@ class LayerTask:
     rank: int | None = None  # factor at this rank (a second pass, when the policy is global)
     svd_rank: int | None = None  # randomized: the rank of the analysis' SVD, so factors match its spectrum
     device: str = "cpu"  # where the SVD runs ("cuda" on a GPU machine); results are stored on the CPU
+    max_rank: int | None = None  # no rank above this: the randomized SVD then needs only this many triplets
 
 
 @contextlib.contextmanager
@@ -91,7 +92,7 @@ def run_layer(task: LayerTask) -> dict[str, Any]:
         dec = Decomposition(*(t.cpu() for t in (dec.U, dec.S, dec.Vh)), total_energy=dec.total_energy,
                             check=dec.check)
         m, n = matrix.shape
-        spectrum = LayerSpectrum.from_singular_values(task.name, m, n, dec.S, dec.total_energy)
+        spectrum = bounded_spectrum(task.name, m, n, dec.S, dec.total_energy, task.max_rank)
         rank = task.rank
         if rank is None and task.factor and not isinstance(task.policy, TargetPolicy):
             rank = allocate(task.policy, [spectrum], task.rank_multiple)[task.name]
@@ -101,6 +102,16 @@ def run_layer(task: LayerTask) -> dict[str, Any]:
             prefix = task.keys["weight"].rpartition(".")[0]
             factors = {f"{prefix}.{k}": v.contiguous() for k, v in new.state_dict().items()}
         return {"S": dec.S.contiguous(), "total": dec.total_energy, "check": dec.check, "factors": factors}
+
+
+def bounded_spectrum(name: str, m: int, n: int, S: torch.Tensor, total: float | None,
+                     max_rank: int | None) -> LayerSpectrum:
+    """The layer's spectrum as the allocators see it: cut at ``max_rank`` (the tail's energy then comes
+    from the total, ``||W||_F**2``), so that no policy gives it a larger rank, whichever SVD found ``S``."""
+    if max_rank is not None and max_rank < len(S):
+        total = float(S.double().square().sum()) if total is None else total
+        S = S[:max_rank]
+    return LayerSpectrum.from_singular_values(name, m, n, S, total)
 
 
 def timed_layer(task: LayerTask) -> dict[str, Any]:
@@ -118,21 +129,20 @@ def _decompose(task: LayerTask, matrix: torch.Tensor) -> Decomposition:
     if task.svd_rank is not None:
         return leading_svd(matrix, task.svd_rank, seed=seed)
     m, n = matrix.shape
-    probe = LayerSpectrum(task.name, m, n, torch.ones(full), torch.zeros(full + 1))
-    if not isinstance(task.policy, TargetPolicy | EnergyPolicy):
-        want = allocate(task.policy, [probe], task.rank_multiple)[task.name]  # rank policies: known up front
-        return leading_svd(matrix, want, seed=seed)
-    if isinstance(task.policy, TargetPolicy):
-        raise CompressorError("the randomized SVD finds only the leading singular values, but --target "
-                              "compares every layer's whole spectrum", "use svd='exact' with target",
-                              cli_fix="leave out --svd randomized with --target")
+    bound = full if task.max_rank is None else min(task.max_rank, full)
+    if isinstance(task.policy, TargetPolicy):  # the job refuses it without a bound (jobs.stream)
+        return leading_svd(matrix, bound, seed=seed)  # the global allocation chooses among ranks <= bound
+    if not isinstance(task.policy, EnergyPolicy):  # rank policies: known up front
+        probe = LayerSpectrum(task.name, m, n, torch.ones(full), torch.zeros(full + 1))
+        want = allocate(task.policy, [probe], task.rank_multiple)[task.name]
+        return leading_svd(matrix, min(want, bound), seed=seed)
     # Energy: the total is ||W||_F**2 (no SVD); grow the rank until the leading values hold the energy.
-    k = FIRST_ENERGY_RANK
+    k = min(FIRST_ENERGY_RANK, bound)
     while True:
-        dec = leading_svd(matrix, min(k, full), seed=seed)
+        dec = leading_svd(matrix, k, seed=seed)
         if dec.total_energy is None:  # the exact SVD was taken: every value is there
             return dec
         kept = float(dec.S.double().square().sum()) / dec.total_energy if dec.total_energy > 0 else 1.0
-        if kept >= task.policy.energy:
+        if kept >= task.policy.energy or k >= bound:
             return dec
-        k *= 2
+        k = min(2 * k, bound)

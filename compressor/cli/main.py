@@ -183,7 +183,11 @@ _stream_options = _options([
                       "write factored shards, never holding the model; resumable (rerun the same command)."),
     click.option("--svd", type=click.Choice(["exact", "randomized"]), default=Options.svd, show_default=True,
                  help="With --stream: 'randomized' finds only the leading singular triplets (--rank, --rank-ratio, "
-                      "--energy), checked per layer by an a-posteriori bound, exact SVD where it fails."),
+                      "--energy, --target with --max-rank), checked per layer by an a-posteriori bound, exact SVD "
+                      "where it fails."),
+    click.option("--max-rank", type=int, default=Options.max_rank,
+                 help="With --stream: no layer gets a rank above N (or stays dense); the randomized SVD then finds "
+                      "only N triplets per layer. Needed by --target with --svd randomized."),
     click.option("--workers", type=int, default=Options.workers, show_default=True,
                  help="With --stream: worker processes for the per-layer SVDs (1: in this process)."),
     click.option("--ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
@@ -201,6 +205,7 @@ def _run_stream(mode: str, model: Path, kw: dict[str, Any]) -> None:
     from compressor.jobs.stream import stream_compress
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
+    kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])  # for report.md
     unused = [f"--{k.replace('_', '-')}" for k in ("plots", "trust_pickle", "arch", "outputs", "input_shapes",
                                                   "example_inputs", "keep_fp16") if kw.get(k)]
     unused += [f"--{v}" for v in VARIANTS if kw.get(f"variant_{v}")]
@@ -231,7 +236,7 @@ def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
     if kw.pop("stream", False):
         _run_stream(mode, model, kw)
         return
-    stream_only = [f"--{k}" for k in ("ray", "restart") if kw.pop(k, None)]
+    stream_only = [f"--{k.replace('_', '-')}" for k in ("ray", "restart", "max_rank") if kw.pop(k, None)]
     stream_only += [f"--{k}" for k in ("svd", "workers", "device") if k in kw and kw.pop(k) != getattr(Options, k)]
     if stream_only:
         click.echo(f"error: {', '.join(stream_only)}: only for streamed runs; add --stream", err=True)

@@ -73,6 +73,12 @@ class LayerSpectrum:
     def full_rank(self) -> int:
         return min(self.m, self.n)
 
+    @property
+    def top_rank(self) -> int:
+        """The largest rank whose loss is known: ``len(S)`` for a partial spectrum (leading values, or a
+        spectrum cut at a rank bound), else the full rank. Allocators never go above it."""
+        return len(self.S) if self.total is not None else self.full_rank
+
     @classmethod
     def from_singular_values(cls, name: str, m: int, n: int, S: torch.Tensor,
                              total: float | None = None) -> LayerSpectrum:
@@ -187,19 +193,19 @@ def _free(layers: list[LayerSpectrum], fixed: dict[str, int | None]) -> list[Lay
 
 @register(EnergyPolicy)
 def _energy(policy: EnergyPolicy, layers, k, fixed):
-    return {lp.name: round_up(rank_for_energy(lp.S, policy.energy, lp.total), k, lp.full_rank)
+    return {lp.name: round_up(rank_for_energy(lp.S, policy.energy, lp.total), k, lp.top_rank)
             for lp in _free(layers, fixed)}
 
 
 @register(RankPolicy)
 def _rank(policy: RankPolicy, layers, k, fixed):
-    return {lp.name: round_up(min(policy.rank, lp.full_rank), k, lp.full_rank)
+    return {lp.name: round_up(min(policy.rank, lp.top_rank), k, lp.top_rank)
             for lp in _free(layers, fixed)}
 
 
 @register(RankRatioPolicy)
 def _ratio(policy: RankRatioPolicy, layers, k, fixed):
-    return {lp.name: round_up(max(1, math.ceil(policy.rank_ratio * lp.full_rank)), k, lp.full_rank)
+    return {lp.name: round_up(min(lp.top_rank, max(1, math.ceil(policy.rank_ratio * lp.full_rank))), k, lp.top_rank)
             for lp in _free(layers, fixed)}
 
 
@@ -209,8 +215,8 @@ def _target(policy: TargetPolicy, layers, k, fixed):
 
 
 def _valid_ranks(lp: LayerSpectrum, k: int) -> list[int]:
-    """Ranks that save parameters and are multiples of ``k``, largest first."""
-    top = max_saving_rank(lp.m, lp.n)
+    """Ranks that save parameters, are multiples of ``k`` and at most ``lp.top_rank``, largest first."""
+    top = min(max_saving_rank(lp.m, lp.n), lp.top_rank)
     return list(range(top - top % k, 0, -k))
 
 

@@ -109,9 +109,16 @@ RSVD_POWER_ITERS = 4
 RSVD_TOL = 0.15  # largest residual bound, relative to the k-th singular value, before the exact SVD is taken
 
 
+FROBENIUS_BLOCK = 2**22  # elements summed in float64 at a time: a whole float64 copy of a 32000x4096 matrix is 1 GB
+
+
 def frobenius_sq(matrix: torch.Tensor) -> float:
-    """``||W||_F**2`` = ``sum(S**2)``: the total spectral energy, without an SVD."""
-    return float(matrix.detach().double().square().sum())
+    """``||W||_F**2`` = ``sum(S**2)``: the total spectral energy, without an SVD; summed in float64 a block
+    of rows at a time, so that it never holds a float64 copy of the whole matrix (the streamed runs' peak
+    memory was set by that copy of the embedding)."""
+    w = matrix.detach()
+    rows = max(1, FROBENIUS_BLOCK // max(1, w.shape[-1]))
+    return float(sum(block.double().square().sum() for block in w.split(rows)))
 
 
 def randomized_svd(matrix: torch.Tensor, rank: int, *, seed: int = 0, oversample: int | None = None,

@@ -164,6 +164,10 @@ def detect_format(path: Path) -> str:
             return "compressor"
         if (path / "config.json").is_file():
             return "hf-folder"
+        if (path / PLAN).is_file() and ((path / WEIGHTS).is_file() or (path / INDEX).is_file()):
+            raise CompressorError(f"folder '{path}' holds only weights and their plan (compress --stream of a bare "
+                                  ".safetensors), not a model", "load them into your own module with "
+                                  "compressor.load_into(folder, model)")
         raise CompressorError(f"folder '{path}' is neither a Hugging Face model (config.json + "
                               "*.safetensors) nor a folder written by compressor (compressor.json)",
                               "pass a model file, a Hugging Face model folder or a `compress` output folder")
@@ -660,6 +664,30 @@ def load_compressed(directory: str | Path, *, trust_pickle: bool = False, arch: 
                   tokenizer=tokenizer,
                   meta={"compressor": meta, "plan": plan, "arch": arch or stored_arch,
                         "needs_trust_pickle": needs_trust})
+
+
+def load_into(directory: str | Path, model: nn.Module, *, device: str | torch.device | None = None) -> nn.Module:
+    """Load an output folder's factored weights into ``model``, your own module of the architecture the
+    weights came from, and return it (changed in place, in eval mode).
+
+    For outputs that carry no architecture, such as ``compress --stream`` of a bare ``.safetensors``: the
+    layers ``plan.json`` factors are swapped in ``model`` for their factored form (no SVD), then every tensor
+    of ``model.safetensors`` (or of the shards its index names) is loaded strictly, in its stored dtype.
+    A plan that does not fit ``model`` changes nothing; weights that do not fit after it raise, leaving
+    ``model`` rewritten: pass a freshly built module.
+    """
+    directory = Path(directory)
+    sharded = (directory / INDEX).is_file()
+    for name in (PLAN, INDEX if sharded else WEIGHTS):
+        if not (directory / name).is_file():
+            raise CompressorError(f"'{directory}' lacks {name}",
+                                  "pass an output folder of compress (it holds plan.json and the weights)")
+    build_factored(model, Plan.from_json(directory / PLAN))
+    weights = _sharded_weights(directory, device) if sharded else load_safetensors(directory / WEIGHTS, device)
+    assign_weights(model, weights, f"'{directory}'")
+    if device is not None:
+        model.to(device)  # buffers the weights file does not hold
+    return model.eval()
 
 
 def _sharded_weights(directory: Path, device) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,16 +95,15 @@ class Checkpoint:
             return handle.get_tensor(name)
 
     def fingerprint(self) -> str:
-        """Identifies the checkpoint's content cheaply: each file's name, size, modification time and
-        header (names, dtypes, shapes, offsets). Reading every byte of a 13 GB checkpoint would take
-        minutes; a file rewritten in place with the same header, size and mtime is not detected."""
+        """Identifies the checkpoint's content: a SHA-256 of every byte of every file (read in chunks, never
+        whole), with the file names. A byte changed in place with size and mtime restored is detected;
+        the cost is one read of the checkpoint (53 s for 13.48 GB on a busy machine here:
+        benchmarks/results/streaming.md)."""
         h = hashlib.sha256()
         for f in self.files:
-            st = os.stat(f)
             with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = fh.read(n)
-            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode() + header)
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            h.update(f"{f.name}\0{digest}\0".encode())
         return h.hexdigest()
 
 

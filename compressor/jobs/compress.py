@@ -96,6 +96,7 @@ class Options:
     ray: str | None = None  # "local", or the address of a Ray cluster
     restart: bool = False  # drop an unfinished streamed run's state instead of continuing it
     device: str = "cpu"  # where a streamed run's SVDs run ("cuda" for a GPU)
+    max_rank: int | None = None  # streamed: no layer's rank above this (bounds the randomized SVD; --target needs it)
     shard_bytes: int = DEFAULT_SHARD_BYTES
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -11,9 +11,11 @@ tensors are then read alone through memory maps and analysed by :func:`compresso
 folder beside the output (``.OUT.stream/``) with a fingerprint of the checkpoint and the settings; the
 same command run again after a crash or SIGKILL continues from there and writes the same bytes. The
 output folder holds ``plan.json`` (the same bytes as the in-memory analysis), ``stream.json`` (per-layer
-times), and with ``mode="compress"`` the factored weights, shard by shard, with the folder's other
-files (config, tokenizer) copied and, for a Hugging Face folder, the ``compressor.json``
-:func:`compressor.formats.save.save` writes, so that :func:`compressor.load` reads the output.
+times and SVD checks, peak RSS, bytes), ``report.md`` / ``report.json`` (as the in-memory job's, with a
+"Streamed run" section), and with ``mode="compress"`` the factored weights, shard by shard, with the
+folder's other files (config, tokenizer) copied and, for a Hugging Face folder, the ``compressor.json``
+:func:`compressor.formats.save.save` writes, so that :func:`compressor.load` reads the output (a bare
+file's output loads into the user's own module with :func:`compressor.load_into`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -32,16 +35,17 @@ from typing import Any
 import torch
 
 from compressor.analysis.analyze import check_patterns, find_layers, layer_plan, unique_param_count
-from compressor.analysis.stream import SVD_METHODS, LayerTask, timed_layer
+from compressor.analysis.stream import SVD_METHODS, LayerTask, bounded_spectrum, timed_layer
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_bytes, atomic_write_text, signals_deferred
 from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.core.plan import Plan
-from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate, policy_from_options, policy_to_dict
+from compressor.core.policies import TargetPolicy, allocate, policy_from_options, policy_to_dict
 from compressor.core.svd import Decomposition
 from compressor.formats.save import hf_architecture, write_meta
 from compressor.formats.shards import Checkpoint, ShardWriter
 from compressor.jobs.compress import Options, default_out, weights_only_model
+from compressor.report.report import stream_report, write_report
 
 STATE_FORMAT = 1
 
@@ -73,12 +77,16 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
     OutputDir(out, opts.force).check()
     clock = time.perf_counter()
     ckpt = Checkpoint.open(source)
+    hashed = time.perf_counter()
+    fingerprint = ckpt.fingerprint()
+    hashed = time.perf_counter() - hashed
     include, exclude = list(opts.include), list(opts.exclude)
     factor = mode == "compress"
     # Checked before the skeleton is built, so that a changed input is told at once.
     settings = {"policy": policy_to_dict(policy), "rank_multiple": opts.rank_multiple, "include": include,
-                "exclude": exclude, "svd": opts.svd, "factor": factor, "calibration": None, "device": opts.device}
-    state = _State(state_dir(out), {"format": STATE_FORMAT, "checkpoint": ckpt.fingerprint(), "settings": settings},
+                "exclude": exclude, "svd": opts.svd, "factor": factor, "calibration": None, "device": opts.device,
+                "max_rank": opts.max_rank}
+    state = _State(state_dir(out), {"format": STATE_FORMAT, "checkpoint": fingerprint, "settings": settings},
                    opts.restart)
     skeleton = _skeleton(source, ckpt)
     found = find_layers(skeleton, include, exclude)
@@ -88,7 +96,8 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
                                {p: keymap[f"{c.name}.{p}"] for p, _ in c.module.named_parameters()},
                                {keymap[f"{c.name}.{p}"]: str(ckpt.tensors[keymap[f"{c.name}.{p}"]].file)
                                 for p, _ in c.module.named_parameters()},
-                               policy, opts.rank_multiple, opts.svd, factor, device=opts.device)
+                               policy, opts.rank_multiple, opts.svd, factor, device=opts.device,
+                               max_rank=opts.max_rank)
              for c in found if c.skip is None}
     names = list(tasks)
     resumed = sum(state.has(i) for i in range(len(names)))
@@ -97,11 +106,14 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
 
     decs = {n: Decomposition(torch.empty(0), info["S"], torch.empty(0), total_energy=info["total"],
                              check=info["check"]) for n, info in layers.items()}
-    spectra = [LayerSpectrum.from_singular_values(c.name, *c.weight_matrix().shape, decs[c.name].S,
-                                                  decs[c.name].total_energy) for c in found if c.skip is None]
+    spectra = [bounded_spectrum(c.name, *c.weight_matrix().shape, decs[c.name].S, decs[c.name].total_energy,
+                                opts.max_rank) for c in found if c.skip is None]
     ranks = allocate(policy, spectra, opts.rank_multiple)
+    # The bound and the SVD method are recorded only when used: an exact unbounded plan has the in-memory bytes.
+    extra = {**({"max_rank": opts.max_rank} if opts.max_rank is not None else {}),
+             **({"svd": opts.svd} if opts.svd != "exact" else {})}
     plan = Plan(policy={**policy_to_dict(policy), "rank_multiple": opts.rank_multiple, "include": include,
-                        "exclude": exclude},
+                        "exclude": exclude, **extra},
                 layers=[layer_plan(c, decs.get(c.name), ranks.get(c.name), False) for c in found],
                 params_total_before=unique_param_count(skeleton))
     if not tasks:
@@ -126,7 +138,9 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
                "workers": 1 if opts.ray is None and opts.workers <= 1 else opts.workers,
                "ray": opts.ray, "shards_in": len(ckpt.files), "layers": len(names), "resumed_layers": resumed,
                "seconds_per_layer": {n: layers[n]["seconds"] for n in names}, "analyze_seconds": round(analysed, 3),
-               "totals": plan.totals()}
+               "fingerprint_seconds": round(hashed, 3), "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.files),
+               "peak_rss_analyze_gib": _peak_rss_gib(), "max_rank": opts.max_rank,
+               "svd_checks": {n: layers[n]["check"] for n in names}, "totals": plan.totals()}
     with OutputDir(out, opts.force) as tmp:
         plan.to_json(tmp / "plan.json")
         if factor:
@@ -138,9 +152,20 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
             if architecture is not None:  # a folder compressor.load reads (a bare file's stand-in is not)
                 write_meta(tmp, architecture, len(factored), (str(source), "hf-folder"))
             summary["rewrite_seconds"] = round(time.perf_counter() - t, 3)
+        summary["peak_rss_gib"] = _peak_rss_gib()
+        summary["bytes_written"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         atomic_write_text(tmp / "stream.json", json.dumps(summary, indent=2) + "\n")
+        timings = {k: summary[f"{k}_seconds"] for k in ("fingerprint", "analyze", "rewrite")
+                   if f"{k}_seconds" in summary}
+        write_report(stream_report(source=source, out=out, mode=mode, plan=plan, stream=summary, timings=timings,
+                                   options=opts, folder=tmp), tmp)
     state.remove()
     return summary
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory so far (the kernel's high-water mark; KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3)
 
 
 def _check(opts: Options):
@@ -152,10 +177,15 @@ def _check(opts: Options):
     if opts.svd not in SVD_METHODS:
         raise CompressorError(f"svd must be one of {', '.join(SVD_METHODS)}, got {opts.svd!r}",
                               "pass svd='exact' or svd='randomized'", cli_fix="pass --svd exact or --svd randomized")
-    if opts.svd == "randomized" and isinstance(policy, TargetPolicy):
-        raise CompressorError("the randomized SVD finds only the leading singular values, but --target compares "
-                              "every layer's whole spectrum", "use svd='exact' with target",
-                              cli_fix="leave out --svd randomized with --target")
+    m = opts.max_rank
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise CompressorError(f"max_rank must be a whole number >= 1, got {m!r}", "pass e.g. max_rank=256",
+                              cli_fix="pass e.g. --max-rank 256")
+    if opts.svd == "randomized" and isinstance(policy, TargetPolicy) and m is None:
+        raise CompressorError("the randomized SVD finds only the leading singular values, but --target without a "
+                              "rank bound compares every layer's whole spectrum",
+                              "pass max_rank=N (e.g. 256), or svd='exact'",
+                              cli_fix="add --max-rank N (e.g. --max-rank 256), or leave out --svd randomized")
     if opts.calibration is not None:
         raise CompressorError("streamed analysis does not take calibration data yet",
                               "leave out --calibration, or analyse in memory (without --stream)")

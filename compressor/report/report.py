@@ -92,6 +92,7 @@ class Report:
     plots: list[str] | None = None
     latency: dict[str, Any] | None = None  # latency-aware runs: each file vs dense, next to the MAC ratio
     warnings: list[dict[str, Any]] | None = None  # e.g. low fidelity: "message" (Python), "cli" (command line)
+    stream: dict[str, Any] | None = None  # streamed runs: per-layer seconds and SVD checks, peak RSS, bytes
 
     def to_dict(self) -> dict[str, Any]:
         return _plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -113,13 +114,7 @@ def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | Non
     else:
         params_before = sum(p.numel() for p in original.parameters())
         params_after = sum(p.numel() for p in compressed.parameters())
-    extra: dict[str, Any] = {}
-    if plan is not None:
-        totals = plan.totals()
-        extra.update(macs_before=totals["macs_before"], macs_after=totals["macs_after"],
-                     macs_unit=totals["macs_unit"], method=plan.method, policy=plan.policy, plan_totals=totals,
-                     notes=plan.notes, calibration=plan.calibration,
-                     layers=[{k: getattr(lp, k) for k in LAYER_FIELDS} for lp in plan.layers])
+    extra: dict[str, Any] = plan_fields(plan) if plan is not None else {}
     if loaded is not None and loaded.meta.get("notes"):  # what loading changed (e.g. a stripped key prefix)
         extra["notes"] = [*loaded.meta["notes"], *(extra.get("notes") or [])]
     if exports.get("notes"):  # what exporting changed (e.g. bfloat16 widened to float32)
@@ -152,6 +147,32 @@ def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | Non
                   options={k: v for k, v in opts.items() if k not in ("command", "extra")},
                   versions=versions(), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   **extra)
+
+
+def plan_fields(plan: Plan) -> dict[str, Any]:
+    """The report fields a plan gives: multiply-adds, method, policy, totals, notes and the layer table."""
+    totals = plan.totals()
+    return dict(macs_before=totals["macs_before"], macs_after=totals["macs_after"], macs_unit=totals["macs_unit"],
+                method=plan.method, policy=plan.policy, plan_totals=totals, notes=plan.notes,
+                calibration=plan.calibration, layers=[{k: getattr(lp, k) for k in LAYER_FIELDS} for lp in plan.layers])
+
+
+def stream_report(*, source: Path, out: Path, mode: str, plan: Plan, stream: dict[str, Any],
+                  timings: dict[str, float], options, folder: Path) -> Report:
+    """The report of a streamed run (:mod:`compressor.jobs.stream`): the plan's fields as in memory, and
+    ``stream`` (per-layer seconds and SVD checks, peak RSS, bytes read and written). Nothing is validated
+    (the model is never built), so ``passed`` is True and no ONNX fields appear."""
+    totals = plan.totals()
+    opts = _plain(dataclasses.asdict(options))
+    return Report(mode=mode, source={"path": str(source), "format": "safetensors (streamed)",
+                                     "size_bytes": stream["checkpoint_bytes"]},
+                  output=str(out), params_before=totals["params_before"], params_after=totals["params_after"],
+                  params_ratio=totals["params_after"] / totals["params_before"] if totals["params_before"] else None,
+                  files={p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()},
+                  passed=True, timings_s=timings, command=options.command,
+                  options={k: v for k, v in opts.items() if k not in ("command", "extra")}, versions=versions(),
+                  date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), stream=stream,
+                  **plan_fields(plan))
 
 
 def _size(path: Path) -> int:
@@ -271,6 +292,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         for name, f in lat["files"].items():
             lines.append(f"| `{name}` | {f['dense_ms']:.3f} | {f['ms']:.3f} | {f['latency_ratio']:.3f} | {mac} |")
         lines += [""] + [f"> differs: {d}" for d in lat["differ"]] + [""]
+    if r.get("stream"):
+        lines += _stream_markdown(r["stream"])
     if r.get("plots"):
         lines += ["## Spectra", ""] + [f"![{Path(p).stem}]({p})" for p in r["plots"]] + [""]
     if r.get("layers"):
@@ -289,3 +312,26 @@ def render_markdown(r: dict[str, Any]) -> str:
               "- versions: " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()),
               "- step times (s): " + ", ".join(f"{k} {v}" for k, v in r.get("timings_s", {}).items()), ""]
     return "\n".join(lines)
+
+
+def _stream_markdown(st: dict[str, Any]) -> list[str]:
+    """The streamed run: memory, bytes, SVD method and checks, and the time of every layer."""
+    checks = [c for c in st["svd_checks"].values() if c]
+    rand = [c for c in checks if c.get("method") == "randomized"]
+    worst = max((c["bound"] for c in rand), default=None)
+    lines = ["## Streamed run", "",
+             f"{st['shards_in']} input shard(s), {_mb(st['checkpoint_bytes'])} read tensor by tensor; "
+             f"{_mb(st.get('bytes_written'))} written. Peak RSS {st['peak_rss_analyze_gib']:.2f} GiB after the "
+             f"analysis, {st['peak_rss_gib']:.2f} GiB in all (this process). Fingerprint (sha256 of every byte) "
+             f"{st['fingerprint_seconds']:.1f} s. {st['resumed_layers']} of {st['layers']} layers resumed from "
+             f"an earlier run; {st['workers']} worker(s){', Ray ' + str(st['ray']) if st.get('ray') else ''}.",
+             f"SVD `{st['svd']}`" + (f", rank bound {st['max_rank']}" if st.get("max_rank") else "")
+             + (f": {len(rand)} layers randomized (worst a-posteriori bound {worst:.3g}), {len(checks) - len(rand)} "
+                "fell back to exact" if st["svd"] != "exact" else "") + ".", "",
+             "| layer | seconds | SVD |", "|---|---:|---|"]
+    for name, sec in st["seconds_per_layer"].items():
+        c = st["svd_checks"].get(name) or {}
+        how = (f"randomized, rank {c['rank']}, bound {c['bound']:.3g}" if c.get("method") == "randomized"
+               else f"exact ({c['reason']})" if c else "exact")
+        lines.append(f"| `{name}` | {sec:.3f} | {how} |")
+    return [*lines, ""]
