@@ -24,7 +24,7 @@ mirrors are those of the unchanged model (sequential refits on a compressed mode
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -35,26 +35,22 @@ from compressor.core.errors import CompressorError
 from compressor.data.calibration import Moments, accumulate
 from compressor.data.inputs import Batch, attention_mask, call, map_tensors
 
-# The block list must hold at least this share of the model's parameters: otherwise reading "one block at
-# a time" would not bound memory, and the model is not the decoder this path is for.
-BLOCKS_MIN_SHARE = 0.5
-
 
 class _Done(Exception):
     """Raised after the block of a pass has run: nothing after it is needed."""
 
 
 def block_list(model: nn.Module) -> str | None:
-    """The name of the ``ModuleList`` of transformer blocks (``model.layers``, ``transformer.h``): the one
-    holding most parameters, if it holds at least ``BLOCKS_MIN_SHARE`` of them; None otherwise."""
-    total = sum(p.numel() for p in model.parameters())
+    """The name of the list of transformer blocks (``model.layers``, ``transformer.h``): of the ``ModuleList``
+    whose items are all of one class, the one holding most parameters; None when there is none. (Not a share
+    of the model: a small decoder's embeddings can outweigh its blocks.)"""
     best, size = None, 0
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
             n = sum(p.numel() for p in mod.parameters())
             if n > size:
                 best, size = name, n
-    return best if total and size >= BLOCKS_MIN_SHARE * total else None
+    return best
 
 
 def materialised_blocks(model: nn.Module, blocks: str) -> int:
@@ -72,7 +68,7 @@ class BlockCalibration:
         name = block_list(model)
         if name is None:
             raise CompressorError(f"no list of transformer blocks was found in {type(model).__name__} (no "
-                                  "ModuleList holds most of its parameters)",
+                                  "ModuleList of blocks of one kind)",
                                   "analyse it in memory (leave out --stream)")
         self.model, self.read, self.batches, self.name = model.eval(), read, batches, name
         self.blocks: nn.ModuleList = model.get_submodule(name)
@@ -112,9 +108,10 @@ class BlockCalibration:
         finally:
             self._empty(names)
 
-    def block(self, i: int, carried: list[Any] | None) -> tuple[dict[str, Moments], list[Any]]:
-        """Statistics of block ``i``'s layers and the block's outputs per batch, given block ``i-1``'s
-        (``carried``; None for block 0). Call inside :meth:`loaded`."""
+    def block(self, i: int, carried: list[Any] | None, names: Collection[str] | None = None
+              ) -> tuple[dict[str, Moments], list[Any]]:
+        """Statistics of block ``i``'s layers (those in ``names``; None: all) and the block's outputs per batch,
+        given block ``i-1``'s (``carried``; None for block 0). Call inside :meth:`loaded`."""
         outputs: list[Any] = []
 
         def done(_mod, _args, out):
@@ -123,15 +120,19 @@ class BlockCalibration:
 
         handle = self.blocks[i].register_forward_hook(done)
         try:
-            moments = self._passes(self.layers[i], i, carried)
+            moments = self._passes(_only(self.layers[i], names), i, carried)
         finally:
             handle.remove()
+        if len(outputs) != len(self.batches):  # the model's forward does not run its blocks one after another
+            raise CompressorError(f"block {self.name}.{i} of {type(self.model).__name__} ran {len(outputs)} times "
+                                  f"for {len(self.batches)} calibration batches, so it cannot be calibrated block "
+                                  "by block", "analyse it in memory (leave out --stream)")
         return moments, outputs
 
-    def outside(self, carried: list[Any]) -> dict[str, Moments]:
-        """Statistics of the layers outside the blocks (embeddings, head), every block replaced by the last
-        block's outputs (``carried``)."""
-        return self._passes(self.outer, len(self.blocks), carried)
+    def outside(self, carried: list[Any], names: Collection[str] | None = None) -> dict[str, Moments]:
+        """Statistics of the layers outside the blocks (embeddings, head; those in ``names``, None: all), every
+        block replaced by the last block's outputs (``carried``)."""
+        return self._passes(_only(self.outer, names), len(self.blocks), carried)
 
     def _passes(self, layers: dict[str, nn.Module], stubs: int, carried: list[Any] | None) -> dict[str, Moments]:
         """One forward per batch with blocks ``0..stubs-1`` returning ``carried``, hooks on ``layers``."""
@@ -156,3 +157,7 @@ class BlockCalibration:
             for j in range(stubs):
                 del self.blocks[j].forward
         return acc
+
+
+def _only(layers: dict[str, nn.Module], names: Collection[str] | None) -> dict[str, nn.Module]:
+    return layers if names is None else {n: m for n, m in layers.items() if n in names}

@@ -478,17 +478,17 @@ class _Blockwise:
         for i in range(start, last):
             t = time.perf_counter()
             with cal.loaded(i):
-                moments, outputs = cal.block(i, carried)
+                moments, outputs = cal.block(i, carried, pending[i])
                 for n in pending[i]:
-                    self._layer(n, moments[n], ranks)
+                    self._layer(n, moments.pop(n), ranks)  # each layer's statistics freed once used
             carried = outputs
             self.state.save_carry(tag, i + 1, carried)
             self.seconds[f"{tag} {i}"] = round(time.perf_counter() - t, 3)
         if outer:
             t = time.perf_counter()
-            moments = cal.outside(carried)
+            moments = cal.outside(carried, outer)
             for n in outer:
-                self._layer(n, moments[n], ranks)
+                self._layer(n, moments.pop(n), ranks)
             self.seconds[f"{tag} outside the blocks"] = round(time.perf_counter() - t, 3)
 
     def _layer(self, name: str, moments, ranks: dict[str, int | None] | None) -> None:
