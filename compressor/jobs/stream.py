@@ -177,16 +177,13 @@ def _check(opts: Options):
                               "every layer's whole spectrum", "use svd='exact' with target",
                               cli_fix="leave out --svd randomized with --target")
     if opts.calibration is not None:
-        # The whitened SVDs need the whole spectrum and run in this process, block after block.
-        for bad, why, fix in ((opts.svd != "exact", "svd='randomized'", "svd='exact'"),
-                              (opts.ray is not None, "ray", "leave out ray"),
-                              (opts.device != "cpu", f"device={opts.device!r}", "device='cpu'")):
+        # The whitened SVDs need whole spectra and run in this process, block after block.
+        for bad, option, flag in ((opts.svd != "exact", f"svd={opts.svd!r}", "--svd"),
+                                  (opts.ray is not None, "ray", "--ray"), (opts.device != "cpu", "device", "--device")):
             if bad:
-                cli = {"svd='exact'": "leave out --svd randomized", "leave out ray": "leave out --ray",
-                       "device='cpu'": "leave out --device"}[fix]
                 raise CompressorError(f"a streamed run with calibration data computes whitened SVDs block by "
-                                      f"block in this process; {why} cannot be used with it",
-                                      f"pass {fix}" if fix != "leave out ray" else fix, cli_fix=cli)
+                                      f"block in this process; {option} cannot be used with it",
+                                      f"leave out {option.split('=')[0]}", cli_fix=f"leave out {flag}")
     try:
         torch.empty(0, device=opts.device)
     except (RuntimeError, AssertionError) as err:
