@@ -8,15 +8,16 @@ onloading, as llm-compressor does), so that a checkpoint bigger than memory is n
 
 The model runs on a skeleton whose parameters are on the meta device and whose buffers are real
 (:func:`compressor.formats.load.hf_skeleton` with ``buffers=True``: a rotary embedding's ``inv_freq`` is
-computed, not read). The parameters outside the block list (embeddings, final norm, head) are read once,
-in float32. For block ``i``, only its tensors are read (float32); every calibration batch runs through the
-whole model with blocks ``0..i-1`` replaced by stubs returning block ``i-1``'s recorded outputs, so block
-``i`` receives exactly the arguments the model passes it (attention mask, position embeddings, cache),
-however the model builds them; the pass stops after block ``i``, whose outputs are kept for the next block,
-and its tensors go back to the meta device. Hooks on the block's layers accumulate the same statistics as
-the in-memory :class:`compressor.data.calibration.Calibrator` through the same function
-(:func:`compressor.data.calibration.accumulate`), batch after batch in the same order, so the moments are
-the same bits as in memory (on the same number of threads).
+computed, not read). The parameters outside the block list (embeddings, final norm, head) are read once, in
+float32, when a module holding them first runs (the head only for the last pass). For block ``i``, only its
+tensors are read (float32); every calibration batch runs through the whole model with blocks ``0..i-1``
+replaced by stubs returning block ``i-1``'s recorded outputs, so block ``i`` receives exactly the arguments
+the model passes it (attention mask, position embeddings, cache), however the model builds them; the pass
+stops after block ``i``, whose outputs are kept for the next block, and its tensors go back to the meta
+device. Hooks on the block's layers accumulate the same statistics as the in-memory
+:class:`compressor.data.calibration.Calibrator` through the same function
+(:func:`compressor.data.calibration.accumulate`), batch after batch in the same order, so the moments are the
+same bits as in memory (on the same number of threads).
 
 The outputs carried are the ORIGINAL block's, not a factored block's: the in-memory statistics this
 mirrors are those of the unchanged model (sequential refits on a compressed model's inputs are not done).
@@ -82,7 +83,16 @@ class BlockCalibration:
         self.layers = {i: {n: m for n, m in layers.items() if n.startswith(f"{name}.{i}.")}
                        for i in range(len(self.blocks))}
         self.outer = {n: m for n, m in layers.items() if not n.startswith(f"{name}.")}
-        self._fill([n for n in self.slots if not n.startswith(f"{name}.")])
+        # The tensors outside the blocks are read when a module holding them first runs: the head (as large
+        # as the embeddings) is not in memory while the blocks run.
+        users: dict[nn.Module, list[str]] = {}
+        for n in self.slots:
+            if not n.startswith(f"{name}."):
+                for mod, _ in self.slots[n]:
+                    users.setdefault(mod, []).append(n)
+        for mod, names in users.items():
+            mod.register_forward_pre_hook(lambda _m, _a, names=names: self._fill(
+                [n for n in names if self.model.get_parameter(n).device.type == "meta"]))
 
     def _fill(self, names: list[str]) -> None:
         with torch.no_grad():

@@ -167,15 +167,20 @@ def whitening(C: torch.Tensor, damping: tuple[float, ...] = DAMPING) -> Whitenin
     clamped eigenvalues; identity for an all-zero ``C``. Always finite."""
     C = C.double()
     n = C.shape[0]
-    eye = torch.eye(n, dtype=C.dtype, device=C.device)
     scale = float(C.diagonal().mean()) if n else 0.0
     if not math.isfinite(scale) or scale <= 0:
+        eye = torch.eye(n, dtype=C.dtype, device=C.device)
         return Whitening(eye, eye, "identity", 0.0)
-    C = (C + C.T) / 2
+    C = (C + C.T).div_(2)
     for d in damping:
-        L, info = torch.linalg.cholesky_ex(C + d * scale * eye)
+        # C + d * scale * I, the same values, without two more n x n temporaries (an 11008-wide input's
+        # whitening peaked about 2 GB higher with them).
+        damped = C.clone()
+        damped.diagonal().add_(d * scale)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
-            L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+            L_inv = torch.linalg.solve_triangular(L, torch.eye(n, dtype=C.dtype, device=C.device), upper=False)
             # A factor that is not finite or too ill-conditioned to invert accurately: damp more.
             if torch.isfinite(L_inv).all() and float(L.diagonal().min()) > 1e-7 * math.sqrt(scale):
                 return Whitening(L, L_inv, "cholesky", d)
