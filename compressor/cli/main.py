@@ -227,7 +227,10 @@ def _run_stream(mode: str, model: Path, kw: dict[str, Any]) -> None:
                    f"({summary['resumed_layers']} of {summary['layers']} resumed from an earlier run)\n"
                    f"  parameters        {t['params_before']:,} -> {t['params_after']:,}; factorizable weights "
                    f"{t['removed_fraction']:.1%} removed\n"
-                   f"  time              analyze {summary['analyze_seconds']:.1f} s"
+                   + (f"  calibration       {summary['calibration']['samples']} samples, "
+                      f"{summary['calibration']['tokens']} tokens, whitened block by block ({summary['blocks']} "
+                      "blocks; no sequential refits or sensitivity probes)\n" if "calibration" in summary else "")
+                   + f"  time              analyze {summary['analyze_seconds']:.1f} s"
                    + (f", rewrite {summary['rewrite_seconds']:.1f} s" if "rewrite_seconds" in summary else ""))
 
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import regular_file
-from compressor.core.handlers import handler_for
+from compressor.core.handlers import LayerHandler, handler_for
 from compressor.core.svd import Decomposition, compute_dtype, svd
 from compressor.core.threads import linalg_threads
 from compressor.data.inputs import (
@@ -167,15 +167,20 @@ def whitening(C: torch.Tensor, damping: tuple[float, ...] = DAMPING) -> Whitenin
     clamped eigenvalues; identity for an all-zero ``C``. Always finite."""
     C = C.double()
     n = C.shape[0]
-    eye = torch.eye(n, dtype=C.dtype, device=C.device)
     scale = float(C.diagonal().mean()) if n else 0.0
     if not math.isfinite(scale) or scale <= 0:
+        eye = torch.eye(n, dtype=C.dtype, device=C.device)
         return Whitening(eye, eye, "identity", 0.0)
-    C = (C + C.T) / 2
+    C = (C + C.T).div_(2)
     for d in damping:
-        L, info = torch.linalg.cholesky_ex(C + d * scale * eye)
+        # C + d * scale * I, the same values, without two more n x n temporaries (an 11008-wide input's
+        # whitening peaked about 2 GB higher with them).
+        damped = C.clone()
+        damped.diagonal().add_(d * scale)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
-            L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+            L_inv = torch.linalg.solve_triangular(L, torch.eye(n, dtype=C.dtype, device=C.device), upper=False)
             # A factor that is not finite or too ill-conditioned to invert accurately: damp more.
             if torch.isfinite(L_inv).all() and float(L.diagonal().min()) > 1e-7 * math.sqrt(scale):
                 return Whitening(L, L_inv, "cholesky", d)
@@ -241,6 +246,56 @@ def output_error(dec: Decomposition, info: dict[str, Any], rank: int) -> float:
         return float("nan")
     tail = float(dec.S[rank:].double().square().sum())
     return math.sqrt(min(1.0, (info["floor"] + tail) / info["output_energy"]))
+
+
+def accumulate(acc: Moments, module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Add one call of ``module`` on input ``x`` to its statistics ``acc``: token counts for an embedding,
+    else ``X^T X`` of its input rows (padding left out by ``mask``, the batch's attention mask). Layers
+    with many rows per batch (convs at high resolution) use a fixed random subset of ``ROWS_PER_FEATURE``
+    rows per input feature, weighted up to the full count. Every calibrated path (in memory, or streamed
+    block by block) collects its statistics through this one function."""
+    h = handler_for(module)
+    if h.statistics == "tokens":
+        ids = x
+        if mask is not None and tuple(ids.shape) == tuple(mask.shape):
+            ids = ids[mask.to(torch.bool)]
+        acc.add_tokens(ids, module.num_embeddings)
+        return
+    rows = h.input_rows(module, x, mask)
+    if rows is not None:
+        keep = ROWS_PER_FEATURE * rows.shape[1]
+        if rows.shape[0] > keep:
+            pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:keep]
+            acc.add(rows[pick.to(rows.device)], weight=rows.shape[0] / keep)
+        else:
+            acc.add(rows)
+
+
+def decompose(module: nn.Module, mom: Moments, damping: tuple[float, ...] = DAMPING,
+              handler: LayerHandler | None = None) -> tuple[Decomposition, dict[str, Any]]:
+    """The data-aware factors of one layer from its statistics: token-weighted for an embedding, whitened
+    for a layer the data reached, plain SVD for one it did not. ``handler``: the kind to factor it as
+    (an alternative's), default the module's own."""
+    h = handler if handler is not None else handler_for(module)
+    if mom.tokens is not None:
+        return embedding_decomposition(h.weight_matrix(module), mom)
+    if mom.xx is None:
+        return plain_decomposition(module)
+    return whitened_decomposition(h.weight_matrix(module), mom, damping)
+
+
+def calibration_info(batches: list[Batch], infos: dict[str, dict[str, Any]], *, sequential: bool, refit: int,
+                     hold_out: int, scales: dict[str, float], damping: tuple[float, ...],
+                     spatial_layers: Sequence[str]) -> dict[str, Any]:
+    """What ``plan.calibration`` records of a calibrated analysis (the same fields on every path)."""
+    fallbacks = sorted(n for n, i in infos.items() if i.get("whitening") in ("eigh", "identity"))
+    return {**describe(batches), "sequential": sequential, "layers_refit_sequentially": refit,
+            "sensitivity_held_out_batches": hold_out,
+            "allocation": "output-error x measured sensitivity" if scales else "whitened spectrum",
+            "damping": list(damping), "whitening_fallbacks": fallbacks,
+            "token_weighted_embeddings": sorted(n for n, i in infos.items()
+                                                if i.get("whitening", "").startswith("token frequency")),
+            "sensitivity": {n: round(s, 6) for n, s in scales.items()}, "spatial_layers": sorted(spatial_layers)}
 
 
 # -------------------------------------------------------------------------------------------- hooks
@@ -344,21 +399,7 @@ class Calibrator:
         mask = None
 
         def pre(name, args):
-            mod = self.modules[name]
-            if handler_for(mod).statistics == "tokens":
-                ids = args[0]
-                if mask is not None and tuple(ids.shape) == tuple(mask.shape):
-                    ids = ids[mask.to(torch.bool)]
-                acc[name].add_tokens(ids, mod.num_embeddings)
-                return
-            rows = handler_for(mod).input_rows(mod, args[0], mask)
-            if rows is not None:
-                keep = ROWS_PER_FEATURE * rows.shape[1]
-                if rows.shape[0] > keep:
-                    pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:keep]
-                    acc[name].add(rows[pick.to(rows.device)], weight=rows.shape[0] / keep)
-                else:
-                    acc[name].add(rows)
+            accumulate(acc[name], self.modules[name], args[0], mask)
 
         order = self.batches[hold_out:] + self.batches[:hold_out]  # the held-out batches last
         with _eval(self.model), _hooks(self.modules, pre=pre):
@@ -661,13 +702,7 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
         len(batches) > sensitivity_batches else 0
     moments, held = cal.moments(hold_out)
     for name, mom in moments.items():
-        mod = modules[name]
-        if mom.tokens is not None:
-            decs[name], infos[name] = embedding_decomposition(handlers[name].weight_matrix(mod), mom)
-        elif mom.xx is None:
-            decs[name], infos[name] = plain_decomposition(mod)
-        else:
-            decs[name], infos[name] = whitened_decomposition(handlers[name].weight_matrix(mod), mom, damping)
+        decs[name], infos[name] = decompose(modules[name], mom, damping, handlers[name])
     spectra = {name: LayerSpectrum.from_singular_values(name, *handlers[name].weight_matrix(mod).shape,
                                                         decs[name].S) for name, mod in modules.items()}
     chosen = _alternatives(modules, moments, handlers, decs, infos, spectra, operating_keep(policy), damping,
@@ -727,15 +762,8 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
                 if compressed(name):
                     replaced[name] = factor_module(modules[name], ranks[name], decs[name], handlers[name].kind)
     errors = {n: output_error(decs[n], infos[n], ranks[n]) for n in modules if compressed(n)}
-    fallbacks = sorted(n for n, i in infos.items() if i.get("whitening") in ("eigh", "identity"))
-    info = {**describe(batches), "sequential": sequential, "layers_refit_sequentially": refit,
-            "sensitivity_held_out_batches": hold_out,
-            "allocation": "output-error x measured sensitivity" if scales else "whitened spectrum",
-            "damping": list(damping), "whitening_fallbacks": fallbacks,
-            "token_weighted_embeddings": sorted(n for n, i in infos.items()
-                                                if i.get("whitening", "").startswith("token frequency")),
-            "sensitivity": {n: round(s, 6) for n, s in scales.items()}}
-    info["spatial_layers"] = sorted(chosen)
+    info = calibration_info(batches, infos, sequential=sequential, refit=refit, hold_out=hold_out, scales=scales,
+                            damping=damping, spatial_layers=chosen)
     return Calibrated(decs, spectra, ranks, errors, info, chosen)
 
 

@@ -29,6 +29,7 @@ import pickletools
 import stat
 import sys
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -529,16 +530,38 @@ def hf_class(config: dict[str, Any], transformers) -> type:
     return cls
 
 
-def hf_skeleton(path: Path, cls: type | None = None) -> nn.Module:
+def hf_skeleton(path: Path, cls: type | None = None, *, buffers: bool = False) -> nn.Module:
     """The module tree a Hugging Face folder's config describes, on the meta device (no weights, no
-    memory), built as :func:`load_model` builds it; the folder's own code is never run."""
+    memory), built as :func:`load_model` builds it; the folder's own code is never run.
+
+    ``buffers``: only the parameters go on the meta device; buffers are computed on the CPU as the model's
+    constructor computes them (a rotary embedding's ``inv_freq`` is not stored in the checkpoint), so the
+    skeleton can run once its parameters are filled in."""
     transformers = hf_module()
     if cls is None:
         cls = hf_class(hf_config(path), transformers)
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    with torch.device("meta"):  # the module tree only: no memory for weights
+    with _parameters_on_meta() if buffers else torch.device("meta"):  # the module tree only: no weights
         return (transformers.AutoModel.from_config(config, trust_remote_code=False)
                 if cls is transformers.AutoModel else cls._from_config(config))
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside the block is moved to the meta device at once (a new tensor's
+    pages are never touched, so no memory is spent on it); buffers stay where they were made."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def read_json(path: Path, what: str) -> Any:

@@ -40,8 +40,9 @@ from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_bytes, atomic_write_text, signals_deferred
 from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.core.plan import Plan
-from compressor.core.policies import TargetPolicy, allocate, policy_from_options, policy_to_dict
-from compressor.core.svd import Decomposition
+from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate, policy_from_options, policy_to_dict
+from compressor.core.svd import Decomposition, max_saving_rank
+from compressor.data.calibration import DAMPING, calibration_info, describe, output_error
 from compressor.formats.save import hf_architecture, write_meta
 from compressor.formats.shards import Checkpoint, ShardWriter
 from compressor.jobs.compress import Options, default_out, weights_only_model
@@ -73,10 +74,11 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
     if mode not in ("analyze", "compress"):
         raise ValueError("mode must be 'analyze' or 'compress'")
     policy = _check(opts)
-    check_not_over_inputs(out, [("model", source)])
+    check_not_over_inputs(out, [("model", source), ("calibration file", opts.calibration)])
     OutputDir(out, opts.force).check()
     clock = time.perf_counter()
     ckpt = Checkpoint.open(source)
+    batches = _calibration(source, opts) if opts.calibration is not None else None
     hashed = time.perf_counter()
     fingerprint = ckpt.fingerprint()
     hashed = time.perf_counter() - hashed
@@ -84,11 +86,11 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
     factor = mode == "compress"
     # Checked before the skeleton is built, so that a changed input is told at once.
     settings = {"policy": policy_to_dict(policy), "rank_multiple": opts.rank_multiple, "include": include,
-                "exclude": exclude, "svd": opts.svd, "factor": factor, "calibration": None, "device": opts.device,
-                "max_rank": opts.max_rank}
+                "exclude": exclude, "svd": opts.svd, "factor": factor, "device": opts.device,
+                "calibration": None if batches is None else describe(batches)["sha256"], "max_rank": opts.max_rank}
     state = _State(state_dir(out), {"format": STATE_FORMAT, "checkpoint": fingerprint, "settings": settings},
                    opts.restart)
-    skeleton = _skeleton(source, ckpt)
+    skeleton = _skeleton(source, ckpt, calibrated=batches is not None)
     found = find_layers(skeleton, include, exclude)
     check_patterns(include, exclude, [c.name for c in found])
     keymap = _keymap(skeleton, ckpt, [c.name for c in found if c.skip is None])
@@ -101,7 +103,12 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
              for c in found if c.skip is None}
     names = list(tasks)
     resumed = sum(state.has(i) for i in range(len(names)))
-    _run_all([(i, tasks[n]) for i, n in enumerate(names) if not state.has(i)], state.save_layer, opts)
+    blockwise = None
+    if batches is not None:  # block by block through the model, in this process
+        blockwise = _Blockwise(skeleton, ckpt, tasks, names, batches, state, policy, opts.rank_multiple)
+        blockwise.run()
+    else:
+        _run_all([(i, tasks[n]) for i, n in enumerate(names) if not state.has(i)], state.save_layer, opts)
     layers = {n: state.layer(i) for i, n in enumerate(names)}
 
     decs = {n: Decomposition(torch.empty(0), info["S"], torch.empty(0), total_energy=info["total"],
@@ -116,6 +123,13 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
                         "exclude": exclude, **extra},
                 layers=[layer_plan(c, decs.get(c.name), ranks.get(c.name), False) for c in found],
                 params_total_before=unique_param_count(skeleton))
+    if batches is not None:  # what the in-memory analysis records without sequential refits and probes
+        infos = {n: layers[n]["calibration"] for n in names}
+        plan.method = "whitened-svd"
+        plan.calibration = calibration_info(batches, infos, sequential=False, refit=0, hold_out=0, scales={},
+                                            damping=DAMPING, spatial_layers=())
+        for lp in plan.factored:
+            lp.estimated_output_error = output_error(decs[lp.name], infos[lp.name], lp.rank)
     if not tasks:
         plan.notes.append("no layer of this model can be factored")
     if isinstance(policy, TargetPolicy):
@@ -123,7 +137,9 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
         if abs(got - policy.target) > 0.01:
             plan.notes.append(f"removed {got:.3f} of the factorizable parameters against the target "
                               f"{policy.target:.3f}: the rank steps of these layers are too coarse")
-    if factor:  # a global policy (target) knows the ranks only now: factor those layers in a second pass
+    if factor and blockwise is not None:  # a target: the ranks are known only now; a second pass factors
+        blockwise.run({n: plan.layer(n).rank for n in names})
+    elif factor:  # a global policy (target) knows the ranks only now: factor those layers in a second pass
         second = [(i, replace(tasks[n], rank=plan.layer(n).rank,
                               svd_rank=(layers[n]["check"] or {}).get("rank")
                               if (layers[n]["check"] or {}).get("method") == "randomized" else None,
@@ -141,6 +157,9 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
                "fingerprint_seconds": round(hashed, 3), "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.files),
                "peak_rss_analyze_gib": _peak_rss_gib(), "max_rank": opts.max_rank,
                "svd_checks": {n: layers[n]["check"] for n in names}, "totals": plan.totals()}
+    if blockwise is not None:
+        summary.update(workers=1, calibration=plan.calibration, blocks=blockwise.count,
+                       seconds_per_block=blockwise.seconds)
     with OutputDir(out, opts.force) as tmp:
         plan.to_json(tmp / "plan.json")
         if factor:
@@ -187,8 +206,13 @@ def _check(opts: Options):
                               "pass max_rank=N (e.g. 256), or svd='exact'",
                               cli_fix="add --max-rank N (e.g. --max-rank 256), or leave out --svd randomized")
     if opts.calibration is not None:
-        raise CompressorError("streamed analysis does not take calibration data yet",
-                              "leave out --calibration, or analyse in memory (without --stream)")
+        # The whitened SVDs need whole spectra and run in this process, block after block.
+        for bad, option, flag in ((opts.svd != "exact", f"svd={opts.svd!r}", "--svd"),
+                                  (opts.ray is not None, "ray", "--ray"), (opts.device != "cpu", "device", "--device")):
+            if bad:
+                raise CompressorError(f"a streamed run with calibration data computes whitened SVDs block by "
+                                      f"block in this process; {option} cannot be used with it",
+                                      f"leave out {option.split('=')[0]}", cli_fix=f"leave out {flag}")
     try:
         torch.empty(0, device=opts.device)
     except (RuntimeError, AssertionError) as err:
@@ -204,13 +228,25 @@ def _check(opts: Options):
     return policy
 
 
-def _skeleton(source: Path, ckpt: Checkpoint) -> torch.nn.Module:
+def _skeleton(source: Path, ckpt: Checkpoint, calibrated: bool = False) -> torch.nn.Module:
     """The module tree, without weights: from config.json for a Hugging Face folder, else the stand-in
-    a bare state_dict gets (every 2-D ``X.weight`` a Linear, 3-5-D a conv)."""
+    a bare state_dict gets (every 2-D ``X.weight`` a Linear, 3-5-D a conv). ``calibrated``: a decoder
+    that can run block by block (real buffers, float32 parameters, on the meta device until read)."""
     if source.is_dir() and (source / "config.json").is_file():
-        from compressor.formats.load import hf_skeleton
+        from compressor.formats.load import hf_config, hf_skeleton
 
+        if calibrated:
+            archs = hf_config(source).get("architectures") or []
+            if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+                raise CompressorError(f"a streamed run with calibration data runs a Hugging Face decoder block by "
+                                      f"block, but '{source}' holds {', '.join(archs) or 'no named architecture'}",
+                                      "analyse it in memory (leave out --stream), or leave out --calibration")
+            return hf_skeleton(source, buffers=True).float()
         return hf_skeleton(source)
+    if calibrated:
+        raise CompressorError(f"a streamed run with calibration data runs the model block by block, but '{source}' "
+                              "has no config.json describing the model",
+                              "pass the Hugging Face folder it came from, or leave out --calibration")
     return weights_only_model({n: torch.empty(t.shape, dtype=t.dtype, device="meta")
                                for n, t in ckpt.tensors.items()})
 
@@ -218,23 +254,23 @@ def _skeleton(source: Path, ckpt: Checkpoint) -> torch.nn.Module:
 def _keymap(skeleton: torch.nn.Module, ckpt: Checkpoint, layers: list[str]) -> dict[str, str]:
     """Skeleton parameter name -> checkpoint name for the layers' parameters. Hugging Face checkpoints of a
     task model may store the base model's weights with or without its prefix (``bert.``, ``model.``)."""
+    return {name: _key(skeleton, ckpt, name) for layer in layers
+            for name in (f"{layer}.{p}" for p, _ in skeleton.get_submodule(layer).named_parameters())}
+
+
+def _key(skeleton: torch.nn.Module, ckpt: Checkpoint, name: str) -> str:
+    """The checkpoint name of the skeleton parameter ``name``, its shape checked."""
     prefix = getattr(skeleton, "base_model_prefix", "") or ""
-    out: dict[str, str] = {}
-    for layer in layers:
-        for pname, _ in skeleton.get_submodule(layer).named_parameters():
-            name = f"{layer}.{pname}"
-            tries = [name, f"{prefix}.{name}"] + ([name[len(prefix) + 1:]] if prefix and name.startswith(f"{prefix}.")
-                                                  else [])
-            key = next((k for k in tries if k in ckpt.tensors), None)
-            if key is None:
-                raise CompressorError(f"the checkpoint has no tensor '{name}', which its config.json describes",
-                                      "repair or re-download the model folder")
-            want = tuple(skeleton.get_parameter(name).shape)
-            if ckpt.tensors[key].shape != want:
-                raise CompressorError(f"tensor '{key}' has shape {list(ckpt.tensors[key].shape)}, but the config "
-                                      f"describes {list(want)}", "repair or re-download the model folder")
-            out[name] = key
-    return out
+    tries = [name, f"{prefix}.{name}"] + ([name[len(prefix) + 1:]] if prefix and name.startswith(f"{prefix}.") else [])
+    key = next((k for k in tries if k in ckpt.tensors), None)
+    if key is None:
+        raise CompressorError(f"the checkpoint has no tensor '{name}', which its config.json describes",
+                              "repair or re-download the model folder")
+    want = tuple(skeleton.get_parameter(name).shape)
+    if ckpt.tensors[key].shape != want:
+        raise CompressorError(f"tensor '{key}' has shape {list(ckpt.tensors[key].shape)}, but the config "
+                              f"describes {list(want)}", "repair or re-download the model folder")
+    return key
 
 
 class _State:
@@ -289,6 +325,8 @@ class _State:
         factors = result["factors"] or {}
         info = {"total": result["total"], "check": result["check"], "seconds": result["seconds"],
                 "factored": bool(factors)}
+        if "calibration" in result:  # the whitening's summary (calibrated runs)
+            info["calibration"] = result["calibration"]
         data = save({"S": result["S"], **factors}, metadata={"info": json.dumps(info)})
         atomic_write_bytes(self._path(i), data)
 
@@ -308,6 +346,23 @@ class _State:
     def factors_path(self, i: int) -> Path:
         """The file holding layer ``i``'s factors: its own, or the layer's file (factored in one pass)."""
         return self._path(i, "factors") if self._path(i, "factors").is_file() else self._path(i)
+
+    def save_carry(self, tag: str, block: int, outputs: list[Any]) -> None:
+        """Block ``block - 1``'s outputs per calibration batch: where a calibrated pass continues."""
+        import io
+
+        self._begin()
+        buf = io.BytesIO()
+        torch.save({"block": block, "outputs": outputs}, buf)
+        atomic_write_bytes(self.folder / f"carry.{tag}.pt", buf.getvalue())
+
+    def carry(self, tag: str) -> tuple[int, list[Any] | None]:
+        """``(next block, outputs of the block before it)`` of a calibrated pass; ``(0, None)`` at its start."""
+        path = self.folder / f"carry.{tag}.pt"
+        if not path.is_file():
+            return 0, None
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return data["block"], data["outputs"]
 
     def remove(self) -> None:
         with signals_deferred():
@@ -402,3 +457,86 @@ def _copy_companions(source: Path, folder: Path) -> None:
     for f in sorted(source.iterdir()):
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
             shutil.copyfile(f, folder / f.name)
+
+
+def _calibration(source: Path, opts: Options) -> list:
+    """The calibration batches, read as the in-memory path reads them (text: the folder's tokenizer)."""
+    from compressor.data.calibration import load_calibration
+    from compressor.formats.load import hf_tokenizer
+
+    tokenizer = hf_tokenizer(source) if source.is_dir() and (source / "config.json").is_file() else None
+    return load_calibration(opts.calibration, tokenizer=tokenizer, samples=opts.calibration_samples)
+
+
+class _Blockwise:
+    """Calibrated streamed passes (:class:`compressor.analysis.blocks.BlockCalibration`): per block, its
+    layers' whitened spectra (and factors where the rank follows from the layer's own spectrum) saved
+    durably, then the block's outputs, so that a killed pass continues at the first unfinished block."""
+
+    def __init__(self, skeleton: torch.nn.Module, ckpt: Checkpoint, tasks: dict[str, LayerTask], names: list[str],
+                 batches: list, state: _State, policy, rank_multiple: int) -> None:
+        self.skeleton, self.ckpt, self.tasks, self.names, self.batches = skeleton, ckpt, tasks, names, batches
+        self.state, self.policy, self.rank_multiple = state, policy, rank_multiple
+        self.index = {n: i for i, n in enumerate(names)}
+        self.count = 0
+        self.seconds: dict[str, float] = {}
+
+    def run(self, ranks: dict[str, int | None] | None = None) -> None:
+        """The first pass (``ranks`` None: spectra, and factors unless the policy is a target), or the second
+        (factors at ``ranks``)."""
+        from compressor.analysis.blocks import BlockCalibration
+
+        if ranks is None:
+            wanted = [n for n in self.names if not self.state.has(self.index[n])]
+        else:
+            wanted = [n for n in self.names if ranks[n] is not None and not self.state.has_factors(self.index[n])]
+        if not wanted:
+            return
+        keys = {n: _key(self.skeleton, self.ckpt, n) for n, _ in self.skeleton.named_parameters()}
+        cal = BlockCalibration(self.skeleton, lambda n: self.ckpt.tensor(keys[n]), self.batches,
+                               {n: self.tasks[n].module for n in self.names})
+        self.count = len(cal.blocks)
+        tag = "analyze" if ranks is None else "factor"
+        pending = {i: [n for n in cal.layers[i] if n in wanted] for i in range(self.count)}
+        outer = [n for n in cal.outer if n in wanted]
+        last = self.count if outer else max((i + 1 for i, todo in pending.items() if todo), default=0)
+        start, carried = self.state.carry(tag)
+        for i in range(start, last):
+            t = time.perf_counter()
+            with cal.loaded(i):
+                moments, outputs = cal.block(i, carried, pending[i])
+                for n in pending[i]:
+                    self._layer(n, moments.pop(n), ranks)  # each layer's statistics freed once used
+            carried = outputs
+            self.state.save_carry(tag, i + 1, carried)
+            self.seconds[f"{tag} {i}"] = round(time.perf_counter() - t, 3)
+        if outer:
+            t = time.perf_counter()
+            moments = cal.outside(carried, outer)
+            for n in outer:
+                self._layer(n, moments.pop(n), ranks)
+            self.seconds[f"{tag} outside the blocks"] = round(time.perf_counter() - t, 3)
+
+    def _layer(self, name: str, moments, ranks: dict[str, int | None] | None) -> None:
+        from compressor.data.calibration import decompose
+
+        task = self.tasks[name]
+        t = time.perf_counter()
+        dec, info = decompose(task.module, moments)
+        m, n = task.handler.weight_matrix(task.module).shape
+        rank = ranks[name] if ranks is not None else None
+        if ranks is None and not isinstance(self.policy, TargetPolicy):
+            spectrum = LayerSpectrum.from_singular_values(name, m, n, dec.S)
+            rank = allocate(self.policy, [spectrum], self.rank_multiple)[name]
+        factors = None
+        if rank is not None and rank <= max_saving_rank(m, n):
+            new = task.handler.factor(task.module, rank, dec)  # float32, written in the checkpoint's dtype
+            dtype = self.ckpt.tensors[task.keys["weight"]].dtype
+            prefix = task.keys["weight"].rpartition(".")[0]
+            factors = {f"{prefix}.{k}": v.to(dtype).contiguous() for k, v in new.state_dict().items()}
+        i = self.index[name]
+        if ranks is not None:
+            self.state.save_factors(i, {"factors": factors})
+        else:
+            self.state.save_layer(i, {"S": dec.S.contiguous(), "total": None, "check": None, "factors": factors,
+                                      "seconds": round(time.perf_counter() - t, 3), "calibration": info})
