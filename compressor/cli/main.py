@@ -206,8 +206,9 @@ def _run_stream(mode: str, model: Path, kw: dict[str, Any]) -> None:
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
     kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])  # for report.md
-    unused = [f"--{k.replace('_', '-')}" for k in ("plots", "trust_pickle", "arch", "outputs", "input_shapes",
-                                                  "example_inputs", "keep_fp16") if kw.get(k)]
+    flags = {"plots": "--plots", "trust_pickle": "--trust-pickle", "arch": "--arch", "outputs": "--output",
+             "input_shapes": "--input-shape", "example_inputs": "--example-inputs", "keep_fp16": "--keep-fp16"}
+    unused = [flag for k, flag in flags.items() if kw.get(k)]
     unused += [f"--{v}" for v in VARIANTS if kw.get(f"variant_{v}")]
     try:
         if unused:
