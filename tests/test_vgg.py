@@ -1,7 +1,7 @@
 """Dense 3x3 convs: the spatial decomposition ("conv2d-spatial") of ONNX Conv nodes, written as a ``kh x 1``
 and a ``1 x kw`` Conv and checked against the dense graph holding the best rank-r kernel in that layout
 (Eckart-Young on the reshaped weight); and on a real pretrained VGG16 (compressor.zoo.vgg16_tumor_onnx),
-where analyze picks it per layer."""
+where analyze picks it per layer; and that ddddocr's text detector (zoo.ddddocr_detector_onnx) finds text."""
 
 from __future__ import annotations
 
@@ -128,3 +128,16 @@ def test_vgg16_runs_as_its_torch_layers_and_takes_spatial_factors(vgg, tmp_path)
 def _run_named(path, x: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def test_text_detector_finds_the_characters_of_the_scanned_page_not_grass():
+    # ddddocr's YOLOX-style detector (zoo): a wrong channel order or scale would not separate these.
+    sess = ort.InferenceSession(str(zoo.ddddocr_detector_onnx()), providers=["CPUExecutionProvider"])
+    photos = list(zoo.PHOTOS)
+    x = (zoo.sample_images(416, normalization="unit").flip(1) * 255)[[photos.index("page.png"),
+                                                                     photos.index("grass.png")]]
+    found = []
+    for img in x:
+        out = sess.run(None, {"images": img[None].numpy()})[0][0]
+        found.append(int((out[:, 4] * out[:, 5] > 0.1).sum()))  # anchors whose objectness x class > 0.1
+    assert found[0] > 100 and found[1] == 0, found
