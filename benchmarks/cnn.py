@@ -31,6 +31,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -72,12 +73,16 @@ def fidelity(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> dict[str, 
 
 
 @torch.no_grad()
-def reference(model: nn.Module, target: float, batches: list[torch.Tensor]) -> nn.Module:
+def reference(model: nn.Module, target: float, batches: list[torch.Tensor],
+              xx: dict[str, torch.Tensor] | None = None, exclude: Sequence[str] = ()) -> nn.Module:
     """The issue's reference, on ``model`` in place: per factorizable layer, the SVD of ``W L`` with
     ``L L^T = X^T X`` (Cholesky; a 1e-6 relative ridge, more if it fails) mapped back by ``L^-1``; ranks
-    chosen globally by the absolute whitened energy lost (``sum S[r:]^2``) per parameter saved."""
-    layers = {c.name: c for c in find_layers(model) if c.skip is None}
-    xx: dict[str, torch.Tensor] = {}
+    chosen globally by the absolute whitened energy lost (``sum S[r:]^2``) per parameter saved.
+    ``xx``: a dict the layers' ``X^T X`` are collected into when it is empty and taken from when it is not
+    (several targets on copies of one model pay for the statistics once); ``exclude``: globs of layers left
+    dense, as ``analyze``'s."""
+    layers = {c.name: c for c in find_layers(model, (), exclude) if c.skip is None}
+    xx = {} if xx is None else xx
 
     def hook(name):
         def pre(mod, args):
@@ -85,13 +90,14 @@ def reference(model: nn.Module, target: float, batches: list[torch.Tensor]) -> n
             xx[name] = rows.T @ rows if name not in xx else xx[name].addmm_(rows.T, rows)
         return pre
 
-    handles = [c.module.register_forward_pre_hook(hook(n)) for n, c in layers.items()]
-    try:
-        for b in batches:
-            model(b)
-    finally:
-        for h in handles:
-            h.remove()
+    if not xx:
+        handles = [c.module.register_forward_pre_hook(hook(n)) for n, c in layers.items()]
+        try:
+            for b in batches:
+                model(b)
+        finally:
+            for h in handles:
+                h.remove()
     decs, spectra = {}, []
     for name, c in layers.items():
         W = c.weight_matrix().double()

