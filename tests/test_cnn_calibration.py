@@ -1,12 +1,17 @@
-"""Data-aware factoring of CNNs: sensitivity is measured on batches the probe factors were not fit on, and
-sequential refits leave convs and data-starved layers alone."""
+"""Data-aware factoring of CNNs: sensitivity and error curves are measured on batches the probe factors were not
+fit on, data-starved layers choose their ridge there, and sequential refits leave convs and data-starved layers
+alone."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
 
 import compressor
+from compressor.data import calibration
+from compressor.data.calibration import DAMPING, Moments, held_out_errors, whitened_decomposition
 
 
 def _net() -> nn.Sequential:
@@ -43,3 +48,56 @@ def test_sequential_refits_skip_convs_and_layers_with_few_rows():
     assert refit <= len(factored_linears)
     starved = compressor.analyze(_net(), target=0.4, calibration=_batches(2, size=2), sensitivity=False)
     assert starved.calibration["layers_refit_sequentially"] == 0  # 4 rows for 32-64 inputs: nothing refit
+
+
+def _rows(n: int, dim: int, seed: int) -> torch.Tensor:
+    """A few strong directions plus isotropic noise: what a handful of rows cannot pin down."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(4, dim, generator=torch.Generator().manual_seed(99))
+    return torch.randn(n, 4, generator=g) @ basis + 0.7 * torch.randn(n, dim, generator=g)
+
+
+def test_held_out_errors_are_the_output_errors_of_the_truncated_factors():
+    torch.manual_seed(0)
+    w = torch.randn(12, 20)
+    fit, out = _rows(30, 20, 1), _rows(15, 20, 2)
+    m = Moments()
+    m.add(fit)
+    dec, _ = whitened_decomposition(w, m)
+    curve = held_out_errors(dec, out.double().T @ out.double())
+    assert len(curve) == 13
+    for r in range(13):
+        up, down = dec.factors(r)
+        direct = float(((w - up @ down) @ out.T).double().square().sum())
+        assert abs(float(curve[r]) - direct) <= 1e-4 * float(curve[0]), (r, float(curve[r]), direct)
+    assert float(curve[12]) == 0.0 and float(curve[0]) > 0
+
+
+def test_a_data_starved_layer_chooses_its_ridge_on_held_out_batches(monkeypatch):
+    # 64 inputs, 4 rows per batch: the factors fit on 16 rows know 16 directions of the input; held out, the
+    # isotropic part shows that a larger ridge (closer to the plain SVD) loses less. The convs of _net() see
+    # 64 rows per image and keep the default ridge.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    with torch.no_grad():  # a decaying spectrum, as trained weights have: a plain SVD would keep it well
+        u, _, v = torch.linalg.svd(torch.randn(64, 64))
+        net[0].weight.copy_(u * torch.logspace(0, -2, 64) @ v)
+    batches = [_rows(4, 64, seed) for seed in range(6)]
+    fresh = _rows(400, 64, 100)
+
+    def error(plan_model):
+        with torch.no_grad():
+            return float((plan_model(fresh) - net(fresh)).norm() / net(fresh).norm())
+
+    small = copy.deepcopy(net)
+    plan = compressor.analyze(small, target=0.4, calibration=batches)
+    assert plan.calibration["ridges"] and min(plan.calibration["ridges"].values()) > DAMPING[0]
+    chosen = error(compressor.rewrite(small, plan))
+    monkeypatch.setattr(calibration, "RIDGES", (DAMPING[0],))  # the fixed 1% ridge of before
+    fixed = copy.deepcopy(net)
+    plan_fixed = compressor.analyze(fixed, target=0.4, calibration=batches)
+    assert plan_fixed.calibration["ridges"] == {}
+    assert chosen < 0.95 * error(compressor.rewrite(fixed, plan_fixed))  # measured: 0.148 vs 0.161
+
+    rich = compressor.analyze(_net(), target=0.4, calibration=_batches(4), sequential=False)
+    assert not {"0", "2"} & set(rich.calibration["ridges"])  # 256 rows per batch for 27 and 16 inputs
