@@ -225,7 +225,9 @@ def test_digits_cnn_from_its_onnx_export_matches_the_torch_compression(tmp_path)
     torch_plan = analyze(model, target=0.5, calibration=[calib])
     assert onnx_plan.ranks() == torch_plan.ranks()
     sensitivity = torch_plan.calibration["sensitivity"]
-    assert set(onnx_plan.calibration["sensitivity"]) == set(sensitivity) == {"0", "2", "6", "8"}
+    # Probed: the layers the allocation may cut (calibration.PROBE_MARGIN), the same on both paths.
+    assert set(onnx_plan.calibration["sensitivity"]) == set(sensitivity)
+    assert {lp.name for lp in torch_plan.factored} <= set(sensitivity) and torch_plan.factored
     for name, s in sensitivity.items():
         assert onnx_plan.calibration["sensitivity"][name] == pytest.approx(s, rel=1e-3)
     # Every layer factored; the sequential refit rule (no conv refits, enough rows per feature) is the torch

@@ -16,7 +16,11 @@ What is computed, per factorizable layer, from forward hooks (activations are st
   ``||W X - W' X^||`` is the whitened truncation (by ``X^``) of the least-squares map
   ``W* = W (X^T X^)(X^^T X^)^-1``, so later layers absorb part of the earlier truncation error;
 * sensitivity: each layer is truncated alone and the change of the model's output measured, which scales
-  its whitened error curve, so a parameter ``target`` is spent where the model's output loses least.
+  its whitened error curve, so a parameter ``target`` is spent where the model's output loses least. Probe
+  factors are fit without a few held-out batches, and a layer's error curve is measured on those batches
+  (:func:`held_out_errors`): in sample, a layer with fewer calibration rows than inputs (a CNN's classifier,
+  its last 1x1 convs) reproduces the calibration outputs at almost any rank and looked free to truncate. Such
+  data-starved layers also choose their ridge on the held-out batches (:data:`RIDGES`).
 
 Embeddings take token ids, whose "second moment" is a token count. Their rows are weighted by how
 often text uses each token (calibration frequencies mixed with a uniform share, since held-out text
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +48,7 @@ from torch import nn
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import regular_file
 from compressor.core.handlers import LayerHandler, handler_for
-from compressor.core.svd import Decomposition, compute_dtype, svd
+from compressor.core.svd import Decomposition, compute_dtype, max_saving_rank, svd
 from compressor.core.threads import linalg_threads
 from compressor.data.inputs import (
     Batch,
@@ -72,6 +76,21 @@ UNIFORM_TOKEN_SHARE = 0.1
 # ~12): at 320 px the calibrated analysis took 29.5 s instead of 36.5 s with identical held-out top-1
 # agreement and logit cosine; at 160 px (and on EfficientNet-Lite0) identical results, no time saved.
 ROWS_PER_FEATURE = 64
+# A layer fit on fewer calibration rows than this per input feature (a CNN's classifier sees one row per image,
+# its last 1x1 convs a few per image) chooses its ridge, relative like DAMPING, from RIDGES by its output error on
+# the held-out batches. Measured (160 px, 36 photos, target 0.4): MobileNetV2's classifier and last conv chose 1.0,
+# its late 1x1 convs 0.1, and held-out logit cosine rose from 0.802 (DAMPING's 1% everywhere) to 0.844. Choosing
+# for every layer instead changed no result on MobileNetV2 or EfficientNet-Lite0 and costs an SVD per candidate.
+STARVED_ROWS_PER_FEATURE = 4
+RIDGES = (1e-2, 1e-1, 1.0, 10.0)
+# Layers not probed yet count as this fraction of the least sensitive probed layer's sensitivity (a lower bound:
+# the allocation then cuts them at least as much as their true sensitivity would, and probes them if it does).
+# MobileNetV2 and EfficientNet-Lite0 at 160 px (targets 0.4, 0.5): 20-25 of 36 layers probed, the same held-out
+# logit cosine (+-0.002) as probing all; their sensitivities span 0.08 to 25.
+PROBE_MARGIN = 0.25
+# Batches a probe runs on (the first held-out ones). Measured at 160 px, targets 0.2-0.5: one batch of 8 photos
+# instead of two gave the same held-out quality (logit cosine within +-0.005) at half the probe time.
+PROBE_BATCHES = 1
 ORIGINALS_BUDGET = 2 << 30
 # A sequential refit is a least-squares fit of n weights per output: with fewer than this many calibration
 # rows per input feature it fits the calibration set, not the layer (a CNN's classifier sees one row per
@@ -199,17 +218,18 @@ def whitened_decomposition(W: torch.Tensor, m: Moments, damping: tuple[float, ..
     whitening method, damping, and the irreducible and total output energy (for error estimates).
     """
     out_dtype = compute_dtype(W.dtype)
-    Wd = W.detach().double()
     seq = m.hh is not None
+    # Moments and whitening are float64 (sums of many rows, ill-conditioned); the products with the weight and
+    # the SVD run in the weight's compute dtype, as plain SVD does (float64 SVDs are about 5x slower on CPU).
+    # The sequential map keeps float64: it multiplies by the inverse of an ill-conditioned moment.
+    Wd = W.detach().to(torch.float64 if seq else out_dtype)
     with linalg_threads():  # dense factorizations: one thread unless the user chose (core.threads)
         wh = whitening(m.hh if seq else m.xx, damping)
         # W* S = W C_xh C^-1 S = W C_xh S^-T, since C = S S^T.
-        A = Wd @ m.xh @ wh.S_inv.T if seq else Wd @ wh.S
-        # Moments and whitening are float64 (sums of many rows, ill-conditioned); the SVD itself runs in
-        # the weight's compute dtype, as plain SVD does (float64 SVDs are about 5x slower on CPU).
+        A = Wd @ m.xh @ wh.S_inv.T if seq else Wd @ wh.S.to(out_dtype)
         U, S, Vh = torch.linalg.svd(A.to(out_dtype), full_matrices=False)
     S = S.double()
-    total = float((Wd @ m.xx * Wd).sum())  # ||W X||^2 of the original layer
+    total = float((Wd @ m.xx.to(Wd.dtype) * Wd).sum())  # ||W X||^2 of the original layer
     floor = max(0.0, total - float(S.square().sum())) if seq else 0.0  # ||W X - W* X^||^2
     dec = Decomposition(U.to(out_dtype), S.to(out_dtype), Vh.to(out_dtype), wh.S_inv.to(out_dtype))
     info = {"whitening": wh.method, "damping": wh.damping, "output_energy": total, "floor": floor,
@@ -238,6 +258,18 @@ def embedding_decomposition(E: torch.Tensor, m: Moments, uniform_share: float = 
     info = {"whitening": f"token frequency ({uniform_share:g} uniform share)",
             "output_energy": float(S.double().square().sum()), "floor": 0.0, "rows": m.rows}
     return dec, info
+
+
+def held_out_errors(dec: Decomposition, C: torch.Tensor) -> torch.Tensor:
+    """``e[r] = ||(W - W_r) X||^2`` for ``r = 0..len(S)``, over rows ``X`` whose second moment is ``C`` (rows the
+    factors were not fit on), with ``W_r`` the rank-``r`` factors of the whitened decomposition ``dec``.
+
+    ``W - W_r = sum_{i >= r} u_i s_i v_i^T S^-1`` with orthonormal ``u_i``, so ``e[r] = sum_{i >= r} s_i^2 d_i``,
+    ``d_i = v_i^T S^-1 C S^-T v_i``: every rank's error from one product, no factors formed."""
+    D = dec.Vh.float() if dec.right_inv is None else dec.Vh.float() @ dec.right_inv.float()
+    d = ((D @ C.float()) * D).sum(1).double()
+    tail = (dec.S.double().square() * d).flip(0).cumsum(0).flip(0)
+    return torch.cat([tail, tail.new_zeros(1)])
 
 
 def output_error(dec: Decomposition, info: dict[str, Any], rank: int) -> float:
@@ -286,8 +318,9 @@ def decompose(module: nn.Module, mom: Moments, damping: tuple[float, ...] = DAMP
 
 def calibration_info(batches: list[Batch], infos: dict[str, dict[str, Any]], *, sequential: bool, refit: int,
                      hold_out: int, scales: dict[str, float], damping: tuple[float, ...],
-                     spatial_layers: Sequence[str]) -> dict[str, Any]:
-    """What ``plan.calibration`` records of a calibrated analysis (the same fields on every path)."""
+                     spatial_layers: Sequence[str], ridges: dict[str, float] | None = None) -> dict[str, Any]:
+    """What ``plan.calibration`` records of a calibrated analysis (the same fields on every path).
+    ``ridges``: the ridge each data-starved layer chose on held-out batches (none without them)."""
     fallbacks = sorted(n for n, i in infos.items() if i.get("whitening") in ("eigh", "identity"))
     return {**describe(batches), "sequential": sequential, "layers_refit_sequentially": refit,
             "sensitivity_held_out_batches": hold_out,
@@ -295,7 +328,8 @@ def calibration_info(batches: list[Batch], infos: dict[str, dict[str, Any]], *, 
             "damping": list(damping), "whitening_fallbacks": fallbacks,
             "token_weighted_embeddings": sorted(n for n, i in infos.items()
                                                 if i.get("whitening", "").startswith("token frequency")),
-            "sensitivity": {n: round(s, 6) for n, s in scales.items()}, "spatial_layers": sorted(spatial_layers)}
+            "sensitivity": {n: round(s, 6) for n, s in scales.items()}, "ridges": dict(ridges or {}),
+            "spatial_layers": sorted(spatial_layers)}
 
 
 # -------------------------------------------------------------------------------------------- hooks
@@ -475,27 +509,35 @@ class Calibrator:
 
     def output_errors(self, replacements: dict[str, nn.Module], limit: int) -> dict[str, float]:
         """Relative change of the model's compared outputs (:func:`compressor.data.inputs.relative_change`)
-        when each layer alone is replaced, over the first ``limit`` calibration batches.
+        when each layer alone is replaced, over the first ``limit`` calibration batches."""
+        return self.prober(list(replacements), limit)(replacements)
+
+    def prober(self, names: Sequence[str], limit: int) -> Callable[[dict[str, nn.Module]], dict[str, float]]:
+        """:meth:`output_errors` for any of the layers ``names``, as often as asked, after one reference pass.
 
         Everything the model computes before a probed layer is the same as in the reference pass, so the
         modules that finish before it return their reference outputs instead of running again: each probe
         pays only for the part of the model from its layer on (about half the probe time on MobileNetV2)."""
         batches = self.batches[:limit]
         with _eval(self.model):
-            prefix = _Prefix(self.model, batches[0], [self.modules[n] for n in replacements])
+            prefix = _Prefix(self.model, batches[0], [self.modules[n] for n in names])
             refs = []
             for b in batches:
                 with prefix.recording():
                     refs.append(call(self.model, b))
+
+        def measure(replacements: dict[str, nn.Module]) -> dict[str, float]:
             out: dict[str, float] = {}
-            for name, new in replacements.items():
-                results = []
-                for i, (b, ref) in enumerate(zip(batches, refs, strict=True)):
-                    with prefix.replaying(self.modules[name], i), \
-                            _hooks({name: self.modules[name]}, post=lambda _n, args, _o, new=new: new(args[0])):
-                        results.append((call(self.model, b), ref, attention_mask(b)))
-                out[name] = relative_change(results, self.outputs)
-        return out
+            with _eval(self.model):
+                for name, new in replacements.items():
+                    results = []
+                    for i, (b, ref) in enumerate(zip(batches, refs, strict=True)):
+                        with prefix.replaying(self.modules[name], i), \
+                                _hooks({name: self.modules[name]}, post=lambda _n, args, _o, new=new: new(args[0])):
+                            results.append((call(self.model, b), ref, attention_mask(b)))
+                    out[name] = relative_change(results, self.outputs)
+            return out
+        return measure
 
 
 class _Prefix:
@@ -690,7 +732,6 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
     layer's kind instead."""
     from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate, operating_keep
     from compressor.core.rewrite import factor_module
-    from compressor.core.svd import max_saving_rank
 
     cal = Calibrator(model, modules, batches, outputs)
     handlers = {name: handler_for(mod) for name, mod in modules.items()}
@@ -701,38 +742,22 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
     hold_out = sensitivity_batches if sensitivity and isinstance(policy, TargetPolicy) and \
         len(batches) > sensitivity_batches else 0
     moments, held = cal.moments(hold_out)
+    # Data-starved layers choose their ridge on the held-out batches first, so each is decomposed once with it.
+    ridges = _starved_ridges(modules, handlers, moments, held, policy, damping[0]) if held is not None else {}
+    damp = {name: _from(damping, ridges.get(name, damping[0])) for name in modules}
     for name, mom in moments.items():
-        decs[name], infos[name] = decompose(modules[name], mom, damping, handlers[name])
+        decs[name], infos[name] = decompose(modules[name], mom, damp[name], handlers[name])
     spectra = {name: LayerSpectrum.from_singular_values(name, *handlers[name].weight_matrix(mod).shape,
                                                         decs[name].S) for name, mod in modules.items()}
-    chosen = _alternatives(modules, moments, handlers, decs, infos, spectra, operating_keep(policy), damping,
+    chosen = _alternatives(modules, moments, handlers, decs, infos, spectra, operating_keep(policy), damp,
                            spatial, kinds)
     shapes = {name: tuple(handlers[name].weight_matrix(mod).shape) for name, mod in modules.items()}
     spectra = list(spectra.values())
 
     scales: dict[str, float] = {}
     if sensitivity and isinstance(policy, TargetPolicy):
-        # Truncate each layer alone at the rank a uniform cut would give it and measure how much the
-        # model's output moves per unit of that layer's own (whitened) output error.
-        probes = {}
-        for sp in spectra:
-            if sp.name in fixed:
-                continue
-            uniform = int((1 - policy.target) * sp.m * sp.n / (sp.m + sp.n))
-            r = max(1, min(max_saving_rank(sp.m, sp.n), uniform))
-            h, mod, dec = handlers[sp.name], modules[sp.name], decs[sp.name]
-            if held is not None and held[sp.name].xx is not None:  # factors fit without the probe batches
-                xx = held[sp.name].xx if h.kind == handler_for(mod).kind else h.moments(mod, held[sp.name].xx)
-                dec, _ = whitened_decomposition(h.weight_matrix(mod), Moments(xx, rows=held[sp.name].rows), damping)
-            probes[sp.name] = (r, factor_module(mod, r, dec, h.kind))
-        moved = cal.output_errors({n: new for n, (_, new) in probes.items()}, sensitivity_batches)
-        for sp in spectra:
-            if sp.name in probes:
-                # Scaled so the curve passes through the measured point (a floor: a curve that is ~0 there,
-                # in sample, must not make the layer look free).
-                own = max(float(sp.loss[probes[sp.name][0]]), 1e-12)
-                scales[sp.name] = moved[sp.name] / own
-                sp.loss = sp.loss * scales[sp.name]
+        scales = _sensitivities(cal, spectra, modules, handlers, decs, moments, held, policy, rank_multiple, fixed,
+                                damp, sensitivity_batches)
     ranks = allocate(policy, spectra, rank_multiple, fixed)
 
     def compressed(name: str) -> bool:
@@ -756,19 +781,130 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
                     h, mod, p = handlers[name], modules[name], paired[name]
                     if name in chosen:  # the alternative's own moments (see LayerHandler.moments)
                         p = Moments(h.moments(mod, p.xx), h.moments(mod, p.hh), h.moments(mod, p.xh), p.rows)
-                    decs[name], infos[name] = whitened_decomposition(h.weight_matrix(mod), p, damping)
+                    decs[name], infos[name] = whitened_decomposition(h.weight_matrix(mod), p, damp[name])
                     refit += 1
             for name in group:
                 if compressed(name):
                     replaced[name] = factor_module(modules[name], ranks[name], decs[name], handlers[name].kind)
     errors = {n: output_error(decs[n], infos[n], ranks[n]) for n in modules if compressed(n)}
     info = calibration_info(batches, infos, sequential=sequential, refit=refit, hold_out=hold_out, scales=scales,
-                            damping=damping, spatial_layers=chosen)
+                            damping=damping, spatial_layers=chosen, ridges=ridges)
     return Calibrated(decs, spectra, ranks, errors, info, chosen)
 
 
+def _probe_rank(m: int, n: int, target: float) -> int:
+    """The rank a uniform cut of ``target`` of the parameters gives an ``m x n`` layer (at least 1, saving)."""
+    return max(1, min(max_saving_rank(m, n), int((1 - target) * m * n / (m + n))))
+
+
+def _starved(fit: Moments, n: int) -> bool:
+    return fit.xx is not None and fit.rows < STARVED_ROWS_PER_FEATURE * n
+
+
+def _starved_ridges(modules: dict[str, nn.Module], handlers: dict, moments: dict[str, Moments],
+                    held: dict[str, Moments], policy, default: float) -> dict[str, float]:
+    """``{layer: ridge}`` for the data-starved layers whose held-out error chose a ridge other than ``default``
+    (:func:`held_out_ridge` at the probe rank, the factors fit without the held-out batches)."""
+    out = {}
+    for name, mod in modules.items():
+        W = handlers[name].weight_matrix(mod)
+        m, n = W.shape
+        if _starved(held[name], n):
+            fit = held[name].xx
+            ridge = held_out_ridge(W, fit, moments[name].xx - fit, _probe_rank(m, n, policy.target),
+                                   _from(RIDGES, default))
+            if ridge != default:
+                out[name] = ridge
+    return out
+
+
+def _sensitivities(cal: Calibrator, spectra: list, modules: dict[str, nn.Module], handlers: dict, decs: dict,
+                   moments: dict[str, Moments], held: dict[str, Moments] | None, policy, rank_multiple: int,
+                   fixed: dict[str, int | None], damp: dict[str, tuple[float, ...]], batches: int) -> dict[str, float]:
+    """Each probed layer is truncated alone at the rank a uniform cut would give it, and how much the model's
+    output moves (over the first :data:`PROBE_BATCHES` of the ``batches`` held-out batches) per unit of the
+    layer's own output error scales its error curve (``spectra``'s losses, in place). Returns those scales.
+
+    Only layers the allocation may cut are probed: one not probed yet counts as :data:`PROBE_MARGIN` times as
+    sensitive as the least sensitive probed layer, and the allocation is repeated until it cuts no unprobed
+    layer. While that is a lower bound of the unprobed layers' sensitivity, the ranks are those all probes
+    would give. A data-starved layer's probe factors are fit without the probe batches and its curve is
+    measured on them (:func:`held_out_errors`): in sample it looked free to truncate."""
+    from compressor.core.policies import allocate
+    from compressor.core.rewrite import factor_module
+
+    layers = {sp.name: sp for sp in spectra if sp.name not in fixed}
+    curves = {name: sp.loss for name, sp in layers.items()}  # unscaled; held-out once a starved layer is probed
+    scales: dict[str, float] = {}
+    measure = cal.prober(list(layers), min(batches, PROBE_BATCHES))
+    todo = [n for n, r in allocate(policy, spectra, rank_multiple, fixed).items() if n in layers and r is not None]
+    while todo:
+        probes = {}
+        for name in todo:
+            sp, h, mod, dec = layers[name], handlers[name], modules[name], decs[name]
+            r = _probe_rank(sp.m, sp.n, policy.target)
+            if held is not None and _starved(held[name], sp.n):  # fit without the probe batches, measured on them
+                fit = held[name]
+                xx_fit, xx_out = fit.xx, moments[name].xx - fit.xx
+                if h.kind != handler_for(mod).kind:  # an alternative kind's own moments (LayerHandler.moments)
+                    xx_fit, xx_out = h.moments(mod, xx_fit), h.moments(mod, xx_out)
+                dec, _ = whitened_decomposition(h.weight_matrix(mod), Moments(xx_fit, rows=fit.rows), damp[name])
+                curve = held_out_errors(dec, xx_out)
+                curves[name] = curve / max(float(curve[0]), 1e-300)
+            probes[name] = (r, factor_module(mod, r, dec, h.kind))
+        moved = measure({n: new for n, (_, new) in probes.items()})
+        for name, (r, _) in probes.items():
+            # Scaled so the curve passes through the measured point (a floor: a curve that is ~0 there must not
+            # make the layer look free).
+            scales[name] = moved[name] / max(float(curves[name][r]), 1e-12)
+        floor = min(scales.values()) * PROBE_MARGIN
+        for name, sp in layers.items():
+            sp.loss = curves[name] * scales.get(name, floor)
+        ranks = allocate(policy, spectra, rank_multiple, fixed)
+        todo = [n for n, sp in layers.items() if n not in scales and ranks.get(n) is not None
+                and ranks[n] <= max_saving_rank(sp.m, sp.n)]
+    return scales
+
+
+def _from(damping: tuple[float, ...], ridge: float) -> tuple[float, ...]:
+    """``damping``'s fallbacks from ``ridge`` on (``ridge`` first)."""
+    return (ridge, *(d for d in damping if d > ridge))
+
+
+def held_out_ridge(W: torch.Tensor, fit: torch.Tensor, out: torch.Tensor, rank: int, ridges: Sequence[float]
+                   ) -> float:
+    """Of ``ridges`` (increasing, relative to the mean diagonal of ``fit``), the one whose rank-``rank`` whitened
+    factors of ``W``, fit on rows with second moment ``fit``, lose least on rows with second moment ``out``
+    (the search stops once the error rises).
+
+    In output space: those factors are ``W_r = U_r U_r^T W`` with ``U`` the eigenvectors of ``W (C + d I) W^T``
+    (the left singular vectors of ``W S``), so the held-out error is ``sum_{i > r} u_i^T W C_out W^T u_i``: one
+    m x m eigendecomposition per ridge, no Cholesky and no SVD. Wide layers only (m <= n, a classifier, 1x1
+    convs that narrow); a tall one takes a whitened decomposition per ridge, which its small n makes cheap."""
+    m, n = W.shape
+    scale = float(fit.diagonal().mean())
+    if not math.isfinite(scale) or scale <= 0:
+        return ridges[0]
+    best: tuple[float, float] | None = None
+    with linalg_threads():
+        Wf = W.detach().float()
+        if m <= n:
+            G, G2, H = Wf @ fit.float() @ Wf.T, Wf @ Wf.T, Wf @ out.float() @ Wf.T
+        for ridge in ridges:
+            if m <= n:
+                dropped = torch.linalg.eigh(G + ridge * scale * G2).eigenvectors[:, :m - rank]  # ascending
+                err = float((dropped.T @ H * dropped.T).sum())
+            else:
+                dec, _ = whitened_decomposition(W, Moments(fit), _from(DAMPING, ridge))
+                err = float(held_out_errors(dec, out)[rank])
+            if best is not None and err >= best[1]:
+                break
+            best = ridge, err
+    return best[0]
+
+
 def _alternatives(modules: dict[str, nn.Module], moments: dict[str, Moments], handlers: dict, decs: dict,
-                  infos: dict, spectra: dict, keep: float | None, damping: tuple[float, ...], spatial: bool,
+                  infos: dict, spectra: dict, keep: float | None, damping: dict[str, tuple[float, ...]], spatial: bool,
                   kinds: dict[str, str] | None) -> dict[str, str]:
     """``{layer: alternative kind}`` for the layers factored another way; ``handlers``, ``decs``, ``infos``
     and ``spectra`` are updated to it. An alternative's whitening may be approximate (the spatial one ignores
@@ -790,7 +926,7 @@ def _alternatives(modules: dict[str, nn.Module], moments: dict[str, Moments], ha
             if not alt.accepts(mod):
                 continue
             A = alt.weight_matrix(mod)
-            dec, info = whitened_decomposition(A, Moments(alt.moments(mod, mom.xx), rows=mom.rows), damping)
+            dec, info = whitened_decomposition(A, Moments(alt.moments(mod, mom.xx), rows=mom.rows), damping[name])
             sp = LayerSpectrum.from_singular_values(name, *A.shape, dec.S)
             r = operating_rank(sp, keep if keep is not None else 0.5)  # None: a plan's kind, only rescaled
             up, down = dec.factors(r)
