@@ -54,6 +54,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-digits", action="store_true")
+    ap.add_argument("--name", default="heal_cnn", help="output file name (without .md/.json)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,7 +102,7 @@ def main() -> int:
                          "held_out_photos": [zoo.PHOTOS[i] for i in HELD_OUT_PHOTOS]},
               "settings": cfg.to_dict(), "mobilenet_v2": rows, "digits": digits}
     args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / "heal_cnn"
+    base = args.out / args.name
     atomic_write_text(base.with_suffix(".json"), json.dumps(result, indent=1, default=str) + "\n")
     atomic_write_text(base.with_suffix(".md"), _markdown(result))
     print(f"wrote {base}.md and .json ({result['total_seconds']} s in all)")
