@@ -211,8 +211,6 @@ def fake_int4_weight(w: torch.Tensor, block_size: int = INT4_BLOCK_SIZE,
     return (q * scale).reshape(m, blocks * block_size)[:, :n].to(w.dtype)
 
 
-QUANTIZATIONS = ("int8", "int4")  # what the exported file's weights can be that training can simulate
-
 
 def simulate_quantization(module: nn.Module, quant: str) -> bool:
     """Make ``module`` (itself, not its children) compute as the ``quant`` export of it will (its handler's
