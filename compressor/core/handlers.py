@@ -211,7 +211,6 @@ def fake_int4_weight(w: torch.Tensor, block_size: int = INT4_BLOCK_SIZE,
     return (q * scale).reshape(m, blocks * block_size)[:, :n].to(w.dtype)
 
 
-
 def simulate_quantization(module: nn.Module, quant: str) -> bool:
     """Make ``module`` (itself, not its children) compute as the ``quant`` export of it will (its handler's
     ``int8_forward`` or ``int4_forward``, straight-through gradients); False when that export leaves its
