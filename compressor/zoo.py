@@ -248,6 +248,49 @@ def sample_images(size: int = 224, n: int | None = None, normalization: str = "i
     return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
 
 
+def augmented_images(n: int, size: int = 224, photos: list[int] | None = None, seed: int = 0,
+                     normalization: str = "imagenet") -> torch.Tensor:
+    """``n`` random views ``(n, 3, size, size)`` of the photos numbered ``photos`` (indices into
+    :data:`PHOTOS`; default all): each a random resized crop (8% to 100% of the photo's area, aspect 3/4 to
+    4/3, as ImageNet training does), mirrored with probability 1/2 and colour-jittered (brightness,
+    contrast and saturation each by a factor in [0.6, 1.4]), all drawn from a generator seeded by ``seed``
+    (the same arguments give the same views). Unlabelled views for distillation: a few photos become
+    thousands of different inputs."""
+    import numpy as np
+    from PIL import Image
+
+    if normalization not in ("imagenet", "symmetric"):
+        raise CompressorError(f"unknown normalization {normalization!r}", "use 'imagenet' or 'symmetric'")
+    folder = _package_file("scikit-image", "skimage/data/chelsea.png").parent
+    names = [PHOTOS[i] for i in (range(len(PHOTOS)) if photos is None else photos)]
+    images = [torch.from_numpy(np.asarray(Image.open(folder / f).convert("RGB"), dtype=np.float32) / 255.0)
+              .permute(2, 0, 1) for f in names]
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+    out = torch.empty(n, 3, size, size)
+    for i in range(n):
+        img = images[int(torch.randint(len(images), (), generator=g))]
+        h, w = img.shape[1:]
+        area, ratio = uniform(0.08, 1.0) * h * w, math.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
+        ch, cw = min(h, round(math.sqrt(area / ratio))), min(w, round(math.sqrt(area * ratio)))
+        top, left = int(torch.randint(h - ch + 1, (), generator=g)), int(torch.randint(w - cw + 1, (), generator=g))
+        x = F.interpolate(img[None, :, top:top + ch, left:left + cw], size=(size, size), mode="bilinear",
+                          antialias=True, align_corners=False)[0]
+        if float(torch.rand((), generator=g)) < 0.5:
+            x = x.flip(-1)
+        x = x * uniform(0.6, 1.4)  # brightness
+        grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])
+        x = (x - grey.mean()) * uniform(0.6, 1.4) + grey.mean()  # contrast
+        grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])
+        out[i] = ((x - grey) * uniform(0.6, 1.4) + grey).clamp(0, 1)  # saturation
+    if normalization == "symmetric":
+        return out * 2 - 1
+    return (out - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+
 def _view(img, view: int, size: int) -> torch.Tensor:
     """View 0: the centred square; 1-4: 80% crops at the four corners; 5-9: 0-4 mirrored; then repeats."""
     import numpy as np

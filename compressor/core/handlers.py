@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
@@ -154,6 +155,12 @@ class LayerHandler:
         """Whether :meth:`int8_forward` is implemented for this kind."""
         return type(self).int8_forward is not LayerHandler.int8_forward
 
+    def int4_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``module(x)`` with its weight as onnxruntime's 4-bit export stores it
+        (:func:`fake_int4_weight`), straight-through; for ``int4 == "matmul"`` kinds (others override)."""
+        w = self.weight_matrix(module)
+        return F.linear(x, w + (fake_int4_weight(w) - w).detach(), getattr(module, "bias", None))
+
 
 # ------------------------------------------------------------------------------------ int8 rounding
 
@@ -202,6 +209,17 @@ def fake_int4_weight(w: torch.Tensor, block_size: int = INT4_BLOCK_SIZE,
         zp = _round_half_away(zp).clamp(0, 15)
         q = (_round_half_away(x * inv + zp)).clamp(0, 15) - zp
     return (q * scale).reshape(m, blocks * block_size)[:, :n].to(w.dtype)
+
+
+def simulate_quantization(module: nn.Module, quant: str) -> bool:
+    """Make ``module`` (itself, not its children) compute as the ``quant`` export of it will (its handler's
+    ``int8_forward`` or ``int4_forward``, straight-through gradients); False when that export leaves its
+    kind in float. Undone by ``module.__dict__.pop("forward", None)``."""
+    h = handler_for(module)
+    if h is None or not (h.simulates_int8() if quant == "int8" else h.int4 != "none"):
+        return False
+    module.forward = partial(h.int8_forward if quant == "int8" else h.int4_forward, module)
+    return True
 
 
 def fake_uint8_input(x: torch.Tensor) -> torch.Tensor:
@@ -393,6 +411,12 @@ class EmbeddingHandler(LayerHandler):
         # onnxruntime quantizes a Gather's table as it quantizes activations: uint8, per tensor.
         m = module
         return F.embedding(x, fake_uint8_input(m.weight), m.padding_idx, m.max_norm, m.norm_type,
+                           m.scale_grad_by_freq, m.sparse)
+
+    def int4_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # GatherBlockQuantized blocks the table's rows along the embedding dimension, as a MatMul's rows.
+        m, w = module, module.weight
+        return F.embedding(x, w + (fake_int4_weight(w) - w).detach(), m.padding_idx, m.max_norm, m.norm_type,
                            m.scale_grad_by_freq, m.sparse)
 
 

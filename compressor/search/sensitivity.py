@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.core.handlers import handler_for
+from compressor.core.handlers import handler_for, simulate_quantization
 from compressor.core.layers import LOW_RANK_TYPES
 from compressor.data.inputs import as_batches, attention_mask, call, relative_change
 
@@ -78,6 +78,4 @@ def remove_fake_int8(model: nn.Module) -> nn.Module:
 
 
 def _simulate_int8(mod: nn.Module) -> None:
-    h = handler_for(mod)
-    if h is not None and h.simulates_int8():
-        mod.forward = lambda x, mod=mod, h=h: h.int8_forward(mod, x)
+    simulate_quantization(mod, "int8")

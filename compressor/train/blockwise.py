@@ -110,6 +110,78 @@ def capture(student: nn.Module, teacher: nn.Module, name: str, batches: Sequence
     return out
 
 
+@dataclass
+class BlockCalls:
+    """How each block was called on each batch, from one pass of the model: ``chained[i]``: block ``i``'s
+    first argument was block ``i - 1``'s output (and nothing else of that output fed it); then
+    ``rest[i][b]`` is its call on batch ``b`` without that argument (empty for the other blocks)."""
+
+    chained: list[bool]
+    rest: list[list[tuple[tuple, dict[str, Any]]]]
+
+
+@torch.no_grad()
+def record_calls(student: nn.Module, names: Sequence[str], batches: Sequence[Any]) -> BlockCalls:
+    """One pass of ``student`` over ``batches`` recording how each named block is called, so that a
+    chained block's inputs can be carried from the block before it (:func:`carry`) instead of running
+    the model prefix again for every block (which costs a number of block passes quadratic in the blocks).
+    The hidden states of chained blocks are not kept: memory stays that of one block's inputs."""
+    blocks = [student.get_submodule(n) for n in names]
+    calls: list[list[tuple[tuple, dict, Any]]] = [[] for _ in names]
+
+    def hook(i: int):
+        def record(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            calls[i].append((args, kwargs, output))
+        return record
+
+    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    chained = [False] + [True] * (len(names) - 1)
+    rest: list[list[tuple[tuple, dict]]] = [[] for _ in names]
+    try:
+        for batch in batches:
+            for c in calls:
+                c.clear()
+            call(student, batch)
+            # A block run other than once per pass (shared, skipped) is captured the slow way, as is the next.
+            once = [len(c) == 1 for c in calls]
+            for i in range(1, len(names)):
+                chained[i] = chained[i] and once[i - 1] and once[i] and _feeds(calls[i - 1][0][2], *calls[i][0][:2])
+            for i, c in enumerate(calls):
+                if chained[i]:
+                    rest[i].append((c[0][0][1:], c[0][1]))
+    finally:
+        for h in handles:
+            h.remove()
+    # Only what a carried block needs (its hidden states come from the block before it); the others are
+    # captured by running the model prefix when their turn comes.
+    return BlockCalls(chained, [r if chained[i] else [] for i, r in enumerate(rest)])
+
+
+def _feeds(output: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a block's first argument is the previous block's primary output, and no other argument
+    is any part of that output (then the block's inputs follow from the previous block's alone)."""
+    first = primary_output(output)
+    if not args or args[0] is not first:
+        return False
+    parts = output if isinstance(output, (tuple, list)) else (output,)
+    produced = {id(t) for t in parts if isinstance(t, torch.Tensor)}
+    others = [*args[1:], *kwargs.values()]
+    return not any(id(t) in produced for t in others if isinstance(t, torch.Tensor))
+
+
+@torch.no_grad()
+def carry(previous: nn.Module, data: Sequence[BlockData], teacher_block: nn.Module,
+          rest: Sequence[tuple[tuple, dict[str, Any]]]) -> list[BlockData]:
+    """The next (chained) block's data: its first argument is ``previous`` (the healed block before it)
+    on that block's inputs, the rest as recorded (:func:`record_calls`), its target ``teacher_block``
+    on those inputs."""
+    out = []
+    for d, (args, kwargs) in zip(data, rest, strict=True):
+        args = (primary_output(previous(*d.args, **d.kwargs)), *args)
+        out.append(BlockData(args, kwargs, primary_output(teacher_block(*args, **kwargs)), d.mask))
+    return out
+
+
 @torch.no_grad()
 def block_error(block: nn.Module, data: Sequence[BlockData]) -> float:
     """``||block(x) - target||^2 / ||target||^2`` over ``data`` (padding left out)."""

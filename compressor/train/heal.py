@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from compressor.core.errors import CompressorError
+from compressor.core.handlers import simulate_quantization
 from compressor.core.layers import LOW_RANK_TYPES
 from compressor.data.inputs import attention_mask, call, num_samples, primary_output, take, to_device
 from compressor.train.adapter import Adapter
@@ -66,11 +67,11 @@ LOSSES = ("mse", "kl", "ce", "cosine")
 _RESUME_KEYS = ("train", "lora_rank", "lora_alpha", "lora_dropout", "lora_init", "loss", "temperature", "optimizer",
                 "lr", "weight_decay", "schedule", "warmup_steps", "batch_size", "seed", "grad_clip", "every",
                 "monitor", "mode", "total_steps", "batches_per_epoch", "method", "block_steps", "block_lr",
-                "blocks")
+                "blocks", "quant")
 
 # What a checkpoint written before a setting existed ran with.
 _OLD_DEFAULTS = {"lora_init": "zero", "method": "end-to-end", "block_steps": 100, "block_lr": None,
-                 "blocks": None}
+                 "blocks": None, "quant": None}
 BLOCKS_DIR = "blocks"  # the block-wise phase's checkpoints, inside the checkpoint folder
 
 
@@ -122,6 +123,11 @@ class HealConfig:
     blocks: str | None = _setting(
         None, "Comma-separated globs naming the blocks, e.g. 'encoder.layer.*' [default: the children of a "
               "ModuleList holding trained weights, else the first module whose children split them].")
+    quant: Literal["int8", "int4"] | None = _setting(
+        None, "Heal through simulated quantization: every layer the int8 (onnxruntime dynamic: weights per "
+              "output channel, inputs per tensor) or int4 (MatMulNBits, blocks of 128) export quantizes "
+              "computes as that file will, with straight-through gradients, so the healed factors are "
+              "chosen for the rounded model, and validation (the best step, never worse) measures it.")
     seed: int = _setting(0, "Seed of the data order, initialisation and dropout.", min=0)
     grad_clip: float | None = _setting(1.0, "Largest gradient norm; 0 turns clipping off.", min=0)
     every: int | None = _setting(
@@ -296,6 +302,13 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
     compressed, model = model, copy.deepcopy(model)
     params = _trainable(model, cfg)
     device = next(iter(params.values())).device
+    if cfg.quant:
+        if cfg.train == "lora":
+            raise CompressorError(f"quant={cfg.quant} simulates the rounding of the weights the file stores, "
+                                  "but LoRA adapters sit beside them until merged",
+                                  "pass train='factors' (--train factors) with quant (--quant)")
+        for m in model.modules():
+            simulate_quantization(m, cfg.quant)
     # Before anything is written: the model, the teacher, the targets and the loss fit together.
     _set_training(model, False)
     _preflight(model, teacher, loader, val_loader, loss, device)
@@ -440,6 +453,8 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
         adapter = Adapter.from_model(model, base_model_name_or_path="")
         adapter.base_model_name_or_path = None
         merge_lora(model)
+    for m in model.modules():
+        m.__dict__.pop("forward", None)  # the quantization simulation
     for p, q in zip(model.parameters(), compressed.parameters(), strict=True):
         p.requires_grad_(q.requires_grad)
     model.train(compressed.training)
@@ -465,7 +480,7 @@ def _heal_blocks(model: nn.Module, teacher: nn.Module, params: dict[str, nn.Para
     error kept (by training block error without held-out data). After each block a checkpoint in
     ``folder`` holds the weights so far; a resumed run loads the newest and redoes the block after it,
     which, seeded by its index, ends as the uninterrupted run did. Returns one summary per block."""
-    from compressor.train.blockwise import capture, find_blocks, train_block
+    from compressor.train.blockwise import capture, carry, find_blocks, record_calls, train_block
 
     names = find_blocks(model, list(params), [p.strip() for p in cfg.blocks.split(",")] if cfg.blocks else None)
     train_batches = [to_device(b, device) for b, _ in loader.in_order()]
@@ -489,11 +504,23 @@ def _heal_blocks(model: nn.Module, teacher: nn.Module, params: dict[str, nn.Para
                     p.copy_(tensors[f"param.{k}"])
             done = state["blocks"]
     lr = cfg.block_lr or cfg.lr
-    for i, name in enumerate(names[len(done):], start=len(done)):
+    first = len(done)
+    calls = record_calls(model, names, train_batches) if first < len(names) - 1 else None
+    val_calls = record_calls(model, names, select_batches) if calls and val_loader is not None else calls
+    train = select = []
+    for i, name in enumerate(names[first:], start=first):
         block = model.get_submodule(name)
         own = {k: p for k, p in params.items() if k.startswith(name + ".")}
-        train = capture(model, teacher, name, train_batches)
-        select = train if val_loader is None else capture(model, teacher, name, select_batches)
+        if i > first and calls.chained[i]:
+            # The healed block before feeds this one: its inputs follow from that block's, one block pass.
+            previous, original = model.get_submodule(names[i - 1]), teacher.get_submodule(name)
+            train, select = (carry(previous, train, original, calls.rest[i]),
+                             carry(previous, select, original, val_calls.rest[i]) if val_loader is not None
+                             else None)
+        else:
+            train = capture(model, teacher, name, train_batches)
+            select = None if val_loader is None else capture(model, teacher, name, select_batches)
+        select = train if select is None else select
         # Seeded by the block's index: a block redone after a crash trains exactly as it did.
         torch.manual_seed(cfg.seed * 1_000 + i)
         # Masked MSE whatever the end-to-end loss: a block's output is features, not classes.
