@@ -21,7 +21,8 @@ so in one line: healing never returns a model worse on validation than the one i
 
 ``method="blockwise"`` (or ``"both"``: blockwise, then end-to-end) first heals one block at a time (a
 transformer layer, a CNN stage: :mod:`compressor.train.blockwise`), each learning the teacher's block on
-the inputs the healed blocks before it give; it needs a teacher.
+the inputs the healed blocks before it give; it needs a teacher. ``distill="hidden"`` makes end-to-end
+distillation match those blocks' outputs too (each layer's hidden states), not only the model's output.
 
 Data is a tensor, a tuple of tensors (positional inputs) or a dict of named tensors (keyword inputs),
 with samples along the first dimension, batched here; or a *list* of ready batches (each a tensor, a
