@@ -219,13 +219,14 @@ def _markdown(r: dict, png: str) -> str:
     notes = [f"- {x['removed']:.0%} {x['start']} {x['method']}: {x['note']}" for x in r["minilm"] if x.get("note")]
     if notes:
         lines += ["Notes (never worse):", *notes, ""]
-    lines += ["Per-block held-out relative output error `||block(x) - teacher_block(x)||^2 / ||teacher_block(x)||^2` "
-              "before -> after (blockwise rows):", ""]
-    for x in r["minilm"]:
-        if x["method"] == "blockwise":
-            blocks = ", ".join(f"{b['block'].rsplit('.', 1)[-1]}: {b['before']:.4f} -> {b['after']:.4f}"
-                               for b in x["blocks"])
-            lines.append(f"- {x['removed']:.0%} {x['start']}: {blocks}")
+    blockwise = [x for x in r["minilm"] if x["method"] == "blockwise"]
+    if blockwise:
+        lines += ["Per-block held-out relative output error `||block(x) - teacher_block(x)||^2 / "
+                  "||teacher_block(x)||^2` before -> after (blockwise rows):", ""]
+    for x in blockwise:
+        blocks = ", ".join(f"{b['block'].rsplit('.', 1)[-1]}: {b['before']:.4f} -> {b['after']:.4f}"
+                           for b in x["blocks"])
+        lines.append(f"- {x['removed']:.0%} {x['start']}: {blocks}")
     lines += ["", f"Held-out token cosine over the end-to-end steps: `{png}`.", ""]
     d = r["digits"]
     if d:
