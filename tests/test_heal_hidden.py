@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+import compressor
 from compressor.core.errors import CompressorError
 from compressor.train.blockwise import block_error, capture
 from compressor.train.heal import HealConfig, heal, hidden_loss
@@ -59,3 +67,30 @@ def test_hidden_distillation_needs_a_teacher():
     _, student, x, _ = _problem()
     with pytest.raises(CompressorError, match="distill=hidden"):
         heal(student, data=x, targets=torch.zeros(len(x), 4), distill="hidden", steps=2)
+
+
+@pytest.mark.slow
+def test_cli_distill_hidden_and_its_refusal_without_a_teacher(tmp_path):
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                                  torch.nn.Linear(16, 4))
+    torch.save(teacher, tmp_path / "teacher.pt")
+    plan = compressor.analyze(teacher, rank=2)
+    compressor.save(compressor.rewrite(copy.deepcopy(teacher), plan), tmp_path / "small", plan,
+                    source=compressor.load_model(tmp_path / "teacher.pt"))
+    x = torch.randn(96, 6)
+    torch.save(x[:64], tmp_path / "x.pt")
+    torch.save(x[64:], tmp_path / "val.pt")
+    torch.save({"inputs": x[:64], "targets": torch.zeros(64, 4)}, tmp_path / "labelled.pt")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "compressor", "heal", "small", *args], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=120)
+
+    ok = cli("--data", "x.pt", "--val", "val.pt", "--distill", "hidden", "--steps", "8", "--lr", "1e-2", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["config"]["distill"] == "hidden"
+    bad = cli("--data", "labelled.pt", "--distill", "hidden", "--steps", "2", "--out", "bad")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "distill=hidden" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists()
