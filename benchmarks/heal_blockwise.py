@@ -53,6 +53,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=24, help="end-to-end steps")
     ap.add_argument("--methods", default="blockwise,end-to-end,both",
                     help="healings to run (both needs blockwise: it continues from that row's model)")
+    ap.add_argument("--distill", default="output",
+                    help="end-to-end distillation targets to compare (output, hidden: also every encoder layer's "
+                         "hidden states); one end-to-end and both row per value")
     ap.add_argument("--train", type=int, default=3000, help="training sentences")
     ap.add_argument("--val", type=int, default=200, help="validation sentences (pick the best checkpoint)")
     ap.add_argument("--seed", type=int, default=0)
@@ -105,17 +108,20 @@ def main() -> int:
                              warmup_steps=4, block_steps=args.block_steps, seed=args.seed, **LR[start_kind])
             results = {}
             methods = args.methods.split(",")
-            for method, source in (m for m in (("blockwise", compressed), ("end-to-end", compressed), ("both", None))
-                                   if m[0] in methods):
-                src = results["blockwise"][0].model if method == "both" else source
-                run = cfg.replace(method="end-to-end" if method == "both" else method)
+            # Blockwise does not distil end to end: one row whatever --distill; the others one per target.
+            runs = [(m, d) for m in ("blockwise", "end-to-end", "both") if m in methods
+                    for d in (["output"] if m == "blockwise" else args.distill.split(","))]
+            for method, distill in runs:
+                src = results["blockwise"][0].model if method == "both" else compressed
+                run = cfg.replace(method="end-to-end" if method == "both" else method, distill=distill)
                 r, wall, cpu = timed(lambda src=src, c=run: heal(
                     src, c, teacher=model, data=train_b, val_data=val_b, progress=False))
                 if method == "both":
                     b = results["blockwise"]
                     wall, cpu = wall + b[1], cpu + b[2]
-                results[method] = (r, wall, cpu)
-                row = {"removed": removed, "start": start_kind, "method": method, **fidelity(r.model),
+                results.setdefault(method, (r, wall, cpu))
+                label = method if method == "blockwise" else f"{method}, distill {distill}"
+                row = {"removed": removed, "start": start_kind, "method": label, **fidelity(r.model),
                        "heal_wall_seconds": round(wall, 1), "heal_cpu_seconds": round(cpu, 1),
                        "val_before": r.before, "val_after": r.after, "best_step": r.best_step, "steps": r.steps,
                        "note": r.note, "history": r.history,
@@ -129,6 +135,7 @@ def main() -> int:
               "sentences": {"calibration": N_CALIB, "train": args.train, "val": args.val, "held_out": N_EVAL,
                             "max_length": MAX_LENGTH},
               "settings": {"block_steps": args.block_steps, "end_to_end_steps": args.steps, "batch_size": 32,
+                           "distill": args.distill,
                            "lr": LR, "warmup_steps": 4, "schedule": "cosine", "optimizer": "adamw"},
               "minilm": rows, "digits": digits}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +208,9 @@ def _markdown(r: dict, png: str) -> str:
         f"{s['end_to_end_steps']} steps, batch {s['batch_size']}, AdamW, cosine schedule, {s['warmup_steps']} "
         "warm-up steps; learning rates "
         f"(lr: end-to-end, block_lr: blockwise) `{json.dumps(s['lr'])}`. `both` = the blockwise model healed "
-        "end-to-end (what `method=\"both\"` does); its time is the sum.", "",
+        "end-to-end (what `method=\"both\"` does); its time is the sum. `distill output`: the end-to-end loss is "
+        "the masked MSE of the last hidden state; `distill hidden`: plus the mean over the 6 encoder layers of "
+        "each layer's relative output error to the original's (`HealConfig(distill=\"hidden\")`).", "",
     ]
     table = [[f"{x['removed']:.0%}", x["start"], x["method"], x["cos_mean"], x["cos_p5"], x["top10_agreement"],
               x.get("heal_wall_seconds"), x.get("heal_cpu_seconds")] for x in r["minilm"]]
@@ -210,13 +219,14 @@ def _markdown(r: dict, png: str) -> str:
     notes = [f"- {x['removed']:.0%} {x['start']} {x['method']}: {x['note']}" for x in r["minilm"] if x.get("note")]
     if notes:
         lines += ["Notes (never worse):", *notes, ""]
-    lines += ["Per-block held-out relative output error `||block(x) - teacher_block(x)||^2 / ||teacher_block(x)||^2` "
-              "before -> after (blockwise rows):", ""]
-    for x in r["minilm"]:
-        if x["method"] == "blockwise":
-            blocks = ", ".join(f"{b['block'].rsplit('.', 1)[-1]}: {b['before']:.4f} -> {b['after']:.4f}"
-                               for b in x["blocks"])
-            lines.append(f"- {x['removed']:.0%} {x['start']}: {blocks}")
+    blockwise = [x for x in r["minilm"] if x["method"] == "blockwise"]
+    if blockwise:
+        lines += ["Per-block held-out relative output error `||block(x) - teacher_block(x)||^2 / "
+                  "||teacher_block(x)||^2` before -> after (blockwise rows):", ""]
+    for x in blockwise:
+        blocks = ", ".join(f"{b['block'].rsplit('.', 1)[-1]}: {b['before']:.4f} -> {b['after']:.4f}"
+                           for b in x["blocks"])
+        lines.append(f"- {x['removed']:.0%} {x['start']}: {blocks}")
     lines += ["", f"Held-out token cosine over the end-to-end steps: `{png}`.", ""]
     d = r["digits"]
     if d:

@@ -21,7 +21,8 @@ so in one line: healing never returns a model worse on validation than the one i
 
 ``method="blockwise"`` (or ``"both"``: blockwise, then end-to-end) first heals one block at a time (a
 transformer layer, a CNN stage: :mod:`compressor.train.blockwise`), each learning the teacher's block on
-the inputs the healed blocks before it give; it needs a teacher.
+the inputs the healed blocks before it give; it needs a teacher. ``distill="hidden"`` makes end-to-end
+distillation match those blocks' outputs too (each layer's hidden states), not only the model's output.
 
 Data is a tensor, a tuple of tensors (positional inputs) or a dict of named tensors (keyword inputs),
 with samples along the first dimension, batched here; or a *list* of ready batches (each a tensor, a
@@ -37,7 +38,8 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import UnionType
@@ -67,11 +69,11 @@ LOSSES = ("mse", "kl", "ce", "cosine")
 _RESUME_KEYS = ("train", "lora_rank", "lora_alpha", "lora_dropout", "lora_init", "loss", "temperature", "optimizer",
                 "lr", "weight_decay", "schedule", "warmup_steps", "batch_size", "seed", "grad_clip", "every",
                 "monitor", "mode", "total_steps", "batches_per_epoch", "method", "block_steps", "block_lr",
-                "blocks", "quant")
+                "blocks", "quant", "distill")
 
 # What a checkpoint written before a setting existed ran with.
 _OLD_DEFAULTS = {"lora_init": "zero", "method": "end-to-end", "block_steps": 100, "block_lr": None,
-                 "blocks": None, "quant": None}
+                 "blocks": None, "quant": None, "distill": "output"}
 BLOCKS_DIR = "blocks"  # the block-wise phase's checkpoints, inside the checkpoint folder
 
 
@@ -128,6 +130,10 @@ class HealConfig:
               "output channel, inputs per tensor) or int4 (MatMulNBits, blocks of 128) export quantizes "
               "computes as that file will, with straight-through gradients, so the healed factors are "
               "chosen for the rounded model, and validation (the best step, never worse) measures it.")
+    distill: Literal["output", "hidden"] = _setting(
+        "output", "What end-to-end distillation matches: the model's output, or also every block's output (the "
+                  "blocks of --method blockwise: each transformer layer's hidden states, each CNN stage), adding "
+                  "the mean over blocks of ||h - h_teacher||^2 / ||h_teacher||^2 to the loss.")
     seed: int = _setting(0, "Seed of the data order, initialisation and dropout.", min=0)
     grad_clip: float | None = _setting(1.0, "Largest gradient norm; 0 turns clipping off.", min=0)
     every: int | None = _setting(
@@ -316,6 +322,10 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
         raise CompressorError(f"method={cfg.method} distils each block from the teacher's, and no teacher "
                               "was given", "pass teacher= (the uncompressed model), or method='end-to-end'",
                               cli_fix="pass --data without targets and --teacher, or --method end-to-end")
+    if cfg.distill == "hidden" and teacher is None:
+        raise CompressorError("distill=hidden matches the teacher's hidden states, and no teacher was given",
+                              "pass teacher= (the uncompressed model), or distill='output'",
+                              cli_fix="pass --data without targets and --teacher, or --distill output")
     # Block-wise alone trains no end-to-end step.
     total = 0 if cfg.method == "blockwise" else cfg.steps or (cfg.epochs or 1) * len(loader)
     every_n = min(cfg.every or len(loader), total)
@@ -401,6 +411,8 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
     bar = tqdm(total=total, initial=step, desc=f"heal ({cfg.train})", unit="step", disable=not show,
                leave=False)
     running, seen = 0.0, 0
+    # distill="hidden": the blocks whose outputs are matched, those the block-wise phase heals.
+    hidden_blocks = _find_blocks(model, params, cfg) if cfg.distill == "hidden" and step < total else []
     while step < total:
         if index >= len(loader):
             epoch, index = epoch + 1, 0
@@ -409,10 +421,17 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
         inputs = to_device(inputs, device)
         if supervised:
             tgt = to_device(tgt, device)
+        elif hidden_blocks:
+            with torch.no_grad(), _block_outputs(teacher, hidden_blocks) as teacher_hidden:
+                tgt = _run(teacher, inputs, device)
         else:
             with torch.no_grad():
                 tgt = _run(teacher, inputs, device)
-        value = loss_fn(primary_output(call(model, inputs)), tgt, attention_mask(inputs))
+        with _block_outputs(model, hidden_blocks) as student_hidden:
+            out = primary_output(call(model, inputs))
+        value = loss_fn(out, tgt, attention_mask(inputs))
+        if hidden_blocks:
+            value = value + hidden_loss(student_hidden, teacher_hidden, attention_mask(inputs))
         if not torch.isfinite(value):
             raise CompressorError(f"the loss became {value.item()} at step {step + 1}",
                                   f"lower the learning rate (lr= or --lr, now {cfg.lr:g})")
@@ -472,6 +491,40 @@ def _at_least_as_good(a: dict[str, float], b: dict[str, float], cfg: HealConfig)
     return x <= y if cfg.mode == "min" else x >= y
 
 
+def _find_blocks(model: nn.Module, params: dict[str, nn.Parameter], cfg: HealConfig) -> list[str]:
+    """The blocks of ``model`` (``cfg.blocks`` globs, or found) that hold some of the trained ``params``."""
+    from compressor.train.blockwise import find_blocks
+
+    return find_blocks(model, list(params), [p.strip() for p in cfg.blocks.split(",")] if cfg.blocks else None)
+
+
+@contextmanager
+def _block_outputs(net: nn.Module, names: Sequence[str]) -> Iterator[list[torch.Tensor]]:
+    """A list that the forward passes run inside the ``with`` fill with the primary outputs of ``net``'s
+    blocks ``names``, in call order; the hooks are removed on leaving (the teacher is the caller's)."""
+    outputs: list[torch.Tensor] = []
+    handles = [net.get_submodule(n).register_forward_hook(lambda _m, _a, out: outputs.append(primary_output(out)))
+               for n in names]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hidden_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over blocks of ``||h - h_teacher||^2 / ||h_teacher||^2`` (padding left out): each block's
+    output error relative to its scale, so that no block dominates by the size of its activations."""
+    if len(student) != len(teacher) or not student:
+        raise CompressorError(f"the model's blocks ran {len(student)} times but the teacher's {len(teacher)}",
+                              "pass distill='output' (--distill output) for models whose blocks differ")
+    terms = [_masked_mean((s - t.to(s.dtype)).pow(2).mean(-1), mask)
+             / _masked_mean(t.to(s.dtype).pow(2).mean(-1), mask).clamp(min=1e-12)
+             for s, t in zip(student, teacher, strict=True)]
+    return torch.stack(terms).mean()
+
+
 def _heal_blocks(model: nn.Module, teacher: nn.Module, params: dict[str, nn.Parameter], cfg: HealConfig,
                  loader: Batches, val_loader: Batches | None, device: torch.device,
                  folder: Path | None, resume: bool, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
@@ -480,9 +533,9 @@ def _heal_blocks(model: nn.Module, teacher: nn.Module, params: dict[str, nn.Para
     error kept (by training block error without held-out data). After each block a checkpoint in
     ``folder`` holds the weights so far; a resumed run loads the newest and redoes the block after it,
     which, seeded by its index, ends as the uninterrupted run did. Returns one summary per block."""
-    from compressor.train.blockwise import capture, carry, find_blocks, record_calls, train_block
+    from compressor.train.blockwise import capture, carry, record_calls, train_block
 
-    names = find_blocks(model, list(params), [p.strip() for p in cfg.blocks.split(",")] if cfg.blocks else None)
+    names = _find_blocks(model, params, cfg)
     train_batches = [to_device(b, device) for b, _ in loader.in_order()]
     select_batches = train_batches if val_loader is None else [to_device(b, device) for b, _ in val_loader.in_order()]
     manager, done = None, []
