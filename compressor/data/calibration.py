@@ -37,10 +37,10 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -520,11 +520,12 @@ class Calibrator:
         pays only for the part of the model from its layer on (about half the probe time on MobileNetV2)."""
         batches = self.batches[:limit]
         with _eval(self.model):
-            prefix = _Prefix(self.model, batches[0], [self.modules[n] for n in names])
-            refs = []
-            for b in batches:
-                with prefix.recording():
-                    refs.append(call(self.model, b))
+            # A model that can start a pass at a layer (an ONNX graph: its onnxruntime segments are no modules
+            # to replay) does so; other models replay their modules' outputs.
+            prefix = self.model if isinstance(self.model, Replay) else \
+                _Prefix(self.model, batches[0], [self.modules[n] for n in names])
+            with prefix.recording():
+                refs = [call(self.model, b) for b in batches]
 
         def measure(replacements: dict[str, nn.Module]) -> dict[str, float]:
             out: dict[str, float] = {}
@@ -538,6 +539,17 @@ class Calibrator:
                     out[name] = relative_change(results, self.outputs)
             return out
         return measure
+
+
+@runtime_checkable
+class Replay(Protocol):
+    """A model that itself replays the part of a forward pass before a layer (as :class:`_Prefix` does for
+    torch modules): the k-th forward run in one ``recording()`` is batch k for ``replaying(layer, k)``, in which
+    a forward on that batch computes what a full one would, running only from ``layer`` on."""
+
+    def recording(self) -> AbstractContextManager[None]: ...
+
+    def replaying(self, layer: nn.Module, batch: int) -> AbstractContextManager[None]: ...
 
 
 class _Prefix:
