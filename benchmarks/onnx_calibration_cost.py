@@ -142,7 +142,9 @@ def main() -> int:
           md_table(["version", "commit", "plain s", "calibrated s", "calibrated / plain",
                     "calibrated quality"], rows), "",
           f"Calibrated analysis, before / after: {result['calibrated_before_over_after']:.2f}x faster. "
-          f"Same ranks and sensitivities in both versions: {'yes' if result['same_plan'] else 'NO'}.", ""]
+          f"Same ranks and sensitivities in both versions: {'yes' if result['same_plan'] else 'NO'}. "
+          "Calibrated s per round, before / after (in the order run): " +
+          "; ".join(f"{x:.1f} / {y:.1f}" for x, y in zip(b["calibrated_s"], a["calibrated_s"], strict=True)) + ".", ""]
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "onnx_calibration_cost.json", json.dumps(result, indent=1) + "\n")
     atomic_write_text(args.out / "onnx_calibration_cost.md", "\n".join(md))
