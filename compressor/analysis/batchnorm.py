@@ -27,6 +27,8 @@ def conv_bn_pairs(model: nn.Module, batch: Batch, convs: set[str] | None = None)
     """``[conv name, bn name]`` for every BatchNorm that directly follows a conv on ``batch`` (in eval mode)
     and can be folded into it without changing the model's outputs. ``convs`` limits the convs
     considered (None: all). The model is not changed."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return []  # no forward pass for nothing to find (an ONNX graph's BatchNorms are no modules)
     batch = take(batch, slice(0, 2))
     produced: dict[int, str] = {}
     pairs: list[list[str]] = []

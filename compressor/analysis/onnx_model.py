@@ -19,6 +19,8 @@ memory-mapped where the file keeps external data.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +71,10 @@ class OnnxModel(nn.Module):
         self.graph = graph
         self.onnx_layers: dict[str, OnnxLayer] = {}
         self._levels: list[_Level] | None = None
+        # Probe replay (see :meth:`recording`): per recorded forward, what is known at each level's layers.
+        self._recorded: list[list[dict[str, Any]]] | None = None
+        self._resume: tuple[int, dict[str, Any]] | None = None
+        self._kept: list[list[dict[str, Any]]] = []
         if not any(lay.skip is None for lay in graph.layers):
             if graph.layers:
                 why = "; ".join(sorted({lay.skip for lay in graph.layers}))[:300]
@@ -96,21 +102,59 @@ class OnnxModel(nn.Module):
         batch = kwargs if kwargs else args[0] if len(args) == 1 else tuple(args)
         if self._levels is None:
             self._levels = self._schedule()
-        known: dict[str, Any] = dict(feeds(self.graph, batch))
-        for level in self._levels:
-            if level.nodes:
+        start, known = 0, None
+        if self._resume is not None:
+            start, snapshot = self._resume
+            known = dict(snapshot)
+        else:
+            known = dict(feeds(self.graph, batch))
+        snapshots = [] if self._recorded is not None else None
+        for k, level in enumerate(self._levels[start:], start):
+            if level.nodes and (k > start or self._resume is None):
                 feed = {n: _array(known[n]) for n in level.inputs}
                 if level.session is None:
                     level.session = self._segment(level, feed)
                 got = level.session.run(level.outputs, feed)
                 known.update(zip(level.outputs, got, strict=True))
+            if snapshots is not None:  # a shallow copy: no step changes a tensor it did not make
+                snapshots.append(dict(known))
             for lay in level.layers:
                 module = self.get_submodule(lay.name)
                 x = _torch(known[lay.input]).to(module.weight.dtype)
                 known[lay.output] = layer_output(self.graph, lay, module(layer_input(lay, x)))
             for name in level.forget:
                 known.pop(name, None)
+        if snapshots is not None:
+            self._recorded.append(snapshots)
         return {o.name: _torch(known[o.name]) for o in self.graph.model.graph.output}
+
+    # ------------------------------------------------------------------------ probe replay
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Each forward in this context keeps, per level, the tensors known when its layers start (the
+        k-th forward: batch k for :meth:`replaying`). Ends any earlier recording."""
+        self._recorded = []
+        try:
+            yield
+        finally:
+            self._kept, self._recorded = self._recorded, None
+
+    @contextmanager
+    def replaying(self, layer: nn.Module, batch: int) -> Iterator[None]:
+        """The next forwards start at ``layer``'s level from what the ``batch``-th recorded forward knew
+        there: the graph segments and layers before it do not run again (they would compute the same)."""
+        if self._levels is None:
+            self._levels = self._schedule()
+        level = next((k for k, lv in enumerate(self._levels)
+                      if any(self.get_submodule(lay.name) is layer for lay in lv.layers)), None)
+        if level is None:  # not a layer of this graph's schedule: run in full
+            yield
+            return
+        self._resume = (level, self._kept[batch][level])
+        try:
+            yield
+        finally:
+            self._resume = None
 
     # -------------------------------------------------------------------------------- scheduling
     def _schedule(self) -> list[_Level]:

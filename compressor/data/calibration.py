@@ -37,10 +37,10 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -382,16 +382,27 @@ class Calibrator:
     batches: list[Batch]
     outputs: Sequence[str] | None = None  # the outputs sensitivity compares (None: every float output)
     device: torch.device = field(init=False)
-    order: list[list[str]] = field(init=False)  # groups of layers reading the same input, in call order
-    repeated: bool = field(init=False)  # a layer is called more than once per forward
+    _traced: tuple[list[list[str]], bool] | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         p = next(iter(self.model.parameters()), None)
         self.device = p.device if p is not None else torch.device("cpu")
         self.batches = [to_device(b, self.device) for b in self.batches]
-        self._trace()
 
-    def _trace(self) -> None:
+    @property
+    def order(self) -> list[list[str]]:
+        """Groups of layers reading the same input, in call order."""
+        return self._trace()[0]
+
+    @property
+    def repeated(self) -> bool:
+        """Whether a layer is called more than once per forward."""
+        return self._trace()[1]
+
+    def _trace(self) -> tuple[list[list[str]], bool]:
+        # One forward, run only when asked: an analysis without sequential refits (a CNN's) never needs it.
+        if self._traced is not None:
+            return self._traced
         seen: list[tuple[str, int]] = []
         alive = []  # inputs held during the trace, so that no two share a (freed and reused) address
 
@@ -403,7 +414,7 @@ class Calibrator:
         with _eval(self.model), _hooks(self.modules, pre=pre):
             call(self.model, self.batches[0])
         names = [n for n, _ in seen]
-        self.repeated = len(names) != len(set(names))
+        repeated = len(names) != len(set(names))
         groups: list[list[str]] = []
         key_of: dict[int, int] = {}
         for name, key in seen:
@@ -415,7 +426,8 @@ class Calibrator:
                 key_of[key] = len(groups)
                 groups.append([name])
         never = [n for n in self.modules if not any(n in g for g in groups)]
-        self.order = groups + [[n] for n in never]
+        self._traced = (groups + [[n] for n in never], repeated)
+        return self._traced
 
     def _rows(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         mod = self.modules[name]
@@ -520,11 +532,12 @@ class Calibrator:
         pays only for the part of the model from its layer on (about half the probe time on MobileNetV2)."""
         batches = self.batches[:limit]
         with _eval(self.model):
-            prefix = _Prefix(self.model, batches[0], [self.modules[n] for n in names])
-            refs = []
-            for b in batches:
-                with prefix.recording():
-                    refs.append(call(self.model, b))
+            # A model that can start a pass at a layer (an ONNX graph: its onnxruntime segments are no modules
+            # to replay) does so; other models replay their modules' outputs.
+            prefix = self.model if isinstance(self.model, Replay) else \
+                _Prefix(self.model, batches[0], [self.modules[n] for n in names])
+            with prefix.recording():
+                refs = [call(self.model, b) for b in batches]
 
         def measure(replacements: dict[str, nn.Module]) -> dict[str, float]:
             out: dict[str, float] = {}
@@ -538,6 +551,17 @@ class Calibrator:
                     out[name] = relative_change(results, self.outputs)
             return out
         return measure
+
+
+@runtime_checkable
+class Replay(Protocol):
+    """A model that itself replays the part of a forward pass before a layer (as :class:`_Prefix` does for
+    torch modules): the k-th forward run in one ``recording()`` is batch k for ``replaying(layer, k)``, in which
+    a forward on that batch computes what a full one would, running only from ``layer`` on."""
+
+    def recording(self) -> AbstractContextManager[None]: ...
+
+    def replaying(self, layer: nn.Module, batch: int) -> AbstractContextManager[None]: ...
 
 
 class _Prefix:
