@@ -264,11 +264,18 @@ def _moment(when: str, work: Path, out: str):
     raise ValueError(when)
 
 
+def _default_sigint() -> None:
+    """The child takes SIGINT even when the tests run in a background job, which ignores it (a Python started
+    with SIGINT ignored keeps ignoring it, as a user's `nohup`/`&` run should)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt(args, work: Path, sig: int, when: str, out: str = "X", delay: float = 0.0) -> None:
     before = snapshot(work)
     for _attempt in range(3):
         proc = subprocess.Popen([sys.executable, "-m", "compressor", *map(str, args), "--out", out], cwd=work,
-                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_default_sigint)
         try:
             reached = _wait_for(_moment(when, work, out), proc)
             time.sleep(delay)
