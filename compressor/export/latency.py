@@ -282,8 +282,9 @@ def latency_decisions(model: nn.Module, plan: Plan, inputs: Any, *, threads: int
         if x is None:
             out[lp.name] = {"rank": lp.rank, "faster": None, "break_even": None}
             continue
-        cached = table.get(layer_key(*onnx_ready(model.get_submodule(lp.name), x)[:2], threads)) is not None
-        be = break_even(model.get_submodule(lp.name), x, threads=threads, table=table, timer=timer)
+        layer, x, _ = onnx_ready(model.get_submodule(lp.name), x)  # widened once, as break_even times it
+        cached = table.get(layer_key(layer, x, threads)) is not None
+        be = break_even(layer, x, threads=threads, table=table, timer=timer)
         if log and not cached:
             log(f"latency  {lp.name} {'x'.join(map(str, x.shape))}: break-even rank {be['break_even']} "
                 f"of {be['max_saving_rank']} (measured)")
