@@ -326,7 +326,7 @@ def test_text_calibration_on_minilm(tmp_path):
     path = tmp_path / "sentences.txt"
     path.write_text("\n".join(cal) + "\n\n")
     batches = load_calibration(path, tokenizer=tok, samples=20, batch_size=8)
-    assert [b["input_ids"].shape[0] for b in batches] == [8, 8, 4]
+    assert sorted(b["input_ids"].shape[0] for b in batches) == [4, 8, 8]
     plan = compressor.analyze(model, target=0.3, include=["encoder.layer.0.*"], calibration=batches)
     assert abs(plan.totals()["removed_fraction"] - 0.3) <= 0.01
     assert plan.calibration["tokens"] == sum(int(b["attention_mask"].sum()) for b in batches)
@@ -344,3 +344,26 @@ def test_a_data_aware_plan_is_not_silently_reapplied_by_plain_svd():
         compressor.analyze(model, plan=edited)
     refreshed = compressor.analyze(model, plan=edited, calibration=x)
     assert refreshed.method == plan.method and refreshed.ranks() == plan.ranks()
+
+
+class _WordTokenizer:
+    """One token per word, padded to the batch's longest: enough of a tokenizer for batching."""
+
+    def __call__(self, sentences, padding, truncation, max_length, return_tensors):
+        ids = [[1 + len(w) for w in s.split()][:max_length] for s in sentences]
+        width = max(map(len, ids))
+        return {"input_ids": torch.tensor([i + [0] * (width - len(i)) for i in ids]),
+                "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])}
+
+
+def test_tokenize_batches_groups_lengths_in_a_seeded_random_order():
+    from compressor.data.calibration import tokenize_batches
+    sentences = [" ".join(["word"] * (1 + (7 * i) % 40)) for i in range(100)]
+    batches = tokenize_batches(_WordTokenizer(), sentences, batch_size=10, max_length=64)
+    mask = torch.cat([b["attention_mask"].flatten() for b in batches])
+    assert sum(b["input_ids"].shape[0] for b in batches) == 100
+    assert float(mask.float().mean()) > 0.9  # similar lengths together: little padding
+    # Calibration measures on its first batches: they must not be the shortest sentences.
+    widths = [b["input_ids"].shape[1] for b in batches]
+    assert widths != sorted(widths)
+    assert widths == [b["input_ids"].shape[1] for b in tokenize_batches(_WordTokenizer(), sentences, 10, 64)]
