@@ -179,8 +179,9 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
-    for ax, start in zip(axes, ("plain", "data-aware"), strict=True):
+    starts = [s for s in ("plain", "data-aware") if any(r["start"] == s for r in rows)]  # one panel each
+    fig, axes = plt.subplots(1, len(starts), figsize=(5.5 * len(starts), 4), sharey=False, squeeze=False)
+    for ax, start in zip(axes[0], starts, strict=True):
         for r in rows:
             if r["start"] != start or "history" not in r or r["method"] == "blockwise":  # one point
                 continue
@@ -191,7 +192,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("validation cosine (last hidden state)")
         ax.legend(fontsize=8)
     # A short title per panel and one for the figure: a long panel title was clipped at the edges.
-    fig.suptitle("Held-out token cosine over end-to-end steps")
+    fig.suptitle("Validation token cosine over end-to-end steps (the split that picks the best step)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -235,7 +236,7 @@ def _markdown(r: dict, png: str) -> str:
         blocks = ", ".join(f"{b['block'].rsplit('.', 1)[-1]}: {b['before']:.4f} -> {b['after']:.4f}"
                            for b in x["blocks"])
         lines.append(f"- {x['removed']:.0%} {x['start']}: {blocks}")
-    lines += ["", f"Held-out token cosine over the end-to-end steps: `{png}`.", ""]
+    lines += ["", f"Validation token cosine over the end-to-end steps: `{png}`.", ""]
     d = r["digits"]
     if d:
         lines += ["## Digits CNN (factored layers at 25% of full rank, distillation, KL end-to-end)", "",
