@@ -3,13 +3,17 @@ pretrained CNN by distillation."""
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 
 import pytest
 import torch
+from torch import nn
 
+import compressor
 from compressor import zoo
 from compressor.core.errors import CompressorError
+from compressor.train.heal import heal
 
 try:
     importlib.metadata.distribution("scikit-image")
@@ -74,3 +78,19 @@ def test_views_of_photos_from_other_wheels_and_names():
     for photo in ("nope.png", 99):
         with pytest.raises(CompressorError, match="unknown photo"):
             zoo.augmented_images(1, 24, photos=[photo])
+
+
+@pytest.mark.parametrize("train", ["factors", "lora"])
+def test_heal_trains_only_the_named_layers(train):
+    # A pretrained CNN's classifier over-fits a few photos: heal(layers=...) keeps it fixed.
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
+    student = compressor.rewrite(copy.deepcopy(teacher), compressor.analyze(teacher, rank=2))
+    x = torch.randn(64, 16)
+    r = heal(student, teacher=teacher, data=x, loss="mse", steps=10, lr=1e-2, batch_size=16, train=train,
+             layers="0", progress=False)
+    assert not torch.equal(r.model[0].down.weight, student[0].down.weight)  # trained (LoRA merged into it)
+    for part in ("down", "up"):
+        assert torch.equal(getattr(r.model[2], part).weight, getattr(student[2], part).weight)  # fixed
+    with pytest.raises(CompressorError, match="names none of the factored layers"):
+        heal(student, teacher=teacher, data=x, steps=1, train=train, layers="classifier.*", progress=False)
