@@ -94,3 +94,13 @@ def test_heal_trains_only_the_named_layers(train):
         assert torch.equal(getattr(r.model[2], part).weight, getattr(student[2], part).weight)  # fixed
     with pytest.raises(CompressorError, match="names none of the factored layers"):
         heal(student, teacher=teacher, data=x, steps=1, train=train, layers="classifier.*", progress=False)
+
+
+def test_blockwise_heal_of_one_factored_layer_takes_the_layer_as_its_block():
+    # Was: the layer's two factors taken as blocks, which the teacher lacks (AttributeError).
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
+    student = compressor.rewrite(copy.deepcopy(teacher), compressor.analyze(teacher, rank=2))
+    r = heal(student, teacher=teacher, data=torch.randn(64, 16), method="blockwise", layers="0", block_steps=20,
+             lr=1e-2, batch_size=16, progress=False)
+    assert [b["block"] for b in r.blocks] == ["0"] and r.blocks[0]["after"] < r.blocks[0]["before"]
