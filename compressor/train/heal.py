@@ -11,8 +11,10 @@ generates the ``compress heal`` options; the arguments of :func:`heal` are what 
 
 What trains is the factor matrices (``.down`` / ``.up`` of every factored layer) or, with
 ``train="lora"``, LoRA adapters on them that are merged back at the end, so the healed model has exactly
-the compressed model's layers and size. A model without factored layers can be given with
-``train="lora"`` only: adapters then go on every layer a handler adapts (plain LoRA fine-tuning).
+the compressed model's layers and size; ``layers`` (globs of layer names) restricts training to some of
+them, e.g. a CNN's convs when its classifier, seeing one row per image, over-fits a few photos. A model
+without factored layers can be given with ``train="lora"`` only: adapters then go on every layer a handler
+adapts (plain LoRA fine-tuning).
 Everything else is frozen and the model runs in eval mode
 (dropout off, batch-norm statistics fixed): healing changes only the chosen weights. The input models
 are never modified. With a validation set the best step by ``monitor`` is returned; when no step beats
