@@ -15,7 +15,8 @@ blends pairs of training views (``zoo.augmented_images(mix=...)``: mixup or cutm
 the 3 photos of ``zoo.MORE_PHOTOS`` (scikit-learn's and matplotlib's): ``train`` to the training side
 (training, validation, calibration), ``val`` as the only validation photos (then the best checkpoint is
 the one that does best on photos it never trained on); the held-out photos stay the same. ``--layers``:
-which factored layers train (``HealConfig.layers``). Per held-out photo, the change of its mean logit
+which factored layers train (``HealConfig.layers``). ``--net efficientnet_lite0``: EfficientNet-Lite0 instead
+(images in [-1, 1], as it expects). Per held-out photo, the change of its mean logit
 cosine and top-1 agreement from the start is recorded, with the standard error of their mean over the 9
 photos (the views of one photo are not independent). Writes ``heal_cnn.json`` and ``.md``.
 """
@@ -39,6 +40,9 @@ from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_text
 from compressor.train.heal import HealConfig, heal
 
+# name -> (the pretrained network, its name in the report, the image normalization it expects)
+NETS = {"mobilenet_v2": (zoo.mobilenet_v2, "MobileNetV2", "imagenet"),
+        "efficientnet_lite0": (lambda: zoo.efficientnet_lite("lite0"), "EfficientNet-Lite0", "symmetric")}
 TRAIN_PHOTOS = list(range(0, len(zoo.PHOTOS), 2))
 HELD_OUT_PHOTOS = list(range(1, len(zoo.PHOTOS), 2))
 
@@ -80,6 +84,7 @@ def main() -> int:
     ap.add_argument("--more-photos", default="none", choices=["none", "train", "val"],
                     help="zoo.MORE_PHOTOS: also train on them, or validate on them alone")
     ap.add_argument("--layers", default=None, help="globs of the factored layers that train [default: all]")
+    ap.add_argument("--net", default="mobilenet_v2", choices=list(NETS), help="the pretrained CNN")
     ap.add_argument("--methods", default="end-to-end,both")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -91,14 +96,14 @@ def main() -> int:
     env = environment("python benchmarks/heal_cnn.py " + " ".join(sys.argv[1:]))
     start = time.perf_counter()
 
-    original = zoo.mobilenet_v2()
+    original, norm = NETS[args.net][0](), NETS[args.net][2]
     photos = TRAIN_PHOTOS + (list(zoo.MORE_PHOTOS) if args.more_photos == "train" else [])
     val_photos = list(zoo.MORE_PHOTOS) if args.more_photos == "val" else photos
-    train = zoo.augmented_images(args.views, args.size, photos, seed=args.seed, mix=args.mix)
-    val = zoo.augmented_images(128, args.size, val_photos, seed=args.seed + 1)
-    calib = zoo.augmented_images(256, args.size, photos, seed=args.seed + 2)
+    train = zoo.augmented_images(args.views, args.size, photos, seed=args.seed, mix=args.mix, normalization=norm)
+    val = zoo.augmented_images(128, args.size, val_photos, seed=args.seed + 1, normalization=norm)
+    calib = zoo.augmented_images(256, args.size, photos, seed=args.seed + 2, normalization=norm)
     photo = torch.arange(10 * len(zoo.PHOTOS)) % len(zoo.PHOTOS)
-    held_out = zoo.sample_images(args.size, 10 * len(zoo.PHOTOS))[photo % 2 == 1]
+    held_out = zoo.sample_images(args.size, 10 * len(zoo.PHOTOS), normalization=norm)[photo % 2 == 1]
     with torch.no_grad():
         ref = torch.cat([original(b) for b in held_out.split(32)])
     cfg = HealConfig(loss=args.loss, temperature=2.0, lr=args.lr, block_lr=args.lr, steps=args.steps,
@@ -141,7 +146,7 @@ def main() -> int:
                          "train_photos": [p if isinstance(p, str) else zoo.PHOTOS[p] for p in photos],
                          "val_photos": [p if isinstance(p, str) else zoo.PHOTOS[p] for p in val_photos],
                          "held_out_photos": [zoo.PHOTOS[i] for i in HELD_OUT_PHOTOS]},
-              "settings": cfg.to_dict(), "mobilenet_v2": rows, "digits": digits}
+              "settings": cfg.to_dict(), "net": args.net, args.net: rows, "digits": digits}
     args.out.mkdir(parents=True, exist_ok=True)
     base = args.out / args.name
     atomic_write_text(base.with_suffix(".json"), json.dumps(result, indent=1, default=str) + "\n")
@@ -156,14 +161,14 @@ def _change(row: dict, key: str) -> str | None:
 
 
 def _markdown(r: dict) -> str:
-    env, im, s = r["env"], r["images"], r["settings"]
+    env, im, s, net = r["env"], r["images"], r["settings"], r.get("net", "mobilenet_v2")
     lines = [
         "# Healing pretrained and small CNNs by distillation", "",
         f"Produced by `{env['command']}` on {env['date']} ({env['processor']}, {env['cpu_count']} CPUs, "
         f"torch {env['torch']}, {env['torch_threads']} thread; load average {env['load_average_at_start']} at "
         f"start and {r['load_average_at_end']} at the end: the machine was shared, so wall times are this "
         f"run's); {r['total_seconds']} s in all.", "",
-        f"## MobileNetV2 (ImageNet weights), {r['mobilenet_v2'][0]['removed_fraction']:.0%} of its factorable "
+        f"## {NETS[net][1]} (ImageNet weights), {r[net][0]['removed_fraction']:.0%} of its factorable "
         f"weights removed", "",
         f"Images {im['size']}x{im['size']}. Training: {im['train_views']} augmented views (random resized crops, "
         f"mirrors, colour jitter{', ' + im['mix'] + ' of pairs of them' if im.get('mix') else ''}) of "
@@ -183,11 +188,11 @@ def _markdown(r: dict) -> str:
                   "cosine change per photo", "top-1 change per photo"],
                  [[x["start"], x["method"], x.get("top1_agreement"), x.get("logit_cosine"), x.get("heal_cpu_seconds"),
                    x.get("heal_wall_seconds"), *[_change(x, k) for k in ("cosine", "top1")]]
-                  for x in r["mobilenet_v2"]]), "",
+                  for x in r[net]]), "",
         "Change per photo: healed minus start on each of the 9 held-out photos (mean of its 10 views), as mean "
         "+- standard error over the photos, and how many photos went up / down.", "",
     ]
-    notes = [f"- {x['start']} {x['method']}: {x['note']}" for x in r["mobilenet_v2"] if x.get("note")]
+    notes = [f"- {x['start']} {x['method']}: {x['note']}" for x in r[net] if x.get("note")]
     if notes:
         lines += ["Notes:", *notes, ""]
     d = r["digits"]
