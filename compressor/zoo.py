@@ -14,7 +14,8 @@
   pulls OpenCV). Input ``(1, 3, 416, 416)`` BGR pixel values in [0, 255]; output ``(1, 3549, 6)``: per
   anchor of the 52x52, 26x26 and 13x13 grids, a box, an objectness and a class score. MIT licence.
 * Photos: the sample images in scikit-image's wheel (``pip install scikit-image``), read as files with
-  Pillow; skimage itself is never imported.
+  Pillow; skimage itself is never imported. Three more real photographs (:data:`MORE_PHOTOS`) ship in
+  scikit-learn's and matplotlib's wheels: more unlabelled views to distil on.
 
 EfficientNet-Lite0 and MobileNetV2 are stacks of inverted-residual blocks: their 1x1 convs, 3x3 stem and classifier can
 be factored, their depthwise convs stay dense. VGG16's 13 convs are dense (groups 1) 3x3 convs, where the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -219,6 +221,14 @@ PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "horse.png
           "clock_motion.png", "page.png", "text.png", "moon.png", "color.png", "logo.png")
 
 
+# Real photographs in other wheels: name -> (distribution, the file's path suffix). Only augmented_images
+# reads them (as more data to distil on); sample_images keeps to PHOTOS, so held-out views stay the same.
+MORE_PHOTOS = {"china.jpg": ("scikit-learn", "sklearn/datasets/images/china.jpg"),
+               "flower.jpg": ("scikit-learn", "sklearn/datasets/images/flower.jpg"),
+               "grace_hopper.jpg": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg")}
+MIXES = ("mixup", "cutmix")
+
+
 def sample_images(size: int = 224, n: int | None = None, normalization: str = "imagenet") -> torch.Tensor:
     """Real photos from scikit-image's wheel as a ``(n, 3, size, size)`` float tensor: each photo resized
     (shorter side to ``size``) and centre-cropped, grey ones repeated to RGB. ``n`` None gives one view per
@@ -248,23 +258,29 @@ def sample_images(size: int = 224, n: int | None = None, normalization: str = "i
     return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
 
 
-def augmented_images(n: int, size: int = 224, photos: list[int] | None = None, seed: int = 0,
-                     normalization: str = "imagenet") -> torch.Tensor:
-    """``n`` random views ``(n, 3, size, size)`` of the photos numbered ``photos`` (indices into
-    :data:`PHOTOS`; default all): each a random resized crop (8% to 100% of the photo's area, aspect 3/4 to
-    4/3, as ImageNet training does), mirrored with probability 1/2 and colour-jittered (brightness,
-    contrast and saturation each by a factor in [0.6, 1.4]), all drawn from a generator seeded by ``seed``
-    (the same arguments give the same views). Unlabelled views for distillation: a few photos become
-    thousands of different inputs."""
+def augmented_images(n: int, size: int = 224, photos: Sequence[int | str] | None = None, seed: int = 0,
+                     normalization: str = "imagenet", mix: str | None = None) -> torch.Tensor:
+    """``n`` random views ``(n, 3, size, size)`` of the photos ``photos`` (indices into :data:`PHOTOS`, or
+    names from :data:`PHOTOS` and :data:`MORE_PHOTOS`; default all of :data:`PHOTOS`): each a random resized
+    crop (8% to 100% of the photo's area, aspect 3/4 to 4/3, as ImageNet training does), mirrored with
+    probability 1/2 and colour-jittered (brightness, contrast and saturation each by a factor in [0.6, 1.4]),
+    all drawn from a generator seeded by ``seed`` (the same arguments give the same views). Unlabelled views
+    for distillation: a few photos become thousands of different inputs.
+
+    ``mix`` blends each view with another view of the same call, a share ``s`` uniform in [0, 1] drawn per
+    view: "mixup" ``(1 - s) * view + s * other``; "cutmix" pastes the other view's square of area ``s``
+    (random place) over the view. The unmixed views are those of ``mix=None`` with the same arguments; mixed
+    ones are new images (objects side by side or see-through), a standard input of data-free distillation."""
     import numpy as np
     from PIL import Image
 
     if normalization not in ("imagenet", "symmetric"):
         raise CompressorError(f"unknown normalization {normalization!r}", "use 'imagenet' or 'symmetric'")
-    folder = _package_file("scikit-image", "skimage/data/chelsea.png").parent
-    names = [PHOTOS[i] for i in (range(len(PHOTOS)) if photos is None else photos)]
-    images = [torch.from_numpy(np.asarray(Image.open(folder / f).convert("RGB"), dtype=np.float32) / 255.0)
-              .permute(2, 0, 1) for f in names]
+    if mix is not None and mix not in MIXES:
+        raise CompressorError(f"unknown mix {mix!r}", f"use one of {', '.join(MIXES)}, or None")
+    files = [_photo_file(p) for p in (range(len(PHOTOS)) if photos is None else photos)]
+    images = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255.0)
+              .permute(2, 0, 1) for f in files]
     g = torch.Generator().manual_seed(seed)
 
     def uniform(lo: float, hi: float) -> float:
@@ -286,9 +302,31 @@ def augmented_images(n: int, size: int = 224, photos: list[int] | None = None, s
         x = (x - grey.mean()) * uniform(0.6, 1.4) + grey.mean()  # contrast
         grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])
         out[i] = ((x - grey) * uniform(0.6, 1.4) + grey).clamp(0, 1)  # saturation
+    if mix is not None:
+        # Drawn after every view, so the unmixed views are mix=None's.
+        other, share = torch.randint(n, (n,), generator=g), torch.rand(n, generator=g)
+        if mix == "mixup":
+            out = (1 - share)[:, None, None, None] * out + share[:, None, None, None] * out[other]
+        else:
+            base = out.clone()
+            for i in range(n):
+                side = round(size * math.sqrt(float(share[i])))
+                top, left = (int(v) for v in torch.randint(size - side + 1, (2,), generator=g))
+                out[i, :, top:top + side, left:left + side] = base[other[i], :, top:top + side, left:left + side]
     if normalization == "symmetric":
         return out * 2 - 1
     return (out - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+
+def _photo_file(photo: int | str) -> Path:
+    """The file of ``photo``: an index into :data:`PHOTOS`, or a name from :data:`PHOTOS` or :data:`MORE_PHOTOS`."""
+    if isinstance(photo, str) and photo in MORE_PHOTOS:
+        return _package_file(*MORE_PHOTOS[photo])
+    known = photo in PHOTOS if isinstance(photo, str) else 0 <= photo < len(PHOTOS)
+    if not known:
+        raise CompressorError(f"unknown photo {photo!r}", f"pass an index below {len(PHOTOS)} or a name among "
+                              f"{', '.join(PHOTOS + tuple(MORE_PHOTOS))}")
+    return _package_file("scikit-image", "skimage/data/" + (photo if isinstance(photo, str) else PHOTOS[photo]))
 
 
 def _view(img, view: int, size: int) -> torch.Tensor:

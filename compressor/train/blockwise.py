@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
+from compressor.core.layers import LOW_RANK_TYPES
 from compressor.data.inputs import attention_mask, call, primary_output, relative_change
 
 
@@ -59,11 +60,12 @@ def find_blocks(model: nn.Module, trainable: Sequence[str], patterns: Sequence[s
 
 
 def _first_split(model: nn.Module, holds: Callable[[str], bool]) -> list[str]:
-    """Children of the first module (from the root down) with more than one child holding weights."""
+    """Children of the first module (from the root down) with more than one child holding weights; a
+    factored layer is a block of its own (its factors are not: the teacher has no such modules)."""
     prefix, node = "", model
     while True:
         kids = [(f"{prefix}{name}", m) for name, m in node.named_children() if holds(f"{prefix}{name}")]
-        if len(kids) == 1 and any(True for _ in kids[0][1].children()):
+        if len(kids) == 1 and not isinstance(kids[0][1], LOW_RANK_TYPES) and any(True for _ in kids[0][1].children()):
             name, node = kids[0]
             prefix = name + "."
             continue

@@ -11,8 +11,10 @@ generates the ``compress heal`` options; the arguments of :func:`heal` are what 
 
 What trains is the factor matrices (``.down`` / ``.up`` of every factored layer) or, with
 ``train="lora"``, LoRA adapters on them that are merged back at the end, so the healed model has exactly
-the compressed model's layers and size. A model without factored layers can be given with
-``train="lora"`` only: adapters then go on every layer a handler adapts (plain LoRA fine-tuning).
+the compressed model's layers and size; ``layers`` (globs of layer names) restricts training to some of
+them, e.g. a CNN's convs when its classifier, seeing one row per image, over-fits a few photos. A model
+without factored layers can be given with ``train="lora"`` only: adapters then go on every layer a handler
+adapts (plain LoRA fine-tuning).
 Everything else is frozen and the model runs in eval mode
 (dropout off, batch-norm statistics fixed): healing changes only the chosen weights. The input models
 are never modified. With a validation set the best step by ``monitor`` is returned; when no step beats
@@ -34,6 +36,7 @@ position a checkpoint needs to resume exactly.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 import random
 import sys
@@ -66,13 +69,13 @@ from compressor.train.lora import LoRALayer, apply_lora, lora_parameters, merge_
 
 LOSSES = ("mse", "kl", "ce", "cosine")
 # Hyper-parameters a resumed run must share with the run that wrote the checkpoint.
-_RESUME_KEYS = ("train", "lora_rank", "lora_alpha", "lora_dropout", "lora_init", "loss", "temperature", "optimizer",
-                "lr", "weight_decay", "schedule", "warmup_steps", "batch_size", "seed", "grad_clip", "every",
-                "monitor", "mode", "total_steps", "batches_per_epoch", "method", "block_steps", "block_lr",
+_RESUME_KEYS = ("train", "layers", "lora_rank", "lora_alpha", "lora_dropout", "lora_init", "loss", "temperature",
+                "optimizer", "lr", "weight_decay", "schedule", "warmup_steps", "batch_size", "seed", "grad_clip",
+                "every", "monitor", "mode", "total_steps", "batches_per_epoch", "method", "block_steps", "block_lr",
                 "blocks", "quant", "distill")
 
 # What a checkpoint written before a setting existed ran with.
-_OLD_DEFAULTS = {"lora_init": "zero", "method": "end-to-end", "block_steps": 100, "block_lr": None,
+_OLD_DEFAULTS = {"layers": None, "lora_init": "zero", "method": "end-to-end", "block_steps": 100, "block_lr": None,
                  "blocks": None, "quant": None, "distill": "output"}
 BLOCKS_DIR = "blocks"  # the block-wise phase's checkpoints, inside the checkpoint folder
 
@@ -95,6 +98,10 @@ class HealConfig:
     train: Literal["factors", "lora"] = _setting(
         "factors", "Train the factor matrices, or LoRA adapters on them merged back at the end (on a model that was "
                     "never compressed: on every adaptable layer).")
+    layers: str | None = _setting(
+        None, "Comma-separated globs naming the factored layers whose weights train, e.g. 'features.*' (on a model "
+              "that was never compressed with --train lora: the layers that get adapters); the others stay "
+              "fixed [default: all].")
     lora_rank: int = _setting(8, "Rank of the LoRA adapters (with --train lora).", min=1)
     lora_alpha: float = _setting(16.0, "LoRA scale: the adapter update is multiplied by alpha / rank.", above=0)
     lora_dropout: float = _setting(0.0, "Dropout on the LoRA adapters' input, in [0, 1).", min=0, below=1)
@@ -694,18 +701,32 @@ def _trainable(model: nn.Module, cfg: HealConfig) -> dict[str, nn.Parameter]:
                               "compress it first: compressor.rewrite(model, compressor.analyze(model, ...)), "
                               "or fine-tune it with train='lora'", cli_fix="compress it first, or fine-tune it "
                               "with --train lora")
+    patterns = [p.strip() for p in cfg.layers.split(",")] if cfg.layers else None
+
+    def chosen(name: str) -> bool:
+        return patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    if patterns and factored and not any(map(chosen, factored)):
+        raise CompressorError(f"layers={cfg.layers!r} names none of the factored layers",
+                              f"pass globs matching some of {', '.join(sorted(factored)[:6])}",
+                              cli_fix=f"pass --layers globs matching some of {', '.join(sorted(factored)[:6])}")
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.train == "lora":
         # A compressed model: adapters on its factors. A plain one: on every layer a handler adapts, so
         # heal with train="lora" is also the fine-tuning command.
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, init=cfg.lora_init,
-                   filter_fn=None if not factored else lambda name, _: name.rpartition(".")[0] in factored
+                   filter_fn=(lambda name, _: chosen(name)) if not factored else
+                   lambda name, _: name.rpartition(".")[0] in factored and chosen(name.rpartition(".")[0])
                    and name.rpartition(".")[2] in ("down", "up"))
         params = lora_parameters(model)
+        if not params:
+            raise CompressorError(f"layers={cfg.layers!r} names none of the layers that take adapters",
+                                  "pass globs naming some of the model's linear or conv layers",
+                                  cli_fix="pass --layers globs naming some of the model's linear or conv layers")
     else:
         params = {f"{name}.{part}.weight": model.get_submodule(f"{name}.{part}").weight
-                  for name in sorted(factored) for part in ("down", "up")}
+                  for name in sorted(factored) if chosen(name) for part in ("down", "up")}
     for p in params.values():
         p.requires_grad_(True)
     return params
