@@ -58,10 +58,19 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Streamed and in-memory runs on one thread each: a multi-threaded reduction sums in another order,
+    and the byte comparisons would then depend on the thread count the test happened to start with."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _in_memory(folder: Path, batches, tmp: Path, **policy):
     """The in-memory calibrated plan with the streamed run's settings (float32, no refits, no probes),
     its bytes as `compress analyze` writes them, and the model rewritten by it."""
-    torch.set_num_threads(1)  # the streamed run's forward passes ran on the same single thread
     model = load_model(folder).model.float()
     plan = analyze(model, calibration=batches, sequential=False, sensitivity=False, **policy)
     plan.to_json(tmp / "mem.json")
