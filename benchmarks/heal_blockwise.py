@@ -237,16 +237,20 @@ def _markdown(r: dict, png: str) -> str:
                            for b in x["blocks"])
         lines.append(f"- {x['removed']:.0%} {x['start']}: {blocks}")
     lines += ["", f"Validation token cosine over the end-to-end steps: `{png}`.", ""]
-    d = r["digits"]
-    if d:
-        lines += ["## Digits CNN (factored layers at 25% of full rank, distillation, KL end-to-end)", "",
-                  md_table(["model", "test accuracy", "seconds", "per-block error before -> after"],
-                           [["uncompressed", d["uncompressed_test"], None, None],
-                            ["compressed (plain SVD)", d["compressed_test"], None, None],
-                            *[[f"healed {m}", v["test"], v["seconds"],
-                               ", ".join(f"{b}: {x:.3f} -> {y:.3f}" for b, x, y in v["blocks"]) or None]
-                              for m, v in d["healed"].items()]]), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + digits_markdown(r["digits"]))
+
+
+def digits_markdown(d: dict | None) -> list[str]:
+    """The digits CNN's section of a results file (:func:`digits_rows`), or nothing without it."""
+    if not d:
+        return []
+    return ["## Digits CNN (factored layers at 25% of full rank, distillation, KL end-to-end)", "",
+            md_table(["model", "test accuracy", "seconds", "per-block error before -> after"],
+                     [["uncompressed", d["uncompressed_test"], None, None],
+                      ["compressed (plain SVD)", d["compressed_test"], None, None],
+                      *[[f"healed {m}", v["test"], v["seconds"],
+                         ", ".join(f"{b}: {x:.3f} -> {y:.3f}" for b, x, y in v["blocks"]) or None]
+                        for m, v in d["healed"].items()]]), ""]
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from _common import environment, load_average, log, md_table
-from heal_blockwise import digits_rows
+from heal_blockwise import digits_markdown, digits_rows
 
 import compressor
 from compressor import zoo
@@ -195,16 +195,7 @@ def _markdown(r: dict) -> str:
     notes = [f"- {x['start']} {x['method']}: {x['note']}" for x in r[net] if x.get("note")]
     if notes:
         lines += ["Notes:", *notes, ""]
-    d = r["digits"]
-    if d:
-        lines += ["## Digits CNN (factored layers at 25% of full rank, distillation, KL end-to-end)", "",
-                  md_table(["model", "test accuracy", "seconds", "per-block error before -> after"],
-                           [["uncompressed", d["uncompressed_test"], None, None],
-                            ["compressed (plain SVD)", d["compressed_test"], None, None],
-                            *[[f"healed {m}", v["test"], v["seconds"],
-                               ", ".join(f"{b}: {x:.3f} -> {y:.3f}" for b, x, y in v["blocks"]) or None]
-                              for m, v in d["healed"].items()]]), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + digits_markdown(r["digits"]))
 
 
 if __name__ == "__main__":
