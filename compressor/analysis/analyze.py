@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compressor.analysis.batchnorm import conv_bn_pairs
+from compressor.analysis.decoder import decoder_analysis, is_decoder
 from compressor.core.errors import CompressorError
 from compressor.core.fold import apply_folds
 from compressor.core.handlers import LayerHandler, handler_for, handler_of_kind, kinds, weight_fingerprint
@@ -261,9 +262,14 @@ def _analyze(model: nn.Module, energy: float | None, rank: int | None, rank_rati
     errors: dict[str, float] = {}
     method, calib_info = "svd", None
     if calibration is not None and names:
-        cal = calibrated_analysis(model, {c.name: c.module for c in found if c.skip is None},
-                                  as_batches(calibration), policy, rank_multiple, fixed, outputs=outputs,
-                                  sequential=sequential, sensitivity=sensitivity, spatial=spatial, kinds=forced)
+        modules = {c.name: c.module for c in found if c.skip is None}
+        if is_decoder(model):  # block by block: never the logits of every calibration token (analysis.decoder)
+            cal = decoder_analysis(model, modules, as_batches(calibration), policy, rank_multiple, fixed,
+                                   sequential=sequential, progress=progress)
+        else:
+            cal = calibrated_analysis(model, modules, as_batches(calibration), policy, rank_multiple, fixed,
+                                      outputs=outputs, sequential=sequential, sensitivity=sensitivity,
+                                      spatial=spatial, kinds=forced)
         decs, ranks, errors, calib_info = cal.decompositions, cal.ranks, cal.errors, cal.info
         chosen = cal.kinds
         method = "whitened-svd+sequential" if sequential else "whitened-svd"

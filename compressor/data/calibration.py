@@ -209,13 +209,17 @@ def whitening(C: torch.Tensor, damping: tuple[float, ...] = DAMPING) -> Whitenin
     return Whitening(Q * root, (Q / root).T, "eigh", damping[-1])
 
 
-def whitened_decomposition(W: torch.Tensor, m: Moments, damping: tuple[float, ...] = DAMPING
-                           ) -> tuple[Decomposition, dict[str, Any]]:
+def whitened_decomposition(W: torch.Tensor, m: Moments, damping: tuple[float, ...] = DAMPING,
+                           out_weight: torch.Tensor | None = None) -> tuple[Decomposition, dict[str, Any]]:
     """Factors of ``W`` (m x n) minimising output error on the calibration rows.
 
     Without sequential statistics: SVD of ``W S`` with ``S`` from ``X^T X``. With them (``m.hh``): the
     least-squares map ``W* = W (X^T X^) (X^^T X^)^-1`` whitened by ``X^^T X^``. ``info`` holds the
     whitening method, damping, and the irreducible and total output energy (for error estimates).
+
+    ``out_weight`` (m positive values: a diagonal output-side Fisher, how much each output unit's error
+    costs the model's loss) weights the output error per unit: the SVD is of ``diag(sqrt w) W S`` and the
+    singular values then measure the weighted error, on one scale across layers.
     """
     out_dtype = compute_dtype(W.dtype)
     seq = m.hh is not None
@@ -227,11 +231,15 @@ def whitened_decomposition(W: torch.Tensor, m: Moments, damping: tuple[float, ..
         wh = whitening(m.hh if seq else m.xx, damping)
         # W* S = W C_xh C^-1 S = W C_xh S^-T, since C = S S^T.
         A = Wd @ m.xh @ wh.S_inv.T if seq else Wd @ wh.S.to(out_dtype)
+        root = None if out_weight is None else out_weight.to(A.device, torch.float64).sqrt()
+        if root is not None:
+            A, Wd = root[:, None].to(A.dtype) * A, root[:, None].to(Wd.dtype) * Wd
         U, S, Vh = torch.linalg.svd(A.to(out_dtype), full_matrices=False)
     S = S.double()
-    total = float((Wd @ m.xx.to(Wd.dtype) * Wd).sum())  # ||W X||^2 of the original layer
+    total = float((Wd @ m.xx.to(Wd.dtype) * Wd).sum())  # ||W X||^2 of the original layer (weighted)
     floor = max(0.0, total - float(S.square().sum())) if seq else 0.0  # ||W X - W* X^||^2
-    dec = Decomposition(U.to(out_dtype), S.to(out_dtype), Vh.to(out_dtype), wh.S_inv.to(out_dtype))
+    dec = Decomposition(U.to(out_dtype), S.to(out_dtype), Vh.to(out_dtype), wh.S_inv.to(out_dtype),
+                        left_inv=None if root is None else (1 / root).to(out_dtype))
     info = {"whitening": wh.method, "damping": wh.damping, "output_energy": total, "floor": floor,
             "rows": m.rows}
     return dec, info
@@ -304,7 +312,8 @@ def accumulate(acc: Moments, module: nn.Module, x: torch.Tensor, mask: torch.Ten
 
 
 def decompose(module: nn.Module, mom: Moments, damping: tuple[float, ...] = DAMPING,
-              handler: LayerHandler | None = None) -> tuple[Decomposition, dict[str, Any]]:
+              handler: LayerHandler | None = None, out_weight: torch.Tensor | None = None
+              ) -> tuple[Decomposition, dict[str, Any]]:
     """The data-aware factors of one layer from its statistics: token-weighted for an embedding, whitened
     for a layer the data reached, plain SVD for one it did not. ``handler``: the kind to factor it as
     (an alternative's), default the module's own."""
@@ -313,7 +322,7 @@ def decompose(module: nn.Module, mom: Moments, damping: tuple[float, ...] = DAMP
         return embedding_decomposition(h.weight_matrix(module), mom)
     if mom.xx is None:
         return plain_decomposition(module)
-    return whitened_decomposition(h.weight_matrix(module), mom, damping)
+    return whitened_decomposition(h.weight_matrix(module), mom, damping, out_weight)
 
 
 def calibration_info(batches: list[Batch], infos: dict[str, dict[str, Any]], *, sequential: bool, refit: int,
@@ -651,13 +660,15 @@ def plain_decomposition(module: nn.Module) -> tuple[Decomposition, dict[str, Any
 
 
 def load_calibration(path: str | Path, *, tokenizer=None, samples: int | None = None, batch_size: int = 32,
-                     max_length: int = 128) -> list[Batch]:
+                     max_length: int = 128, stream: bool = False) -> list[Batch]:
     """Calibration batches from a file.
 
     * ``.pt`` / ``.pth`` (``torch.load(weights_only=True)``), ``.npz``, ``.safetensors``: one batch (a
       tensor, or named tensors as a dict: keyword inputs) or a list of batches (``.pt`` only);
     * with a ``tokenizer`` (Hugging Face), a text file with one sentence per line, tokenized in batches
-      of ``batch_size`` (sentences sorted by length to limit padding).
+      of ``batch_size`` (sentences sorted by length to limit padding); with ``stream`` (a causal language
+      model) the whole text as one token stream cut into sequences of ``max_length`` tokens, no padding, as
+      the low-rank LLM papers calibrate (``samples`` then counts sequences).
 
     ``samples`` caps the number of samples (rows of the first dimension) used.
     """
@@ -676,6 +687,8 @@ def load_calibration(path: str | Path, *, tokenizer=None, samples: int | None = 
         elif suffix == ".safetensors":
             data = load_safetensors(path)
         elif tokenizer is not None:
+            if stream:
+                return _token_stream_batches(path, tokenizer, samples, batch_size, max_length)
             return _text_batches(path, tokenizer, samples, batch_size, max_length)
         else:
             raise CompressorError(f"calibration file '{path}' has an unknown type '{suffix}'",
@@ -717,6 +730,22 @@ def _text_batches(path: Path, tokenizer, samples: int | None, batch_size: int, m
     if not sentences:
         raise CompressorError(f"calibration file '{path}' has no sentences", "put one sentence per line")
     return tokenize_batches(tokenizer, sentences, batch_size, max_length)
+
+
+def _token_stream_batches(path: Path, tokenizer, samples: int | None, batch_size: int, seq_len: int
+                          ) -> list[Batch]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CompressorError(f"calibration file '{path}' is not UTF-8 text", "pass a UTF-8 text file") from None
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    n = len(ids) // seq_len if samples is None else min(samples, len(ids) // seq_len)
+    if n < 1:
+        raise CompressorError(f"calibration file '{path}' holds {len(ids)} tokens, fewer than one sequence of "
+                              f"{seq_len}", "pass a longer text")
+    seqs = ids[:n * seq_len].reshape(n, seq_len)
+    return [{"input_ids": seqs[i:i + batch_size], "attention_mask": torch.ones_like(seqs[i:i + batch_size])}
+            for i in range(0, n, batch_size)]
 
 
 def tokenize_batches(tokenizer, sentences: list[str], batch_size: int = 32, max_length: int = 128

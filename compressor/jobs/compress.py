@@ -364,9 +364,12 @@ def input_shapes(opts: Options) -> list[tuple[int, ...]]:
 def _calibration(loaded, opts: Options) -> list | None:
     if opts.calibration is None:
         return None
+    from compressor.analysis.decoder import is_decoder
     from compressor.data.calibration import load_calibration
 
-    return load_calibration(opts.calibration, tokenizer=loaded.tokenizer, samples=opts.calibration_samples)
+    # A causal LM calibrates on sequences cut from the text as one token stream (no padding), 128 tokens each.
+    return load_calibration(opts.calibration, tokenizer=loaded.tokenizer, samples=opts.calibration_samples,
+                            stream=loaded.model is not None and is_decoder(loaded.model))
 
 
 def _plan(model: nn.Module, opts: Options, mode: str, calibration: list | None, probe=None) -> Plan:

@@ -1,0 +1,122 @@
+"""The block-by-block calibrated analysis of decoders (compressor.analysis.decoder), on tiny Gemma 3 and Llama
+configs: the same statistics as the whole-model pass, the output head never run on more than a chunk, the
+output-side Fisher against a brute-force gradient, and the job end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from compressor.analysis.analyze import find_layers  # noqa: E402
+from compressor.analysis.decoder import HEAD_CHUNK, decoder_analysis, is_decoder, output_fisher  # noqa: E402
+from compressor.core.policies import TargetPolicy  # noqa: E402
+from compressor.data.calibration import calibrated_analysis  # noqa: E402
+
+
+def gemma3(vocab: int = 97, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=64, final_logit_softcapping=30.0)
+    return transformers.Gemma3ForCausalLM(cfg).eval()
+
+
+def llama(vocab: int = 97, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+MODELS = {"gemma3": gemma3, "llama": llama}
+
+
+def batches(vocab: int, n: int = 3, size: int = 4, length: int = 12, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (size, length), generator=g),
+             "attention_mask": torch.ones(size, length, dtype=torch.long)} for _ in range(n)]
+
+
+def layers(model) -> dict:
+    return {c.name: c.module for c in find_layers(model, ["model.layers.*"]) if c.skip is None}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_block_passes_match_the_whole_model_pass(kind):
+    """Without sequential refits or weighting, the block-by-block statistics are the whole-model pass's: the
+    same whitened spectra for every layer."""
+    model = MODELS[kind]()
+    assert is_decoder(model)
+    mods, data = layers(model), batches(97)
+    blockwise = decoder_analysis(model, mods, data, TargetPolicy(0.3), 1, {}, sequential=False, weighting=None)
+    whole = calibrated_analysis(model, mods, data, TargetPolicy(0.3), 1, {}, sequential=False, sensitivity=False,
+                                spatial=False)
+    assert set(blockwise.decompositions) == set(mods)
+    for name in mods:
+        torch.testing.assert_close(blockwise.decompositions[name].S, whole.decompositions[name].S,
+                                   rtol=1e-4, atol=1e-6)
+    assert blockwise.ranks == whole.ranks
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_the_head_never_sees_more_than_a_chunk(kind, monkeypatch):
+    """Memory does not grow with vocabulary x tokens: without weighting the head never runs; with the Fisher
+    weighting it runs on at most HEAD_CHUNK positions per call, whatever the sequence length."""
+    import compressor.analysis.decoder as decoder
+
+    monkeypatch.setattr(decoder, "HEAD_CHUNK", 5)
+    model = MODELS[kind](vocab=211)
+    seen: list[int] = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[:-1].numel()))
+    mods, data = layers(model), batches(211, length=23)
+    decoder_analysis(model, mods, data, TargetPolicy(0.3), 1, {}, weighting=None)
+    assert seen == []
+    decoder.output_fisher(model, mods, data, chunk=decoder.HEAD_CHUNK)
+    assert seen and max(seen) <= 5 and sum(seen) == len(data) * 4 * 22  # every position, once
+    assert HEAD_CHUNK >= 64
+
+
+def test_output_fisher_equals_a_brute_force_gradient():
+    """The chunked Fisher diagonal is the squared gradient of the summed next-token NLL computed on whole
+    logits, per output unit of each layer."""
+    model = gemma3()
+    mods, data = layers(model), batches(97, n=2)
+    got = output_fisher(model, mods, data, chunk=5)
+    want = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in mods.items()}
+    outs: dict[str, torch.Tensor] = {}
+    def keep(name: str, out: torch.Tensor) -> None:  # returns None: the output is not replaced
+        out.retain_grad()
+        outs[name] = out
+
+    hooks = [m.register_forward_hook(lambda _m, _a, o, n=n: keep(n, o)) for n, m in mods.items()]
+    for batch in data:
+        logits = model(**batch).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), batch["input_ids"][:, 1:].reshape(-1),
+                                                 reduction="sum")
+        model.zero_grad()
+        loss.backward()
+        for n, o in outs.items():
+            want[n] += o.grad.double().square().reshape(-1, o.shape[-1]).sum(0)
+    for h in hooks:
+        h.remove()
+    for n in mods:
+        torch.testing.assert_close(got[n], want[n].float(), rtol=1e-3, atol=1e-9)
+    assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_sequential_fisher_analysis_meets_the_target(kind):
+    model = MODELS[kind]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mods = layers(model)
+    cal = decoder_analysis(model, mods, batches(97), TargetPolicy(0.3), 1, {})
+    assert cal.info["layers_refit_sequentially"] > 0
+    assert cal.info["allocation"].endswith("Fisher")
+    removed = sum(m.weight.numel() - r * sum(m.weight.shape) for n, m in mods.items()
+                  for r in [cal.ranks[n]] if r is not None and r * sum(m.weight.shape) < m.weight.numel())
+    assert removed >= 0.3 * sum(m.weight.numel() for m in mods.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is not changed
