@@ -9,6 +9,7 @@ one stderr line naming the problem and the fix, no traceback, the folder it ran 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import resource
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 SECONDS = 120  # a refusal is interpreter + torch start-up and one check; far below this unless it hangs
@@ -163,3 +165,112 @@ def test_stream_resume_state_after_a_crash_gives_the_clean_bytes(work, monkeypat
     res = cli(STREAM, work)
     assert res.returncode == 0, res.stderr
     assert output_bytes(work / "o") == clean_stream and not state.exists()
+
+
+# -------------------------------------------------------------------------------- 2. lora merge / extract
+
+
+def _mlp(extra: bool = False) -> nn.Module:
+    layers = [nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 5)]
+    return nn.Sequential(*layers, *([nn.Tanh(), nn.Linear(5, 5)] if extra else []))
+
+
+@pytest.fixture(scope="module")
+def lora_assets(tmp_path_factory) -> Path:
+    """A base model file, a trained-looking adapter for it, a tuned copy and one with an extra layer."""
+    from compressor.train.adapter import Adapter
+    from compressor.train.lora import apply_lora
+
+    d = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(0)
+    base = _mlp()
+    torch.save(base, d / "base.pt")
+    tuned = _mlp()
+    tuned.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        tuned[0].weight.add_(0.01 * torch.randn(24, 1) @ torch.randn(1, 12))
+    torch.save(tuned, d / "tuned.pt")
+    wider = _mlp(extra=True)
+    wider.load_state_dict({**base.state_dict(), **{k: v for k, v in wider.state_dict().items() if k.startswith("4.")}})
+    torch.save(wider, d / "tuned_extra.pt")
+    wrapped = _mlp()
+    wrapped.load_state_dict(base.state_dict())
+    for w in apply_lora(wrapped, rank=2, alpha=4).values():
+        nn.init.normal_(w.lora_B, std=0.1)
+    Adapter.from_model(wrapped).save(d / "adapter")
+    return d
+
+
+@pytest.fixture
+def lwork(lora_assets, tmp_path) -> Path:
+    shutil.copytree(lora_assets, tmp_path / "w", symlinks=True)
+    return tmp_path / "w"
+
+
+MERGE = ["lora", "merge", "base.pt", "adapter", "--out", "merged"]
+
+
+def _config(**changes):
+    def edit(folder: Path) -> None:
+        path = folder / "adapter" / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return edit
+
+
+def _nan_weights(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(iter(tensors))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, path)
+
+
+def _fifo_config(folder: Path) -> None:
+    path = folder / "adapter" / "adapter_config.json"
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _link(name: str, target: str):
+    def edit(folder: Path) -> None:
+        path = folder / "adapter" / name
+        if target != "/dev/zero":
+            shutil.copyfile(path, folder / target)
+        path.unlink()
+        path.symlink_to(target if target == "/dev/zero" else Path("..") / target)
+    return edit
+
+
+@pytest.mark.parametrize("edit, words", [
+    (_config(lora_alpha=float("nan")), ["lora_alpha nan", "not a finite"]),
+    (_config(lora_alpha=1e308), ["non-finite weights", "lora_alpha"]),
+    (_nan_weights, ["not finite numbers"]),
+    (_config(target_modules=["nothing"]), ["not among its target_modules", "peft would not load it"]),
+    (_config(target_modules="nothing"), ["not among its target_modules"]),
+    (_config(r=None), ["has r None"]),
+    (_config(lora_alpha="16"), ["lora_alpha '16'"]),
+    (_config(rank_pattern=[1, 2]), ["rank_pattern"]),
+    (_config(alpha_pattern={"0": "x"}), ["alpha_pattern"]),
+    (_fifo_config, ["named pipe"]),
+    (_link("adapter_config.json", "/dev/zero"), ["leads outside"]),
+    (_link("adapter_model.safetensors", "outside.safetensors"), ["leads outside", "outside.safetensors"]),
+])
+def test_lora_merge_refuses(lwork, edit, words):
+    edit(lwork)
+    refused_untouched(MERGE, lwork, *words)
+
+
+def test_lora_merge_of_the_intact_adapter_works(lwork):
+    """The baseline the cases above break."""
+    res = cli(MERGE, lwork)
+    assert res.returncode == 0, res.stderr
+    assert (lwork / "merged").is_dir()
+
+
+def test_lora_extract_names_layers_only_the_tuned_model_has(lwork):
+    refused_untouched(["lora", "extract", "base.pt", "tuned_extra.pt", "--rank", "2", "--out", "x"], lwork,
+                      "tuned model has 1 layer(s) the base model lacks (4)", "same architecture")
+    res = cli(["lora", "extract", "base.pt", "tuned.pt", "--rank", "2", "--out", "x"], lwork)
+    assert res.returncode == 0, res.stderr
