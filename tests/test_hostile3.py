@@ -274,3 +274,48 @@ def test_lora_extract_names_layers_only_the_tuned_model_has(lwork):
                       "tuned model has 1 layer(s) the base model lacks (4)", "same architecture")
     res = cli(["lora", "extract", "base.pt", "tuned.pt", "--rank", "2", "--out", "x"], lwork)
     assert res.returncode == 0, res.stderr
+
+
+# ----------------------------------------------------------------- 3. links out of the folder, special files
+
+
+def _link_out(work: Path, name: str) -> None:
+    """Replace ``m/name`` by a link to a copy of it outside the model's folder."""
+    shutil.copyfile(work / "m" / name, work / f"outside-{name}")
+    (work / "m" / name).unlink()
+    (work / "m" / name).symlink_to(Path("..") / f"outside-{name}")
+
+
+def test_stream_companion_linked_out_of_the_folder_is_not_copied(work):
+    (work / "secret.txt").write_text("not part of the model\n")
+    (work / "m" / "notes.txt").symlink_to(Path("..") / "secret.txt")
+    refused_untouched(STREAM, work, "notes.txt", "leads outside", "secret.txt")
+
+
+def test_stream_companion_fifo_is_refused_before_any_work(work):
+    os.mkfifo(work / "m" / "notes.txt")
+    refused_untouched(STREAM, work, "notes.txt", "named pipe")
+
+
+def test_stream_shard_linked_out_of_the_folder_is_not_read(work):
+    shard = sorted((work / "m").glob("model-*.safetensors"))[1].name
+    _link_out(work, shard)
+    refused_untouched(STREAM, work, shard, "leads outside")
+    refused_untouched(["analyze", "m", "--stream", "--rank", "4", "--out", "o"], work, shard, "leads outside")
+
+
+def test_links_of_a_hugging_face_cache_snapshot_are_inside_the_rule(tmp_path):
+    """The hub cache keeps a snapshot's files as links into the repository's blobs/: those are followed."""
+    from compressor.core.errors import CompressorError
+    from compressor.core.fileio import file_in_folder
+
+    snap = tmp_path / "models--x" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (tmp_path / "models--x" / "blobs").mkdir()
+    (tmp_path / "models--x" / "blobs" / "123").write_text("{}")
+    (tmp_path / "models--x" / "refs").write_text("abc")
+    (snap / "config.json").symlink_to("../../blobs/123")
+    (snap / "refs").symlink_to("../../refs")
+    assert file_in_folder(snap, snap / "config.json") == snap / "config.json"
+    with pytest.raises(CompressorError, match="leads outside"):
+        file_in_folder(snap, snap / "refs")

@@ -382,7 +382,9 @@ def file_in_folder(folder: str | Path, path: str | Path, what: str = "file") -> 
     except (OSError, RuntimeError) as err:  # a symlink loop (ELOOP / RuntimeError), no permission
         raise CompressorError(f"{what} '{path}' cannot be read ({getattr(err, 'strerror', None) or err})",
                               "check the folder") from None
-    if root not in real.parents:
+    # A Hugging Face hub cache folder (REPO/snapshots/REV/) is links into REPO/blobs/: that one place too.
+    roots = [root, *([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])]
+    if not any(r in real.parents for r in roots):
         raise CompressorError(f"{what} '{path}' leads outside its folder '{folder}' (to '{real}')",
                               f"copy the file itself into '{folder}' instead of linking it")
     regular_file(real, what)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from compressor.core.errors import CompressorError
-from compressor.core.fileio import regular_file
+from compressor.core.fileio import file_in_folder, regular_file
 from compressor.data.inputs import flatten
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
@@ -332,10 +332,9 @@ def tensor_array(tensor, base_dir: Path) -> np.ndarray:
 
 def external_file(base_dir: Path, location: str) -> Path:
     """The file an external-data ``location`` names, refused when it leaves the model's folder."""
-    path = (base_dir / location).resolve()
-    if not location or os.path.isabs(location) or base_dir.resolve() not in path.parents:
+    if not location or os.path.isabs(location):
         raise CompressorError(f"external data location '{location}' is outside the model's folder", ONNX_FIX)
-    return regular_file(path, "external data file")
+    return file_in_folder(base_dir, base_dir / location, "external data file")  # the shared rule: no link out
 
 
 # ----------------------------------------------------------------------------------- running

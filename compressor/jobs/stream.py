@@ -79,6 +79,7 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
     OutputDir(out, opts.force).check()
     clock = time.perf_counter()
     ckpt = Checkpoint.open(source)
+    companions = _companions(source) if mode == "compress" else []
     batches = _calibration(source, opts) if opts.calibration is not None else None
     hashed = time.perf_counter()
     fingerprint = ckpt.fingerprint()
@@ -167,7 +168,8 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
             t = time.perf_counter()
             factored = {n: i for i, n in enumerate(names) if plan.layer(n).rank is not None}
             summary["files"] = [p.name for p in _write_weights(tmp, ckpt, tasks, factored, state, opts.shard_bytes)]
-            _copy_companions(source, tmp)
+            for f in companions:
+                shutil.copyfile(f, tmp / f.name)
             architecture = hf_architecture(skeleton)
             if architecture is not None:  # a folder compressor.load reads (a bare file's stand-in is not)
                 write_meta(tmp, architecture, len(factored), (str(source), "hf-folder"))
@@ -506,16 +508,14 @@ def _read(path: Path, key: str) -> torch.Tensor:
         return f.get_tensor(key)
 
 
-def _copy_companions(source: Path, folder: Path) -> None:
-    """A Hugging Face folder's small files (config, tokenizer) beside the factored weights."""
+def _companions(source: Path) -> list[Path]:
+    """A Hugging Face folder's small files (config, tokenizer) that go beside the factored weights, checked
+    before any work: a link out of the model's folder (its target would be copied into the output) or a
+    special file (a FIFO would block the copy forever) is refused."""
     if not source.is_dir():
-        return
-    for f in sorted(source.iterdir()):
-        if f.is_dir() or f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json":
-            continue
-        # Refused when it is a link out of the model's folder (its target would be copied into the output)
-        # or a special file (a FIFO would block the copy forever).
-        shutil.copyfile(file_in_folder(source, f, "model folder file"), folder / f.name)
+        return []
+    return [file_in_folder(source, f, "model folder file") for f in sorted(source.iterdir())
+            if not (f.is_dir() or f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json")]
 
 
 def _calibration(source: Path, opts: Options) -> list:
