@@ -319,3 +319,101 @@ def test_links_of_a_hugging_face_cache_snapshot_are_inside_the_rule(tmp_path):
     assert file_in_folder(snap, snap / "config.json") == snap / "config.json"
     with pytest.raises(CompressorError, match="leads outside"):
         file_in_folder(snap, snap / "refs")
+
+
+# ------------------------------------------------------------------------- 4. checkpoint JSON and tensors
+
+DEEP = "[" * 100_000 + "]" * 100_000  # past Python's recursion limit: a RecursionError for json.loads
+
+
+@pytest.fixture(scope="module")
+def heal_run(tmp_path_factory) -> Path:
+    """A compressed MLP, its training data and a finished checkpointed heal run (steps 0, 2, 4) in ``ck``."""
+    import copy
+
+    import compressor
+    from compressor.jobs.compress import heal_folder
+    from compressor.train.heal import HealConfig
+
+    d = tmp_path_factory.mktemp("heal")
+    torch.manual_seed(0)
+    teacher = _mlp()
+    torch.save(teacher, d / "teacher.pt")
+    plan = compressor.analyze(teacher, rank=3)
+    compressor.save(compressor.rewrite(copy.deepcopy(teacher), plan), d / "small", plan,
+                    source=compressor.load_model(d / "teacher.pt"))
+    x = torch.randn(120, 12)
+    torch.save({"inputs": x, "targets": teacher(x).argmax(-1).detach()}, d / "train.pt")
+    heal_folder(d / "small", d / "done", data=d / "train.pt", config=HealConfig(steps=4, every=2),
+                checkpoint_dir=d / "ck", progress=False)
+    shutil.rmtree(d / "done")
+    return d
+
+
+@pytest.fixture
+def hwork(heal_run, tmp_path) -> Path:
+    shutil.copytree(heal_run, tmp_path / "w", symlinks=True)
+    return tmp_path / "w"
+
+
+RESUME = ["heal", "small", "--data", "train.pt", "--steps", "4", "--every", "2", "--checkpoint-dir", "ck",
+          "--resume", "--quiet"]
+NEWEST = "ck/step-00000004"
+
+
+def resign(step: Path, name: str, data: bytes) -> None:
+    """Replace a checkpoint file and record its new size and sha256 in COMPLETE.json, so that only a check
+    of its content can catch the change."""
+    (step / name).write_bytes(data)
+    marker = json.loads((step / "COMPLETE.json").read_text())
+    marker["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step / "COMPLETE.json").write_text(json.dumps(marker))
+
+
+def _tensors_edit(edit):
+    def apply(work: Path) -> None:
+        from safetensors.torch import load, save
+
+        step = work / NEWEST
+        tensors = load((step / "tensors.safetensors").read_bytes())
+        edit(tensors)
+        resign(step, "tensors.safetensors", save(tensors, metadata={"format": "1"}))
+    return apply
+
+
+def test_deep_checkpoints_json(hwork):
+    (hwork / "ck" / "checkpoints.json").write_text(DEEP)
+    res = cli(["checkpoints", "ck"], hwork)  # only a summary: the listing goes on without it
+    assert res.returncode == 0 and "Traceback" not in res.stderr and "step" in res.stdout, res.stderr
+    refused_untouched(["checkpoints", "ck", "--plot", "p.png"], hwork, "checkpoints.json", "nests deeper")
+
+
+def test_checkpoints_json_history_of_the_wrong_type(hwork):
+    path = hwork / "ck" / "checkpoints.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "history": [{"step": "x", "metrics": 3}]}))
+    refused_untouched(["checkpoints", "ck", "--plot", "p.png"], hwork, "malformed", "history holds")
+
+
+def test_deep_state_json(hwork):
+    resign(hwork / NEWEST, "state.json", DEEP.encode())
+    for args in (RESUME, ["checkpoints", "diff", "ck/step-00000002", NEWEST]):
+        refused_untouched(args, hwork, "malformed", "nests deeper")
+    refused_untouched(["checkpoints", "ck"], hwork, "refused", "nests deeper")
+
+
+def test_deep_complete_json(hwork):
+    (hwork / NEWEST / "COMPLETE.json").write_text(DEEP)
+    refused_untouched(["checkpoints", "diff", "ck/step-00000002", NEWEST], hwork, "completeness marker is unreadable")
+    res = cli(["checkpoints", "ck"], hwork)  # damage a crash could leave: listed as INVALID
+    assert res.returncode == 0 and "INVALID: completeness marker is unreadable" in res.stdout, res.stderr
+
+
+def test_optimizer_state_of_the_wrong_shape(hwork):
+    _tensors_edit(lambda t: t.update({"optim.0.exp_avg": torch.zeros(7, 7)}))(hwork)
+    refused_untouched(RESUME, hwork, "optimizer state 0.exp_avg is [7, 7]", "resume with the same model")
+
+
+def test_adapter_of_mismatched_shapes_in_a_checkpoint(hwork):
+    _tensors_edit(lambda t: t.update({"param.0.lora_A": torch.zeros(2, 12), "param.0.lora_B": torch.zeros(24, 3)}))(
+        hwork)
+    refused_untouched(["checkpoints", "diff", "ck/step-00000002", NEWEST], hwork, "lora_A [2, 12]", "do not multiply")
