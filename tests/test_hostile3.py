@@ -417,3 +417,52 @@ def test_adapter_of_mismatched_shapes_in_a_checkpoint(hwork):
     _tensors_edit(lambda t: t.update({"param.0.lora_A": torch.zeros(2, 12), "param.0.lora_B": torch.zeros(24, 3)}))(
         hwork)
     refused_untouched(["checkpoints", "diff", "ck/step-00000002", NEWEST], hwork, "lora_A [2, 12]", "do not multiply")
+
+
+# ------------------------------------------------------------------------------------------------- 5. plans
+
+
+@pytest.fixture
+def pwork(tmp_path) -> Path:
+    """A small MLP with an unsupported layer (a depthwise conv) and its analysed plan."""
+    import compressor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(24, 32), nn.Tanh(), nn.Linear(32, 6))
+    torch.save(model, tmp_path / "m.pt")
+    compressor.analyze(model, rank=4).to_json(tmp_path / "plan.json")
+    return tmp_path
+
+
+def _plan_edit(edit):
+    def apply(folder: Path) -> None:
+        path = folder / "plan.json"
+        plan = json.loads(path.read_text())
+        edit(plan)
+        path.write_text(json.dumps(plan))
+    return apply
+
+
+def _layer(name: str, **changes):
+    return _plan_edit(lambda p: next(lp for lp in p["layers"] if lp["name"] == name).update(changes))
+
+
+APPLY = ["apply", "m.pt", "plan.json", "--input-shape", "1x4x8", "--out", "o"]
+
+
+@pytest.mark.parametrize("edit, words", [
+    (_layer("2", shape=[32, 20]), ["layer '2' is [32, 24] in the model but [32, 20] in the plan"]),
+    (_plan_edit(lambda p: p["layers"].append(dict(p["layers"][1]))), ["lists layer '2' twice"]),
+    (_layer("0", rank=1), ["layer '0' has rank 1", "cannot be factored", "null"]),
+    (_plan_edit(lambda p: p.update(layers=[])), ["lists no layers"]),
+    (_layer("2", shape="32x24"), ["wrong type"]),
+    (lambda f: (f / "plan.json").write_text(DEEP), ["nests deeper"]),
+])
+def test_apply_refuses_a_plan_that_does_not_describe_the_model(pwork, edit, words):
+    edit(pwork)
+    refused_untouched(APPLY, pwork, *words)
+
+
+def test_apply_of_the_plan_as_written_works(pwork):
+    res = cli(APPLY, pwork)
+    assert res.returncode == 0, res.stderr
