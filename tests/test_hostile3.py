@@ -466,3 +466,60 @@ def test_apply_refuses_a_plan_that_does_not_describe_the_model(pwork, edit, word
 def test_apply_of_the_plan_as_written_works(pwork):
     res = cli(APPLY, pwork)
     assert res.returncode == 0, res.stderr
+
+
+# -------------------------------------------------------------------------------------------------- 6. ONNX
+
+
+def onnx_mlp(path: Path, *, opset: int = 17, in_shape=(1, 16), weight_input: bool = False,
+             external: bool = False) -> Path:
+    """x [in_shape] -> MatMul fc.weight [16, 32] -> Tanh -> MatMul fc2.weight [32, 8] -> y."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+               for n, s in (("fc.weight", (16, 32)), ("fc2.weight", (32, 8)))]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [*in_shape[:-1], 8])
+    nodes = [helper.make_node("MatMul", ["x", "fc.weight"], ["h"], name="mm1"), helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("MatMul", ["t", "fc2.weight"], ["y"], name="mm2")]
+    inputs = [x, *([helper.make_tensor_value_info("fc.weight", TensorProto.FLOAT, [16, 32])] if weight_input else [])]
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, [y], weights),
+                              opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path, save_as_external_data=external, location="w.data", size_threshold=0)
+    return path
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda d: onnx_mlp(d / "m.onnx", opset=99), ["opset 99", "1 to"]),
+    (lambda d: onnx_mlp(d / "m.onnx", in_shape=(100000, 100000, 16)), ["[100000, 100000, 16]", "--input-shape"]),
+    (lambda d: (d / "m.onnx").write_bytes(onnx_mlp(d / "full.onnx").read_bytes()[:200]),
+     ["does not load as ONNX", "m.onnx"]),
+])
+def test_onnx_inputs_refused(tmp_path, make, words):
+    make(tmp_path)
+    refused_untouched(["m.onnx", "--rank", "4", "--out", "o"], tmp_path, *words)
+
+
+def test_onnx_external_data_linked_out_of_the_folder(tmp_path):
+    onnx_mlp(tmp_path / "m" / "m.onnx", external=True)
+    (tmp_path / "m" / "w.data").rename(tmp_path / "w.data")
+    (tmp_path / "m" / "w.data").symlink_to(Path("..") / "w.data")
+    refused_untouched(["m/m.onnx", "--rank", "4", "--out", "o"], tmp_path, "w.data", "symbolic link")
+
+
+def test_onnx_weight_that_is_also_a_graph_input_keeps_that_input(tmp_path):
+    import onnx
+
+    onnx_mlp(tmp_path / "m.onnx", weight_input=True)
+    res = cli(["m.onnx", "--rank", "4", "--out", "o", "--quiet"], tmp_path)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    out = onnx.load(str(tmp_path / "o" / "model.onnx"))
+    assert [i.name for i in out.graph.input] == ["x", "fc.weight"]
+    plan = {lp["name"]: lp for lp in json.loads((tmp_path / "o" / "plan.json").read_text())["layers"]}
+    assert plan["fc"]["rank"] is None and "also a graph input" in plan["fc"]["reason"]
+    assert plan["fc2"]["rank"] == 4

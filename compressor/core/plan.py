@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compressor.core.errors import PlanError
+from compressor.core.errors import CompressorError, PlanError
 from compressor.core.fileio import atomic_write_text
 from compressor.core.statefile import read_json
 
@@ -168,8 +168,11 @@ class Plan:
 
     @classmethod
     def from_json(cls, path: str | Path) -> Plan:
-        # Bounded (size, depth) and a regular file: a FIFO would block the read forever.
-        return cls.from_dict(read_json(path, "plan file", "fix the JSON or re-create the plan", kind=None))
+        try:  # bounded (size, depth) and a regular file: a FIFO would block the read forever
+            data = read_json(path, "plan file", "fix the JSON or re-create the plan", kind=None)
+        except CompressorError as err:
+            raise PlanError(err.problem, err.fix) from None
+        return cls.from_dict(data)
 
     # ----------------------------------------------------------------------------------- display
     def table(self, only_supported: bool = True) -> str:
