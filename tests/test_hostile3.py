@@ -523,3 +523,18 @@ def test_onnx_weight_that_is_also_a_graph_input_keeps_that_input(tmp_path):
     plan = {lp["name"]: lp for lp in json.loads((tmp_path / "o" / "plan.json").read_text())["layers"]}
     assert plan["fc"]["rank"] is None and "also a graph input" in plan["fc"]["reason"]
     assert plan["fc2"]["rank"] == 4
+
+
+# --------------------------------------------------------------------------------------------------- 7. Ray
+
+
+def test_ray_address_that_does_not_answer_is_refused_at_once(work):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    line = refused_untouched([*STREAM, "--ray", f"127.0.0.1:{port}"], work, f"Ray at 127.0.0.1:{port} does not answer",
+                             "ray start --head")
+    assert "--ray" in line
+    refused_untouched([*STREAM, "--ray", "nowhere"], work, "is not HOST:PORT")

@@ -216,6 +216,8 @@ def _check(opts: Options):
                 raise CompressorError(f"a streamed run with calibration data computes whitened SVDs block by "
                                       f"block in this process; {option} cannot be used with it",
                                       f"leave out {option.split('=')[0]}", cli_fix=f"leave out {flag}")
+    if opts.ray not in (None, "local"):
+        _probe_ray(opts.ray)
     try:
         torch.empty(0, device=opts.device)
     except (RuntimeError, AssertionError) as err:
@@ -451,6 +453,27 @@ def _run_all(todo: list[tuple[int, LayerTask]], save: Callable[[int, dict], None
                     save(running.pop(fut), fut.result())
 
 
+RAY_CONNECT_SECONDS = 10
+
+
+def _probe_ray(address: str) -> None:
+    """Refuse a Ray address that does not answer within :data:`RAY_CONNECT_SECONDS` (a TCP connect to its
+    host and port), before any work: ``ray.init`` itself retries for minutes, then raises a traceback."""
+    import socket
+
+    fix = "start the cluster (ray start --head) and pass its address, or pass --ray alone for a local Ray"
+    if address == "auto":  # Ray finds the address of a cluster started on this machine itself
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CompressorError(f"Ray address {address!r} is not HOST:PORT", fix)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_SECONDS).close()
+    except OSError as err:
+        raise CompressorError(f"Ray at {address} does not answer ({err.strerror or type(err).__name__} within "
+                              f"{RAY_CONNECT_SECONDS} s)", fix) from None
+
+
 def _run_ray(todo: list[tuple[int, LayerTask]], save: Callable[[int, dict], None], address: str,
              workers: int) -> None:
     try:
@@ -466,7 +489,11 @@ def _run_ray(todo: list[tuple[int, LayerTask]], save: Callable[[int, dict], None
             ray.init(num_cpus=max(workers, 1), include_dashboard=False, runtime_env=env, log_to_driver=False,
                      configure_logging=False, _node_ip_address="127.0.0.1")
         else:
-            ray.init(address=address, runtime_env=env, log_to_driver=False, configure_logging=False)
+            try:
+                ray.init(address=address, runtime_env=env, log_to_driver=False, configure_logging=False)
+            except (ConnectionError, TimeoutError, RuntimeError) as err:  # it answered, but is not a Ray head
+                raise CompressorError(f"cannot join the Ray cluster at {address} ({str(err).splitlines()[0][:120]})",
+                                      "pass the address `ray start --head` printed") from None
     try:
         remote = ray.remote(num_cpus=1, max_retries=2)(timed_layer)
         queue, running = list(todo), {}
