@@ -538,3 +538,137 @@ def test_ray_address_that_does_not_answer_is_refused_at_once(work):
                              "ray start --head")
     assert "--ray" in line
     refused_untouched([*STREAM, "--ray", "nowhere"], work, "is not HOST:PORT")
+
+
+# ------------------------------------------------------------- 8. property: mutated state files of the tool
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+def mutate(data: bytes, how: str, where: float, junk: bytes) -> bytes:
+    """One kind of damage to a file's bytes: a flipped bit, a cut, junk written over or appended, or all gone."""
+    i = min(int(where * len(data)), max(len(data) - 1, 0))
+    if how == "flip" and data:
+        return data[:i] + bytes([data[i] ^ (1 << int(where * 8) % 8)]) + data[i + 1:]
+    if how == "cut":
+        return data[:i]
+    if how == "overwrite":
+        return data[:i] + junk + data[i + len(junk):]
+    if how == "append":
+        return data + junk
+    return b""
+
+
+damage = st.tuples(st.sampled_from(["flip", "cut", "overwrite", "append", "empty", "delete"]),
+                   st.floats(0, 1), st.binary(min_size=1, max_size=32))
+
+
+@pytest.fixture(scope="module")
+def crashed_state(model_dir, tmp_path_factory) -> Path:
+    """A folder with the model and the state a streamed run left when it died after 3 layers."""
+    d = tmp_path_factory.mktemp("crashed")
+    shutil.copytree(model_dir, d / "m")
+    with pytest.MonkeyPatch.context() as mp:
+        crashed_run(d, mp)
+    return d
+
+
+def _apply(path: Path, how: str, where: float, junk: bytes) -> None:
+    if how == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(mutate(path.read_bytes(), how, where, junk))
+
+
+@PROPERTY
+@given(pick=st.floats(0, 1), damage=damage)
+def test_property_mutated_stream_state_refuses_or_gives_the_clean_bytes(crashed_state, clean_stream, tmp_path_factory,
+                                                                       pick, damage):
+    from compressor.core.errors import CompressorError
+    from compressor.jobs.stream import state_dir, stream_compress
+
+    d = tmp_path_factory.mktemp("run")
+    shutil.copytree(crashed_state, d, dirs_exist_ok=True)
+    files = sorted(p for p in state_dir(d / "o").rglob("*") if p.is_file())
+    _apply(files[min(int(pick * len(files)), len(files) - 1)], *damage)
+    try:
+        stream_compress(d / "m", d / "o", mode="compress", rank=4)
+    except CompressorError as err:
+        assert "\n" not in str(err) and "--restart" in err.for_cli(), str(err)
+        return
+    assert output_bytes(d / "o") == clean_stream
+
+
+@PROPERTY
+@given(name=st.sampled_from(["state.json", "COMPLETE.json", "tensors.safetensors"]), damage=damage)
+def test_property_mutated_checkpoint_refuses_or_gives_the_clean_diff(heal_run, tmp_path_factory, name, damage):
+    from compressor.core.errors import CompressorError
+    from compressor.train.diff import diff_weights, format_diff, read_weights
+
+    def diff(root: Path) -> str:
+        return format_diff(diff_weights(read_weights(root / "ck/step-00000002"), read_weights(root / NEWEST)))
+
+    d = tmp_path_factory.mktemp("ck")
+    shutil.copytree(heal_run / "ck", d / "ck")
+    clean = diff(d).replace(str(d), "ROOT")
+    _apply(d / NEWEST / name, *damage)
+    try:
+        got = diff(d)
+    except CompressorError as err:
+        assert "\n" not in str(err)
+        return
+    assert got.replace(str(d), "ROOT") == clean
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                        max_size=3), max_leaves=6)
+
+
+@PROPERTY
+@given(key=st.sampled_from(["r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "lora_dropout",
+                            "use_rslora", "peft_type"]), value=json_values)
+def test_property_mutated_adapter_config_refuses_or_merges_finite_weights(lora_assets, tmp_path_factory, key, value):
+    """An adapter's config is a user's file (no seal): any value is refused in one line or merged into finite
+    weights, never a traceback or NaN written."""
+    from safetensors.torch import load_file
+
+    from compressor.core.errors import CompressorError
+    from compressor.jobs.lora import merge_folder
+
+    d = tmp_path_factory.mktemp("adapter")
+    shutil.copytree(lora_assets / "adapter", d / "adapter")
+    path = d / "adapter" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    try:
+        merge_folder(lora_assets / "base.pt", d / "adapter", d / "out")
+    except CompressorError as err:
+        assert "\n" not in str(err) and not (d / "out").exists()
+        return
+    weights = load_file(next((d / "out").glob("*.safetensors")))
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+
+
+@PROPERTY
+@given(field=st.sampled_from(["rank", "shape", "name", "supported", "kind", "matrix_shape"]), layer=st.integers(0, 2),
+       value=json_values)
+def test_property_mutated_plan_refuses_or_applies(tmp_path_factory, field, layer, value):
+    """A plan is edited by users: any value is refused in one line or applied, never a traceback."""
+    import compressor
+    from compressor.core.errors import CompressorError
+    from compressor.core.plan import Plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(24, 32), nn.Tanh(), nn.Linear(32, 6))
+    data = compressor.analyze(model, rank=4).to_dict()
+    data["layers"][layer][field] = value
+    try:
+        plan = compressor.analyze(model, plan=Plan.from_dict(data))
+        compressor.rewrite(model, plan)
+    except CompressorError as err:
+        assert "\n" not in str(err)
+        return
+    assert model(torch.randn(2, 4, 8)).isfinite().all()
