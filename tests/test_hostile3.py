@@ -672,3 +672,23 @@ def test_property_mutated_plan_refuses_or_applies(tmp_path_factory, field, layer
         assert "\n" not in str(err)
         return
     assert model(torch.randn(2, 4, 8)).isfinite().all()
+
+
+# ------------------------------------------------------------------------------------------ 9. SVD size guard
+
+
+def test_exact_svd_too_large_is_refused_before_reading(tmp_path):
+    """A sparse 3.6 GB safetensors file holding one 30000x30000 matrix: refused before it is read or hashed
+    (an exact SVD of it overflows LAPACK's 32-bit workspace: torch failed with an internal assert)."""
+    header = json.dumps({"fc.weight": {"dtype": "F32", "shape": [30000, 30000],
+                                       "data_offsets": [0, 4 * 30000 * 30000]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 4 * 30000 * 30000)  # sparse: no disk used
+    before = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.iterdir()]  # not hashed: 3.6 GB
+    res = cli(["analyze", "big.safetensors", "--stream", "--rank", "8", "--out", "o"], tmp_path,
+              memory=8 << 30)  # the file is mapped whole: room for 3.6 GB of address space
+    refused(res, "layer 'fc' (30000x30000) is too large for an exact SVD", "--svd randomized --max-rank")
+    assert [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.iterdir()] == before

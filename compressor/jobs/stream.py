@@ -42,7 +42,7 @@ from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.core.plan import Plan
 from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate, policy_from_options, policy_to_dict
 from compressor.core.statefile import SEAL_SUFFIX, is_sealed, load_json, read_sealed, write_sealed
-from compressor.core.svd import Decomposition, max_saving_rank
+from compressor.core.svd import Decomposition, check_svd_fits, max_saving_rank
 from compressor.data.calibration import DAMPING, calibration_info, describe, output_error
 from compressor.formats.save import hf_architecture, write_meta
 from compressor.formats.shards import Checkpoint, ShardWriter
@@ -81,17 +81,8 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
     ckpt = Checkpoint.open(source)
     companions = _companions(source) if mode == "compress" else []
     batches = _calibration(source, opts) if opts.calibration is not None else None
-    hashed = time.perf_counter()
-    fingerprint = ckpt.fingerprint()
-    hashed = time.perf_counter() - hashed
     include, exclude = list(opts.include), list(opts.exclude)
     factor = mode == "compress"
-    # Checked before the skeleton is built, so that a changed input is told at once.
-    settings = {"policy": policy_to_dict(policy), "rank_multiple": opts.rank_multiple, "include": include,
-                "exclude": exclude, "svd": opts.svd, "factor": factor, "device": opts.device,
-                "calibration": None if batches is None else describe(batches)["sha256"], "max_rank": opts.max_rank}
-    state = _State(state_dir(out), {"format": STATE_FORMAT, "checkpoint": fingerprint, "settings": settings},
-                   opts.restart)
     skeleton = _skeleton(source, ckpt, calibrated=batches is not None)
     found = find_layers(skeleton, include, exclude)
     check_patterns(include, exclude, [c.name for c in found])
@@ -104,6 +95,17 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
                                max_rank=opts.max_rank)
              for c in found if c.skip is None}
     names = list(tasks)
+    if opts.svd == "exact":  # a matrix too large for an exact SVD is refused before any layer is read
+        for task in tasks.values():
+            check_svd_fits(task.name, *task.handler.weight_matrix(task.module).shape)
+    hashed = time.perf_counter()  # the fingerprint reads every byte: only once the layers are known to be workable
+    fingerprint = ckpt.fingerprint()
+    hashed = time.perf_counter() - hashed
+    settings = {"policy": policy_to_dict(policy), "rank_multiple": opts.rank_multiple, "include": include,
+                "exclude": exclude, "svd": opts.svd, "factor": factor, "device": opts.device,
+                "calibration": None if batches is None else describe(batches)["sha256"], "max_rank": opts.max_rank}
+    state = _State(state_dir(out), {"format": STATE_FORMAT, "checkpoint": fingerprint, "settings": settings},
+                   opts.restart)
     resumed = sum(state.has(i) for i in range(len(names)))
     blockwise = None
     if batches is not None:  # block by block through the model, in this process
