@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from compressor.core.errors import CompressorError
+from compressor.core.statefile import write_sealed
 from compressor.core.svd import leading_svd, randomized_svd, svd
 from compressor.examples import minilm_path
 from compressor.jobs.compress import compress
@@ -316,7 +317,7 @@ def test_sigkill_then_rerun_continues_and_writes_the_same_bytes(llama, tmp_path)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
-    done = len(list(layers.glob("*.safetensors")))
+    done = len(list(layers.glob("*.sha256")))  # sealed: finished (a file without its seal is redone)
     assert proc.returncode == -signal.SIGKILL and 3 <= done < 16 and not out.exists()
 
     # The rest in a process pool: resumed and parallel, the bytes are those of the serial whole run.
@@ -329,8 +330,8 @@ def test_a_changed_setting_is_refused_in_one_line_or_restarted(llama, tmp_path):
     out = tmp_path / "o"
     state = state_dir(out)
     (state / "layers").mkdir(parents=True)
-    stamp = {"format": 1, "checkpoint": "other", "settings": {}}
-    (state / "fingerprint.json").write_text(json.dumps(stamp))
+    stamp = {"format": 2, "checkpoint": "other", "settings": {}}
+    write_sealed(state / "fingerprint.json", json.dumps(stamp).encode())
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "compressor", "analyze", str(llama), "--stream", "--rank", "4",
                         "--out", str(out)], env=env, capture_output=True, text=True)

@@ -18,7 +18,7 @@ from torch import nn
 
 from compressor.analysis.batchnorm import conv_bn_pairs
 from compressor.analysis.decoder import decoder_analysis, is_decoder
-from compressor.core.errors import CompressorError
+from compressor.core.errors import CompressorError, PlanError
 from compressor.core.fold import apply_folds
 from compressor.core.handlers import LayerHandler, handler_for, handler_of_kind, kinds, weight_fingerprint
 from compressor.core.layers import LOW_RANK_TYPES, LoRALayer
@@ -244,6 +244,8 @@ def _analyze(model: nn.Module, energy: float | None, rank: int | None, rank_rati
 
     original = model
     found = find_layers(model, include, exclude)
+    if plan is not None:
+        check_plan_fits(plan, found)
     if plan is None:
         check_patterns(include, exclude, [c.name for c in found])
     folded = _folds(model, found, plan, fold_batchnorm, calibration, example_inputs)
@@ -344,6 +346,33 @@ def _folds(model: nn.Module, found: list[Candidate], plan: Plan | None, fold: bo
 
 
 
+def check_plan_fits(plan: Plan, found: list[Candidate]) -> None:
+    """Refuse (:class:`PlanError`) a plan that does not describe this model: no layers at all (it would be
+    re-derived silently), a layer of another shape, or a rank on a layer that cannot be factored."""
+    fix = "apply the plan to the model it was made for, or re-create it with compress analyze"
+    if not plan.layers and found:
+        raise PlanError(f"the plan lists no layers, but the model has {len(found)}", fix)
+    by_name = {c.name: c for c in found}
+    for lp in plan.layers:
+        c = by_name.get(lp.name)
+        if c is None:
+            continue  # named in the refusal of unknown layers below
+        shape = list(_weight(c).shape)
+        if shape != list(lp.shape):
+            raise PlanError(f"layer '{lp.name}' is {shape} in the model but {lp.shape} in the plan", fix)
+        if lp.rank is not None and (not lp.supported or c.skip is not None):
+            raise PlanError(f"layer '{lp.name}' has rank {lp.rank} in the plan but cannot be factored "
+                            f"({c.skip or lp.reason or 'unsupported'})", "set its \"rank\" to null in the plan")
+
+
+def _weight(c: Candidate) -> torch.Tensor:
+    """The candidate's weight as the plan records its shape (the matrix of an unsupported module)."""
+    if c.handler is not None:
+        return c.handler.weight(c.module)
+    # unsupported modules may keep their matrix under another name (MultiheadAttention.in_proj_weight)
+    return next(p for p in c.module.parameters(recurse=False) if p.dim() >= 2)
+
+
 def layer_plan(c: Candidate, dec: Decomposition | None, policy_rank: int | None,
                overridden: bool) -> LayerPlan:
     """The plan entry of one candidate from its decomposition (None: not factorizable; only ``S``,
@@ -355,12 +384,11 @@ def layer_plan(c: Candidate, dec: Decomposition | None, policy_rank: int | None,
 
 
 def _entry(c: Candidate, dec: Decomposition | None, policy_rank: int | None, overridden: bool) -> LayerPlan:
+    w = _weight(c)
     if c.handler is not None:
-        w = c.handler.weight(c.module)
         m, n = c.weight_matrix().shape
         dense_macs = c.handler.macs(m, n)
-    else:  # unsupported modules may keep their matrix under another name (MultiheadAttention.in_proj_weight)
-        w = next(p for p in c.module.parameters(recurse=False) if p.dim() >= 2)
+    else:
         m, n = (w.shape[0], w[0].numel())
         dense_macs = m * n
     bias = getattr(c.module, "bias", None)

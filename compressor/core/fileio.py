@@ -367,3 +367,25 @@ def regular_file(path: str | Path, what: str = "file") -> Path:
                 else "not a regular file")
         raise CompressorError(f"{what} '{path}' is {kind}, not a regular file", "pass a regular file")
     return path
+
+
+def file_in_folder(folder: str | Path, path: str | Path, what: str = "file") -> Path:
+    """``path`` when it is a regular file that lies inside ``folder`` once every link is resolved; else a
+    :class:`CompressorError`. The one rule for the files a model folder names or holds (shards, companion
+    files, adapter files, ONNX external data): a link out of the folder would read (or copy into an
+    output) a file the user never handed over, and a special file would block or never end."""
+    folder, path = Path(folder), Path(path)
+    try:
+        real, root = path.resolve(strict=True), folder.resolve(strict=True)
+    except FileNotFoundError:
+        raise CompressorError(f"{what} '{path}' does not exist", "check the folder") from None
+    except (OSError, RuntimeError) as err:  # a symlink loop (ELOOP / RuntimeError), no permission
+        raise CompressorError(f"{what} '{path}' cannot be read ({getattr(err, 'strerror', None) or err})",
+                              "check the folder") from None
+    # A Hugging Face hub cache folder (REPO/snapshots/REV/) is links into REPO/blobs/: that one place too.
+    roots = [root, *([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])]
+    if not any(r in real.parents for r in roots):
+        raise CompressorError(f"{what} '{path}' leads outside its folder '{folder}' (to '{real}')",
+                              f"copy the file itself into '{folder}' instead of linking it")
+    regular_file(real, what)
+    return path

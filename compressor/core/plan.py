@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from compressor.core.errors import CompressorError, PlanError
-from compressor.core.fileio import atomic_write_text, regular_file
+from compressor.core.fileio import atomic_write_text
+from compressor.core.statefile import read_json
 
 PLAN_FORMAT = "compressor-plan"
 PLAN_VERSION = 1
@@ -148,7 +149,17 @@ class Plan:
         except (KeyError, TypeError) as err:
             raise PlanError(f"plan is missing or has a malformed field ({err})",
                             "only edit the \"rank\" values of a plan written by compressor") from None
+        seen: set[str] = set()
         for lp in plan.layers:
+            if not isinstance(lp.name, str) or not isinstance(lp.shape, list) or \
+                    not all(isinstance(d, int) and not isinstance(d, bool) for d in lp.shape) or \
+                    not isinstance(lp.supported, bool):
+                raise PlanError(f"plan layer {str(lp.name)[:60]!r} has a name, shape or \"supported\" of the wrong "
+                                "type", "only edit the \"rank\" values of a plan written by compressor")
+            if lp.name in seen:
+                raise PlanError(f"the plan lists layer '{lp.name}' twice",
+                                "keep one entry per layer (re-create the plan with compress analyze)")
+            seen.add(lp.name)
             if lp.rank is not None and (not isinstance(lp.rank, int) or isinstance(lp.rank, bool)):
                 raise PlanError(f"layer '{lp.name}': rank {lp.rank!r} is not an integer or null",
                                 "set \"rank\" to a whole number or null")
@@ -157,14 +168,10 @@ class Plan:
 
     @classmethod
     def from_json(cls, path: str | Path) -> Plan:
-        path = regular_file(path, "plan file")  # a FIFO would block the read forever
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CompressorError(f"plan file '{path}' does not exist", "check the path") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise PlanError(f"plan file '{path}' is not valid JSON ({err})",
-                            "fix the JSON syntax or re-create the plan") from None
+        try:  # bounded (size, depth) and a regular file: a FIFO would block the read forever
+            data = read_json(path, "plan file", "fix the JSON or re-create the plan", kind=None)
+        except CompressorError as err:
+            raise PlanError(err.problem, err.fix) from None
         return cls.from_dict(data)
 
     # ----------------------------------------------------------------------------------- display

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compressor.core.errors import CompressorError
 from compressor.core.threads import linalg_threads
 
 
@@ -65,6 +66,47 @@ class Decomposition:
         if self.left_inv is not None:
             up = self.left_inv[:, None] * up
         return up, down
+
+
+def exact_svd_bytes(m: int, n: int, itemsize: int = 4) -> int:
+    """Memory an exact thin SVD of an ``m x n`` matrix takes: the matrix, LAPACK's working copy, ``U``, ``S``
+    and ``Vh`` (measured peaks of torch.linalg.svd are close to this)."""
+    k = min(m, n)
+    return itemsize * (2 * m * n + k * (m + n) + k)
+
+
+def available_memory() -> int:
+    """Bytes this process may still use: the system's available memory, or the address-space limit if lower."""
+    import resource
+
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            limits += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except OSError:  # not Linux: no bound known from here
+        pass
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    return min(limits, default=2**63)
+
+
+def check_svd_fits(name: str, m: int, n: int, itemsize: int = 4) -> None:
+    """Refuse (one line) an exact SVD that cannot run, before its matrix is read: LAPACK's workspace (about
+    ``4 k^2`` elements for gesdd, ``k = min(m, n)``) counted in 32-bit integers overflows past ``k`` of about
+    23170 (torch then fails with an internal assert), and the memory it takes must be available."""
+    k = min(m, n)
+    if 4 * k * k + 4 * k + max(m, n) > 2**31 - 1:
+        raise CompressorError(f"layer '{name}' ({m}x{n}) is too large for an exact SVD (LAPACK's 32-bit "
+                              "workspace overflows past about 23170 on the shorter side)",
+                              "pass svd='randomized' with max_rank=N, or exclude the layer",
+                              cli_fix=f"pass --svd randomized --max-rank 256, or --exclude '{name}'")
+    need, have = exact_svd_bytes(m, n, itemsize), available_memory()
+    if need > have:
+        raise CompressorError(f"layer '{name}' ({m}x{n}) needs about {need / 2**30:.1f} GiB for an exact SVD, more "
+                              f"than the {have / 2**30:.1f} GiB available", "pass svd='randomized' with max_rank=N, "
+                              "or exclude the layer", cli_fix=f"pass --svd randomized --max-rank 256, or --exclude "
+                              f"'{name}'")
 
 
 def svd(matrix: torch.Tensor) -> Decomposition:

@@ -84,7 +84,11 @@ def onnx_session(path: str | Path):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own types (Fail, InvalidGraph, ...)
+        raise CompressorError(f"onnxruntime cannot load '{path}' ({_first_line(err)})",
+                              "check the model in onnxruntime first") from None
 
 
 def onnx_outputs(model: Any, inputs: Any) -> list[tuple[str, np.ndarray]]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from compressor.core.errors import CompressorError
-from compressor.core.fileio import regular_file
+from compressor.core.fileio import file_in_folder, regular_file
 from compressor.data.inputs import flatten
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
@@ -98,15 +98,7 @@ class OnnxGraph:
 def is_onnx(path: str | Path) -> bool:
     """Whether ``path`` is a file whose content parses as an ONNX model (a graph with a node or an input)."""
     path = Path(path)
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        head = f.read(9)
-    # Field 1 (ir_version, a small varint) then the tag of a later ModelProto field: how ONNX files start.
-    # Checked before parsing, which reads the whole file (a large safetensors file can start with 0x08 too).
-    if len(head) < 3 or head[0] != 0x08 or not 1 <= head[1] < 0x80 or head[2] not in ONNX_THIRD_BYTES:
-        return False
-    if head[8:9] == b"{":  # a safetensors header
+    if not onnx_head(path):
         return False
     try:
         import onnx
@@ -115,6 +107,19 @@ def is_onnx(path: str | Path) -> bool:
     except Exception:  # any parse failure means "not ONNX"; read_onnx reports the details
         return False
     return model.ir_version > 0 and (len(model.graph.node) > 0 or len(model.graph.input) > 0)
+
+
+def onnx_head(path: str | Path) -> bool:
+    """Whether the file ``path`` starts as ONNX files do (a truncated one too): field 1 (ir_version, a small
+    varint), then the tag of a later ModelProto field. Read before parsing, which reads the whole file."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 3 or head[0] != 0x08 or not 1 <= head[1] < 0x80 or head[2] not in ONNX_THIRD_BYTES:
+        return False
+    return head[8:9] != b"{"  # else a safetensors header (a large one can start with 0x08 too)
 
 
 def read_onnx(path: str | Path) -> OnnxGraph:
@@ -131,10 +136,18 @@ def read_onnx(path: str | Path) -> OnnxGraph:
         onnx.checker.check_model(str(path))  # by path: external data and files past 2 GB are checked too
     except Exception as err:
         raise CompressorError(f"'{path}' fails onnx.checker ({_line(err)})", ONNX_FIX) from None
+    newest = onnx.defs.onnx_opset_version()
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and not 1 <= o.version <= newest:
+            # The checker lets it through; onnxruntime refuses to load it later.
+            raise CompressorError(f"'{path}' is stamped with opset {o.version}, which onnx and onnxruntime do not "
+                                  f"know (1 to {newest})", "export the model again with a released opset")
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     result = OnnxGraph(path, model, [], inits)
-    result.layers = _layers(graph, inits)
+    # From IR 4 on, an initializer listed as a graph input is a default a caller may override: not a constant.
+    overridable = {i.name for i in graph.input} if model.ir_version >= 4 else set()
+    result.layers = _layers(graph, inits, overridable)
     return result
 
 
@@ -149,7 +162,7 @@ def _attrs(node) -> dict[str, Any]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _layers(graph, inits: dict[str, Any]) -> list[OnnxLayer]:
+def _layers(graph, inits: dict[str, Any], overridable: set[str]) -> list[OnnxLayer]:
     uses: dict[str, int] = {}
     producer: dict[str, Any] = {}
     for node in graph.node:
@@ -192,7 +205,10 @@ def _layers(graph, inits: dict[str, Any]) -> list[OnnxLayer]:
                 continue
         w = inits[layer.weight]
         if layer.skip is None:
-            if uses.get(layer.weight, 0) > 1:
+            if layer.weight in overridable:
+                layer.skip = (f"initializer '{layer.weight}' is also a graph input (a caller may feed another "
+                              "value); factoring it would drop that input")
+            elif uses.get(layer.weight, 0) > 1:
                 layer.skip = (f"initializer '{layer.weight}' is used {uses[layer.weight]} times in the graph "
                               "(shared); factoring one use would store it twice")
             elif w.data_type not in FLOAT_TYPES:
@@ -332,10 +348,9 @@ def tensor_array(tensor, base_dir: Path) -> np.ndarray:
 
 def external_file(base_dir: Path, location: str) -> Path:
     """The file an external-data ``location`` names, refused when it leaves the model's folder."""
-    path = (base_dir / location).resolve()
-    if not location or os.path.isabs(location) or base_dir.resolve() not in path.parents:
+    if not location or os.path.isabs(location):
         raise CompressorError(f"external data location '{location}' is outside the model's folder", ONNX_FIX)
-    return regular_file(path, "external data file")
+    return file_in_folder(base_dir, base_dir / location, "external data file")  # the shared rule: no link out
 
 
 # ----------------------------------------------------------------------------------- running

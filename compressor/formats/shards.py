@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from compressor.core.errors import CompressorError
-from compressor.core.fileio import atomic_file, atomic_write_text, regular_file
+from compressor.core.fileio import atomic_file, atomic_write_text, file_in_folder, regular_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -64,7 +64,7 @@ class Checkpoint:
             if index.is_file():
                 files = index_files(path, index)[0]
             elif (path / SINGLE).is_file():
-                files = [path / SINGLE]
+                files = [file_in_folder(path, path / SINGLE, "checkpoint shard")]
             else:
                 raise CompressorError(f"folder '{path}' has neither {INDEX} nor {SINGLE}",
                                       "pass a safetensors file or a Hugging Face folder of safetensors shards")
@@ -125,11 +125,10 @@ def index_files(folder: Path, index: Path) -> tuple[list[Path], dict[str, str]]:
                               "repair or re-download the checkpoint") from None
     files = []
     for name in names:
-        f = folder / name
-        if Path(name).name != name or not f.is_file():
+        if Path(name).name != name or not (folder / name).exists():
             raise CompressorError(f"'{index}' names the shard '{name}', which is not a file in the folder",
                                   "repair or re-download the checkpoint")
-        files.append(f)
+        files.append(file_in_folder(folder, folder / name, "checkpoint shard"))  # no link out, no FIFO
     return files, weight_map
 
 

@@ -30,7 +30,7 @@ from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
 from compressor.core.threads import LINALG_THREADS, check_threads, thread_budget, torch_threads
 from compressor.data.inputs import call, cosine_fidelity, eval_mode, sequence_axes
-from compressor.formats.onnx_graph import is_onnx
+from compressor.formats.onnx_graph import is_onnx, onnx_head
 from compressor.formats.shards import DEFAULT_SHARD_BYTES
 from compressor.jobs.compress_onnx import compress_onnx
 from compressor.report.report import Report, StepTimes, build_report, write_report
@@ -154,7 +154,7 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
     check_not_over_inputs(out, [("model", source), ("calibration file", opts.calibration),
                                 ("example inputs", opts.example_inputs), ("plan file", opts.plan_path)])
     OutputDir(out, opts.force).check()
-    if is_onnx(source):
+    if is_onnx(source) or onnx_head(source):  # a truncated ONNX file is told as one by read_onnx
         return compress_onnx(source, out, mode, opts, shapes=input_shapes(opts), low_fidelity=LOW_FIDELITY_COSINE)
     timings = StepTimes()
     step = timings.step

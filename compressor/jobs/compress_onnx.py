@@ -5,6 +5,7 @@ sends ``.onnx`` inputs (detected by content) here; the plan and report are the t
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from compressor.report.report import Report, StepTimes, build_report, write_repo
 
 # Float graph inputs without --example-inputs are validated on random normal inputs, symbolic axes this long.
 SYMBOLIC_AXIS = 2
+# The most elements made for one such input (256 MiB of float32): a declared shape beyond it is refused.
+MAX_EXAMPLE_ELEMENTS = 1 << 26
 
 
 def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list[tuple[int, ...]],
@@ -134,5 +137,9 @@ def example_inputs(graph, opts: Any, shapes: list[tuple[int, ...]], calibration:
                                   "pass --example-inputs FILE (tensors keyed by graph input names) or "
                                   "--calibration FILE")
         shape = [d.dim_value if d.HasField("dim_value") else SYMBOLIC_AXIS for d in tt.shape.dim]
+        if math.prod(shape) > MAX_EXAMPLE_ELEMENTS:
+            raise CompressorError(f"graph input '{i.name}' is declared {shape}: random example inputs of that shape "
+                                  f"would take {4 * math.prod(shape) / 2**30:,.0f} GiB",
+                                  "pass --input-shape with a small shape, or --example-inputs FILE")
         made[i.name] = torch.randn(shape, generator=g)
     return made

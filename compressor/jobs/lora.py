@@ -17,7 +17,7 @@ from compressor.core.errors import CompressorError
 from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.formats.load import Loaded, load_model
 from compressor.formats.save import save
-from compressor.train.adapter import Adapter, check_extract_options, extract_adapter
+from compressor.train.adapter import Adapter, check_extract_options, check_finite, extract_adapter
 from compressor.train.lora import merge_lora
 
 
@@ -85,6 +85,7 @@ def merge_folder(base: str | Path, adapter: str | Path, out: str | Path, *, forc
     loaded = _load(base, "base model", trust_pickle, arch)
     lora.apply(loaded.model)
     merge_lora(loaded.model)
+    check_finite(loaded.model, list(lora.layers))  # before any weight is written
     with OutputDir(out, force) as tmp:
         if loaded.format == "hf-folder":
             loaded.model.save_pretrained(tmp, safe_serialization=True)

@@ -37,18 +37,19 @@ import torch
 from compressor.analysis.analyze import check_patterns, find_layers, layer_plan, unique_param_count
 from compressor.analysis.stream import SVD_METHODS, LayerTask, bounded_spectrum, timed_layer
 from compressor.core.errors import CompressorError
-from compressor.core.fileio import atomic_write_bytes, atomic_write_text, signals_deferred
+from compressor.core.fileio import atomic_write_text, file_in_folder, signals_deferred
 from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.core.plan import Plan
 from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate, policy_from_options, policy_to_dict
-from compressor.core.svd import Decomposition, max_saving_rank
+from compressor.core.statefile import SEAL_SUFFIX, is_sealed, load_json, read_sealed, write_sealed
+from compressor.core.svd import Decomposition, check_svd_fits, max_saving_rank
 from compressor.data.calibration import DAMPING, calibration_info, describe, output_error
 from compressor.formats.save import hf_architecture, write_meta
 from compressor.formats.shards import Checkpoint, ShardWriter
 from compressor.jobs.compress import Options, default_out, weights_only_model
 from compressor.report.report import stream_report, write_report
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: every state file sealed (sha256 beside it)
 
 
 def state_dir(out: Path) -> Path:
@@ -78,18 +79,10 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
     OutputDir(out, opts.force).check()
     clock = time.perf_counter()
     ckpt = Checkpoint.open(source)
+    companions = _companions(source) if mode == "compress" else []
     batches = _calibration(source, opts) if opts.calibration is not None else None
-    hashed = time.perf_counter()
-    fingerprint = ckpt.fingerprint()
-    hashed = time.perf_counter() - hashed
     include, exclude = list(opts.include), list(opts.exclude)
     factor = mode == "compress"
-    # Checked before the skeleton is built, so that a changed input is told at once.
-    settings = {"policy": policy_to_dict(policy), "rank_multiple": opts.rank_multiple, "include": include,
-                "exclude": exclude, "svd": opts.svd, "factor": factor, "device": opts.device,
-                "calibration": None if batches is None else describe(batches)["sha256"], "max_rank": opts.max_rank}
-    state = _State(state_dir(out), {"format": STATE_FORMAT, "checkpoint": fingerprint, "settings": settings},
-                   opts.restart)
     skeleton = _skeleton(source, ckpt, calibrated=batches is not None)
     found = find_layers(skeleton, include, exclude)
     check_patterns(include, exclude, [c.name for c in found])
@@ -102,6 +95,17 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
                                max_rank=opts.max_rank)
              for c in found if c.skip is None}
     names = list(tasks)
+    if opts.svd == "exact":  # a matrix too large for an exact SVD is refused before any layer is read
+        for task in tasks.values():
+            check_svd_fits(task.name, *task.handler.weight_matrix(task.module).shape)
+    hashed = time.perf_counter()  # the fingerprint reads every byte: only once the layers are known to be workable
+    fingerprint = ckpt.fingerprint()
+    hashed = time.perf_counter() - hashed
+    settings = {"policy": policy_to_dict(policy), "rank_multiple": opts.rank_multiple, "include": include,
+                "exclude": exclude, "svd": opts.svd, "factor": factor, "device": opts.device,
+                "calibration": None if batches is None else describe(batches)["sha256"], "max_rank": opts.max_rank}
+    state = _State(state_dir(out), {"format": STATE_FORMAT, "checkpoint": fingerprint, "settings": settings},
+                   opts.restart)
     resumed = sum(state.has(i) for i in range(len(names)))
     blockwise = None
     if batches is not None:  # block by block through the model, in this process
@@ -166,7 +170,8 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
             t = time.perf_counter()
             factored = {n: i for i, n in enumerate(names) if plan.layer(n).rank is not None}
             summary["files"] = [p.name for p in _write_weights(tmp, ckpt, tasks, factored, state, opts.shard_bytes)]
-            _copy_companions(source, tmp)
+            for f in companions:
+                shutil.copyfile(f, tmp / f.name)
             architecture = hf_architecture(skeleton)
             if architecture is not None:  # a folder compressor.load reads (a bare file's stand-in is not)
                 write_meta(tmp, architecture, len(factored), (str(source), "hf-folder"))
@@ -213,6 +218,8 @@ def _check(opts: Options):
                 raise CompressorError(f"a streamed run with calibration data computes whitened SVDs block by "
                                       f"block in this process; {option} cannot be used with it",
                                       f"leave out {option.split('=')[0]}", cli_fix=f"leave out {flag}")
+    if opts.ray not in (None, "local"):
+        _probe_ray(opts.ray)
     try:
         torch.empty(0, device=opts.device)
     except (RuntimeError, AssertionError) as err:
@@ -274,49 +281,66 @@ def _key(skeleton: torch.nn.Module, ckpt: Checkpoint, name: str) -> str:
 
 
 class _State:
-    """The finished layers of a run, one durable file each, under a fingerprint of inputs and settings."""
+    """The finished layers of a run, one durable file each, under a fingerprint of inputs and settings.
+
+    Every file is sealed (:mod:`compressor.core.statefile`): its sha256 is checked before it is used, so a
+    file changed since it was written (by anything, or by bit rot) stops the run in one line instead of
+    giving other factors with exit 0; a file whose seal is missing was cut off by a crash and is redone.
+    """
 
     def __init__(self, folder: Path, fingerprint: dict[str, Any], restart: bool):
         self.folder = folder
-        stamp = folder / "fingerprint.json"
-        if folder.exists() and restart:
-            shutil.rmtree(folder)
-        if stamp.is_file():
-            old = json.loads(stamp.read_text())
-            if old != fingerprint:
-                what = [k for k in ("checkpoint", "settings", "format") if old.get(k) != fingerprint.get(k)]
-                changed = ", ".join("the model files" if k == "checkpoint" else k for k in what)
-                raise CompressorError(f"the unfinished run in '{folder}' was started with other inputs ({changed} "
-                                      "changed)", "rerun the same command to continue it, or pass restart=True to "
-                                      "start over", cli_fix="rerun the same command to continue it, or pass "
-                                      "--restart to start over")
         self.fingerprint = fingerprint
+        if restart and (folder.exists() or folder.is_symlink()):
+            self.remove()
+        old = self._read_json(self.folder / "fingerprint.json", "fingerprint")
+        if old is None and folder.is_dir() and _has_results(folder):
+            raise self._damaged(f"the unfinished run in '{folder}' has no intact fingerprint.json")
+        if old is not None and old != fingerprint:
+            what = [k for k in ("checkpoint", "settings", "format") if old.get(k) != fingerprint.get(k)]
+            changed = ", ".join("the model files" if k == "checkpoint" else k for k in what)
+            raise CompressorError(f"the unfinished run in '{folder}' was started with other inputs ({changed} "
+                                  "changed)", "rerun the same command to continue it, or pass restart=True to "
+                                  "start over", cli_fix="rerun the same command to continue it, or pass "
+                                  "--restart to start over")
+        for path in sorted((*folder.glob("layers/*.safetensors"), *folder.glob("carry.*.pt"))):
+            self._read(path, "state file")  # every seal checked before any work: a damaged state changes nothing
+
+    @staticmethod
+    def _damaged(problem: str) -> CompressorError:
+        return CompressorError(problem, "pass restart=True to start over", cli_fix="rerun with --restart")
+
+    def _read(self, path: Path, what: str) -> bytes | None:
+        """A state file's bytes once its seal matches; None when it was never finished."""
+        return read_sealed(path, f"the streamed run's {what}", "pass restart=True to start over",
+                           cli_fix="rerun with --restart")
+
+    def _read_json(self, path: Path, what: str) -> dict[str, Any] | None:
+        data = self._read(path, what)
+        if data is None:
+            return None
+        return load_json(data, f"the streamed run's {what} '{path}'", "pass restart=True to start over",
+                         cli_fix="rerun with --restart")
 
     def _begin(self) -> None:
         """Create the folder and its fingerprint with the first finished layer: a run refused before any
-        work leaves nothing behind."""
-        if not (self.folder / "fingerprint.json").is_file():
-            (self.folder / "layers").mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.folder / "fingerprint.json", json.dumps(self.fingerprint, indent=2) + "\n")
+        work leaves nothing behind. The fingerprint is sealed before any layer is written."""
+        if not is_sealed(self.folder / "fingerprint.json"):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_sealed(self.folder / "fingerprint.json", (json.dumps(self.fingerprint, indent=2) + "\n").encode())
+        (self.folder / "layers").mkdir(exist_ok=True)
 
     def _path(self, i: int, kind: str = "layer") -> Path:
         return self.folder / "layers" / f"{i:05d}.{kind}.safetensors"
 
     def has(self, i: int) -> bool:
-        return self._path(i).is_file()
+        return is_sealed(self._path(i))
 
     def has_factors(self, i: int) -> bool:
-        return self._path(i, "factors").is_file() or self.factors_in_layer(i)
+        return is_sealed(self._path(i, "factors")) or self.factors_in_layer(i)
 
     def factors_in_layer(self, i: int) -> bool:
-        return self.has(i) and json.loads(self._meta(self._path(i))["info"])["factored"]
-
-    @staticmethod
-    def _meta(path: Path) -> dict[str, str]:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            return f.metadata()
+        return self.has(i) and self.layer(i)["factored"]
 
     def save_layer(self, i: int, result: dict[str, Any]) -> None:
         from safetensors.torch import save
@@ -327,25 +351,45 @@ class _State:
                 "factored": bool(factors)}
         if "calibration" in result:  # the whitening's summary (calibrated runs)
             info["calibration"] = result["calibration"]
-        data = save({"S": result["S"], **factors}, metadata={"info": json.dumps(info)})
-        atomic_write_bytes(self._path(i), data)
+        write_sealed(self._path(i), save({"S": result["S"], **factors}, metadata={"info": json.dumps(info)}))
 
     def save_factors(self, i: int, result: dict[str, Any]) -> None:
         from safetensors.torch import save
 
         self._begin()
-        atomic_write_bytes(self._path(i, "factors"), save(result["factors"]))
+        write_sealed(self._path(i, "factors"), save(result["factors"]))
+
+    def _tensors(self, path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and header metadata of a sealed safetensors state file (read once, then parsed)."""
+        from safetensors.torch import load
+
+        data = self._read(path, what)
+        if data is None:
+            raise self._damaged(f"the streamed run's {what} '{path}' is missing")
+        try:
+            header = load_json(data[8:8 + int.from_bytes(data[:8], "little")], "header", "")
+            return load(data), header.get("__metadata__") or {}
+        except Exception:  # sealed but not safetensors: not what this version writes
+            raise self._damaged(f"the streamed run's {what} '{path}' is not a safetensors file") from None
 
     def layer(self, i: int) -> dict[str, Any]:
-        from safetensors import safe_open
-
-        with safe_open(self._path(i), framework="pt") as f:
-            info = json.loads(f.metadata()["info"])
-            return {**info, "S": f.get_tensor("S")}
+        """Layer ``i``'s spectrum and what was recorded with it, verified."""
+        path = self._path(i)
+        tensors, meta = self._tensors(path, "layer result")
+        info = load_json(meta.get("info", ""), f"the streamed run's layer result '{path}'",
+                         "pass restart=True to start over", cli_fix="rerun with --restart")
+        s = tensors.get("S")
+        if s is None or s.dim() != 1 or not isinstance(info.get("factored"), bool) or \
+                not all(isinstance(info.get(k), dict | None) for k in ("check", "calibration")):
+            raise self._damaged(f"the streamed run's layer result '{path}' is not what this version writes")
+        return {**info, "S": s}
 
     def factors_path(self, i: int) -> Path:
-        """The file holding layer ``i``'s factors: its own, or the layer's file (factored in one pass)."""
-        return self._path(i, "factors") if self._path(i, "factors").is_file() else self._path(i)
+        """The file holding layer ``i``'s factors (its own, or the layer's file: factored in one pass),
+        verified against its seal just before the output is written from it."""
+        path = self._path(i, "factors") if is_sealed(self._path(i, "factors")) else self._path(i)
+        self._tensors(path, "factors")
+        return path
 
     def save_carry(self, tag: str, block: int, outputs: list[Any]) -> None:
         """Block ``block - 1``'s outputs per calibration batch: where a calibrated pass continues."""
@@ -354,19 +398,37 @@ class _State:
         self._begin()
         buf = io.BytesIO()
         torch.save({"block": block, "outputs": outputs}, buf)
-        atomic_write_bytes(self.folder / f"carry.{tag}.pt", buf.getvalue())
+        write_sealed(self.folder / f"carry.{tag}.pt", buf.getvalue())
 
     def carry(self, tag: str) -> tuple[int, list[Any] | None]:
         """``(next block, outputs of the block before it)`` of a calibrated pass; ``(0, None)`` at its start."""
+        import io
+
         path = self.folder / f"carry.{tag}.pt"
-        if not path.is_file():
+        data = self._read(path, "block outputs")
+        if data is None:
             return 0, None
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        return data["block"], data["outputs"]
+        try:
+            saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            block, outputs = saved["block"], saved["outputs"]
+        except Exception:  # sealed, yet not what save_carry writes
+            raise self._damaged(f"the streamed run's block outputs '{path}' are not what this version writes") \
+                from None
+        if isinstance(block, bool) or not isinstance(block, int) or block < 0 or not isinstance(outputs, list):
+            raise self._damaged(f"the streamed run's block outputs '{path}' are not what this version writes")
+        return block, outputs
 
     def remove(self) -> None:
         with signals_deferred():
-            shutil.rmtree(self.folder, ignore_errors=True)
+            if self.folder.is_symlink():
+                self.folder.unlink()
+            else:
+                shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _has_results(folder: Path) -> bool:
+    """Whether a run's state folder holds a sealed result (a layer, factors or block outputs)."""
+    return any(p.name.endswith(SEAL_SUFFIX) for p in (*folder.glob("layers/*"), *folder.glob("carry.*")))
 
 
 def _run_all(todo: list[tuple[int, LayerTask]], save: Callable[[int, dict], None], opts: Options) -> None:
@@ -393,6 +455,27 @@ def _run_all(todo: list[tuple[int, LayerTask]], save: Callable[[int, dict], None
                     save(running.pop(fut), fut.result())
 
 
+RAY_CONNECT_SECONDS = 10
+
+
+def _probe_ray(address: str) -> None:
+    """Refuse a Ray address that does not answer within :data:`RAY_CONNECT_SECONDS` (a TCP connect to its
+    host and port), before any work: ``ray.init`` itself retries for minutes, then raises a traceback."""
+    import socket
+
+    fix = "start the cluster (ray start --head) and pass its address, or pass --ray alone for a local Ray"
+    if address == "auto":  # Ray finds the address of a cluster started on this machine itself
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CompressorError(f"Ray address {address!r} is not HOST:PORT", fix)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_SECONDS).close()
+    except OSError as err:
+        raise CompressorError(f"Ray at {address} does not answer ({err.strerror or type(err).__name__} within "
+                              f"{RAY_CONNECT_SECONDS} s)", fix) from None
+
+
 def _run_ray(todo: list[tuple[int, LayerTask]], save: Callable[[int, dict], None], address: str,
              workers: int) -> None:
     try:
@@ -408,7 +491,11 @@ def _run_ray(todo: list[tuple[int, LayerTask]], save: Callable[[int, dict], None
             ray.init(num_cpus=max(workers, 1), include_dashboard=False, runtime_env=env, log_to_driver=False,
                      configure_logging=False, _node_ip_address="127.0.0.1")
         else:
-            ray.init(address=address, runtime_env=env, log_to_driver=False, configure_logging=False)
+            try:
+                ray.init(address=address, runtime_env=env, log_to_driver=False, configure_logging=False)
+            except (ConnectionError, TimeoutError, RuntimeError) as err:  # it answered, but is not a Ray head
+                raise CompressorError(f"cannot join the Ray cluster at {address} ({str(err).splitlines()[0][:120]})",
+                                      "pass the address `ray start --head` printed") from None
     try:
         remote = ray.remote(num_cpus=1, max_retries=2)(timed_layer)
         queue, running = list(todo), {}
@@ -450,13 +537,14 @@ def _read(path: Path, key: str) -> torch.Tensor:
         return f.get_tensor(key)
 
 
-def _copy_companions(source: Path, folder: Path) -> None:
-    """A Hugging Face folder's small files (config, tokenizer) beside the factored weights."""
+def _companions(source: Path) -> list[Path]:
+    """A Hugging Face folder's small files (config, tokenizer) that go beside the factored weights, checked
+    before any work: a link out of the model's folder (its target would be copied into the output) or a
+    special file (a FIFO would block the copy forever) is refused."""
     if not source.is_dir():
-        return
-    for f in sorted(source.iterdir()):
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
-            shutil.copyfile(f, folder / f.name)
+        return []
+    return [file_in_folder(source, f, "model folder file") for f in sorted(source.iterdir())
+            if not (f.is_dir() or f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json")]
 
 
 def _calibration(source: Path, opts: Options) -> list:

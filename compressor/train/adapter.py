@@ -36,9 +36,10 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
-from compressor.core.fileio import atomic_folder
+from compressor.core.fileio import atomic_folder, file_in_folder
 from compressor.core.handlers import handler_for
 from compressor.core.layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRAMatrix
+from compressor.core.statefile import read_json
 from compressor.train.lora import set_submodule
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -239,20 +240,23 @@ class Adapter:
             raise CompressorError(f"adapter '{folder}' is not a folder",
                                   f"pass the folder holding {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
         config_path, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-        if not weights.is_file():
+        if not (weights.exists() or weights.is_symlink()):
             pickled = " (adapter_model.bin is a pickle and is not read: save it with safe_serialization)" \
                 if (folder / "adapter_model.bin").exists() else ""
             raise CompressorError(f"adapter '{folder}' has no {ADAPTER_WEIGHTS}{pickled}",
                                   "pass a folder written by compressor or by peft's save_pretrained")
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, ValueError) as err:
-            raise CompressorError(f"adapter '{folder}' has no readable {ADAPTER_CONFIG} ({type(err).__name__})",
-                                  "pass a folder written by compressor or by peft's save_pretrained") from None
-        if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-            kind = config.get("peft_type") if isinstance(config, dict) else None
-            raise CompressorError(f"adapter '{folder}' is not a LoRA adapter (peft_type {kind!r})",
+        # Both files: regular files inside the folder (a FIFO would block the read, a link to /dev/zero
+        # never end, a link elsewhere read a file the user did not hand over).
+        weights = file_in_folder(folder, weights, "adapter weights")
+        config = read_json(file_in_folder(folder, config_path, "adapter config"), "adapter config",
+                           "pass a folder written by compressor or by peft's save_pretrained")
+        if config.get("peft_type") != "LORA":
+            raise CompressorError(f"adapter '{folder}' is not a LoRA adapter (peft_type {config.get('peft_type')!r})",
                                   "pass a LoRA adapter (peft_type LORA)")
+        problem = _config_problem(config)
+        if problem:
+            raise CompressorError(f"adapter config '{config_path}' {problem}",
+                                  "pass a folder written by compressor or by peft's save_pretrained")
         for key, off in (("use_dora", False), ("modules_to_save", None)):
             if config.get(key) not in (off, None, False, []):
                 raise CompressorError(f"adapter '{folder}' uses {key}, which compressor does not apply",
@@ -269,10 +273,17 @@ class Adapter:
             if m is None:
                 raise CompressorError(f"adapter weights '{weights}' hold '{key}', which is no LoRA A or B",
                                       "pass a plain LoRA adapter (no bias, no modules_to_save)")
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise CompressorError(f"adapter weights '{weights}' hold '{key}', which is not finite numbers "
+                                      "(NaN, infinity or not floating point)", "pass an intact, trained adapter")
             grouped.setdefault(m[1], {})[m[2]] = t
         rslora = bool(config.get("use_rslora"))
         layers = {}
         for name, group in grouped.items():
+            if not _targeted(config.get("target_modules"), name):
+                raise CompressorError(f"the adapter's layer '{name}' is not among its target_modules "
+                                      f"({json.dumps(config.get('target_modules'))[:80]}), so peft would not load it",
+                                      "pass an adapter whose config names the layers its weights hold")
             alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8)))
             layer = AdapterLayer.from_peft(name, group, alpha)
             want = int(_pattern_value(config.get("rank_pattern") or {}, name, config.get("r", layer.rank)))
@@ -285,6 +296,58 @@ class Adapter:
         if not layers:
             raise CompressorError(f"adapter '{folder}' holds no LoRA weights", "pass a trained adapter")
         return cls(layers, config.get("base_model_name_or_path"), float(config.get("lora_dropout") or 0.0))
+
+
+def _config_problem(config: dict[str, Any]) -> str | None:
+    """What is wrong with the fields of ``adapter_config.json`` that compressor reads, or None."""
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    def rank(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if "r" in config and not rank(config["r"]):
+        return f"has r {config['r']!r}, not a whole number >= 1"
+    if "lora_alpha" in config and not (number(config["lora_alpha"]) and config["lora_alpha"] != 0):
+        return f"has lora_alpha {config['lora_alpha']!r}, not a finite non-zero number"
+    for key, ok, want in (("rank_pattern", rank, "whole numbers >= 1"),
+                          ("alpha_pattern", number, "finite numbers")):
+        pattern = config.get(key)
+        if pattern is not None and not (isinstance(pattern, dict) and all(ok(v) for v in pattern.values())):
+            return f"has a {key} that is not an object of layer patterns to {want}"
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (number(dropout) and 0 <= dropout < 1):
+        return f"has lora_dropout {dropout!r}, not a number in [0, 1)"
+    targets = config.get("target_modules")
+    if targets is not None and not (isinstance(targets, str) or (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        return "has target_modules that are neither a list of names nor one regular expression"
+    if not isinstance(config.get("use_rslora", False), bool):
+        return "has a use_rslora that is not true or false"
+    return None
+
+
+def _targeted(targets: str | list[str] | None, name: str) -> bool:
+    """Whether PEFT's ``target_modules`` select the module ``name``: a list entry equal to it or ending it
+    after a dot, or one regular expression matching the whole name (None: not recorded, taken as all)."""
+    if targets is None or targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        try:
+            return re.fullmatch(targets, name) is not None
+        except re.error:
+            return False
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def check_finite(model: nn.Module, names: list[str]) -> None:
+    """Refuse (one line) when a merged layer of ``model`` holds NaN or infinity: an adapter's scale can
+    overflow float32 (``lora_alpha`` 1e308) even where each of its numbers is finite."""
+    for name in names:
+        if not all(bool(torch.isfinite(p).all()) for p in model.get_submodule(name).parameters()):
+            raise CompressorError(f"merging the adapter gives non-finite weights in '{name}' (its scale "
+                                  "lora_alpha / r or its weights overflow)", "pass an adapter with a sensible "
+                                  "lora_alpha and finite weights")
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> dict[str, LoRALayer]:
@@ -390,6 +453,7 @@ def extract_adapter(base: nn.Module, tuned: nn.Module, *, energy: float | None =
     """
     check_extract_options(energy, rank)
     tuned_modules = dict(tuned.named_modules())
+    base_names = {n for n, _ in base.named_modules()}
     layers: dict[str, AdapterLayer] = {}
     rows: list[ExtractedLayer] = []
     covered, seen = set(), set()
@@ -431,6 +495,11 @@ def extract_adapter(base: nn.Module, tuned: nn.Module, *, energy: float | None =
         tol = float(sv[0]) * max(delta.shape) * torch.finfo(dtype).eps
         rows.append(ExtractedLayer(name, h.kind, tuple(delta.shape), r, int((sv > tol).sum()), float(cum[r - 1]),
                                    norm, err, err / norm))
+    extra = [n for n, m in tuned.named_modules() if handler_for(m) is not None and n not in base_names]
+    if extra:  # layers the adapter could never carry: not the same architecture
+        raise CompressorError(f"the tuned model has {len(extra)} layer(s) the base model lacks "
+                              f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})",
+                              "compare two checkpoints of the same architecture")
     if not layers:
         raise CompressorError("the two models have the same weights in every adaptable layer",
                               "pass the fine-tuned model as TUNED and the model it was tuned from as BASE")

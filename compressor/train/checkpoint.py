@@ -31,6 +31,7 @@ import torch
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_folder, atomic_write_text, clean_stale, regular_file
+from compressor.core.statefile import load_json, read_json
 
 FORMAT = 1
 TENSORS, STATE, MARKER = "tensors.safetensors", "state.json", "COMPLETE.json"
@@ -117,10 +118,10 @@ def check(path: Path) -> str | None:
     if not marker.is_file():
         return "incomplete: no completeness marker"
     try:
-        files = json.loads(marker.read_text())["files"]
+        files = load_json(marker.read_bytes(), MARKER, "")["files"]
         wants = {name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in (TENSORS, STATE)
                  if name in files}
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (CompressorError, ValueError, KeyError, TypeError, AttributeError):
         return "completeness marker is unreadable"
     for name in (TENSORS, STATE):
         f, want = path / name, wants.get(name)
@@ -130,10 +131,10 @@ def check(path: Path) -> str | None:
             return f"{name} is truncated or resized ({f.stat().st_size} bytes, expected {want[0]})"
         if _sha256(f) != want[1]:
             return f"{name} fails its sha256 checksum"
-    try:
-        state = json.loads((path / STATE).read_text())
-    except ValueError as err:
-        raise _malformed(path, f"{STATE} is not JSON ({err})") from None
+    try:  # bounded: a deeply nested state.json is one line, not a RecursionError
+        state = load_json((path / STATE).read_bytes(), STATE, "", kind=None)
+    except CompressorError as err:
+        raise _malformed(path, err.problem) from None
     problem = _state_problem(state, _step_of(path))
     if problem:
         raise _malformed(path, problem)
@@ -276,10 +277,29 @@ def _human(n: int) -> str:
 
 
 def _read_json(path: Path) -> dict | None:
+    """``checkpoints.json``, or None when it is missing or not what this version writes (it is only a
+    summary: the checkpoints themselves are the truth)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        summary = read_json(path, STATE_FILE, "")
+    except CompressorError:
         return None
+    return summary if _summary_problem(summary) is None else None
+
+
+def _summary_problem(summary: dict[str, Any]) -> str | None:
+    """What is wrong with the fields of ``checkpoints.json`` that are read back, or None."""
+    history = summary.get("history")
+    if not isinstance(history, list):
+        return f"its history is a {type(history).__name__}, not a list"
+    for h in history:
+        if not isinstance(h, dict) or not _whole(h.get("step")) or _metrics_problem(h.get("metrics")):
+            return f"its history holds {json.dumps(h)[:60]}, not {{\"step\": N >= 0, \"metrics\": {{...}}}}"
+    if summary.get("mode") not in (None, "min", "max") or not isinstance(summary.get("monitor"), str | None):
+        return "its monitor or mode is not a name and 'min' or 'max'"
+    best = summary.get("best_step")
+    if (best is not None and not _whole(best)) or not isinstance(summary.get("best_path"), str | None):
+        return "its best step or path is not a step number and a path"
+    return None
 
 
 def _checkpoint_dirs(directory: Path) -> list[Path]:
@@ -445,9 +465,18 @@ def unpack_training_state(tensors: dict[str, torch.Tensor], state: dict[str, Any
             p.copy_(src)
     opt = state["optimizer"]
     opt_state = {}
+    trained = [p for g in optimizer.param_groups for p in g["params"]]
     for idx, keys in opt["state_keys"].items():
         opt_state[int(idx)] = {k: tensors[f"optim.{idx}.{k}"] if f"optim.{idx}.{k}" in tensors
                                else opt["scalars"][idx][k] for k in keys}
+        # torch loads any shape and fails only inside the next step: each moment must be its weight's shape.
+        p = trained[int(idx)] if 0 <= int(idx) < len(trained) else None
+        for k, v in opt_state[int(idx)].items():
+            if p is None or (isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape):
+                raise CompressorError(f"checkpoint optimizer state {idx}.{k} is "
+                                      f"{list(v.shape) if isinstance(v, torch.Tensor) else v!r}, but the weight it "
+                                      f"belongs to is {list(p.shape) if p is not None else 'missing'}",
+                                      "resume with the same model and training options")
     optimizer.load_state_dict({"state": opt_state, "param_groups": opt["param_groups"]})
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
@@ -479,8 +508,12 @@ def run_history(directory: str | Path) -> dict[str, Any]:
     """What a run's ``checkpoints.json`` records: ``history`` (``{"step", "metrics"}`` per evaluation),
     ``monitor``, ``mode`` and ``best_step``."""
     directory = Path(directory)
-    summary = _read_json(directory / STATE_FILE)
-    if not isinstance(summary, dict) or not isinstance(summary.get("history"), list):
-        raise CompressorError(f"{directory} has no readable {STATE_FILE}",
-                              "pass the --checkpoint-dir of a training run")
+    fix = "pass the --checkpoint-dir of a training run"
+    try:
+        summary = read_json(directory / STATE_FILE, STATE_FILE, fix)
+    except CompressorError as err:
+        raise CompressorError(f"{directory} has no readable {STATE_FILE} ({err.problem})", fix) from None
+    problem = _summary_problem(summary)
+    if problem:
+        raise CompressorError(f"{directory}'s {STATE_FILE} is malformed: {problem}", fix)
     return summary

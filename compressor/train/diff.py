@@ -89,6 +89,10 @@ def _lora_products(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key in [k for k in tensors if k.endswith(".lora_A")]:
         prefix = key[: -len(".lora_A")]
         if f"{prefix}.lora_B" in tensors:
+            a, b = tensors[key], tensors[f"{prefix}.lora_B"]
+            if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+                raise CompressorError(f"the checkpoint's adapter '{prefix}' has lora_A {list(a.shape)} and lora_B "
+                                      f"{list(b.shape)}, which do not multiply", "pass an intact checkpoint")
             out[f"{prefix}.lora_B@A"] = tensors[f"{prefix}.lora_B"].float() @ out.pop(key).float()
             del out[f"{prefix}.lora_B"]
     return out

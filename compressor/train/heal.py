@@ -551,12 +551,19 @@ def _heal_blocks(model: nn.Module, teacher: nn.Module, params: dict[str, nn.Para
         newest = manager.newest_valid() if resume else None
         if newest is not None:
             tensors, state = manager.load(newest)
-            changed = [k for k, v in fingerprint.items() if state.get("config", {}).get(k) != v]
+            blocks = state.get("blocks")
+            if not isinstance(state.get("config"), dict) or not isinstance(blocks, list) \
+                    or not set(map(str, blocks)) <= set(names) or not all(isinstance(b, str) for b in blocks):
+                raise CompressorError(f"checkpoint {newest} is malformed: its config or finished blocks are not "
+                                      "what this version writes", f"delete {newest} (or resume from another run's "
+                                      "folder)")
+            changed = [k for k, v in fingerprint.items() if state["config"].get(k) != v]
             if changed or state.get("block_names") != names:
                 raise CompressorError(f"the block checkpoint was written with other options: "
                                       f"{', '.join(changed) or 'blocks'}",
                                       "resume with the options of the original run")
-            if set(tensors) != {f"param.{k}" for k in params}:
+            if set(tensors) != {f"param.{k}" for k in params} or \
+                    any(tensors[f"param.{k}"].shape != p.shape for k, p in params.items() if f"param.{k}" in tensors):
                 raise CompressorError(f"checkpoint {newest} does not hold the weights this model trains",
                                       "resume with the same model and options, or delete that folder")
             with torch.no_grad():
