@@ -37,8 +37,6 @@ from compressor.data.inputs import eval_mode, model_device
 DEFAULT_WINDOW = 2048
 # The most bytes of float32 logits one chunk of positions may take through the output head.
 HEAD_CHUNK_BYTES = 2**26
-# The prefix of the first window on which the chunked head is checked against the model's own logits.
-CHECK_TOKENS = 16
 
 
 # ------------------------------------------------------------------------------------------ the text
@@ -104,6 +102,26 @@ def default_window(config: Any) -> int:
     return min(DEFAULT_WINDOW, limit) if isinstance(limit, int) and limit > 1 else DEFAULT_WINDOW
 
 
+def check_protocol(window: int | None, stride: int | None = None, bos: bool = True,
+                   max_windows: int | None = None, flags: str = "") -> None:
+    """Refuse settings no measurement can use (before any model is loaded); ``window`` None: the
+    model's default, checked when known. ``flags``: the command line's prefix of their options
+    (``eval-`` for ``compress --eval-window``)."""
+    for name, value, low, example in (("window", window, 2, 512), ("stride", stride, 1, 256),
+                                      ("max_windows", max_windows, 1, 8)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise CompressorError(f"{name} must be a whole number >= {low}, got {value!r}",
+                                  f"pass e.g. {name}={example}",
+                                  cli_fix=f"pass e.g. --{flags}{name.replace('_', '-')} {example}")
+    length = None if window is None else window - 1 if bos else window
+    if stride is not None and length is not None and stride > length:
+        raise CompressorError(f"stride {stride} is longer than a window's {length} text tokens, so tokens "
+                              "between windows would never be scored",
+                              f"pass a stride from 1 to {length}, or leave it out for non-overlapping windows",
+                              cli_fix=f"pass --{flags}stride 1 to {length}, or leave it out for non-overlapping "
+                                      "windows")
+
+
 def spans(n_tokens: int, window: int, stride: int | None = None, bos: bool = True,
           max_windows: int | None = None) -> tuple[list[Span], int]:
     """The windows over a stream of ``n_tokens`` and the stride used: each holds ``window`` model
@@ -111,19 +129,9 @@ def spans(n_tokens: int, window: int, stride: int | None = None, bos: bool = Tru
     tokens after the previous one (default: its own stream length, so windows tile the stream), and only
     whole windows are used. A token is counted once: in the first window that predicts it (without BOS,
     a window's first token has nothing before it and is context only)."""
-    for name, value, low in (("window", window, 2), ("stride", stride, 1), ("max_windows", max_windows, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise CompressorError(f"{name} must be a whole number >= {low}, got {value!r}",
-                                  f"pass e.g. {name}={max(low, 512 if name != 'max_windows' else 8)}",
-                                  cli_fix=f"pass e.g. --{name.replace('_', '-')} "
-                                          f"{max(low, 512 if name != 'max_windows' else 8)}")
+    check_protocol(window, stride, bos, max_windows)
     length = window - 1 if bos else window
     stride = length if stride is None else stride
-    if stride > length:
-        raise CompressorError(f"stride {stride} is longer than a window's {length} text tokens, so tokens "
-                              "between windows would never be scored",
-                              f"pass a stride from 1 to {length}, or leave it out for non-overlapping windows",
-                              cli_fix=f"pass --stride 1 to {length}, or leave it out for non-overlapping windows")
     if n_tokens < length:
         raise CompressorError(f"the text has {n_tokens} tokens, fewer than one window of {length}",
                               f"pass a longer text or a smaller window (at most {max(n_tokens + bos, 2)})",
@@ -204,6 +212,13 @@ class Perplexity:
         """What must be equal for two perplexities to be compared."""
         return {k: getattr(self, k) for k in self.PROTOCOL}
 
+    def describe(self) -> str:
+        """The protocol in words, for reports and the command line."""
+        first = "" if self.max_windows is None or self.windows < self.max_windows else " (the first ones)"
+        return (f"{self.tokens:,} predicted tokens in {self.windows} windows{first} of {self.window} positions, "
+                f"stride {self.stride}, {'BOS at the start of each window' if self.bos else 'no BOS added'}; "
+                f"{self.stream_tokens:,} tokens in `{self.corpus}` (sha256 {self.sha256[:12]})")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["notes"] = list(self.notes)
@@ -278,10 +293,10 @@ def hidden_states(model: nn.Module, head: nn.Module, ids: torch.Tensor) -> torch
 @torch.no_grad()
 def check_head(model: nn.Module, head: nn.Module, ids: torch.Tensor, softcap: float | None) -> int:
     """Compare the head applied to the captured hidden state (and soft-capped) with the logits the model
-    itself returns, on the first :data:`CHECK_TOKENS` positions; returns the vocabulary size. A model
-    that changes its logits after the head in another way (a scale, a bias) is refused, since its
-    perplexity by chunks would be wrong."""
-    ids = ids[:, :CHECK_TOKENS]
+    itself returns, at the first position (one row of logits, whatever the vocabulary); returns the
+    vocabulary size. A model that changes its logits after the head in another way (a scale, a bias) is
+    refused, since its perplexity by chunks would be wrong."""
+    ids = ids[:, :1]
     seen: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     try:
