@@ -46,7 +46,7 @@ def onnx_perplexity(path: str | Path, corpus: Corpus, *, window: int, stride: in
                           for i in range(0, len(targets), step)])
 
     result = measure(corpus, window, stride, bos, max_windows, window_nll)
-    return Perplexity.from_dict({**result.to_dict(), "notes": split.notes()})
+    return Perplexity.from_dict({**result.to_dict(), "notes": split.notes(window)})
 
 
 class HeadSplit:
@@ -78,6 +78,7 @@ class HeadSplit:
         self._threads = threads
         self._head = None
         self._chunk: int | None = None
+        self._rows = 0  # the most positions one run of the head was given
 
     def hidden(self, ids: torch.Tensor) -> np.ndarray:
         """The ``(positions, hidden)`` state where the head begins, for input ids ``(1, positions)``."""
@@ -92,6 +93,7 @@ class HeadSplit:
                 onnx.helper.make_tensor_value_info(self.cut, onnx.helper.np_dtype_to_tensor_dtype(hidden.dtype),
                                                    [1, None, hidden.shape[-1]]))
             self._head = _session(self._head_model, self._threads)
+        self._rows = max(self._rows, len(hidden))
         return self._head.run([self.output], {self.cut: hidden[None]})[0][0]
 
     def chunk(self, hidden: np.ndarray) -> int:
@@ -100,12 +102,13 @@ class HeadSplit:
             self._chunk = head_chunk(int(self.logits(hidden[:1]).shape[-1]))
         return self._chunk
 
-    def notes(self) -> list[str]:
-        """How running the head by chunks departs from running the whole graph, if it does."""
+    def notes(self, window: int) -> list[str]:
+        """How running the head on some positions at a time departs from running the whole graph on a
+        window of ``window`` positions, if it does: only a dynamic int8 head's scale depends on them."""
         ops = {n.op_type for n in self._head_model.graph.node}
-        if ops & {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"} and self._chunk is not None:
-            return [f"the int8 output head's activation scale is computed per chunk of {self._chunk} positions "
-                    "(by the whole window in one run of the file)"]
+        if ops & {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"} and 0 < self._rows < window:
+            return [f"the int8 output head's activation scale was computed over at most {self._rows} positions "
+                    f"at a time (over the window's {window} in one run of the whole file)"]
         return []
 
 

@@ -360,7 +360,8 @@ def perplexity_markdown(report: PerplexityReport) -> list[str]:
              "| model | perplexity | ratio to dense | mean NLL | seconds |", "|---|---:|---:|---:|---:|"]
     for name, p in report.results.items():
         ratio = report.ratio(name)
-        lines.append(f"| {name if name in ('dense', 'compressed') else f'`{name}`'} | {p.ppl:.4f} | "
+        shown = f"{name} torch model" if name in ("dense", "compressed") else f"`{name}`"
+        lines.append(f"| {shown} | {p.ppl:.4f} | "
                      f"{'-' if ratio is None else f'{ratio:.4f}'} | {p.mean_nll:.5f} | {p.seconds:.1f} |")
     notes = [f"> `{name}`: {note}" for name, p in report.results.items() for note in p.notes]
     return [*lines, "", *notes, *([""] if notes else [])]
