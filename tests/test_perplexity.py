@@ -329,3 +329,32 @@ def test_eval_options_need_the_text_and_a_text_model(hf_folder, text_file, tmp_p
         from compressor.jobs.compress import compress
 
         compress(hf_folder, tmp_path / "a", mode="analyze", rank=8, eval_text=text_file)
+
+
+@pytest.mark.slow
+def test_search_bounds_the_perplexity_ratio(hf_folder, text_file, tmp_path, tokenizer):
+    """compress search --max-perplexity-ratio: every file's perplexity measured on the evaluation text and
+    divided by the dense fp32 export's; the chosen file meets the bound; an unmeetable bound names itself."""
+    args = [hf_folder, "--targets", "0.5", "--precisions", "fp32,int8", "--int4-corrections", "",
+            "--no-latency-aware", "--cache", tmp_path / "cache", "--eval-inputs", text_file,
+            "--eval-text", text_file, "--eval-window", 48,
+            "--eval-max-windows", 3]
+    res = run(["search", *args, "--max-perplexity-ratio", 1.5, "--out", tmp_path / "a", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    points = {p["name"]: p for p in report["front"]["points"]}
+    dense = perplexity(llama(), read_corpus(text_file, tokenizer), window=48, max_windows=3)
+    assert points["dense-fp32"]["perplexity"] == pytest.approx(dense.ppl, rel=1e-5)
+    assert points["dense-fp32"]["perplexity_ratio"] == 1.0
+    assert all(p["perplexity_ratio"] is not None and p["meets"]["max_perplexity_ratio"] ==
+               (p["perplexity_ratio"] <= 1.5) for p in points.values())
+    assert report["chosen"]["perplexity_ratio"] <= 1.5
+    assert report["front"]["perplexity"] == {**dense.protocol()}
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert "perplexity <= 1.5x dense fp32's" in md and "- perplexity: on `eval.txt`" in md
+    low = min(p["perplexity_ratio"] for p in points.values())
+    res = run(["search", *args, "--max-perplexity-ratio", low / 2, "--out", tmp_path / "b"])
+    assert res.exit_code == 2, res.output
+    assert "error: --max-perplexity-ratio cannot be met by any candidate" in res.output
+    res = run(["search", *args[:-6], "--max-perplexity-ratio", 1.5, "--out", tmp_path / "c"])
+    assert res.exit_code == 2 and "needs an evaluation text" in res.output, res.output

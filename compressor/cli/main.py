@@ -40,7 +40,7 @@ EXIT_VALIDATION_FAILED = 3
 
 
 # Options that make `compress MODEL ...` a recipe search: a budget rather than a policy.
-_CONSTRAINT_OPTIONS = ("--max-size", "--min-fidelity", "--max-latency")
+_CONSTRAINT_OPTIONS = ("--max-size", "--min-fidelity", "--max-latency", "--max-perplexity-ratio")
 
 
 class DefaultGroup(click.Group):
@@ -523,6 +523,9 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--max-size", help="Largest exported file: 15MB, 800KB, or a fraction of the fp32 export (0.2).")
 @click.option("--min-fidelity", type=float, help="Lowest fidelity to the original on held-out inputs (e.g. 0.95).")
 @click.option("--max-latency", help="Slowest median onnxruntime latency on the example inputs (5ms, 0.01s).")
+@click.option("--max-perplexity-ratio", type=float,
+              help="Highest perplexity on --eval-text as a multiple of the dense fp32 export's (e.g. 1.1; causal "
+                   "language models).")
 @click.option("--targets", default=",".join(map(str, DEFAULT_TARGETS)), show_default=True,
               help="Low-rank parameter targets to try (fractions of the factorizable weights removed).")
 @click.option("--precisions", default=",".join(PRECISIONS), show_default=True, help="Storage precisions to try.")
@@ -547,11 +550,13 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--example-inputs", type=click.Path(path_type=Path), help="Example inputs (.pt/.npz/.safetensors).")
 @click.option("--atol", type=float, default=Options.atol, show_default=True, help="fp32 validation tolerance.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True)
+@_eval_options
 @_latency_option
 @_threads_option
 @_common_options
 def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, max_latency: str | None,
-               targets: str, precisions: str, heal_steps: int, keep_fp16: str, int4_corrections: str,
+               max_perplexity_ratio: float | None, targets: str, precisions: str, heal_steps: int, keep_fp16: str,
+               int4_corrections: str,
                eval_inputs: Path | None,
                cache_dir: Path | None, **kw: Any) -> None:
     """Measure low-rank x fp32/fp16/int8/int4 recipes (and corrected int4) and keep the best one meeting the
@@ -568,7 +573,7 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
     log = None if quiet or as_json else (lambda msg: click.echo(f"  {msg}", err=True))
     try:
         constraints = Constraints(parse_size(max_size) if max_size else None, min_fidelity,
-                                  parse_latency(max_latency) if max_latency else None)
+                                  parse_latency(max_latency) if max_latency else None, max_perplexity_ratio)
         report = run_search(model, out, constraints=constraints, targets=_floats(targets),
                             precisions=tuple(p.strip() for p in precisions.split(",")), heal_steps=heal_steps,
                             keep_fp16=_ints(keep_fp16, "--keep-fp16"),
@@ -580,7 +585,9 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
         c = report["chosen"]
+        ppl = "" if c.get("perplexity") is None else \
+            f"perplexity {c['perplexity']:.4f} ({c['perplexity_ratio']:.4f}x dense), "
         click.echo(f"{model} -> {report['output']}/{c['file']}: {c['name']}, {c['size_bytes'] / 1e6:.2f} MB, "
-                   f"fidelity {c['fidelity']:.5f}, {c['latency_ms']:.2f} ms "
+                   f"fidelity {c['fidelity']:.5f}, {ppl}{c['latency_ms']:.2f} ms "
                    f"({report['front']['built']} built, {len(report['front']['points'])} measured)\n"
                    f"  report            {Path(report['output']) / 'report.md'}")

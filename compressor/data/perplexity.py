@@ -178,6 +178,33 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None
     return nn.functional.cross_entropy(logits, targets.to(logits.device), reduction="none").double()
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """A text and how it is cut into windows: everything a perplexity depends on besides the model
+    (:func:`perplexity` takes its :meth:`settings`)."""
+
+    corpus: Corpus
+    window: int
+    stride: int | None = None
+    bos: bool = True
+    max_windows: int | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {"window": self.window, "stride": self.stride, "bos": self.bos, "max_windows": self.max_windows}
+
+    def key(self) -> str:
+        """Stable identity for caches: the settings and the token stream itself (text and tokenizer)."""
+        ids = hashlib.sha256(self.corpus.ids.numpy().tobytes()).hexdigest()[:16]
+        return f"{self.corpus.sha256[:16]}:{ids}:{self.window}:{self.stride}:{self.bos}:{self.max_windows}"
+
+    def summary(self) -> dict[str, Any]:
+        """The protocol as :meth:`Perplexity.protocol` states it, worked out without running a model."""
+        chosen, stride = spans(len(self.corpus.ids), self.window, self.stride, self.bos, self.max_windows)
+        return {"tokens": sum(s.end - s.scored for s in chosen), "windows": len(chosen), "window": self.window,
+                "stride": stride, "bos": self.bos, "corpus": self.corpus.name, "sha256": self.corpus.sha256,
+                "stream_tokens": len(self.corpus.ids), "max_windows": self.max_windows}
+
+
 # ------------------------------------------------------------------------------------------ results
 
 

@@ -180,7 +180,12 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
         from compressor.data.inputs import check_fits
 
         check_fits(model, calibration, f"the calibration inputs in '{opts.calibration}'")
-    corpus = _corpus(loaded, opts, weights_only) if opts.eval_text is not None else None
+    corpus = None
+    if opts.eval_text is not None:
+        if weights_only:
+            raise CompressorError("an evaluation text needs a model to run, and the input holds weights only",
+                                  "leave out eval_text", cli_fix="leave out --eval-text")
+        corpus = eval_corpus(loaded, opts)
     step("load")
 
     with OutputDir(out, opts.force) as tmp:
@@ -264,7 +269,8 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
 
 def check_eval_text(opts: Options, mode: str, onnx_input: bool) -> None:
     """Refuse an evaluation text a run cannot use, before the model loads: a bad file, bad protocol
-    settings, a mode that writes no model, an ONNX input (its perplexity is ``compress eval``'s)."""
+    settings, a mode that writes no model, an ONNX input (its perplexity is ``compress eval``'s); shared by
+    compress and search."""
     from compressor.data.perplexity import check_protocol, read_text
 
     if mode == "analyze":
@@ -278,13 +284,11 @@ def check_eval_text(opts: Options, mode: str, onnx_input: bool) -> None:
     read_text(opts.eval_text)
 
 
-def _corpus(loaded, opts: Options, weights_only: bool):
-    """The evaluation text tokenized once, refused before the slow steps when the model cannot be measured."""
+def eval_corpus(loaded, opts: Options):
+    """The evaluation text tokenized once, refused before the slow steps when the model cannot be measured
+    (shared by compress and search)."""
     from compressor.data.perplexity import check_protocol, default_window, output_head, read_corpus
 
-    if weights_only:
-        raise CompressorError("an evaluation text needs a model to run, and the input holds weights only",
-                              "leave out eval_text", cli_fix="leave out --eval-text")
     output_head(loaded.model)  # a causal language model, or one line saying it is not
     window = opts.eval_window or default_window(getattr(loaded.model, "config", None))
     check_protocol(window, opts.eval_stride, opts.eval_bos, opts.eval_max_windows, flags="eval-")
