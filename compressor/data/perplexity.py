@@ -256,9 +256,9 @@ class Perplexity:
         return cls(**{**d, "notes": tuple(d.get("notes", ()))})
 
 
-def measure(corpus: Corpus, window: int, stride: int | None, bos: bool, max_windows: int | None,
-            window_nll: Callable[[torch.Tensor, slice, torch.Tensor], torch.Tensor],
-            notes: tuple[str, ...] = ()) -> Perplexity:
+def run_protocol(corpus: Corpus, window: int, stride: int | None, bos: bool, max_windows: int | None,
+                 window_nll: Callable[[torch.Tensor, slice, torch.Tensor], torch.Tensor],
+                 notes: tuple[str, ...] = ()) -> Perplexity:
     """Run the protocol: ``window_nll(ids, rows, targets)`` returns the per-token NLL of one window
     (``ids`` its input, ``rows`` the output positions that predict ``targets``); the torch and the ONNX
     measurements differ only in it."""
@@ -368,5 +368,5 @@ def perplexity(model: nn.Module, corpus: Corpus, *, window: int | None = None, s
                           for i in range(0, len(targets), chunk[0])])
 
     with eval_mode(model), torch.no_grad():
-        return measure(corpus, window, stride, bos, max_windows, window_nll)
+        return run_protocol(corpus, window, stride, bos, max_windows, window_nll)
 

@@ -21,7 +21,7 @@ import torch
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import regular_file
-from compressor.data.perplexity import Corpus, Perplexity, head_chunk, measure, token_nll
+from compressor.data.perplexity import Corpus, Perplexity, head_chunk, run_protocol, token_nll
 
 # Operations that multiply activations by a weight matrix: the output head holds exactly one of them.
 _PRODUCTS = {"MatMul", "Gemm", "MatMulInteger", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
@@ -45,7 +45,7 @@ def onnx_perplexity(path: str | Path, corpus: Corpus, *, window: int, stride: in
         return torch.cat([token_nll(torch.from_numpy(split.logits(hidden[i:i + step])), targets[i:i + step])
                           for i in range(0, len(targets), step)])
 
-    result = measure(corpus, window, stride, bos, max_windows, window_nll)
+    result = run_protocol(corpus, window, stride, bos, max_windows, window_nll)
     return Perplexity.from_dict({**result.to_dict(), "notes": split.notes(window)})
 
 
@@ -75,6 +75,7 @@ class HeadSplit:
         self.trunk = _session(_sub_model(model, list(model.graph.input), [untyped]), threads)
         # The head's input type is the trunk's output type, known once the trunk has run.
         self._head_model = _sub_model(model, [untyped], [o for o in model.graph.output if o.name == self.output])
+        self._head_ops = {n.op_type for n in self._head_model.graph.node}
         self._threads = threads
         self._head = None
         self._chunk: int | None = None
@@ -93,6 +94,7 @@ class HeadSplit:
                 onnx.helper.make_tensor_value_info(self.cut, onnx.helper.np_dtype_to_tensor_dtype(hidden.dtype),
                                                    [1, None, hidden.shape[-1]]))
             self._head = _session(self._head_model, self._threads)
+            self._head_model = None  # the session holds the weights now
         self._rows = max(self._rows, len(hidden))
         return self._head.run([self.output], {self.cut: hidden[None]})[0][0]
 
@@ -105,8 +107,7 @@ class HeadSplit:
     def notes(self, window: int) -> list[str]:
         """How running the head on some positions at a time departs from running the whole graph on a
         window of ``window`` positions, if it does: only a dynamic int8 head's scale depends on them."""
-        ops = {n.op_type for n in self._head_model.graph.node}
-        if ops & {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"} and 0 < self._rows < window:
+        if self._head_ops & {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"} and 0 < self._rows < window:
             return [f"the int8 output head's activation scale was computed over at most {self._rows} positions "
                     f"at a time (over the window's {window} in one run of the whole file)"]
         return []
