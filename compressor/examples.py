@@ -228,20 +228,27 @@ def docstring_texts(eval_chars: int | None = DOCSTRING_TEXT_CHARS,
     lines (a token stream for :mod:`compressor.data.perplexity`); the calibration text is one passage per
     line with its whitespace collapsed (what ``--calibration`` reads). Each is cut after the last whole
     passage within its character budget (None: no cut)."""
+    evaluation, calibration = _split_passages(eval_chars, calibration_chars)
+    return "\n\n".join(evaluation) + "\n", "\n".join(calibration) + "\n"
+
+
+def _split_passages(eval_chars: int | None, calibration_chars: int | None) -> tuple[list[str], list[str]]:
+    """The passages of :func:`docstring_texts`, each list cut to its character budget."""
     passages = docstring_passages()
     evaluation = [p for m, ps in passages.items() if is_eval_module(m) for p in ps]
     calibration = [" ".join(p.split()) for m, ps in passages.items() if not is_eval_module(m) for p in ps]
-    return _within(evaluation, "\n\n", eval_chars), _within(calibration, "\n", calibration_chars)
+    return _within(evaluation, 2, eval_chars), _within(calibration, 1, calibration_chars)
 
 
-def _within(passages: list[str], sep: str, budget: int | None) -> str:
+def _within(passages: list[str], sep: int, budget: int | None) -> list[str]:
+    """The leading passages whose text, ``sep`` characters between and after them, fits ``budget``."""
     kept, used = [], 0
     for p in passages:
-        if budget is not None and used + len(p) + len(sep) > budget:
+        if budget is not None and used + len(p) + sep > budget:
             break
         kept.append(p)
-        used += len(p) + len(sep)
-    return sep.join(kept) + "\n"
+        used += len(p) + sep
+    return kept
 
 
 def write_docstring_texts(folder: str | Path, eval_chars: int | None = DOCSTRING_TEXT_CHARS,
@@ -252,13 +259,14 @@ def write_docstring_texts(folder: str | Path, eval_chars: int | None = DOCSTRING
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     info: dict[str, dict[str, object]] = {}
-    for kind, text, sep in zip(("eval", "calibration"), docstring_texts(eval_chars, calibration_chars),
-                               ("\n\n", "\n"), strict=True):
+    for kind, passages, sep in zip(("eval", "calibration"), _split_passages(eval_chars, calibration_chars),
+                                   ("\n\n", "\n"), strict=True):
         path = folder / f"docstrings.{kind}.txt"
+        text = sep.join(passages) + "\n"
         data = text.encode("utf-8")
         atomic_write_bytes(path, data)
         info[kind] = {"path": str(path), "sha256": hashlib.sha256(data).hexdigest(), "chars": len(text),
-                      "passages": len(text.strip().split(sep)), "python": platform.python_version()}
+                      "passages": len(passages), "python": platform.python_version()}
     return info
 
 

@@ -93,7 +93,7 @@ def hand_perplexity(model, ids: torch.Tensor, window: int, stride: int | None, b
 
 
 @pytest.mark.parametrize("build", [gemma, llama], ids=["gemma3-softcap", "llama"])
-@pytest.mark.parametrize(("bos", "stride"), [(True, None), (False, None), (True, 20), (False, 7)])
+@pytest.mark.parametrize(("bos", "stride"), [(True, None), (False, None), (True, 20), (False, 23)])
 def test_perplexity_matches_a_hand_computation_from_full_logits(build, bos, stride, tokenizer, text_file):
     model = build()
     corpus = read_corpus(text_file, tokenizer)
@@ -358,3 +358,32 @@ def test_search_bounds_the_perplexity_ratio(hf_folder, text_file, tmp_path, toke
     assert "error: --max-perplexity-ratio cannot be met by any candidate" in res.output
     res = run(["search", *args[:-6], "--max-perplexity-ratio", 1.5, "--out", tmp_path / "c"])
     assert res.exit_code == 2 and "needs an evaluation text" in res.output, res.output
+
+
+def test_docstring_texts_share_no_module(tmp_path, monkeypatch):
+    """Whole docstrings, split by module: every evaluation passage comes from an evaluation module and every
+    calibration line from another; the files are the same bytes each time, with the sha256 returned."""
+    import hashlib
+
+    from compressor import examples
+
+    modules = ["json", "decimal", "shlex", "csv", "textwrap", "argparse", "random", "difflib"]
+    passages = examples.docstring_passages(modules)
+    monkeypatch.setattr(examples, "docstring_passages", lambda: passages)
+    info = examples.write_docstring_texts(tmp_path, eval_chars=None, calibration_chars=None)
+    evaluation = (tmp_path / "docstrings.eval.txt").read_text(encoding="utf-8")
+    calibration = (tmp_path / "docstrings.calibration.txt").read_text(encoding="utf-8").splitlines()
+    owner = {p: m for m, ps in passages.items() for p in ps}
+    flat = {" ".join(p.split()): m for p, m in owner.items()}
+    eval_modules = {m for p, m in owner.items() if p in evaluation}
+    cal_modules = {flat[line] for line in calibration}
+    assert eval_modules == {m for m in passages if examples.is_eval_module(m)} == {"json", "decimal"}
+    assert cal_modules == set(passages) - eval_modules and len(cal_modules) >= 4
+    assert info["eval"]["passages"] == sum(len(passages[m]) for m in eval_modules)
+    assert info["eval"]["sha256"] == hashlib.sha256((tmp_path / "docstrings.eval.txt").read_bytes()).hexdigest()
+    assert info["calibration"]["passages"] == len(calibration)
+    again = examples.write_docstring_texts(tmp_path / "again", eval_chars=None, calibration_chars=None)
+    assert again["eval"]["sha256"] == info["eval"]["sha256"]
+    short = examples.write_docstring_texts(tmp_path / "short", eval_chars=3000, calibration_chars=3000)
+    assert short["eval"]["chars"] <= 3000 and short["calibration"]["chars"] <= 3000
+    assert evaluation.startswith((tmp_path / "short" / "docstrings.eval.txt").read_text(encoding="utf-8")[:-1])
