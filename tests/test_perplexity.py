@@ -225,6 +225,16 @@ def test_onnx_perplexity_equals_torch(tmp_path, tokenizer, text_file, monkeypatc
     assert got.ppl == pytest.approx(expected.ppl, rel=1e-5)
     assert got.protocol() == expected.protocol()
     assert max(sizes) <= 7
+    # compress eval FILE.onnx: the tokenizer and config.json come from the file's folder.
+    res = run(["eval", path, "--text", text_file, "--json"])
+    assert res.exit_code == 2 and "needs its tokenizer" in res.output
+    tokenizer.save_pretrained(tmp_path)
+    model.config.save_pretrained(tmp_path)
+    res = run(["eval", path, "--text", text_file, "--json"])
+    assert res.exit_code == 0, res.output
+    whole = Perplexity.from_dict(json.loads(res.output))
+    assert whole.window == 128  # the config's max_position_embeddings caps the default 2048
+    assert whole.ppl == pytest.approx(perplexity(model, corpus, window=128).ppl, rel=1e-5)
 
 
 @pytest.mark.slow
