@@ -180,12 +180,12 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
         from compressor.data.inputs import check_fits
 
         check_fits(model, calibration, f"the calibration inputs in '{opts.calibration}'")
-    corpus = None
+    protocol = None
     if opts.eval_text is not None:
         if weights_only:
             raise CompressorError("an evaluation text needs a model to run, and the input holds weights only",
                                   "leave out eval_text", cli_fix="leave out --eval-text")
-        corpus = eval_corpus(loaded, opts)
+        protocol = eval_protocol(loaded, opts)
     step("load")
 
     with OutputDir(out, opts.force) as tmp:
@@ -230,8 +230,8 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
                 exports = _export(model, original, inputs, tmp, plan, opts, calibration)
                 step("export")
         perplexities = None
-        if corpus is not None:
-            perplexities = measure_perplexity(corpus, original, model, tmp, opts)
+        if protocol is not None:
+            perplexities = measure_perplexity(protocol, original, model, tmp, opts.variants, opts.threads)
             step("perplexity")
         report = build_report(source=source, out=out, mode=mode, loaded=loaded, plan=plan,
                               original=original, compressed=model, exports=exports, timings=timings,
@@ -284,33 +284,34 @@ def check_eval_text(opts: Options, mode: str, onnx_input: bool) -> None:
     read_text(opts.eval_text)
 
 
-def eval_corpus(loaded, opts: Options):
-    """The evaluation text tokenized once, refused before the slow steps when the model cannot be measured
+def eval_protocol(loaded, opts: Options):
+    """The evaluation text tokenized once and its windows (a :class:`compressor.data.perplexity.Protocol`;
+    the window defaults to the model's), refused before the slow steps when the model cannot be measured
     (shared by compress and search)."""
-    from compressor.data.perplexity import check_protocol, default_window, output_head, read_corpus
+    from compressor.data.perplexity import Protocol, check_protocol, default_window, output_head, read_corpus
 
     output_head(loaded.model)  # a causal language model, or one line saying it is not
     window = opts.eval_window or default_window(getattr(loaded.model, "config", None))
     check_protocol(window, opts.eval_stride, opts.eval_bos, opts.eval_max_windows, flags="eval-")
-    return read_corpus(opts.eval_text, loaded.tokenizer)
+    return Protocol(read_corpus(opts.eval_text, loaded.tokenizer), window, opts.eval_stride, opts.eval_bos,
+                    opts.eval_max_windows)
 
 
-def measure_perplexity(corpus, original: nn.Module, compressed: nn.Module, folder: Path, opts: Options):
-    """The perplexity of the dense model, the compressed one (when it differs) and every ONNX file in
-    ``folder``, by one protocol (:class:`compressor.report.report.PerplexityReport`)."""
-    from compressor.data.perplexity import default_window, perplexity
+def measure_perplexity(protocol, original: nn.Module, compressed: nn.Module, folder: Path,
+                       variants: Sequence[str] = (), threads: int | None = None):
+    """The perplexity of the dense model, the compressed one (when it differs), ``folder``'s model.onnx and
+    its ``variants`` by one protocol (:class:`compressor.report.report.PerplexityReport`)."""
+    from compressor.data.perplexity import perplexity
     from compressor.export.perplexity import onnx_perplexity
     from compressor.report.report import PerplexityReport
 
-    window = opts.eval_window or default_window(getattr(original, "config", None))
-    protocol = {"window": window, "stride": opts.eval_stride, "bos": opts.eval_bos,
-                "max_windows": opts.eval_max_windows}
-    results = {"dense": perplexity(original, corpus, **protocol)}
+    corpus, settings = protocol.corpus, protocol.settings()
+    results = {"dense": perplexity(original, corpus, **settings)}
     if compressed is not original:
-        results["compressed"] = perplexity(compressed, corpus, **protocol)
-    for path in (folder / "model.onnx", *(folder / f"model.{v}.onnx" for v in opts.variants)):
+        results["compressed"] = perplexity(compressed, corpus, **settings)
+    for path in (folder / "model.onnx", *(folder / f"model.{v}.onnx" for v in variants)):
         if path.is_file():
-            results[path.name] = onnx_perplexity(path, corpus, **protocol, threads=opts.threads)
+            results[path.name] = onnx_perplexity(path, corpus, **settings, threads=threads)
     return PerplexityReport(results)
 
 

@@ -67,10 +67,9 @@ def _search_job(source: Path, out: str | Path | None, constraints: Constraints, 
                 eval_inputs: Path | None, opts: Any, log: Callable[[str], None] | None) -> dict[str, Any]:
     from compressor.core.output import OutputDir, check_not_over_inputs
     from compressor.data.inputs import check_fits
-    from compressor.data.perplexity import Protocol, default_window
     from compressor.formats.load import load_model
     from compressor.formats.onnx_graph import is_onnx
-    from compressor.jobs.compress import check_eval_text, check_options, default_out, eval_corpus, example_inputs
+    from compressor.jobs.compress import check_eval_text, check_options, default_out, eval_protocol, example_inputs
     from compressor.report.report import versions
 
     out = Path(out) if out is not None else default_out(source)
@@ -99,10 +98,7 @@ def _search_job(source: Path, out: str | Path | None, constraints: Constraints, 
         raise CompressorError("the input holds weights only, so it cannot be exported",
                               "pass --arch package.module:factory to build the model")
     model = loaded.model.eval()
-    protocol = None
-    if opts.eval_text is not None:
-        window = opts.eval_window or default_window(getattr(model, "config", None))
-        protocol = Protocol(eval_corpus(loaded, opts), window, opts.eval_stride, opts.eval_bos, opts.eval_max_windows)
+    protocol = eval_protocol(loaded, opts) if opts.eval_text is not None else None
     inputs = example_inputs(loaded, opts)
     calibration = None
     if opts.calibration is not None:
