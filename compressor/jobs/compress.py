@@ -98,6 +98,14 @@ class Options:
     device: str = "cpu"  # where a streamed run's SVDs run ("cuda" for a GPU)
     max_rank: int | None = None  # streamed: no layer's rank above this (bounds the randomized SVD; --target needs it)
     shard_bytes: int = DEFAULT_SHARD_BYTES
+    # Perplexity (data.perplexity) of the dense and compressed models and of every written ONNX file on
+    # this text file, by one protocol: windows of eval_window positions (None: 2048 capped at the model's
+    # context) eval_stride text tokens apart (None: not overlapping), BOS first in each or not.
+    eval_text: Path | None = None
+    eval_window: int | None = None
+    eval_stride: int | None = None
+    eval_bos: bool = True
+    eval_max_windows: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def policy(self) -> dict[str, Any]:
@@ -151,8 +159,11 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
         if opts.calibration is None:
             raise CompressorError("--keep-fp16 measures which layers int8 hurts on calibration inputs, "
                                   "but --calibration is not given", "add --calibration FILE")
+    if opts.eval_text is not None:
+        check_eval_text(opts, mode, is_onnx(source))
     check_not_over_inputs(out, [("model", source), ("calibration file", opts.calibration),
-                                ("example inputs", opts.example_inputs), ("plan file", opts.plan_path)])
+                                ("example inputs", opts.example_inputs), ("plan file", opts.plan_path),
+                                ("evaluation text", opts.eval_text)])
     OutputDir(out, opts.force).check()
     if is_onnx(source) or onnx_head(source):  # a truncated ONNX file is told as one by read_onnx
         return compress_onnx(source, out, mode, opts, shapes=input_shapes(opts), low_fidelity=LOW_FIDELITY_COSINE)
@@ -169,6 +180,12 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
         from compressor.data.inputs import check_fits
 
         check_fits(model, calibration, f"the calibration inputs in '{opts.calibration}'")
+    protocol = None
+    if opts.eval_text is not None:
+        if weights_only:
+            raise CompressorError("an evaluation text needs a model to run, and the input holds weights only",
+                                  "leave out eval_text", cli_fix="leave out --eval-text")
+        protocol = eval_protocol(loaded, opts)
     step("load")
 
     with OutputDir(out, opts.force) as tmp:
@@ -212,9 +229,14 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
                 inputs = example_inputs(loaded, opts)
                 exports = _export(model, original, inputs, tmp, plan, opts, calibration)
                 step("export")
+        perplexities = None
+        if protocol is not None:
+            perplexities = measure_perplexity(protocol, original, model, tmp, opts.variants, opts.threads)
+            step("perplexity")
         report = build_report(source=source, out=out, mode=mode, loaded=loaded, plan=plan,
                               original=original, compressed=model, exports=exports, timings=timings,
                               options=opts, folder=tmp)
+        report.perplexity = perplexities
         report.warnings = []
         if report.latency and "model.onnx" in report.latency["slower_than_dense"]:
             # --latency-aware never hands back a compressed model slower than the dense one.
@@ -243,6 +265,54 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
             report.plots = _plots(model if mode == "analyze" else original, plan, tmp)
         write_report(report, tmp)
     return report
+
+
+def check_eval_text(opts: Options, mode: str, onnx_input: bool) -> None:
+    """Refuse an evaluation text a run cannot use, before the model loads: a bad file, bad protocol
+    settings, a mode that writes no model, an ONNX input (its perplexity is ``compress eval``'s); shared by
+    compress and search."""
+    from compressor.data.perplexity import check_protocol, read_text
+
+    if mode == "analyze":
+        raise CompressorError("an evaluation text measures the models a run writes, and analyze writes none",
+                              "leave out eval_text, or run compress", cli_fix="leave out --eval-text, or run compress")
+    if onnx_input:
+        raise CompressorError("an evaluation text needs the torch model and its tokenizer, and the input is an "
+                              "ONNX file", "measure the ONNX files with compressor.jobs.perplexity",
+                              cli_fix="measure the ONNX files with compress eval FILE.onnx --text FILE")
+    check_protocol(opts.eval_window, opts.eval_stride, opts.eval_bos, opts.eval_max_windows, flags="eval-")
+    read_text(opts.eval_text)
+
+
+def eval_protocol(loaded, opts: Options):
+    """The evaluation text tokenized once and its windows (a :class:`compressor.data.perplexity.Protocol`;
+    the window defaults to the model's), refused before the slow steps when the model cannot be measured
+    (shared by compress and search)."""
+    from compressor.data.perplexity import Protocol, check_protocol, default_window, output_head, read_corpus
+
+    output_head(loaded.model)  # a causal language model, or one line saying it is not
+    window = opts.eval_window or default_window(getattr(loaded.model, "config", None))
+    check_protocol(window, opts.eval_stride, opts.eval_bos, opts.eval_max_windows, flags="eval-")
+    return Protocol(read_corpus(opts.eval_text, loaded.tokenizer), window, opts.eval_stride, opts.eval_bos,
+                    opts.eval_max_windows)
+
+
+def measure_perplexity(protocol, original: nn.Module, compressed: nn.Module, folder: Path,
+                       variants: Sequence[str] = (), threads: int | None = None):
+    """The perplexity of the dense model, the compressed one (when it differs), ``folder``'s model.onnx and
+    its ``variants`` by one protocol (:class:`compressor.report.report.PerplexityReport`)."""
+    from compressor.data.perplexity import perplexity
+    from compressor.export.perplexity import onnx_perplexity
+    from compressor.report.report import PerplexityReport
+
+    corpus, settings = protocol.corpus, protocol.settings()
+    results = {"dense": perplexity(original, corpus, **settings)}
+    if compressed is not original:
+        results["compressed"] = perplexity(compressed, corpus, **settings)
+    for path in (folder / "model.onnx", *(folder / f"model.{v}.onnx" for v in variants)):
+        if path.is_file():
+            results[path.name] = onnx_perplexity(path, corpus, **settings, threads=threads)
+    return PerplexityReport(results)
 
 
 class LowFidelityWarning(UserWarning):

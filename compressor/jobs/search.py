@@ -68,7 +68,8 @@ def _search_job(source: Path, out: str | Path | None, constraints: Constraints, 
     from compressor.core.output import OutputDir, check_not_over_inputs
     from compressor.data.inputs import check_fits
     from compressor.formats.load import load_model
-    from compressor.jobs.compress import check_options, default_out, example_inputs
+    from compressor.formats.onnx_graph import is_onnx
+    from compressor.jobs.compress import check_eval_text, check_options, default_out, eval_protocol, example_inputs
     from compressor.report.report import versions
 
     out = Path(out) if out is not None else default_out(source)
@@ -77,6 +78,11 @@ def _search_job(source: Path, out: str | Path | None, constraints: Constraints, 
     check_constraints(constraints)
     check_options(opts)
     check_cache_dir(cache_dir)
+    if opts.eval_text is not None:
+        check_eval_text(opts, "search", is_onnx(source))
+    elif constraints.max_perplexity_ratio is not None:
+        raise CompressorError("a perplexity constraint needs an evaluation text to measure perplexity on",
+                              "pass eval_text=FILE in the options", cli_fix="pass --eval-text FILE")
     heal = (0, heal_steps) if heal_steps else (0,)
     recipes = default_recipes(targets, calibrated=opts.calibration is not None, heal_steps=heal,
                               precisions=precisions, keep_fp16=keep_fp16, int4_corrections=int4_corrections)
@@ -85,13 +91,14 @@ def _search_job(source: Path, out: str | Path | None, constraints: Constraints, 
                               "pass calibration inputs with --calibration FILE")
     check_not_over_inputs(out, [("model", source), ("calibration file", opts.calibration),
                                 ("example inputs", opts.example_inputs), ("held-out inputs", eval_inputs),
-                                ("measurement cache", cache_dir)])
+                                ("measurement cache", cache_dir), ("evaluation text", opts.eval_text)])
     OutputDir(out, opts.force).check()
     loaded = load_model(source, trust_pickle=opts.trust_pickle, arch=opts.arch)
     if loaded.model is None:
         raise CompressorError("the input holds weights only, so it cannot be exported",
                               "pass --arch package.module:factory to build the model")
     model = loaded.model.eval()
+    protocol = eval_protocol(loaded, opts) if opts.eval_text is not None else None
     inputs = example_inputs(loaded, opts)
     calibration = None
     if opts.calibration is not None:
@@ -106,7 +113,8 @@ def _search_job(source: Path, out: str | Path | None, constraints: Constraints, 
         result = search(model, inputs, evaluation=evaluation, constraints=constraints, recipes=recipes,
                         cache_dir=cache_dir, calibration=calibration, opset=opts.opset, atol=opts.atol, log=log,
                         threads=opts.threads or THREADS, latency_aware=opts.latency_aware is not False,
-                        analyze_options={"outputs": list(opts.outputs)} if opts.outputs else None)
+                        analyze_options={"outputs": list(opts.outputs)} if opts.outputs else None,
+                        perplexity=protocol)
         chosen = copy_chosen(result, tmp)
         front = result.to_dict()
         atomic_write_text(tmp / "front.json", json.dumps(front, indent=2) + "\n")
@@ -126,7 +134,7 @@ def check_constraints(constraints: Constraints) -> None:
     similarity, or top-1 agreement, with the original) is at most 1."""
     if constraints == Constraints():
         raise CompressorError("search needs at least one constraint",
-                              "pass --max-size, --min-fidelity and/or --max-latency")
+                              "pass --max-size, --min-fidelity, --max-latency and/or --max-perplexity-ratio")
     f = constraints.min_fidelity
     if f is not None and not -1 <= f <= 1:
         raise CompressorError(f"min_fidelity {f:g} can never be met: fidelity is a cosine similarity or a "
@@ -179,7 +187,10 @@ def search_markdown(report: dict[str, Any]) -> str:
     lines = [f"# compressor search: {Path(report['source']['path']).name}", "",
              f"Chosen: **{c['name']}** -> `{c['file']}`: {c['size_bytes'] / 1e6:.2f} MB "
              f"({c['size_bytes'] / report['front']['fp32_bytes']:.3f} of the dense fp32 export), fidelity "
-             f"{c['fidelity']:.5f}, latency {c['latency_ms']:.2f} ms, onnxruntime validation "
+             f"{c['fidelity']:.5f}, "
+             + ("" if c.get("perplexity") is None else
+                f"perplexity {c['perplexity']:.4f} ({c['perplexity_ratio']:.4f}x dense fp32), ")
+             + f"latency {c['latency_ms']:.2f} ms, onnxruntime validation "
              f"{'PASS' if c['passed'] else 'FAIL'}.", "",
              front_markdown(report["front"], report["plots"]),
              "## Provenance", "", f"- command: `{report.get('command')}`", f"- date: {report['date']}",

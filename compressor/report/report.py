@@ -16,6 +16,7 @@ import torch
 
 from compressor.core.fileio import atomic_write_text
 from compressor.core.plan import Plan
+from compressor.data.perplexity import Perplexity
 from compressor.export.onnx import VARIANTS
 
 # The validated files a report lists: the fp32 export, then every written variant (export.onnx.VARIANTS).
@@ -51,6 +52,38 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+@dataclass
+class PerplexityReport:
+    """Perplexity of the dense model, the compressed model and each written ONNX file (``results`` by
+    name: ``dense``, ``compressed``, ``model.onnx``, ``model.int8.onnx``, ...) on one text by one protocol
+    (:mod:`compressor.data.perplexity`). In JSON the protocol is stated once, beside each model's numbers."""
+
+    results: dict[str, Perplexity]
+
+    def __post_init__(self) -> None:
+        protocols = {json.dumps(p.protocol(), sort_keys=True) for p in self.results.values()}
+        if len(protocols) > 1:
+            raise ValueError(f"perplexities measured by different protocols cannot share a report: {protocols}")
+
+    def ratio(self, name: str) -> float | None:
+        """``name``'s perplexity over the dense model's (None without a dense measurement)."""
+        dense = self.results.get("dense")
+        return None if dense is None else self.results[name].ppl / dense.ppl
+
+    def to_dict(self) -> dict[str, Any]:
+        first = next(iter(self.results.values()))
+        return {"protocol": first.protocol(),
+                "models": {name: {"ppl": p.ppl, "mean_nll": p.mean_nll, "ratio_to_dense": self.ratio(name),
+                                  "seconds": p.seconds, "notes": list(p.notes)}
+                           for name, p in self.results.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PerplexityReport:
+        return cls({name: Perplexity.from_dict({**d["protocol"], **{k: v for k, v in m.items()
+                                                                    if k != "ratio_to_dense"}})
+                    for name, m in d["models"].items()})
 
 
 @dataclass
@@ -93,15 +126,19 @@ class Report:
     latency: dict[str, Any] | None = None  # latency-aware runs: each file vs dense, next to the MAC ratio
     warnings: list[dict[str, Any]] | None = None  # e.g. low fidelity: "message" (Python), "cli" (command line)
     stream: dict[str, Any] | None = None  # streamed runs: per-layer seconds and SVD checks, peak RSS, bytes
+    perplexity: PerplexityReport | None = None  # --eval-text: dense, compressed and every ONNX file
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                       if getattr(self, f.name) is not None})
+        return _plain({f.name: getattr(self, f.name) if f.name != "perplexity" else self.perplexity.to_dict()
+                       for f in dataclasses.fields(self) if getattr(self, f.name) is not None})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        fields = {k: v for k, v in data.items() if k in names}
+        if fields.get("perplexity") is not None:
+            fields["perplexity"] = PerplexityReport.from_dict(fields["perplexity"])
+        return cls(**fields)
 
 
 def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | None, original, compressed,
@@ -292,6 +329,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         for name, f in lat["files"].items():
             lines.append(f"| `{name}` | {f['dense_ms']:.3f} | {f['ms']:.3f} | {f['latency_ratio']:.3f} | {mac} |")
         lines += [""] + [f"> differs: {d}" for d in lat["differ"]] + [""]
+    if r.get("perplexity"):
+        lines += perplexity_markdown(PerplexityReport.from_dict(r["perplexity"]))
     if r.get("stream"):
         lines += _stream_markdown(r["stream"])
     if r.get("plots"):
@@ -312,6 +351,20 @@ def render_markdown(r: dict[str, Any]) -> str:
               "- versions: " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()),
               "- step times (s): " + ", ".join(f"{k} {v}" for k, v in r.get("timings_s", {}).items()), ""]
     return "\n".join(lines)
+
+
+def perplexity_markdown(report: PerplexityReport) -> list[str]:
+    """The perplexity section: the protocol in words, then one row per model."""
+    first = next(iter(report.results.values()))
+    lines = ["## Perplexity", "", f"{first.describe()}.", "",
+             "| model | perplexity | ratio to dense | mean NLL | seconds |", "|---|---:|---:|---:|---:|"]
+    for name, p in report.results.items():
+        ratio = report.ratio(name)
+        shown = f"{name} torch model" if name in ("dense", "compressed") else f"`{name}`"
+        lines.append(f"| {shown} | {p.ppl:.4f} | "
+                     f"{'-' if ratio is None else f'{ratio:.4f}'} | {p.mean_nll:.5f} | {p.seconds:.1f} |")
+    notes = [f"> `{name}`: {note}" for name, p in report.results.items() for note in p.notes]
+    return [*lines, "", *notes, *([""] if notes else [])]
 
 
 def _stream_markdown(st: dict[str, Any]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,9 @@ class Point:
     # Latency-aware searches: latency / dense fp32 latency timed side by side, for the points checked.
     latency_vs_dense: float | None = None
     slower_than_dense: bool = False  # measured so: never chosen
+    # With an evaluation text: the file's perplexity on it, and that over the dense fp32 export's.
+    perplexity: float | None = None
+    perplexity_ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -58,6 +62,9 @@ class Point:
             out["min_fidelity"] = self.fidelity >= c.min_fidelity
         if c.max_latency_ms is not None:
             out["max_latency"] = self.latency_ms <= c.max_latency_ms
+        if c.max_perplexity_ratio is not None:
+            out["max_perplexity_ratio"] = (self.perplexity_ratio is not None
+                                           and self.perplexity_ratio <= c.max_perplexity_ratio)
         return out
 
 
@@ -72,6 +79,7 @@ class SearchResult:
     fp32_bytes: int
     built: int  # candidates built (exported) in this search; the rest came from the cache
     latency: dict[str, Any]
+    perplexity: dict[str, Any] | None = None  # with an evaluation text: its protocol (Protocol.summary)
 
     def reference(self, precision: str) -> Point:
         return next(p for p in self.points if p.recipe == Recipe(precision))
@@ -82,7 +90,7 @@ class SearchResult:
             "constraints": asdict(self.constraints),
             "constraints_text": self.constraints.describe(self.fp32_bytes),
             "rule": self.rule, "metric": self.metric, "fp32_bytes": self.fp32_bytes, "built": self.built,
-            "latency": self.latency,
+            "latency": self.latency, "perplexity": self.perplexity,
             "chosen": self.chosen.recipe.name if self.chosen else None,
             "points": [{**p.to_dict(), "pareto": p in front,
                         "meets": p.meets(self.constraints, self.fp32_bytes)} for p in self.points],
@@ -150,7 +158,8 @@ def choose(result: SearchResult) -> Point:
     if not valid:
         raise CompressorError("no candidate passed onnxruntime validation",
                               "see the problems in the search log and report the model")
-    names = {"max_size": "--max-size", "min_fidelity": "--min-fidelity", "max_latency": "--max-latency"}
+    names = {"max_size": "--max-size", "min_fidelity": "--min-fidelity", "max_latency": "--max-latency",
+             "max_perplexity_ratio": "--max-perplexity-ratio"}
     alone = [k for k in names if k in valid[0].meets(c, fp32) and not any(p.meets(c, fp32)[k] for p in valid)]
     closest = min(valid, key=lambda p: _violation(p, c, fp32))
     what = (" and ".join(names[k] for k in alone) + " cannot be met by any candidate" if alone else
@@ -166,8 +175,9 @@ def choose(result: SearchResult) -> Point:
 
 
 def describe_point(p: Point, metric: str = "fidelity") -> str:
+    ppl = "" if p.perplexity_ratio is None else f", perplexity {p.perplexity_ratio:.4f}x dense"
     return (f"{p.recipe.name} ({p.size_bytes / 1e6:.2f} MB, {metric.split(' ')[0]} {p.fidelity:.4f}, "
-            f"{p.latency_ms:.2f} ms)")
+            f"{p.latency_ms:.2f} ms{ppl})")
 
 
 def _violation(p: Point, c: Constraints, fp32_bytes: int) -> float:
@@ -179,6 +189,8 @@ def _violation(p: Point, c: Constraints, fp32_bytes: int) -> float:
         v += max(0.0, (c.min_fidelity - p.fidelity) / max(abs(c.min_fidelity), 1e-12))
     if c.max_latency_ms is not None:
         v += max(0.0, p.latency_ms / c.max_latency_ms - 1)
+    if c.max_perplexity_ratio is not None:
+        v += math.inf if p.perplexity_ratio is None else max(0.0, p.perplexity_ratio / c.max_perplexity_ratio - 1)
     return v
 
 
@@ -209,6 +221,10 @@ def front_markdown(result: dict[str, Any], plots: Sequence[str] = ()) -> str:
              f"- fidelity: {result['metric']} (on held-out inputs, through onnxruntime)",
              f"- latency: {result['latency']['statistic']} of {result['latency']['runs']} onnxruntime runs, "
              f"{result['latency']['threads']} threads, inputs {result['latency']['inputs']}",
+             *([f"- perplexity: on `{pp['corpus']}` (sha256 {pp['sha256'][:12]}), {pp['tokens']:,} predicted tokens "
+                f"in {pp['windows']} windows of {pp['window']} positions, stride {pp['stride']}, "
+                f"{'BOS first in each' if pp['bos'] else 'no BOS'}; through onnxruntime, ratio to dense fp32"]
+               if (pp := result.get("perplexity")) else []),
              f"- constraints: {result['constraints_text']}",
              f"- rule: {result['rule']}",
              f"- chosen: **{result['chosen'] or 'none'}**",
@@ -225,7 +241,9 @@ def front_markdown(result: dict[str, Any], plots: Sequence[str] = ()) -> str:
         lat = p["latency_ms"] / dense_ms if dense_ms else None
         if lat is not None and abs(lat - macs) > LATENCY_MAC_GAP:
             differ.append(f"{p['name']} ({lat:.2f}x the latency, {macs:.2f}x the multiply-adds)")
-        others = ", ".join(f"{k} {v:.4f}" for k, v in p["metrics"].items() if k != "fidelity")
+        others = ", ".join([f"{k} {v:.4f}" for k, v in p["metrics"].items() if k != "fidelity"]
+                           + ([f"perplexity {p['perplexity']:.4f} ({p['perplexity_ratio']:.4f}x dense)"]
+                              if p.get("perplexity") is not None else []))
         meets = "all" if p["meets"] and all(p["meets"].values()) else \
             ", ".join(f"not {k}" for k, ok in p["meets"].items() if not ok) or "-"
         name = f"**{p['name']}** (chosen)" if p["name"] == result["chosen"] else p["name"]

@@ -178,16 +178,19 @@ def parse_latency(text: str | float) -> float:
 @dataclass(frozen=True)
 class Constraints:
     """``max_size`` in bytes, or (<= 1) a fraction of the dense fp32 export; ``min_fidelity`` in the
-    evaluation's metric; ``max_latency_ms`` the median onnxruntime latency on the latency inputs."""
+    evaluation's metric; ``max_latency_ms`` the median onnxruntime latency on the latency inputs;
+    ``max_perplexity_ratio`` the file's perplexity on the evaluation text over the dense fp32 export's."""
 
     max_size: float | None = None
     min_fidelity: float | None = None
     max_latency_ms: float | None = None
+    max_perplexity_ratio: float | None = None
 
     def __post_init__(self) -> None:
         examples = {"max_size": ("max_size=15e6", "--max-size 15MB"),
                     "min_fidelity": ("min_fidelity=0.95", "--min-fidelity 0.95"),
-                    "max_latency_ms": ("max_latency_ms=5.0", "--max-latency 5ms")}
+                    "max_latency_ms": ("max_latency_ms=5.0", "--max-latency 5ms"),
+                    "max_perplexity_ratio": ("max_perplexity_ratio=1.1", "--max-perplexity-ratio 1.1")}
         for name, (api, cli) in examples.items():
             value = getattr(self, name)
             if value is None:
@@ -213,4 +216,6 @@ class Constraints:
             parts.append(f"fidelity >= {self.min_fidelity:g}")
         if self.max_latency_ms is not None:
             parts.append(f"latency <= {self.max_latency_ms:g} ms")
+        if self.max_perplexity_ratio is not None:
+            parts.append(f"perplexity <= {self.max_perplexity_ratio:g}x dense fp32's")
         return ", ".join(parts) or "none"

@@ -33,6 +33,7 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import temp_folder
+from compressor.data.perplexity import Protocol
 from compressor.export.latency import LatencyTable, Timer, compare_onnx, keep_slow_layers_dense, latency_decisions
 from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET, VARIANTS
 from compressor.search.cache import CACHE_VERSION, Cache, fingerprint, model_fingerprint
@@ -68,6 +69,7 @@ class BuildContext:
     latency_aware: bool = True
     latency_table: LatencyTable | None = None
     timer: Timer | None = None
+    perplexity: Protocol | None = None  # with an evaluation text: every file's perplexity on it
 
     def key(self) -> str:
         """What every measurement depends on besides the recipe (see :meth:`Cache.name` for the rest)."""
@@ -77,7 +79,8 @@ class BuildContext:
                             self.evaluation.fingerprint, self.latency_inputs,
                             json.dumps(self.analyze_options, sort_keys=True, default=str),
                             self.opset, self.threads, torch.__version__, onnxruntime.__version__]
-                           + (["latency-aware"] if self.latency_aware else []))
+                           + (["latency-aware"] if self.latency_aware else [])
+                           + ([f"perplexity {self.perplexity.key()}"] if self.perplexity is not None else []))
 
     def data_keys(self) -> dict[str, str]:
         """Keys of what only some recipes depend on: calibration (calibrated ones), healing (healed ones)."""
@@ -90,8 +93,8 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
            calibration: Any = None, heal_data: Any = None, heal_options: dict[str, Any] | None = None,
            analyze_options: dict[str, Any] | None = None, opset: int = DEFAULT_OPSET, threads: int = THREADS,
            latency_runs: int = 20, atol: float = DEFAULT_ATOL, log: Callable[[str], None] | None = None,
-           latency_aware: bool = True, latency_table: LatencyTable | None = None, timer: Timer | None = None
-           ) -> SearchResult:
+           latency_aware: bool = True, latency_table: LatencyTable | None = None, timer: Timer | None = None,
+           perplexity: Protocol | None = None) -> SearchResult:
     """Measure the candidates that can meet ``constraints`` and return the best (see the module's rule).
 
     ``recipes`` default to :func:`default_recipes` (calibrated when ``calibration`` is given); the dense
@@ -103,9 +106,17 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
     file is timed against dense fp32 side by side: one that is slower is set aside and the rule picks
     again, so the search never returns a model slower than dense. ``timer`` and ``latency_table`` replace
     the onnxruntime timer and the per-machine cache (tests). False: size and fidelity alone.
+
+    ``perplexity`` (a causal language model's evaluation text and windows): every file's perplexity on it
+    is measured in onnxruntime (:func:`compressor.export.perplexity.onnx_perplexity`), with its ratio to
+    the dense fp32 export's, which ``constraints.max_perplexity_ratio`` bounds.
     """
     recipes = list(recipes) if recipes is not None else default_recipes(calibrated=calibration is not None)
     recipes = [*REFERENCES, *[r for r in recipes if r not in REFERENCES]]
+    if constraints.max_perplexity_ratio is not None and perplexity is None:
+        raise CompressorError("a perplexity constraint needs an evaluation text to measure perplexity on",
+                              "pass perplexity=Protocol(read_corpus(FILE, tokenizer), window)",
+                              cli_fix="pass --eval-text FILE")
     if any(r.calibrated or r.keep_fp16 for r in recipes) and calibration is None:
         raise CompressorError("calibrated recipes and recipes keeping layers in fp16 need calibration inputs",
                               "pass calibration=...", cli_fix="pass --calibration FILE")
@@ -116,7 +127,7 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
                        latency_inputs if latency_inputs is not None else example_inputs, calibration,
                        heal_data if heal_data is not None else calibration, dict(heal_options or {}),
                        dict(analyze_options or {}), opset, threads, latency_runs, atol, latency_aware,
-                       (latency_table or LatencyTable()) if latency_aware else None, timer)
+                       (latency_table or LatencyTable()) if latency_aware else None, timer, perplexity)
     cache = Cache(Path(cache_dir), ctx.key(), ctx.data_keys())
     say = log or (lambda _msg: None)
     points: list[Point] = []
@@ -142,12 +153,16 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
         points.append(point)
         if recipe == Recipe("fp32"):
             fp32_bytes = point.size_bytes
+    dense_ppl = next((p.perplexity for p in points if p.recipe == Recipe("fp32")), None)
+    for p in points:  # also for points from the cache: the ratio is to this search's dense fp32
+        p.perplexity_ratio = None if p.perplexity is None or not dense_ppl else p.perplexity / dense_ppl
     rule = ("smallest file meeting every constraint (ties: higher fidelity, then lower latency)"
             if constraints.min_fidelity is not None else
             "highest fidelity meeting every constraint (ties: smaller file, then lower latency)")
     result = SearchResult(None, points, skipped, constraints, rule, evaluation.metric, fp32_bytes, built,
                           {"threads": threads, "runs": latency_runs, "statistic": "median",
-                           "inputs": _shape_text(ctx.latency_inputs), "latency_aware": latency_aware})
+                           "inputs": _shape_text(ctx.latency_inputs), "latency_aware": latency_aware},
+                          perplexity.summary() if perplexity is not None else None)
     result.chosen = choose(result)
     while latency_aware and result.chosen.recipe != Recipe("fp32"):
         # The per-recipe latencies are separate medians; the final word is a side-by-side comparison.
@@ -235,9 +250,14 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
         v = validate_onnx(path, model, ctx.example_inputs, variant=recipe.precision, **check)
         metrics = onnx_fidelity(path, ctx.evaluation, ctx.threads)
         latency = onnx_latency(path, ctx.latency_inputs, threads=ctx.threads, warmup=3, runs=ctx.latency_runs)
+        ppl = None
+        if ctx.perplexity is not None:
+            from compressor.export.perplexity import onnx_perplexity
+
+            ppl = onnx_perplexity(path, ctx.perplexity.corpus, **ctx.perplexity.settings(), threads=ctx.threads).ppl
         point = Point(recipe, file_size(path), metrics["fidelity"], metrics, latency["median_ms"],
                       sum(p.numel() for p in model.parameters()), v.passed, list(v.problems), plan_totals,
-                      heal_info, round(time.perf_counter() - start, 2), str(path), kept_fp16=kept)
+                      heal_info, round(time.perf_counter() - start, 2), str(path), kept_fp16=kept, perplexity=ppl)
         cache.put(point)
         return point
 

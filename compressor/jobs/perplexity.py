@@ -1,0 +1,55 @@
+"""``compress eval``: the perplexity of one model (a Hugging Face folder, a compressed folder, or an ONNX
+file) on a text file, as one Python call a notebook can make:
+
+    result = evaluate_perplexity("gemma/", "eval.txt", max_windows=8)    # a Perplexity
+    result.ppl, result.to_dict()
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+from compressor.core.errors import CompressorError
+from compressor.core.threads import thread_budget
+from compressor.data.perplexity import DEFAULT_WINDOW, Perplexity, default_window, perplexity, read_corpus, read_text
+from compressor.formats.onnx_graph import is_onnx
+
+
+def evaluate_perplexity(source: str | Path, text: str | Path, *, window: int | None = None,
+                        stride: int | None = None, bos: bool = True, max_windows: int | None = None,
+                        tokenizer: str | Path | None = None, threads: int | None = None,
+                        trust_pickle: bool = False) -> Perplexity:
+    """The perplexity of the causal language model at ``source`` on the text file ``text`` by the
+    protocol of :mod:`compressor.data.perplexity` (``window`` defaults to 2048 capped at the model's
+    context; ``stride`` to non-overlapping windows; ``bos``: each window begins with the BOS token).
+
+    An ONNX file is run in onnxruntime; its tokenizer and config come from the folder ``tokenizer``, by
+    default the file's own folder (a compressed folder holds both). ``threads``: torch's and
+    onnxruntime's threads (None: their defaults)."""
+    from compressor.formats.load import hf_config, hf_tokenizer, load_model
+
+    source = Path(source)
+    read_text(text)  # a bad text file is told before a model loads
+    with thread_budget(threads):
+        if is_onnx(source):
+            from compressor.export.perplexity import onnx_perplexity
+
+            folder = Path(tokenizer) if tokenizer is not None else source.parent
+            tok = hf_tokenizer(folder)
+            if tok is None:
+                raise CompressorError(f"perplexity of an ONNX file needs its tokenizer, and '{folder}' has none",
+                                      "pass tokenizer= a Hugging Face folder holding tokenizer.json",
+                                      cli_fix="pass --tokenizer DIR, a Hugging Face folder holding tokenizer.json")
+            if window is None:
+                config = hf_config(folder) if (folder / "config.json").is_file() else {}
+                window = default_window(types.SimpleNamespace(**config)) if config else DEFAULT_WINDOW
+            return onnx_perplexity(source, read_corpus(text, tok), window=window, stride=stride, bos=bos,
+                                   max_windows=max_windows, threads=threads)
+        loaded = load_model(source, trust_pickle=trust_pickle)
+        if loaded.model is None:
+            raise CompressorError(f"'{source}' holds weights only, not a model to run",
+                                  "pass a Hugging Face model folder or a folder written by compress")
+        tok = hf_tokenizer(Path(tokenizer)) if tokenizer is not None else loaded.tokenizer
+        return perplexity(loaded.model, read_corpus(text, tok), window=window, stride=stride, bos=bos,
+                          max_windows=max_windows)
