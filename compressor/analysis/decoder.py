@@ -35,7 +35,7 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import suppress
 from typing import Any
 
@@ -63,6 +63,7 @@ from compressor.data.inputs import Batch, attention_mask, call, map_tensors, ten
 # Calibration sequences the output-side Fisher is estimated on (a forward and backward pass each), and the
 # positions the output head is applied to at once (Gemma 3's 262,144-token head: 256 MB of float32 logits).
 FISHER_SEQUENCES = 64
+FISHER_MICRO_BATCH = 8  # sequences per backward pass: activations of every block are kept for it
 HEAD_CHUNK = 256
 # Layer-error weightings: "fisher" (output-side, diagonal) or None (every layer's relative error alike).
 FISHER = "fisher"
@@ -181,12 +182,7 @@ def output_fisher(model: nn.Module, modules: dict[str, nn.Module], batches: list
     try:
         for p in frozen:
             p.requires_grad_(False)
-        left = sequences
-        for batch in batches:
-            if left <= 0:
-                break
-            batch = {k: v[:left] for k, v in batch.items()} if isinstance(batch, dict) else batch
-            left -= tensors_of(batch)[0].shape[0]
+        for batch in _micro_batches(batches, sequences, FISHER_MICRO_BATCH):
             with torch.enable_grad():
                 with suppress(_Done):
                     call(model, batch)
@@ -200,17 +196,31 @@ def output_fisher(model: nn.Module, modules: dict[str, nn.Module], batches: list
     return {n: f.float() for n, f in fisher.items()}
 
 
+def _micro_batches(batches: list[Batch], sequences: int, size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The first ``sequences`` sequences of ``batches`` (dicts of ``batch x tokens`` tensors), ``size`` at a
+    time: a backward pass keeps every block's activations, so its memory grows with the sequences at once."""
+    left = sequences
+    for batch in batches:
+        batch = dict(batch) if isinstance(batch, Mapping) else {"input_ids": tensors_of(batch)[0]}
+        rows = batch["input_ids"].shape[0]
+        for s in range(0, min(rows, left), size):
+            e = min(s + size, rows, left)
+            yield {k: v[s:e] for k, v in batch.items()}
+        left -= min(rows, left)
+        if left <= 0:
+            return
+
+
 def _add_squares(total: torch.Tensor, g: torch.Tensor) -> None:
     """A gradient hook: adds ``g``'s squares per unit (last axis); returns None, so ``g`` flows on unchanged."""
     total.add_(g.detach().double().square().reshape(-1, g.shape[-1]).sum(0))
 
 
-def _chunked_nll_backward(head: nn.Module, hidden: torch.Tensor, batch: Batch, cap: float | None,
+def _chunked_nll_backward(head: nn.Module, hidden: torch.Tensor, batch: dict[str, torch.Tensor], cap: float | None,
                           chunk: int) -> None:
     """Back-propagate the summed next-token NLL of ``batch`` from the final hidden state, the head applied to
     ``chunk`` token positions (of all sequences together) at a time."""
-    ids = batch["input_ids"] if isinstance(batch, dict) else tensors_of(batch)[0]
-    mask = attention_mask(batch) if isinstance(batch, dict) else None
+    ids, mask = batch["input_ids"], attention_mask(batch)
     detached = hidden.detach().requires_grad_(True)
     rows = detached[:, :-1].reshape(-1, detached.shape[-1])  # position t predicts token t + 1
     target = ids[:, 1:].clone()
