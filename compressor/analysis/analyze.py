@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compressor.analysis.batchnorm import conv_bn_pairs
-from compressor.analysis.decoder import decoder_analysis, is_decoder
+from compressor.analysis.decoder import FISHER, decoder_analysis, is_decoder
 from compressor.core.errors import CompressorError, PlanError
 from compressor.core.fold import apply_folds
 from compressor.core.handlers import LayerHandler, handler_for, handler_of_kind, kinds, weight_fingerprint
@@ -184,7 +184,8 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
             overrides: dict[str, int | None] | None = None, plan: Plan | None = None,
             progress: bool | None = None, calibration: Any = None, outputs: Sequence[str] | None = None,
             sequential: bool = True, sensitivity: bool = True, fold_batchnorm: bool = True,
-            example_inputs: Any = None, spatial: bool = True, threads: int | None = None) -> Plan:
+            example_inputs: Any = None, spatial: bool = True, threads: int | None = None,
+            weighting: str | None = FISHER) -> Plan:
     """Analyze every weight of ``model`` and choose a rank per layer; the model is not changed.
 
     Exactly one policy: ``energy`` (fraction of spectral energy kept per layer), ``rank`` (fixed),
@@ -208,6 +209,10 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     ``1 x kw`` conv (kind "conv2d-spatial") instead of the channel decomposition, chosen per layer where it
     loses less (weight or output error) at ``1 - target`` of its parameters.
 
+    A causal language model (:func:`compressor.analysis.decoder.is_decoder`) is calibrated block by block
+    (:mod:`compressor.analysis.decoder`); its layer errors are weighted by ``weighting`` (``"fisher"``: the
+    diagonal output-side Fisher; None: each layer's relative output error alike).
+
     ``threads``: torch threads for all of it (restored afterwards); by default (None) the weight-only work
     (every SVD, and the whole analysis without calibration) runs on one thread, which stays fast on a busy
     machine, while calibration forward passes keep the caller's setting (:mod:`compressor.core.threads`).
@@ -216,14 +221,14 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     with thread_budget(threads), torch_threads(LINALG_THREADS if weights_only else None):
         return _analyze(model, energy, rank, rank_ratio, target, rank_multiple, include, exclude, overrides, plan,
                         progress, calibration, outputs, sequential, sensitivity, fold_batchnorm, example_inputs,
-                        spatial)
+                        spatial, weighting)
 
 
 def _analyze(model: nn.Module, energy: float | None, rank: int | None, rank_ratio: float | None,
              target: float | None, rank_multiple: int, include: Sequence[str], exclude: Sequence[str],
              overrides: dict[str, int | None] | None, plan: Plan | None, progress: bool | None, calibration: Any,
              outputs: Sequence[str] | None, sequential: bool, sensitivity: bool, fold_batchnorm: bool,
-             example_inputs: Any, spatial: bool) -> Plan:
+             example_inputs: Any, spatial: bool, weighting: str | None) -> Plan:
     if plan is not None:
         if plan.method != "svd" and calibration is None:
             # Re-deriving a data-aware plan by plain SVD would keep its ranks but silently lose its quality.
@@ -267,7 +272,7 @@ def _analyze(model: nn.Module, energy: float | None, rank: int | None, rank_rati
         modules = {c.name: c.module for c in found if c.skip is None}
         if is_decoder(model):  # block by block: never the logits of every calibration token (analysis.decoder)
             cal = decoder_analysis(model, modules, as_batches(calibration), policy, rank_multiple, fixed,
-                                   sequential=sequential, progress=progress)
+                                   sequential=sequential, weighting=weighting, progress=progress)
         else:
             cal = calibrated_analysis(model, modules, as_batches(calibration), policy, rank_multiple, fixed,
                                       outputs=outputs, sequential=sequential, sensitivity=sensitivity,

@@ -1,0 +1,213 @@
+"""Causal language models compressed and measured as the low-rank LLM papers measure them: perplexity.
+
+    python benchmarks/causal.py --folder models/gemma3-270m --label "Gemma 3 270M" --targets 0.2 0.4 \
+        --name causal_gemma3_270m [--samples 256] [--windows 16] [--window 512] [--threads 2]
+
+For each target (the fraction of the decoder blocks' linear weights removed; embeddings and head stay dense)
+it compares, each method in a child process of its own (peak RSS from the kernel, ``wait4``):
+
+* ``plain``: ``compressor.analyze(target=...)`` without data (truncated SVD, global allocation by spectrum);
+* ``reference``: an SVD-LLM-style method written here, independently of the package: each layer's
+  calibration Gram matrix ``X^T X`` from the original model, Cholesky whitening (a tiny ridge only when the
+  factorization fails), the truncated SVD of ``W S`` mapped back, and the same parameter ratio for every
+  layer (no sequential update, no allocation);
+* ``data-aware``: ``compressor.analyze(target=..., calibration=...)``, the package's default for decoders
+  (block-by-block, sequential refits, Fisher-weighted factors and allocation);
+* ``data-aware (relative)``: the same with ``weighting=None`` (each layer's relative output error counts the
+  same, as compressor allocated before the Fisher weighting);
+* ``data-aware (uniform ranks)``: the package's factors at the reference's uniform ranks (the allocation's
+  share of the gain).
+
+Perplexity: :func:`compressor.data.perplexity.perplexity` on the evaluation text (windows of ``--window``
+tokens, no overlap, BOS first in each window, the first ``--windows`` windows). Texts: the standard
+library's docstrings (:func:`compressor.examples.write_docstring_texts`), evaluation and calibration from
+disjoint modules; calibration is ``--samples`` sequences of 128 tokens cut from the calibration text's token
+stream. Writes ``benchmarks/results/NAME.json``, ``.md`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import environment, load_average, log, md_table
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+METHODS = ("plain", "reference", "data-aware", "data-aware-relative", "data-aware-uniform")
+BLOCKS = "model.layers.*"
+
+
+def load(folder: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
+    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
+def uniform_ranks(model, target: float) -> dict[str, int]:
+    """The rank giving every block linear layer the same share ``target`` of its parameters removed."""
+    return {n: int((1 - target) * m.in_features * m.out_features / (m.in_features + m.out_features))
+            for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)}
+
+
+@torch.no_grad()
+def reference_svd_llm(model, batches: list[dict], target: float) -> None:
+    """SVD-LLM-style truncation in place: per layer Cholesky whitening of its calibration Gram matrix, the
+    same parameter ratio everywhere (the dense weight is replaced by its rank-r product)."""
+    ranks = uniform_ranks(model, target)
+    layers = {n: model.get_submodule(n) for n in ranks}
+    grams = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in layers.items()}
+    hooks = [m.register_forward_pre_hook(
+        lambda _m, a, n=n: grams[n].add_((x := a[0].reshape(-1, a[0].shape[-1]).double()).T @ x))
+        for n, m in layers.items()]
+    for b in batches:
+        model.model(**b)  # the decoder body only: the reference needs no logits either
+    for h in hooks:
+        h.remove()
+    for n, m in layers.items():
+        C = grams[n]
+        eps = 0.0
+        while True:
+            L, info = torch.linalg.cholesky_ex(C + eps * torch.eye(len(C), dtype=C.dtype))
+            if int(info) == 0:
+                break
+            eps = max(eps * 10, 1e-6 * float(C.diagonal().mean()))
+        W = m.weight.double()
+        U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+        r = ranks[n]
+        L_inv = torch.linalg.solve_triangular(L, torch.eye(len(L), dtype=L.dtype), upper=False)
+        m.weight.copy_(((U[:, :r] * S[:r]) @ (Vh[:r] @ L_inv)).float())
+
+
+def child(spec: dict) -> dict:
+    """One method at one target: analysis (timed), rewrite, perplexity."""
+    import compressor
+    from compressor.core.rewrite import rewrite
+    from compressor.data.calibration import load_calibration
+    from compressor.data.perplexity import perplexity, read_corpus
+
+    torch.set_num_threads(spec["threads"])
+    model, tok = load(spec["folder"])
+    corpus = read_corpus(spec["eval"], tok)
+    method, target = spec["method"], spec["target"]
+    out: dict = {"method": method, "target": target}
+    start = time.perf_counter()
+    if method != "dense":
+        cal = None
+        if method != "plain":
+            cal = load_calibration(spec["calibration"], tokenizer=tok, samples=spec["samples"], stream=True)
+        if method == "reference":
+            reference_svd_llm(model, cal, target)
+            out["removed_fraction"] = target  # by construction (uniform ranks; integer rounding aside)
+        else:
+            kw: dict = {"target": target, "include": [BLOCKS], "progress": True}
+            if cal is not None:
+                kw["calibration"] = cal
+            if method == "data-aware-relative":
+                kw["weighting"] = None
+            if method == "data-aware-uniform":
+                kw["overrides"] = uniform_ranks(model, target)
+            plan = compressor.analyze(model, **kw)
+            rewrite(model, plan)
+            out["removed_fraction"] = round(plan.totals()["removed_fraction"], 4)
+            out["layers_factored"] = plan.totals()["layers_factored"]
+            out["params_after"] = plan.totals()["params_after"]
+        out["analysis_s"] = round(time.perf_counter() - start, 1)
+        out["analysis_peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    p = perplexity(model, corpus, window=spec["window"], max_windows=spec["windows"])
+    out.update(ppl=round(p.ppl, 3), protocol=p.describe(), eval_tokens=p.tokens)
+    return out
+
+
+def run_child(spec: dict, threads: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec), "--result", str(result)],
+                                env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            return {**{k: spec[k] for k in ("method", "target")}, "error": f"exit {os.waitstatus_to_exitcode(status)}"}
+        out = json.loads(result.read_text())
+        out["wall_s"] = round(time.perf_counter() - start, 1)
+        out["peak_rss_gib"] = round(usage.ru_maxrss / 2**20, 2)  # KiB on Linux
+        out["load_after"] = load_average()
+        return out
+
+
+def markdown(res: dict) -> str:
+    dense = next(r["ppl"] for r in res["runs"] if r["method"] == "dense")
+    lines = [f"# {res['label']}: perplexity after low-rank compression", "",
+             f"Command: `{res['env']['command']}`", "",
+             f"Model folder: `{res['folder']}`. Evaluation: {res['protocol']}. Calibration: {res['samples']} "
+             f"sequences of 128 tokens from `{res['calibration_name']}` (sha256 {res['calibration_sha256'][:12]}). "
+             f"Threads {res['threads']}; load average before {res['load_before']}.", "",
+             f"Dense perplexity: **{dense:.3f}**.", ""]
+    rows = []
+    for r in res["runs"]:
+        if r["method"] == "dense":
+            continue
+        if "error" in r:
+            rows.append([f"{r['target']:.0%}", r["method"], r["error"], "", "", "", ""])
+            continue
+        rows.append([f"{r['target']:.0%}", r["method"], f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.3f}x",
+                     r.get("removed_fraction", ""), r.get("analysis_s", ""), r.get("peak_rss_gib", "")])
+    lines.append(md_table(["removed (block linear weights)", "method", "perplexity", "x dense",
+                           "removed (measured)", "analysis + rewrite s", "peak RSS GiB"], rows))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--folder")
+    ap.add_argument("--label", default="model")
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.4])
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="causal")
+    ap.add_argument("--child")
+    ap.add_argument("--result")
+    a = ap.parse_args()
+    if a.child:
+        Path(a.result).write_text(json.dumps(child(json.loads(a.child))))
+        return
+    from compressor.core.fileio import atomic_write_text
+    from compressor.examples import write_docstring_texts
+
+    texts = Path(tempfile.mkdtemp(prefix="causal-texts-"))
+    info = write_docstring_texts(texts)
+    base = {"folder": a.folder, "eval": info["eval"]["path"], "calibration": info["calibration"]["path"],
+            "samples": a.samples, "windows": a.windows, "window": a.window, "threads": a.threads}
+    res = {"label": a.label, "folder": a.folder, "samples": a.samples, "threads": a.threads,
+           "env": environment(" ".join(["python", *sys.argv])), "load_before": load_average(),
+           "texts": info, "calibration_name": "docstrings.calibration.txt",
+           "calibration_sha256": info["calibration"]["sha256"], "runs": []}
+    res["runs"].append(run_child({**base, "method": "dense", "target": 0.0}, a.threads))
+    res["protocol"] = res["runs"][0].get("protocol", "")
+    log(f"dense: {res['runs'][0]}")
+    out = RESULTS / a.name
+    for target in a.targets:
+        for method in a.methods.split(","):
+            r = run_child({**base, "method": method, "target": target}, a.threads)
+            log(f"{target} {method}: {r}")
+            res["runs"].append(r)
+            atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=1))
+            atomic_write_text(out.with_suffix(".md"), markdown(res))
+    log(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
