@@ -66,9 +66,11 @@ def reference_svd_llm(model, batches: list[dict], target: float) -> None:
     ranks = uniform_ranks(model, target)
     layers = {n: model.get_submodule(n) for n in ranks}
     grams = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in layers.items()}
-    hooks = [m.register_forward_pre_hook(
-        lambda _m, a, n=n: grams[n].add_((x := a[0].reshape(-1, a[0].shape[-1]).double()).T @ x))
-        for n, m in layers.items()]
+    def gram(name: str, x: torch.Tensor) -> None:  # returns None: the layer's input is not replaced
+        x = x.reshape(-1, x.shape[-1]).double()
+        grams[name].add_(x.T @ x)
+
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: gram(n, a[0])) for n, m in layers.items()]
     for b in batches:
         model.model(**b)  # the decoder body only: the reference needs no logits either
     for h in hooks:
@@ -148,7 +150,8 @@ def run_child(spec: dict, threads: int) -> dict:
 def markdown(res: dict) -> str:
     dense = next(r["ppl"] for r in res["runs"] if r["method"] == "dense")
     lines = [f"# {res['label']}: perplexity after low-rank compression", "",
-             f"Command: `{res['env']['command']}`", "",
+             f"Command: `{res['env']['command']}`"
+             + "".join(f"; earlier: `{c}`" for c in res["env"].get("earlier_commands", [])), "",
              f"Model folder: `{res['folder']}`. Evaluation: {res['protocol']}. Calibration: {res['samples']} "
              f"sequences of 128 tokens from `{res['calibration_name']}` (sha256 {res['calibration_sha256'][:12]}). "
              f"Threads {res['threads']}; load average before {res['load_before']}.", "",
@@ -178,6 +181,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="causal")
+    ap.add_argument("--append", action="store_true", help="add to (or redo in) an earlier result of --name")
     ap.add_argument("--child")
     ap.add_argument("--result")
     a = ap.parse_args()
@@ -195,15 +199,22 @@ def main() -> None:
            "env": environment(" ".join(["python", *sys.argv])), "load_before": load_average(),
            "texts": info, "calibration_name": "docstrings.calibration.txt",
            "calibration_sha256": info["calibration"]["sha256"], "runs": []}
-    res["runs"].append(run_child({**base, "method": "dense", "target": 0.0}, a.threads))
-    res["protocol"] = res["runs"][0].get("protocol", "")
-    log(f"dense: {res['runs'][0]}")
     out = RESULTS / a.name
+    if a.append and out.with_suffix(".json").exists():  # add runs to an earlier result (same texts, dense)
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        if earlier["calibration_sha256"] != res["calibration_sha256"]:
+            raise SystemExit("the earlier result used another calibration text")
+        res["runs"], res["env"]["earlier_commands"] = earlier["runs"], [earlier["env"]["command"],
+                                                                       *earlier["env"].get("earlier_commands", [])]
+    else:
+        res["runs"].append(run_child({**base, "method": "dense", "target": 0.0}, a.threads))
+        log(f"dense: {res['runs'][0]}")
+    res["protocol"] = res["runs"][0].get("protocol", "")
     for target in a.targets:
         for method in a.methods.split(","):
             r = run_child({**base, "method": method, "target": target}, a.threads)
             log(f"{target} {method}: {r}")
-            res["runs"].append(r)
+            res["runs"] = [x for x in res["runs"] if (x["method"], x["target"]) != (method, target)] + [r]
             atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=1))
             atomic_write_text(out.with_suffix(".md"), markdown(res))
     log(markdown(res))

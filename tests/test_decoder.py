@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from compressor.analysis.analyze import find_layers  # noqa: E402
-from compressor.analysis.decoder import HEAD_CHUNK, decoder_analysis, is_decoder, output_fisher  # noqa: E402
+from compressor.analysis.decoder import decoder_analysis, is_decoder, output_fisher  # noqa: E402
 from compressor.core.policies import TargetPolicy  # noqa: E402
 from compressor.data.calibration import calibrated_analysis  # noqa: E402
 
@@ -64,10 +64,11 @@ def test_block_passes_match_the_whole_model_pass(kind):
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_the_head_never_sees_more_than_a_chunk(kind, monkeypatch):
     """Memory does not grow with vocabulary x tokens: without weighting the head never runs; with the Fisher
-    weighting it runs on at most HEAD_CHUNK positions per call, whatever the sequence length."""
-    import compressor.analysis.decoder as decoder
+    weighting it runs on at most a chunk of positions per call (data.perplexity.head_chunk), whatever the
+    sequence length."""
+    import compressor.data.perplexity as perplexity
 
-    monkeypatch.setattr(decoder, "HEAD_CHUNK", 5)
+    monkeypatch.setattr(perplexity, "HEAD_CHUNK_BYTES", 5 * 4 * 211)  # five positions of logits
     model = MODELS[kind](vocab=211)
     seen: list[int] = []
     head = model.get_output_embeddings()
@@ -75,9 +76,8 @@ def test_the_head_never_sees_more_than_a_chunk(kind, monkeypatch):
     mods, data = layers(model), batches(211, length=23)
     decoder_analysis(model, mods, data, TargetPolicy(0.3), 1, {}, weighting=None)
     assert seen == []
-    decoder.output_fisher(model, mods, data, chunk=decoder.HEAD_CHUNK)
+    output_fisher(model, mods, data)
     assert seen and max(seen) <= 5 and sum(seen) == len(data) * 4 * 22  # every position, once
-    assert HEAD_CHUNK >= 64
 
 
 def test_output_fisher_equals_a_brute_force_gradient():

@@ -59,12 +59,11 @@ from compressor.data.calibration import (
     whitened_decomposition,
 )
 from compressor.data.inputs import Batch, attention_mask, call, map_tensors, tensors_of
+from compressor.data.perplexity import head_chunk, token_nll
 
-# Calibration sequences the output-side Fisher is estimated on (a forward and backward pass each), and the
-# positions the output head is applied to at once (Gemma 3's 262,144-token head: 256 MB of float32 logits).
+# Calibration sequences the output-side Fisher is estimated on (a forward and backward pass each).
 FISHER_SEQUENCES = 64
 FISHER_MICRO_BATCH = 8  # sequences per backward pass: activations of every block are kept for it
-HEAD_CHUNK = 256
 # Layer-error weightings: "fisher" (output-side, diagonal) or None (every layer's relative error alike).
 FISHER = "fisher"
 WEIGHTINGS = (FISHER, None)
@@ -143,22 +142,24 @@ def _raise() -> None:
 
 
 def output_fisher(model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch],
-                  sequences: int = FISHER_SEQUENCES, chunk: int = HEAD_CHUNK) -> dict[str, torch.Tensor]:
+                  sequences: int = FISHER_SEQUENCES, chunk: int | None = None) -> dict[str, torch.Tensor]:
     """The diagonal output-side Fisher of each layer in ``modules``: over the first ``sequences`` calibration
     sequences, the sum over tokens of ``(dL/dy)**2`` per output unit ``y`` of the layer, ``L`` the language
     model's summed next-token negative log-likelihood (padding left out). It says how much an error in each
     output unit costs the model's loss (KFAC-SVD's output-side factor, kept diagonal).
 
-    The head runs on chunks of ``chunk`` token positions, each chunk's loss back-propagated to the final hidden
-    state before the next chunk's logits exist: the logits over the vocabulary are never held for a whole
-    batch. No parameter gradient is kept (parameters are frozen for the pass; the graph starts at the
-    embeddings' output)."""
+    The head runs on chunks of ``chunk`` token positions (default: as many as
+    :func:`compressor.data.perplexity.head_chunk` allows the vocabulary), each chunk's loss back-propagated
+    to the final hidden state before the next chunk's logits exist: the logits over the vocabulary are never
+    held for a whole batch. No parameter gradient is kept (parameters are frozen for the pass; the graph
+    starts at the embeddings' output)."""
     head = model.get_output_embeddings()
     embed = model.get_input_embeddings()
     if head is None or embed is None:
         raise CompressorError(f"{type(model).__name__} has no output head or input embeddings to weight layer "
                               "errors by", "calibrate it without output weighting")
     cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    chunk = chunk if chunk is not None else head_chunk(_out_features(head))
     fisher = {n: torch.zeros(_out_features(m), dtype=torch.float64) for n, m in modules.items()}
     frozen = {p: p.requires_grad for p in model.parameters()}
     state: dict[str, Any] = {}
@@ -216,23 +217,20 @@ def _add_squares(total: torch.Tensor, g: torch.Tensor) -> None:
     total.add_(g.detach().double().square().reshape(-1, g.shape[-1]).sum(0))
 
 
-def _chunked_nll_backward(head: nn.Module, hidden: torch.Tensor, batch: dict[str, torch.Tensor], cap: float | None,
-                          chunk: int) -> None:
+def _chunked_nll_backward(head: nn.Module, hidden: torch.Tensor, batch: dict[str, torch.Tensor],
+                          cap: float | None, chunk: int) -> None:
     """Back-propagate the summed next-token NLL of ``batch`` from the final hidden state, the head applied to
     ``chunk`` token positions (of all sequences together) at a time."""
     ids, mask = batch["input_ids"], attention_mask(batch)
     detached = hidden.detach().requires_grad_(True)
     rows = detached[:, :-1].reshape(-1, detached.shape[-1])  # position t predicts token t + 1
-    target = ids[:, 1:].clone()
-    if mask is not None:
-        target[mask[:, 1:] == 0] = -100
-    target = target.reshape(-1)
+    target = ids[:, 1:].reshape(-1)
+    if mask is not None:  # padding is neither predicted nor predicts
+        keep = (mask[:, 1:] * mask[:, :-1]).reshape(-1).bool()
+        rows, target = rows[keep], target[keep]
     for s in range(0, rows.shape[0], chunk):
-        logits = head(rows[s:s + chunk]).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        loss = nn.functional.cross_entropy(logits, target[s:s + chunk], reduction="sum", ignore_index=-100)
-        loss.backward(retain_graph=True)  # the graph of ``rows`` (a view of ``detached``) is shared by the chunks
+        # the graph of ``rows`` (a view of ``detached``) is shared by the chunks
+        token_nll(head(rows[s:s + chunk]), target[s:s + chunk], cap).sum().backward(retain_graph=True)
     hidden.backward(detached.grad)
 
 
