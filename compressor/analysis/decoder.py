@@ -259,12 +259,14 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
     shapes = {n: tuple(handlers[n].weight_matrix(m).shape) for n, m in modules.items()}
     decs: dict[str, Decomposition] = {}
     infos: dict[str, dict[str, Any]] = {}
-    show = _Progress(blocks * (2 if sequential else 1), progress)
+    show = _Progress(blocks * (2 if sequential else 1) + (1 if weighting == FISHER else 0), progress)
     weights: dict[str, torch.Tensor] = {}
     if weighting == FISHER:
+        show.say(f"calibrating: output-side Fisher on {FISHER_SEQUENCES} sequences at most (forward and backward)")
         fisher = output_fisher(model, {n: m for n, m in modules.items() if n.startswith(f"{passes.name}.")},
                                batches)
         weights = {n: f + FISHER_FLOOR * f.mean().clamp(min=1e-30) for n, f in fisher.items()}
+        show.step("output-side Fisher done")
 
     def own_rank(name: str, dec: Decomposition) -> int | None:
         """The rank a per-layer policy gives (None under a target: allocated across layers)."""
@@ -417,11 +419,13 @@ class _Progress:
 
     def step(self, what: str) -> None:
         self.done += 1
+        spent = time.perf_counter() - self.start
+        left = spent / self.done * (self.steps - self.done)
+        self.say(f"calibrating: {what}, {_clock(spent)} spent, about {_clock(left)} left")
+
+    def say(self, line: str) -> None:
         if self.on:
-            spent = time.perf_counter() - self.start
-            left = spent / self.done * (self.steps - self.done)
-            print(f"calibrating: {what}, {_clock(spent)} spent, about {_clock(left)} left", file=sys.stderr,
-                  flush=True)
+            print(line, file=sys.stderr, flush=True)
 
 
 def _clock(seconds: float) -> str:
