@@ -170,6 +170,39 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(res: dict, path: Path) -> None:
+    """Perplexity per method and target (log scale), the dense model's as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in res["runs"] if "ppl" in r]
+    dense = next(r["ppl"] for r in runs if r["method"] == "dense")
+    targets = sorted({r["target"] for r in runs if r["method"] != "dense"})
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(1, len(methods))
+    for k, method in enumerate(methods):
+        xs, ys = [], []
+        for i, t in enumerate(targets):
+            r = next((r for r in runs if r["method"] == method and r["target"] == t), None)
+            if r is not None:
+                xs.append(i + k * width)
+                ys.append(r["ppl"])
+        ax.bar(xs, ys, width, label=method)
+    ax.axhline(dense, color="black", linestyle="--", label=f"dense {dense:.2f}")
+    ax.set_yscale("log")
+    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(targets))],
+                  [f"{t:.0%} removed" for t in targets])
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(f"{res['label']}: perplexity on held-out docstrings")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--folder")
@@ -216,7 +249,8 @@ def main() -> None:
             log(f"{target} {method}: {r}")
             res["runs"] = [x for x in res["runs"] if (x["method"], x["target"]) != (method, target)] + [r]
             atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=1))
-            atomic_write_text(out.with_suffix(".md"), markdown(res))
+            atomic_write_text(out.with_suffix(".md"), markdown(res) + f"\n![perplexity]({out.name}.png)\n")
+            plot(res, out.with_suffix(".png"))
     log(markdown(res))
 
 
