@@ -19,7 +19,7 @@ import torch
 
 import compressor
 from compressor import zoo
-from compressor.data import calibration
+from compressor.analysis import calibration
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.data import calibration
-from compressor.data.calibration import DAMPING, Moments, held_out_errors, held_out_ridge, whitened_decomposition
+from compressor.analysis import calibration
+from compressor.analysis.calibration import DAMPING, Moments, held_out_errors, held_out_ridge, whitened_decomposition
 
 
 def _net() -> nn.Sequential:

@@ -12,15 +12,10 @@ import torch
 from torch import nn
 
 import compressor
+from compressor.analysis.calibration import Moments, embedding_decomposition, whitened_decomposition, whitening
 from compressor.core.errors import CompressorError, PlanError
 from compressor.core.svd import svd
-from compressor.data.calibration import (
-    Moments,
-    embedding_decomposition,
-    load_calibration,
-    whitened_decomposition,
-    whitening,
-)
+from compressor.data.calibration import load_calibration
 from compressor.examples import minilm_path
 
 

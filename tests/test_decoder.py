@@ -10,9 +10,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from compressor.analysis.analyze import find_layers  # noqa: E402
+from compressor.analysis.calibration import calibrated_analysis  # noqa: E402
 from compressor.analysis.decoder import decoder_analysis, is_decoder, output_fisher  # noqa: E402
 from compressor.core.policies import TargetPolicy  # noqa: E402
-from compressor.data.calibration import calibrated_analysis  # noqa: E402
 
 
 def gemma3(vocab: int = 97, seed: int = 0):

@@ -90,3 +90,16 @@ def test_no_import_cycles_between_modules():
         if v not in index:
             visit(v)
     assert not cycles, cycles
+
+
+# What data/ may use of the package: errors, files and its own modules. The calibrated analysis (whitening,
+# statistics, refits: core.svd, core.handlers, core.policies and up) lives in analysis/, not data/.
+DATA_MAY_IMPORT = ("compressor.core.errors", "compressor.core.fileio", "compressor.data.")
+
+
+def test_data_holds_inputs_and_loaders_not_algorithms():
+    modules = _modules()
+    bad = [f"{path.relative_to(REPO)}:{line} imports {module}"
+           for mod, path in modules.items() if mod.startswith("compressor.data")
+           for module, _name, line in _imports(path, modules) if not module.startswith(DATA_MAY_IMPORT)]
+    assert not bad, "\n".join(bad)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compressor.analysis.batchnorm import conv_bn_pairs
+from compressor.analysis.calibration import calibrated_analysis
 from compressor.analysis.decoder import FISHER, decoder_analysis, is_decoder
 from compressor.core.errors import CompressorError, PlanError
 from compressor.core.fold import apply_folds
@@ -34,7 +35,6 @@ from compressor.core.policies import (
 )
 from compressor.core.svd import Decomposition, break_even_rank, energy_kept, max_saving_rank, svd
 from compressor.core.threads import LINALG_THREADS, thread_budget, torch_threads
-from compressor.data.calibration import calibrated_analysis
 from compressor.data.inputs import as_batches
 
 PROGRESS_MIN_LAYERS = 16  # below this, a progress bar is noise
@@ -195,7 +195,7 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     own policy and ranks (used to re-apply a plan a person edited).
 
     ``calibration`` (model inputs: a tensor, tuple or mapping of tensors such as a tokenizer's output, or
-    a list of them) makes the analysis data-aware (see :mod:`compressor.data.calibration`): factors
+    a list of them) makes the analysis data-aware (see :mod:`compressor.analysis.calibration`): factors
     minimise each layer's output error, ``energy`` is of the whitened spectrum, ``target`` is spent by
     measured output error (with ``sensitivity``, over the model's ``outputs``: every floating output by
     default), and ``sequential`` refits each layer on the inputs of the compressed layers before it.

@@ -3,7 +3,7 @@ a time, in memory.
 
     cal = decoder_analysis(model, modules, batches, TargetPolicy(0.2), 1, {})   # what analyze() calls
 
-The general calibrated path (:func:`compressor.data.calibration.calibrated_analysis`) hooks every layer of
+The general calibrated path (:func:`compressor.analysis.calibration.calibrated_analysis`) hooks every layer of
 the whole model at once, compares the model's outputs to measure sensitivities and refits layers on inputs
 replayed through the whole compressed prefix. On a decoder its outputs are logits over the vocabulary (1 MB
 per calibration token for Gemma 3's 262,144 tokens in float32) and each probe is a whole forward pass: Gemma
@@ -19,7 +19,7 @@ activations are held at a time:
    then ``o``, then ``gate/up``, then ``down``), each group of layers is refit on the inputs ``X^`` that the
    already-compressed blocks and layers before it produce, against the original layer's output on the
    original inputs ``X``: the rank-r ``W'`` minimising ``||W X - W' X^||`` (see
-   :func:`compressor.data.calibration.whitened_decomposition`). Later layers thereby absorb part of the
+   :func:`compressor.analysis.calibration.whitened_decomposition`). Later layers thereby absorb part of the
    error of the earlier ones, across blocks as well as within one. The original and the compressed block
    outputs are both carried to the next block (two copies of ``tokens x hidden``).
 
@@ -43,12 +43,7 @@ import torch
 from torch import nn
 
 from compressor.analysis.blocks import block_list
-from compressor.core.errors import CompressorError
-from compressor.core.handlers import handler_for
-from compressor.core.policies import LayerSpectrum, Policy, TargetPolicy, allocate
-from compressor.core.rewrite import factor_module
-from compressor.core.svd import Decomposition, max_saving_rank
-from compressor.data.calibration import (
+from compressor.analysis.calibration import (
     DAMPING,
     Calibrated,
     Moments,
@@ -58,6 +53,11 @@ from compressor.data.calibration import (
     output_error,
     whitened_decomposition,
 )
+from compressor.core.errors import CompressorError
+from compressor.core.handlers import handler_for
+from compressor.core.policies import LayerSpectrum, Policy, TargetPolicy, allocate
+from compressor.core.rewrite import factor_module
+from compressor.core.svd import Decomposition, max_saving_rank
 from compressor.data.inputs import Batch, attention_mask, call, map_tensors, tensors_of
 from compressor.data.perplexity import head_chunk, token_nll
 

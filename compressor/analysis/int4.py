@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressor.analysis.calibration import Calibrator, whitened_decomposition
 from compressor.core.errors import CompressorError
 from compressor.core.handlers import INT4_BLOCK_SIZE, fake_int4_weight, handler_for
 from compressor.core.policies import EnergyPolicy, LayerSpectrum, RankPolicy, allocate, policy_from_options
 from compressor.core.svd import Decomposition, svd
-from compressor.data.calibration import Calibrator, whitened_decomposition
 from compressor.data.inputs import as_batches
 
 CORRECTION_RULES = ("rank", "energy", "budget")

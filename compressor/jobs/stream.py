@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from compressor.analysis.analyze import check_patterns, find_layers, layer_plan, unique_param_count
+from compressor.analysis.calibration import DAMPING, calibration_info, output_error
 from compressor.analysis.stream import SVD_METHODS, LayerTask, bounded_spectrum, timed_layer
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_text, file_in_folder, signals_deferred
@@ -43,7 +44,7 @@ from compressor.core.plan import Plan
 from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate, policy_from_options, policy_to_dict
 from compressor.core.statefile import SEAL_SUFFIX, is_sealed, load_json, read_sealed, write_sealed
 from compressor.core.svd import Decomposition, check_svd_fits, max_saving_rank
-from compressor.data.calibration import DAMPING, calibration_info, describe, output_error
+from compressor.data.calibration import describe
 from compressor.formats.save import hf_architecture, write_meta
 from compressor.formats.shards import Checkpoint, ShardWriter
 from compressor.jobs.compress import Options, default_out, weights_only_model
@@ -606,7 +607,7 @@ class _Blockwise:
             self.seconds[f"{tag} outside the blocks"] = round(time.perf_counter() - t, 3)
 
     def _layer(self, name: str, moments, ranks: dict[str, int | None] | None) -> None:
-        from compressor.data.calibration import decompose
+        from compressor.analysis.calibration import decompose
 
         task = self.tasks[name]
         t = time.perf_counter()
