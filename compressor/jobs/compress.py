@@ -212,9 +212,11 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
                 inputs = example_inputs(loaded, opts)
                 exports = _export(model, original, inputs, tmp, plan, opts, calibration)
                 step("export")
+        # analyze rewrites nothing: its parameter counts are what the plan would give.
+        planned = (plan.totals()["params_before"], plan.totals()["params_after"]) if mode == "analyze" else None
         report = build_report(source=source, out=out, mode=mode, loaded=loaded, plan=plan,
                               original=original, compressed=model, exports=exports, timings=timings,
-                              options=opts, folder=tmp)
+                              options=opts, folder=tmp, params=planned)
         report.warnings = []
         if report.latency and "model.onnx" in report.latency["slower_than_dense"]:
             # --latency-aware never hands back a compressed model slower than the dense one.
