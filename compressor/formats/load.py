@@ -6,8 +6,10 @@ extension), without running code from it unless the user says so.
 
 Formats: a pickled ``nn.Module`` ("torch-module"; loads without a flag only when every class it names
 is torch's own or compressor's), a state_dict ("state-dict" / "safetensors"; a model only with
-``arch``), a Hugging Face folder ("hf-folder"), a folder written by :func:`compressor.save`
-("compressor") and ``torch.export`` programs ("torch-export", only with ``trust_pickle``).
+``arch``), a Hugging Face folder ("hf-folder"), a GGUF file ("gguf": llama.cpp's format, which carries no
+code; dequantized to a plain float32 Hugging Face model with its tokenizer), a folder written by
+:func:`compressor.save` ("compressor") and ``torch.export`` programs ("torch-export", only with
+``trust_pickle``).
 Every bad input raises :class:`CompressorError`; the input is only ever read.
 
 Hostile inputs: only regular files are opened (a FIFO would block forever); a folder's own Python code
@@ -21,6 +23,7 @@ that prefix stripped, with a note.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -69,7 +72,8 @@ WEIGHTS, PLAN, META, STRUCTURE = "model.safetensors", "plan.json", "compressor.j
 INDEX = "model.safetensors.index.json"  # a Hugging Face folder's weights as shards (compress --stream)
 
 
-FORMATS = ("torch-module", "state-dict", "safetensors", "hf-folder", "compressor", "torch-export", "onnx")
+FORMATS = ("torch-module", "state-dict", "safetensors", "hf-folder", "gguf", "compressor", "torch-export", "onnx")
+GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file (llama.cpp's gguf spec)
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a pre-1.6 (non-zip) torch.save file
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module")  # common training checkpoints
 # What nn.DataParallel / DistributedDataParallel and torch.compile put before every state_dict key.
@@ -109,6 +113,8 @@ def load_model(path: str | Path, *, trust_pickle: bool = False, arch: str | None
         loaded = load_compressed(path, trust_pickle=trust_pickle, arch=arch, device=device)
     elif kind == "hf-folder":
         loaded = _load_hf(path, trust_pickle, device)
+    elif kind == "gguf":
+        loaded = _load_gguf(path, device)
     elif kind == "torch-export":
         loaded = _load_export(path, trust_pickle, device)
     elif kind == "pickle":
@@ -151,8 +157,8 @@ def load(path: str | Path, *, trust_pickle: bool = False, arch: str | None = Non
 
 
 def detect_format(path: Path) -> str:
-    """"compressor", "hf-folder", "torch-zip", "torch-legacy", "pickle", "torch-export" or "safetensors", read
-    from the content; anything else raises :class:`CompressorError`."""
+    """"compressor", "hf-folder", "torch-zip", "torch-legacy", "pickle", "torch-export", "safetensors" or
+    "gguf", read from the content; anything else raises :class:`CompressorError`."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -180,6 +186,8 @@ def detect_format(path: Path) -> str:
         head = f.read(9)
     if head[:4] == b"PK\x03\x04":
         return _zip_format(path)
+    if head[:4] == GGUF_MAGIC:
+        return "gguf"
     if head[:1] == b"\x80":  # pickle protocol 2+
         return "torch-legacy" if _is_torch_legacy(path) else "pickle"
     header_len = int.from_bytes(head[:8], "little")
@@ -191,7 +199,8 @@ def detect_format(path: Path) -> str:
     what = ("a text/JSON file" if head.lstrip()[:1] in (b"{", b"[")
             else "not a model file (not a torch checkpoint, safetensors file or model folder)")
     raise CompressorError(f"'{path}' is {what}",
-                          "pass a file written by torch.save or safetensors, or a Hugging Face model folder")
+                          "pass a file written by torch.save or safetensors, a GGUF file or a Hugging Face model "
+                          "folder")
 
 
 def check_folder(path: Path) -> None:
@@ -505,6 +514,64 @@ def _load_hf(path: Path, trust_pickle: bool, device) -> Loaded:
         model.to(device)
     return Loaded(model, "hf-folder", path, tokenizer=hf_tokenizer(path),
                   meta={"hf_config": config, "hf_class": type(model).__name__, "needs_trust_pickle": False})
+
+
+def _load_gguf(path: Path, device) -> Loaded:
+    """A GGUF file (llama.cpp's format: config, tokenizer and weights, often quantized, and no code) as a
+    plain float32 Hugging Face model: transformers reads and dequantizes it (``gguf_file=``), then the
+    weights go into a model built from the same config without its ``quantization_config``, which
+    transformers would otherwise keep (and ``save_pretrained`` refuse), so the model is saved and exported
+    like any Hugging Face model."""
+    transformers = hf_module()
+    if not transformers.utils.is_gguf_available():
+        raise CompressorError(f"reading the GGUF file '{path}' needs the gguf package", "pip install gguf")
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    # transformers takes a folder and a file name in it; the file itself was checked by detect_format.
+    where = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name, local_files_only=True,
+                 trust_remote_code=False)
+    try:
+        with _gguf_bar_off():
+            quantized = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CompressorError(f"could not load the GGUF file '{path}' ({first})",
+                              "pass a GGUF file of a causal language model that transformers supports, "
+                              "or convert it to a Hugging Face folder") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(**where)
+    except Exception:  # a GGUF file need not carry a tokenizer (then no example inputs either)
+        tokenizer = None
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with _parameters_on_meta():  # no random initialisation: every weight comes from the file
+        model = type(quantized)._from_config(config)
+    assign_weights(model, quantized.state_dict(), f"the model in '{path}'")
+    del quantized
+    if device is not None:
+        model.to(device)
+    return Loaded(model, "gguf", path, tokenizer=tokenizer,
+                  meta={"hf_config": config.to_dict(), "hf_class": type(model).__name__, "needs_trust_pickle": False})
+
+
+@contextlib.contextmanager
+def _gguf_bar_off() -> Iterator[None]:
+    """transformers' GGUF reader draws its own progress bar whatever its logging settings (tqdm reads
+    TQDM_DISABLE only at import): switched off for the block, as --quiet must mean quiet."""
+    module = sys.modules.get("transformers.modeling_gguf_pytorch_utils") or importlib.import_module(
+        "transformers.modeling_gguf_pytorch_utils")
+    bar = getattr(module, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    module.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = bar
 
 
 def _check_config_size(path: Path, cls, transformers, trust_pickle: bool) -> None:
