@@ -547,6 +547,7 @@ def _load_gguf(path: Path, device) -> Loaded:
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    config.architectures = [type(quantized).__name__]  # as save_pretrained writes it; the GGUF names none
     with _parameters_on_meta():  # no random initialisation: every weight comes from the file
         model = type(quantized)._from_config(config)
     assign_weights(model, quantized.state_dict(), f"the model in '{path}'")
