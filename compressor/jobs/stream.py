@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from compressor.analysis.analyze import check_patterns, find_layers, layer_plan, unique_param_count
+from compressor.analysis.analyze import check_patterns, find_layers, layer_plan, tied_notes, unique_param_count
 from compressor.analysis.stream import SVD_METHODS, LayerTask, bounded_spectrum, timed_layer
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_bytes, atomic_write_text, signals_deferred
@@ -130,6 +130,7 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
                                             damping=DAMPING, spatial_layers=())
         for lp in plan.factored:
             lp.estimated_output_error = output_error(decs[lp.name], infos[lp.name], lp.rank)
+    plan.notes += tied_notes(found, plan.params_total_before)  # as the in-memory analysis notes them
     if not tasks:
         plan.notes.append("no layer of this model can be factored")
     if isinstance(policy, TargetPolicy):
