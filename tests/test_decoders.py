@@ -251,6 +251,14 @@ def test_compress_of_a_gguf_writes_a_hugging_face_folder(gguf_file, tmp_path):
     assert back.format == "compressor" and back.example_inputs is not None
 
 
+def test_a_streamed_run_of_a_gguf_says_to_run_in_memory(gguf_file, tmp_path):
+    from compressor.jobs.stream import stream_compress
+
+    with pytest.raises(CompressorError, match="is a GGUF file") as err:
+        stream_compress(gguf_file, tmp_path / "s", rank=4)
+    assert "without --stream" in err.value.for_cli() and not (tmp_path / "s").exists()
+
+
 def test_gguf_without_the_gguf_package_says_what_to_install(gguf_file, monkeypatch):
     monkeypatch.setattr(transformers.utils, "is_gguf_available", lambda *a, **k: False)
     with pytest.raises(CompressorError, match=r"needs the gguf package; pip install gguf$"):

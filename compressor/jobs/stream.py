@@ -43,6 +43,7 @@ from compressor.core.plan import Plan
 from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate, policy_from_options, policy_to_dict
 from compressor.core.svd import Decomposition, max_saving_rank
 from compressor.data.calibration import DAMPING, calibration_info, describe, output_error
+from compressor.formats.load import detect_format
 from compressor.formats.save import hf_architecture, write_meta
 from compressor.formats.shards import Checkpoint, ShardWriter
 from compressor.jobs.compress import Options, default_out, weights_only_model
@@ -77,6 +78,10 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
     check_not_over_inputs(out, [("model", source), ("calibration file", opts.calibration)])
     OutputDir(out, opts.force).check()
     clock = time.perf_counter()
+    if source.is_file() and detect_format(source) == "gguf":  # its tensors are quantized blocks, not safetensors
+        raise CompressorError(f"'{source}' is a GGUF file, and a streamed run reads safetensors checkpoints tensor "
+                              "by tensor", "use compressor.compress: the GGUF is dequantized in memory",
+                              cli_fix="run without --stream: the GGUF is dequantized in memory")
     ckpt = Checkpoint.open(source)
     batches = _calibration(source, opts) if opts.calibration is not None else None
     hashed = time.perf_counter()
