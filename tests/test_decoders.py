@@ -163,13 +163,17 @@ def test_analyze_reports_the_parameters_the_plan_would_give(folders, tmp_path):
 
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory, bpe):
+    """The tiny Llama and its BPE tokenizer as a float32 GGUF file."""
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", bpe)
+
+
+def write_gguf(path, bpe, leave_out: str = ""):
     """The tiny Llama and its BPE tokenizer written as a float32 GGUF file by the gguf package (llama.cpp's
-    tensor names; no output.weight, so the head is tied)."""
+    tensor names; no output.weight, so the head is tied), without the tensor ``leave_out``."""
     gguf = pytest.importorskip("gguf")
     _, tokens, merges = bpe
     model = tiny("llama", len(tokens))
     cfg = model.config
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny llama")
     w.add_context_length(cfg.max_position_embeddings)
@@ -202,7 +206,8 @@ def gguf_file(tmp_path_factory, bpe):
             name = f"blk.{i}.{block[rest]}"
         else:
             name = top[module]
-        w.add_tensor(f"{name}.weight", tensor.numpy())
+        if f"{name}.weight" != leave_out:
+            w.add_tensor(f"{name}.weight", tensor.numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -210,7 +215,7 @@ def gguf_file(tmp_path_factory, bpe):
     return path
 
 
-def test_gguf_is_detected_by_content_and_bad_ones_are_refused(gguf_file, tmp_path):
+def test_gguf_is_detected_by_content_and_bad_ones_are_refused(gguf_file, bpe, tmp_path):
     renamed = tmp_path / "weights.bin"
     renamed.write_bytes(gguf_file.read_bytes())
     assert detect_format(renamed) == "gguf"
@@ -219,6 +224,10 @@ def test_gguf_is_detected_by_content_and_bad_ones_are_refused(gguf_file, tmp_pat
     with pytest.raises(CompressorError, match="could not load the GGUF file") as err:
         load_model(cut)
     assert "\n" not in str(err.value)
+    partial = write_gguf(tmp_path / "partial.gguf", bpe, leave_out="blk.1.ffn_down.weight")
+    with pytest.raises(CompressorError, match=r"do not fit the model its metadata describes .*missing 1 "
+                                              r"\(model.layers.1.mlp.down_proj.weight\)"):
+        load_model(partial)  # transformers alone would fill it in at random
     fifo = tmp_path / "fifo.gguf"
     os.mkfifo(fifo)
     with pytest.raises(CompressorError, match="named pipe"):

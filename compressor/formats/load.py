@@ -499,13 +499,7 @@ def _load_hf(path: Path, trust_pickle: bool, device) -> Loaded:
                               "check that the folder is complete (config.json + weights)") from None
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
-    # transformers only warns and initialises missing weights at random: a model that is not the file's.
-    problems = [f"{label} {len(keys)} ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''})"
-                for label, keys in (("missing", info.get("missing_keys") or ()),
-                                    ("unexpected", info.get("unexpected_keys") or ()),
-                                    ("wrong shape", [str(k[0]) if isinstance(k, tuple) else str(k)
-                                                     for k in info.get("mismatched_keys") or ()]))
-                if keys]
+    problems = loading_problems(info)
     if problems:
         raise CompressorError(f"the weights in '{path}' do not fit its config.json ({type(model).__name__}): "
                               + "; ".join(problems), "repair or re-download the model folder")
@@ -514,6 +508,18 @@ def _load_hf(path: Path, trust_pickle: bool, device) -> Loaded:
         model.to(device)
     return Loaded(model, "hf-folder", path, tokenizer=hf_tokenizer(path),
                   meta={"hf_config": config, "hf_class": type(model).__name__, "needs_trust_pickle": False})
+
+
+def loading_problems(info: dict[str, Any]) -> list[str]:
+    """What transformers' ``output_loading_info`` says went wrong, one item per kind (missing, unexpected,
+    wrong shape), or nothing. transformers only warns and initialises missing weights at random: the model
+    would not be the file's."""
+    return [f"{label} {len(keys)} ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''})"
+            for label, keys in (("missing", info.get("missing_keys") or ()),
+                                ("unexpected", info.get("unexpected_keys") or ()),
+                                ("wrong shape", [str(k[0]) if isinstance(k, tuple) else str(k)
+                                                 for k in info.get("mismatched_keys") or ()]))
+            if keys]
 
 
 def _load_gguf(path: Path, device) -> Loaded:
@@ -532,7 +538,8 @@ def _load_gguf(path: Path, device) -> Loaded:
                  trust_remote_code=False)
     try:
         with _gguf_bar_off():
-            quantized = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
+            quantized, info = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32,
+                                                                                output_loading_info=True)
     except Exception as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CompressorError(f"could not load the GGUF file '{path}' ({first})",
@@ -540,6 +547,11 @@ def _load_gguf(path: Path, device) -> Loaded:
                               "or convert it to a Hugging Face folder") from None
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
+    problems = loading_problems(info)
+    if problems:
+        raise CompressorError(f"the tensors in '{path}' do not fit the model its metadata describes "
+                              f"({type(quantized).__name__}): " + "; ".join(problems),
+                              "repair or re-download the GGUF file")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(**where)
     except Exception:  # a GGUF file need not carry a tokenizer (then no example inputs either)
