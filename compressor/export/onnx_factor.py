@@ -26,7 +26,7 @@ import torch
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_bytes
-from compressor.data.inputs import cosine_fidelity
+from compressor.data.inputs import attention_mask, cosine_fidelity
 from compressor.export.onnx import onnx_outputs
 from compressor.formats.onnx_graph import OnnxGraph, OnnxLayer, external_file
 
@@ -221,4 +221,4 @@ def onnx_fidelity(reference: str | Path, compressed: str | Path, inputs: Any,
     ``outputs``, or every float one) to ``reference``'s, both run in onnxruntime on ``inputs``."""
     ref = {k: torch.from_numpy(np.asarray(v)) for k, v in onnx_outputs(reference, inputs)}
     new = {k: torch.from_numpy(np.asarray(v)) for k, v in onnx_outputs(compressed, inputs)}
-    return cosine_fidelity(ref, new, list(outputs) or None)
+    return cosine_fidelity(ref, new, list(outputs) or None, attention_mask(inputs))

@@ -6,8 +6,10 @@ extension), without running code from it unless the user says so.
 
 Formats: a pickled ``nn.Module`` ("torch-module"; loads without a flag only when every class it names
 is torch's own or compressor's), a state_dict ("state-dict" / "safetensors"; a model only with
-``arch``), a Hugging Face folder ("hf-folder"), a folder written by :func:`compressor.save`
-("compressor") and ``torch.export`` programs ("torch-export", only with ``trust_pickle``).
+``arch``), a Hugging Face folder ("hf-folder"), a GGUF file ("gguf": llama.cpp's format, which carries no
+code; dequantized to a plain float32 Hugging Face model with its tokenizer), a folder written by
+:func:`compressor.save` ("compressor") and ``torch.export`` programs ("torch-export", only with
+``trust_pickle``).
 Every bad input raises :class:`CompressorError`; the input is only ever read.
 
 Hostile inputs: only regular files are opened (a FIFO would block forever); a folder's own Python code
@@ -21,6 +23,7 @@ that prefix stripped, with a note.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -69,7 +72,8 @@ WEIGHTS, PLAN, META, STRUCTURE = "model.safetensors", "plan.json", "compressor.j
 INDEX = "model.safetensors.index.json"  # a Hugging Face folder's weights as shards (compress --stream)
 
 
-FORMATS = ("torch-module", "state-dict", "safetensors", "hf-folder", "compressor", "torch-export", "onnx")
+FORMATS = ("torch-module", "state-dict", "safetensors", "hf-folder", "gguf", "compressor", "torch-export", "onnx")
+GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file (llama.cpp's gguf spec)
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a pre-1.6 (non-zip) torch.save file
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module")  # common training checkpoints
 # What nn.DataParallel / DistributedDataParallel and torch.compile put before every state_dict key.
@@ -109,6 +113,8 @@ def load_model(path: str | Path, *, trust_pickle: bool = False, arch: str | None
         loaded = load_compressed(path, trust_pickle=trust_pickle, arch=arch, device=device)
     elif kind == "hf-folder":
         loaded = _load_hf(path, trust_pickle, device)
+    elif kind == "gguf":
+        loaded = _load_gguf(path, device)
     elif kind == "torch-export":
         loaded = _load_export(path, trust_pickle, device)
     elif kind == "pickle":
@@ -151,8 +157,8 @@ def load(path: str | Path, *, trust_pickle: bool = False, arch: str | None = Non
 
 
 def detect_format(path: Path) -> str:
-    """"compressor", "hf-folder", "torch-zip", "torch-legacy", "pickle", "torch-export" or "safetensors", read
-    from the content; anything else raises :class:`CompressorError`."""
+    """"compressor", "hf-folder", "torch-zip", "torch-legacy", "pickle", "torch-export", "safetensors" or
+    "gguf", read from the content; anything else raises :class:`CompressorError`."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -180,6 +186,8 @@ def detect_format(path: Path) -> str:
         head = f.read(9)
     if head[:4] == b"PK\x03\x04":
         return _zip_format(path)
+    if head[:4] == GGUF_MAGIC:
+        return "gguf"
     if head[:1] == b"\x80":  # pickle protocol 2+
         return "torch-legacy" if _is_torch_legacy(path) else "pickle"
     header_len = int.from_bytes(head[:8], "little")
@@ -191,7 +199,8 @@ def detect_format(path: Path) -> str:
     what = ("a text/JSON file" if head.lstrip()[:1] in (b"{", b"[")
             else "not a model file (not a torch checkpoint, safetensors file or model folder)")
     raise CompressorError(f"'{path}' is {what}",
-                          "pass a file written by torch.save or safetensors, or a Hugging Face model folder")
+                          "pass a file written by torch.save or safetensors, a GGUF file or a Hugging Face model "
+                          "folder")
 
 
 def check_folder(path: Path) -> None:
@@ -490,13 +499,7 @@ def _load_hf(path: Path, trust_pickle: bool, device) -> Loaded:
                               "check that the folder is complete (config.json + weights)") from None
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
-    # transformers only warns and initialises missing weights at random: a model that is not the file's.
-    problems = [f"{label} {len(keys)} ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''})"
-                for label, keys in (("missing", info.get("missing_keys") or ()),
-                                    ("unexpected", info.get("unexpected_keys") or ()),
-                                    ("wrong shape", [str(k[0]) if isinstance(k, tuple) else str(k)
-                                                     for k in info.get("mismatched_keys") or ()]))
-                if keys]
+    problems = loading_problems(info)
     if problems:
         raise CompressorError(f"the weights in '{path}' do not fit its config.json ({type(model).__name__}): "
                               + "; ".join(problems), "repair or re-download the model folder")
@@ -505,6 +508,83 @@ def _load_hf(path: Path, trust_pickle: bool, device) -> Loaded:
         model.to(device)
     return Loaded(model, "hf-folder", path, tokenizer=hf_tokenizer(path),
                   meta={"hf_config": config, "hf_class": type(model).__name__, "needs_trust_pickle": False})
+
+
+def loading_problems(info: dict[str, Any]) -> list[str]:
+    """What transformers' ``output_loading_info`` says went wrong, one item per kind (missing, unexpected,
+    wrong shape), or nothing. transformers only warns and initialises missing weights at random: the model
+    would not be the file's."""
+    return [f"{label} {len(keys)} ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''})"
+            for label, keys in (("missing", info.get("missing_keys") or ()),
+                                ("unexpected", info.get("unexpected_keys") or ()),
+                                ("wrong shape", [str(k[0]) if isinstance(k, tuple) else str(k)
+                                                 for k in info.get("mismatched_keys") or ()]))
+            if keys]
+
+
+def _load_gguf(path: Path, device) -> Loaded:
+    """A GGUF file (llama.cpp's format: config, tokenizer and weights, often quantized, and no code) as a
+    plain float32 Hugging Face model: transformers reads and dequantizes it (``gguf_file=``), then the
+    weights go into a model built from the same config without its ``quantization_config``, which
+    transformers would otherwise keep (and ``save_pretrained`` refuse), so the model is saved and exported
+    like any Hugging Face model."""
+    transformers = hf_module()
+    if not transformers.utils.is_gguf_available():
+        raise CompressorError(f"reading the GGUF file '{path}' needs the gguf package", "pip install gguf")
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    # transformers takes a folder and a file name in it; the file itself was checked by detect_format.
+    where = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name, local_files_only=True,
+                 trust_remote_code=False)
+    try:
+        with _gguf_bar_off():
+            quantized, info = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32,
+                                                                                output_loading_info=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CompressorError(f"could not load the GGUF file '{path}' ({first})",
+                              "pass a GGUF file of a causal language model that transformers supports, "
+                              "or convert it to a Hugging Face folder") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    problems = loading_problems(info)
+    if problems:
+        raise CompressorError(f"the tensors in '{path}' do not fit the model its metadata describes "
+                              f"({type(quantized).__name__}): " + "; ".join(problems),
+                              "repair or re-download the GGUF file")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(**where)
+    except Exception:  # a GGUF file need not carry a tokenizer (then no example inputs either)
+        tokenizer = None
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(quantized).__name__]  # as save_pretrained writes it; the GGUF names none
+    with _parameters_on_meta():  # no random initialisation: every weight comes from the file
+        model = type(quantized)._from_config(config)
+    assign_weights(model, quantized.state_dict(), f"the model in '{path}'")
+    del quantized
+    if device is not None:
+        model.to(device)
+    return Loaded(model, "gguf", path, tokenizer=tokenizer,
+                  meta={"hf_config": config.to_dict(), "hf_class": type(model).__name__, "needs_trust_pickle": False})
+
+
+@contextlib.contextmanager
+def _gguf_bar_off() -> Iterator[None]:
+    """transformers' GGUF reader draws its own progress bar whatever its logging settings (tqdm reads
+    TQDM_DISABLE only at import): switched off for the block, as --quiet must mean quiet."""
+    module = sys.modules.get("transformers.modeling_gguf_pytorch_utils") or importlib.import_module(
+        "transformers.modeling_gguf_pytorch_utils")
+    bar = getattr(module, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    module.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = bar
 
 
 def _check_config_size(path: Path, cls, transformers, trust_pickle: bool) -> None:
@@ -617,13 +697,27 @@ def hf_tokenizer(path: Path):
 def infer_example_inputs(model: nn.Module, tokenizer=None) -> ExampleInputs | None:
     """Example inputs where the model says unambiguously what it takes, else None.
 
-    A text model with a tokenizer gets 2 real sentences as 16 tokens (``input_ids`` + ``attention_mask``);
-    an ``nn.Sequential`` that starts with ``nn.Linear`` gets one random row of its input width.
+    A text model with a tokenizer gets 2 real sentences as 16 tokens (``input_ids`` + ``attention_mask``),
+    padded on the right; an ``nn.Sequential`` that starts with ``nn.Linear`` gets one random row of its
+    input width.
     """
     device = next((p.device for p in model.parameters()), None)
     if tokenizer is not None and getattr(model, "main_input_name", None) == "input_ids":
-        enc = tokenizer(EXAMPLE_TEXT, padding="max_length", truncation=True, max_length=EXAMPLE_TOKENS,
-                        return_tensors="pt")
+        # Right padding, whatever the tokenizer's own side (Gemma 3's says left, for batched generation).
+        # These inputs feed one forward pass, and in a causal model a left pad's query sees only masked
+        # keys: torch's SDPA path returns one thing there, the exported graph another (a tiny Gemma 3 and a
+        # tiny Llama: logits 0 vs 0.44 apart; neither runtime gave NaN, and eager attention in torch agreed
+        # with the graph), and a model with learned positions (GPT-2) sees every real token shifted (0.35
+        # apart from the unpadded sentence on a tiny one). Right-padded, every query sees at least the real
+        # tokens before it and a real token's output is exactly the unpadded sentence's. Comparisons leave
+        # padding out anyway (compressor.data.inputs.real_tokens).
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "right"  # an attribute, not the call's padding_side=: older tokenizers lack it
+        try:
+            enc = tokenizer(EXAMPLE_TEXT, padding="max_length", truncation=True, max_length=EXAMPLE_TOKENS,
+                            return_tensors="pt")
+        finally:
+            tokenizer.padding_side = side
         return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
     if isinstance(model, nn.Sequential) and len(model) and isinstance(model[0], nn.Linear):
         w = model[0].weight

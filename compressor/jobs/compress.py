@@ -29,7 +29,7 @@ from compressor.core.plan import Plan
 from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
 from compressor.core.threads import LINALG_THREADS, check_threads, thread_budget, torch_threads
-from compressor.data.inputs import call, cosine_fidelity, eval_mode, sequence_axes
+from compressor.data.inputs import attention_mask, call, cosine_fidelity, eval_mode, sequence_axes
 from compressor.formats.onnx_graph import is_onnx, onnx_head
 from compressor.formats.shards import DEFAULT_SHARD_BYTES
 from compressor.jobs.compress_onnx import compress_onnx
@@ -233,9 +233,11 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
         if protocol is not None:
             perplexities = measure_perplexity(protocol, original, model, tmp, opts.variants, opts.threads)
             step("perplexity")
+        # analyze rewrites nothing: its parameter counts are what the plan would give.
+        planned = (plan.totals()["params_before"], plan.totals()["params_after"]) if mode == "analyze" else None
         report = build_report(source=source, out=out, mode=mode, loaded=loaded, plan=plan,
                               original=original, compressed=model, exports=exports, timings=timings,
-                              options=opts, folder=tmp)
+                              options=opts, folder=tmp, params=planned)
         report.perplexity = perplexities
         report.warnings = []
         if report.latency and "model.onnx" in report.latency["slower_than_dense"]:
@@ -353,7 +355,8 @@ def layer_damage(original: nn.Module, compressed: nn.Module, names: Sequence[str
             dense = getattr(parent, leaf)
             setattr(parent, leaf, compressed.get_submodule(name))
             try:
-                out[name] = cosine_fidelity(ref, call(original, inputs), outputs or None)["cosine_mean"]
+                out[name] = cosine_fidelity(ref, call(original, inputs), outputs or None,
+                                            attention_mask(inputs))["cosine_mean"]
             finally:
                 setattr(parent, leaf, dense)
     return out
@@ -571,7 +574,7 @@ def output_fidelity(reference: nn.Module, model: nn.Module, inputs, outputs: Seq
     """How close ``model``'s compared outputs are to ``reference``'s on ``inputs``: per-sample cosine
     (mean and worst) and relative error (:func:`compressor.data.inputs.cosine_fidelity`)."""
     with eval_mode(reference), eval_mode(model):
-        return cosine_fidelity(call(reference, inputs), call(model, inputs), outputs or None)
+        return cosine_fidelity(call(reference, inputs), call(model, inputs), outputs or None, attention_mask(inputs))
 
 
 def _plots(model: nn.Module, plan: Plan, folder: Path) -> list[str]:

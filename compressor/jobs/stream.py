@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from compressor.analysis.analyze import check_patterns, find_layers, layer_plan, unique_param_count
+from compressor.analysis.analyze import check_patterns, find_layers, layer_plan, tied_notes, unique_param_count
 from compressor.analysis.calibration import DAMPING, calibration_info, output_error
 from compressor.analysis.stream import SVD_METHODS, LayerTask, bounded_spectrum, timed_layer
 from compressor.core.errors import CompressorError
@@ -45,6 +45,7 @@ from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate, poli
 from compressor.core.statefile import SEAL_SUFFIX, is_sealed, load_json, read_sealed, write_sealed
 from compressor.core.svd import Decomposition, check_svd_fits, max_saving_rank
 from compressor.data.calibration import describe
+from compressor.formats.load import detect_format
 from compressor.formats.save import hf_architecture, write_meta
 from compressor.formats.shards import Checkpoint, ShardWriter
 from compressor.jobs.compress import Options, default_out, weights_only_model
@@ -79,6 +80,10 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
     check_not_over_inputs(out, [("model", source), ("calibration file", opts.calibration)])
     OutputDir(out, opts.force).check()
     clock = time.perf_counter()
+    if source.is_file() and detect_format(source) == "gguf":  # its tensors are quantized blocks, not safetensors
+        raise CompressorError(f"'{source}' is a GGUF file, and a streamed run reads safetensors checkpoints tensor "
+                              "by tensor", "use compressor.compress: the GGUF is dequantized in memory",
+                              cli_fix="run without --stream: the GGUF is dequantized in memory")
     ckpt = Checkpoint.open(source)
     companions = _companions(source) if mode == "compress" else []
     batches = _calibration(source, opts) if opts.calibration is not None else None
@@ -135,6 +140,7 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
                                             damping=DAMPING, spatial_layers=())
         for lp in plan.factored:
             lp.estimated_output_error = output_error(decs[lp.name], infos[lp.name], lp.rank)
+    plan.notes += tied_notes(found, plan.params_total_before)  # as the in-memory analysis notes them
     if not tasks:
         plan.notes.append("no layer of this model can be factored")
     if isinstance(policy, TargetPolicy):

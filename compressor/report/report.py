@@ -145,7 +145,8 @@ def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | Non
                  exports: dict[str, Any], timings: dict[str, float], options, folder: Path,
                  params: tuple[int, int] | None = None) -> Report:
     """The report of a run; file sizes are read from ``folder`` (the output being written). ``params``
-    (before, after) stands in for counting the torch models' parameters (an ONNX input has none)."""
+    (before, after) stands in for counting the torch models' parameters (an ONNX input has none; analyze
+    rewrites nothing, so it gives the plan's)."""
     if params is not None:
         params_before, params_after = params
     else:

@@ -37,7 +37,7 @@ def output_fidelity(model: nn.Module, batches: Sequence[Any], outputs: Sequence[
     every floating output, or those named) on held-out ``batches``: the mean per-sample cosine over
     samples and outputs, or, when the one compared output is class scores ``(N, C)``, top-1 agreement
     (cosine is kept as well). An exported graph returns the model's outputs in the same order."""
-    from compressor.data.inputs import call, compared_outputs, eval_mode, named_outputs
+    from compressor.data.inputs import attention_mask, call, compared_outputs, eval_mode, named_outputs, unpadded
 
     batches = list(batches)
     with eval_mode(model), torch.no_grad():
@@ -46,10 +46,11 @@ def output_fidelity(model: nn.Module, batches: Sequence[Any], outputs: Sequence[
     index = [order.index(name) for name, _ in compared_outputs(first, outputs or None)]
     refs = [[ref[i][1] for i in index] for ref in (torch_outputs(model, b) for b in batches)]
     classifier = len(index) == 1 and refs[0][0].ndim == 2 and refs[0][0].shape[1] > 1
+    masks = [attention_mask(b) for b in batches]  # padding positions count in no cosine
 
     def score(got_per_batch: list[list[np.ndarray]]) -> dict[str, float]:
-        cos = np.concatenate([_cosines(np.asarray(got[i], dtype=np.float64), r)
-                              for got, ref in zip(got_per_batch, refs, strict=True)
+        cos = np.concatenate([_cosines(unpadded(np.asarray(got[i], dtype=np.float64), mask), unpadded(r, mask))
+                              for got, ref, mask in zip(got_per_batch, refs, masks, strict=True)
                               for i, r in zip(index, ref, strict=True)])
         out = {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
         if classifier:
@@ -61,7 +62,8 @@ def output_fidelity(model: nn.Module, batches: Sequence[Any], outputs: Sequence[
 
     metric = ("top-1 agreement with the original model's predictions" if classifier else
               "mean per-sample cosine similarity of the outputs to the original model's")
-    return Evaluation(batches, metric, score, fingerprint(["output_fidelity", batches, refs, index]))
+    key = fingerprint(["output_fidelity", "padding left out", batches, refs, index])
+    return Evaluation(batches, metric, score, key)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
