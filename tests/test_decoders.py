@@ -304,3 +304,23 @@ def test_real_folder_has_the_logits_of_its_gguf(name, tmp_path):
                                                                dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(loaded.model(**loaded.example_inputs).logits, direct(**loaded.example_inputs).logits)
+
+
+@pytest.mark.slow
+def test_data_aware_compress_of_a_decoder_end_to_end(folders, tmp_path):
+    """`compress FOLDER --target --calibration TEXT --eval-text TEXT` on a decoder: calibrated block by block on
+    128-token sequences cut from the text's token stream, exported and validated, perplexity in the report."""
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(EXAMPLE_TEXT * 40) + "\n")
+    out = tmp_path / "out"
+    report = compressor.compress(folders["gemma3"], out, target=0.3, include=["model.layers.*"], calibration=text,
+                                 eval_text=text, eval_window=64, eval_bos=False, progress=False)
+    assert report.passed, report.onnx
+    plan = compressor.Plan.from_json(out / "plan.json")
+    assert plan.calibration["passes"] == "block by block (decoder)"
+    assert plan.calibration["allocation"].endswith("Fisher") and plan.calibration["layers_refit_sequentially"] > 0
+    assert plan.calibration["tokens"] == plan.calibration["samples"] * 128  # whole sequences, no padding
+    assert abs(plan.totals()["removed_fraction"] - 0.3) < 0.02
+    ppl = report.perplexity.results
+    assert {"dense", "compressed", "model.onnx"} <= set(ppl)
+    assert ppl["model.onnx"].ppl == pytest.approx(ppl["compressed"].ppl, rel=1e-3)
