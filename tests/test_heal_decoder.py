@@ -184,3 +184,19 @@ def test_text_for_a_decoder_is_a_bos_led_token_stream(tmp_path):
     assert ids[:, 0].tolist() == [1] * 4
     stream = Chars()(text, add_special_tokens=False)["input_ids"]
     assert ids[:, 1:].reshape(-1).tolist() == stream[:28]
+
+
+def test_decoder_losses_refused_and_ce_without_teacher():
+    """mse and cosine have no meaning on next-token distributions: refused in one line before training; ce
+    learns the text itself, so it needs no teacher."""
+    from compressor.core.errors import CompressorError
+
+    teacher, student = compressed(llama)
+    data = sequences(8)
+    for loss in ("mse", "cosine"):
+        with pytest.raises(CompressorError, match="pass loss= \\(--loss\\) kl or ce"):
+            heal(student, teacher=teacher, data=data, loss=loss, steps=1)
+    with pytest.raises(CompressorError, match="no teacher was given"):
+        heal(student, data=data, loss="kl", steps=1)
+    result = heal(student, data=data, val_data=sequences(4, seed=4), loss="ce", batch_size=4, epochs=3, lr=1e-2)
+    assert result.after["val_nll"] < result.before["val_nll"]

@@ -286,6 +286,10 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
     # through its output head (compressor.train.decoder): never a whole batch of logits.
     lm = not supervised and loss_fn is None and is_causal_lm(model)
     if not supervised and teacher is None and not (lm and cfg.loss == "ce"):
+        if lm:
+            raise CompressorError(f"loss {cfg.loss or 'kl'} distils a causal language model from a teacher, and "
+                                  "no teacher was given", "pass teacher= (the uncompressed model), or loss='ce' "
+                                  "to learn the text's next tokens", cli_fix="pass --teacher, or --loss ce")
         raise CompressorError("heal needs targets (supervised) or a teacher (distillation)",
                               "pass targets=labels, or teacher=the uncompressed model")
     if resume and checkpoint_dir is None:
