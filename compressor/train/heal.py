@@ -454,15 +454,15 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
     running, seen = 0.0, 0
     # distill="hidden": the blocks whose outputs are matched, those the block-wise phase heals.
     hidden_blocks = _find_blocks(model, params, cfg) if cfg.distill == "hidden" and step < total else []
+    # A causal LM's outputs are compared as the final hidden states its head reads (teacher: None for ce).
+    teach = (lambda b: head_inputs(teacher, b) if loss == "kl" else None) if lm else (
+        lambda b: _run(teacher, b, device))
     while step < total:
         if index >= len(loader):
             epoch, index = epoch + 1, 0
         inputs, tgt = loader.batch(epoch, index)
         index += 1
         inputs = to_device(inputs, device)
-        # A causal LM's outputs are compared as the final hidden states its head reads (teacher: None for ce).
-        teach = (lambda b: head_inputs(teacher, b) if loss == "kl" else None) if lm else (
-            lambda b: _run(teacher, b, device))
         if supervised:
             tgt = to_device(tgt, device)
         elif hidden_blocks:
