@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--dense-ppl", action="store_true", help="Also measure the dense model's perplexity.")
     p.add_argument("settings", nargs="*", help="HealConfig settings as name=value")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     torch.set_num_threads(args.threads)
     settings = {}
     for item in args.settings:  # numbers as JSON (lr=1e-4, steps=24), anything else a name (method=both)
