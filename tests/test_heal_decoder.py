@@ -200,3 +200,16 @@ def test_decoder_losses_refused_and_ce_without_teacher():
         heal(student, data=data, loss="kl", steps=1)
     result = heal(student, data=data, val_data=sequences(4, seed=4), loss="ce", batch_size=4, epochs=3, lr=1e-2)
     assert result.after["val_nll"] < result.before["val_nll"]
+
+
+def test_decoder_default_learning_rate():
+    """A causal LM heals at LM_LR unless told otherwise (a compressed Gemma's factors move too far at the
+    general default); a plain model keeps LR."""
+    from compressor.train.heal import LM_LR, LR
+
+    teacher, student = compressed(llama)
+    assert heal(student, teacher=teacher, data=sequences(4), steps=1).config.lr == LM_LR
+    assert heal(student, teacher=teacher, data=sequences(4), steps=1, lr=3e-3).config.lr == 3e-3
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    rewrite(plain, compressor.analyze(plain, rank_ratio=0.5))
+    assert heal(plain, data=torch.randn(8, 64), targets=torch.randn(8, 64), steps=1).config.lr == LR
