@@ -211,5 +211,5 @@ def test_decoder_default_learning_rate():
     assert heal(student, teacher=teacher, data=sequences(4), steps=1).config.lr == LM_LR
     assert heal(student, teacher=teacher, data=sequences(4), steps=1, lr=3e-3).config.lr == 3e-3
     plain = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
-    rewrite(plain, compressor.analyze(plain, rank_ratio=0.5))
+    rewrite(plain, compressor.analyze(plain, rank=8))
     assert heal(plain, data=torch.randn(8, 64), targets=torch.randn(8, 64), steps=1).config.lr == LR
