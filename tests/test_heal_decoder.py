@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 import compressor  # noqa: E402
 from compressor.core.rewrite import rewrite  # noqa: E402
 from compressor.jobs.compress import load_training_data  # noqa: E402
-from compressor.train.decoder import LMLoss, head_inputs, is_causal_lm  # noqa: E402
+from compressor.train.blockwise import block_error, capture  # noqa: E402
+from compressor.train.decoder import LMLoss, head_inputs, is_causal_lm, uncached  # noqa: E402
 from compressor.train.heal import heal  # noqa: E402
 
 VOCAB = 97
@@ -158,6 +159,10 @@ def test_blockwise_heal_on_gemma3_sliding_and_full_layers():
     assert [b["block"] for b in result.blocks] == [f"model.layers.{i}" for i in range(4)]
     for b in result.blocks:
         assert b["after"] < 0.9 * b["before"], b
+        # Re-measured with the block's inputs captured from a fresh pass of the healed model (the masks and
+        # rotary embeddings the model builds): the error the phase kept, so it trained on those arguments.
+        data = capture(result.model, teacher, b["block"], [uncached(val)])
+        assert block_error(result.model.get_submodule(b["block"]), data) == pytest.approx(b["after"], rel=1e-4)
     both = heal(student, teacher=teacher, data=train, val_data=val, method="both", block_steps=40, batch_size=8,
                 lr=1e-2, epochs=2)
     assert both.steps == 8 and both.after["val_loss"] < both.before["val_loss"]
