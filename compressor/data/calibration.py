@@ -41,7 +41,7 @@ def describe(batches: list[Batch]) -> dict[str, Any]:
 
 
 def load_calibration(path: str | Path, *, tokenizer=None, samples: int | None = None, batch_size: int = 32,
-                     max_length: int = 128, stream: bool = False) -> list[Batch]:
+                     max_length: int = 128, stream: bool = False, bos: bool = False) -> list[Batch]:
     """Calibration batches from a file.
 
     * ``.pt`` / ``.pth`` (``torch.load(weights_only=True)``), ``.npz``, ``.safetensors``: one batch (a
@@ -49,7 +49,8 @@ def load_calibration(path: str | Path, *, tokenizer=None, samples: int | None = 
     * with a ``tokenizer`` (Hugging Face), a text file with one sentence per line, tokenized in batches
       of ``batch_size`` (sentences sorted by length to limit padding); with ``stream`` (a causal language
       model) the whole text as one token stream cut into sequences of ``max_length`` tokens, no padding, as
-      the low-rank LLM papers calibrate (``samples`` then counts sequences).
+      the low-rank LLM papers calibrate (``samples`` then counts sequences); with ``bos`` too, each sequence
+      starts with the tokenizer's BOS token (if it puts one before a text) and ``max_length - 1`` text tokens.
 
     ``samples`` caps the number of samples (rows of the first dimension) used.
     """
@@ -69,7 +70,7 @@ def load_calibration(path: str | Path, *, tokenizer=None, samples: int | None = 
             data = load_safetensors(path)
         elif tokenizer is not None:
             if stream:
-                return _token_stream_batches(path, tokenizer, samples, batch_size, max_length)
+                return _token_stream_batches(path, tokenizer, samples, batch_size, max_length, bos)
             return _text_batches(path, tokenizer, samples, batch_size, max_length)
         else:
             raise CompressorError(f"calibration file '{path}' has an unknown type '{suffix}'",
@@ -113,20 +114,32 @@ def _text_batches(path: Path, tokenizer, samples: int | None, batch_size: int, m
     return tokenize_batches(tokenizer, sentences, batch_size, max_length)
 
 
-def _token_stream_batches(path: Path, tokenizer, samples: int | None, batch_size: int, seq_len: int
-                          ) -> list[Batch]:
+def _token_stream_batches(path: Path, tokenizer, samples: int | None, batch_size: int, seq_len: int,
+                          bos: bool = False) -> list[Batch]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise CompressorError(f"calibration file '{path}' is not UTF-8 text", "pass a UTF-8 text file") from None
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    start = _bos(tokenizer) if bos else None
+    seq_len -= start is not None  # the BOS is one of the sequence's tokens
     n = len(ids) // seq_len if samples is None else min(samples, len(ids) // seq_len)
     if n < 1:
         raise CompressorError(f"calibration file '{path}' holds {len(ids)} tokens, fewer than one sequence of "
                               f"{seq_len}", "pass a longer text")
     seqs = ids[:n * seq_len].reshape(n, seq_len)
+    if start is not None:
+        seqs = torch.cat([torch.full((n, 1), start, dtype=seqs.dtype), seqs], 1)
     return [{"input_ids": seqs[i:i + batch_size], "attention_mask": torch.ones_like(seqs[i:i + batch_size])}
             for i in range(0, n, batch_size)]
+
+
+def _bos(tokenizer) -> int | None:
+    """The token the tokenizer puts before a text (Gemma's ``<bos>``), or None (SmolLM2 puts none): a model
+    trained with one behaves differently without it (its first position is an attention sink)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    first = tokenizer("a")["input_ids"][:1]
+    return bos if bos is not None and first == [bos] else None
 
 
 def tokenize_batches(tokenizer, sentences: list[str], batch_size: int = 32, max_length: int = 128

@@ -641,17 +641,25 @@ def _place(root: nn.Module, dotted: str, layer: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------- heal
 
 
-def load_training_data(path: Path, tokenizer=None, samples: int | None = None) -> tuple[Any, Any]:
+def load_training_data(path: Path, tokenizer=None, samples: int | None = None, seq_len: int | None = None
+                       ) -> tuple[Any, Any]:
     """``(inputs, targets)`` from a file: tensors (``.pt``/``.npz``/``.safetensors``) holding either the
     model's inputs alone (targets None: distillation) or ``inputs`` and ``targets`` (also ``x``/``y``);
-    or, with a tokenizer, a text file of one sentence per line."""
+    or, with a tokenizer, a text file of one sentence per line, or with ``seq_len`` too (a causal language
+    model) the text as one token stream cut into ``samples`` sequences of ``seq_len`` tokens, each starting
+    with the tokenizer's BOS if it adds one (no padding: every position is a next token to learn)."""
     from compressor.data.readers import load_example_inputs
 
     path = regular_file(path, "training data file")  # a FIFO would block the read forever
     if tokenizer is not None and _is_text(path):
         from compressor.data.calibration import load_calibration
 
-        return load_calibration(path, tokenizer=tokenizer, samples=samples), None
+        if seq_len is None:
+            return load_calibration(path, tokenizer=tokenizer, samples=samples), None
+        batches = load_calibration(path, tokenizer=tokenizer, samples=samples, max_length=seq_len, stream=True,
+                                   bos=True)
+        # One set of sequences, so heal batches them by its --batch-size and shuffles sequences, not batches.
+        return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}, None
     data = load_example_inputs(path)
     if isinstance(data, dict):
         for x, y in (("inputs", "targets"), ("x", "y")):
@@ -696,7 +704,7 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
     from compressor.formats.load import load_model
     from compressor.formats.save import save
     from compressor.report.report import versions
-    from compressor.train.heal import heal
+    from compressor.train.heal import HealConfig, heal
 
     source = Path(source)
     out = Path(out) if out is not None else source.parent / f"{source.name}.healed"
@@ -724,13 +732,17 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
     loaded = load_model(source, trust_pickle=trust_pickle)
     if loaded.model is None:
         raise CompressorError(f"'{source}' holds only weights", "heal a folder written by compress")
-    inputs, targets = load_training_data(data, loaded.tokenizer, samples)
+    from compressor.train.decoder import is_causal_lm
+
+    seq_len = (config or HealConfig()).seq_len if is_causal_lm(loaded.model) else None
+    inputs, targets = load_training_data(data, loaded.tokenizer, samples, seq_len)
     val_data = None
     if val is not None:
-        vx, vy = load_training_data(val, loaded.tokenizer, samples)
+        vx, vy = load_training_data(val, loaded.tokenizer, samples, seq_len)
         val_data = (vx, vy) if targets is not None else vx
     teacher_model = None
-    if targets is None:
+    # A causal LM learning its text's next tokens (--loss ce) needs no teacher.
+    if targets is None and not (seq_len is not None and config is not None and config.loss == "ce"):
         recorded = loaded.meta.get("compressor", {}).get("source", {}).get("path")
         teacher_path = teacher or recorded
         if teacher_path is None or not Path(teacher_path).exists():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,13 +128,16 @@ def record_calls(student: nn.Module, names: Sequence[str], batches: Sequence[Any
     """One pass of ``student`` over ``batches`` recording how each named block is called, so that a
     chained block's inputs can be carried from the block before it (:func:`carry`) instead of running
     the model prefix again for every block (which costs a number of block passes quadratic in the blocks).
-    The hidden states of chained blocks are not kept: memory stays that of one block's inputs."""
+    The hidden states of chained blocks are not kept: memory stays that of one block's inputs. The pass ends
+    after the last block (a decoder's head would compute a vocabulary of logits per token for nothing)."""
     blocks = [student.get_submodule(n) for n in names]
     calls: list[list[tuple[tuple, dict, Any]]] = [[] for _ in names]
 
     def hook(i: int):
         def record(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             calls[i].append((args, kwargs, output))
+            if i == len(names) - 1:
+                raise _Stop
         return record
 
     handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
@@ -143,7 +147,8 @@ def record_calls(student: nn.Module, names: Sequence[str], batches: Sequence[Any
         for batch in batches:
             for c in calls:
                 c.clear()
-            call(student, batch)
+            with suppress(_Stop):
+                call(student, batch)
             # A block run other than once per pass (shared, skipped) is captured the slow way, as is the next.
             once = [len(c) == 1 for c in calls]
             for i in range(1, len(names)):
