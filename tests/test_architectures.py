@@ -109,6 +109,8 @@ def test_the_compared_outputs_are_every_float_output_or_those_named(gpt2_folder)
     assert [n for n, _ in compared_outputs(out)] == ["logits"]  # the cache object is not a tensor output
     model = copy.deepcopy(original)
     plan = compressor.analyze(model, target=0.3, calibration=enc, outputs=["logits"])
-    assert plan.calibration["sensitivity"]  # measured on the named output
+    # GPT-2 is a causal LM: calibrated block by block, its layers weighted by the loss on its logits
+    assert plan.calibration["passes"] == "block by block (decoder)"
+    assert plan.calibration["allocation"].endswith("Fisher")
     with pytest.raises(CompressorError, match=r"no output named 'hidden'.*it returns logits"):
         compressor.analyze(copy.deepcopy(original), target=0.3, calibration=enc, outputs=["hidden"])

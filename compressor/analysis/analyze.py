@@ -272,7 +272,7 @@ def _analyze(model: nn.Module, energy: float | None, rank: int | None, rank_rati
         modules = {c.name: c.module for c in found if c.skip is None}
         if is_decoder(model):  # block by block: never the logits of every calibration token (analysis.decoder)
             cal = decoder_analysis(model, modules, as_batches(calibration), policy, rank_multiple, fixed,
-                                   sequential=sequential, weighting=weighting, progress=progress)
+                                   sequential=sequential, weighting=weighting, progress=progress, outputs=outputs)
         else:
             cal = calibrated_analysis(model, modules, as_batches(calibration), policy, rank_multiple, fixed,
                                       outputs=outputs, sequential=sequential, sensitivity=sensitivity,

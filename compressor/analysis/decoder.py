@@ -35,7 +35,7 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -58,7 +58,7 @@ from compressor.core.handlers import handler_for
 from compressor.core.policies import LayerSpectrum, Policy, TargetPolicy, allocate
 from compressor.core.rewrite import factor_module
 from compressor.core.svd import Decomposition, max_saving_rank
-from compressor.data.inputs import Batch, attention_mask, call, map_tensors, tensors_of
+from compressor.data.inputs import Batch, attention_mask, call, compared_outputs, map_tensors, take, tensors_of
 from compressor.data.perplexity import head_chunk, token_nll
 
 # Calibration sequences the output-side Fisher is estimated on (a forward and backward pass each).
@@ -241,7 +241,7 @@ def _out_features(module: nn.Module) -> int:
 def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch], policy: Policy,
                      rank_multiple: int, fixed: dict[str, int | None], *, sequential: bool = True,
                      damping: tuple[float, ...] = DAMPING, weighting: str | None = FISHER,
-                     progress: bool | None = None) -> Calibrated:
+                     progress: bool | None = None, outputs: Sequence[str] | None = None) -> Calibrated:
     """Whitened decompositions and ranks of ``modules`` (the factorizable layers of a decoder, by name),
     block by block. Layers outside the blocks (an untied output head) keep their plain decompositions.
 
@@ -249,6 +249,9 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
     output-side Fisher (:func:`output_fisher`), in the factors and in the allocation, which then compares
     layers by what their errors cost the model's loss rather than by each layer's relative error; None:
     every layer's relative output error counts the same (SVD-LLM)."""
+    if outputs:  # named outputs must exist (on one sample: a decoder's logits are large); the loss weighs layers
+        with torch.no_grad():
+            compared_outputs(call(model, take(batches[0], slice(0, 1))), outputs)
     if weighting not in WEIGHTINGS:
         raise CompressorError(f"unknown weighting {weighting!r}", f"use one of {', '.join(map(str, WEIGHTINGS))}")
     passes = BlockPasses(model, batches)

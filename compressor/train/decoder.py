@@ -7,7 +7,8 @@
 A decoder's output is a distribution over its vocabulary at every position: Gemma 3's 262,144 tokens make
 the logits of one 32 x 128-token batch 4 GB in float32, and their gradient as much again. The model is
 therefore run only up to its output head (a pre-hook on the head captures its input and stops the pass),
-and the losses apply the head (and Gemma's final logit soft-capping) to :data:`HEAD_CHUNK` positions at a
+and the losses apply the head (and Gemma's final logit soft-capping) to a chunk of positions
+(:func:`compressor.data.perplexity.head_chunk`: 64 MiB of float32 logits) at a
 time. Each chunk's gradient with respect to the hidden states (and any trained head weights) is taken as
 soon as its loss is, inside one autograd node (:class:`_ChunkedHead`), so a backward pass never keeps more
 than one chunk of logits: peak memory is a chunk of student and teacher logits, not the batch's.
@@ -33,9 +34,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from compressor.analysis.decoder import HEAD_CHUNK, is_decoder
+from compressor.analysis.decoder import is_decoder
 from compressor.core.errors import CompressorError
 from compressor.data.inputs import Batch, attention_mask, call, take, tensors_of
+from compressor.data.perplexity import head_chunk
 
 LM_LOSSES = ("kl", "ce")
 IGNORE = -100  # next-token target of a position without one (the last of a sequence, padding)
@@ -123,14 +125,17 @@ class LMLoss:
     ``kl``, from the hidden states each feeds its head (:func:`head_inputs`)."""
 
     def __init__(self, model: nn.Module, teacher: nn.Module | None, loss: str, temperature: float = 1.0,
-                 chunk: int = HEAD_CHUNK) -> None:
+                 chunk: int | None = None) -> None:
         if loss not in LM_LOSSES:
             raise CompressorError(f"loss {loss} compares outputs of one kind, but a causal language model's are "
                                   "next-token distributions", "pass loss= (--loss) kl or ce, or leave it out")
         if loss == "kl" and teacher is None:
             raise CompressorError("loss kl compares with a teacher's next-token distributions, and no teacher "
                                   "was given", "pass teacher= (the uncompressed model), or loss='ce'")
-        self.loss, self.temperature, self.chunk = loss, temperature, chunk
+        # None: as many positions as keep a chunk's float32 logits under data.perplexity.HEAD_CHUNK_BYTES (the
+        # head may be wrapped for training, so its vocabulary is read from the config)
+        self.chunk = chunk if chunk is not None else head_chunk(model.config.vocab_size)
+        self.loss, self.temperature = loss, temperature
         self.student = logits_fn(model)
         self.teacher = logits_fn(teacher) if teacher is not None else None
         self.head_params = [p for p in model.get_output_embeddings().parameters() if p.requires_grad]
