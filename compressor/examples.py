@@ -152,13 +152,7 @@ def docstring_sentences(limit: int | None = None, seed: int = 0, modules: list[s
     prose-like sentences are kept (6 to 60 words, no code markers)."""
     seen: set[str] = set()
     sentences: list[str] = []
-    for name in sorted(sys.stdlib_module_names) if modules is None else modules:
-        if modules is None and (name.startswith("_") or name in _SKIP_MODULES):
-            continue
-        try:
-            module = importlib.import_module(name)
-        except Exception:  # some stdlib modules do not import on every platform
-            continue
+    for _name, module in _modules(modules):
         for obj in _documented(module):
             doc = inspect.getdoc(obj) or ""
             for para in doc.split("\n\n"):
@@ -201,13 +195,7 @@ def docstring_passages(modules: list[str] | None = None) -> dict[str, list[str]]
     to two modules. Deterministic for one Python version (the docstrings are its library's)."""
     seen: set[str] = set()
     out: dict[str, list[str]] = {}
-    for name in sorted(sys.stdlib_module_names) if modules is None else modules:
-        if modules is None and (name.startswith("_") or name in _SKIP_MODULES):
-            continue
-        try:
-            module = importlib.import_module(name)
-        except Exception:  # some stdlib modules do not import on every platform
-            continue
+    for name, module in _modules(modules):
         for obj in _documented(module):
             doc = (inspect.getdoc(obj) or "").strip()
             if len(doc.split()) >= MIN_PASSAGE_WORDS and doc not in seen:
@@ -273,6 +261,18 @@ def write_docstring_texts(folder: str | Path, eval_chars: int | None = DOCSTRING
 # Modules whose import has side effects (GUI, interactive, deprecated noise) or no prose.
 _SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data",
                  "lib2to3", "ensurepip", "venv", "test", "msilib", "winreg", "winsound", "msvcrt"}
+
+
+def _modules(names: list[str] | None):
+    """``(name, module)`` of the named modules, or of the standard library's public ones, by name; a module
+    that does not import (some stdlib modules do not on every platform) is passed over."""
+    for name in sorted(sys.stdlib_module_names) if names is None else names:
+        if names is None and (name.startswith("_") or name in _SKIP_MODULES):
+            continue
+        try:
+            yield name, importlib.import_module(name)
+        except Exception:
+            continue
 
 
 def _documented(module):
