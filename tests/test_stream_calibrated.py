@@ -69,10 +69,10 @@ def _one_thread():
 
 
 def _in_memory(folder: Path, batches, tmp: Path, **policy):
-    """The in-memory calibrated plan with the streamed run's settings (float32, no refits, no probes),
-    its bytes as `compress analyze` writes them, and the model rewritten by it."""
+    """The in-memory calibrated plan with the streamed run's settings (float32, no refits, no probes, no
+    output weighting), its bytes as `compress analyze` writes them, and the model rewritten by it."""
     model = load_model(folder).model.float()
-    plan = analyze(model, calibration=batches, sequential=False, sensitivity=False, **policy)
+    plan = analyze(model, calibration=batches, sequential=False, sensitivity=False, weighting=None, **policy)
     plan.to_json(tmp / "mem.json")
     return (tmp / "mem.json").read_bytes(), rewrite(model, plan)
 

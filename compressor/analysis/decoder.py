@@ -70,6 +70,8 @@ WEIGHTINGS = (FISHER, None)
 # Added to each layer's Fisher diagonal, relative to its mean: an output unit no calibration gradient reached
 # still costs something.
 FISHER_FLOOR = 1e-2
+# What plan.calibration["passes"] says of a decoder calibrated block by block (in memory or streamed).
+BLOCKWISE_PASSES = "block by block (decoder)"
 
 
 class _Done(Exception):
@@ -101,23 +103,24 @@ class BlockPasses:
             pre: Callable[[str, int, torch.Tensor, torch.Tensor | None], None] | None = None,
             hooked: dict[str, nn.Module] | None = None, stop: nn.Module | None = None) -> list[Any]:
         """Run every batch up to block ``i`` (``block`` in its place when given) and return the block's
-        outputs per batch. ``pre(name, batch, x, mask)`` sees each call of the ``hooked`` modules; a call of
-        ``stop`` ends the batch's pass before ``stop`` runs (nothing is returned then)."""
+        outputs per batch; ``i`` = the number of blocks: past every block (all stubs), returning nothing.
+        ``pre(name, batch, x, mask)`` sees each call of the ``hooked`` modules; a call of ``stop`` ends the
+        batch's pass before ``stop`` runs (nothing is returned then)."""
         outputs: list[Any] = []
-        target = self.blocks[i] if block is None else block
+        inside = i < len(self.blocks)
 
         def done(_m, _a, out):
             outputs.append(map_tensors(out, lambda t: t.detach()))
             raise _Done
 
         state: dict[str, Any] = {}
-        handles = [target.register_forward_hook(done)]
+        handles = [(self.blocks[i] if block is None else block).register_forward_hook(done)] if inside else []
         for n, mod in (hooked or {}).items():
             handles.append(mod.register_forward_pre_hook(
                 lambda _m, args, n=n: pre(n, state["batch"], args[0], state["mask"])))
         if stop is not None:
             handles.append(stop.register_forward_pre_hook(lambda _m, _a: _raise()))
-        original = self.blocks[i]
+        original = self.blocks[i] if inside else None
         if block is not None:
             self.blocks[i] = block
         for j in range(i):  # an instance attribute shadows the class's forward
@@ -133,7 +136,8 @@ class BlockPasses:
                 h.remove()
             for j in range(i):
                 del self.blocks[j].forward
-            self.blocks[i] = original
+            if inside:
+                self.blocks[i] = original
         return outputs
 
 
@@ -243,7 +247,8 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
                      damping: tuple[float, ...] = DAMPING, weighting: str | None = FISHER,
                      progress: bool | None = None, outputs: Sequence[str] | None = None) -> Calibrated:
     """Whitened decompositions and ranks of ``modules`` (the factorizable layers of a decoder, by name),
-    block by block. Layers outside the blocks (an untied output head) keep their plain decompositions.
+    block by block. Layers outside the blocks (embeddings, an untied output head) are fit on the original
+    model's statistics (not refit).
 
     ``weighting`` ``"fisher"``: each layer's output error is weighted per output unit by its diagonal
     output-side Fisher (:func:`output_fisher`), in the factors and in the allocation, which then compares
@@ -289,9 +294,13 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
         for n in per_block[i]:
             decs[n], infos[n] = decompose(modules[n], acc.pop(n), damping, handlers[n], weights.get(n))
         show.step(f"block {i + 1}/{blocks} analysed")
-    outer = {n: m for n, m in modules.items() if n not in decs}  # outside the blocks: their plain SVD
-    for n, m in outer.items():
-        decs[n], infos[n] = decompose(m, Moments(), damping, handlers[n])
+    outer = {n: m for n, m in modules.items() if n not in decs}  # outside the blocks: embeddings, an untied head
+    if outer:  # one pass past every block, ended before the head computes any logits
+        acc = {n: Moments() for n in outer}
+        passes.run(blocks, carried, pre=lambda n, _b, x, mask: accumulate(acc[n], outer[n], x, mask), hooked=outer,
+                   stop=model.get_output_embeddings())
+        for n in outer:
+            decs[n], infos[n] = decompose(outer[n], acc.pop(n), damping, handlers[n], weights.get(n))
     spectra = [_spectrum(n, shapes[n], decs[n], absolute=n in weights) for n in modules]
     ranks = allocate(policy, spectra, rank_multiple, fixed)
 
@@ -316,7 +325,7 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
     errors = {n: output_error(decs[n], infos[n], ranks[n]) for n in modules if saving(n)}
     info = calibration_info(batches, infos, sequential=sequential, refit=refit, hold_out=0, scales={},
                             damping=damping, spatial_layers=())
-    info["passes"] = "block by block (decoder)"
+    info["passes"] = BLOCKWISE_PASSES
     if weights:
         info["allocation"] = "whitened output error x diagonal output-side Fisher"
         info["fisher_sequences"] = min(FISHER_SEQUENCES, sum(tensors_of(b)[0].shape[0] for b in batches))

@@ -36,6 +36,7 @@ import torch
 
 from compressor.analysis.analyze import check_patterns, find_layers, layer_plan, tied_notes, unique_param_count
 from compressor.analysis.calibration import DAMPING, calibration_info, output_error
+from compressor.analysis.decoder import BLOCKWISE_PASSES, is_decoder
 from compressor.analysis.stream import SVD_METHODS, LayerTask, bounded_spectrum, timed_layer
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_text, file_in_folder, signals_deferred
@@ -138,6 +139,8 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
         plan.method = "whitened-svd"
         plan.calibration = calibration_info(batches, infos, sequential=False, refit=0, hold_out=0, scales={},
                                             damping=DAMPING, spatial_layers=())
+        if is_decoder(skeleton):  # as the in-memory analysis of a decoder records it (analysis.decoder)
+            plan.calibration["passes"] = BLOCKWISE_PASSES
         for lp in plan.factored:
             lp.estimated_output_error = output_error(decs[lp.name], infos[lp.name], lp.rank)
     plan.notes += tied_notes(found, plan.params_total_before)  # as the in-memory analysis notes them

@@ -600,8 +600,9 @@ def _heal_blocks(model: nn.Module, teacher: nn.Module, params: dict[str, nn.Para
         if newest is not None:
             tensors, state = manager.load(newest)
             blocks = state.get("blocks")
+            # Each finished block is recorded as {"block": name, before/after errors} (see done.append below).
             if not isinstance(state.get("config"), dict) or not isinstance(blocks, list) \
-                    or not set(map(str, blocks)) <= set(names) or not all(isinstance(b, str) for b in blocks):
+                    or not all(isinstance(b, dict) and b.get("block") in names for b in blocks):
                 raise CompressorError(f"checkpoint {newest} is malformed: its config or finished blocks are not "
                                       "what this version writes", f"delete {newest} (or resume from another run's "
                                       "folder)")
