@@ -13,7 +13,6 @@ import json
 import os
 import resource
 import shutil
-import stat
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+
+from tests.test_hostile_formats import snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 SECONDS = 120  # a refusal is interpreter + torch start-up and one check; far below this unless it hangs
@@ -42,19 +43,6 @@ def cli(args, cwd: Path, *, timeout: float = SECONDS, memory: int | None = MEMOR
                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
     res.seconds = time.monotonic() - start
     return res
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every entry under ``folder`` (hidden ones too, links not followed): a file by its hash, others by type."""
-    out = {}
-    for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            p = Path(root, name)
-            mode = os.lstat(p).st_mode
-            out[str(p.relative_to(folder))] = (hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(mode)
-                                               else f"link -> {os.readlink(p)}" if stat.S_ISLNK(mode)
-                                               else f"type {stat.S_IFMT(mode)}")
-    return out
 
 
 def refused(res: subprocess.CompletedProcess, *words: str) -> str:

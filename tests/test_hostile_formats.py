@@ -41,13 +41,15 @@ def cli(args, cwd: Path, *, input: str | None = None, timeout: float = 90, memor
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """Every entry under ``folder`` (links not followed): a regular file by its hash, others by type."""
+    """Every entry under ``folder`` (hidden ones too, links not followed): a file by its hash, a link by its
+    target, others by type."""
     out = {}
     for root, dirs, files in os.walk(folder):
         for name in dirs + files:
             p = Path(root, name)
             mode = os.lstat(p).st_mode
             out[str(p.relative_to(folder))] = (hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(mode)
+                                               else f"link -> {os.readlink(p)}" if stat.S_ISLNK(mode)
                                                else f"type {stat.S_IFMT(mode)}")
     return out
 
