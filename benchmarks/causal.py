@@ -13,6 +13,8 @@ it compares, each method in a child process of its own (peak RSS from the kernel
   layer (no sequential update, no allocation);
 * ``data-aware``: ``compressor.analyze(target=..., calibration=...)``, the package's default for decoders
   (block-by-block, sequential refits, Fisher-weighted factors and allocation);
+* ``data-aware-kfac``: the same with ``weighting="kfac"`` (each layer's output error weighted by the full
+  second moment of its output gradients, not only its diagonal);
 * ``data-aware (relative)``: the same with ``weighting=None`` (each layer's relative output error counts the
   same, as compressor allocated before the Fisher weighting);
 * ``data-aware (uniform ranks)``: the package's factors at the reference's uniform ranks (the allocation's
@@ -42,7 +44,7 @@ from _common import environment, load_average, log, md_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("plain", "reference", "data-aware", "data-aware-relative", "data-aware-uniform")
+METHODS = ("plain", "reference", "data-aware", "data-aware-kfac", "data-aware-relative", "data-aware-uniform")
 BLOCKS = "model.layers.*"
 
 
@@ -116,6 +118,8 @@ def child(spec: dict) -> dict:
                 kw["calibration"] = cal
             if method == "data-aware-relative":
                 kw["weighting"] = None
+            if method == "data-aware-kfac":
+                kw["weighting"] = "kfac"
             if method == "data-aware-uniform":
                 kw["overrides"] = uniform_ranks(model, target)
             plan = compressor.analyze(model, **kw)

@@ -136,6 +136,30 @@ def test_bad_policy_options_are_one_clear_error(kwargs):
     assert "\n" not in str(err.value) and ";" in str(err.value)
 
 
+@pytest.mark.parametrize("policy, keywords", [
+    (compressor.TargetPolicy(0.3), {"target": 0.3}), (compressor.EnergyPolicy(0.9), {"energy": 0.9}),
+    (compressor.RankPolicy(3), {"rank": 3}), (compressor.RankRatioPolicy(0.25), {"rank_ratio": 0.25}),
+])
+def test_a_policy_object_plans_as_its_keyword(policy, keywords):
+    model = MODELS["mlp"]()
+    a, b = compressor.analyze(model, policy), compressor.analyze(model, **keywords)
+    assert a.ranks() == b.ranks() and a.policy == b.policy and any(r is not None for r in a.ranks().values())
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda: compressor.TargetPolicy(1.0), "target must be in (0, 1)"),
+    (lambda: compressor.EnergyPolicy(float("nan")), "energy must be in (0, 1]"),
+    (lambda: compressor.RankPolicy(0), "rank must be a whole number"),
+    (lambda: compressor.analyze(MODELS["mlp"](), compressor.TargetPolicy(0.3), target=0.3), "both given"),
+    (lambda: compressor.analyze(MODELS["mlp"](), 0.3), "is not a rank policy"),
+])
+def test_a_bad_policy_object_is_the_clis_one_line_error(make, needle):
+    """The same line as ``compress --target 1`` prints (tests/test_hostile_cli.py), from the Python API."""
+    with pytest.raises(CompressorError) as err:
+        make()
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
 def test_overrides_win_over_the_policy():
     model = MODELS["mlp"]()
     plan = compressor.analyze(model, energy=0.9, overrides={"0": 5, "2": None, "4": 9})

@@ -87,6 +87,7 @@ def test_output_fisher_equals_a_brute_force_gradient():
     mods, data = layers(model), batches(97, n=2)
     got = output_fisher(model, mods, data, chunk=5)
     want = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in mods.items()}
+    outer = {n: torch.zeros(m.out_features, m.out_features, dtype=torch.float64) for n, m in mods.items()}
     outs: dict[str, torch.Tensor] = {}
     def keep(name: str, out: torch.Tensor) -> None:  # returns None: the output is not replaced
         out.retain_grad()
@@ -100,22 +101,50 @@ def test_output_fisher_equals_a_brute_force_gradient():
         model.zero_grad()
         loss.backward()
         for n, o in outs.items():
-            want[n] += o.grad.double().square().reshape(-1, o.shape[-1]).sum(0)
+            g = o.grad.double().reshape(-1, o.shape[-1])
+            want[n] += g.square().sum(0)
+            outer[n] += g.T @ g
     for h in hooks:
         h.remove()
+    full = output_fisher(model, mods, data, chunk=5, full=True)
     for n in mods:
         torch.testing.assert_close(got[n], want[n].float(), rtol=1e-3, atol=1e-9)
+        torch.testing.assert_close(full[n], outer[n].float(), rtol=1e-3, atol=1e-6)
     assert all(p.requires_grad for p in model.parameters())  # restored
 
 
+def test_kfac_weighting_keeps_full_rank_exact_and_beats_none_on_the_weighted_error():
+    """The full output factor: at full rank the factors give the layer back; at a cut, the KFAC-weighted
+    error of its factors is below that of the unweighted (and the diagonal) factors at the same rank."""
+    from compressor.analysis.calibration import Moments, whitened_decomposition
+
+    torch.manual_seed(0)
+    W, X = torch.randn(12, 16), torch.randn(200, 16) @ torch.randn(16, 16)
+    g = torch.randn(300, 12) @ torch.randn(12, 12)  # correlated output gradients
+    G = g.T @ g
+    m = Moments()
+    m.add(X)
+    def weighted_error(dec, r):
+        up, down = dec.factors(r)
+        E = (W - up @ down) @ X.T
+        return float(torch.trace(E.T @ G @ E))
+    full, _ = whitened_decomposition(W, m, out_weight=G)
+    up, down = full.factors(12)
+    torch.testing.assert_close(up @ down, W, rtol=1e-3, atol=1e-3)
+    plain, _ = whitened_decomposition(W, m)
+    diag, _ = whitened_decomposition(W, m, out_weight=G.diagonal().clone())
+    assert weighted_error(full, 4) < min(weighted_error(plain, 4), weighted_error(diag, 4))
+
+
+@pytest.mark.parametrize("weighting", ["fisher", "kfac"])
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_sequential_fisher_analysis_meets_the_target(kind):
+def test_sequential_fisher_analysis_meets_the_target(kind, weighting):
     model = MODELS[kind]()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mods = layers(model)
-    cal = decoder_analysis(model, mods, batches(97), TargetPolicy(0.3), 1, {})
+    cal = decoder_analysis(model, mods, batches(97), TargetPolicy(0.3), 1, {}, weighting=weighting)
     assert cal.info["layers_refit_sequentially"] > 0
-    assert cal.info["allocation"].endswith("Fisher")
+    assert cal.info["allocation"].endswith("Fisher" if weighting == "fisher" else "(KFAC)")
     removed = sum(m.weight.numel() - r * sum(m.weight.shape) for n, m in mods.items()
                   for r in [cal.ranks[n]] if r is not None and r * sum(m.weight.shape) < m.weight.numel())
     assert removed >= 0.3 * sum(m.weight.numel() for m in mods.values())

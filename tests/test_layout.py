@@ -103,3 +103,17 @@ def test_data_holds_inputs_and_loaders_not_algorithms():
            for mod, path in modules.items() if mod.startswith("compressor.data")
            for module, _name, line in _imports(path, modules) if not module.startswith(DATA_MAY_IMPORT)]
     assert not bad, "\n".join(bad)
+
+
+def test_no_type_check_of_a_policy_outside_the_policy_module():
+    """What the analysis needs of a policy is an attribute (``core.policies.across_layers``, ``spectral``), so
+    a policy a user registers behaves as the built-in ones: no ``isinstance(x, ...Policy)`` elsewhere."""
+    bad = []
+    for mod, path in _modules().items():
+        if mod == "compressor.core.policies":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance"
+                    and len(node.args) == 2 and "Policy" in ast.unparse(node.args[1])):
+                bad.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not bad, "\n".join(bad)

@@ -25,7 +25,9 @@ from compressor.core.handlers import LayerHandler, handler_for, handler_of_kind,
 from compressor.core.layers import LOW_RANK_TYPES, LoRALayer
 from compressor.core.plan import LayerPlan, Plan
 from compressor.core.policies import (
+    ALLOCATORS,
     LayerSpectrum,
+    Policy,
     allocate,
     operating_keep,
     policy_from_dict,
@@ -178,8 +180,8 @@ def decompose_layers(found: Iterable[Candidate], progress: bool | None = None
     return out
 
 
-def analyze(model: nn.Module, energy: float | None = None, rank: int | None = None,
-            rank_ratio: float | None = None, target: float | None = None, *,
+def analyze(model: nn.Module, policy: Policy | None = None, *, energy: float | None = None,
+            rank: int | None = None, rank_ratio: float | None = None, target: float | None = None,
             rank_multiple: int = 1, include: Sequence[str] = (), exclude: Sequence[str] = (),
             overrides: dict[str, int | None] | None = None, plan: Plan | None = None,
             progress: bool | None = None, calibration: Any = None, outputs: Sequence[str] | None = None,
@@ -188,11 +190,12 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
             weighting: str | None = FISHER) -> Plan:
     """Analyze every weight of ``model`` and choose a rank per layer; the model is not changed.
 
-    Exactly one policy: ``energy`` (fraction of spectral energy kept per layer), ``rank`` (fixed),
-    ``rank_ratio`` (fraction of each layer's full rank) or ``target`` (fraction of the factorizable
-    parameters to remove, allocated across layers). ``overrides`` maps layer names to ranks (None:
-    keep dense) that win over the policy. Passing an edited ``plan`` re-derives its statistics with its
-    own policy and ranks (used to re-apply a plan a person edited).
+    Exactly one policy, as an object (``analyze(model, TargetPolicy(0.3))``; any type with a registered
+    allocator, :func:`compressor.core.policies.register`) or a keyword: ``energy`` (fraction of spectral
+    energy kept per layer), ``rank`` (fixed), ``rank_ratio`` (fraction of each layer's full rank) or
+    ``target`` (fraction of the factorizable parameters to remove, allocated across layers). ``overrides``
+    maps layer names to ranks (None: keep dense) that win over the policy. Passing an edited ``plan``
+    re-derives its statistics with its own policy and ranks (used to re-apply a plan a person edited).
 
     ``calibration`` (model inputs: a tensor, tuple or mapping of tensors such as a tokenizer's output, or
     a list of them) makes the analysis data-aware (see :mod:`compressor.analysis.calibration`): factors
@@ -219,16 +222,32 @@ def analyze(model: nn.Module, energy: float | None = None, rank: int | None = No
     """
     weights_only = threads is None and calibration is None
     with thread_budget(threads), torch_threads(LINALG_THREADS if weights_only else None):
-        return _analyze(model, energy, rank, rank_ratio, target, rank_multiple, include, exclude, overrides, plan,
-                        progress, calibration, outputs, sequential, sensitivity, fold_batchnorm, example_inputs,
-                        spatial, weighting)
+        chosen = _one_policy(policy, energy, rank, rank_ratio, target, plan)
+        return _analyze(model, chosen, rank_multiple, include, exclude, overrides, plan, progress, calibration,
+                        outputs, sequential, sensitivity, fold_batchnorm, example_inputs, spatial, weighting)
 
 
-def _analyze(model: nn.Module, energy: float | None, rank: int | None, rank_ratio: float | None,
-             target: float | None, rank_multiple: int, include: Sequence[str], exclude: Sequence[str],
-             overrides: dict[str, int | None] | None, plan: Plan | None, progress: bool | None, calibration: Any,
-             outputs: Sequence[str] | None, sequential: bool, sensitivity: bool, fold_batchnorm: bool,
-             example_inputs: Any, spatial: bool, weighting: str | None) -> Plan:
+def _one_policy(policy: Policy | None, energy: float | None, rank: int | None, rank_ratio: float | None,
+                target: float | None, plan: Plan | None) -> Policy | None:
+    """The policy of an ``analyze`` call: the object, or one built from the keywords (None: the plan's)."""
+    keywords = any(v is not None for v in (energy, rank, rank_ratio, target))
+    if policy is None:
+        return None if plan is not None and not keywords else policy_from_options(energy, rank, rank_ratio, target)
+    if keywords:
+        raise CompressorError("a policy object and a policy keyword were both given",
+                              "pass one: analyze(model, TargetPolicy(0.3)) or analyze(model, target=0.3)")
+    if type(policy) not in ALLOCATORS:
+        raise CompressorError(f"{policy!r} is not a rank policy",
+                              f"pass one of {', '.join(t.__name__ for t in ALLOCATORS)}, or register an "
+                              "allocator for its type (compressor.core.policies.register)")
+    return policy
+
+
+def _analyze(model: nn.Module, policy: Policy | None, rank_multiple: int, include: Sequence[str],
+             exclude: Sequence[str], overrides: dict[str, int | None] | None, plan: Plan | None,
+             progress: bool | None, calibration: Any, outputs: Sequence[str] | None, sequential: bool,
+             sensitivity: bool, fold_batchnorm: bool, example_inputs: Any, spatial: bool,
+             weighting: str | None) -> Plan:
     if plan is not None:
         if plan.method != "svd" and calibration is None:
             # Re-deriving a data-aware plan by plain SVD would keep its ranks but silently lose its quality.
@@ -240,8 +259,6 @@ def _analyze(model: nn.Module, energy: float | None, rank: int | None, rank_rati
         rank_multiple = pol.get("rank_multiple", 1)
         policy = policy_from_dict(pol)
         overrides = {**plan.ranks(), **(overrides or {})}
-    else:
-        policy = policy_from_options(energy, rank, rank_ratio, target)
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise CompressorError(f"rank_multiple must be a whole number >= 1, got {rank_multiple}",
                               "pass e.g. rank_multiple=8", cli_fix="pass e.g. --rank-multiple 8")

@@ -192,7 +192,9 @@ def whitened_decomposition(W: torch.Tensor, m: Moments, damping: tuple[float, ..
 
     ``out_weight`` (m positive values: a diagonal output-side Fisher, how much each output unit's error
     costs the model's loss) weights the output error per unit: the SVD is of ``diag(sqrt w) W S`` and the
-    singular values then measure the weighted error, on one scale across layers.
+    singular values then measure the weighted error, on one scale across layers. An ``m x m`` positive
+    definite ``out_weight`` ``G`` (the output gradients' second moment, KFAC's output factor) weights it by
+    ``G^1/2``: errors along output directions the loss is sensitive to together count together.
     """
     out_dtype = compute_dtype(W.dtype)
     seq = m.hh is not None
@@ -204,18 +206,33 @@ def whitened_decomposition(W: torch.Tensor, m: Moments, damping: tuple[float, ..
         wh = whitening(m.hh if seq else m.xx, damping)
         # W* S = W C_xh C^-1 S = W C_xh S^-T, since C = S S^T.
         A = Wd @ m.xh @ wh.S_inv.T if seq else Wd @ wh.S.to(out_dtype)
-        root = None if out_weight is None else out_weight.to(A.device, torch.float64).sqrt()
+        root, root_inv = _output_root(out_weight, A.device)
         if root is not None:
-            A, Wd = root[:, None].to(A.dtype) * A, root[:, None].to(Wd.dtype) * Wd
+            lift = (lambda M: root.to(M.dtype) @ M) if root.dim() == 2 else (lambda M: root[:, None].to(M.dtype) * M)
+            A, Wd = lift(A), lift(Wd)
         U, S, Vh = torch.linalg.svd(A.to(out_dtype), full_matrices=False)
     S = S.double()
     total = float((Wd @ m.xx.to(Wd.dtype) * Wd).sum())  # ||W X||^2 of the original layer (weighted)
     floor = max(0.0, total - float(S.square().sum())) if seq else 0.0  # ||W X - W* X^||^2
     dec = Decomposition(U.to(out_dtype), S.to(out_dtype), Vh.to(out_dtype), wh.S_inv.to(out_dtype),
-                        left_inv=None if root is None else (1 / root).to(out_dtype))
+                        left_inv=None if root_inv is None else root_inv.to(out_dtype))
     info = {"whitening": wh.method, "damping": wh.damping, "output_energy": total, "floor": floor,
             "rows": m.rows}
     return dec, info
+
+
+def _output_root(weight: torch.Tensor | None, device: torch.device
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(G^1/2, G^-1/2)`` of an output weighting: elementwise for a vector, by eigendecomposition for a
+    symmetric positive definite matrix (float64: its small eigenvalues are inverted)."""
+    if weight is None:
+        return None, None
+    G = weight.to(device, torch.float64)
+    if G.dim() == 1:
+        return G.sqrt(), G.rsqrt()
+    lam, Q = torch.linalg.eigh((G + G.T) / 2)
+    lam = lam.clamp(min=float(lam.max()) * 1e-12)
+    return (Q * lam.sqrt()) @ Q.T, (Q * lam.rsqrt()) @ Q.T
 
 
 def embedding_decomposition(E: torch.Tensor, m: Moments, uniform_share: float = UNIFORM_TOKEN_SHARE
@@ -655,7 +672,7 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
     ``spatial``: layers with an alternative factorization (a conv's spatial one) take it where its measured
     output error at the policy's operating point is lower; ``kinds`` (a re-derived plan's) fixes each
     layer's kind instead."""
-    from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate, operating_keep
+    from compressor.core.policies import LayerSpectrum, across_layers, allocate, operating_keep
     from compressor.core.rewrite import factor_module
 
     cal = Calibrator(model, modules, batches, outputs)
@@ -664,7 +681,7 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
     infos: dict[str, dict[str, Any]] = {}
     # Sensitivity is measured on batches the probe factors were not fit on: measured in sample, a layer with
     # fewer calibration rows than inputs (a classifier sees one row per image) looks free to truncate.
-    hold_out = sensitivity_batches if sensitivity and isinstance(policy, TargetPolicy) and \
+    hold_out = sensitivity_batches if sensitivity and across_layers(policy) and \
         len(batches) > sensitivity_batches else 0
     moments, held = cal.moments(hold_out)
     # Data-starved layers choose their ridge on the held-out batches first, so each is decomposed once with it.
@@ -680,7 +697,7 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
     spectra = list(spectra.values())
 
     scales: dict[str, float] = {}
-    if sensitivity and isinstance(policy, TargetPolicy):
+    if sensitivity and across_layers(policy):
         scales = _sensitivities(cal, spectra, modules, handlers, decs, moments, held, policy, rank_multiple, fixed,
                                 damp, sensitivity_batches)
     ranks = allocate(policy, spectra, rank_multiple, fixed)

@@ -55,7 +55,7 @@ from compressor.analysis.calibration import (
 )
 from compressor.core.errors import CompressorError
 from compressor.core.handlers import handler_for
-from compressor.core.policies import LayerSpectrum, Policy, TargetPolicy, allocate
+from compressor.core.policies import LayerSpectrum, Policy, across_layers, allocate
 from compressor.core.rewrite import factor_module
 from compressor.core.svd import Decomposition, max_saving_rank
 from compressor.data.inputs import Batch, attention_mask, call, compared_outputs, map_tensors, take, tensors_of
@@ -64,9 +64,12 @@ from compressor.data.perplexity import head_chunk, token_nll
 # Calibration sequences the output-side Fisher is estimated on (a forward and backward pass each).
 FISHER_SEQUENCES = 64
 FISHER_MICRO_BATCH = 8  # sequences per backward pass: activations of every block are kept for it
-# Layer-error weightings: "fisher" (output-side, diagonal) or None (every layer's relative error alike).
+# Layer-error weightings: "fisher" (output-side Fisher, diagonal), "kfac" (the output gradients' full second
+# moment per layer, KFAC's output factor: out x out per layer, kept for the whole analysis) or None (every
+# layer's relative error alike).
 FISHER = "fisher"
-WEIGHTINGS = (FISHER, None)
+KFAC = "kfac"
+WEIGHTINGS = (FISHER, KFAC, None)
 # Added to each layer's Fisher diagonal, relative to its mean: an output unit no calibration gradient reached
 # still costs something.
 FISHER_FLOOR = 1e-2
@@ -146,11 +149,13 @@ def _raise() -> None:
 
 
 def output_fisher(model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch],
-                  sequences: int = FISHER_SEQUENCES, chunk: int | None = None) -> dict[str, torch.Tensor]:
+                  sequences: int = FISHER_SEQUENCES, chunk: int | None = None, full: bool = False
+                  ) -> dict[str, torch.Tensor]:
     """The diagonal output-side Fisher of each layer in ``modules``: over the first ``sequences`` calibration
     sequences, the sum over tokens of ``(dL/dy)**2`` per output unit ``y`` of the layer, ``L`` the language
     model's summed next-token negative log-likelihood (padding left out). It says how much an error in each
-    output unit costs the model's loss (KFAC-SVD's output-side factor, kept diagonal).
+    output unit costs the model's loss (KFAC-SVD's output-side factor, kept diagonal). ``full``: the whole
+    second moment ``sum g g^T`` of the output gradients (``out x out`` per layer, float32), KFAC's factor.
 
     The head runs on chunks of ``chunk`` token positions (default: as many as
     :func:`compressor.data.perplexity.head_chunk` allows the vocabulary), each chunk's loss back-propagated
@@ -164,14 +169,16 @@ def output_fisher(model: nn.Module, modules: dict[str, nn.Module], batches: list
                               "errors by", "calibrate it without output weighting")
     cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     chunk = chunk if chunk is not None else head_chunk(_out_features(head))
-    fisher = {n: torch.zeros(_out_features(m), dtype=torch.float64) for n, m in modules.items()}
+    fisher = {n: torch.zeros((_out_features(m),) * (2 if full else 1), dtype=torch.float32 if full else torch.float64)
+              for n, m in modules.items()}
+    add = _add_outer if full else _add_squares
     frozen = {p: p.requires_grad for p in model.parameters()}
     state: dict[str, Any] = {}
 
     def grad_hook(n: str):
         def hook(_m, _a, out):
             if isinstance(out, torch.Tensor) and out.requires_grad:
-                out.register_hook(lambda g: _add_squares(fisher[n], g))
+                out.register_hook(lambda g: add(fisher[n], g))
         return hook
 
     def leaf(_m, _a, out):  # the graph starts here: frozen parameters keep no gradient
@@ -199,6 +206,12 @@ def output_fisher(model: nn.Module, modules: dict[str, nn.Module], batches: list
         for p, g in frozen.items():
             p.requires_grad_(g)
     return {n: f.float() for n, f in fisher.items()}
+
+
+def _add_outer(total: torch.Tensor, g: torch.Tensor) -> None:
+    """A gradient hook: adds ``g^T g`` over ``g``'s rows (tokens); returns None, so ``g`` flows on unchanged."""
+    rows = g.detach().reshape(-1, g.shape[-1]).to(total.dtype)
+    total.addmm_(rows.T, rows)
 
 
 def _micro_batches(batches: list[Batch], sequences: int, size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -252,8 +265,9 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
 
     ``weighting`` ``"fisher"``: each layer's output error is weighted per output unit by its diagonal
     output-side Fisher (:func:`output_fisher`), in the factors and in the allocation, which then compares
-    layers by what their errors cost the model's loss rather than by each layer's relative error; None:
-    every layer's relative output error counts the same (SVD-LLM)."""
+    layers by what their errors cost the model's loss rather than by each layer's relative error;
+    ``"kfac"``: by the full second moment of its output gradients (correlated output directions together);
+    None: every layer's relative output error counts the same (SVD-LLM)."""
     if outputs:  # named outputs must exist (on one sample: a decoder's logits are large); the loss weighs layers
         with torch.no_grad():
             compared_outputs(call(model, take(batches[0], slice(0, 1))), outputs)
@@ -267,20 +281,21 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
     shapes = {n: tuple(handlers[n].weight_matrix(m).shape) for n, m in modules.items()}
     decs: dict[str, Decomposition] = {}
     infos: dict[str, dict[str, Any]] = {}
-    show = _Progress(blocks * (2 if sequential else 1) + (1 if weighting == FISHER else 0), progress)
+    show = _Progress(blocks * (2 if sequential else 1) + (1 if weighting else 0), progress)
     weights: dict[str, torch.Tensor] = {}
-    if weighting == FISHER:
+    if weighting:
         show.say(f"calibrating: output-side Fisher on {FISHER_SEQUENCES} sequences at most (forward and backward)")
         fisher = output_fisher(model, {n: m for n, m in modules.items() if n.startswith(f"{passes.name}.")},
-                               batches)
-        weights = {n: f + FISHER_FLOOR * f.mean().clamp(min=1e-30) for n, f in fisher.items()}
+                               batches, full=weighting == KFAC)
+        weights = {n: _floored(f) for n, f in fisher.items()}
+        del fisher
         show.step("output-side Fisher done")
 
     def own_rank(name: str, dec: Decomposition) -> int | None:
         """The rank a per-layer policy gives (None under a target: allocated across layers)."""
         if name in fixed:
             return fixed[name]
-        if isinstance(policy, TargetPolicy):
+        if across_layers(policy):
             return None
         sp = LayerSpectrum.from_singular_values(name, *shapes[name], dec.S)
         return allocate(policy, [sp], rank_multiple)[name]
@@ -318,7 +333,7 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
                                                          saving, decs, infos, handlers, damping, weights)
             refit += n_refit
             show.step(f"block {i + 1}/{blocks} refit")
-        if not isinstance(policy, TargetPolicy):  # per-layer policies: ranks of the refit spectra
+        if not across_layers(policy):  # per-layer policies: ranks of the refit spectra
             for n in modules:
                 if n not in fixed and n not in outer:
                     ranks[n] = own_rank(n, decs[n])
@@ -327,9 +342,20 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
                             damping=damping, spatial_layers=())
     info["passes"] = BLOCKWISE_PASSES
     if weights:
-        info["allocation"] = "whitened output error x diagonal output-side Fisher"
+        info["allocation"] = ("whitened output error x diagonal output-side Fisher" if weighting == FISHER else
+                              "whitened output error x output-gradient second moment (KFAC)")
         info["fisher_sequences"] = min(FISHER_SEQUENCES, sum(tensors_of(b)[0].shape[0] for b in batches))
     return Calibrated(decs, spectra, ranks, errors, info, {})
+
+
+def _floored(f: torch.Tensor) -> torch.Tensor:
+    """A Fisher (diagonal or full) plus ``FISHER_FLOOR`` times its mean diagonal: an output direction no
+    calibration gradient reached still costs something, and the full matrix stays invertible."""
+    if f.dim() == 1:
+        return f + FISHER_FLOOR * f.mean().clamp(min=1e-30)
+    diagonal = f.diagonal()  # a view: the matrix is changed in place (it is large)
+    diagonal.add_(FISHER_FLOOR * diagonal.mean().clamp(min=1e-30))
+    return f
 
 
 def _spectrum(name: str, shape: tuple[int, ...], dec: Decomposition, absolute: bool) -> LayerSpectrum:

@@ -23,7 +23,7 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.core.handlers import LayerHandler
-from compressor.core.policies import EnergyPolicy, LayerSpectrum, Policy, TargetPolicy, allocate
+from compressor.core.policies import LayerSpectrum, Policy, across_layers, allocate, spectral
 from compressor.core.svd import Decomposition, leading_svd, max_saving_rank, svd
 
 SVD_METHODS = ("exact", "randomized")
@@ -94,7 +94,7 @@ def run_layer(task: LayerTask) -> dict[str, Any]:
         m, n = matrix.shape
         spectrum = bounded_spectrum(task.name, m, n, dec.S, dec.total_energy, task.max_rank)
         rank = task.rank
-        if rank is None and task.factor and not isinstance(task.policy, TargetPolicy):
+        if rank is None and task.factor and not across_layers(task.policy):
             rank = allocate(task.policy, [spectrum], task.rank_multiple)[task.name]
         factors = None
         if rank is not None and rank <= max_saving_rank(m, n):
@@ -130,9 +130,9 @@ def _decompose(task: LayerTask, matrix: torch.Tensor) -> Decomposition:
         return leading_svd(matrix, task.svd_rank, seed=seed)
     m, n = matrix.shape
     bound = full if task.max_rank is None else min(task.max_rank, full)
-    if isinstance(task.policy, TargetPolicy):  # the job refuses it without a bound (jobs.stream)
+    if across_layers(task.policy):  # the job refuses it without a bound (jobs.stream)
         return leading_svd(matrix, bound, seed=seed)  # the global allocation chooses among ranks <= bound
-    if not isinstance(task.policy, EnergyPolicy):  # rank policies: known up front
+    if not spectral(task.policy):  # rank policies: known up front
         probe = LayerSpectrum(task.name, m, n, torch.ones(full), torch.zeros(full + 1))
         want = allocate(task.policy, [probe], task.rank_multiple)[task.name]
         return leading_svd(matrix, min(want, bound), seed=seed)

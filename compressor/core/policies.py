@@ -12,6 +12,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 
@@ -19,25 +20,56 @@ from compressor.core.errors import CompressorError
 from compressor.core.svd import max_saving_rank, rank_for_energy
 
 
+def _fraction(name: str, value: object, hint: str, *, closed: bool = True) -> float:
+    """``value`` as a float in (0, 1] (``closed``) or (0, 1), else the one-line error every entry point gives."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0 and (
+        value <= 1 if closed else value < 1)
+    if not ok:
+        what = "(0, 1]" if closed else "(0, 1), the fraction of parameters to remove"
+        raise CompressorError(f"{name} must be in {what}, got {value}", f"pass a fraction such as {hint}")
+    return float(value)  # type: ignore[arg-type]
+
+
+# Each policy checks its own value when it is made, so the Python API (``analyze(model, TargetPolicy(0.3))``)
+# refuses what the CLI refuses, with the same line.
+
 @dataclass(frozen=True)
 class EnergyPolicy:
     """Per layer, the smallest rank keeping ``energy`` of the sum of squared singular values."""
 
+    # What the analysis needs to know of a policy (read with the functions below, never by type checks):
+    # whether it spends one budget across layers (all spectra first), and whether a rank depends on its
+    # layer's spectrum at all (a fixed rank is known before any SVD).
+    across_layers: ClassVar[bool] = False
+    spectral: ClassVar[bool] = True
     energy: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "energy", _fraction("energy", self.energy, "0.95"))
 
 
 @dataclass(frozen=True)
 class RankPolicy:
     """The same rank for every layer (capped at each layer's full rank)."""
 
+    spectral: ClassVar[bool] = False
     rank: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise CompressorError(f"rank must be a whole number >= 1, got {self.rank}", "pass e.g. rank=64",
+                                  cli_fix="pass e.g. --rank 64")
 
 
 @dataclass(frozen=True)
 class RankRatioPolicy:
     """A fraction of each layer's full rank, rounded up."""
 
+    spectral: ClassVar[bool] = False
     rank_ratio: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rank_ratio", _fraction("rank_ratio", self.rank_ratio, "0.25"))
 
 
 @dataclass(frozen=True)
@@ -48,10 +80,17 @@ class TargetPolicy:
     output error with calibration data) per parameter saved, not by one ratio everywhere.
     """
 
+    across_layers: ClassVar[bool] = True
     target: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", _fraction("target", self.target, "0.5", closed=False))
 
 
 Policy = EnergyPolicy | RankPolicy | RankRatioPolicy | TargetPolicy
+# The keyword (and plan-JSON key) of each policy.
+POLICIES: dict[str, type] = {"energy": EnergyPolicy, "rank": RankPolicy, "rank_ratio": RankRatioPolicy,
+                             "target": TargetPolicy}
 
 
 @dataclass
@@ -106,25 +145,17 @@ def policy_from_options(energy: float | None = None, rank: int | None = None,
                               "pass one of energy=, rank=, rank_ratio= or target=",
                               cli_fix="pass one of --energy, --rank, --rank-ratio or --target")
     (key, value), = given.items()
-    if key == "energy":
-        if not isinstance(value, int | float) or not 0 < value <= 1:
-            raise CompressorError(f"energy must be in (0, 1], got {value}",
-                                  "pass a fraction such as 0.95")
-        return EnergyPolicy(float(value))
-    if key == "rank":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CompressorError(f"rank must be a whole number >= 1, got {value}", "pass e.g. rank=64",
-                                  cli_fix="pass e.g. --rank 64")
-        return RankPolicy(value)
-    if key == "rank_ratio":
-        if not isinstance(value, int | float) or not 0 < value <= 1:
-            raise CompressorError(f"rank_ratio must be in (0, 1], got {value}",
-                                  "pass a fraction such as 0.25")
-        return RankRatioPolicy(float(value))
-    if not isinstance(value, int | float) or not 0 < value < 1:
-        raise CompressorError(f"target must be in (0, 1), the fraction of parameters to remove, got {value}",
-                              "pass a fraction such as 0.5")
-    return TargetPolicy(float(value))
+    return POLICIES[key](value)
+
+
+def across_layers(policy: Policy) -> bool:
+    """Whether ``policy`` spends one budget across layers: ranks come only once every spectrum is known."""
+    return bool(getattr(policy, "across_layers", False))
+
+
+def spectral(policy: Policy) -> bool:
+    """Whether a layer's rank under ``policy`` depends on its spectrum (False: known before any SVD)."""
+    return bool(getattr(policy, "spectral", True))
 
 
 def policy_to_dict(policy: Policy) -> dict:
@@ -140,7 +171,8 @@ def operating_keep(policy: Policy) -> float | None:
     """The fraction of a layer's parameters a policy roughly keeps, where two ways of factoring the layer are
     compared (:func:`prefer_alternative`): ``1 - target``. None for the other policies, which set ranks,
     not parameters: a rank means different sizes in different layouts, so they keep the layer's own kind."""
-    return 1 - policy.target if isinstance(policy, TargetPolicy) else None
+    target = getattr(policy, "target", None)
+    return None if target is None else 1 - target
 
 
 def operating_rank(sp: LayerSpectrum, keep: float) -> int:

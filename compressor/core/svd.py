@@ -41,7 +41,8 @@ class Decomposition:
     Activation-aware methods decompose ``W @ R`` for an invertible ``R`` built from calibration data;
     then ``right_inv = R^-1`` maps the factors back, and the singular values measure output error.
     Embeddings weight their rows instead (``D W``, ``D`` diagonal from token frequencies):
-    ``left_inv`` is the vector ``1 / diag(D)``.
+    ``left_inv`` is the vector ``1 / diag(D)``. Output-side weightings do the same with a diagonal (a vector
+    ``left_inv``) or a full matrix ``L`` (``left_inv = L^-1``, a matrix).
     """
 
     U: torch.Tensor
@@ -64,7 +65,7 @@ class Decomposition:
         if self.right_inv is not None:
             down = down @ self.right_inv
         if self.left_inv is not None:
-            up = self.left_inv[:, None] * up
+            up = self.left_inv @ up if self.left_inv.dim() == 2 else self.left_inv[:, None] * up
         return up, down
 
 

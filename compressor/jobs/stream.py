@@ -42,7 +42,7 @@ from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_text, file_in_folder, signals_deferred
 from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.core.plan import Plan
-from compressor.core.policies import LayerSpectrum, TargetPolicy, allocate, policy_from_options, policy_to_dict
+from compressor.core.policies import LayerSpectrum, across_layers, allocate, policy_from_options, policy_to_dict
 from compressor.core.statefile import SEAL_SUFFIX, is_sealed, load_json, read_sealed, write_sealed
 from compressor.core.svd import Decomposition, check_svd_fits, max_saving_rank
 from compressor.data.calibration import describe
@@ -146,7 +146,7 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
     plan.notes += tied_notes(found, plan.params_total_before)  # as the in-memory analysis notes them
     if not tasks:
         plan.notes.append("no layer of this model can be factored")
-    if isinstance(policy, TargetPolicy):
+    if getattr(policy, "target", None) is not None:
         got = plan.totals()["removed_fraction"]
         if abs(got - policy.target) > 0.01:
             plan.notes.append(f"removed {got:.3f} of the factorizable parameters against the target "
@@ -215,7 +215,7 @@ def _check(opts: Options):
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
         raise CompressorError(f"max_rank must be a whole number >= 1, got {m!r}", "pass e.g. max_rank=256",
                               cli_fix="pass e.g. --max-rank 256")
-    if opts.svd == "randomized" and isinstance(policy, TargetPolicy) and m is None:
+    if opts.svd == "randomized" and across_layers(policy) and m is None:
         raise CompressorError("the randomized SVD finds only the leading singular values, but --target without a "
                               "rank bound compares every layer's whole spectrum",
                               "pass max_rank=N (e.g. 256), or svd='exact'",
@@ -623,7 +623,7 @@ class _Blockwise:
         dec, info = decompose(task.module, moments)
         m, n = task.handler.weight_matrix(task.module).shape
         rank = ranks[name] if ranks is not None else None
-        if ranks is None and not isinstance(self.policy, TargetPolicy):
+        if ranks is None and not across_layers(self.policy):
             spectrum = LayerSpectrum.from_singular_values(name, m, n, dec.S)
             rank = allocate(self.policy, [spectrum], self.rank_multiple)[name]
         factors = None
