@@ -116,7 +116,8 @@ def _by_kind(name: str, otherwise: str | None = None) -> str:
     def text(value: Any) -> str:
         return f"{value:g}" if isinstance(value, float) else str(value)
 
-    kinds = [f"{text(row[name])} for a {kind}" for kind, row in KIND_DEFAULTS.items()
+    names = {"causal-lm": "a causal LM", "transformer": "a transformer distilled", "cnn": "a CNN distilled"}
+    kinds = [f"{text(row[name])} for {names.get(kind, kind)}" for kind, row in KIND_DEFAULTS.items()
              if kind != "default" and name in row]
     general = text(KIND_DEFAULTS["default"][name]) if name in KIND_DEFAULTS["default"] else otherwise
     return f"[default: {'; '.join([*kinds, f'{general} otherwise'])}]"
