@@ -120,10 +120,12 @@ def minilm_bench(cfg: dict) -> Bench | None:
     from compressor.data.calibration import tokenize_batches
     calibration = tokenize_batches(tok, cal[:cfg["n_cal"]], batch_size=32)  # as in benchmarks/data_aware.py
     # Distillation on the last hidden state (masked MSE), as benchmarks/heal_minilm.py but shorter: sentences
-    # cut at 64 tokens, one pass over 448 calibration sentences, 64 others for choosing the best step.
+    # cut at 64 tokens, one pass over 448 calibration sentences, 64 others for choosing the best step; end-to-end
+    # on the output, as measured (a transformer's heal defaults are block-wise first).
     heal_kw = {"data": tokenize_batches(tok, cal[:448], batch_size=32, max_length=64),
                "val_data": tokenize_batches(tok, cal[448:], batch_size=32, max_length=64), "loss": "mse",
-               "lr": 5e-4, "warmup_steps": 2, **({"steps": cfg["heal_steps"]} if cfg["heal_steps"] else {"epochs": 1})}
+               "lr": 5e-4, "warmup_steps": 2, "method": "end-to-end", "distill": "output",
+               **({"steps": cfg["heal_steps"]} if cfg["heal_steps"] else {"epochs": 1})}
     steps = cfg["heal_steps"] or len(heal_kw["data"])
     notes = (f"`data-aware t`: `analyze(model, target=t, include=['encoder.*'], calibration=...)` on "
              f"{cfg['n_cal']} calibration sentences, disjoint from the {len(sentences)} held-out ones; t is the "

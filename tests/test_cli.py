@@ -258,6 +258,10 @@ def test_heal_and_checkpoints_commands(tmp_path):
     assert summary["supervised"] and summary["after"]["val_accuracy"] > summary["before"]["val_accuracy"]
     healed = json.loads((tmp_path / "small.healed" / "heal.json").read_text())
     assert healed["best_step"] == summary["best_step"]
+    # Labels: the general defaults, all but --epochs filled by them (heal.json says which).
+    from compressor.train.heal import KIND_DEFAULTS
+
+    assert healed["recipe"] == {"kind": "default", "filled": KIND_DEFAULTS["default"]}
     plot = tmp_path / "small.healed" / healed["plot"]  # the monitored metric over steps, linked from heal.json
     assert plot.suffix == ".png" and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import compressor
@@ -273,6 +277,9 @@ def test_heal_and_checkpoints_commands(tmp_path):
                "--out", tmp_path / "distilled", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["teacher"].endswith("cnn.pt")
+    # Distilling a CNN: its row of the defaults.
+    assert json.loads(res.output)["recipe"]["kind"] == "cnn"
+    assert json.loads(res.output)["config"]["loss"] == KIND_DEFAULTS["cnn"]["loss"]
 
 
 def test_outputs_get_the_usual_file_modes(cnn_file, tmp_path):

@@ -762,6 +762,8 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
                    "note": result.note,
                    "blocks": [{k: v for k, v in b.items() if k != "history"} for b in result.blocks],
                    "history": result.history, "config": result.config.to_dict(),
+                   # which kind's defaults the run used, and the settings they filled (the rest were given)
+                   "recipe": result.recipe,
                    "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
                    "command": command, "versions": versions()}
         if save_adapter is not None:

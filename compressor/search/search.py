@@ -299,8 +299,9 @@ def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
         say(f"heal     {recipe.name}: {recipe.heal_steps} steps")
         if recipe.qat:
             fake_int8(model)
+        # heal_steps are end-to-end steps: a transformer's default block-wise phase would cost more than they do.
         res = heal(model, teacher=ctx.model, data=ctx.heal_data, steps=recipe.heal_steps, progress=False,
-                   **ctx.heal_options)
+                   **{"method": "end-to-end", **ctx.heal_options})
         model = remove_fake_int8(res.model).eval()
         heal_info = {"steps": res.steps, "before": res.before, "after": res.after, "seconds": round(res.seconds, 1)}
     factored = {lp.name: lp.rank for lp in plan.factored}

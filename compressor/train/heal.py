@@ -7,7 +7,10 @@
     healed = result.model
 
 Every setting (its default, help, range and choices) is a field of :class:`HealConfig`, which also
-generates the ``compress heal`` options; the arguments of :func:`heal` are what the settings act on.
+generates the ``compress heal`` options; the arguments of :func:`heal` are what the settings act on. The
+settings left out take the defaults of the model's kind (:data:`KIND_DEFAULTS`: a transformer distils
+block-wise then end-to-end with hidden states, a CNN on the cosine of its logits, a causal LM at a lower
+learning rate), recipes measured on real models; ``HealResult.recipe`` says which kind and what it filled.
 
 What trains is the factor matrices (``.down`` / ``.up`` of every factored layer) or, with
 ``train="lora"``, LoRA adapters on them that are merged back at the end, so the healed model has exactly
@@ -53,6 +56,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from compressor.analysis.blocks import block_list
 from compressor.core.errors import CompressorError
 from compressor.core.handlers import simulate_quantization
 from compressor.core.layers import LOW_RANK_TYPES
@@ -83,7 +87,40 @@ _OLD_DEFAULTS = {"layers": None, "lora_init": "zero", "method": "end-to-end", "b
 BLOCKS_DIR = "blocks"  # the block-wise phase's checkpoints, inside the checkpoint folder
 
 
-LR, LM_LR = 1e-3, 1e-4  # the default peak learning rates (see HealConfig.lr)
+LR, LM_LR = 1e-3, 1e-4  # the general and the causal-LM peak learning rates
+
+# The settings a kind of model heals with when they are not given: an explicit setting always wins. Each row
+# is a recipe measured on a real model (its result files named); "default" fills what a row leaves out.
+# :meth:`HealConfig.resolved` applies it once per run, and heal.json records the kind and what it filled.
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Supervised healing and models of no kind below (the tests' small models; the digits CNN healed best
+    # end-to-end at lr 2e-3).
+    "default": {"lr": LR, "method": "end-to-end", "distill": "output", "block_steps": 100},
+    # Causal language models distil next-token distributions (loss kl, chosen in heal): Gemma 3 270M's
+    # compressed factors moved too far from the teacher at lr 5e-4 (benchmarks/heal_gemma.py).
+    "causal-lm": {"lr": LM_LR},
+    # Transformers distilled (all-MiniLM-L6-v2, 40% of the encoder removed, data-aware start): the default
+    # row returned the input unchanged; block-wise then end-to-end with hidden states reached held-out
+    # sentence cosine 0.9661 in 400 end-to-end steps and 0.9691 in 650 (heal_blockwise_40_goal2/3.md), and
+    # this row 0.9658 in 396 CPU seconds of `compress heal` (heal_defaults_minilm_40.md).
+    "transformer": {"lr": 3e-4, "method": "both", "distill": "hidden", "block_steps": 150, "steps": 500},
+    # CNNs distilled (MobileNetV2, 40% removed, few photos): the cosine of the logits at lr 3e-4 healed the
+    # held-out photos where KL at T=2 left them flat or lower (heal_cnn_mixed*.md, heal_cnn.md).
+    "cnn": {"lr": 3e-4, "loss": "cosine"},
+}
+
+
+def _by_kind(name: str, otherwise: str | None = None) -> str:
+    """The ``[default: ...]`` of a setting :data:`KIND_DEFAULTS` fills, for its help (``otherwise``: what
+    stands for it where no row gives it)."""
+    def text(value: Any) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    names = {"causal-lm": "a causal LM", "transformer": "a transformer distilled", "cnn": "a CNN distilled"}
+    kinds = [f"{text(row[name])} for {names.get(kind, kind)}" for kind, row in KIND_DEFAULTS.items()
+             if kind != "default" and name in row]
+    general = text(KIND_DEFAULTS["default"][name]) if name in KIND_DEFAULTS["default"] else otherwise
+    return f"[default: {'; '.join([*kinds, f'{general} otherwise'])}]"
 
 
 def _setting(default: Any, help: str, **checks: Any) -> Any:
@@ -98,7 +135,9 @@ class HealConfig:
 
     The ``compress heal`` options are generated from these fields (``lora_rank`` is ``--lora-rank``), each
     checkpoint records the settings a resumed run must share, and ``heal.json`` records all of them
-    (:meth:`to_dict`). A bad value raises :class:`CompressorError` when the config is made.
+    (:meth:`to_dict`). A bad value raises :class:`CompressorError` when the config is made. A setting left
+    None that :data:`KIND_DEFAULTS` names is filled by the kind of model healed (:func:`model_kind`,
+    :meth:`resolved`), so that a plain ``compress heal DIR --data ... --val ...`` runs the measured recipe.
     """
 
     train: Literal["factors", "lora"] = _setting(
@@ -116,26 +155,27 @@ class HealConfig:
                 "singular directions, the frozen base the rest); a saved pissa adapter is a rank-2r LoRA on "
                 "the original weights.")
     loss: Literal["mse", "kl", "ce", "cosine"] | None = _setting(
-        None, "Loss [default: ce for class labels, kl for a causal language model, mse otherwise]; kl and "
+        None, "Loss [default: ce for class labels, kl for a causal language model, cosine for a CNN distilled, mse "
+              "otherwise]; kl and "
               "cosine compare with a teacher's outputs; on a causal language model kl is computed on the "
               "next-token distributions, and ce is the next-token loss of the text itself (no teacher needed).")
     temperature: float = _setting(1.0, "Softening temperature for --loss kl.", above=0)
     optimizer: Literal["adamw", "adam", "sgd"] = _setting("adamw", "Optimizer (sgd uses momentum 0.9).")
-    lr: float | None = _setting(
-        None, f"Peak learning rate [default: {LR:g}; {LM_LR:g} for a causal language model, whose pretrained factors "
-              "5e-4 already pulled away from the teacher (Gemma 3 270M)].", above=0)
+    lr: float | None = _setting(None, f"Peak learning rate {_by_kind('lr')}.", above=0)
     weight_decay: float = _setting(0.0, "Weight decay of the optimizer.", min=0)
     schedule: Literal["cosine", "constant"] = _setting(
         "cosine", "Learning-rate schedule after the linear warm-up.")
     warmup_steps: int = _setting(0, "Steps of linear learning-rate warm-up.", min=0)
     batch_size: int = _setting(32, "Samples per step (a list of ready batches is used as given).", min=1)
-    steps: int | None = _setting(None, "Train this many steps [default: --epochs passes over the data].", min=1)
+    steps: int | None = _setting(None, f"Train this many steps {_by_kind('steps', '--epochs passes over the data')}.",
+                                 min=1)
     epochs: int | None = _setting(None, "Train this many passes over the data [default: 1].", min=1)
-    method: Literal["end-to-end", "blockwise", "both"] = _setting(
-        "end-to-end", "end-to-end: distil (or fit) the whole model's output; blockwise: each block (a "
-                      "transformer layer, a CNN stage) learns the teacher's block on the inputs the healed "
-                      "blocks before it give, one block at a time; both: blockwise, then end-to-end.")
-    block_steps: int = _setting(100, "Steps per block of the block-wise phase (batches of --batch-size).", min=1)
+    method: Literal["end-to-end", "blockwise", "both"] | None = _setting(
+        None, "end-to-end: distil (or fit) the whole model's output; blockwise: each block (a transformer layer, a "
+              "CNN stage) learns the teacher's block on the inputs the healed blocks before it give, one block at "
+              f"a time; both: blockwise, then end-to-end {_by_kind('method')}.")
+    block_steps: int | None = _setting(
+        None, f"Steps per block of the block-wise phase (batches of --batch-size) {_by_kind('block_steps')}.", min=1)
     block_lr: float | None = _setting(None, "Peak learning rate of the block-wise phase [default: --lr].",
                                       above=0)
     blocks: str | None = _setting(
@@ -146,10 +186,10 @@ class HealConfig:
               "output channel, inputs per tensor) or int4 (MatMulNBits, blocks of 128) export quantizes "
               "computes as that file will, with straight-through gradients, so the healed factors are "
               "chosen for the rounded model, and validation (the best step, never worse) measures it.")
-    distill: Literal["output", "hidden"] = _setting(
-        "output", "What end-to-end distillation matches: the model's output, or also every block's output (the "
-                  "blocks of --method blockwise: each transformer layer's hidden states, each CNN stage), adding "
-                  "the mean over blocks of ||h - h_teacher||^2 / ||h_teacher||^2 to the loss.")
+    distill: Literal["output", "hidden"] | None = _setting(
+        None, "What end-to-end distillation matches: the model's output, or also every block's output (the blocks "
+              "of --method blockwise: each transformer layer's hidden states, each CNN stage), adding the mean "
+              f"over blocks of ||h - h_teacher||^2 / ||h_teacher||^2 to the loss {_by_kind('distill')}.")
     seq_len: int = _setting(
         256, "Tokens per training sequence when a causal language model heals on a text file (read as one token "
              "stream cut into sequences, each starting with the tokenizer's BOS if it adds one).", min=2)
@@ -187,6 +227,36 @@ class HealConfig:
     def replace(self, **changes: Any) -> HealConfig:
         """A copy with ``changes`` (validated like a new config)."""
         return self.from_dict({**self.to_dict(), **changes})
+
+    def resolved(self, kind: str) -> tuple[HealConfig, dict[str, Any]]:
+        """A copy whose unset settings take ``kind``'s defaults (:data:`KIND_DEFAULTS`, over its "default"
+        row), and the settings so filled. A given setting is never replaced, and ``epochs`` given counts as
+        the length of the run (a row's ``steps`` then does not apply)."""
+        if kind not in KIND_DEFAULTS:
+            raise CompressorError(f"unknown model kind {kind!r}", f"pass one of {', '.join(KIND_DEFAULTS)}")
+        recipe = {**KIND_DEFAULTS["default"], **KIND_DEFAULTS[kind]}
+        filled = {name: value for name, value in recipe.items() if getattr(self, name) is None
+                  and not (name == "steps" and self.epochs is not None)}
+        return self.replace(**filled), filled
+
+
+def model_kind(model: nn.Module, supervised: bool = False) -> str:
+    """The row of :data:`KIND_DEFAULTS` that heals ``model``: "causal-lm" (a decoder with an output head),
+    "transformer" (another Hugging Face model with attention heads and a list of blocks, distilled), "cnn" (a
+    model with 2-D convolutions, distilled), else "default". Supervised healing (``supervised``: targets given) is
+    "default" whatever the model: the transformer and CNN recipes are distillation recipes."""
+    if supervised:
+        return "default"
+    if is_causal_lm(model):
+        return "causal-lm"
+    config = getattr(model, "config", None)
+    # Attention heads: a Hugging Face ResNet or ConvNeXt has a config and a list of stages too, and is a CNN.
+    if getattr(config, "num_attention_heads", None) and not getattr(config, "is_encoder_decoder", False) \
+            and block_list(model) is not None:
+        return "transformer"
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return "cnn"
+    return "default"
 
 
 def setting_names() -> tuple[str, ...]:
@@ -259,6 +329,8 @@ class HealResult:
     # method blockwise/both: per block {"block", "before", "after" (relative output error on the held-out
     # data), "best_step", "steps", "history"}
     blocks: list[dict[str, Any]] = field(default_factory=list)
+    # the model's kind (a row of KIND_DEFAULTS) and the settings its defaults filled: {"kind", "filled"}
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teacher: nn.Module | None = None,
@@ -290,7 +362,11 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
     # A causal language model distils (or learns the text) on its next-token distributions, chunk by chunk
     # through its output head (compressor.train.decoder): never a whole batch of logits.
     lm = not supervised and loss_fn is None and is_causal_lm(model)
-    cfg.lr = cfg.lr or (LM_LR if lm else LR)
+    # The settings left unset come from the model's kind, once (a resumed run resolves them alike). A loss
+    # function of one's own is not one of the objectives the kinds' recipes were measured with.
+    kind = "default" if loss_fn is not None else model_kind(model, supervised)
+    cfg, filled = cfg.resolved(kind)
+    recipe = {"kind": kind, "filled": filled}
     if not supervised and teacher is None and not (lm and cfg.loss == "ce"):
         if lm:
             raise CompressorError(f"loss {cfg.loss or 'kl'} distils a causal language model from a teacher, and "
@@ -512,7 +588,7 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
         model = copy.deepcopy(compressed)
         return HealResult(model, before, before, 0, step, history, resumed_from,
                           Path(checkpoint_dir) if checkpoint_dir else None, time.perf_counter() - start_time,
-                          cfg, None, note, blocks)
+                          cfg, None, note, blocks, recipe)
     if best_weights:
         with torch.no_grad():
             for k, p in params.items():
@@ -531,7 +607,7 @@ def heal(model: nn.Module, config: HealConfig | None = None, *, data: Any, teach
     model.train(compressed.training)
     return HealResult(model, before, best["metrics"], best["step"], step, history, resumed_from,
                       Path(checkpoint_dir) if checkpoint_dir else None, time.perf_counter() - start_time, cfg,
-                      adapter, None, blocks)
+                      adapter, None, blocks, recipe)
 
 
 def _at_least_as_good(a: dict[str, float], b: dict[str, float], cfg: HealConfig) -> bool:
