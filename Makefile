@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 # validated ONNX (fp32 and int8), report and plots in out/minilm/.
 demo: $(STAMP)
 	$(VENV)/bin/compress "$$($(PY) -c 'from compressor.examples import minilm_path; print(minilm_path())')" \
-		--target 0.3 --include 'encoder.*' --calibration examples/calibration_sentences.txt --output last_hidden_state \
+		--target 0.3 --include 'encoder.*' --calibration examples/calibration_sentences.txt \
 		--int8 --plots --out out/minilm --force
 
 # Real causal language models, not part of setup (about a minute and 350 MB): Gemma 3 270M and SmolLM2-135M as

@@ -107,8 +107,9 @@ def _options(opts: list[Callable]) -> Callable[[Callable], Callable]:
 
 _outputs_option = click.option(
     "--output", "outputs", multiple=True,
-    help="A model output that fidelity and sensitivity compare, e.g. last_hidden_state (repeatable) "
-         "[default: every floating-point output].")
+    help="A model output that fidelity and sensitivity compare, e.g. last_hidden_state, or a pooled "
+         "sentence_embedding:mean[:normalize] (also :cls, :max) (repeatable) [default: a sentence-transformers "
+         "folder's pooled embedding, else every floating-point output].")
 
 _policy_options = _options([
     click.option("--energy", type=float, help="Per layer, keep this fraction of spectral energy (0, 1]."),
@@ -306,7 +307,8 @@ def summary(r: Report) -> str:
     if r.fidelity:
         f = r.fidelity
         lines.append(f"  fidelity          cosine to original {number(f['cosine_mean'], '.5f')} "
-                     f"(min {number(f['cosine_min'], '.5f')}) on the example inputs")
+                     f"(min {number(f['cosine_min'], '.5f')}) on the example inputs"
+                     + (f", {f['compared']}" if f.get("compared") else ""))
     for v in (getattr(r, key) for key in VALIDATED):
         if not v:
             continue

@@ -9,6 +9,7 @@ edited plan), ``"export"`` (ONNX of the model as it is), ``"compress"`` (everyth
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -175,6 +176,7 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
     model = loaded.model if loaded.model is not None else weights_only_model(loaded.state_dict)
     weights_only = loaded.model is None
     model.eval()
+    opts = with_pooled_output(opts, loaded)
     calibration = _calibration(loaded, opts)
     if calibration is not None and not weights_only:
         from compressor.data.inputs import check_fits
@@ -267,6 +269,17 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
             report.plots = _plots(model if mode == "analyze" else original, plan, tmp)
         write_report(report, tmp)
     return report
+
+
+def with_pooled_output(opts: Options, loaded) -> Options:
+    """``opts`` comparing the sentence embedding a sentence-transformers folder pools (what its users
+    consume) when no outputs were named: fidelity, sensitivity and the calibrated analysis then measure it."""
+    spec = loaded.meta.get("pooling")
+    if opts.outputs or not spec:
+        return opts
+    from compressor.data.inputs import pooled_name
+
+    return dataclasses.replace(opts, outputs=[pooled_name(spec["mode"], spec["normalize"])])
 
 
 def check_eval_text(opts: Options, mode: str, onnx_input: bool) -> None:
@@ -570,11 +583,15 @@ def _latency(original: nn.Module, model: nn.Module, inputs, folder: Path, opts: 
 
 
 @torch.no_grad()
-def output_fidelity(reference: nn.Module, model: nn.Module, inputs, outputs: Sequence[str] = ()) -> dict[str, float]:
+def output_fidelity(reference: nn.Module, model: nn.Module, inputs, outputs: Sequence[str] = ()) -> dict[str, Any]:
     """How close ``model``'s compared outputs are to ``reference``'s on ``inputs``: per-sample cosine
-    (mean and worst) and relative error (:func:`compressor.data.inputs.cosine_fidelity`)."""
+    (mean and worst) and relative error (:func:`compressor.data.inputs.cosine_fidelity`), and which outputs
+    were compared (``compared``)."""
     with eval_mode(reference), eval_mode(model):
-        return cosine_fidelity(call(reference, inputs), call(model, inputs), outputs or None, attention_mask(inputs))
+        result: dict[str, Any] = cosine_fidelity(call(reference, inputs), call(model, inputs), outputs or None,
+                                                 attention_mask(inputs))
+    result["compared"] = ", ".join(outputs) if outputs else "every floating-point output"
+    return result
 
 
 def _plots(model: nn.Module, plan: Plan, folder: Path) -> list[str]:
@@ -703,6 +720,7 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
     """
     from compressor.formats.load import load_model
     from compressor.formats.save import save
+    from compressor.report.card import write_model_card
     from compressor.report.report import versions
     from compressor.train.heal import HealConfig, heal
 
@@ -774,6 +792,7 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
             plot_metric_history(result.history, monitor, tmp / "metrics.png", result.best_step, mode)
             summary["plot"] = "metrics.png"  # the monitored metric over steps, the best step marked
         atomic_write_text(tmp / "heal.json", json.dumps(summary, indent=2, default=str) + "\n")
+        write_model_card(tmp, json.loads(json.dumps(summary, default=str)))
         if save_adapter is not None:  # inside: a failure here publishes neither folder
             with OutputDir(Path(save_adapter), force) as adapter_tmp:
                 result.adapter.write_into(adapter_tmp)
