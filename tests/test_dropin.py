@@ -88,6 +88,8 @@ def test_transformers_loads_a_compressed_bert_with_compressors_outputs(bert, tmp
     again = transformers.AutoModel.from_pretrained(tmp_path / "resaved").eval()
     with torch.no_grad():
         assert torch.equal(again(**enc).last_hidden_state, got)
+        # compressor.load reads it too (as a Hugging Face folder, through the same quantizer)
+        assert torch.equal(compressor.load(tmp_path / "resaved")(**enc).last_hidden_state, got)
 
 
 def test_transformers_loads_a_compressed_gpt2(tmp_path):
@@ -190,3 +192,53 @@ def test_search_scores_the_pooled_embedding(bert):
         b = pool(small(**enc).last_hidden_state, enc["attention_mask"], name)
     assert "top1_agreement" not in got  # an embedding is not class scores
     assert got["fidelity"] == pytest.approx(float(torch.nn.functional.cosine_similarity(a, b).mean()), abs=1e-6)
+
+
+def test_a_copied_source_card_is_kept_beside_ours_and_a_heal_card_names_its_metrics(bert, tmp_path):
+    from compressor.report.card import BASE_CARD, write_model_card
+
+    folder = tmp_path / "healed"
+    shutil.copytree(bert[1], folder)
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# The original model\n")  # the source's card
+    summary = {"source": str(bert[1]), "output": str(tmp_path / "healed"), "before": {"cosine": 0.91234},
+               "after": {"cosine": 0.96789}, "command": "compress heal out --data s.txt --val v.txt",
+               "versions": {"compressor": compressor.__version__}}
+    write_model_card(folder, summary)
+    assert (folder / BASE_CARD).read_text().startswith("---\nlicense: apache-2.0")
+    card = (folder / "README.md").read_text()
+    assert "- distillation" in card and "0.96789" in card and "0.91234" in card and BASE_CARD in card
+    assert "compress heal out --data s.txt" in card
+    write_model_card(folder, summary)  # writing again replaces our card, and keeps the source's
+    assert (folder / BASE_CARD).read_text().startswith("---\nlicense: apache-2.0")
+
+
+def test_a_module_path_out_of_the_folder_is_refused(bert, tmp_path):
+    from compressor.core.errors import CompressorError
+
+    folder = tmp_path / "st"
+    shutil.copytree(bert[0], folder)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules[1]["path"] = "../elsewhere"
+    (folder / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(CompressorError, match="outside the folder"):
+        pooling(folder)
+
+
+def test_fidelity_on_held_out_sentences(bert, tmp_path):
+    from compressor.core.errors import CompressorError
+    from compressor.data.inputs import batches_fidelity
+
+    source, out, _ = bert
+    held = tmp_path / "held.txt"
+    held.write_text("\n".join(SENTENCES) + "\n")
+    report = compressor.compress(source, tmp_path / "again", rank=12, include=["encoder.*"], eval_inputs=held)
+    assert report.fidelity["inputs"] == "3 held-out samples from held.txt"
+    name = "sentence_embedding:mean:normalize"
+    enc = _encode(out)
+    with torch.no_grad():
+        want = batches_fidelity([(compressor.load(source)(**enc), compressor.load(out)(**enc),
+                                  enc["attention_mask"])], [name])
+    assert report.fidelity["cosine_mean"] == pytest.approx(want["cosine_mean"], abs=1e-6)
+    assert "3 held-out samples" in (tmp_path / "again" / "README.md").read_text()
+    with pytest.raises(CompressorError, match="writes none"):
+        compressor.compress(source, tmp_path / "plan", mode="analyze", rank=12, eval_inputs=held)

@@ -315,6 +315,22 @@ def cosine_fidelity(ref: Any, new: Any, names: Sequence[str] | None = None,
     """How close two forward results are: per-sample cosine of each compared output (flattened per
     sample), mean and worst over samples and outputs, and the relative error of all of them together.
     ``mask``: the inputs' attention mask (:func:`attention_mask`); padding positions are left out."""
+    return batches_fidelity([(ref, new, mask)], names)
+
+
+def batches_fidelity(results: Iterable[tuple[Any, Any, torch.Tensor | None]],
+                     names: Sequence[str] | None = None) -> dict[str, float]:
+    """:func:`cosine_fidelity` over several batches' ``(reference, new, mask)`` forward results: every
+    sample of every batch counts once."""
+    parts = [_cosine_parts(ref, new, names, mask) for ref, new, mask in results]
+    cos = torch.cat([c for c, _, _ in parts])
+    num, den = sum(n for _, n, _ in parts), sum(d for _, _, d in parts)
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            "relative_error": (num / den) ** 0.5 if den > 0 else 0.0}
+
+
+def _cosine_parts(ref: Any, new: Any, names: Sequence[str] | None,
+                  mask: torch.Tensor | None) -> tuple[torch.Tensor, float, float]:
     cosines, num, den = [], 0.0, 0.0
     for (name, a), (_, b) in zip(compared_outputs(ref, names, mask), compared_outputs(new, names, mask), strict=True):
         a, b = a.detach().double(), b.detach().double()
@@ -323,6 +339,4 @@ def cosine_fidelity(ref: Any, new: Any, names: Sequence[str] | None = None,
         a, b = (a.reshape(len(a), -1), b.reshape(len(b), -1)) if a.dim() > 1 else (a[None], b[None])
         cosines.append(nn.functional.cosine_similarity(a, b, dim=1))
         num, den = num + float((a - b).square().sum()), den + float(a.square().sum())
-    cos = torch.cat(cosines)
-    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-            "relative_error": (num / den) ** 0.5 if den > 0 else 0.0}
+    return torch.cat(cosines), num, den

@@ -140,7 +140,10 @@ def pooling(folder: Path) -> dict[str, Any] | None:
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
     if kinds[:2] != ["Transformer", "Pooling"] or any(k != "Normalize" for k in kinds[2:]):
         return None
-    config = read_json(folder / (modules[1].get("path") or "") / "config.json", "pooling config", REPAIR)
+    path = folder / (modules[1].get("path") or "") / "config.json"
+    if not path.is_file():  # sentence-transformers would not load it either; the token outputs count then
+        return None
+    config = read_json(path, "pooling config", REPAIR)
     mode = config.get("pooling_mode")  # sentence-transformers 5+ names it; older files set one flag
     if mode is None:
         on = [m for m in ("cls", "mean", "max", "mean_sqrt_len", "weightedmean", "lasttoken")

@@ -121,7 +121,7 @@ def _measured(facts: dict[str, Any], healed: bool) -> list[str]:
     f = facts.get("fidelity")
     if f:
         what = f.get("compared") or "every output"
-        out.append(f"- fidelity to the original on the example inputs ({what}): cosine mean "
+        out.append(f"- fidelity to the original on {f.get('inputs', 'the example inputs')} ({what}): cosine mean "
                    f"{f['cosine_mean']:.5f}, min {f['cosine_min']:.5f}, relative error {f['relative_error']:.5f}")
     for name, p in ((facts.get("perplexity") or {}).get("models") or {}).items():
         if isinstance(p, dict) and p.get("ppl") is not None:

@@ -289,7 +289,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     if r.get("fidelity"):
         f = r["fidelity"]
         what = "ONNX graph" if r["source"].get("format") == "onnx" else "torch model"
-        lines += [f"## Fidelity of the compressed {what} to the original (example inputs)", "",
+        lines += [f"## Fidelity of the compressed {what} to the original ({f.get('inputs', 'the example inputs')})", "",
                   f"cosine mean {number(f['cosine_mean'], '.5f')}, min {number(f['cosine_min'], '.5f')}, "
                   f"relative error {number(f['relative_error'], '.4f')}"
                   + (f" (compared: {f['compared']})" if f.get("compared") else ""), ""]
