@@ -161,7 +161,7 @@ def test_model_card_names_the_runs_numbers(bert):
     assert f"{report.fidelity['cosine_mean']:.5f}" in card
     assert f"{report.files['model.safetensors'] / 1e6:.2f} MB" in card
     assert "compress bert --rank 12" in card
-    assert "SentenceTransformer(\"out\")" in card
+    assert f"SentenceTransformer(\"{out}\")" in card
 
 
 def test_folders_written_before_still_load_with_compressor_load(bert, tmp_path):
@@ -242,3 +242,20 @@ def test_fidelity_on_held_out_sentences(bert, tmp_path):
     assert "3 held-out samples" in (tmp_path / "again" / "README.md").read_text()
     with pytest.raises(CompressorError, match="writes none"):
         compressor.compress(source, tmp_path / "plan", mode="analyze", rank=12, eval_inputs=held)
+
+
+def test_a_streamed_output_loads_too_and_keeps_the_source_card_aside(bert, tmp_path):
+    from compressor.jobs.stream import stream_compress
+    from compressor.report.card import BASE_CARD
+
+    source = tmp_path / "src"
+    shutil.copytree(bert[0], source)
+    (source / "README.md").write_text("# The original model\n")
+    stream_compress(source, tmp_path / "s", mode="compress", rank=6, include=["encoder.*"], workers=1)
+    out = tmp_path / "s"
+    assert (out / "1_Pooling" / "config.json").is_file() and (out / BASE_CARD).read_text() == "# The original model\n"
+    assert "compressor" in (out / "README.md").read_text().split("---")[1]
+    enc = _encode(out)
+    with torch.no_grad():
+        assert torch.equal(transformers.AutoModel.from_pretrained(out).eval()(**enc).last_hidden_state,
+                           compressor.load(out)(**enc).last_hidden_state)

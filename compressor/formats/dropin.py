@@ -25,13 +25,12 @@ factored transformer (:func:`copy_sentence_transformers`), and :func:`pooling` r
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.machinery
-import json
-import shutil
 import sys
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: `import compressor` runs this module, and should stay cheap
+    from pathlib import Path
 
 QUANT_METHOD = "compressor"
 DROPIN_VERSION = 1
@@ -59,6 +58,8 @@ def quantization_config(table: dict[str, dict]) -> dict[str, Any]:
 def mark_hf_config(folder: Path, table: dict[str, dict]) -> None:
     """Add to ``folder/config.json`` what transformers needs to load the factored layers in ``table``, and
     what makes it refuse the folder without compressor (see the module docstring)."""
+    import json
+
     from compressor.core.fileio import atomic_write_text
 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -76,6 +77,8 @@ def copy_sentence_transformers(source: Path, folder: Path) -> list[str]:
     the modules after the transformer, e.g. ``1_Pooling/``) from ``source`` into ``folder``; returns what
     was copied (nothing for other folders). Only regular files inside ``source`` are copied, and nothing is
     run: a module's class is loaded by sentence-transformers, when the user loads the folder."""
+    import shutil
+
     from compressor.core.errors import CompressorError
     from compressor.core.fileio import file_in_folder
 
@@ -110,6 +113,8 @@ def copy_sentence_transformers(source: Path, folder: Path) -> list[str]:
 def st_modules(folder: Path) -> list[dict] | None:
     """The module list of a sentence-transformers folder (``modules.json``), or None for other folders.
     A module path leading out of the folder is refused."""
+    from pathlib import Path
+
     from compressor.core.errors import CompressorError
     from compressor.core.statefile import read_json
 
@@ -166,9 +171,11 @@ def install() -> None:
         sys.meta_path.insert(0, _RegisterOnImport())
 
 
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when transformers imports its quantizer registry, lets the usual finder load it
-    and registers compressor's quantizer right after the module has run."""
+class _RegisterOnImport:
+    """A finder on ``sys.meta_path`` (the protocol needs only ``find_spec``; importlib.abc is not imported, to
+    keep ``import compressor`` cheap) that finds nothing itself: when transformers imports its quantizer
+    registry, it lets the usual finder load it and registers compressor's quantizer right after the module
+    has run."""
 
     def find_spec(self, name, path, target=None):
         if name != REGISTRY:

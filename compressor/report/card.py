@@ -51,9 +51,10 @@ def render_card(folder: Path, facts: dict[str, Any]) -> str:
     tags = ["compressor", "low-rank", "svd", *(["distillation"] if healed else [])]
     front = ["---", *([f"base_model: {base}"] if base else []),
              *([f"library_name: {library}"] if library else []), "tags:", *(f"- {t}" for t in tags), "---", ""]
-    name = Path(facts.get("output") or folder).name  # the folder being written has a temporary name
-    lines = [MARK, "# " + name, ""]
-    origin = f"[{base}](https://huggingface.co/{base})" if base else f"the model at `{source}`"
+    # The folder being written has a temporary name; the card names the output as the run was told it.
+    where = str(facts.get("output") or folder)
+    lines = [MARK, "# " + Path(where).name, ""]
+    origin = f"[{base}](https://huggingface.co/{base})" if base else f"The model at `{source}`"
     plan = _plan_totals(folder, facts)
     if healed:
         lines += [f"{origin} after compressor's low-rank factorization, healed by training against the original "
@@ -65,11 +66,11 @@ def render_card(folder: Path, facts: dict[str, Any]) -> str:
     lines += ["## Use it", "", "```python", "import compressor  # registers the factored layers with transformers"]
     if library == "sentence-transformers":
         lines += ["from sentence_transformers import SentenceTransformer", "",
-                  f'model = SentenceTransformer("{name}")']
+                  f'model = SentenceTransformer("{where}")']
     elif library == "transformers":
-        lines += ["from transformers import AutoModel", "", f'model = AutoModel.from_pretrained("{name}")']
+        lines += ["from transformers import AutoModel", "", f'model = AutoModel.from_pretrained("{where}")']
     else:
-        lines += ["", f'model = compressor.load("{name}")']
+        lines += ["", f'model = compressor.load("{where}")']
     lines += ["```", "", "Without `import compressor`, transformers refuses to load the folder (it would otherwise "
               "fill the factored layers with random weights).", ""]
     lines += ["## What was done", ""]
