@@ -197,8 +197,8 @@ def register() -> None:
     """Register the ``compressor`` quantization config and quantizer with transformers (once)."""
     from transformers.quantizers import auto
 
-    if QUANT_METHOD in auto.AUTO_QUANTIZER_MAPPING:
-        return
+    if QUANT_METHOD in auto.AUTO_QUANTIZER_MAPPING or not hasattr(auto, "register_quantizer"):
+        return  # registered already, or a transformers without custom quantizers: nothing to register
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -236,7 +236,10 @@ def register() -> None:
 
             return build_from_table(model, self.quantization_config.layers)
 
-        def is_serializable(self) -> bool:
+        def _process_model_after_weight_loading(self, model, **kwargs: Any):
+            return model  # the factors are ordinary Linear/Conv/Embedding weights: nothing to convert
+
+        def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
             return True
 
         @property
