@@ -224,6 +224,7 @@ def test_a_module_path_out_of_the_folder_is_refused(bert, tmp_path):
         pooling(folder)
 
 
+@pytest.mark.slow  # a second compress job, ONNX export included
 def test_fidelity_on_held_out_sentences(bert, tmp_path):
     from compressor.core.errors import CompressorError
     from compressor.data.inputs import batches_fidelity
