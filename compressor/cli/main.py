@@ -107,8 +107,9 @@ def _options(opts: list[Callable]) -> Callable[[Callable], Callable]:
 
 _outputs_option = click.option(
     "--output", "outputs", multiple=True,
-    help="A model output that fidelity and sensitivity compare, e.g. last_hidden_state (repeatable) "
-         "[default: every floating-point output].")
+    help="A model output that fidelity and sensitivity compare, e.g. last_hidden_state, or a pooled "
+         "sentence_embedding:mean[:normalize] (also :cls, :max) (repeatable) [default: a sentence-transformers "
+         "folder's pooled embedding, else every floating-point output].")
 
 _policy_options = _options([
     click.option("--energy", type=float, help="Per layer, keep this fraction of spectral energy (0, 1]."),
@@ -178,6 +179,11 @@ _export_options = _options([
 ])
 
 
+_held_out_option = click.option(
+    "--eval-inputs", type=click.Path(path_type=Path),
+    help="Held-out inputs to measure fidelity on instead of the two example inputs: tensors or, for Hugging Face "
+         "text models, a text file with one sentence per line (not the calibration sentences).")
+
 _eval_options = _options([
     click.option("--eval-text", type=click.Path(path_type=Path),
                  help="A UTF-8 text file: put the perplexity of the dense model, the compressed model and every "
@@ -223,7 +229,7 @@ def _run_stream(mode: str, model: Path, kw: dict[str, Any]) -> None:
     kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])  # for report.md
     flags = {"plots": "--plots", "trust_pickle": "--trust-pickle", "arch": "--arch", "outputs": "--output",
              "input_shapes": "--input-shape", "example_inputs": "--example-inputs", "keep_fp16": "--keep-fp16",
-             "eval_text": "--eval-text"}
+             "eval_text": "--eval-text", "eval_inputs": "--eval-inputs"}
     unused = [flag for k, flag in flags.items() if kw.get(k)]
     unused += [f"--{v}" for v in VARIANTS if kw.get(f"variant_{v}")]
     try:
@@ -306,7 +312,8 @@ def summary(r: Report) -> str:
     if r.fidelity:
         f = r.fidelity
         lines.append(f"  fidelity          cosine to original {number(f['cosine_mean'], '.5f')} "
-                     f"(min {number(f['cosine_min'], '.5f')}) on the example inputs")
+                     f"(min {number(f['cosine_min'], '.5f')}) on {f.get('inputs', 'the example inputs')}"
+                     + (f", {f['compared']}" if f.get("compared") else ""))
     for v in (getattr(r, key) for key in VALIDATED):
         if not v:
             continue
@@ -368,6 +375,7 @@ _keep_fp16_option = click.option(
 @_keep_fp16_option
 @_latency_option
 @_eval_options
+@_held_out_option
 @_threads_option
 @_stream_options
 @_common_options
@@ -398,6 +406,7 @@ def analyze_cmd(model: Path, **kw: Any) -> None:
 @_keep_fp16_option
 @_latency_option
 @_eval_options
+@_held_out_option
 @_threads_option
 @_common_options
 def apply_cmd(model: Path, plan: Path, **kw: Any) -> None:

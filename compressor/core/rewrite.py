@@ -79,6 +79,33 @@ def build_factored(model: nn.Module, plan: Plan) -> nn.Module:
     return model
 
 
+def factored_table(plan: Plan) -> dict[str, dict]:
+    """``{layer: {"kind", "rank", "shape"}}`` for every layer ``plan`` factors: all that
+    :func:`build_from_table` needs to rebuild the factored skeleton (what a Hugging Face config carries)."""
+    return {lp.name: {"kind": lp.kind, "rank": lp.rank, "shape": list(lp.shape)} for lp in plan.factored}
+
+
+def build_from_table(model: nn.Module, table: dict[str, dict]) -> nn.Module:
+    """:func:`build_factored` from a :func:`factored_table` instead of a whole plan; changes nothing when
+    a layer is missing or has another shape."""
+    todo = []
+    for name, entry in table.items():
+        try:
+            module = model.get_submodule(name)
+            kind, rank, shape = entry["kind"], entry["rank"], entry["shape"]
+        except (AttributeError, KeyError, TypeError):
+            raise PlanError(f"the factored layer '{name}' does not fit this model (or its entry is damaged)",
+                            "load the folder with the model class it was written for") from None
+        h = handler_for_kind(module, kind)
+        if h is None or list(h.weight(module).shape) != list(shape) or not isinstance(rank, int) or rank < 1:
+            raise PlanError(f"layer '{name}' is {type(module).__name__} in the model but a {kind} of shape {shape} "
+                            "in the folder", "load the folder with the model class it was written for")
+        todo.append((name, module, kind, rank))
+    for name, module, kind, rank in todo:
+        _set_submodule(model, name, empty_factored(module, rank, kind))
+    return model
+
+
 def _check_plan(model: nn.Module, plan: Plan) -> list[tuple]:
     """``(layer plan, module)`` for every layer the plan factors; raises PlanError if any does not fit."""
     todo = []

@@ -199,12 +199,50 @@ def named_outputs(out: Any, prefix: str = "output") -> list[tuple[str, torch.Ten
     return []  # None, ints, strings, caches: not outputs to compare
 
 
-def compared_outputs(out: Any, names: Sequence[str] | None = None) -> list[tuple[str, torch.Tensor]]:
+# A sentence embedding pooled from the model's first output (its token outputs), as a sentence-transformers
+# folder's Pooling (and Normalize) modules compute it: "sentence_embedding:mean", "sentence_embedding:cls:normalize".
+POOLED = "sentence_embedding"
+POOLINGS = ("mean", "cls", "max")
+
+
+def pooled_name(mode: str, normalize: bool) -> str:
+    """The output name of a sentence embedding pooled by ``mode`` (one of :data:`POOLINGS`)."""
+    return f"{POOLED}:{mode}" + (":normalize" if normalize else "")
+
+
+def is_pooled(name: str) -> bool:
+    return name.startswith(POOLED + ":")
+
+
+def pool(tokens: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
+    """The sentence embedding ``name`` (:func:`pooled_name`) of token outputs ``(batch, tokens, dim)``:
+    padding (``mask`` 0) counts in no mean or max, as in sentence-transformers' Pooling."""
+    mode, *rest = name.split(":")[1:]
+    if mode not in POOLINGS or rest not in ([], ["normalize"]) or tokens.dim() != 3:
+        raise CompressorError(f"cannot compute the output {name!r} (from an output of shape {list(tokens.shape)})",
+                              f"name {POOLED}:MODE[:normalize] with MODE one of {', '.join(POOLINGS)}, for a "
+                              "model whose first output is its token outputs")
+    keep = (torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None
+            else mask.to(device=tokens.device, dtype=torch.bool))[..., None]
+    if mode == "cls":
+        out = tokens[:, 0]
+    elif mode == "max":
+        out = tokens.masked_fill(~keep, torch.finfo(tokens.dtype).min).amax(1)
+    else:
+        out = (tokens * keep).sum(1) / keep.sum(1).clamp(min=1)
+    return nn.functional.normalize(out, dim=-1) if rest else out
+
+
+def compared_outputs(out: Any, names: Sequence[str] | None = None,
+                     mask: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:
     """The outputs fidelity, sensitivity and distillation compare: every floating-point output, or the
-    ones named in ``names`` (in that order)."""
+    ones named in ``names`` (in that order); a pooled sentence embedding (:func:`pool`) by its name, from
+    the first output and ``mask`` (the inputs' attention mask)."""
     pairs = named_outputs(out)
     if names:
         have = dict(pairs)
+        if pairs:
+            have.update({n: pool(pairs[0][1], mask, n) for n in names if is_pooled(n)})
         missing = [n for n in names if n not in have]
         if missing:
             raise CompressorError(f"the model has no output named {', '.join(repr(n) for n in missing)} "
@@ -261,9 +299,11 @@ def relative_change(results: Iterable[tuple[Any, Any, torch.Tensor | None]],
     num: dict[int, float] = {}
     den: dict[int, float] = {}
     for new, ref, mask in results:
-        for k, ((_, y_new), (_, y)) in enumerate(zip(compared_outputs(new, names), compared_outputs(ref, names),
-                                                     strict=True)):
-            y_new, y = unpadded(y_new.double(), mask), unpadded(y.double(), mask)
+        for k, ((name, y_new), (_, y)) in enumerate(zip(compared_outputs(new, names, mask),
+                                                        compared_outputs(ref, names, mask), strict=True)):
+            if not is_pooled(name):  # a pooled embedding has no padding left
+                y_new, y = unpadded(y_new, mask), unpadded(y, mask)
+            y_new, y = y_new.double(), y.double()
             num[k] = num.get(k, 0.0) + float((y_new - y).square().sum())
             den[k] = den.get(k, 0.0) + float(y.square().sum())
     ratios = [num[k] / den[k] if den[k] > 0 else 0.0 for k in num]
@@ -275,12 +315,28 @@ def cosine_fidelity(ref: Any, new: Any, names: Sequence[str] | None = None,
     """How close two forward results are: per-sample cosine of each compared output (flattened per
     sample), mean and worst over samples and outputs, and the relative error of all of them together.
     ``mask``: the inputs' attention mask (:func:`attention_mask`); padding positions are left out."""
+    return batches_fidelity([(ref, new, mask)], names)
+
+
+def batches_fidelity(results: Iterable[tuple[Any, Any, torch.Tensor | None]],
+                     names: Sequence[str] | None = None) -> dict[str, float]:
+    """:func:`cosine_fidelity` over several batches' ``(reference, new, mask)`` forward results: every
+    sample of every batch counts once."""
+    parts = [_cosine_parts(ref, new, names, mask) for ref, new, mask in results]
+    cos = torch.cat([c for c, _, _ in parts])
+    num, den = sum(n for _, n, _ in parts), sum(d for _, _, d in parts)
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            "relative_error": (num / den) ** 0.5 if den > 0 else 0.0}
+
+
+def _cosine_parts(ref: Any, new: Any, names: Sequence[str] | None,
+                  mask: torch.Tensor | None) -> tuple[torch.Tensor, float, float]:
     cosines, num, den = [], 0.0, 0.0
-    for (_, a), (_, b) in zip(compared_outputs(ref, names), compared_outputs(new, names), strict=True):
-        a, b = unpadded(a.detach().double(), mask), unpadded(b.detach().double(), mask)
+    for (name, a), (_, b) in zip(compared_outputs(ref, names, mask), compared_outputs(new, names, mask), strict=True):
+        a, b = a.detach().double(), b.detach().double()
+        if not is_pooled(name):  # a pooled embedding has no padding left
+            a, b = unpadded(a, mask), unpadded(b, mask)
         a, b = (a.reshape(len(a), -1), b.reshape(len(b), -1)) if a.dim() > 1 else (a[None], b[None])
         cosines.append(nn.functional.cosine_similarity(a, b, dim=1))
         num, den = num + float((a - b).square().sum()), den + float(a.square().sum())
-    cos = torch.cat(cosines)
-    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-            "relative_error": (num / den) ** 0.5 if den > 0 else 0.0}
+    return torch.cat(cosines), num, den

@@ -134,6 +134,10 @@ def load_model(path: str | Path, *, trust_pickle: bool = False, arch: str | None
         loaded.meta["arch"] = arch
     elif loaded.state_dict is not None:
         loaded.state_dict = _strip_wrapper_prefix(loaded)
+    if path.is_dir() and loaded.model is not None:
+        from compressor.formats.dropin import pooling
+
+        loaded.meta["pooling"] = pooling(path)  # a sentence-transformers folder: how it pools token outputs
     if loaded.model is not None:
         if loaded.format != "torch-export":  # an exported graph is fixed in the mode it was traced in
             loaded.model.eval()

@@ -33,7 +33,9 @@ from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_folder, atomic_write_text
 from compressor.core.layers import LOW_RANK_TYPES
 from compressor.core.plan import Plan
+from compressor.core.rewrite import factored_table
 from compressor.core.version import __version__
+from compressor.formats.dropin import copy_sentence_transformers, mark_hf_config
 from compressor.formats.load import FORMAT, META, PLAN, STRUCTURE, VERSION, WEIGHTS, Loaded
 from compressor.formats.pickles import is_safe_global, pickle_globals
 
@@ -99,9 +101,12 @@ def _write_architecture(model: nn.Module, tmp: Path, plan: Plan | None, source: 
     if hf is not None:
         _check_plan_matches(model, plan)
         model.config.to_json_file(tmp / "config.json")
+        mark_hf_config(tmp, factored_table(plan) if plan is not None else {})  # from_pretrained builds them
         tokenizer = source.tokenizer if source is not None else None
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if source is not None and source.source.is_dir():  # its pooling etc. go with the transformer
+            copy_sentence_transformers(source.source, tmp)
         return hf
     torch.save(_meta_copy(model), tmp / STRUCTURE)
     unsafe = [g for g in pickle_globals(tmp / STRUCTURE) if not is_safe_global(g)]

@@ -9,6 +9,7 @@ edited plan), ``"export"`` (ONNX of the model as it is), ``"compress"`` (everyth
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,15 @@ from compressor.core.plan import Plan
 from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
 from compressor.core.threads import LINALG_THREADS, check_threads, thread_budget, torch_threads
-from compressor.data.inputs import attention_mask, call, cosine_fidelity, eval_mode, sequence_axes
+from compressor.data.inputs import (
+    attention_mask,
+    batches_fidelity,
+    call,
+    cosine_fidelity,
+    eval_mode,
+    num_samples,
+    sequence_axes,
+)
 from compressor.formats.onnx_graph import is_onnx, onnx_head
 from compressor.formats.shards import DEFAULT_SHARD_BYTES
 from compressor.jobs.compress_onnx import compress_onnx
@@ -78,6 +87,9 @@ class Options:
     int4_correction: str | None = None  # with int4: "rank=16", "energy=0.5" or "budget=0.05" (analysis.int4)
     int4_factors: str = FACTOR_STORAGE[0]  # with a correction: its factors stored "fp16" or "int8"
     outputs: Sequence[str] = ()  # the outputs fidelity and sensitivity compare (empty: every float output)
+    # Held-out inputs (tensors, or text for a model with a tokenizer) the fidelity is measured on, instead of
+    # the two example inputs: a number that speaks for the data, not for two sentences.
+    eval_inputs: Path | None = None
     plots: bool = False
     calibration: Path | None = None
     calibration_samples: int | None = None
@@ -161,11 +173,17 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
                                   "but --calibration is not given", "add --calibration FILE")
     if opts.eval_text is not None:
         check_eval_text(opts, mode, is_onnx(source))
+    if opts.eval_inputs is not None and mode not in ("compress", "apply"):
+        raise CompressorError(f"held-out inputs measure the fidelity of a compressed model, and {mode} writes none",
+                              "leave out eval_inputs", cli_fix="leave out --eval-inputs")
     check_not_over_inputs(out, [("model", source), ("calibration file", opts.calibration),
                                 ("example inputs", opts.example_inputs), ("plan file", opts.plan_path),
-                                ("evaluation text", opts.eval_text)])
+                                ("evaluation text", opts.eval_text), ("held-out inputs", opts.eval_inputs)])
     OutputDir(out, opts.force).check()
     if is_onnx(source) or onnx_head(source):  # a truncated ONNX file is told as one by read_onnx
+        if opts.eval_inputs is not None:
+            raise CompressorError("held-out inputs are for torch models; an ONNX input's fidelity is measured on "
+                                  "its example inputs", "leave out eval_inputs", cli_fix="leave out --eval-inputs")
         return compress_onnx(source, out, mode, opts, shapes=input_shapes(opts), low_fidelity=LOW_FIDELITY_COSINE)
     timings = StepTimes()
     step = timings.step
@@ -175,11 +193,13 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
     model = loaded.model if loaded.model is not None else weights_only_model(loaded.state_dict)
     weights_only = loaded.model is None
     model.eval()
+    opts = with_pooled_output(opts, loaded)
     calibration = _calibration(loaded, opts)
     if calibration is not None and not weights_only:
         from compressor.data.inputs import check_fits
 
         check_fits(model, calibration, f"the calibration inputs in '{opts.calibration}'")
+    held_out = _held_out(loaded, opts, weights_only)
     protocol = None
     if opts.eval_text is not None:
         if weights_only:
@@ -227,7 +247,7 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
                                       "to build the model for export")
             else:
                 inputs = example_inputs(loaded, opts)
-                exports = _export(model, original, inputs, tmp, plan, opts, calibration)
+                exports = _export(model, original, inputs, tmp, plan, opts, calibration, held_out)
                 step("export")
         perplexities = None
         if protocol is not None:
@@ -261,12 +281,24 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
                                            "milder policy"})
         cosine = (report.fidelity or {}).get("cosine_mean")
         if cosine is not None and cosine < LOW_FIDELITY_COSINE and plan is not None:
-            report.warnings.append(low_fidelity_warning(cosine, original, model, plan, inputs, opts))
+            report.warnings.append(low_fidelity_warning(cosine, original, model, plan, inputs, opts,
+                                                        report.fidelity.get("inputs", "the example inputs")))
             warnings.warn(report.warnings[-1]["message"], LowFidelityWarning, stacklevel=2)
         if opts.plots and plan is not None:
             report.plots = _plots(model if mode == "analyze" else original, plan, tmp)
         write_report(report, tmp)
     return report
+
+
+def with_pooled_output(opts: Options, loaded) -> Options:
+    """``opts`` comparing the sentence embedding a sentence-transformers folder pools (what its users
+    consume) when no outputs were named: fidelity, sensitivity and the calibrated analysis then measure it."""
+    spec = loaded.meta.get("pooling")
+    if opts.outputs or not spec:
+        return opts
+    from compressor.data.inputs import pooled_name
+
+    return dataclasses.replace(opts, outputs=[pooled_name(spec["mode"], spec["normalize"])])
 
 
 def check_eval_text(opts: Options, mode: str, onnx_input: bool) -> None:
@@ -322,14 +354,14 @@ class LowFidelityWarning(UserWarning):
 
 
 def low_fidelity_warning(cosine: float, original: nn.Module, compressed: nn.Module, plan: Plan, inputs,
-                         opts: Options) -> dict[str, Any]:
-    """What to tell the user when fidelity is poor: how poor, the layers whose factoring alone costs most
-    (measured: each factored layer swapped alone into the original), and what would help. ``message``
-    spells the fixes for Python, ``cli`` for the command line."""
+                         opts: Options, measured_on: str = "the example inputs") -> dict[str, Any]:
+    """What to tell the user when fidelity is poor: how poor (``measured_on``: what it was measured on), the
+    layers whose factoring alone costs most (measured on ``inputs``: each factored layer swapped alone into
+    the original), and what would help. ``message`` spells the fixes for Python, ``cli`` for the command line."""
     damage = layer_damage(original, compressed, [lp.name for lp in plan.factored], inputs, opts.outputs)
     worst = sorted(damage, key=damage.get)[:WORST_LAYERS_SHOWN]
     shown = ", ".join(f"{n} (cosine {damage[n]:.3f} alone)" for n in worst)
-    problem = (f"the compressed model keeps cosine {cosine:.3f} to the original on the example inputs, below "
+    problem = (f"the compressed model keeps cosine {cosine:.3f} to the original on {measured_on}, below "
                f"{LOW_FIDELITY_COSINE}: its outputs are plainly different; the factored layers that cost most "
                f"alone are {shown}")
     data_aware = "" if plan.method != "svd" else " data-aware factors ({}),"
@@ -445,6 +477,22 @@ def _calibration(loaded, opts: Options) -> list | None:
                             stream=loaded.model is not None and is_decoder(loaded.model))
 
 
+def _held_out(loaded, opts: Options, weights_only: bool) -> list | None:
+    """The batches of ``opts.eval_inputs`` (read as calibration inputs are: tensors, or text through the
+    folder's tokenizer), checked against the model; None without them."""
+    if opts.eval_inputs is None:
+        return None
+    if weights_only:
+        raise CompressorError("held-out inputs need a model to run, and the input holds weights only",
+                              "leave out eval_inputs", cli_fix="leave out --eval-inputs")
+    from compressor.data.calibration import load_calibration
+    from compressor.data.inputs import check_fits
+
+    batches = load_calibration(opts.eval_inputs, tokenizer=loaded.tokenizer)
+    check_fits(loaded.model, batches, f"the held-out inputs in '{opts.eval_inputs}'")
+    return batches
+
+
 def _plan(model: nn.Module, opts: Options, mode: str, calibration: list | None, probe=None) -> Plan:
     extra = {"calibration": calibration, "outputs": opts.outputs} if calibration is not None else {}
     if mode == "apply":
@@ -489,7 +537,7 @@ def example_inputs(loaded, opts: Options):
 
 
 def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: Plan | None,
-            opts: Options, calibration: list | None = None) -> dict[str, Any]:
+            opts: Options, calibration: list | None = None, held_out: list | None = None) -> dict[str, Any]:
     from compressor.export.onnx import (
         VARIANTS,
         check_factored_graph,
@@ -520,8 +568,12 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
         else:
             written = v.write(path, folder / f"model.{kind}.onnx")
         result[kind] = validate_onnx(written, model, inputs, atol=None, min_cosine=v.min_cosine, variant=kind)
-    result["fidelity"] = (output_fidelity(original, compressed, original_inputs, opts.outputs)
-                          if original is not compressed else None)
+    if original is not compressed:
+        result["fidelity"] = output_fidelity(original, compressed, held_out or [original_inputs], opts.outputs)
+        result["fidelity"]["inputs"] = (f"{sum(num_samples(b) for b in held_out)} held-out samples from "
+                                        f"{Path(opts.eval_inputs).name}" if held_out else "the example inputs")
+    else:
+        result["fidelity"] = None
     if opts.latency_aware and original is not compressed:
         result["latency"] = _latency(original, compressed, original_inputs, folder, opts)
     return result
@@ -570,11 +622,16 @@ def _latency(original: nn.Module, model: nn.Module, inputs, folder: Path, opts: 
 
 
 @torch.no_grad()
-def output_fidelity(reference: nn.Module, model: nn.Module, inputs, outputs: Sequence[str] = ()) -> dict[str, float]:
-    """How close ``model``'s compared outputs are to ``reference``'s on ``inputs``: per-sample cosine
-    (mean and worst) and relative error (:func:`compressor.data.inputs.cosine_fidelity`)."""
+def output_fidelity(reference: nn.Module, model: nn.Module, batches: Sequence[Any],
+                    outputs: Sequence[str] = ()) -> dict[str, Any]:
+    """How close ``model``'s compared outputs are to ``reference``'s on ``batches`` of inputs: per-sample
+    cosine (mean and worst) and relative error (:func:`compressor.data.inputs.batches_fidelity`), and which
+    outputs were compared (``compared``)."""
     with eval_mode(reference), eval_mode(model):
-        return cosine_fidelity(call(reference, inputs), call(model, inputs), outputs or None, attention_mask(inputs))
+        result: dict[str, Any] = batches_fidelity(((call(reference, b), call(model, b), attention_mask(b))
+                                                   for b in batches), outputs or None)
+    result["compared"] = ", ".join(outputs) if outputs else "every floating-point output"
+    return result
 
 
 def _plots(model: nn.Module, plan: Plan, folder: Path) -> list[str]:
@@ -703,6 +760,7 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
     """
     from compressor.formats.load import load_model
     from compressor.formats.save import save
+    from compressor.report.card import write_model_card
     from compressor.report.report import versions
     from compressor.train.heal import HealConfig, heal
 
@@ -776,6 +834,7 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
             plot_metric_history(result.history, monitor, tmp / "metrics.png", result.best_step, mode)
             summary["plot"] = "metrics.png"  # the monitored metric over steps, the best step marked
         atomic_write_text(tmp / "heal.json", json.dumps(summary, indent=2, default=str) + "\n")
+        write_model_card(tmp, json.loads(json.dumps(summary, default=str)))
         if save_adapter is not None:  # inside: a failure here publishes neither folder
             with OutputDir(Path(save_adapter), force) as adapter_tmp:
                 result.adapter.write_into(adapter_tmp)

@@ -69,7 +69,14 @@ def _search_job(source: Path, out: str | Path | None, constraints: Constraints, 
     from compressor.data.inputs import check_fits
     from compressor.formats.load import load_model
     from compressor.formats.onnx_graph import is_onnx
-    from compressor.jobs.compress import check_eval_text, check_options, default_out, eval_protocol, example_inputs
+    from compressor.jobs.compress import (
+        check_eval_text,
+        check_options,
+        default_out,
+        eval_protocol,
+        example_inputs,
+        with_pooled_output,
+    )
     from compressor.report.report import versions
 
     out = Path(out) if out is not None else default_out(source)
@@ -98,6 +105,7 @@ def _search_job(source: Path, out: str | Path | None, constraints: Constraints, 
         raise CompressorError("the input holds weights only, so it cannot be exported",
                               "pass --arch package.module:factory to build the model")
     model = loaded.model.eval()
+    opts = with_pooled_output(opts, loaded)  # a sentence-transformers folder: its sentence embedding
     protocol = eval_protocol(loaded, opts) if opts.eval_text is not None else None
     inputs = example_inputs(loaded, opts)
     calibration = None

@@ -43,9 +43,11 @@ from compressor.core.fileio import atomic_write_text, file_in_folder, signals_de
 from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.core.plan import Plan
 from compressor.core.policies import LayerSpectrum, across_layers, allocate, policy_from_options, policy_to_dict
+from compressor.core.rewrite import factored_table
 from compressor.core.statefile import SEAL_SUFFIX, is_sealed, load_json, read_sealed, write_sealed
 from compressor.core.svd import Decomposition, check_svd_fits, max_saving_rank
 from compressor.data.calibration import describe
+from compressor.formats.dropin import copy_sentence_transformers, mark_hf_config
 from compressor.formats.load import detect_format
 from compressor.formats.save import hf_architecture, write_meta
 from compressor.formats.shards import Checkpoint, ShardWriter
@@ -185,6 +187,8 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
             architecture = hf_architecture(skeleton)
             if architecture is not None:  # a folder compressor.load reads (a bare file's stand-in is not)
                 write_meta(tmp, architecture, len(factored), (str(source), "hf-folder"))
+                mark_hf_config(tmp, factored_table(plan))  # and transformers' from_pretrained
+                copy_sentence_transformers(source, tmp)
             summary["rewrite_seconds"] = round(time.perf_counter() - t, 3)
         summary["peak_rss_gib"] = _peak_rss_gib()
         summary["bytes_written"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))

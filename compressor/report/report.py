@@ -18,6 +18,7 @@ from compressor.core.fileio import atomic_write_text
 from compressor.core.plan import Plan
 from compressor.data.perplexity import Perplexity
 from compressor.export.onnx import VARIANTS
+from compressor.report.card import write_model_card
 
 # The validated files a report lists: the fp32 export, then every written variant (export.onnx.VARIANTS).
 VALIDATED = ("onnx", *(name for name, v in VARIANTS.items() if v.write is not None))
@@ -121,7 +122,7 @@ class Report:
     fp16: dict[str, Any] | None = None
     int8: dict[str, Any] | None = None
     int4: dict[str, Any] | None = None
-    fidelity: dict[str, float] | None = None
+    fidelity: dict[str, Any] | None = None
     plots: list[str] | None = None
     latency: dict[str, Any] | None = None  # latency-aware runs: each file vs dense, next to the MAC ratio
     warnings: list[dict[str, Any]] | None = None  # e.g. low fidelity: "message" (Python), "cli" (command line)
@@ -250,6 +251,8 @@ def write_report(report: Report, folder: Path) -> None:
     data = report.to_dict()
     atomic_write_text(folder / "report.json", json.dumps(data, indent=2) + "\n")
     atomic_write_text(folder / "report.md", render_markdown(data))
+    if data["mode"] in ("compress", "apply") and (folder / "compressor.json").is_file():  # a model compressor loads
+        write_model_card(folder, data)
 
 
 def _mb(n: int | None) -> str:
@@ -286,9 +289,10 @@ def render_markdown(r: dict[str, Any]) -> str:
     if r.get("fidelity"):
         f = r["fidelity"]
         what = "ONNX graph" if r["source"].get("format") == "onnx" else "torch model"
-        lines += [f"## Fidelity of the compressed {what} to the original (example inputs)", "",
+        lines += [f"## Fidelity of the compressed {what} to the original ({f.get('inputs', 'the example inputs')})", "",
                   f"cosine mean {number(f['cosine_mean'], '.5f')}, min {number(f['cosine_min'], '.5f')}, "
-                  f"relative error {number(f['relative_error'], '.4f')}", ""]
+                  f"relative error {number(f['relative_error'], '.4f')}"
+                  + (f" (compared: {f['compared']})" if f.get("compared") else ""), ""]
     if any(k in r for k in VALIDATED):
         against = ("the original ONNX model; variants vs `model.onnx`" if r["source"].get("format") == "onnx"
                    else "the torch model")

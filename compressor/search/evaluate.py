@@ -37,21 +37,23 @@ def output_fidelity(model: nn.Module, batches: Sequence[Any], outputs: Sequence[
     every floating output, or those named) on held-out ``batches``: the mean per-sample cosine over
     samples and outputs, or, when the one compared output is class scores ``(N, C)``, top-1 agreement
     (cosine is kept as well). An exported graph returns the model's outputs in the same order."""
-    from compressor.data.inputs import attention_mask, call, compared_outputs, eval_mode, named_outputs, unpadded
+    from compressor.data.inputs import attention_mask, call, compared_outputs, eval_mode, is_pooled, named_outputs
 
     batches = list(batches)
+    masks = [attention_mask(b) for b in batches]  # padding positions count in no cosine
     with eval_mode(model), torch.no_grad():
         first = call(model, batches[0])
     order = [name for name, _ in named_outputs(first)]
-    index = [order.index(name) for name, _ in compared_outputs(first, outputs or None)]
-    refs = [[ref[i][1] for i in index] for ref in (torch_outputs(model, b) for b in batches)]
-    classifier = len(index) == 1 and refs[0][0].ndim == 2 and refs[0][0].shape[1] > 1
-    masks = [attention_mask(b) for b in batches]  # padding positions count in no cosine
+    names = [name for name, _ in compared_outputs(first, outputs or None, masks[0])]
+    index = [0 if is_pooled(name) else order.index(name) for name in names]  # pooled from the first output
+    refs = [_compared(ref, index, names, mask) for ref, mask in
+            zip(([v for _, v in torch_outputs(model, b)] for b in batches), masks, strict=True)]
+    classifier = (len(index) == 1 and not is_pooled(names[0]) and refs[0][0].ndim == 2
+                  and refs[0][0].shape[1] > 1)
 
     def score(got_per_batch: list[list[np.ndarray]]) -> dict[str, float]:
-        cos = np.concatenate([_cosines(unpadded(np.asarray(got[i], dtype=np.float64), mask), unpadded(r, mask))
-                              for got, ref, mask in zip(got_per_batch, refs, masks, strict=True)
-                              for i, r in zip(index, ref, strict=True)])
+        cos = np.concatenate([_cosines(g, r) for got, ref, mask in zip(got_per_batch, refs, masks, strict=True)
+                              for g, r in zip(_compared(got, index, names, mask), ref, strict=True)])
         out = {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
         if classifier:
             agree = np.concatenate([np.asarray(got[index[0]]).argmax(1) == ref[0].argmax(1)
@@ -62,8 +64,20 @@ def output_fidelity(model: nn.Module, batches: Sequence[Any], outputs: Sequence[
 
     metric = ("top-1 agreement with the original model's predictions" if classifier else
               "mean per-sample cosine similarity of the outputs to the original model's")
-    key = fingerprint(["output_fidelity", "padding left out", batches, refs, index])
+    key = fingerprint(["output_fidelity", "padding left out", batches, refs, index, names])
     return Evaluation(batches, metric, score, key)
+
+
+def _compared(values: Sequence[Any], index: Sequence[int], names: Sequence[str], mask) -> list[np.ndarray]:
+    """The compared outputs of one batch's ``values`` (a model's outputs in order, arrays or tensors) as
+    float64 arrays: padding left out, or pooled into the sentence embedding a pooled name asks for."""
+    from compressor.data.inputs import is_pooled, pool, unpadded
+
+    out = []
+    for i, name in zip(index, names, strict=True):
+        v = np.asarray(values[i], dtype=np.float64)
+        out.append(pool(torch.from_numpy(v), mask, name).numpy() if is_pooled(name) else unpadded(v, mask))
+    return out
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
