@@ -153,6 +153,10 @@ _latency_option = click.option(
          "slower than dense is refused (a search falls back to a file that is not slower). "
          "[default: on in search, off otherwise]")
 
+_EDGE_HELP = ("Also write edge/: every ONNX file as an onnxruntime .ort file (validated), the operators a reduced "
+              "build needs (required_operators.config) and manifest.json (sizes, sha256, versions, batch-1 "
+              "latency, fidelity); see docs/edge.md.")
+
 _export_options = _options([
     click.option("--input-shape", "input_shapes", multiple=True,
                  help="Shape of an example input for export, e.g. 1x3x224x224 (repeatable)."),
@@ -175,6 +179,7 @@ _export_options = _options([
     click.option("--int4-factors", type=click.Choice(FACTOR_STORAGE), default=Options.int4_factors,
                  show_default=True, help="With --int4-correction: how its factors are stored."),
     click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder."),
+    click.option("--edge", is_flag=True, help=_EDGE_HELP),
 ])
 
 
@@ -326,6 +331,11 @@ def summary(r: Report) -> str:
             lines.append(f"    corrected       {sum(1 for x in c['ranks'].values() if x)} layers, "
                          f"{c['parameters']:,} {c['factors']} factor weights "
                          f"({', '.join(f'{k}={x:g}' for k, x in c['rule'].items())})")
+    if r.edge:
+        for f in r.edge["variants"]:
+            lines.append(f"  edge/{f['file']:<12} {f['size_bytes'] / 1e6:.2f} MB, {f['latency_ms']:.2f} ms at batch 1, "
+                         f"cosine {number(f['validation']['vs_model']['cosine'], '.6f')}: "
+                         f"{'PASS' if f['validation']['passed'] else 'FAIL'}")
     if r.perplexity:
         first = next(iter(r.perplexity.results.values()))
         lines.append("  perplexity        " + ", ".join(
@@ -550,6 +560,7 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--example-inputs", type=click.Path(path_type=Path), help="Example inputs (.pt/.npz/.safetensors).")
 @click.option("--atol", type=float, default=Options.atol, show_default=True, help="fp32 validation tolerance.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True)
+@click.option("--edge", is_flag=True, help=_EDGE_HELP)
 @_eval_options
 @_latency_option
 @_threads_option
