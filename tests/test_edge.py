@@ -123,3 +123,16 @@ def test_oldest_onnxruntime_follows_the_compatibility_table():
     beyond = min_onnxruntime(11, 18)
     assert beyond["release"] is None and "beyond the table" in beyond["notes"][0]
     assert any("com.microsoft" in n for n in min_onnxruntime(10, 21, {"com.microsoft"})["notes"])
+
+
+def test_onnx_input_gets_an_edge_folder_checked_against_its_model_onnx(tmp_path):
+    from compressor.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    src = export_onnx(digits_cnn().eval(), torch.randn(2, 1, 8, 8), tmp_path / "cnn.onnx")
+    out = tmp_path / "out"
+    report = compress(src, out, energy=0.9, variants=("int8",), edge=True)
+    assert report.passed and report.edge["origin"]["plan"] == "plan.json"
+    x = np.random.default_rng(1).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    manifest = _check_edge_folder(out, {"input": x}, {"model.onnx", "model.int8.onnx"})
+    assert all(f["fidelity"]["against"] == "the original model" for f in manifest["variants"])

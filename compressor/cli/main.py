@@ -333,9 +333,10 @@ def summary(r: Report) -> str:
                          f"({', '.join(f'{k}={x:g}' for k, x in c['rule'].items())})")
     if r.edge:
         for f in r.edge["variants"]:
-            lines.append(f"  edge/{f['file']:<12} {f['size_bytes'] / 1e6:.2f} MB, {f['latency_ms']:.2f} ms at batch 1, "
-                         f"cosine {number(f['validation']['vs_model']['cosine'], '.6f')}: "
-                         f"{'PASS' if f['validation']['passed'] else 'FAIL'}")
+            check = f["validation"]
+            lines.append(f"  {'edge/' + f['file']:<17} {f['size_bytes'] / 1e6:.2f} MB, {f['latency_ms']:.2f} ms at "
+                         f"batch 1, cosine {number(check['vs_model']['cosine'], '.6f')}: "
+                         f"{'PASS' if check['passed'] else 'FAIL'}")
     if r.perplexity:
         first = next(iter(r.perplexity.results.values()))
         lines.append("  perplexity        " + ", ".join(
@@ -600,5 +601,8 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
             f"perplexity {c['perplexity']:.4f} ({c['perplexity_ratio']:.4f}x dense), "
         click.echo(f"{model} -> {report['output']}/{c['file']}: {c['name']}, {c['size_bytes'] / 1e6:.2f} MB, "
                    f"fidelity {c['fidelity']:.5f}, {ppl}{c['latency_ms']:.2f} ms "
-                   f"({report['front']['built']} built, {len(report['front']['points'])} measured)\n"
-                   f"  report            {Path(report['output']) / 'report.md'}")
+                   f"({report['front']['built']} built, {len(report['front']['points'])} measured)")
+        for f in (report.get("edge") or {}).get("variants", []):
+            click.echo(f"  {'edge/' + f['file']:<17} {f['size_bytes'] / 1e6:.2f} MB, {f['latency_ms']:.2f} ms at "
+                       "batch 1: PASS")  # build_edge raises on a file that fails
+        click.echo(f"  report            {Path(report['output']) / 'report.md'}")

@@ -190,6 +190,8 @@ def _held_out(path: Path | None, example: Any, loaded: Any) -> tuple[list[Any], 
 
 
 def search_markdown(report: dict[str, Any]) -> str:
+    from compressor.report.report import edge_markdown
+
     c = report["chosen"]
     lines = [f"# compressor search: {Path(report['source']['path']).name}", "",
              f"Chosen: **{c['name']}** -> `{c['file']}`: {c['size_bytes'] / 1e6:.2f} MB "
@@ -200,6 +202,7 @@ def search_markdown(report: dict[str, Any]) -> str:
              + f"latency {c['latency_ms']:.2f} ms, onnxruntime validation "
              f"{'PASS' if c['passed'] else 'FAIL'}.", "",
              front_markdown(report["front"], report["plots"]),
+             *(edge_markdown(report["edge"]) if report.get("edge") else []),
              "## Provenance", "", f"- command: `{report.get('command')}`", f"- date: {report['date']}",
              f"- cache: `{report['cache']}`",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
