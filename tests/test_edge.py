@@ -114,6 +114,13 @@ def test_edge_is_refused_or_absent_when_it_cannot_be_built(tmp_path, monkeypatch
     lines = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert res.exit_code == 2 and len(lines) == 1 and "does not convert" in lines[0], res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.pt"]  # nothing published, nothing left
+    # A file that converts but does not validate fails the run as the other files do: exit 3, folder kept.
+    monkeypatch.undo()
+    monkeypatch.setattr(edge, "ORT_MIN_COSINE", 1.5)
+    res = run([tmp_path / "cnn.pt", "--energy", "0.9", "--input-shape", "2x1x8x8", "--edge", "--out", tmp_path / "c"])
+    assert res.exit_code == 3 and "validation FAILED" in res.output, res.output
+    manifest = json.loads((tmp_path / "c" / "edge" / MANIFEST_NAME).read_text())
+    assert not manifest["passed"] and "cosine" in manifest["variants"][0]["validation"]["problems"][0]
 
 
 def test_oldest_onnxruntime_follows_the_compatibility_table():

@@ -604,5 +604,8 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
                    f"({report['front']['built']} built, {len(report['front']['points'])} measured)")
         for f in (report.get("edge") or {}).get("variants", []):
             click.echo(f"  {'edge/' + f['file']:<17} {f['size_bytes'] / 1e6:.2f} MB, {f['latency_ms']:.2f} ms at "
-                       "batch 1: PASS")  # build_edge raises on a file that fails
+                       f"batch 1: {'PASS' if f['validation']['passed'] else 'FAIL'}")
         click.echo(f"  report            {Path(report['output']) / 'report.md'}")
+    if not report["passed"]:  # an edge file failed its validation
+        click.echo("error: validation FAILED (see report.md); the output folder was kept for inspection", err=True)
+        sys.exit(EXIT_VALIDATION_FAILED)
