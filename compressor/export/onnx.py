@@ -323,6 +323,11 @@ def weight_shapes(onnx_path_or_model: Any) -> dict[str, tuple[int, ...]]:
             # Stored packed as (N, blocks, bytes per block): the weight it multiplies by is (K, N).
             attrs = {a.name: a.i for a in node.attribute}
             consts[node.input[1]] = (attrs["K"], attrs["N"])
+        bits = next((a.i for a in node.attribute if a.name == "bits"), None)
+        if node.op_type == "GatherBlockQuantized" and bits and node.input[0] in consts:
+            # A uint8 table packs 8 // bits values a byte along its last axis (_pack_gather_nibbles).
+            *rows, packed = consts[node.input[0]]
+            consts[node.input[0]] = (*rows, packed * (8 // bits))
     return {n: s for n, s in consts.items() if len(s) >= 2 and n in used}
 
 
