@@ -63,11 +63,13 @@ ORT_RELEASES = (
 
 def build_edge(folder: str | Path, reference: Any, inputs: Any, *, threads: int = 1,
                origin: Mapping[str, Any] | None = None, recipes: Mapping[str, Any] | None = None,
-               fidelity_reference: Any = None, batch_variant: bool = True) -> dict[str, Any]:
+               fidelity_reference: Any = None, batch_variant: bool = True, atol: float = DEFAULT_ATOL
+               ) -> dict[str, Any]:
     """Write ``folder/edge/`` for every ``*.onnx`` in ``folder``; returns the manifest (also written).
 
     ``reference``: what the files compute, a torch model or an ONNX file's path (as for
-    :func:`compressor.export.onnx.validate_onnx`); ``inputs``: the example inputs they were validated on.
+    :func:`compressor.export.onnx.validate_onnx`); ``inputs``: the example inputs they were validated on;
+    ``atol``: the fp32 file's tolerance (the other variants are held to their cosine floors).
     ``fidelity_reference``: the original (uncompressed) model, whose outputs the manifest's fidelity is
     measured against (None: ``reference``). ``origin``: where the files came from (source model, plan),
     recorded as is; ``recipes``: per ONNX file name, how that variant was written. Latency: median of
@@ -91,7 +93,7 @@ def build_edge(folder: str | Path, reference: Any, inputs: Any, *, threads: int 
         ort_path = convert_to_ort(src, edge / f"{src.stem}.ort")
         kind = variant_of(src)
         files.append(_describe(src, ort_path, kind, reference, inputs, timed, threads, fidelity_reference,
-                               (recipes or {}).get(src.name), batch_variant))
+                               (recipes or {}).get(src.name), batch_variant, atol))
     config = write_operator_config([edge / f["file"] for f in files], edge / CONFIG_NAME)
     manifest = {
         "format": "ort",
@@ -126,7 +128,7 @@ def convert_to_ort(src: Path, dst: Path) -> Path:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{OPTIMIZATION.upper()}")
     opts.optimized_model_filepath = str(dst)
     opts.add_session_config_entry("session.save_model_format", "ORT")
     opts.log_severity_level = 3
@@ -208,14 +210,14 @@ def write_operator_config(ort_files: list[Path], dst: Path) -> Path:
 
 
 def _describe(src: Path, ort_path: Path, kind: str, reference: Any, inputs: Any, timed: Any, threads: int,
-              fidelity_reference: Any, recipe: Any, batch_variant: bool) -> dict[str, Any]:
+              fidelity_reference: Any, recipe: Any, batch_variant: bool, atol: float) -> dict[str, Any]:
     """The manifest entry of one variant: validated, measured, described."""
     import onnx
 
     same = validate_onnx(ort_path, src, inputs, atol=None, min_cosine=ORT_MIN_COSINE, variant=kind,
                          batch_variant=batch_variant)
     floor = VARIANTS[kind].min_cosine if kind in VARIANTS else None
-    vs_model = validate_onnx(ort_path, reference, inputs, atol=DEFAULT_ATOL if floor is None else None,
+    vs_model = validate_onnx(ort_path, reference, inputs, atol=atol if floor is None else None,
                              min_cosine=floor, variant=kind, batch_variant=batch_variant)
     original = (validate_onnx(ort_path, fidelity_reference, inputs, atol=None, variant=kind, batch_variant=False)
                 if fidelity_reference is not None else vs_model)

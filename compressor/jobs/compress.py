@@ -574,7 +574,7 @@ def _edge(model: nn.Module, original: nn.Module, inputs, folder: Path, opts: Opt
                                    "accuracy_level": INT4_ACCURACY_LEVEL},
                "model.int8.onnx": {"keep_fp16": exports.get("int8_kept_fp16") or []}}
     reference = onnx_ready(original, inputs)[0] if original is not compressed else None
-    return build_edge(folder, model, ready, threads=opts.threads or 1, origin=origin,
+    return build_edge(folder, model, ready, threads=opts.threads or 1, origin=origin, atol=opts.atol,
                       recipes={k: v for k, v in recipes.items() if (folder / k).is_file()},
                       fidelity_reference=reference)
 

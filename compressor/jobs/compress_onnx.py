@@ -97,7 +97,8 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
                 exports["edge"] = build_edge(tmp, path, inputs, threads=opts.threads or 1,
                                              origin={"source": str(source), "command": opts.command,
                                                      "plan": "plan.json", "plan_sha256": sha256(tmp / "plan.json")},
-                                             fidelity_reference=source, batch_variant=batch_variant)
+                                             fidelity_reference=source, batch_variant=batch_variant,
+                                             atol=opts.atol)
                 step("edge")
         report = build_report(source=source, out=out, mode=mode, loaded=loaded, plan=plan, original=None,
                               compressed=None, exports=exports, timings=timings, options=opts, folder=tmp,
