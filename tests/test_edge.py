@@ -103,6 +103,8 @@ def test_edge_is_refused_or_absent_when_it_cannot_be_built(tmp_path, monkeypatch
         compress(tmp_path / "cnn.pt", tmp_path / "a", energy=0.9, input_shapes=["2x1x8x8"], edge="yes")
     with pytest.raises(CompressorError, match="analyze writes none"):
         compress(tmp_path / "cnn.pt", tmp_path / "a", mode="analyze", energy=0.9, edge=True)
+    res = run([tmp_path / "cnn.pt", "--stream", "--rank", "4", "--edge", "--out", tmp_path / "a"])
+    assert res.exit_code == 2 and "--edge cannot be used with --stream" in res.output, res.output
 
     import compressor.export.edge as edge
 

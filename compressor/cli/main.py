@@ -228,7 +228,7 @@ def _run_stream(mode: str, model: Path, kw: dict[str, Any]) -> None:
     kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])  # for report.md
     flags = {"plots": "--plots", "trust_pickle": "--trust-pickle", "arch": "--arch", "outputs": "--output",
              "input_shapes": "--input-shape", "example_inputs": "--example-inputs", "keep_fp16": "--keep-fp16",
-             "eval_text": "--eval-text"}
+             "eval_text": "--eval-text", "edge": "--edge"}
     unused = [flag for k, flag in flags.items() if kw.get(k)]
     unused += [f"--{v}" for v in VARIANTS if kw.get(f"variant_{v}")]
     try:
