@@ -154,6 +154,10 @@ _latency_option = click.option(
          "slower than dense is refused (a search falls back to a file that is not slower). "
          "[default: on in search, off otherwise]")
 
+_EDGE_HELP = ("Also write edge/: every ONNX file as an onnxruntime .ort file (validated), the operators a reduced "
+              "build needs (required_operators.config) and manifest.json (sizes, sha256, versions, batch-1 "
+              "latency, fidelity); see docs/edge.md.")
+
 _export_options = _options([
     click.option("--input-shape", "input_shapes", multiple=True,
                  help="Shape of an example input for export, e.g. 1x3x224x224 (repeatable)."),
@@ -176,6 +180,7 @@ _export_options = _options([
     click.option("--int4-factors", type=click.Choice(FACTOR_STORAGE), default=Options.int4_factors,
                  show_default=True, help="With --int4-correction: how its factors are stored."),
     click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder."),
+    click.option("--edge", is_flag=True, help=_EDGE_HELP),
 ])
 
 
@@ -229,7 +234,7 @@ def _run_stream(mode: str, model: Path, kw: dict[str, Any]) -> None:
     kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])  # for report.md
     flags = {"plots": "--plots", "trust_pickle": "--trust-pickle", "arch": "--arch", "outputs": "--output",
              "input_shapes": "--input-shape", "example_inputs": "--example-inputs", "keep_fp16": "--keep-fp16",
-             "eval_text": "--eval-text", "eval_inputs": "--eval-inputs"}
+             "eval_text": "--eval-text", "eval_inputs": "--eval-inputs", "edge": "--edge"}
     unused = [flag for k, flag in flags.items() if kw.get(k)]
     unused += [f"--{v}" for v in VARIANTS if kw.get(f"variant_{v}")]
     try:
@@ -333,6 +338,12 @@ def summary(r: Report) -> str:
             lines.append(f"    corrected       {sum(1 for x in c['ranks'].values() if x)} layers, "
                          f"{c['parameters']:,} {c['factors']} factor weights "
                          f"({', '.join(f'{k}={x:g}' for k, x in c['rule'].items())})")
+    if r.edge:
+        for f in r.edge["variants"]:
+            check = f["validation"]
+            lines.append(f"  {'edge/' + f['file']:<17} {f['size_bytes'] / 1e6:.2f} MB, {f['latency_ms']:.2f} ms at "
+                         f"batch 1, cosine {number(check['vs_model']['cosine'], '.6f')}: "
+                         f"{'PASS' if check['passed'] else 'FAIL'}")
     if r.perplexity:
         first = next(iter(r.perplexity.results.values()))
         lines.append("  perplexity        " + ", ".join(
@@ -563,6 +574,7 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--example-inputs", type=click.Path(path_type=Path), help="Example inputs (.pt/.npz/.safetensors).")
 @click.option("--atol", type=float, default=Options.atol, show_default=True, help="fp32 validation tolerance.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True)
+@click.option("--edge", is_flag=True, help=_EDGE_HELP)
 @_eval_options
 @_latency_option
 @_threads_option
@@ -602,5 +614,11 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
             f"perplexity {c['perplexity']:.4f} ({c['perplexity_ratio']:.4f}x dense), "
         click.echo(f"{model} -> {report['output']}/{c['file']}: {c['name']}, {c['size_bytes'] / 1e6:.2f} MB, "
                    f"fidelity {c['fidelity']:.5f}, {ppl}{c['latency_ms']:.2f} ms "
-                   f"({report['front']['built']} built, {len(report['front']['points'])} measured)\n"
-                   f"  report            {Path(report['output']) / 'report.md'}")
+                   f"({report['front']['built']} built, {len(report['front']['points'])} measured)")
+        for f in (report.get("edge") or {}).get("variants", []):
+            click.echo(f"  {'edge/' + f['file']:<17} {f['size_bytes'] / 1e6:.2f} MB, {f['latency_ms']:.2f} ms at "
+                       f"batch 1: {'PASS' if f['validation']['passed'] else 'FAIL'}")
+        click.echo(f"  report            {Path(report['output']) / 'report.md'}")
+    if not report["passed"]:  # an edge file failed its validation
+        click.echo("error: validation FAILED (see report.md); the output folder was kept for inspection", err=True)
+        sys.exit(EXIT_VALIDATION_FAILED)

@@ -8,6 +8,7 @@ asserted anywhere: machines differ.
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,16 @@ def file_size(path: str | Path) -> int:
     return size
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.processor())
+    except OSError:
+        return platform.processor()
+
+
 def _timings(step: Callable[[], Any], warmup: int, runs: int) -> dict[str, float]:
     for _ in range(warmup):
         step()
@@ -51,14 +62,17 @@ def _batch_of(tensors: list[torch.Tensor]) -> int:
     return int(tensors[0].shape[0]) if tensors and tensors[0].dim() > 0 else 1
 
 
-def onnx_latency(path: str | Path, inputs: Any, *, threads: int = 2, warmup: int = 10, runs: int = 50
-                 ) -> dict[str, Any]:
+def onnx_latency(path: str | Path, inputs: Any, *, threads: int = 2, warmup: int = 10, runs: int = 50,
+                 optimize: bool = True) -> dict[str, Any]:
     """Latency of one onnxruntime CPU session on ``inputs`` (tensor, tuple or dict of tensors, as given to
-    :func:`compressor.export.export_onnx`): ``{median_ms, p10_ms, p90_ms, runs, threads, batch}``."""
+    :func:`compressor.export.export_onnx`): ``{median_ms, p10_ms, p90_ms, runs, threads, batch}``.
+    ``optimize=False``: no graph optimizations at load, as an onnxruntime minimal build runs an .ort file."""
     import onnxruntime as ort
 
     names, tensors = flatten(inputs)
     opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3

@@ -323,6 +323,11 @@ def weight_shapes(onnx_path_or_model: Any) -> dict[str, tuple[int, ...]]:
             # Stored packed as (N, blocks, bytes per block): the weight it multiplies by is (K, N).
             attrs = {a.name: a.i for a in node.attribute}
             consts[node.input[1]] = (attrs["K"], attrs["N"])
+        bits = next((a.i for a in node.attribute if a.name == "bits"), None)
+        if node.op_type == "GatherBlockQuantized" and bits and node.input[0] in consts:
+            # A uint8 table packs 8 // bits values a byte along its last axis (_pack_gather_nibbles).
+            *rows, packed = consts[node.input[0]]
+            consts[node.input[0]] = (*rows, packed * (8 // bits))
     return {n: s for n, s in consts.items() if len(s) >= 2 and n in used}
 
 
@@ -426,8 +431,9 @@ def _batch_variant(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def validate_onnx(onnx_path: str | Path, model: nn.Module | str | Path, example_inputs: Any, *,
                   atol: float | None = DEFAULT_ATOL,
                   min_cosine: float | None = None, variant: str = "fp32", batch_variant: bool = True) -> Validation:
-    """Check ``onnx_path`` with ``onnx.checker`` and run it in onnxruntime (CPU) on ``example_inputs`` and
-    on a batch one larger (which proves the dynamic batch axis; ``batch_variant=False``: not tried),
+    """Check ``onnx_path`` with ``onnx.checker`` (an ``.ort`` file: onnxruntime's loader only) and run it
+    in onnxruntime (CPU) on ``example_inputs`` and on a batch one larger (which proves the dynamic batch
+    axis; ``batch_variant=False``: not tried),
     comparing every output with ``model``: a torch model, or the path of an ONNX file run in onnxruntime.
 
     Passes when the checker and the runs succeed, ``max_abs_diff <= atol`` and ``cosine >= min_cosine``
@@ -447,7 +453,8 @@ def validate_onnx(onnx_path: str | Path, model: nn.Module | str | Path, example_
     v = Validation(str(path), file_size(path), math.inf, math.nan, atol, min_cosine, False, providers,
                    [], variant)
     try:
-        onnx.checker.check_model(str(path))  # by path: works past protobuf's 2 GB limit
+        if path.suffix != ".ort":  # an ORT format file (compressor.export.edge) is onnxruntime's alone to check
+            onnx.checker.check_model(str(path))  # by path: works past protobuf's 2 GB limit
     except Exception as err:  # onnx raises several types; all mean "invalid model"
         v.problems.append(f"onnx.checker: {_first_line(err)}")
         return v
@@ -620,6 +627,14 @@ def export_int8(src_onnx: str | Path, dst: str | Path, *, keep_fp16: Sequence[st
 
 
 FACTOR_STORAGE = ("fp16", "int8")  # how export_int4 stores correction factors; the first is the default
+# MatMulNBits' accuracy_level: the precision its inputs are multiplied in. 0 (unset) dequantizes the 4-bit
+# weights to float32 and multiplies in float32; 4 quantizes each input row to int8 per block and uses
+# the CPU's int8 dot-product kernels. Measured on all-MiniLM-L6-v2 as .ort files, batch 1, 1 thread,
+# onnxruntime 1.32 (benchmarks/results/edge_minilm.md): on a 29-token sentence level 4 ran at 0.71-0.86x
+# level 0's latency (every block size, with and without a correction); padded to 64 tokens, 0.89-1.04x;
+# held-out sentence cosine moved by at most 0.00062.
+INT4_ACCURACY_LEVEL = 4
+INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # unset, fp32, fp16, bf16, int8 (onnxruntime's MatMulNBits docs)
 
 
 def check_factor_storage(factors: str) -> str:
@@ -641,8 +656,18 @@ def check_int4_block_size(block_size: int) -> int:
     return block_size
 
 
+def check_int4_accuracy_level(level: int) -> int:
+    """``level`` if it is a MatMulNBits accuracy_level (:data:`INT4_ACCURACY_LEVELS`), else
+    :class:`CompressorError`."""
+    if isinstance(level, bool) or level not in INT4_ACCURACY_LEVELS:
+        raise CompressorError(f"int4 accuracy level {level!r} is not one of {INT4_ACCURACY_LEVELS}",
+                              f"pass accuracy_level={INT4_ACCURACY_LEVEL} (int8 compute) or 0 (float32)")
+    return level
+
+
 def export_int4(src_onnx: str | Path, dst: str | Path, *, block_size: int = INT4_BLOCK_SIZE,
-                corrections: Mapping[str, tuple[Any, Any]] | None = None, factors: str = "fp16") -> Path:
+                corrections: Mapping[str, tuple[Any, Any]] | None = None, factors: str = "fp16",
+                accuracy_level: int = INT4_ACCURACY_LEVEL) -> Path:
     """onnxruntime's 4-bit weight-only quantization of ``src_onnx`` (MatMulNBitsQuantizer, asymmetric,
     blocks of ``block_size`` weights along the input dimension): every MatMul/Gemm by a constant weight
     becomes a MatMulNBits node, every embedding lookup a GatherBlockQuantized node; convolutions and the
@@ -653,12 +678,15 @@ def export_int4(src_onnx: str | Path, dst: str | Path, *, block_size: int = INT4
     ``x @ down^T @ up^T`` with two small MatMuls and adds it to its output, so the layer computes
     ``x (deq(Q(W)) + up down)^T``. ``factors``: how those MatMuls store their weights, "fp16" (cast back
     to float32 at load) or "int8" (onnxruntime dynamic int8: per-channel weights, inputs quantized at run
-    time, half the bytes of fp16 and a little more error)."""
+    time, half the bytes of fp16 and a little more error). ``accuracy_level``: the MatMulNBits attribute
+    (:data:`INT4_ACCURACY_LEVEL`). Embedding tables are stored as 4-bit values packed two to a uint8
+    (:func:`_pack_gather_nibbles`), the layout onnxruntime's ``.ort`` format can hold."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     check_int4_block_size(block_size)
     check_factor_storage(factors)
+    check_int4_accuracy_level(accuracy_level)
     src, dst = Path(src_onnx), Path(dst)
     model = _load_full(src)
     graph = model.graph
@@ -673,12 +701,14 @@ def export_int4(src_onnx: str | Path, dst: str | Path, *, block_size: int = INT4
     try:
         with _quiet():
             q = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=INT4_SYMMETRIC,
+                                     accuracy_level=accuracy_level or None,
                                      op_types_to_quantize=("MatMul", "Gather"))
             q.process()
     except Exception as err:
         raise CompressorError(f"int4 quantization of '{src}' failed ({type(err).__name__}: {_first_line(err)})",
                               "export without --int4, or report the model") from err
     model = q.model.model
+    _pack_gather_nibbles(model.graph)
     by_module = {modules[n.name.removesuffix("_Q4")]: n for n in model.graph.node
                  if n.op_type == "MatMulNBits" and n.name.removesuffix("_Q4") in modules}
     missing = sorted(set(corrections) - set(by_module))
@@ -700,6 +730,37 @@ def export_int4(src_onnx: str | Path, dst: str | Path, *, block_size: int = INT4
         for f in tmpdir.glob("fp32_factors.onnx*"):
             f.unlink()
     return dst
+
+
+def _pack_gather_nibbles(graph) -> None:
+    """Store each GatherBlockQuantized node's 4-bit table and zero points as uint8, two values a byte
+    (low nibble first, each row packed on its own), with ``bits=4``: the kernel's MatMulNBits-style layout.
+
+    Why: the quantizer writes them as ONNX uint4 tensors, which onnxruntime's ``.ort`` format cannot
+    hold ("Unsupported tensor data type" at load); the uint8 layout computes the same outputs (measured:
+    identical on all-MiniLM-L6-v2) from the same bytes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    four_bit = (TensorProto.UINT4, TensorProto.INT4)
+    for node in graph.node:
+        if node.op_type != "GatherBlockQuantized" or inits.get(node.input[0]) is None or \
+                inits[node.input[0]].data_type not in four_bit:
+            continue
+        # Signed tables have no zero point: the uint8 layout's implicit one (8) shifts them.
+        shift = 8 if inits[node.input[0]].data_type == TensorProto.INT4 else 0
+        for i in (0, 3) if len(node.input) > 3 and node.input[3] else (0,):
+            t = inits[node.input[i]]
+            values = numpy_helper.to_array(t).astype(np.int16) + shift
+            t.CopyFrom(numpy_helper.from_array(_nibbles(values.astype(np.uint8)), t.name))
+        node.attribute.append(helper.make_attribute("bits", 4))
+
+
+def _nibbles(values: np.ndarray) -> np.ndarray:
+    """``values`` (each < 16) packed two to a byte along the last axis, low nibble first (odd: padded)."""
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros((*values.shape[:-1], 1), np.uint8)], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
 def _gemms_to_matmuls(graph) -> None:

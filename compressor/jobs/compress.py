@@ -47,7 +47,7 @@ from compressor.report.report import Report, StepTimes, build_report, write_repo
 if TYPE_CHECKING:
     from compressor.train.heal import HealConfig
 from compressor.core.handlers import INT4_BLOCK_SIZE
-from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET, FACTOR_STORAGE
+from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET, FACTOR_STORAGE, INT4_ACCURACY_LEVEL
 
 MODES = ("compress", "analyze", "apply", "export")
 # Below this mean cosine to the original (on the example inputs) a compressed model's outputs are plainly
@@ -90,6 +90,7 @@ class Options:
     # Held-out inputs (tensors, or text for a model with a tokenizer) the fidelity is measured on, instead of
     # the two example inputs: a number that speaks for the data, not for two sentences.
     eval_inputs: Path | None = None
+    edge: bool = False  # also write edge/: every ONNX file as .ort, its operators, a manifest (export.edge)
     plots: bool = False
     calibration: Path | None = None
     calibration_samples: int | None = None
@@ -176,6 +177,9 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
     if opts.eval_inputs is not None and mode not in ("compress", "apply"):
         raise CompressorError(f"held-out inputs measure the fidelity of a compressed model, and {mode} writes none",
                               "leave out eval_inputs", cli_fix="leave out --eval-inputs")
+    if opts.edge and mode == "analyze":
+        raise CompressorError("an edge folder holds the ONNX files a run writes, and analyze writes none",
+                              "leave out edge, or run compress", cli_fix="leave out --edge, or run compress")
     check_not_over_inputs(out, [("model", source), ("calibration file", opts.calibration),
                                 ("example inputs", opts.example_inputs), ("plan file", opts.plan_path),
                                 ("evaluation text", opts.eval_text), ("held-out inputs", opts.eval_inputs)])
@@ -243,12 +247,20 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
         inputs = None
         if mode in ("compress", "apply", "export"):
             if weights_only:
+                if opts.edge:
+                    raise CompressorError("an edge folder needs the ONNX files, and the input holds weights only",
+                                          "pass arch='package.module:factory' to build the model, or leave out edge",
+                                          cli_fix="pass --arch package.module:factory to build the model, or leave "
+                                                  "out --edge")
                 exports["skipped"] = ("the input holds weights only; pass --arch package.module:factory "
                                       "to build the model for export")
             else:
                 inputs = example_inputs(loaded, opts)
                 exports = _export(model, original, inputs, tmp, plan, opts, calibration, held_out)
                 step("export")
+                if opts.edge:
+                    exports["edge"] = _edge(model, original, inputs, tmp, opts, source, exports)
+                    step("edge")
         perplexities = None
         if protocol is not None:
             perplexities = measure_perplexity(protocol, original, model, tmp, opts.variants, opts.threads)
@@ -414,6 +426,8 @@ def check_options(opts: Options) -> None:
     if opts.int4_correction is not None:
         parse_correction(opts.int4_correction)
     check_threads(opts.threads)
+    if not isinstance(opts.edge, bool):
+        raise CompressorError(f"edge must be True or False, got {opts.edge!r}", "pass edge=True to write edge/")
     written = [v for v in VARIANTS if VARIANTS[v].write is not None]
     unknown = [v for v in opts.variants if v not in written]
     if unknown:
@@ -593,6 +607,28 @@ def _int4(model: nn.Module, path: Path, folder: Path, opts: Options, calibration
     written = export_int4(path, folder / "model.int4.onnx", block_size=opts.int4_block_size,
                           corrections=corr.factors if corr else None, factors=opts.int4_factors)
     return written, None if corr is None else {**corr.to_dict(), "factors": opts.int4_factors}
+
+
+def _edge(model: nn.Module, original: nn.Module, inputs, folder: Path, opts: Options, source: Path,
+          exports: dict[str, Any]) -> dict[str, Any]:
+    """edge/ for the ONNX files just written: validated against the torch model they were exported from,
+    fidelity measured against the original, latency at one thread (a device's typical budget) unless
+    --threads says otherwise."""
+    from compressor.export.edge import build_edge, sha256
+    from compressor.export.onnx import onnx_ready
+
+    compressed = model
+    model, ready, _ = onnx_ready(model, inputs)
+    origin = {"source": str(source), "command": opts.command}
+    if (folder / "plan.json").is_file():
+        origin.update(plan="plan.json", plan_sha256=sha256(folder / "plan.json"))
+    recipes = {"model.int4.onnx": {"block_size": opts.int4_block_size, "correction": exports.get("int4_correction"),
+                                   "accuracy_level": INT4_ACCURACY_LEVEL},
+               "model.int8.onnx": {"keep_fp16": exports.get("int8_kept_fp16") or []}}
+    reference = onnx_ready(original, inputs)[0] if original is not compressed else None
+    return build_edge(folder, model, ready, threads=opts.threads or 1, origin=origin, atol=opts.atol,
+                      recipes={k: v for k, v in recipes.items() if (folder / k).is_file()},
+                      fidelity_reference=reference)
 
 
 def _ort_threads(opts: Options) -> int:

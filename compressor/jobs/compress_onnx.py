@@ -91,6 +91,15 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
                 exports[kind] = validate_onnx(written, path, inputs, atol=None, min_cosine=v.min_cosine,
                                               variant=kind, batch_variant=batch_variant)
             step("export")
+            if opts.edge:  # against model.onnx as the variants are; fidelity against the original graph
+                from compressor.export.edge import build_edge, sha256
+
+                exports["edge"] = build_edge(tmp, path, inputs, threads=opts.threads or 1,
+                                             origin={"source": str(source), "command": opts.command,
+                                                     "plan": "plan.json", "plan_sha256": sha256(tmp / "plan.json")},
+                                             fidelity_reference=source, batch_variant=batch_variant,
+                                             atol=opts.atol)
+                step("edge")
         report = build_report(source=source, out=out, mode=mode, loaded=loaded, plan=plan, original=None,
                               compressed=None, exports=exports, timings=timings, options=opts, folder=tmp,
                               params=(totals["params_before"], totals["params_after"]))

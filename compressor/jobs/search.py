@@ -124,13 +124,20 @@ def _search_job(source: Path, out: str | Path | None, constraints: Constraints, 
                         analyze_options={"outputs": list(opts.outputs)} if opts.outputs else None,
                         perplexity=protocol)
         chosen = copy_chosen(result, tmp)
+        edge = None
+        if opts.edge:  # the chosen file against itself as the search built it; fidelity against the original
+            from compressor.export.edge import build_edge
+
+            edge = build_edge(tmp, chosen, inputs, threads=opts.threads or 1, fidelity_reference=model,
+                              origin={"source": str(source), "command": opts.command,
+                                      "recipe": result.chosen.recipe.name})
         front = result.to_dict()
         atomic_write_text(tmp / "front.json", json.dumps(front, indent=2) + "\n")
         plots = plot_front(front, tmp)
         report = {"mode": "search", "source": {"path": str(source), "format": loaded.format},
                   "output": str(out), "chosen": {**result.chosen.to_dict(), "file": chosen.name},
                   "front": front, "cache": str(cache_dir), "plots": plots, "command": opts.command,
-                  "versions": versions(), "passed": True,
+                  "versions": versions(), "passed": edge is None or edge["passed"], "edge": edge,
                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         atomic_write_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
         atomic_write_text(tmp / "report.md", search_markdown(report))
@@ -191,6 +198,8 @@ def _held_out(path: Path | None, example: Any, loaded: Any) -> tuple[list[Any], 
 
 
 def search_markdown(report: dict[str, Any]) -> str:
+    from compressor.report.report import edge_markdown
+
     c = report["chosen"]
     lines = [f"# compressor search: {Path(report['source']['path']).name}", "",
              f"Chosen: **{c['name']}** -> `{c['file']}`: {c['size_bytes'] / 1e6:.2f} MB "
@@ -201,6 +210,7 @@ def search_markdown(report: dict[str, Any]) -> str:
              + f"latency {c['latency_ms']:.2f} ms, onnxruntime validation "
              f"{'PASS' if c['passed'] else 'FAIL'}.", "",
              front_markdown(report["front"], report["plots"]),
+             *(edge_markdown(report["edge"]) if report.get("edge") else []),
              "## Provenance", "", f"- command: `{report.get('command')}`", f"- date: {report['date']}",
              f"- cache: `{report['cache']}`",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]

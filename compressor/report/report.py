@@ -128,6 +128,7 @@ class Report:
     warnings: list[dict[str, Any]] | None = None  # e.g. low fidelity: "message" (Python), "cli" (command line)
     stream: dict[str, Any] | None = None  # streamed runs: per-layer seconds and SVD checks, peak RSS, bytes
     perplexity: PerplexityReport | None = None  # --eval-text: dense, compressed and every ONNX file
+    edge: dict[str, Any] | None = None  # --edge: edge/manifest.json (compressor.export.edge)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain({f.name: getattr(self, f.name) if f.name != "perplexity" else self.perplexity.to_dict()
@@ -176,7 +177,9 @@ def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | Non
         extra["fidelity"] = exports["fidelity"]
     if exports.get("latency"):
         extra["latency"] = exports["latency"]
-    checks = [extra[k]["passed"] for k in VALIDATED if k in extra and "passed" in extra[k]]
+    if exports.get("edge"):
+        extra["edge"] = exports["edge"]
+    checks = [extra[k]["passed"] for k in (*VALIDATED, "edge") if k in extra and "passed" in extra[k]]
     opts = _plain(dataclasses.asdict(options)) if dataclasses.is_dataclass(options) else {}
     return Report(mode=mode, source={"path": str(source), "format": loaded.format, "size_bytes": _size(source)},
                   output=str(out), params_before=params_before, params_after=params_after,
@@ -334,6 +337,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         for name, f in lat["files"].items():
             lines.append(f"| `{name}` | {f['dense_ms']:.3f} | {f['ms']:.3f} | {f['latency_ratio']:.3f} | {mac} |")
         lines += [""] + [f"> differs: {d}" for d in lat["differ"]] + [""]
+    if r.get("edge"):
+        lines += edge_markdown(r["edge"])
     if r.get("perplexity"):
         lines += perplexity_markdown(PerplexityReport.from_dict(r["perplexity"]))
     if r.get("stream"):
@@ -356,6 +361,24 @@ def render_markdown(r: dict[str, Any]) -> str:
               "- versions: " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()),
               "- step times (s): " + ", ".join(f"{k} {v}" for k, v in r.get("timings_s", {}).items()), ""]
     return "\n".join(lines)
+
+
+def edge_markdown(m: dict[str, Any]) -> list[str]:
+    """The edge folder (``edge/manifest.json``): one row per ``.ort`` file."""
+    setup = m["latency_setup"]
+    lines = [f"## Edge builds (`edge/`, ORT format, `{m['optimization']}` optimizations fixed at conversion)", "",
+             f"Operators for a reduced build: `edge/{m['required_operators']}`. Latency: median of {setup['runs']} "
+             f"runs, batch {setup['batch']}, {setup['threads']} thread(s), session optimizations "
+             f"{setup['session_optimizations']}, {setup['machine']}.", "",
+             "| file | size | opset / IR | oldest onnxruntime | latency | cosine vs `.onnx` | cosine vs model "
+             "| result |", "|---|---:|---|---|---:|---:|---:|---|"]
+    for f in m["variants"]:
+        v = f["validation"]
+        lines.append(f"| `{f['file']}` | {_mb(f['size_bytes'])} | {f['opset']} / {f['ir_version']} | "
+                     f"{f['min_onnxruntime']['release'] or 'newer than the table'} | {f['latency_ms']:.3f} ms | "
+                     f"{number(v['vs_onnx']['cosine'], '.6f')} | {number(v['vs_model']['cosine'], '.6f')} | "
+                     f"{'PASS' if v['passed'] else '**FAIL**'} |")
+    return [*lines, ""]
 
 
 def perplexity_markdown(report: PerplexityReport) -> list[str]:
