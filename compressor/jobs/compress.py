@@ -496,8 +496,11 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
         export_int8,
         export_onnx,
         onnx_ready,
+        qdq_choice,
         validate_onnx,
+        write_variant,
     )
+    from compressor.jobs.int8 import calibrated_on, int8_choice
     from compressor.search.sensitivity import int8_sensitivity, most_sensitive
 
     compressed, original_inputs = model, inputs
@@ -518,8 +521,12 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
         elif kind == "int4":
             written, result["int4_correction"] = _int4(model, path, folder, opts, calibration)
         else:
-            written = v.write(path, folder / f"model.{kind}.onnx")
+            written = write_variant(kind, path, folder / f"model.{kind}.onnx", calibration=calibration or [inputs])
+            if v.calibrated:
+                result[f"{kind}_settings"] = {**(qdq_choice(written) or {}), "calibrated_on": calibrated_on(opts)}
         result[kind] = validate_onnx(written, model, inputs, atol=None, min_cosine=v.min_cosine, variant=kind)
+    if "int8" in result and "qdq" in result:
+        result["int8_choice"] = int8_choice(result, folder, inputs, opts)
     result["fidelity"] = (output_fidelity(original, compressed, original_inputs, opts.outputs)
                           if original is not compressed else None)
     if opts.latency_aware and original is not compressed:

@@ -28,10 +28,11 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
                   low_fidelity: float) -> Report:
     """Run ``mode`` ("compress", "analyze" or "apply") on the ONNX file ``source`` with the job's ``opts``
     (``shapes``: its checked --input-shape values); a cosine below ``low_fidelity`` adds a warning."""
-    from compressor.export.onnx import VARIANTS, validate_onnx
+    from compressor.export.onnx import VARIANTS, qdq_choice, validate_onnx, write_variant
     from compressor.export.onnx_factor import onnx_fidelity, write_factored
     from compressor.formats.load import Loaded
     from compressor.formats.onnx_graph import read_onnx
+    from compressor.jobs.int8 import calibrated_on, int8_choice
 
     if mode == "export":
         raise CompressorError(f"'{source}' is already an ONNX model", "compress it: compress MODEL.onnx --energy 0.9")
@@ -87,9 +88,13 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
             exports["fidelity"] = onnx_fidelity(source, path, inputs, opts.outputs)
             for kind in opts.variants:  # each variant against the fp32 file it rounds, as the torch path does
                 v = VARIANTS[kind]
-                written = v.write(path, tmp / f"model.{kind}.onnx")
+                written = write_variant(kind, path, tmp / f"model.{kind}.onnx", calibration=calibration or [inputs])
+                if v.calibrated:
+                    exports[f"{kind}_settings"] = {**(qdq_choice(written) or {}), "calibrated_on": calibrated_on(opts)}
                 exports[kind] = validate_onnx(written, path, inputs, atol=None, min_cosine=v.min_cosine,
                                               variant=kind, batch_variant=batch_variant)
+            if "int8" in exports and "qdq" in exports:
+                exports["int8_choice"] = int8_choice(exports, tmp, inputs, opts)
             step("export")
         report = build_report(source=source, out=out, mode=mode, loaded=loaded, plan=plan, original=None,
                               compressed=None, exports=exports, timings=timings, options=opts, folder=tmp,
