@@ -119,3 +119,21 @@ def test_qdq_without_calibration_is_refused_and_writes_nothing(digits, tmp_path)
     with pytest.raises(CompressorError, match="calibration method"):
         export_qdq(src, tmp_path / "q.onnx", calibration=[held_out[:4]], methods=("entropy",))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_cli_qdq_without_calibration_says_what_it_calibrated_on(tmp_path):
+    from click.testing import CliRunner
+
+    from compressor.cli.main import main
+    from compressor.examples import digits_cnn
+
+    torch.manual_seed(0)
+    torch.save(digits_cnn(), tmp_path / "cnn.pt")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "cnn.pt"), "--trust-pickle", "--input-shape", "4x1x8x8",
+                                    "--int8", "--qdq", "--out", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "model.qdq.onnx" in res.output and "calibrated" in res.output and "int8 to ship" in res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["qdq"]["passed"] and "random ones (--input-shape)" in report["qdq"]["settings"]["calibrated_on"]
+    assert report["int8_choice"]["recommended"] in ("model.int8.onnx", "model.qdq.onnx")
