@@ -27,7 +27,6 @@ def digits(tmp_path_factory):
     splits = digits_splits(0)
     torch.save(model, folder / "cnn.pt")
     torch.save(splits["train"][0][:256], folder / "cal.pt")
-    torch.save(splits["test"][0][:32], folder / "ex.pt")
     return model, folder, splits["test"][0]
 
 
@@ -41,7 +40,8 @@ def test_digits_cnn_static_int8_is_qdq_per_channel_validated_and_chosen(digits, 
     _, folder, held_out = digits
     out = tmp_path / "out"
     report = compressor.compress(folder / "cnn.pt", out, trust_pickle=True, energy=0.95, variants=("int8", "qdq"),
-                                 calibration=folder / "cal.pt", example_inputs=folder / "ex.pt", progress=False)
+                                 # random example inputs: the static file is validated on real ones instead
+                                 calibration=folder / "cal.pt", input_shapes=("2x1x8x8",), progress=False)
     path = out / "model.qdq.onnx"
     graph = onnx.load(str(path)).graph
     ops = [n.op_type for n in graph.node]
@@ -75,8 +75,9 @@ def test_digits_cnn_static_int8_is_qdq_per_channel_validated_and_chosen(digits, 
     assert (top1("model.qdq.onnx") == top1("model.onnx")).mean() >= 0.95
 
     # How it was chosen is recorded, in the file and in the report.
-    assert qdq_choice(path) == {k: v for k, v in settings.items() if k != "calibrated_on"}
+    assert qdq_choice(path) == {k: v for k, v in settings.items() if k not in ("calibrated_on", "validated_on")}
     assert "cal.pt" in settings["calibrated_on"] and settings["calibration_samples"] == 256
+    assert settings["validated_on"] == "the first calibration batch"
     assert {c["method"] for c in settings["tried"]} == {"minmax", "percentile"}
     # The most faithful candidate, or one within QDQ_TIE of it with fewer float layers.
     assert settings["chosen"] in settings["tried"]
@@ -89,6 +90,7 @@ def test_digits_cnn_static_int8_is_qdq_per_channel_validated_and_chosen(digits, 
     best = max(r["cosine"] for r in rows.values() if r["passed"])
     close = [n for n, r in rows.items() if r["passed"] and r["cosine"] >= best - INT8_COSINE_TOLERANCE]
     assert choice["recommended"] == min(close, key=lambda n: rows[n]["latency_ratio"])
+    assert choice["fidelity_on"] == "the first calibration batch"
     md = (out / "report.md").read_text()
     assert f"Which int8 file to ship: `{choice['recommended']}`" in md and "static int8 (QDQ" in md
 

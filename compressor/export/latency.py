@@ -345,8 +345,9 @@ def latency_vs_macs(dense_onnx: str | Path, files: dict[str, str | Path], inputs
 # Two int8 files of one model (dynamic, static QDQ) whose worst-sample cosines to the model are this close
 # count as equally faithful, and the faster is recommended; further apart, the more faithful one is.
 INT8_COSINE_TOLERANCE = 0.01
-INT8_RULE = (f"among the files that passed validation, those within {INT8_COSINE_TOLERANCE} worst-sample cosine of "
-             "the most faithful; of those, the lowest latency measured side by side with model.onnx")
+INT8_RULE = (f"among the files that passed validation, those within {INT8_COSINE_TOLERANCE} worst-sample cosine (to "
+             "model.onnx, all on the same inputs) of the most faithful; of those, the lowest latency measured side by "
+             "side with model.onnx")
 
 
 def recommend_int8(fp32_onnx: str | Path, files: dict[str, tuple[str | Path, float, bool]], inputs: Any, *,

@@ -29,7 +29,7 @@ from compressor.core.plan import Plan
 from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
 from compressor.core.threads import LINALG_THREADS, check_threads, thread_budget, torch_threads
-from compressor.data.inputs import attention_mask, call, cosine_fidelity, eval_mode, sequence_axes
+from compressor.data.inputs import attention_mask, call, cosine_fidelity, eval_mode, map_tensors, sequence_axes
 from compressor.formats.onnx_graph import is_onnx, onnx_head
 from compressor.formats.shards import DEFAULT_SHARD_BYTES
 from compressor.jobs.compress_onnx import compress_onnx
@@ -500,7 +500,7 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
         validate_onnx,
         write_variant,
     )
-    from compressor.jobs.int8 import calibrated_on, int8_choice
+    from compressor.jobs.int8 import calibrated_on, checked_on, int8_choice
     from compressor.search.sensitivity import int8_sensitivity, most_sensitive
 
     compressed, original_inputs = model, inputs
@@ -510,6 +510,10 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
     problems = check_factored_graph(path, plan) if plan is not None and plan.factored else []
     result = {"onnx": validate_onnx(path, model, inputs, atol=opts.atol), "graph_problems": problems,
               "notes": [widened] if widened else []}
+    # Static int8 fits its activation ranges to the calibration inputs, and random example inputs
+    # (--input-shape) fall outside them: a calibrated variant is checked on real inputs when there are any.
+    real = inputs if not calibration else map_tensors(  # widened as onnx_ready widens the example inputs
+        calibration[0], lambda t: t.float() if t.dtype == torch.bfloat16 else t)
     for kind in opts.variants:
         # Rounded weights move outputs by more than --atol; variants are held to a cosine floor.
         v = VARIANTS[kind]
@@ -523,10 +527,12 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
         else:
             written = write_variant(kind, path, folder / f"model.{kind}.onnx", calibration=calibration or [inputs])
             if v.calibrated:
-                result[f"{kind}_settings"] = {**(qdq_choice(written) or {}), "calibrated_on": calibrated_on(opts)}
-        result[kind] = validate_onnx(written, model, inputs, atol=None, min_cosine=v.min_cosine, variant=kind)
+                result[f"{kind}_settings"] = {**(qdq_choice(written) or {}), "calibrated_on": calibrated_on(opts),
+                                              "validated_on": checked_on(opts)}
+        result[kind] = validate_onnx(written, model, real if v.calibrated else inputs, atol=None,
+                                     min_cosine=v.min_cosine, variant=kind)
     if "int8" in result and "qdq" in result:
-        result["int8_choice"] = int8_choice(result, folder, inputs, opts)
+        result["int8_choice"] = int8_choice(result, folder, inputs, real, opts)
     result["fidelity"] = (output_fidelity(original, compressed, original_inputs, opts.outputs)
                           if original is not compressed else None)
     if opts.latency_aware and original is not compressed:

@@ -32,7 +32,7 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
     from compressor.export.onnx_factor import onnx_fidelity, write_factored
     from compressor.formats.load import Loaded
     from compressor.formats.onnx_graph import read_onnx
-    from compressor.jobs.int8 import calibrated_on, int8_choice
+    from compressor.jobs.int8 import calibrated_on, checked_on, int8_choice
 
     if mode == "export":
         raise CompressorError(f"'{source}' is already an ONNX model", "compress it: compress MODEL.onnx --energy 0.9")
@@ -86,15 +86,18 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
             # Against the original graph the outputs differ by the approximation: judged by fidelity, not atol.
             exports["onnx"] = validate_onnx(path, source, inputs, atol=None, batch_variant=batch_variant)
             exports["fidelity"] = onnx_fidelity(source, path, inputs, opts.outputs)
+            real = calibration[0] if calibration else inputs
             for kind in opts.variants:  # each variant against the fp32 file it rounds, as the torch path does
                 v = VARIANTS[kind]
                 written = write_variant(kind, path, tmp / f"model.{kind}.onnx", calibration=calibration or [inputs])
                 if v.calibrated:
-                    exports[f"{kind}_settings"] = {**(qdq_choice(written) or {}), "calibrated_on": calibrated_on(opts)}
-                exports[kind] = validate_onnx(written, path, inputs, atol=None, min_cosine=v.min_cosine,
-                                              variant=kind, batch_variant=batch_variant)
+                    exports[f"{kind}_settings"] = {**(qdq_choice(written) or {}), "calibrated_on": calibrated_on(opts),
+                                                   "validated_on": checked_on(opts)}
+                # A calibrated variant is checked on real inputs when there are any (as compress does).
+                exports[kind] = validate_onnx(written, path, real if v.calibrated else inputs, atol=None,
+                                              min_cosine=v.min_cosine, variant=kind, batch_variant=batch_variant)
             if "int8" in exports and "qdq" in exports:
-                exports["int8_choice"] = int8_choice(exports, tmp, inputs, opts)
+                exports["int8_choice"] = int8_choice(exports, tmp, inputs, real, opts)
             step("export")
         report = build_report(source=source, out=out, mode=mode, loaded=loaded, plan=plan, original=None,
                               compressed=None, exports=exports, timings=timings, options=opts, folder=tmp,

@@ -16,12 +16,24 @@ def calibrated_on(opts: Any) -> str:
             "the example inputs, as no calibration inputs were given; pass real inputs with --calibration")
 
 
-def int8_choice(results: dict[str, Any], folder: Path, inputs: Any, opts: Any) -> dict[str, Any]:
+def checked_on(opts: Any) -> str:
+    """What a calibrated variant is validated on, in words (``opts``: the job's options)."""
+    return "the first calibration batch" if opts.calibration is not None else "the example inputs"
+
+
+def int8_choice(results: dict[str, Any], folder: Path, inputs: Any, real: Any, opts: Any) -> dict[str, Any]:
     """``folder``'s dynamic and static int8 files (``results``: their validations under "int8" and "qdq") timed
-    side by side with its model.onnx on ``inputs``, and the one to ship
+    side by side with its model.onnx on ``inputs``, their fidelity to model.onnx measured on the same ``real``
+    inputs (the first calibration batch, when there is one), and the one to ship
     (:func:`compressor.export.latency.recommend_int8`)."""
     from compressor.export.latency import recommend_int8
+    from compressor.export.onnx import VARIANTS, validate_onnx
     from compressor.search.evaluate import THREADS
 
-    files = {f"model.{k}.onnx": (results[k].path, results[k].cosine, results[k].passed) for k in ("int8", "qdq")}
-    return recommend_int8(folder / "model.onnx", files, inputs, threads=opts.threads or THREADS)
+    files = {}
+    for k in ("int8", "qdq"):
+        v = validate_onnx(results[k].path, folder / "model.onnx", real, atol=None, min_cosine=VARIANTS[k].min_cosine,
+                          variant=k, batch_variant=False)
+        files[f"model.{k}.onnx"] = (results[k].path, v.cosine, results[k].passed and v.passed)
+    choice = recommend_int8(folder / "model.onnx", files, inputs, threads=opts.threads or THREADS)
+    return {**choice, "fidelity_on": checked_on(opts)}

@@ -373,14 +373,15 @@ def _qdq_markdown(r: dict[str, Any]) -> list[str]:
             return f"{c['method']}, float layers {kept}: cosine {c['cosine']:.6f}"
 
         lines += [f"`model.qdq.onnx`: static int8 (QDQ; weights {s['weights']}, activations {s['activations']}) "
-                  f"calibrated on {s['calibrated_on']} ({s['calibration_samples']} samples). Chosen by "
+                  f"calibrated on {s['calibrated_on']} ({s['calibration_samples']} samples), validated on "
+                  f"{s.get('validated_on', 'the example inputs')}. Chosen by "
                   f"{s['criterion']}: {what(s['chosen'])}; tried: " + "; ".join(what(c) for c in s["tried"]) + ".", ""]
     choice = r.get("int8_choice")
     if choice:
         shipped = f"`{choice['recommended']}`" if choice["recommended"] else "none passed validation"
         lines += [f"### Which int8 file to ship: {shipped}",
-                  "", f"Rule: {choice['rule']}. {choice['threads']} threads, inputs {choice['inputs']}, "
-                  f"{choice['rounds']} rounds.", "",
+                  "", f"Rule: {choice['rule']}. Latency: {choice['threads']} threads, inputs {choice['inputs']}, "
+                  f"{choice['rounds']} rounds; cosine on {choice.get('fidelity_on', 'the example inputs')}.", "",
                   "| file | model.onnx ms | file ms | latency ratio | worst cosine | passed |",
                   "|---|---:|---:|---:|---:|---|"]
         for name, f in choice["files"].items():

@@ -33,6 +33,7 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import temp_folder
+from compressor.data.inputs import as_batches
 from compressor.data.perplexity import Protocol
 from compressor.export.latency import LatencyTable, Timer, compare_onnx, keep_slow_layers_dense, latency_decisions
 from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET, VARIANTS, write_variant
@@ -251,7 +252,10 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
             path = cache.store(recipe, made)
             # Variants approximate the weights: judged by cosine, as the exporter's own CLI check does.
             check = {"atol": None, "min_cosine": VARIANTS[recipe.precision].min_cosine}
-        v = validate_onnx(path, model, ctx.example_inputs, variant=recipe.precision, **check)
+        # Static int8 fits its activation ranges to the calibration inputs: checked on real ones when given.
+        calibrated = VARIANTS[recipe.precision].calibrated and ctx.calibration is not None
+        checked = as_batches(ctx.calibration)[0] if calibrated else ctx.example_inputs
+        v = validate_onnx(path, model, checked, variant=recipe.precision, **check)
         metrics = onnx_fidelity(path, ctx.evaluation, ctx.threads)
         latency = onnx_latency(path, ctx.latency_inputs, threads=ctx.threads, warmup=3, runs=ctx.latency_runs)
         ppl = None
