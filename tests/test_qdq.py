@@ -139,3 +139,12 @@ def test_cli_qdq_without_calibration_says_what_it_calibrated_on(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["qdq"]["passed"] and "random ones (--input-shape)" in report["qdq"]["settings"]["calibrated_on"]
     assert report["int8_choice"]["recommended"] in ("model.int8.onnx", "model.qdq.onnx")
+
+
+def test_search_tries_qdq_only_when_asked():
+    from compressor.search.recipes import DEFAULT_PRECISIONS, REFERENCES, Recipe, default_recipes
+
+    assert "qdq" not in DEFAULT_PRECISIONS and Recipe("qdq") not in REFERENCES
+    assert not any(r.precision == "qdq" for r in default_recipes())
+    asked = default_recipes((0.3,), precisions=("fp32", "qdq"))
+    assert Recipe("qdq") in asked and Recipe("qdq", 0.3) in asked
