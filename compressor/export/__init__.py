@@ -1,6 +1,7 @@
-"""ONNX export, validation against torch, fp16 / int8 / int4 variants, and measurements (size, latency, MACs).
+"""ONNX export, validation against torch, fp16 / int8 / static int8 (QDQ) / int4 variants, and measurements
+(size, latency, MACs).
 
-    from compressor.export import export_onnx, validate_onnx, export_int8, export_int4
+    from compressor.export import export_onnx, validate_onnx, export_int8, export_qdq, export_int4
 """
 
 from compressor.export.onnx import (
@@ -9,9 +10,11 @@ from compressor.export.onnx import (
     export_int4,
     export_int8,
     export_onnx,
+    export_qdq,
     format_validation,
+    qdq_choice,
     validate_onnx,
 )
 
-__all__ = ["check_factored_graph", "export_fp16", "export_int4", "export_int8", "export_onnx",
-           "format_validation", "validate_onnx"]
+__all__ = ["check_factored_graph", "export_fp16", "export_int4", "export_int8", "export_onnx", "export_qdq",
+           "format_validation", "qdq_choice", "validate_onnx"]

@@ -338,3 +338,36 @@ def latency_vs_macs(dense_onnx: str | Path, files: dict[str, str | Path], inputs
             out["differ"].append(f"{name}: latency {c.ratio:.2f}x dense against {macs_ratio:.2f}x the multiply-adds "
                                  f"({how} than the multiply-adds suggest)")
     return out
+
+
+# --------------------------------------------------------------------------------- int8 choice
+
+# Two int8 files of one model (dynamic, static QDQ) whose worst-sample cosines to the model are this close
+# count as equally faithful, and the faster is recommended; further apart, the more faithful one is.
+INT8_COSINE_TOLERANCE = 0.01
+INT8_RULE = (f"among the files that passed validation, those within {INT8_COSINE_TOLERANCE} worst-sample cosine (to "
+             "model.onnx, all on the same inputs) of the most faithful; of those, the lowest latency measured side by "
+             "side with model.onnx")
+
+
+def recommend_int8(fp32_onnx: str | Path, files: dict[str, tuple[str | Path, float, bool]], inputs: Any, *,
+                   threads: int, timer: Timer | None = None) -> dict[str, Any]:
+    """Which of several int8 files of one model to ship: ``files`` maps a name to (path, worst-sample cosine
+    to the model, validation passed); each is timed side by side with ``fp32_onnx`` on ``inputs`` and the
+    choice follows :data:`INT8_RULE` (``recommended`` None when none passed)."""
+    timer = timer or compare_onnx
+    rows = {}
+    for name, (path, cosine, passed) in files.items():
+        c = timer(Path(fp32_onnx), Path(path), inputs, threads)
+        rows[name] = {"ms": round(c.b_ms, 5), "fp32_ms": round(c.a_ms, 5), "latency_ratio": round(c.ratio, 4),
+                      "cosine": cosine, "passed": passed}
+    ok = [n for n, r in rows.items() if r["passed"]]
+    recommended = None
+    if ok:
+        best = max(rows[n]["cosine"] for n in ok)
+        close = [n for n in ok if rows[n]["cosine"] >= best - INT8_COSINE_TOLERANCE]
+        recommended = min(close, key=lambda n: rows[n]["latency_ratio"])
+    names, tensors = flatten(inputs)
+    return {"recommended": recommended, "rule": INT8_RULE, "threads": threads, "rounds": ROUNDS,
+            "inputs": ", ".join(f"{n} {'x'.join(map(str, t.shape))}" for n, t in zip(names, tensors, strict=True)),
+            "files": rows}

@@ -36,6 +36,7 @@ from compressor.data.inputs import (
     call,
     cosine_fidelity,
     eval_mode,
+    map_tensors,
     num_samples,
     sequence_axes,
 )
@@ -558,8 +559,11 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
         export_int8,
         export_onnx,
         onnx_ready,
+        qdq_choice,
         validate_onnx,
+        write_variant,
     )
+    from compressor.jobs.int8 import calibrated_on, checked_on, int8_choice
     from compressor.search.sensitivity import int8_sensitivity, most_sensitive
 
     compressed, original_inputs = model, inputs
@@ -569,6 +573,10 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
     problems = check_factored_graph(path, plan) if plan is not None and plan.factored else []
     result = {"onnx": validate_onnx(path, model, inputs, atol=opts.atol), "graph_problems": problems,
               "notes": [widened] if widened else []}
+    # Static int8 fits its activation ranges to the calibration inputs, and random example inputs
+    # (--input-shape) fall outside them: a calibrated variant is checked on real inputs when there are any.
+    real = inputs if not calibration else map_tensors(  # widened as onnx_ready widens the example inputs
+        calibration[0], lambda t: t.float() if t.dtype == torch.bfloat16 else t)
     for kind in opts.variants:
         # Rounded weights move outputs by more than --atol; variants are held to a cosine floor.
         v = VARIANTS[kind]
@@ -580,8 +588,14 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
         elif kind == "int4":
             written, result["int4_correction"] = _int4(model, path, folder, opts, calibration)
         else:
-            written = v.write(path, folder / f"model.{kind}.onnx")
-        result[kind] = validate_onnx(written, model, inputs, atol=None, min_cosine=v.min_cosine, variant=kind)
+            written = write_variant(kind, path, folder / f"model.{kind}.onnx", calibration=calibration or [inputs])
+            if v.calibrated:
+                result[f"{kind}_settings"] = {**(qdq_choice(written) or {}), "calibrated_on": calibrated_on(opts),
+                                              "validated_on": checked_on(opts)}
+        result[kind] = validate_onnx(written, model, real if v.calibrated else inputs, atol=None,
+                                     min_cosine=v.min_cosine, variant=kind)
+    if "int8" in result and "qdq" in result:
+        result["int8_choice"] = int8_choice(result, folder, inputs, real, opts)
     if original is not compressed:
         result["fidelity"] = output_fidelity(original, compressed, held_out or [original_inputs], opts.outputs)
         result["fidelity"]["inputs"] = (f"{sum(num_samples(b) for b in held_out)} held-out samples from "

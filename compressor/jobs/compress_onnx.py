@@ -28,10 +28,11 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
                   low_fidelity: float) -> Report:
     """Run ``mode`` ("compress", "analyze" or "apply") on the ONNX file ``source`` with the job's ``opts``
     (``shapes``: its checked --input-shape values); a cosine below ``low_fidelity`` adds a warning."""
-    from compressor.export.onnx import VARIANTS, validate_onnx
+    from compressor.export.onnx import VARIANTS, qdq_choice, validate_onnx, write_variant
     from compressor.export.onnx_factor import onnx_fidelity, write_factored
     from compressor.formats.load import Loaded
     from compressor.formats.onnx_graph import read_onnx
+    from compressor.jobs.int8 import calibrated_on, checked_on, int8_choice
 
     if mode == "export":
         raise CompressorError(f"'{source}' is already an ONNX model", "compress it: compress MODEL.onnx --energy 0.9")
@@ -85,11 +86,18 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
             # Against the original graph the outputs differ by the approximation: judged by fidelity, not atol.
             exports["onnx"] = validate_onnx(path, source, inputs, atol=None, batch_variant=batch_variant)
             exports["fidelity"] = onnx_fidelity(source, path, inputs, opts.outputs)
+            real = calibration[0] if calibration else inputs
             for kind in opts.variants:  # each variant against the fp32 file it rounds, as the torch path does
                 v = VARIANTS[kind]
-                written = v.write(path, tmp / f"model.{kind}.onnx")
-                exports[kind] = validate_onnx(written, path, inputs, atol=None, min_cosine=v.min_cosine,
-                                              variant=kind, batch_variant=batch_variant)
+                written = write_variant(kind, path, tmp / f"model.{kind}.onnx", calibration=calibration or [inputs])
+                if v.calibrated:
+                    exports[f"{kind}_settings"] = {**(qdq_choice(written) or {}), "calibrated_on": calibrated_on(opts),
+                                                   "validated_on": checked_on(opts)}
+                # A calibrated variant is checked on real inputs when there are any (as compress does).
+                exports[kind] = validate_onnx(written, path, real if v.calibrated else inputs, atol=None,
+                                              min_cosine=v.min_cosine, variant=kind, batch_variant=batch_variant)
+            if "int8" in exports and "qdq" in exports:
+                exports["int8_choice"] = int8_choice(exports, tmp, inputs, real, opts)
             step("export")
             if opts.edge:  # against model.onnx as the variants are; fidelity against the original graph
                 from compressor.export.edge import build_edge, sha256

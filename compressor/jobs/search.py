@@ -19,8 +19,8 @@ from compressor.search.evaluate import THREADS, output_fidelity
 from compressor.search.front import front_markdown, plot_front
 from compressor.search.recipes import (
     DEFAULT_INT4_CORRECTIONS,
+    DEFAULT_PRECISIONS,
     DEFAULT_TARGETS,
-    PRECISIONS,
     Constraints,
     default_recipes,
 )
@@ -42,7 +42,7 @@ def copy_chosen(result: SearchResult, folder: Path) -> Path:
 
 def run_search(source: str | Path, out: str | Path | None = None, *, constraints: Constraints,
                targets: Sequence[float] = DEFAULT_TARGETS, heal_steps: int = 0,
-               precisions: Sequence[str] = PRECISIONS, keep_fp16: Sequence[int] = (0,),
+               precisions: Sequence[str] = DEFAULT_PRECISIONS, keep_fp16: Sequence[int] = (0,),
                int4_corrections: Sequence[str] = DEFAULT_INT4_CORRECTIONS, cache_dir: str | Path | None = None,
                eval_inputs: Path | None = None, options: Any = None,
                log: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -122,6 +122,9 @@ class Report:
     fp16: dict[str, Any] | None = None
     int8: dict[str, Any] | None = None
     int4: dict[str, Any] | None = None
+    qdq: dict[str, Any] | None = None
+    # Dynamic and static int8 both written: each timed side by side with model.onnx, and the one to ship
+    int8_choice: dict[str, Any] | None = None
     fidelity: dict[str, Any] | None = None
     plots: list[str] | None = None
     latency: dict[str, Any] | None = None  # latency-aware runs: each file vs dense, next to the MAC ratio
@@ -168,6 +171,11 @@ def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | Non
             extra[key] = v
     if exports.get("int8_kept_fp16"):
         extra["int8"]["kept_fp16"] = exports["int8_kept_fp16"]
+    for key in VALIDATED:  # how a calibrated variant was chosen, and on what
+        if exports.get(f"{key}_settings") and key in extra:
+            extra[key]["settings"] = _plain(exports[f"{key}_settings"])
+    if exports.get("int8_choice"):
+        extra["int8_choice"] = exports["int8_choice"]
     if exports.get("int4_correction"):
         extra["int4"]["correction"] = exports["int4_correction"]
     if exports.get("graph_problems"):
@@ -320,6 +328,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         if (r.get("int8") or {}).get("kept_fp16"):
             lines += [f"`model.int8.onnx` keeps these layers in fp16 (those whose int8 rounding moved the "
                       f"output most on the calibration inputs): {', '.join(r['int8']['kept_fp16'])}", ""]
+        lines += _qdq_markdown(r)
         corr = (r.get("int4") or {}).get("correction")
         if corr:
             ranks = [v for v in corr["ranks"].values() if v]
@@ -379,6 +388,34 @@ def edge_markdown(m: dict[str, Any]) -> list[str]:
                      f"{number(v['vs_onnx']['cosine'], '.6f')} | {number(v['vs_model']['cosine'], '.6f')} | "
                      f"{'PASS' if v['passed'] else '**FAIL**'} |")
     return [*lines, ""]
+
+
+def _qdq_markdown(r: dict[str, Any]) -> list[str]:
+    """How the static int8 file was chosen, and which int8 file to ship when both were written."""
+    lines = []
+    s = (r.get("qdq") or {}).get("settings")
+    if s and s.get("chosen"):
+        def what(c: dict[str, Any]) -> str:
+            kept = ", ".join(f"`{n}`" for n in c["float_layers"]) or "none"
+            return f"{c['method']}, float layers {kept}: cosine {c['cosine']:.6f}"
+
+        lines += [f"`model.qdq.onnx`: static int8 (QDQ; weights {s['weights']}, activations {s['activations']}) "
+                  f"calibrated on {s['calibrated_on']} ({s['calibration_samples']} samples), validated on "
+                  f"{s.get('validated_on', 'the example inputs')}. Chosen by "
+                  f"{s['criterion']}: {what(s['chosen'])}; tried: " + "; ".join(what(c) for c in s["tried"]) + ".", ""]
+    choice = r.get("int8_choice")
+    if choice:
+        shipped = f"`{choice['recommended']}`" if choice["recommended"] else "none passed validation"
+        lines += [f"### Which int8 file to ship: {shipped}",
+                  "", f"Rule: {choice['rule']}. Latency: {choice['threads']} threads, inputs {choice['inputs']}, "
+                  f"{choice['rounds']} rounds; cosine on {choice.get('fidelity_on', 'the example inputs')}.", "",
+                  "| file | model.onnx ms | file ms | latency ratio | worst cosine | passed |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for name, f in choice["files"].items():
+            lines.append(f"| `{name}` | {f['fp32_ms']:.3f} | {f['ms']:.3f} | {f['latency_ratio']:.3f} | "
+                         f"{number(f['cosine'], '.6f')} | {'yes' if f['passed'] else 'no'} |")
+        lines.append("")
+    return lines
 
 
 def perplexity_markdown(report: PerplexityReport) -> list[str]:

@@ -332,12 +332,13 @@ def plot_front(result: dict[str, Any], folder: Path, prefix: str = "front") -> l
 
 def _draw_front(ax, result: dict[str, Any], points: list[dict[str, Any]], key: str, scale: float,
                 suffix: str) -> None:
-    colors = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:red", "int4": "tab:purple"}
+    # A precision without a colour of its own (a new export variant) is drawn grey rather than failing.
+    colors = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:red", "qdq": "tab:orange", "int4": "tab:purple"}
     for p in points:
         x, y = p[key] * scale, p["fidelity"]
         dense = p["recipe"]["target"] is None
-        ax.scatter(x, y, c=colors[p["recipe"]["precision"]], marker="s" if dense else "o", s=60 if dense else 30,
-                   edgecolors="black" if dense else "none", alpha=1.0 if p["passed"] else 0.3)
+        ax.scatter(x, y, c=colors.get(p["recipe"]["precision"], "tab:gray"), marker="s" if dense else "o",
+                   s=60 if dense else 30, edgecolors="black" if dense else "none", alpha=1.0 if p["passed"] else 0.3)
         if dense or p["name"] == result["chosen"]:
             ax.annotate(p["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
         if p["name"] == result["chosen"]:

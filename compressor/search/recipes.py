@@ -15,6 +15,7 @@ from compressor.core.errors import CompressorError
 from compressor.export.onnx import VARIANTS
 
 PRECISIONS = tuple(VARIANTS)  # the storage precisions a recipe can use (export.onnx.VARIANTS)
+DEFAULT_PRECISIONS = tuple(name for name, v in VARIANTS.items() if v.searched)  # those a search tries by default
 # The low-rank parameter targets a search tries unless told otherwise.
 DEFAULT_TARGETS = (0.2, 0.4, 0.6)
 # The low-rank corrections of dense int4 a search tries unless told otherwise (analysis.int4 rules).
@@ -54,7 +55,7 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise CompressorError(f"recipe precision {self.precision!r} is not one of {PRECISIONS}",
-                                  "use fp32, fp16 or int8")
+                                  f"use one of {', '.join(PRECISIONS)}")
         if self.target is not None and not 0 < self.target < 1:
             raise CompressorError(f"recipe target {self.target} is outside (0, 1)",
                                   "give the fraction of factorizable parameters to remove, e.g. 0.4")
@@ -124,11 +125,11 @@ class Recipe:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-REFERENCES = tuple(Recipe(p) for p in PRECISIONS)
+REFERENCES = tuple(Recipe(p) for p in DEFAULT_PRECISIONS)
 
 
 def default_recipes(targets: Sequence[float] = DEFAULT_TARGETS, *, calibrated: bool = False,
-                    heal_steps: Sequence[int] = (0,), precisions: Sequence[str] = PRECISIONS,
+                    heal_steps: Sequence[int] = (0,), precisions: Sequence[str] = DEFAULT_PRECISIONS,
                     exclude: Sequence[str] = (), qat: bool = False, keep_fp16: Sequence[int] = (0,),
                     int4_corrections: Sequence[str] = DEFAULT_INT4_CORRECTIONS) -> list[Recipe]:
     """The dense references plus every low-rank ``target x heal_steps x precision`` combination, and with
@@ -136,7 +137,7 @@ def default_recipes(targets: Sequence[float] = DEFAULT_TARGETS, *, calibrated: b
     ``keep_fp16`` adds that mixed-precision variant of every int8 recipe, dense int8 included. With int4
     among ``precisions``, each of ``int4_corrections`` adds dense int4 with that correction (data-aware
     when ``calibrated``)."""
-    out = list(REFERENCES)
+    out = [*REFERENCES, *(Recipe(p) for p in precisions if Recipe(p) not in REFERENCES)]
     for t in targets:
         for h in heal_steps:
             out += [Recipe(p, t, calibrated, h, tuple(exclude)) for p in precisions]

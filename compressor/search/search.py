@@ -33,9 +33,10 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import temp_folder
+from compressor.data.inputs import as_batches
 from compressor.data.perplexity import Protocol
 from compressor.export.latency import LatencyTable, Timer, compare_onnx, keep_slow_layers_dense, latency_decisions
-from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET, VARIANTS
+from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET, VARIANTS, write_variant
 from compressor.search.cache import CACHE_VERSION, Cache, fingerprint, model_fingerprint
 from compressor.search.evaluate import THREADS, Evaluation, onnx_fidelity
 from compressor.search.front import Point, SearchResult, choose
@@ -243,11 +244,18 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
             elif recipe.int4_correction:
                 made = _corrected_int4(recipe, model, fp32, work, ctx)
             else:
-                made = VARIANTS[recipe.precision].write(fp32, work / f"{recipe.precision}.onnx")
+                # A calibrated variant (static int8) measures activations on the calibration inputs, else
+                # on the example inputs.
+                made = write_variant(recipe.precision, fp32, work / f"{recipe.precision}.onnx",
+                                     calibration=ctx.example_inputs if ctx.calibration is None
+                                     else ctx.calibration)
             path = cache.store(recipe, made)
             # Variants approximate the weights: judged by cosine, as the exporter's own CLI check does.
             check = {"atol": None, "min_cosine": VARIANTS[recipe.precision].min_cosine}
-        v = validate_onnx(path, model, ctx.example_inputs, variant=recipe.precision, **check)
+        # Static int8 fits its activation ranges to the calibration inputs: checked on real ones when given.
+        calibrated = VARIANTS[recipe.precision].calibrated and ctx.calibration is not None
+        checked = as_batches(ctx.calibration)[0] if calibrated else ctx.example_inputs
+        v = validate_onnx(path, model, checked, variant=recipe.precision, **check)
         metrics = onnx_fidelity(path, ctx.evaluation, ctx.threads)
         latency = onnx_latency(path, ctx.latency_inputs, threads=ctx.threads, warmup=3, runs=ctx.latency_runs)
         ppl = None

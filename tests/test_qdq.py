@@ -1,0 +1,150 @@
+"""Static int8 (QDQ) export: calibrated on real inputs, per-channel weights, validated like the other
+variants, and the int8 file to ship (dynamic or static) chosen by measured latency and fidelity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import compressor
+from compressor.core.errors import CompressorError
+from compressor.export.latency import INT8_COSINE_TOLERANCE, Comparison, recommend_int8
+from compressor.export.onnx import INT8_MIN_COSINE, QDQ_TIE, VARIANTS, export_onnx, export_qdq, onnx_session, qdq_choice
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The digits CNN trained briefly, pickled, with calibration images (train split) and held-out ones."""
+    from compressor.examples import digits_splits, train_digits_cnn
+
+    folder = tmp_path_factory.mktemp("digits")
+    model, _ = train_digits_cnn(seed=0, epochs=3)
+    splits = digits_splits(0)
+    torch.save(model, folder / "cnn.pt")
+    torch.save(splits["train"][0][:256], folder / "cal.pt")
+    return model, folder, splits["test"][0]
+
+
+def test_qdq_is_one_registry_entry_that_needs_calibration():
+    v = VARIANTS["qdq"]
+    assert v.calibrated and v.min_cosine == INT8_MIN_COSINE and v.bytes_per_param == 1.0
+    assert not v.searched  # tried by a search only when asked for
+
+
+def test_digits_cnn_static_int8_is_qdq_per_channel_validated_and_chosen(digits, tmp_path):
+    _, folder, held_out = digits
+    out = tmp_path / "out"
+    report = compressor.compress(folder / "cnn.pt", out, trust_pickle=True, energy=0.95, variants=("int8", "qdq"),
+                                 # random example inputs: the static file is validated on real ones instead
+                                 calibration=folder / "cal.pt", input_shapes=("2x1x8x8",), progress=False)
+    path = out / "model.qdq.onnx"
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    # Per-channel weights: every Conv's weight comes through a DequantizeLinear with one scale per output
+    # channel (the float layers the choice kept, if any, excepted).
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    settings = report.qdq["settings"]
+    per_channel = 0
+    for node in graph.node:
+        dq = producer.get(node.input[1]) if node.op_type == "Conv" else None
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            weight, scale = inits[dq.input[0]], numpy_helper.to_array(inits[dq.input[1]])
+            assert weight.data_type == onnx.TensorProto.INT8
+            assert scale.shape == (weight.dims[0],) and len(np.unique(scale)) > 1
+            per_channel += 1
+    convs = sum(op == "Conv" for op in ops)
+    assert per_channel >= convs - len(settings["chosen"]["float_layers"]) and per_channel >= 1
+    # Smaller than fp32, though not 4x in a model this small: int32 biases with per-channel scales and the
+    # Q/DQ nodes weigh about as much as its few thousand int8 weights.
+    assert report.files["model.qdq.onnx"] < report.files["model.onnx"]
+
+    # Validated against torch within the int8 tolerance, like the other variants.
+    assert report.qdq["passed"] and report.qdq["cosine"] >= INT8_MIN_COSINE and report.passed
+    # It classifies held-out digits as the fp32 file (the compressed torch model, to 1e-5) does.
+    def top1(file):
+        sess = onnx_session(out / file)
+        return sess.run(None, {sess.get_inputs()[0].name: held_out.numpy()})[0].argmax(-1)
+
+    assert (top1("model.qdq.onnx") == top1("model.onnx")).mean() >= 0.95
+
+    # How it was chosen is recorded, in the file and in the report.
+    assert qdq_choice(path) == {k: v for k, v in settings.items() if k not in ("calibrated_on", "validated_on")}
+    assert "cal.pt" in settings["calibrated_on"] and settings["calibration_samples"] == 256
+    assert settings["validated_on"] == "the first calibration batch"
+    assert {c["method"] for c in settings["tried"]} == {"minmax", "percentile"}
+    # The most faithful candidate, or one within QDQ_TIE of it with fewer float layers.
+    assert settings["chosen"] in settings["tried"]
+    assert settings["chosen"]["cosine"] >= max(c["cosine"] for c in settings["tried"]) - QDQ_TIE
+
+    # The int8 file to ship follows the rule from the measurements written beside it.
+    choice = json.loads((out / "report.json").read_text())["int8_choice"]
+    rows = choice["files"]
+    assert set(rows) == {"model.int8.onnx", "model.qdq.onnx"}
+    best = max(r["cosine"] for r in rows.values() if r["passed"])
+    close = [n for n, r in rows.items() if r["passed"] and r["cosine"] >= best - INT8_COSINE_TOLERANCE]
+    assert choice["recommended"] == min(close, key=lambda n: rows[n]["latency_ratio"])
+    assert choice["fidelity_on"] == "the first calibration batch"
+    md = (out / "report.md").read_text()
+    assert f"Which int8 file to ship: `{choice['recommended']}`" in md and "static int8 (QDQ" in md
+
+
+def test_recommend_int8_rule():
+    times = {"a.onnx": 2.0, "b.onnx": 1.0, "c.onnx": 0.5}
+
+    def timer(dense, path, inputs, threads):
+        return Comparison(4.0, times[path.name], times[path.name] / 4.0, 1)
+
+    x = torch.zeros(1, 3)
+    within = {"a.onnx": ("a.onnx", 0.999, True), "b.onnx": ("b.onnx", 0.995, True)}
+    assert recommend_int8("f.onnx", within, x, threads=1, timer=timer)["recommended"] == "b.onnx"
+    apart = {"a.onnx": ("a.onnx", 0.999, True), "b.onnx": ("b.onnx", 0.95, True)}
+    assert recommend_int8("f.onnx", apart, x, threads=1, timer=timer)["recommended"] == "a.onnx"
+    failed = {**within, "c.onnx": ("c.onnx", 0.999, False)}  # fastest and faithful, but failed validation
+    assert recommend_int8("f.onnx", failed, x, threads=1, timer=timer)["recommended"] == "b.onnx"
+    none = {"c.onnx": ("c.onnx", 0.5, False)}
+    assert recommend_int8("f.onnx", none, x, threads=1, timer=timer)["recommended"] is None
+
+
+def test_qdq_without_calibration_is_refused_and_writes_nothing(digits, tmp_path):
+    model, _, held_out = digits
+    src = export_onnx(model, held_out[:2], tmp_path / "m.onnx")
+    for nothing in (None, []):
+        with pytest.raises(CompressorError, match="calibration"):
+            export_qdq(src, tmp_path / "q.onnx", calibration=nothing)
+    with pytest.raises(CompressorError, match="calibration method"):
+        export_qdq(src, tmp_path / "q.onnx", calibration=[held_out[:4]], methods=("entropy",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_cli_qdq_without_calibration_says_what_it_calibrated_on(tmp_path):
+    from click.testing import CliRunner
+
+    from compressor.cli.main import main
+    from compressor.examples import digits_cnn
+
+    torch.manual_seed(0)
+    torch.save(digits_cnn(), tmp_path / "cnn.pt")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "cnn.pt"), "--trust-pickle", "--input-shape", "4x1x8x8",
+                                    "--int8", "--qdq", "--out", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "model.qdq.onnx" in res.output and "calibrated" in res.output and "int8 to ship" in res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["qdq"]["passed"] and "random ones (--input-shape)" in report["qdq"]["settings"]["calibrated_on"]
+    assert report["int8_choice"]["recommended"] in ("model.int8.onnx", "model.qdq.onnx")
+
+
+def test_search_tries_qdq_only_when_asked():
+    from compressor.search.recipes import DEFAULT_PRECISIONS, REFERENCES, Recipe, default_recipes
+
+    assert "qdq" not in DEFAULT_PRECISIONS and Recipe("qdq") not in REFERENCES
+    assert not any(r.precision == "qdq" for r in default_recipes())
+    asked = default_recipes((0.3,), precisions=("fp32", "qdq"))
+    assert Recipe("qdq") in asked and Recipe("qdq", 0.3) in asked
