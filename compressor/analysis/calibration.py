@@ -89,6 +89,10 @@ ORIGINALS_BUDGET = 2 << 30
 # rows per input feature it fits the calibration set, not the layer (a CNN's classifier sees one row per
 # image). Kinds whose handler says refit=False (convs) are never refit; see LayerHandler.refit.
 REFIT_ROWS_PER_FEATURE = 4  # bytes of original-model layer inputs kept to halve sequential passes
+# Elements of a moment computed (float32) and added (float64) at a time, and the block size of the in-place
+# Cholesky and of the products with its factor: temporaries of tens of MB instead of n x n matrices.
+PRODUCT_BLOCK = 2**22
+CHOLESKY_BLOCK = 512
 
 
 # ------------------------------------------------------------------------------ activation statistics
@@ -103,8 +107,14 @@ def _product_dtype(x: torch.Tensor) -> torch.Tensor:
 
 
 def _accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    product = (a.T @ b).double()
-    return product if total is None else total.add_(product)
+    """``total + a^T b`` in float64, in place, a block of :data:`PRODUCT_BLOCK` elements at a time: a whole
+    product and its float64 copy are 1.5 times the moment (an 11008-wide one is 1 GB in float64)."""
+    if total is None:
+        total = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
+    step = max(1, PRODUCT_BLOCK // max(1, b.shape[1]))
+    for i in range(0, a.shape[1], step):
+        total[i:i + step] += a[:, i:i + step].T @ b
+    return total
 
 
 @dataclass
@@ -144,46 +154,113 @@ class Moments:
 
 @dataclass
 class Whitening:
-    """``S`` with ``C + damping I = S S^T``, its inverse, and how it was obtained."""
+    """``S`` with ``C + damping I = S S^T`` and how it was obtained; ``S^-1`` is applied by :meth:`over`.
+
+    A Cholesky ``S`` is lower triangular and its inverse is never formed (it would be one more n x n
+    matrix: 1 GB for an 11008-wide input in float64); the eigh and identity fallbacks keep it (``inverse``)."""
 
     S: torch.Tensor
-    S_inv: torch.Tensor
     method: str  # "cholesky", "eigh" or "identity"
     damping: float  # relative to the mean diagonal of C
+    inverse: torch.Tensor | None = None
+
+    def times(self, M: torch.Tensor) -> torch.Tensor:
+        """``M @ S`` in ``M``'s dtype, a block of columns of ``S`` at a time (a triangular ``S``: only its
+        nonzero rows), so that ``S`` is never copied whole into that dtype."""
+        n = self.S.shape[0]
+        out = M.new_empty(M.shape[0], n)
+        tri = self.method == "cholesky"
+        for j in range(0, n, CHOLESKY_BLOCK):
+            k = j if tri else 0
+            out[:, j:j + CHOLESKY_BLOCK] = M[:, k:] @ self.S[k:, j:j + CHOLESKY_BLOCK].to(M.dtype)
+        return out
+
+    def over(self, M: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``M @ S^-1`` (``M @ S^-T`` with ``transpose``), in ``M``'s dtype."""
+        if self.inverse is not None:
+            inv = self.inverse.to(M.dtype)
+            return M @ (inv.T if transpose else inv)
+        S = self.S.to(M.dtype)
+        return torch.linalg.solve_triangular(S.T if transpose else S, M, upper=transpose, left=False)
+
+    @property
+    def S_inv(self) -> torch.Tensor:
+        """``S^-1`` formed (n x n): for inspection; the analysis applies it with :meth:`over`."""
+        return self.over(torch.eye(self.S.shape[0], dtype=self.S.dtype, device=self.S.device))
 
 
-def whitening(C: torch.Tensor, damping: tuple[float, ...] = DAMPING) -> Whitening:
+def _blocks(n: int) -> list[tuple[int, int]]:
+    return [(j, min(j + CHOLESKY_BLOCK, n)) for j in range(0, n, CHOLESKY_BLOCK)]
+
+
+def _symmetrize(C: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = (C + C^T) / 2``, block pair by block pair (``out`` may be ``C``: then in place)."""
+    for i0, i1 in _blocks(C.shape[0]):
+        for j0, j1 in _blocks(i1):
+            avg = (C[i0:i1, j0:j1] + C[j0:j1, i0:i1].T).div_(2)
+            out[i0:i1, j0:j1] = avg
+            out[j0:j1, i0:i1] = avg.T
+
+
+def _cholesky_(A: torch.Tensor) -> int:
+    """The lower Cholesky factor of the symmetric ``A`` written over ``A``'s lower triangle and diagonal blocks
+    (blocked, right-looking: panel-sized temporaries only; the blocks above the diagonal blocks are left as they
+    were). Returns 0, or as LAPACK's ``info`` the order of the first leading minor not positive definite."""
+    n = A.shape[0]
+    for j0, j1 in _blocks(n):
+        L, info = torch.linalg.cholesky_ex(A[j0:j1, j0:j1])
+        if int(info):
+            return j0 + int(info)
+        A[j0:j1, j0:j1] = L
+        if j1 < n:
+            panel = A[j1:, j0:j1]
+            panel.copy_(torch.linalg.solve_triangular(L.T, panel, upper=True, left=False))
+            for k0, k1 in _blocks(n - j1):  # the trailing lower triangle, a block of columns at a time
+                A[j1 + k0:, j1 + k0:j1 + k1].addmm_(panel[k0:], panel[k0:k1].T, alpha=-1)
+    return 0
+
+
+def _restore(A: torch.Tensor, diagonal: list[torch.Tensor]) -> None:
+    """Undo a failed :func:`_cholesky_` of a symmetric matrix: its lower triangle from the blocks above the
+    diagonal blocks (untouched), the diagonal blocks from ``diagonal`` (copies taken before)."""
+    for (j0, j1), block in zip(_blocks(A.shape[0]), diagonal, strict=True):
+        A[j1:, j0:j1] = A[j0:j1, j1:].T
+        A[j0:j1, j0:j1] = block
+
+
+def whitening(C: torch.Tensor, damping: tuple[float, ...] = DAMPING, *, overwrite: bool = False) -> Whitening:
     """A whitening factor of the second moment ``C``: Cholesky with growing damping, then eigh with
-    clamped eigenvalues; identity for an all-zero ``C``. Always finite."""
+    clamped eigenvalues; identity for an all-zero ``C``. Always finite.
+
+    ``overwrite``: a float64 ``C`` becomes the factor (the caller never uses it again, as the streamed path's
+    moments): no n x n matrix beyond ``C`` itself. Otherwise one copy; the results are the same bits."""
     C = C.double()
     n = C.shape[0]
     scale = float(C.diagonal().mean()) if n else 0.0
     if not math.isfinite(scale) or scale <= 0:
         eye = torch.eye(n, dtype=C.dtype, device=C.device)
-        return Whitening(eye, eye, "identity", 0.0)
+        return Whitening(eye, "identity", 0.0, eye)
+    A = C if overwrite else torch.empty_like(C)
+    _symmetrize(C, A)
+    del C
+    diagonal = [A[j0:j1, j0:j1].clone() for j0, j1 in _blocks(n)]  # to try again after a failed factorization
     for d in damping:
-        # (C + C^T) / 2 + d * scale * I built in one n x n buffer, and L^-1 solved in place of the identity:
-        # one n x n float64 temporary less at the peak (a 6000-wide moment: 3.1 instead of 4.1 matrices of
-        # extra peak memory; an 11008-wide input's is 1 GB each).
-        damped = (C + C.T).div_(2)
-        damped.diagonal().add_(d * scale)
-        L, info = torch.linalg.cholesky_ex(damped)
-        del damped
-        if int(info) == 0:
-            eye = torch.eye(n, dtype=C.dtype, device=C.device)
-            L_inv = torch.linalg.solve_triangular(L, eye, upper=False, out=eye)
-            # A factor that is not finite or too ill-conditioned to invert accurately: damp more.
-            if torch.isfinite(L_inv).all() and float(L.diagonal().min()) > 1e-7 * math.sqrt(scale):
-                return Whitening(L, L_inv, "cholesky", d)
-            del L, L_inv
-    e, Q = torch.linalg.eigh((C + C.T).div_(2))
+        A.diagonal().add_(d * scale)
+        # A factor too ill-conditioned to invert accurately: damp more. (A failed factorization stops at a NaN
+        # too, so an accepted factor is finite; its inverse's norm is 1 / sqrt of the damped C's least eigenvalue.)
+        if _cholesky_(A) == 0 and float(A.diagonal().min()) > 1e-7 * math.sqrt(scale):
+            return Whitening(A.tril_(), "cholesky", d)
+        _restore(A, diagonal)
+    e, Q = torch.linalg.eigh(A)
+    del A
     floor = damping[-1] * scale
     root = e.clamp(min=0).add(floor).sqrt()
-    return Whitening(Q * root, (Q / root).T, "eigh", damping[-1])
+    return Whitening(Q * root, "eigh", damping[-1], (Q / root).T)
 
 
 def whitened_decomposition(W: torch.Tensor, m: Moments, damping: tuple[float, ...] = DAMPING,
-                           out_weight: torch.Tensor | None = None) -> tuple[Decomposition, dict[str, Any]]:
+                           out_weight: torch.Tensor | None = None, *, overwrite: bool = False
+                           ) -> tuple[Decomposition, dict[str, Any]]:
     """Factors of ``W`` (m x n) minimising output error on the calibration rows.
 
     Without sequential statistics: SVD of ``W S`` with ``S`` from ``X^T X``. With them (``m.hh``): the
@@ -195,6 +272,9 @@ def whitened_decomposition(W: torch.Tensor, m: Moments, damping: tuple[float, ..
     singular values then measure the weighted error, on one scale across layers. An ``m x m`` positive
     definite ``out_weight`` ``G`` (the output gradients' second moment, KFAC's output factor) weights it by
     ``G^1/2``: errors along output directions the loss is sensitive to together count together.
+
+    ``overwrite``: the moments are used once (the streamed path): the whitened one (float64) becomes its
+    factor in place and is released from ``m`` (no n x n matrix beyond it; the same results).
     """
     out_dtype = compute_dtype(W.dtype)
     seq = m.hh is not None
@@ -203,22 +283,36 @@ def whitened_decomposition(W: torch.Tensor, m: Moments, damping: tuple[float, ..
     # The sequential map keeps float64: it multiplies by the inverse of an ill-conditioned moment.
     Wd = W.detach().to(torch.float64 if seq else out_dtype)
     with linalg_threads():  # dense factorizations: one thread unless the user chose (core.threads)
-        wh = whitening(m.hh if seq else m.xx, damping)
+        root, root_inv = _output_root(out_weight, Wd.device)
+        lift = (lambda M: M) if root is None else (lambda M: root.to(M.dtype) @ M) if root.dim() == 2 else \
+            (lambda M: root[:, None].to(M.dtype) * M)
+        total = _energy(lift(Wd), m.xx)  # ||W X||^2 of the original layer (weighted), before C is overwritten
+        C = m.hh if seq else m.xx
+        if overwrite:
+            m.xx = m.hh = None
+        wh = whitening(C, damping, overwrite=overwrite)
+        del C
         # W* S = W C_xh C^-1 S = W C_xh S^-T, since C = S S^T.
-        A = Wd @ m.xh @ wh.S_inv.T if seq else Wd @ wh.S.to(out_dtype)
-        root, root_inv = _output_root(out_weight, A.device)
-        if root is not None:
-            lift = (lambda M: root.to(M.dtype) @ M) if root.dim() == 2 else (lambda M: root[:, None].to(M.dtype) * M)
-            A, Wd = lift(A), lift(Wd)
+        A = lift(wh.over(Wd @ m.xh, transpose=True) if seq else wh.times(Wd))
+        # The factor in the factors' dtype, its float64 original freed before the SVD (the peak of a wide layer).
+        right = wh.inverse if wh.inverse is not None else wh.S.to(out_dtype)
+        triangular, method, ridge = wh.inverse is None, wh.method, wh.damping
+        del wh
         U, S, Vh = torch.linalg.svd(A.to(out_dtype), full_matrices=False)
     S = S.double()
-    total = float((Wd @ m.xx.to(Wd.dtype) * Wd).sum())  # ||W X||^2 of the original layer (weighted)
     floor = max(0.0, total - float(S.square().sum())) if seq else 0.0  # ||W X - W* X^||^2
-    dec = Decomposition(U.to(out_dtype), S.to(out_dtype), Vh.to(out_dtype), wh.S_inv.to(out_dtype),
-                        left_inv=None if root_inv is None else root_inv.to(out_dtype))
-    info = {"whitening": wh.method, "damping": wh.damping, "output_energy": total, "floor": floor,
-            "rows": m.rows}
+    dec = Decomposition(U.to(out_dtype), S.to(out_dtype), Vh.to(out_dtype),
+                        None if triangular else right.to(out_dtype),
+                        left_inv=None if root_inv is None else root_inv.to(out_dtype),
+                        right_tri=right if triangular else None)
+    info = {"whitening": method, "damping": ridge, "output_energy": total, "floor": floor, "rows": m.rows}
     return dec, info
+
+
+def _energy(W: torch.Tensor, C: torch.Tensor) -> float:
+    """``trace(W C W^T)`` in ``W``'s dtype, a block of columns of ``C`` at a time (no copy of ``C``)."""
+    return sum(float(((W @ C[:, j:j + CHOLESKY_BLOCK].to(W.dtype)) * W[:, j:j + CHOLESKY_BLOCK]).sum())
+               for j in range(0, C.shape[1], CHOLESKY_BLOCK))
 
 
 def _output_root(weight: torch.Tensor | None, device: torch.device
@@ -264,7 +358,7 @@ def held_out_errors(dec: Decomposition, C: torch.Tensor) -> torch.Tensor:
 
     ``W - W_r = sum_{i >= r} u_i s_i v_i^T S^-1`` with orthonormal ``u_i``, so ``e[r] = sum_{i >= r} s_i^2 d_i``,
     ``d_i = v_i^T S^-1 C S^-T v_i``: every rank's error from one product, no factors formed."""
-    D = dec.Vh.float() if dec.right_inv is None else dec.Vh.float() @ dec.right_inv.float()
+    D = dec.to_input(dec.Vh.float())
     d = ((D @ C.float()) * D).sum(1).double()
     tail = (dec.S.double().square() * d).flip(0).cumsum(0).flip(0)
     return torch.cat([tail, tail.new_zeros(1)])
@@ -302,17 +396,18 @@ def accumulate(acc: Moments, module: nn.Module, x: torch.Tensor, mask: torch.Ten
 
 
 def decompose(module: nn.Module, mom: Moments, damping: tuple[float, ...] = DAMPING,
-              handler: LayerHandler | None = None, out_weight: torch.Tensor | None = None
-              ) -> tuple[Decomposition, dict[str, Any]]:
+              handler: LayerHandler | None = None, out_weight: torch.Tensor | None = None, *,
+              overwrite: bool = False) -> tuple[Decomposition, dict[str, Any]]:
     """The data-aware factors of one layer from its statistics: token-weighted for an embedding, whitened
     for a layer the data reached, plain SVD for one it did not. ``handler``: the kind to factor it as
-    (an alternative's), default the module's own."""
+    (an alternative's), default the module's own; ``overwrite``: ``mom`` is not used again
+    (:func:`whitened_decomposition`)."""
     h = handler if handler is not None else handler_for(module)
     if mom.tokens is not None:
         return embedding_decomposition(h.weight_matrix(module), mom)
     if mom.xx is None:
         return plain_decomposition(module)
-    return whitened_decomposition(h.weight_matrix(module), mom, damping, out_weight)
+    return whitened_decomposition(h.weight_matrix(module), mom, damping, out_weight, overwrite=overwrite)
 
 
 def calibration_info(batches: list[Batch], infos: dict[str, dict[str, Any]], *, sequential: bool, refit: int,

@@ -307,7 +307,7 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
         carried = passes.run(i, carried, pre=lambda n, _b, x, mask, acc=acc: accumulate(acc[n], modules[n], x, mask),
                              hooked=per_block[i])
         for n in per_block[i]:
-            decs[n], infos[n] = decompose(modules[n], acc.pop(n), damping, handlers[n], weights.get(n))
+            decs[n], infos[n] = decompose(modules[n], acc.pop(n), damping, handlers[n], weights.get(n), overwrite=True)
         show.step(f"block {i + 1}/{blocks} analysed")
     outer = {n: m for n, m in modules.items() if n not in decs}  # outside the blocks: embeddings, an untied head
     if outer:  # one pass past every block, ended before the head computes any logits
@@ -315,7 +315,7 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
         passes.run(blocks, carried, pre=lambda n, _b, x, mask: accumulate(acc[n], outer[n], x, mask), hooked=outer,
                    stop=model.get_output_embeddings())
         for n in outer:
-            decs[n], infos[n] = decompose(outer[n], acc.pop(n), damping, handlers[n], weights.get(n))
+            decs[n], infos[n] = decompose(outer[n], acc.pop(n), damping, handlers[n], weights.get(n), overwrite=True)
     spectra = [_spectrum(n, shapes[n], decs[n], absolute=n in weights) for n in modules]
     ranks = allocate(policy, spectra, rank_multiple, fixed)
 

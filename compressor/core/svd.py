@@ -36,7 +36,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 @dataclass
 class Decomposition:
     """``W = diag(left_inv) U diag(S) Vh @ right_inv``; ``left_inv`` and ``right_inv`` are None for a
-    plain SVD of ``W``.
+    plain SVD of ``W`` (``right_tri``: ``right_inv`` given as the triangular ``R`` it inverts).
 
     Activation-aware methods decompose ``W @ R`` for an invertible ``R`` built from calibration data;
     then ``right_inv = R^-1`` maps the factors back, and the singular values measure output error.
@@ -54,6 +54,15 @@ class Decomposition:
     # energy, and how the triplets were found and checked (recorded in the plan).
     total_energy: float | None = None
     check: dict | None = None
+    # A lower-triangular ``R`` itself, instead of ``right_inv``: ``R^-1`` is applied by a triangular solve and
+    # never formed (an n x n inverse is as large as ``R``, and only ``rank`` rows of ``Vh R^-1`` are needed).
+    right_tri: torch.Tensor | None = None
+
+    def to_input(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows @ R^-1``: rows of the (whitened) right factor mapped back to the layer's own input space."""
+        if self.right_tri is not None:
+            return torch.linalg.solve_triangular(self.right_tri.to(rows.dtype), rows, upper=False, left=False)
+        return rows if self.right_inv is None else rows @ self.right_inv.to(rows.dtype)
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(up, down)`` of shapes ``(m, rank)`` and ``(rank, n)`` with ``up @ down`` the best rank-``rank``
@@ -61,9 +70,7 @@ class Decomposition:
         two factors on the same scale: better for fine-tuning and for per-channel quantization."""
         root = self.S[:rank].sqrt()
         up = self.U[:, :rank] * root
-        down = root[:, None] * self.Vh[:rank]
-        if self.right_inv is not None:
-            down = down @ self.right_inv
+        down = self.to_input(root[:, None] * self.Vh[:rank])
         if self.left_inv is not None:
             up = self.left_inv @ up if self.left_inv.dim() == 2 else self.left_inv[:, None] * up
         return up, down

@@ -624,7 +624,7 @@ class _Blockwise:
 
         task = self.tasks[name]
         t = time.perf_counter()
-        dec, info = decompose(task.module, moments)
+        dec, info = decompose(task.module, moments, overwrite=True)  # its moments are not used again
         m, n = task.handler.weight_matrix(task.module).shape
         rank = ranks[name] if ranks is not None else None
         if ranks is None and not across_layers(self.policy):
