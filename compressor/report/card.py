@@ -122,8 +122,11 @@ def _measured(facts: dict[str, Any], healed: bool) -> list[str]:
     f = facts.get("fidelity")
     if f:
         what = f.get("compared") or "every output"
+        # A difference that was not finite is stored as None (JSON holds no NaN): "n/a", as report.md says it.
+        cos, low, rel = (("n/a" if f.get(k) is None else f"{f[k]:.5f}")
+                         for k in ("cosine_mean", "cosine_min", "relative_error"))
         out.append(f"- fidelity to the original on {f.get('inputs', 'the example inputs')} ({what}): cosine mean "
-                   f"{f['cosine_mean']:.5f}, min {f['cosine_min']:.5f}, relative error {f['relative_error']:.5f}")
+                   f"{cos}, min {low}, relative error {rel}")
     for name, p in ((facts.get("perplexity") or {}).get("models") or {}).items():
         if isinstance(p, dict) and p.get("ppl") is not None:
             out.append(f"- perplexity ({name}): {p['ppl']:.4g}")
