@@ -129,3 +129,23 @@ def test_one_energy_threshold_spreads_the_cut_over_every_layer():
     saved = sum(32 * 32 - r * 64 for r in ranks.values() if r is not None)
     assert saved >= 0.4 * 3 * 32 * 32 and all(r is not None for r in ranks.values())
     assert energy_threshold_budget(spectra, 0.99, 1, {}) is None  # rank 1 everywhere cannot remove 99%
+
+
+def test_joint_errors_replay_the_prefix_and_equal_full_passes():
+    # A candidate's passes replay what finishes before its first replaced layer: the same numbers as running the
+    # whole compressed model.
+    from compressor.analysis.calibration import Calibrator
+    from compressor.core.rewrite import factor_module
+
+    net, batches = _tiny_cnn(hidden_decay=3.0), _batches()
+    modules = {n: net.get_submodule(n) for n in ("0", "3", "4")}
+    cal = Calibrator(net, modules, batches)
+    candidates = {"late": {"4": factor_module(modules["4"], 5)},
+                  "both": {"0": factor_module(modules["0"], 3), "4": factor_module(modules["4"], 9)}}
+    got = cal.joint_errors(candidates, 2)
+    for key, replaced in candidates.items():
+        model = copy.deepcopy(net)
+        for name, new in replaced.items():
+            setattr(model, name, new)
+        x = torch.cat(batches[:2])
+        assert got[key] == pytest.approx(_error(model, net, x), rel=1e-5)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -511,14 +511,23 @@ class Calibrator:
         (``{candidate: {layer: replacement}}``), over the first ``limit`` calibration batches."""
         batches = self.batches[:limit]
         out: dict[str, float] = {}
+        names = sorted({n for replaced in candidates.values() for n in replaced})
         with _eval(self.model):
-            refs = [call(self.model, b) for b in batches]
+            # As in prober: what finishes before a candidate's first replaced layer is replayed, not recomputed.
+            prefix = self.model if isinstance(self.model, Replay) else \
+                _Prefix(self.model, batches[0], [self.modules[n] for n in names])
+            with prefix.recording():
+                refs = [call(self.model, b) for b in batches]
+            order = {n: i for i, n in enumerate(n for g in self.order for n in g)}
             for key, replaced in candidates.items():
                 def swap(name, args, _out, replaced=replaced):
                     return replaced[name](args[0])
-                with _hooks({n: self.modules[n] for n in replaced}, post=swap):
-                    results = [(call(self.model, b), ref, attention_mask(b)) for b, ref in zip(batches, refs,
-                                                                                                 strict=True)]
+                first = self.modules[min(replaced, key=order.__getitem__)] if replaced else None
+                results = []
+                for i, (b, ref) in enumerate(zip(batches, refs, strict=True)):
+                    replay = prefix.replaying(first, i) if first is not None else nullcontext()
+                    with replay, _hooks({n: self.modules[n] for n in replaced}, post=swap):
+                        results.append((call(self.model, b), ref, attention_mask(b)))
                 out[key] = relative_change(results, self.outputs)
         return out
 
@@ -800,17 +809,23 @@ def choose_on_held_out(cal: Calibrator, modules: dict[str, nn.Module], handlers:
 
     shapes = {sp.name: (sp.m, sp.n) for sp in spectra}
     plain_decs = {n: svd(handlers[n].weight_matrix(mod)) for n, mod in modules.items()}
+    # The layers the data reached (whitened; not embeddings) and, computed only for the layers some candidate cuts,
+    # their whitened factors fit without the held-out batches and both factors' held-out error curves.
+    reached = {n for n in modules if moments[n].xx is not None and held[n].xx is not None}
     fit_decs: dict[str, Decomposition] = {}
-    out_xx: dict[str, torch.Tensor] = {}
-    for name, mod in modules.items():  # the layers the data reached, whitened (not embeddings)
-        h, fit = handlers[name], held[name]
-        if moments[name].xx is None or fit.xx is None:
-            continue
-        xx_fit, xx_out = fit.xx, moments[name].xx - fit.xx
-        if h.kind != handler_for(mod).kind:  # an alternative kind's own moments (LayerHandler.moments)
-            xx_fit, xx_out = h.moments(mod, xx_fit), h.moments(mod, xx_out)
-        fit_decs[name], _ = whitened_decomposition(h.weight_matrix(mod), Moments(xx_fit, rows=fit.rows), damp[name])
-        out_xx[name] = xx_out
+    curves: dict[str, dict[str, torch.Tensor]] = {}
+
+    def fit_dec(name: str) -> Decomposition:
+        if name not in fit_decs:
+            h, mod, fit = handlers[name], modules[name], held[name]
+            xx_fit, xx_out = fit.xx, moments[name].xx - fit.xx
+            if h.kind != handler_for(mod).kind:  # an alternative kind's own moments (LayerHandler.moments)
+                xx_fit, xx_out = h.moments(mod, xx_fit), h.moments(mod, xx_out)
+            fit_decs[name], _ = whitened_decomposition(h.weight_matrix(mod), Moments(xx_fit, rows=fit.rows),
+                                                       damp[name])
+            curves[name] = {f: held_out_errors(d, xx_out) for f, d in (("whitened", fit_decs[name]),
+                                                                        ("plain", plain_decs[name]))}
+        return fit_decs[name]
 
     def absolute(name: str) -> LayerSpectrum:
         sq = decs[name].S.detach().double().cpu().square()
@@ -830,18 +845,15 @@ def choose_on_held_out(cal: Calibrator, modules: dict[str, nn.Module], handlers:
     def cut(r: int | None, name: str) -> bool:
         return r is not None and 1 <= r <= max_saving_rank(*shapes[name])
 
-    layer_errors: dict[tuple[str, int], dict[str, float]] = {}
-
     def errors_at(name: str, r: int) -> dict[str, float]:  # relative held-out output error of both factors
-        if (name, r) not in layer_errors:
-            layer_errors[name, r] = {f: plain_output_error(d, out_xx[name], r)
-                                     for f, d in (("whitened", fit_decs[name]), ("plain", plain_decs[name]))}
-        return layer_errors[name, r]
+        fit_dec(name)
+        return {f: math.sqrt(float(c[r]) / float(c[0])) if float(c[0]) > 0 else float("nan")
+                for f, c in curves[name].items()}
 
     def factors_of(alloc: dict, mode: str) -> dict[str, str]:
         out = {}
         for name, r in alloc.items():
-            if name in fit_decs and cut(r, name):
+            if name in reached and cut(r, name):
                 e = errors_at(name, r)
                 out[name] = mode if mode != "per layer" else ("plain" if e["plain"] < e["whitened"] else "whitened")
         return out
@@ -850,7 +862,7 @@ def choose_on_held_out(cal: Calibrator, modules: dict[str, nn.Module], handlers:
 
     def replacement(name: str, r: int, f: str) -> nn.Module:
         if (name, r, f) not in built:
-            dec = plain_decs[name] if f == "plain" else fit_decs.get(name, decs[name])
+            dec = plain_decs[name] if f == "plain" else fit_dec(name) if name in reached else decs[name]
             built[name, r, f] = factor_module(modules[name], r, dec, handlers[name].kind)
         return built[name, r, f]
 
