@@ -866,13 +866,14 @@ def choose_on_held_out(cal: Calibrator, modules: dict[str, nn.Module], handlers:
             built[name, r, f] = factor_module(modules[name], r, dec, handlers[name].kind)
         return built[name, r, f]
 
-    candidates, seen, same = {}, {}, {}
+    candidates, seen, same, listed = {}, {}, {}, []
     for alloc_name, mode in CANDIDATES:
         alloc = allocations[alloc_name]
         if not any(cut(r, n) for n, r in alloc.items()):  # a threshold that cannot meet the budget
             continue
         fs = factors_of(alloc, mode)
         key = f"{alloc_name} ranks, {mode} factors"
+        listed.append(key)
         content = (tuple(sorted((n, r) for n, r in alloc.items() if cut(r, n))), tuple(sorted(fs.items())))
         if content in seen:  # the same model as an earlier candidate: measured once, reported under both
             same[key] = seen[content]
@@ -880,19 +881,23 @@ def choose_on_held_out(cal: Calibrator, modules: dict[str, nn.Module], handlers:
         seen[content] = key
         candidates[key] = (alloc_name, fs, {n: replacement(n, r, fs.get(n, "whitened")) for n, r in alloc.items()
                                             if cut(r, n)})
+    if not candidates:  # the budget is met without cutting any layer the allocations move (overrides)
+        return ranks, {}, {}, {"chosen": "none: no candidate cuts a layer"}
     measured = cal.joint_errors({k: c[2] for k, c in candidates.items()}, hold_out)
     best = min(measured, key=measured.get)  # the first listed of equal ones
     alloc_name, fs, _ = candidates[best]
     why = {}
-    for name in fs:
-        e = errors_at(name, allocations[alloc_name][name])
+    for name, f in fs.items():
+        r = allocations[alloc_name][name]
+        e = errors_at(name, r)
+        per_layer = f"; at rank {r} its {f} factors lose less there" if best.endswith("per layer factors") else ""
         why[name] = {"ranks": alloc_name, "held_out_error": {k: round(v, 6) for k, v in e.items()},
-                     "why": f"candidate '{best}' changed the outputs least on the held-out batches"}
+                     "why": f"candidate '{best}' changed the outputs least on the held-out batches{per_layer}"}
     summary = {"held_out_batches": hold_out, "fit_batches": len(cal.batches) - hold_out,
                "how": f"every candidate's factors fit on calibration batches {hold_out + 1}..{len(cal.batches)}, "
                       f"compared by the relative change of the model's outputs on batches 1..{hold_out}; the chosen "
                       "ranks and factor kinds are then refit on every batch",
-               "candidates": {k: round(measured[same.get(k, k)], 6) for k in (*measured, *same)}, "chosen": best}
+               "candidates": {k: round(measured[same.get(k, k)], 6) for k in listed}, "chosen": best}
     return allocations[alloc_name], fs, why, summary
 
 
