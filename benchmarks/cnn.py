@@ -179,7 +179,7 @@ def run_model(name: str, args, tmp: Path) -> dict:
               "targets": {}}
     log(f"{name}: {result['params']:,} parameters, {factorizable:,} factorizable; {len(cal)} calibration / "
         f"{len(held_out)} held-out views")
-    for target in TARGETS:
+    for target in args.targets:
         row: dict = {}
         plain, aware, ref_model = (copy.deepcopy(original) for _ in range(3))
         clock = time.perf_counter()
@@ -203,6 +203,8 @@ def run_model(name: str, args, tmp: Path) -> dict:
         check = validate_onnx(path, aware, one)
         base_ms, lat_ms = paired_latency(base_onnx, path, one, args)
         row.update({
+            "selection": (p.calibration or {}).get("selection"),
+            "layer_factors": {lp.name: lp.selection["factors"] for lp in p.factored if lp.selection},
             "removed_fraction": p.totals()["removed_fraction"],
             "layers_factored": len(p.factored),
             "spatial_layers": [lp.name for lp in p.factored if lp.kind == "conv2d-spatial"],
@@ -231,7 +233,11 @@ def markdown(results: dict, env: dict, args) -> str:
              "factorizable weights (1x1 and groups=1 convs, the classifier; depthwise convs stay dense). Times, "
              "calibrated over plain, side by side in this run: `analyze` + `rewrite`, and the whole "
              "`compressor.compress` job on the weights file (load, analyze, rewrite, save, ONNX export and "
-             "validation, report; one round each, so a busy machine makes it noisy).", ""]
+             "validation, report; one round each, so a busy machine makes it noisy). The data-aware analysis "
+             "holds out its first 2 calibration batches, fits every candidate (its own allocation, a whitened "
+             "energy threshold, the whitened global allocation, the plain SVD; whitened, plain or per-layer "
+             "factors) on the others, keeps the one that moves the outputs least on the held-out batches and "
+             "refits it on all of them; the last column names it.", ""]
     for name, r in results["models"].items():
         lines += [f"## {name}", "",
                   f"{r['params']:,} parameters, {r['factorizable_params']:,} factorizable; "
@@ -247,11 +253,14 @@ def markdown(results: dict, env: dict, args) -> str:
                       f"{whole['ratio']:.1f}x ({min(whole['seconds']['calibrated']):.0f} / "
                       f"{min(whole['seconds']['plain']):.0f} s)", f"{row['onnx_latency_ratio']:.2f}",
                       "yes" if row["onnx_valid"] else "NO", len(row["spatial_layers"])]
+            sel = row.get("selection") or {}
+            plain = sum(f == "plain" for f in row.get("layer_factors", {}).values())
+            cells.append(f"{sel.get('chosen', '-')} ({plain} of {row['layers_factored']} layers plain)")
             rows.append(cells)
         lines += [md_table(["removed", "plain", "compressor (data-aware)", "reference (whitened, global)",
                             "healed", "calibrated / plain time: analyze + rewrite",
                             "whole compress job (calibrated / plain s)", "ONNX latency ratio", "ONNX valid",
-                            "spatial layers"], rows), ""]
+                            "spatial layers", "data-aware: chosen on held-out calibration batches"], rows), ""]
     return "\n".join(lines)
 
 
@@ -264,6 +273,7 @@ def main() -> int:
     ap.add_argument("--heal-lr", type=float, default=5e-4)
     ap.add_argument("--latency-runs", type=int, default=30)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--targets", type=float, nargs="*", default=list(TARGETS))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--name", default="cnn")
     args = ap.parse_args()

@@ -113,6 +113,8 @@ def _deep() -> nn.Sequential:
 
 
 def test_only_layers_the_allocation_may_cut_are_probed_and_every_factored_layer_was(monkeypatch):
+    # Of the data-aware allocation (other candidates are measured whole on the held-out batches: test_held_out_choice).
+    monkeypatch.setattr(calibration, "CANDIDATES", (("data-aware", "whitened"),))
     batches = _batches(5)
     plan = compressor.analyze(_deep(), target=0.4, calibration=batches)
     probed = set(plan.calibration["sensitivity"])

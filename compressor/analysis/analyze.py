@@ -283,7 +283,11 @@ def _analyze(model: nn.Module, policy: Policy | None, rank_multiple: int, includ
     fixed = {k: v for k, v in overrides.items() if k in names}
     # A re-derived plan keeps each layer's factorization; otherwise analyze may choose an alternative.
     forced = {lp.name: lp.kind for lp in plan.layers if lp.supported} if plan is not None else None
+    # ... and the factors it chose on held-out batches (plans without the record: whitened, as they were made).
+    factors = {lp.name: lp.selection["factors"] if lp.selection else "whitened" for lp in plan.layers
+               if lp.supported} if plan is not None else None
     errors: dict[str, float] = {}
+    selection: dict[str, dict[str, Any]] = {}
     method, calib_info = "svd", None
     if calibration is not None and names:
         modules = {c.name: c.module for c in found if c.skip is None}
@@ -293,8 +297,9 @@ def _analyze(model: nn.Module, policy: Policy | None, rank_multiple: int, includ
         else:
             cal = calibrated_analysis(model, modules, as_batches(calibration), policy, rank_multiple, fixed,
                                       outputs=outputs, sequential=sequential, sensitivity=sensitivity,
-                                      spatial=spatial, kinds=forced)
+                                      spatial=spatial, kinds=forced, factors=factors)
         decs, ranks, errors, calib_info = cal.decompositions, cal.ranks, cal.errors, cal.info
+        selection = cal.selection
         chosen = cal.kinds
         method = "whitened-svd+sequential" if sequential else "whitened-svd"
     else:
@@ -312,6 +317,8 @@ def _analyze(model: nn.Module, policy: Policy | None, rank_multiple: int, includ
     for lp in layers:
         if lp.factored and lp.name in errors:
             lp.estimated_output_error = errors[lp.name]
+        if lp.factored and lp.name in selection:
+            lp.selection = selection[lp.name]
     result = Plan(policy={**policy_to_dict(policy), "rank_multiple": rank_multiple,
                           "include": include, "exclude": exclude},
                   layers=layers, params_total_before=unique_param_count(model), method=method,

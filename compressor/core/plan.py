@@ -20,6 +20,7 @@ from compressor.core.statefile import read_json
 
 PLAN_FORMAT = "compressor-plan"
 PLAN_VERSION = 1
+FACTORS = ("whitened", "plain")  # the factors a data-aware plan's layer may take (LayerPlan.selection)
 MACS_UNIT = "multiply-adds per output position (token for linear/embedding, output pixel for conv)"
 
 
@@ -52,6 +53,9 @@ class LayerPlan:
     # Randomized SVD: method ("randomized", or "exact" after a failed check), rank, a-posteriori bound.
     # Left out of the JSON when None, so plans of the exact path read as before.
     svd: dict[str, Any] | None = None
+    # Data-aware methods: the factors this layer takes ("whitened" or "plain"), the ranks' allocation and why,
+    # as chosen on held-out calibration batches. Left out of the JSON when None (plans written before it load).
+    selection: dict[str, Any] | None = None
 
     @property
     def m(self) -> int:
@@ -164,6 +168,11 @@ class Plan:
                 raise PlanError(f"layer '{lp.name}': rank {lp.rank!r} is not an integer or null",
                                 "set \"rank\" to a whole number or null")
             lp.factored = lp.rank is not None
+            if lp.selection is not None and (not isinstance(lp.selection, dict) or
+                                             lp.selection.get("factors") not in FACTORS):
+                raise PlanError(f"layer '{lp.name}': \"selection\" must be an object with \"factors\" one of "
+                                f"{', '.join(FACTORS)}",
+                                "only edit the \"rank\" values of a plan written by compressor")
         return plan
 
     @classmethod
@@ -201,6 +210,7 @@ class Plan:
 
 def _entry_dict(lp: LayerPlan) -> dict[str, Any]:
     d = asdict(lp)
-    if d["svd"] is None:
-        del d["svd"]
+    for key in ("svd", "selection"):
+        if d[key] is None:
+            del d[key]
     return d

@@ -329,3 +329,35 @@ def _hull_segments(lp: LayerSpectrum, options: list[int]) -> list[tuple[float, i
     for (p0, l0, _), (p1, l1, r1) in itertools.pairwise(hull):
         segs.append(((l1 - l0) / (p0 - p1), p0, r1))
     return segs
+
+
+def energy_threshold_budget(layers: list[LayerSpectrum], target: float, k: int,
+                            fixed: dict[str, int | None]) -> dict[str, int | None] | None:
+    """Ranks from one energy threshold for every layer (each keeps the smallest rank holding that fraction of
+    its spectrum's energy), the threshold the highest that removes ``target`` of the parameters (bisection).
+    Unlike :func:`allocate_budget`, which spends the budget where energy per parameter is cheapest, this spreads
+    the cut over every layer. None when no threshold reaches the target."""
+    total = sum(lp.m * lp.n for lp in layers)
+    need = target * total - sum(lp.m * lp.n - r * (lp.m + lp.n) for lp in layers
+                                for r in [fixed.get(lp.name)] if r is not None and r <= max_saving_rank(lp.m, lp.n))
+    free = _free(layers, fixed)
+
+    def ranks_at(energy: float) -> tuple[dict[str, int | None], float]:
+        ranks: dict[str, int | None] = {}
+        saved = 0.0
+        for lp in free:
+            r = round_up(rank_for_energy(lp.S, energy, lp.total), k, lp.top_rank)
+            ranks[lp.name] = r if r <= max_saving_rank(lp.m, lp.n) else None
+            saved += lp.m * lp.n - r * (lp.m + lp.n) if ranks[lp.name] is not None else 0
+        return ranks, saved
+
+    low, high = 0.0, 1.0  # ranks_at(low) reaches the target (checked), ranks_at(high) keeps everything
+    if ranks_at(low)[1] < need:
+        return None
+    for _ in range(40):
+        mid = (low + high) / 2
+        if ranks_at(mid)[1] >= need:
+            low = mid
+        else:
+            high = mid
+    return ranks_at(low)[0]
