@@ -156,3 +156,18 @@ def test_prompts_come_from_the_users_text_and_a_non_decoder_is_refused(folder, t
         compressor.compress(model, tmp_path / "o", mode="export", input_shapes=["2x32"], kv_cache=True,
                             trust_pickle=True, progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_kv_cache_of_a_model_that_is_not_a_causal_lm_is_one_line_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from compressor.cli.main import main
+    from tests.models import mlp
+
+    torch.save(mlp(), tmp_path / "mlp.pt")
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "mlp.pt"), "--input-shape", "2x32", "--kv-cache",
+                                    "--trust-pickle", "--out", str(tmp_path / "o")])
+    lines = [ln for ln in res.output.strip().splitlines() if ln]
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert "causal language models" in lines[0] and "leave out --kv-cache" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
