@@ -360,7 +360,7 @@ class GenerationCheck:
     first_divergence: list[int | None]  # per prompt: index of the first differing token (None: none)
     token_agreement: float  # generated tokens equal to torch's at the same index, over all prompts
     max_abs_diff: float  # of the logits on the prompts (prefill), onnxruntime vs torch
-    cosine: float  # the worst per-position cosine of those logits
+    cosine: float  # the worst over prompts of the cosine of those logits (each prompt's positions flattened)
     onnx_tokens_per_s: float  # generated tokens per second over all prompts (prefill included)
     torch_tokens_per_s: float
     threads: int | None  # onnxruntime intra-op threads (None: its default)
@@ -377,22 +377,42 @@ class GenerationCheck:
         return d
 
 
-def _worst_row_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return float(np.min(np.sum(a * b, axis=-1) / np.maximum(norms, 1e-300)))
+@dataclass
+class TorchGeneration:
+    """What the torch model generated from each prompt (:func:`greedy_torch`), and how long it took."""
+
+    tokens: list[list[int]]
+    prompt_logits: list[np.ndarray]
+    seconds: float
+    new_tokens: int
+
+
+def torch_generation(model: nn.Module, prompts: Sequence[Sequence[int]], new_tokens: int = NEW_TOKENS
+                     ) -> TorchGeneration:
+    """The torch side of :func:`check_generation`, computed once for several files of one model."""
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        runs = [greedy_torch(model, p, new_tokens) for p in prompts]
+    finally:
+        model.train(was_training)
+    return TorchGeneration([r[0] for r in runs], [r[1] for r in runs], time.perf_counter() - start, new_tokens)
 
 
 def check_generation(path: str | Path, model: nn.Module, prompts: Sequence[Sequence[int]], *,
                      new_tokens: int = NEW_TOKENS, same_tokens: bool = True, min_cosine: float | None = None,
-                     variant: str = "fp32", prompt_source: str = "built-in", threads: int | None = None
-                     ) -> GenerationCheck:
+                     variant: str = "fp32", prompt_source: str = "built-in", threads: int | None = None,
+                     reference: TorchGeneration | None = None) -> GenerationCheck:
     """Generate ``new_tokens`` greedy tokens from every prompt (token ids) with the ONNX file at ``path`` in
-    onnxruntime (CPU, ``threads`` intra-op threads) and with ``model`` in torch, and compare (see
-    :class:`GenerationCheck`). Failures are returned (``passed=False``, ``problems``), not raised."""
+    onnxruntime (CPU, ``threads`` intra-op threads) and with ``model`` in torch (or take ``reference``, the
+    model's :func:`torch_generation` on these prompts), and compare (see :class:`GenerationCheck`). Failures are
+    returned (``passed=False``, ``problems``), not raised."""
     import onnxruntime as ort
 
     path = Path(path)
+    if reference is not None and (len(reference.tokens) != len(prompts) or reference.new_tokens != new_tokens):
+        raise ValueError("the reference was generated from other prompts or another number of tokens")
     layout = kv_layout(model)
     check = GenerationCheck(str(path), file_size(path), variant, len(prompts), new_tokens, prompt_source, 0, [],
                             0.0, math.inf, math.nan, math.nan, math.nan, threads, same_tokens, min_cosine,
@@ -407,34 +427,30 @@ def check_generation(path: str | Path, model: nn.Module, prompts: Sequence[Seque
     except Exception as err:  # onnxruntime raises its own types
         check.problems.append(f"onnxruntime cannot load the model: {str(err).strip().splitlines()[0][:300]}")
         return check
-    was_training = model.training
-    model.eval()
-    onnx_s = torch_s = 0.0
+    reference = reference or torch_generation(model, prompts, new_tokens)
+    onnx_s = 0.0
     diffs, cosines, agree = [], [], 0
-    try:
-        for prompt in prompts:
-            start = time.perf_counter()
-            want, want_logits = greedy_torch(model, prompt, new_tokens)
-            torch_s += time.perf_counter() - start
-            start = time.perf_counter()
-            try:
-                have, have_logits = greedy_onnx(session, prompt, new_tokens)
-            except Exception as err:
-                check.problems.append(f"onnxruntime failed: {str(err).strip().splitlines()[0][:300]}")
-                return check
-            onnx_s += time.perf_counter() - start
-            diverge = next((i for i, (a, b) in enumerate(zip(want, have, strict=True)) if a != b), None)
-            check.first_divergence.append(diverge)
-            check.identical += diverge is None
-            agree += sum(a == b for a, b in zip(want, have, strict=True))
-            diffs.append(float(np.max(np.abs(have_logits.astype(np.float64) - want_logits))))
-            cosines.append(_worst_row_cosine(have_logits, want_logits))
-    finally:
-        model.train(was_training)
+    for prompt, want, want_logits in zip(prompts, reference.tokens, reference.prompt_logits, strict=True):
+        start = time.perf_counter()
+        try:
+            have, have_logits = greedy_onnx(session, prompt, new_tokens)
+        except Exception as err:
+            check.problems.append(f"onnxruntime failed: {str(err).strip().splitlines()[0][:300]}")
+            return check
+        onnx_s += time.perf_counter() - start
+        diverge = next((i for i, (a, b) in enumerate(zip(want, have, strict=True)) if a != b), None)
+        check.first_divergence.append(diverge)
+        check.identical += diverge is None
+        agree += sum(a == b for a, b in zip(want, have, strict=True))
+        diffs.append(float(np.max(np.abs(have_logits.astype(np.float64) - want_logits))))
+        # One cosine per prompt over all its positions' logits, as validate_onnx takes one per sample: the
+        # variants' floors (INT4_MIN_COSINE ...) were measured that way.
+        a, b = have_logits.astype(np.float64).ravel(), want_logits.astype(np.float64).ravel()
+        cosines.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300)))
     generated = len(prompts) * new_tokens
     check.token_agreement = agree / generated
     check.max_abs_diff, check.cosine = max(diffs), min(cosines)
-    check.onnx_tokens_per_s, check.torch_tokens_per_s = generated / onnx_s, generated / torch_s
+    check.onnx_tokens_per_s, check.torch_tokens_per_s = generated / onnx_s, generated / reference.seconds
     if not math.isfinite(check.max_abs_diff):
         check.problems.append("the ONNX model produced NaN or Inf")
     if same_tokens and check.identical < len(prompts):

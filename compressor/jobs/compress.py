@@ -583,11 +583,12 @@ def _kv_cache(model: nn.Module, folder: Path, plan: Plan | None, opts: Options, 
     """model_kv.onnx and a model_kv.VARIANT.onnx per written variant, each checked by greedy generation against
     the torch model: fp32 must give the same tokens on every prompt, a variant keeps its cosine floor on the
     prompts' logits (its token agreement is reported). A factored layer must stay two MatMuls."""
-    from compressor.export.kv_cache import check_generation, export_kv_onnx, kv_layout
+    from compressor.export.kv_cache import check_generation, export_kv_onnx, kv_layout, torch_generation
     from compressor.export.onnx import VARIANTS, check_factored_graph, export_int4
 
     path = export_kv_onnx(model, folder / "model_kv.onnx", opset=opts.opset)
-    check = check_generation(path, model, prompts, prompt_source=source, threads=opts.threads)
+    reference = torch_generation(model, prompts)  # once for every file
+    check = check_generation(path, model, prompts, prompt_source=source, threads=opts.threads, reference=reference)
     check.problems += [f"graph: {p}" for p in (check_factored_graph(path, plan) if plan and plan.factored else [])]
     check.passed = not check.problems
     files = {path.name: check.to_dict()}
@@ -597,7 +598,8 @@ def _kv_cache(model: nn.Module, folder: Path, plan: Plan | None, opts: Options, 
         # Plain variants: the int4 correction and --keep-fp16 apply to model.int4/int8.onnx only.
         written = export_int4(path, dst, block_size=opts.int4_block_size) if kind == "int4" else v.write(path, dst)
         files[written.name] = check_generation(written, model, prompts, same_tokens=False, min_cosine=v.min_cosine,
-                                               variant=kind, prompt_source=source, threads=opts.threads).to_dict()
+                                               variant=kind, prompt_source=source, threads=opts.threads,
+                                               reference=reference).to_dict()
     return {"layout": kv_layout(model).to_dict(), "files": files}
 
 
