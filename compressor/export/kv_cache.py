@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from torch import nn
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_files
 from compressor.export.measure import file_size
+from compressor.export.onnx import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, check_opset, quiet
 
 # Tokens generated per prompt, and prompts, for the greedy comparison (issue: 32 tokens on 10 prompts).
 NEW_TOKENS = 32
@@ -190,8 +192,6 @@ def export_kv_onnx(model: nn.Module, path: str | Path, *, opset: int | None = No
     dynamo cannot capture the model), as :func:`compressor.export.onnx.export_onnx`."""
     import onnx
 
-    from compressor.export.onnx import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, check_opset, quiet
-
     opset = check_opset(DEFAULT_OPSET if opset is None else opset)
     if exporter not in ("auto", "dynamo", "legacy"):
         raise CompressorError(f"unknown exporter '{exporter}'", "use 'auto', 'dynamo' or 'legacy'")
@@ -210,9 +210,12 @@ def export_kv_onnx(model: nn.Module, path: str | Path, *, opset: int | None = No
             with atomic_files(path) as tmpdir, torch.no_grad(), quiet():
                 target = tmpdir / path.name
                 _export_with(how, wrapper, args, target, layout, opset, external)
-                graph = onnx.load(str(target), load_external_data=False)
-                _name_axes(graph, layout)
-                onnx.save(graph, str(target))
+                proto = onnx.load(str(target), load_external_data=False)
+                _name_axes(proto, layout)
+                onnx.save(proto, str(target))
+            if errors:
+                warnings.warn(f"the dynamo exporter failed ({errors[0]}); exported with the legacy TorchScript "
+                              "exporter instead", stacklevel=2)
             return path
         except CompressorError:
             raise
@@ -242,10 +245,10 @@ def _export_with(how: str, wrapper: KVCacheModel, args: tuple, target: Path, lay
                           **common)
 
 
-def _name_axes(graph, layout: KVLayout) -> None:
+def _name_axes(proto, layout: KVLayout) -> None:
     """Give the dynamic axes of the graph's inputs and outputs the layout's names (the dynamo exporter calls
     them s0, s1, ...); a static axis keeps its number."""
-    for value in (*graph.graph.input, *graph.graph.output):
+    for value in (*proto.graph.input, *proto.graph.output):
         dims = value.type.tensor_type.shape.dim
         for axis, key in layout.axes(value.name).items():
             if axis < len(dims) and not dims[axis].HasField("dim_value"):
