@@ -334,7 +334,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         lay = kv["layout"]
         first = next(iter(kv["files"].values()))
         lines += ["## Key/value cache export (greedy generation, onnxruntime vs the torch model)", "",
-                  f"Inputs {', '.join(lay['inputs'][:3 + lay['position_ids']])}, `past_key_values.{{i}}.key/value` "
+                  f"Inputs {', '.join(lay['inputs'][:2 + lay['position_ids']])}, `past_key_values.{{i}}.key/value` "
                   f"[batch, {lay['kv_heads']}, past, {lay['head_dim']}] for {lay['layers']} layers; outputs `logits`, "
                   f"`present.{{i}}.key/value`. {first['new_tokens']} greedy tokens (argmax, no stop at EOS) from each "
                   f"of {first['prompts']} prompts ({first['prompt_source']}), onnxruntime threads "
