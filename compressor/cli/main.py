@@ -30,6 +30,7 @@ from compressor.cli.lora import lora
 from compressor.cli.train import checkpoints, heal_config_options
 from compressor.core.errors import CompressorError
 from compressor.core.output import interrupt_exit_code, interrupt_on_sigterm
+from compressor.export.kv_cache import format_generation
 from compressor.export.onnx import DEFAULT_OPSET, FACTOR_STORAGE, VARIANTS
 from compressor.jobs.compress import Options
 from compressor.report.report import VALIDATED, Report, criterion, number
@@ -179,6 +180,11 @@ _export_options = _options([
                       "of the Linear weights, spent where they help most); whitened by --calibration if given."),
     click.option("--int4-factors", type=click.Choice(FACTOR_STORAGE), default=Options.int4_factors,
                  show_default=True, help="With --int4-correction: how its factors are stored."),
+    click.option("--kv-cache", is_flag=True,
+                 help="Causal LMs: also write model_kv.onnx (past_key_values.N.key/value in, present.N.key/value "
+                      "out, as Optimum and onnxruntime-genai lay them out) and a model_kv.VARIANT.onnx per variant, "
+                      "checked by greedy generation against the torch model on 10 prompts (the first lines of "
+                      "--eval-text or a text --calibration, else built-in ones)."),
     click.option("--plots", is_flag=True, help="Add spectrum and energy plots to the output folder."),
     click.option("--edge", is_flag=True, help=_EDGE_HELP),
 ])
@@ -234,7 +240,7 @@ def _run_stream(mode: str, model: Path, kw: dict[str, Any]) -> None:
     kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])  # for report.md
     flags = {"plots": "--plots", "trust_pickle": "--trust-pickle", "arch": "--arch", "outputs": "--output",
              "input_shapes": "--input-shape", "example_inputs": "--example-inputs", "keep_fp16": "--keep-fp16",
-             "eval_text": "--eval-text", "eval_inputs": "--eval-inputs", "edge": "--edge"}
+             "eval_text": "--eval-text", "eval_inputs": "--eval-inputs", "edge": "--edge", "kv_cache": "--kv-cache"}
     unused = [flag for k, flag in flags.items() if kw.get(k)]
     unused += [f"--{v}" for v in VARIANTS if kw.get(f"variant_{v}")]
     try:
@@ -352,6 +358,10 @@ def summary(r: Report) -> str:
             lines.append(f"  {'edge/' + f['file']:<17} {f['size_bytes'] / 1e6:.2f} MB, {f['latency_ms']:.2f} ms at "
                          f"batch 1, cosine {number(check['vs_model']['cosine'], '.6f')}: "
                          f"{'PASS' if check['passed'] else 'FAIL'}")
+    for c in (r.kv_cache or {}).get("files", {}).values():
+        lines.append(format_generation(c))
+        for problem in c.get("problems") or []:
+            lines.append(f"    problem         {problem}")
     if r.perplexity:
         first = next(iter(r.perplexity.results.values()))
         lines.append("  perplexity        " + ", ".join(

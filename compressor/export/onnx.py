@@ -198,7 +198,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
     path.parent.mkdir(parents=True, exist_ok=True)
     for how in order:
         try:
-            with atomic_files(path) as tmpdir, eval_mode(model), _quiet():
+            with atomic_files(path) as tmpdir, eval_mode(model), quiet():
                 _export_with(how, wrapper, tuple(tensors), tmpdir / path.name, names, out_names, opset,
                              axes, dynamic_batch, weight_bytes > EXTERNAL_DATA_BYTES)
             if errors:
@@ -255,7 +255,7 @@ def _export_with(how: str, wrapper: nn.Module, args: tuple, target: Path, names:
 
 
 @contextmanager
-def _quiet():
+def quiet():
     """Silence exporter chatter (progress lines, deprecation and tracer warnings, optimizer logs)."""
     # The root logger too: onnxruntime.quantization logs its advice there.
     names = ("", "torch.onnx", "onnxscript", "torch.export", "torch._dynamo")
@@ -605,7 +605,7 @@ def export_int8(src_onnx: str | Path, dst: str | Path, *, keep_fp16: Sequence[st
     big = file_size(src) > EXTERNAL_DATA_BYTES
     try:
         with atomic_files(dst) as tmpdir:
-            with _quiet():
+            with quiet():
                 quantize_dynamic(src, tmpdir / dst.name, weight_type=QuantType.QInt8, per_channel=True,
                                  use_external_data_format=big, nodes_to_exclude=exclude)
             if exclude:
@@ -678,7 +678,7 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any,
 
     def attempt(method: str, keep: tuple[str, ...], folder: Path) -> dict[str, Any]:
         path = folder / f"candidate{len(tried)}.onnx"
-        with _quiet():
+        with quiet():
             quantize_static(src, path, _Batches(batches), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=_calibrate_method(method), nodes_to_exclude=list(keep),
@@ -843,7 +843,7 @@ def export_int4(src_onnx: str | Path, dst: str | Path, *, block_size: int = INT4
         raise CompressorError(f"int4 corrections name layers with no MatMul in '{src}': {', '.join(unknown[:3])}",
                               f"name torch Linear modules as in model.named_modules(), e.g. {some}")
     try:
-        with _quiet():
+        with quiet():
             q = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=INT4_SYMMETRIC,
                                      accuracy_level=accuracy_level or None,
                                      op_types_to_quantize=("MatMul", "Gather"))
@@ -868,7 +868,7 @@ def export_int4(src_onnx: str | Path, dst: str | Path, *, block_size: int = INT4
     nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     with atomic_files(dst) as tmpdir:
         _save_onnx(model, tmpdir / "fp32_factors.onnx", onnx)
-        with _quiet():
+        with quiet():
             quantize_dynamic(tmpdir / "fp32_factors.onnx", tmpdir / dst.name, weight_type=QuantType.QInt8,
                              per_channel=True, nodes_to_quantize=nodes)
         for f in tmpdir.glob("fp32_factors.onnx*"):

@@ -87,6 +87,9 @@ class Options:
     int4_block_size: int = INT4_BLOCK_SIZE  # with int4: weights per scale / zero point
     int4_correction: str | None = None  # with int4: "rank=16", "energy=0.5" or "budget=0.05" (analysis.int4)
     int4_factors: str = FACTOR_STORAGE[0]  # with a correction: its factors stored "fp16" or "int8"
+    # Causal LMs: also model_kv.onnx (past_key_values in, present out) and its variants, validated by greedy
+    # generation against the torch model (compressor.export.kv_cache).
+    kv_cache: bool = False
     outputs: Sequence[str] = ()  # the outputs fidelity and sensitivity compare (empty: every float output)
     # Held-out inputs (tensors, or text for a model with a tokenizer) the fidelity is measured on, instead of
     # the two example inputs: a number that speaks for the data, not for two sentences.
@@ -173,11 +176,18 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
         if opts.calibration is None:
             raise CompressorError("--keep-fp16 measures which layers int8 hurts on calibration inputs, "
                                   "but --calibration is not given", "add --calibration FILE")
+    if opts.kv_cache and (mode == "analyze" or is_onnx(source)):
+        raise CompressorError("a key/value cache export needs the torch causal LM, and "
+                              + ("analyze exports nothing" if mode == "analyze" else "the input is an ONNX file"),
+                              "leave out kv_cache", cli_fix="leave out --kv-cache")
     if opts.eval_text is not None:
         check_eval_text(opts, mode, is_onnx(source))
     if opts.eval_inputs is not None and mode not in ("compress", "apply"):
         raise CompressorError(f"held-out inputs measure the fidelity of a compressed model, and {mode} writes none",
                               "leave out eval_inputs", cli_fix="leave out --eval-inputs")
+    if opts.edge and opts.kv_cache:  # edge/ validates each file on the example inputs, which a cache file does not take
+        raise CompressorError("--edge does not convert key/value cache files yet",
+                              "run --kv-cache and --edge separately", cli_fix="run --kv-cache and --edge separately")
     if opts.edge and mode == "analyze":
         raise CompressorError("an edge folder holds the ONNX files a run writes, and analyze writes none",
                               "leave out edge, or run compress", cli_fix="leave out --edge, or run compress")
@@ -211,6 +221,7 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
             raise CompressorError("an evaluation text needs a model to run, and the input holds weights only",
                                   "leave out eval_text", cli_fix="leave out --eval-text")
         protocol = eval_protocol(loaded, opts)
+    prompts = _generation_prompts(loaded, model, weights_only, opts) if opts.kv_cache else None
     step("load")
 
     with OutputDir(out, opts.force) as tmp:
@@ -257,7 +268,7 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
                                       "to build the model for export")
             else:
                 inputs = example_inputs(loaded, opts)
-                exports = _export(model, original, inputs, tmp, plan, opts, calibration, held_out)
+                exports = _export(model, original, inputs, tmp, plan, opts, calibration, held_out, prompts)
                 step("export")
                 if opts.edge:
                     exports["edge"] = _edge(model, original, inputs, tmp, opts, source, exports)
@@ -552,7 +563,8 @@ def example_inputs(loaded, opts: Options):
 
 
 def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: Plan | None,
-            opts: Options, calibration: list | None = None, held_out: list | None = None) -> dict[str, Any]:
+            opts: Options, calibration: list | None = None, held_out: list | None = None,
+            prompts: tuple[list[list[int]], str] | None = None) -> dict[str, Any]:
     from compressor.export.onnx import (
         VARIANTS,
         check_factored_graph,
@@ -596,6 +608,8 @@ def _export(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: P
                                      min_cosine=v.min_cosine, variant=kind)
     if "int8" in result and "qdq" in result:
         result["int8_choice"] = int8_choice(result, folder, inputs, real, opts)
+    if prompts is not None:
+        result["kv_cache"] = _kv_cache(model, folder, plan, opts, *prompts)
     if original is not compressed:
         result["fidelity"] = output_fidelity(original, compressed, held_out or [original_inputs], opts.outputs)
         result["fidelity"]["inputs"] = (f"{sum(num_samples(b) for b in held_out)} held-out samples from "
@@ -643,6 +657,57 @@ def _edge(model: nn.Module, original: nn.Module, inputs, folder: Path, opts: Opt
     return build_edge(folder, model, ready, threads=opts.threads or 1, origin=origin, atol=opts.atol,
                       recipes={k: v for k, v in recipes.items() if (folder / k).is_file()},
                       fidelity_reference=reference)
+
+
+def _generation_prompts(loaded, model: nn.Module, weights_only: bool, opts: Options) -> tuple[list[list[int]], str]:
+    """The prompts (token ids) a --kv-cache export is checked on, and where they come from: the first lines of
+    the evaluation text, else of a text calibration file (the user's own text), else built-in sentences;
+    refused before the slow steps when the model is not a causal LM."""
+    from compressor.analysis.decoder import is_decoder
+    from compressor.export.kv_cache import GENERATION_PROMPTS, PROMPTS, prompt_token_ids
+
+    if weights_only or not is_decoder(model) or loaded.tokenizer is None:
+        raise CompressorError("a key/value cache export is for causal language models with a tokenizer (a Hugging "
+                              "Face *ForCausalLM folder or a GGUF file), and this model is not one",
+                              "leave out kv_cache", cli_fix="leave out --kv-cache")
+    for path in (opts.eval_text, opts.calibration):
+        if path is not None and _is_text(path):
+            lines = []
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    lines += [line] if line.strip() else []
+                    if len(lines) == PROMPTS:
+                        break
+            if lines:
+                return prompt_token_ids(loaded.tokenizer, lines), f"first {len(lines)} lines of {Path(path).name}"
+    return prompt_token_ids(loaded.tokenizer, GENERATION_PROMPTS), "built-in prompts"
+
+
+def _kv_cache(model: nn.Module, folder: Path, plan: Plan | None, opts: Options, prompts: list[list[int]],
+              source: str) -> dict[str, Any]:
+    """model_kv.onnx and a model_kv.VARIANT.onnx per written variant, each checked by greedy generation against
+    the torch model: fp32 must give the same tokens on every prompt, a variant keeps its cosine floor on the
+    prompts' logits (its token agreement is reported). A factored layer must stay two MatMuls."""
+    from compressor.export.kv_cache import check_generation, export_kv_onnx, kv_layout, torch_generation
+    from compressor.export.onnx import VARIANTS, check_factored_graph, export_int4
+
+    path = export_kv_onnx(model, folder / "model_kv.onnx", opset=opts.opset)
+    reference = torch_generation(model, prompts)  # once for every file
+    check = check_generation(path, model, prompts, prompt_source=source, threads=opts.threads, reference=reference)
+    check.problems += [f"graph: {p}" for p in (check_factored_graph(path, plan) if plan and plan.factored else [])]
+    check.passed = not check.problems
+    files = {path.name: check.to_dict()}
+    for kind in opts.variants:
+        v = VARIANTS[kind]
+        if v.calibrated:  # static int8 measures activation ranges on model.onnx's inputs, not a cache's
+            continue
+        dst = folder / f"model_kv.{kind}.onnx"
+        # Plain variants: the int4 correction and --keep-fp16 apply to model.int4/int8.onnx only.
+        written = export_int4(path, dst, block_size=opts.int4_block_size) if kind == "int4" else v.write(path, dst)
+        files[written.name] = check_generation(written, model, prompts, same_tokens=False, min_cosine=v.min_cosine,
+                                               variant=kind, prompt_source=source, threads=opts.threads,
+                                               reference=reference).to_dict()
+    return {"layout": kv_layout(model).to_dict(), "files": files}
 
 
 def _ort_threads(opts: Options) -> int:

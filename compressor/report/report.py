@@ -132,6 +132,9 @@ class Report:
     stream: dict[str, Any] | None = None  # streamed runs: per-layer seconds and SVD checks, peak RSS, bytes
     perplexity: PerplexityReport | None = None  # --eval-text: dense, compressed and every ONNX file
     edge: dict[str, Any] | None = None  # --edge: edge/manifest.json (compressor.export.edge)
+    # --kv-cache: the cache layout and, per file (model_kv.onnx, model_kv.VARIANT.onnx), its greedy-generation
+    # check (compressor.export.kv_cache.GenerationCheck as a dict)
+    kv_cache: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _plain({f.name: getattr(self, f.name) if f.name != "perplexity" else self.perplexity.to_dict()
@@ -187,7 +190,12 @@ def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | Non
         extra["latency"] = exports["latency"]
     if exports.get("edge"):
         extra["edge"] = exports["edge"]
+    if exports.get("kv_cache"):
+        extra["kv_cache"] = _plain(exports["kv_cache"])
+        for c in extra["kv_cache"]["files"].values():
+            c["path"] = Path(c["path"]).name
     checks = [extra[k]["passed"] for k in (*VALIDATED, "edge") if k in extra and "passed" in extra[k]]
+    checks += [c["passed"] for c in (extra.get("kv_cache") or {}).get("files", {}).values()]
     opts = _plain(dataclasses.asdict(options)) if dataclasses.is_dataclass(options) else {}
     return Report(mode=mode, source={"path": str(source), "format": loaded.format, "size_bytes": _size(source)},
                   output=str(out), params_before=params_before, params_after=params_after,
@@ -337,6 +345,29 @@ def render_markdown(r: dict[str, Any]) -> str:
                       f"ranks {min(ranks, default=0)} to {max(ranks, default=0)}, rule "
                       f"{', '.join(f'{k}={x:g}' for k, x in corr['rule'].items())}, "
                       f"{'data-aware' if corr['data_aware'] else 'plain SVD'}).", ""]
+    if r.get("kv_cache"):
+        kv = r["kv_cache"]
+        lay = kv["layout"]
+        first = next(iter(kv["files"].values()))
+        lines += ["## Key/value cache export (greedy generation, onnxruntime vs the torch model)", "",
+                  f"Inputs {', '.join(lay['inputs'][:2 + lay['position_ids']])}, `past_key_values.{{i}}.key/value` "
+                  f"[batch, {lay['kv_heads']}, past, {lay['head_dim']}] for {lay['layers']} layers; outputs `logits`, "
+                  f"`present.{{i}}.key/value`. {first['new_tokens']} greedy tokens (argmax, no stop at EOS) from each "
+                  f"of {first['prompts']} prompts ({first['prompt_source']}), onnxruntime threads "
+                  f"{first['threads'] or 'default'}; tokens/s include the prompt.", "",
+                  "| file | size | prompts identical | token agreement | prompt logits max abs diff | cosine | "
+                  "tokens/s onnx | tokens/s torch | criterion | result |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+        for c in kv["files"].values():
+            rule = f"same {c['new_tokens']} tokens" if c["same_tokens"] else f"cosine >= {c['min_cosine']}"
+            result = "PASS" if c["passed"] else "**FAIL**"
+            lines.append(f"| `{c['path']}` | {_mb(c['size_bytes'])} | {c['identical']}/{c['prompts']} | "
+                         f"{c['token_agreement']:.3f} | {number(c['max_abs_diff'], '.2e')} | "
+                         f"{number(c['cosine'], '.6f')} | {number(c['onnx_tokens_per_s'], '.1f')} | "
+                         f"{number(c['torch_tokens_per_s'], '.1f')} | {rule} | {result} |")
+            for problem in c.get("problems", []):
+                lines.append(f"> `{c['path']}`: {problem}")
+        lines.append("")
     if r.get("latency"):
         lat = r["latency"]
         mac = "-" if lat.get("macs_ratio") is None else f"{lat['macs_ratio']:.3f}"
