@@ -108,20 +108,28 @@ def test_transformers_loads_a_compressed_gpt2(tmp_path):
         assert torch.equal(model(ids).logits, want)
 
 
-def test_without_compressor_transformers_refuses_the_folder(bert):
-    # A fresh interpreter that never imports compressor: transformers alone must raise, naming compressor,
-    # rather than fill the factored layers with random weights.
+def _load_without_compressor(folder: Path) -> subprocess.CompletedProcess:
     code = ("import sys, transformers\n"
             "try:\n"
-            f"    transformers.AutoModel.from_pretrained({str(bert[1])!r})\n"
+            f"    transformers.AutoModel.from_pretrained({str(folder)!r})\n"
             "except Exception as err:\n"
             "    print(type(err).__name__, err)\n"
             "    sys.exit(3)\n"
             "print('compressor' in sys.modules)\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=bert[1].parent,
-                         timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder.parent,
+                          timeout=300)
+
+
+def test_without_compressor_transformers_refuses_the_folder(bert, tmp_path):
+    # A fresh interpreter that never imports compressor: transformers alone must raise, naming compressor,
+    # rather than fill the factored layers with random weights.
+    run = _load_without_compressor(bert[1])
     assert run.returncode == 3, run.stdout + run.stderr
     assert "import compressor" in run.stdout
+    # The same folder re-saved by transformers (which drops the key that names compressor): still refused.
+    transformers.AutoModel.from_pretrained(bert[1]).save_pretrained(tmp_path / "resaved")
+    run = _load_without_compressor(tmp_path / "resaved")
+    assert run.returncode == 3 and "mismatch" in run.stdout, run.stdout + run.stderr
 
 
 def test_import_compressor_leaves_transformers_unimported_and_registers_when_it_loads():

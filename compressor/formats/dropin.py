@@ -16,8 +16,9 @@ Without the registration transformers only warns about an unknown ``quant_method
 factored layers with random weights. So ``config.json`` also holds ``transformers_weights`` (the file
 transformers reads the weights from) set to :data:`NEEDS_COMPRESSOR`, which is no file name: transformers
 then raises, quoting it; the registered quantizer removes it before transformers looks for the weights.
-transformers drops the key from the configs it saves, so a folder re-saved by ``save_pretrained`` lacks it
-(see docs/drop-in.md).
+transformers drops the key from the configs it saves, so a folder re-saved by ``save_pretrained`` lacks it:
+there the quantizer saves an empty ``NAME.weight`` beside each factored layer's factors, which transformers
+alone refuses (a size mismatch) and the quantizer ignores.
 
 sentence-transformers folders keep their modules (``modules.json``, ``1_Pooling/``, ...) beside the
 factored transformer (:func:`copy_sentence_transformers`), and :func:`pooling` reads how they pool.
@@ -232,9 +233,26 @@ def register() -> None:
             return config
 
         def _process_model_before_weight_loading(self, model, **kwargs: Any):
+            import re
+
             from compressor.core.rewrite import build_from_table
 
-            return build_from_table(model, self.quantization_config.layers)
+            layers = self.quantization_config.layers
+            # The stand-ins save_pretrained writes (get_state_dict_and_metadata) have no place here: not an error.
+            model._keys_to_ignore_on_load_unexpected = {*(model._keys_to_ignore_on_load_unexpected or ()),
+                                                        *(re.escape(f"{name}.weight") + "$" for name in layers)}
+            return build_from_table(model, layers)
+
+        def get_state_dict_and_metadata(self, model):
+            # transformers drops transformers_weights from every config it saves, so a folder re-saved by
+            # save_pretrained would load WITHOUT compressor with its factored layers at random. An empty
+            # NAME.weight per factored layer makes that load fail instead (transformers raises on a size
+            # mismatch); with compressor's quantizer they are ignored.
+            import torch
+
+            state = model.state_dict()
+            state.update({f"{name}.weight": torch.empty(0) for name in self.quantization_config.layers})
+            return state, {}
 
         def _process_model_after_weight_loading(self, model, **kwargs: Any):
             return model  # the factors are ordinary Linear/Conv/Embedding weights: nothing to convert
