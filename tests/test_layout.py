@@ -117,3 +117,13 @@ def test_no_type_check_of_a_policy_outside_the_policy_module():
                     and len(node.args) == 2 and "Policy" in ast.unparse(node.args[1])):
                 bad.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not bad, "\n".join(bad)
+
+
+def test_one_way_into_onnxruntime():
+    """Sessions are opened by ``compressor.formats.runtime.session`` alone (its provider, log level and threads
+    decided once); everything else calls it."""
+    bad = [f"{path.relative_to(REPO)}:{node.lineno}" for mod, path in _modules().items()
+           if mod != "compressor.formats.runtime"
+           for node in ast.walk(ast.parse(path.read_text()))
+           if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("ort.InferenceSession")]
+    assert not bad, "\n".join(bad)

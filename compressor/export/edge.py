@@ -33,6 +33,7 @@ from compressor.core.fileio import atomic_write_text
 from compressor.data.inputs import flatten, map_tensors
 from compressor.export.measure import cpu_model, file_size, onnx_latency
 from compressor.export.onnx import DEFAULT_ATOL, VARIANTS, validate_onnx
+from compressor.formats.runtime import session
 
 EDGE_DIR = "edge"
 CONFIG_NAME = "required_operators.config"
@@ -125,16 +126,9 @@ def convert_to_ort(src: Path, dst: Path) -> Path:
     """``src`` converted to the ORT format at ``dst`` with :data:`OPTIMIZATION` applied, as onnxruntime's
     ``convert_onnx_models_to_ort`` (Fixed style) does for one file: the session that optimizes the graph
     saves it. Raises :class:`CompressorError` when onnxruntime cannot convert or load the result."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{OPTIMIZATION.upper()}")
-    opts.optimized_model_filepath = str(dst)
-    opts.add_session_config_entry("session.save_model_format", "ORT")
-    opts.log_severity_level = 3
     try:
-        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
-        ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])  # it loads, or it is no use
+        session(src, optimize=OPTIMIZATION, config={"session.save_model_format": "ORT"}, save_as=dst)
+        session(dst)  # it loads, or it is no use
     except Exception as err:  # onnxruntime raises its own types
         dst.unlink(missing_ok=True)
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__

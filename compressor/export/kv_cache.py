@@ -43,6 +43,7 @@ from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_files
 from compressor.export.measure import file_size
 from compressor.export.onnx import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, check_opset, quiet
+from compressor.formats.runtime import session
 
 # Tokens generated per prompt, and prompts, for the greedy comparison (issue: 32 tokens on 10 prompts).
 NEW_TOKENS = 32
@@ -411,8 +412,6 @@ def check_generation(path: str | Path, model: nn.Module, prompts: Sequence[Seque
     onnxruntime (CPU, ``threads`` intra-op threads) and with ``model`` in torch (or take ``reference``, the
     model's :func:`torch_generation` on these prompts), and compare (see :class:`GenerationCheck`). Failures are
     returned (``passed=False``, ``problems``), not raised."""
-    import onnxruntime as ort
-
     path = Path(path)
     if reference is not None and (len(reference.tokens) != len(prompts) or reference.new_tokens != new_tokens):
         raise ValueError("the reference was generated from other prompts or another number of tokens")
@@ -421,12 +420,8 @@ def check_generation(path: str | Path, model: nn.Module, prompts: Sequence[Seque
                             0.0, math.inf, math.nan, math.nan, math.nan, threads, same_tokens, min_cosine,
                             layout=layout.to_dict())
     check.problems += check_kv_layout(path, layout)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sess = session(path, threads=threads)
     except Exception as err:  # onnxruntime raises its own types
         check.problems.append(f"onnxruntime cannot load the model: {str(err).strip().splitlines()[0][:300]}")
         return check
@@ -436,7 +431,7 @@ def check_generation(path: str | Path, model: nn.Module, prompts: Sequence[Seque
     for prompt, want, want_logits in zip(prompts, reference.tokens, reference.prompt_logits, strict=True):
         start = time.perf_counter()
         try:
-            have, have_logits = greedy_onnx(session, prompt, new_tokens)
+            have, have_logits = greedy_onnx(sess, prompt, new_tokens)
         except Exception as err:
             check.problems.append(f"onnxruntime failed: {str(err).strip().splitlines()[0][:300]}")
             return check

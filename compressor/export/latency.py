@@ -40,6 +40,8 @@ from compressor.core.plan import Plan
 from compressor.core.rewrite import empty_factored
 from compressor.core.svd import max_saving_rank
 from compressor.data.inputs import eval_mode, flatten
+from compressor.formats.onnx_graph import feeds
+from compressor.formats.runtime import session
 
 CACHE_ENV = "COMPRESSOR_CACHE_DIR"  # overrides the user cache folder (~/.cache/compressor)
 ROUNDS = 7  # alternating dense/factored rounds per comparison; the median ratio decides
@@ -75,27 +77,13 @@ class Comparison:
 Timer = Callable[[Path, Path, Any, int], Comparison]
 
 
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _feed(session, inputs: Any) -> dict[str, Any]:
-    names, tensors = flatten(inputs)
-    arrays = dict(zip(names, (t.detach().cpu().numpy() for t in tensors), strict=True))
-    return {i.name: arrays[i.name] for i in session.get_inputs()}
 
 
 def compare_onnx(a: str | Path, b: str | Path, inputs: Any, threads: int, rounds: int = ROUNDS) -> Comparison:
     """Time ONNX graphs ``a`` and ``b`` on the same ``inputs`` in alternating blocks (a then b, b then a, ...)
     so that a busy machine slows both alike; returns per-run medians and the median per-round ratio b/a."""
-    sa, sb = _session(Path(a), threads), _session(Path(b), threads)
-    fa, fb = _feed(sa, inputs), _feed(sb, inputs)
+    sa, sb = session(a, threads=threads), session(b, threads=threads)
+    fa, fb = feeds(sa, inputs), feeds(sb, inputs)
     runs = {}
     for name, s, f in (("a", sa, fa), ("b", sb, fb)):
         for _ in range(WARMUP):

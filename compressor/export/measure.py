@@ -20,6 +20,8 @@ from torch import nn
 
 from compressor.core.handlers import handler_for
 from compressor.data.inputs import call, eval_mode, flatten, model_device, to_device
+from compressor.formats.onnx_graph import feeds
+from compressor.formats.runtime import session
 
 
 def file_size(path: str | Path) -> int:
@@ -67,19 +69,10 @@ def onnx_latency(path: str | Path, inputs: Any, *, threads: int = 2, warmup: int
     """Latency of one onnxruntime CPU session on ``inputs`` (tensor, tuple or dict of tensors, as given to
     :func:`compressor.export.export_onnx`): ``{median_ms, p10_ms, p90_ms, runs, threads, batch}``.
     ``optimize=False``: no graph optimizations at load, as an onnxruntime minimal build runs an .ort file."""
-    import onnxruntime as ort
-
-    names, tensors = flatten(inputs)
-    opts = ort.SessionOptions()
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    feed_all = dict(zip(names, (t.detach().cpu().numpy() for t in tensors), strict=True))
-    feed = {i.name: feed_all[i.name] for i in session.get_inputs()}
-    stats = _timings(lambda: session.run(None, feed), warmup, runs)
+    _, tensors = flatten(inputs)
+    sess = session(path, threads=threads, optimize=bool(optimize))
+    feed = feeds(sess, inputs)
+    stats = _timings(lambda: sess.run(None, feed), warmup, runs)
     return {**stats, "threads": threads, "batch": _batch_of(tensors)}
 
 

@@ -51,6 +51,7 @@ from compressor.data.inputs import (
 )
 from compressor.export.measure import file_size
 from compressor.formats.onnx_graph import feeds, module_name
+from compressor.formats.runtime import PROVIDERS, session
 
 # Variants are approximations: they are judged by the worst per-sample cosine of their outputs to the
 # torch model's, not by an absolute difference. Measured on all-MiniLM-L6-v2 (last_hidden_state, 8
@@ -94,12 +95,8 @@ def torch_outputs(model: nn.Module, example_inputs: Any) -> list[tuple[str, np.n
 
 def onnx_session(path: str | Path):
     """An onnxruntime CPU session of the ONNX file ``path``."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return session(path)
     except Exception as err:  # onnxruntime raises its own types (Fail, InvalidGraph, ...)
         raise CompressorError(f"onnxruntime cannot load '{path}' ({_first_line(err)})",
                               "check the model in onnxruntime first") from None
@@ -445,15 +442,13 @@ def validate_onnx(onnx_path: str | Path, model: nn.Module | str | Path, example_
     Failures are returned (``passed=False``, ``problems``), not raised.
     """
     import onnx
-    import onnxruntime as ort
 
     path = Path(onnx_path)
     if not path.is_file():
         raise CompressorError(f"ONNX file '{path}' does not exist", "export the model first")
     names, tensors = flatten(example_inputs)
     as_dict = isinstance(example_inputs, Mapping)
-    providers = ["CPUExecutionProvider"]
-    v = Validation(str(path), file_size(path), math.inf, math.nan, atol, min_cosine, False, providers,
+    v = Validation(str(path), file_size(path), math.inf, math.nan, atol, min_cosine, False, list(PROVIDERS),
                    [], variant)
     try:
         if path.suffix != ".ort":  # an ORT format file (compressor.export.edge) is onnxruntime's alone to check
@@ -462,9 +457,7 @@ def validate_onnx(onnx_path: str | Path, model: nn.Module | str | Path, example_
         v.problems.append(f"onnx.checker: {_first_line(err)}")
         return v
     try:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(path), opts, providers=providers)
+        sess = session(path)
     except Exception as err:
         v.problems.append(f"onnxruntime cannot load the model: {_first_line(err)}")
         return v
@@ -475,12 +468,12 @@ def validate_onnx(onnx_path: str | Path, model: nn.Module | str | Path, example_
         feed_all = {n: t.detach().cpu().numpy() for n, t in zip(names, batch, strict=True)}
         if isinstance(model, nn.Module):
             expected = torch_outputs(model, inputs)
-            feed = {i.name: feed_all[i.name] for i in session.get_inputs()}
+            feed = {i.name: feed_all[i.name] for i in sess.get_inputs()}
         else:  # an ONNX reference: its outputs in onnxruntime, inputs matched to graph inputs by name
             expected = [(k, np.asarray(v, dtype=np.float64)) for k, v in onnx_outputs(reference, inputs)]
-            feed = feeds(session, inputs)
+            feed = feeds(sess, inputs)
         try:
-            got = session.run(None, feed)
+            got = sess.run(None, feed)
         except Exception as err:
             v.problems.append(f"onnxruntime failed at batch {len(batch[0])}: {_first_line(err)}")
             return v

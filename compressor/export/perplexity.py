@@ -22,6 +22,7 @@ import torch
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import regular_file
 from compressor.data.perplexity import Corpus, Perplexity, head_chunk, run_protocol, token_nll
+from compressor.formats.runtime import session
 
 # Operations that multiply activations by a weight matrix: the output head holds exactly one of them.
 _PRODUCTS = {"MatMul", "Gemm", "MatMulInteger", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
@@ -219,14 +220,8 @@ def _sub_model(model: Any, inputs: list[Any], outputs: list[Any]) -> Any:
 
 
 def _session(model: Any, threads: int | None) -> Any:
-    import onnxruntime as ort
-
     data = model.SerializeToString() if model.ByteSize() <= _PROTOBUF_LIMIT else None
     if data is None:
         raise CompressorError("the ONNX model's weights are over 2 GB, which perplexity cannot yet hold in one "
                               "onnxruntime session", "measure the torch model's perplexity instead")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return session(data, threads=threads)

@@ -26,6 +26,7 @@ import torch
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import file_in_folder, regular_file
 from compressor.data.inputs import flatten
+from compressor.formats.runtime import session as runtime_session
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
 # Nodes a weight may pass through on its way to a layer; such a weight is reported, not factored.
@@ -359,18 +360,12 @@ def external_file(base_dir: Path, location: str) -> Path:
 def session(graph: OnnxGraph, model=None):
     """An onnxruntime CPU session of ``model`` (a ModelProto; default ``graph.model``) whose external
     data is read from ``graph``'s folder."""
-    import onnxruntime as ort
-
     proto = model if model is not None else graph.model
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     # No arena: a graph run in segments holds one session per segment, and each arena would keep the
     # peak activation memory of its segment (measured: 8.7 GB resident for MiniLM on 256 sentences).
-    opts.enable_cpu_mem_arena = False
-    opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                  str(graph.base_dir.resolve()))
+    config = {"session.model_external_initializers_file_folder_path": str(graph.base_dir.resolve())}
     try:
-        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return runtime_session(proto.SerializeToString(), arena=False, config=config)
     except Exception as err:
         raise CompressorError(f"onnxruntime cannot run '{graph.path}' ({_line(err)})",
                               "check the model in onnxruntime first") from None
@@ -382,7 +377,8 @@ _NP_OF_ORT = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor
 
 
 def feeds(sess, batch: Any) -> dict[str, np.ndarray]:
-    """``batch`` (a tensor, a tuple: positional in graph-input order, or a mapping: by name) as the inputs
+    """``batch`` (a tensor, a tuple: by name when its names (:func:`flatten`) are the graph's inputs, as in a
+    graph compressor exported, else positional in graph-input order; or a mapping: by name) as the inputs
     of ``sess`` (an onnxruntime session, or an :class:`OnnxGraph`), each cast to the type the graph
     declares. Mapping keys the graph lacks are dropped."""
     if isinstance(sess, OnnxGraph):
@@ -395,12 +391,15 @@ def feeds(sess, batch: Any) -> dict[str, np.ndarray]:
     if isinstance(batch, Mapping):
         given = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     else:
-        _, tensors = flatten(batch)
-        if len(tensors) != len(wanted):
+        names, tensors = flatten(batch)
+        if {n for n, _ in wanted} <= set(names):  # exported from these inputs (an unused one may be pruned)
+            given = dict(zip(names, tensors, strict=True))
+        elif len(tensors) != len(wanted):
             raise CompressorError(f"the graph takes {len(wanted)} input(s) ({', '.join(n for n, _ in wanted)}), "
                                   f"the data gives {len(tensors)}", "give one tensor per graph input, or a dict "
                                   "keyed by the graph's input names")
-        given = dict(zip([n for n, _ in wanted], tensors, strict=True))
+        else:
+            given = dict(zip([n for n, _ in wanted], tensors, strict=True))
     missing = [n for n, _ in wanted if n not in given]
     if missing:
         raise CompressorError(f"the data has no tensor for graph input(s) {', '.join(missing)} (it has "

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from compressor.export.onnx import torch_outputs
+from compressor.formats.runtime import session
 from compressor.search.cache import fingerprint
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -88,15 +89,10 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def onnx_fidelity(path: str | Path, evaluation: Evaluation, threads: int = THREADS) -> dict[str, float]:
     """Run ``evaluation``'s held-out batches through the ONNX file at ``path`` and score them."""
-    import onnxruntime as ort
-
     from compressor.data.inputs import flatten
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    wanted = [i.name for i in session.get_inputs()]
+    sess = session(path, threads=threads)
+    wanted = [i.name for i in sess.get_inputs()]
     outputs = []
     for batch in evaluation.inputs:
         names, tensors = flatten(batch)
