@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from compressor.export.onnx import torch_outputs
+from compressor.formats.onnx_graph import feeds
 from compressor.formats.runtime import session
 from compressor.search.cache import fingerprint
 
@@ -89,13 +90,5 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def onnx_fidelity(path: str | Path, evaluation: Evaluation, threads: int = THREADS) -> dict[str, float]:
     """Run ``evaluation``'s held-out batches through the ONNX file at ``path`` and score them."""
-    from compressor.data.inputs import flatten
-
     sess = session(path, threads=threads)
-    wanted = [i.name for i in sess.get_inputs()]
-    outputs = []
-    for batch in evaluation.inputs:
-        names, tensors = flatten(batch)
-        feed = dict(zip(names, (t.detach().cpu().numpy() for t in tensors), strict=True))
-        outputs.append(session.run(None, {n: feed[n] for n in wanted}))
-    return evaluation.score(outputs)
+    return evaluation.score([sess.run(None, feeds(sess, batch)) for batch in evaluation.inputs])
