@@ -258,6 +258,26 @@ def test_cli_search_reads_held_out_inputs_from_a_file(tmp_path):
     assert report["chosen"]["recipe"]["precision"] == "int8" and report["chosen"]["passed"]
 
 
+def test_without_held_out_inputs_the_search_scores_on_calibration_samples_it_did_not_calibrate_on(tmp_path):
+    from compressor.jobs.search import split_held_out
+
+    one = [torch.randn(32, 64)]
+    fit, held, note = split_held_out(one)
+    assert [len(b) for b in fit] == [24] and [len(b) for b in held] == [8] and note.startswith("8 calibration")
+    assert torch.equal(torch.cat([*fit, *held]), one[0])  # a split: nothing dropped, nothing shared
+    fit, held, _ = split_held_out([torch.randn(4, 64) for _ in range(8)])
+    assert len(fit) == 6 and len(held) == 2
+    with pytest.raises(CompressorError, match="one calibration sample"):
+        split_held_out([torch.randn(1, 64)])
+    src, cal = tmp_path / "mlp.pt", tmp_path / "cal.pt"
+    torch.save(mlp(), src)
+    torch.save(torch.randn(32, 64), cal)
+    res = cli(["search", src, "--input-shape", "4x64", "--targets", "0.5", "--precisions", "fp32",
+               "--calibration", cal, "--min-fidelity", "0.1", "--out", tmp_path / "o", "--json", "--no-latency-aware"])
+    assert res.exit_code == 0, res.output
+    assert "8 calibration samples held out" in json.loads(res.output)["front"]["metric"]
+
+
 def test_keep_fp16_recipes_validate_and_name():
     assert Recipe("int8", keep_fp16=2).name == "dense-int8-fp16x2"
     assert Recipe("int8", 0.3, True, keep_fp16=1).name == "lowrank0.3-cal-int8-fp16x1"
