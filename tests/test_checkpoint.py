@@ -33,14 +33,7 @@ from compressor.train.heal import heal
 
 ROOT = Path(__file__).resolve().parents[1]
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: threads only add overhead, and spin-waiting threads on a busy machine
-    make them many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
 
 
 # A tiny compressed MLP and data, identical in every process that builds it.

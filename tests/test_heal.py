@@ -13,15 +13,7 @@ import compressor
 from compressor.train.heal import heal
 from compressor.train.lora import LoRALayer, apply_lora, extract_lora, lora_parameters, merge_lora
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: threads only add overhead, and spin-waiting threads on a busy machine
-    make them many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
 
 
 def _problem(seed: int = 0):

@@ -21,12 +21,7 @@ from compressor.train.heal import HealConfig, heal
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # training steps: one thread (tests/conftest.py)
 
 
 class Block(nn.Module):

@@ -17,12 +17,7 @@ from tests.models import CNN, mlp
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # training steps: one thread (tests/conftest.py)
 
 
 def tiny_bert(seed: int = 0) -> torch.nn.Module:

@@ -18,13 +18,7 @@ from compressor.train.blockwise import block_error, capture
 from compressor.train.heal import HealConfig, heal, hidden_loss
 from tests.test_heal_blockwise import _problem
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # training steps: one thread (tests/conftest.py)
 
 
 def _block_errors(model, teacher, val) -> list[float]:

@@ -13,13 +13,7 @@ import compressor
 from compressor.train.blockwise import capture, carry, record_calls
 from compressor.train.heal import heal
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # training steps: one thread (tests/conftest.py)
 
 
 class Block(nn.Module):
