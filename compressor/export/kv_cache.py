@@ -29,7 +29,6 @@ from __future__ import annotations
 import inspect
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,9 +39,8 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
-from compressor.core.fileio import atomic_files
 from compressor.export.measure import file_size
-from compressor.export.onnx import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, check_opset, quiet
+from compressor.export.onnx import DEFAULT_OPSET, EXPORTERS, EXTERNAL_DATA_BYTES, check_opset, export_in_turn
 from compressor.formats.runtime import session
 
 # Tokens generated per prompt, and prompts, for the greedy comparison (issue: 32 tokens on 10 prompts).
@@ -194,7 +192,7 @@ def export_kv_onnx(model: nn.Module, path: str | Path, *, opset: int | None = No
     import onnx
 
     opset = check_opset(DEFAULT_OPSET if opset is None else opset)
-    if exporter not in ("auto", "dynamo", "legacy"):
+    if exporter not in EXPORTERS:
         raise CompressorError(f"unknown exporter '{exporter}'", "use 'auto', 'dynamo' or 'legacy'")
     layout = kv_layout(model)
     wrapper = KVCacheModel(model, layout).eval()
@@ -204,24 +202,17 @@ def export_kv_onnx(model: nn.Module, path: str | Path, *, opset: int | None = No
     args = tuple(t.to(next(model.parameters()).device) for t in example_feed(layout, dtype=dtype, vocab=vocab))
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for how in {"auto": ["dynamo", "legacy"], "dynamo": ["dynamo"], "legacy": ["legacy"]}[exporter]:
-        try:
-            with atomic_files(path) as tmpdir, torch.no_grad(), quiet():
-                target = tmpdir / path.name
-                _export_with(how, wrapper, args, target, layout, opset, external)
-                proto = onnx.load(str(target), load_external_data=False)
-                _name_axes(proto, layout)
-                onnx.save(proto, str(target))
-            if errors:
-                warnings.warn(f"the dynamo exporter failed ({errors[0]}); exported with the legacy TorchScript "
-                              "exporter instead", stacklevel=2)
-            return path
-        except CompressorError:
-            raise
-        except Exception as err:  # any exporter failure is reported with its cause
-            errors.append(f"{how}: {type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err) else ''}")
+
+    def write(how: str, target: Path) -> None:
+        with torch.no_grad():
+            _export_with(how, wrapper, args, target, layout, opset, external)
+        proto = onnx.load(str(target), load_external_data=False)
+        _name_axes(proto, layout)
+        onnx.save(proto, str(target))
+
+    errors = export_in_turn(path, exporter, write)
+    if not errors:
+        return path
     raise CompressorError(f"ONNX export of {type(model).__name__} with a key/value cache failed ({'; '.join(errors)})",
                           "export it without a key/value cache", cli_fix="leave out --kv-cache")
 

@@ -141,6 +141,31 @@ def check_opset(opset: int) -> int:
     return opset
 
 
+EXPORTERS = {"auto": ("dynamo", "legacy"), "dynamo": ("dynamo",), "legacy": ("legacy",)}
+
+
+def export_in_turn(path: Path, exporter: str, write: Callable[[str, Path], None]) -> list[str]:
+    """Try the exporters ``exporter`` names, in order, until one works: ``write(how, target)`` writes the file
+    at ``target`` in a temporary folder, published as ``path`` (with its external data) when it returns.
+    Returns ``[]`` on success (warning when dynamo failed first), else each exporter's failure, for the caller
+    to word; a CompressorError from ``write`` passes through."""
+    errors: list[str] = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for how in EXPORTERS[exporter]:
+        try:
+            with atomic_files(path) as tmpdir, quiet():
+                write(how, tmpdir / path.name)
+            if errors:
+                warnings.warn(f"the dynamo exporter failed ({errors[0]}); exported with the legacy "
+                              "TorchScript exporter instead", stacklevel=3)
+            return []
+        except CompressorError:
+            raise
+        except Exception as err:  # any exporter failure is reported with its cause
+            errors.append(f"{how}: {type(err).__name__}: {_first_line(err)}")
+    return errors
+
+
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opset: int = DEFAULT_OPSET,
                 dynamic_batch: bool = True, dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
                 exporter: str = "auto") -> Path:
@@ -160,7 +185,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
     # Neither can multiply a factored layer back into one matrix: constant folding only evaluates nodes
     # whose inputs are all constants, and each factor multiplies an activation (x @ down^T, then @ up^T),
     # never the other factor. check_factored_graph verifies this on every export.
-    if exporter not in ("auto", "dynamo", "legacy"):
+    if exporter not in EXPORTERS:
         raise CompressorError(f"unknown exporter '{exporter}'", "use 'auto', 'dynamo' or 'legacy'")
     check_opset(opset)
     path = Path(path)
@@ -190,22 +215,14 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
     wrapper = _Exportable(model, names, as_dict)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
-    order = {"auto": ["dynamo", "legacy"], "dynamo": ["dynamo"], "legacy": ["legacy"]}[exporter]
-    errors = []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for how in order:
-        try:
-            with atomic_files(path) as tmpdir, eval_mode(model), quiet():
-                _export_with(how, wrapper, tuple(tensors), tmpdir / path.name, names, out_names, opset,
-                             axes, dynamic_batch, weight_bytes > EXTERNAL_DATA_BYTES)
-            if errors:
-                warnings.warn(f"the dynamo exporter failed ({errors[0]}); exported with the legacy "
-                              "TorchScript exporter instead", stacklevel=2)
-            return path
-        except CompressorError:
-            raise
-        except Exception as err:  # any exporter failure is reported with its cause
-            errors.append(f"{how}: {type(err).__name__}: {_first_line(err)}")
+    def write(how: str, target: Path) -> None:
+        with eval_mode(model):
+            _export_with(how, wrapper, tuple(tensors), target, names, out_names, opset, axes, dynamic_batch,
+                         weight_bytes > EXTERNAL_DATA_BYTES)
+
+    errors = export_in_turn(path, exporter, write)
+    if not errors:
+        return path
     raise CompressorError(f"ONNX export of {type(model).__name__} failed ({'; '.join(errors)})",
                           "check that the example inputs match the model's forward() (shapes, dtypes), or "
                           "make the unsupported operation traceable (see the message)")
