@@ -15,7 +15,8 @@ import torch
 import compressor
 from compressor.core.errors import CompressorError
 from compressor.train.blockwise import block_error, capture
-from compressor.train.heal import HealConfig, heal, hidden_loss
+from compressor.train.heal import HealConfig, heal
+from compressor.train.losses import hidden_loss
 from tests.test_heal_blockwise import _problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # training steps: one thread (tests/conftest.py)
