@@ -65,6 +65,18 @@ def test_hidden_distillation_needs_a_teacher():
 
 
 @pytest.mark.slow
+def test_hidden_distillation_with_targets_matches_the_teachers_blocks():
+    """Targets for the output loss, the teacher for the blocks: both losses act (this crashed before)."""
+    teacher, student, x, val = _problem()
+    with torch.no_grad():
+        y = teacher(x)
+    cfg = HealConfig(steps=40, lr=1e-2, batch_size=32, every=20)
+    plain = heal(student, cfg, data=x, targets=y, progress=False)
+    hidden = heal(student, cfg.replace(distill="hidden"), teacher=teacher, data=x, targets=y, progress=False)
+    assert sum(_block_errors(hidden.model, teacher, val)) < sum(_block_errors(plain.model, teacher, val))
+    assert not any(m._forward_hooks for m in teacher.modules())
+
+
 def test_cli_distill_hidden_and_its_refusal_without_a_teacher(tmp_path):
     torch.manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),

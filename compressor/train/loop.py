@@ -231,11 +231,12 @@ def _steps(run: Run, state: RunState, evaluate: Callable[[float | None], dict[st
 def _loss(run: Run, inputs: Any, tgt: Any, hidden: list[str]) -> torch.Tensor:
     """The loss of one batch: the model's output against the targets or the teacher's (a causal LM's as the
     final hidden states its head reads), plus with ``hidden`` blocks the hidden-state loss."""
-    if run.supervised:
-        tgt = to_device(tgt, run.device)
-    elif hidden:
+    if hidden:  # the teacher's blocks run whatever the output loss compares against (targets or teacher)
         with torch.no_grad(), block_outputs(run.teacher, hidden) as teacher_hidden:
-            tgt = _teach(run, inputs)
+            taught = _teach(run, inputs, whole=run.supervised)
+        tgt = to_device(tgt, run.device) if run.supervised else taught
+    elif run.supervised:
+        tgt = to_device(tgt, run.device)
     else:
         with torch.no_grad():
             tgt = _teach(run, inputs)
@@ -247,8 +248,9 @@ def _loss(run: Run, inputs: Any, tgt: Any, hidden: list[str]) -> torch.Tensor:
     return value
 
 
-def _teach(run: Run, inputs: Any) -> torch.Tensor | None:
-    """The teacher's side of the loss (for a causal LM with loss ce: none, the text is the target)."""
+def _teach(run: Run, inputs: Any, whole: bool = False) -> torch.Tensor | None:
+    """The teacher's side of the loss (for a causal LM with loss ce: none, the text is the target; ``whole``:
+    the teacher runs anyway, for its blocks' outputs)."""
     if run.lm:
-        return head_inputs(run.teacher, inputs) if run.loss == "kl" else None
+        return head_inputs(run.teacher, inputs) if run.loss == "kl" or whole else None
     return run_teacher(run.teacher, inputs, run.device)
