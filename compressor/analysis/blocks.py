@@ -15,8 +15,8 @@ replaced by stubs returning block ``i-1``'s recorded outputs, so block ``i`` rec
 the model passes it (attention mask, position embeddings, cache), however the model builds them; the pass
 stops after block ``i``, whose outputs are kept for the next block, and its tensors go back to the meta
 device. Hooks on the block's layers accumulate the same statistics as the in-memory
-:class:`compressor.analysis.calibration.Calibrator` through the same function
-(:func:`compressor.analysis.calibration.accumulate`), batch after batch in the same order, so the moments are the
+:class:`compressor.analysis.tracing.Calibrator` through the same function
+(:func:`compressor.analysis.whitened.accumulate`), batch after batch in the same order, so the moments are the
 same bits as in memory (on the same number of threads).
 
 The outputs carried are the ORIGINAL block's, not a factored block's: the in-memory statistics this
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.analysis.calibration import Moments, accumulate
+from compressor.analysis.whitened import Moments, accumulate
 from compressor.core.errors import CompressorError
 from compressor.data.inputs import Batch, attention_mask, call, map_tensors
 
