@@ -7,7 +7,7 @@ onloading, as llm-compressor does), so that a checkpoint bigger than memory is n
     moments = cal.outside(outputs)                            # embeddings and head, after the last block
 
 The model runs on a skeleton whose parameters are on the meta device and whose buffers are real
-(:func:`compressor.formats.load.hf_skeleton` with ``buffers=True``: a rotary embedding's ``inv_freq`` is
+(:func:`compressor.formats.hf.hf_skeleton` with ``buffers=True``: a rotary embedding's ``inv_freq`` is
 computed, not read). The parameters outside the block list (embeddings, final norm, head) are read once, in
 float32, when a module holding them first runs (the head only for the last pass). For block ``i``, only its
 tensors are read (float32); every calibration batch runs through the whole model with blocks ``0..i-1``
