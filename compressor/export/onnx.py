@@ -79,6 +79,7 @@ INT4_MIN_COSINE = 0.8
 DEFAULT_OPSET = 18
 MIN_OPSET = 14
 
+
 class _Exportable(nn.Module):
     """Calls the model with positional tensors and returns its outputs as a flat tuple of tensors."""
 
@@ -411,6 +412,9 @@ def format_validation(v: Validation) -> str:
                      "left out")
     lines += [f"  problem       {p}" for p in v.problems]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- variants
 
 
 @dataclass(frozen=True)

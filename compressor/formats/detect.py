@@ -18,13 +18,13 @@ from compressor.core.fileio import regular_file
 from compressor.data.readers import SAFETENSORS_MAX_HEADER
 from compressor.formats.onnx_graph import is_onnx
 
-# compressor's own folders (written by compressor.formats.save, read by load_compressed below)
+# The files of compressor's own folders (written by compressor.formats.save, read by compressor.formats.compressed).
 FORMAT = "compressor-model"
 VERSION = 1
 WEIGHTS, PLAN, META, STRUCTURE = "model.safetensors", "plan.json", "compressor.json", "model.pt"
 INDEX = "model.safetensors.index.json"  # a Hugging Face folder's weights as shards (compress --stream)
 
-
+# What load_model reports as Loaded.format.
 FORMATS = ("torch-module", "state-dict", "safetensors", "hf-folder", "gguf", "compressor", "torch-export", "onnx")
 GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file (llama.cpp's gguf spec)
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a pre-1.6 (non-zip) torch.save file

@@ -24,7 +24,7 @@ class Loaded:
     """What :func:`load_model` found. ``model`` is None only for weights without ``arch``."""
 
     model: nn.Module | None
-    format: str  # one of FORMATS
+    format: str  # one of compressor.formats.detect.FORMATS
     source: Path
     state_dict: dict[str, torch.Tensor] | None = None  # weights-only inputs
     example_inputs: ExampleInputs | None = None  # inferred where unambiguous
