@@ -7,7 +7,7 @@ Only ``embeddings.word_embeddings`` (30522 x 384) is factored, at fixed ranks, b
 weighted by how often 512 calibration sentences use each token, every row projected on the chosen
 subspace). Fidelity: mean cosine of sentence embeddings to the dense model's on 300 held-out real
 sentences (stdlib docstrings, disjoint from calibration). A second table varies the uniform share mixed
-into the token weights (``compressor.analysis.calibration.embedding_decomposition``). Writes
+into the token weights (``compressor.analysis.whitened.embedding_decomposition``). Writes
 ``embedding_factoring.md`` and ``.json``.
 """
 
@@ -24,7 +24,7 @@ import torch
 from _common import environment, minilm_missing
 
 import compressor
-from compressor.analysis.calibration import Moments, embedding_decomposition
+from compressor.analysis.whitened import Moments, embedding_decomposition
 from compressor.core.fileio import atomic_write_text
 from compressor.core.rewrite import factor_module
 from compressor.examples import load_minilm, sentence_splits

@@ -1,5 +1,5 @@
 """Sensitivity probes replay the reference outputs of the modules before the probed layer
-(compressor.analysis.calibration._Prefix): the measured output changes must equal full forward passes."""
+(compressor.analysis.tracing._Prefix): the measured output changes must equal full forward passes."""
 
 import copy
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.analysis.calibration import Calibrator, _Prefix
+from compressor.analysis.tracing import Calibrator, _Prefix
 
 
 class Block(nn.Module):

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.analysis import calibration
-from compressor.analysis.calibration import DAMPING, Moments, held_out_errors, held_out_ridge, whitened_decomposition
+from compressor.analysis import calibration, held_out
+from compressor.analysis.held_out import held_out_ridge
+from compressor.analysis.whitened import DAMPING, Moments, held_out_errors, whitened_decomposition
 
 
 def _net() -> nn.Sequential:
@@ -114,7 +115,7 @@ def _deep() -> nn.Sequential:
 
 def test_only_layers_the_allocation_may_cut_are_probed_and_every_factored_layer_was(monkeypatch):
     # Of the data-aware allocation (other candidates are measured whole on the held-out batches: test_held_out_choice).
-    monkeypatch.setattr(calibration, "CANDIDATES", (("data-aware", "whitened"),))
+    monkeypatch.setattr(held_out, "CANDIDATES", (("data-aware", "whitened"),))
     batches = _batches(5)
     plan = compressor.analyze(_deep(), target=0.4, calibration=batches)
     probed = set(plan.calibration["sensitivity"])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.analysis.calibration import Moments, embedding_decomposition, whitened_decomposition, whitening
+from compressor.analysis.whitened import Moments, embedding_decomposition, whitened_decomposition, whitening
 from compressor.core.errors import CompressorError, PlanError
 from compressor.core.svd import svd
 from compressor.data.calibration import load_calibration
@@ -129,10 +129,10 @@ def test_not_positive_definite_moment_uses_eigh():
 def test_blocked_in_place_whitening_is_the_cholesky_of_the_damped_moment(monkeypatch):
     """Blocks of 8 on a 30-wide moment: the in-place factorization, its undo after a failed damping and the
     eigh fallback give what whole-matrix linear algebra gives, with or without ``overwrite``."""
-    from compressor.analysis import calibration
+    from compressor.analysis import whitened
 
-    monkeypatch.setattr(calibration, "CHOLESKY_BLOCK", 8)
-    monkeypatch.setattr(calibration, "PRODUCT_BLOCK", 50)
+    monkeypatch.setattr(whitened, "CHOLESKY_BLOCK", 8)
+    monkeypatch.setattr(whitened, "PRODUCT_BLOCK", 50)
     x = correlated(400, 30).double()
     m = Moments()
     for part in x.split(64):
@@ -174,9 +174,9 @@ def test_whitened_decomposition_of_a_wide_moment_holds_no_second_moment_sized_bu
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
     code = """
 import json, torch
-from compressor.analysis import calibration
-from compressor.analysis.calibration import Moments, whitened_decomposition
-calibration.PRODUCT_BLOCK = 2**20  # products of 4 MiB a block: a small share of this moment, as of a 7B one's
+from compressor.analysis import whitened
+from compressor.analysis.whitened import Moments, whitened_decomposition
+whitened.PRODUCT_BLOCK = 2**20  # products of 4 MiB a block: a small share of this moment, as of a 7B one's
 def peak():
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
     return int(line.split()[1]) * 1024

@@ -116,7 +116,7 @@ def test_output_fisher_equals_a_brute_force_gradient():
 def test_kfac_weighting_keeps_full_rank_exact_and_beats_none_on_the_weighted_error():
     """The full output factor: at full rank the factors give the layer back; at a cut, the KFAC-weighted
     error of its factors is below that of the unweighted (and the diagonal) factors at the same rank."""
-    from compressor.analysis.calibration import Moments, whitened_decomposition
+    from compressor.analysis.whitened import Moments, whitened_decomposition
 
     torch.manual_seed(0)
     W, X = torch.randn(12, 16), torch.randn(200, 16) @ torch.randn(16, 16)

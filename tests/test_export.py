@@ -13,6 +13,7 @@ from torch import nn
 
 import compressor
 from compressor.core.errors import CompressorError
+from compressor.export.graph import weight_shapes
 from compressor.export.measure import count_macs, file_size, onnx_latency, torch_latency
 from compressor.export.onnx import (
     VARIANTS,
@@ -21,7 +22,6 @@ from compressor.export.onnx import (
     export_onnx,
     format_validation,
     validate_onnx,
-    weight_shapes,
     write_variant,
 )
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.analysis import calibration
+from compressor.analysis import calibration, held_out
 from compressor.core.errors import PlanError
 from compressor.core.plan import FACTORS, Plan
 from compressor.core.policies import LayerSpectrum, energy_threshold_budget
@@ -68,7 +68,7 @@ def test_data_aware_is_never_worse_than_plain_where_plain_is_better_by_construct
     monkeypatch.setattr(calibration, "RIDGES", (calibration.DAMPING[0],))
     plain, _ = _compressed(net)
     chosen, plan = _compressed(net, batches)
-    monkeypatch.setattr(calibration, "CANDIDATES", (("data-aware", "whitened"),))
+    monkeypatch.setattr(held_out, "CANDIDATES", (("data-aware", "whitened"),))
     only_whitened, _ = _compressed(net, batches)
     assert _error(only_whitened, net, fresh) > 1.5 * _error(plain, net, fresh)  # plain is better here
     assert _error(chosen, net, fresh) <= 1.01 * _error(plain, net, fresh)
@@ -88,7 +88,7 @@ def test_a_data_starved_layer_is_never_cut_below_what_held_out_data_supports(mon
     net, batches, fresh = _tiny_cnn(hidden_decay=3.0), _batches(), _images(400, 100)
     chosen, plan = _compressed(net, batches)
     monkeypatch.setattr(calibration, "STARVED_ROWS_PER_FEATURE", 0)
-    monkeypatch.setattr(calibration, "CANDIDATES", (("data-aware", "whitened"),))
+    monkeypatch.setattr(held_out, "CANDIDATES", (("data-aware", "whitened"),))
     in_sample_model, in_sample = _compressed(net, batches)
     assert in_sample.layer("4").rank < plan.layer("4").rank, (in_sample.ranks(), plan.ranks())
     assert _error(chosen, net, fresh) < 0.95 * _error(in_sample_model, net, fresh)  # measured 0.0124 vs 0.0144
@@ -134,7 +134,7 @@ def test_one_energy_threshold_spreads_the_cut_over_every_layer():
 def test_joint_errors_replay_the_prefix_and_equal_full_passes():
     # A candidate's passes replay what finishes before its first replaced layer: the same numbers as running the
     # whole compressed model.
-    from compressor.analysis.calibration import Calibrator
+    from compressor.analysis.tracing import Calibrator
     from compressor.core.rewrite import factor_module
 
     net, batches = _tiny_cnn(hidden_decay=3.0), _batches()

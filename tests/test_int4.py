@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.analysis.calibration import Calibrator, whitening
 from compressor.analysis.int4 import int4_correction, parse_correction, simulate_int4
+from compressor.analysis.tracing import Calibrator
+from compressor.analysis.whitened import whitening
 from compressor.core.errors import CompressorError
 from compressor.core.handlers import fake_int4_weight
 from compressor.export.onnx import VARIANTS, export_int4, export_onnx, validate_onnx

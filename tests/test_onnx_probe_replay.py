@@ -12,8 +12,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from compressor.analysis.calibration import Calibrator, Replay
 from compressor.analysis.onnx_model import OnnxModel, analyze_onnx
+from compressor.analysis.tracing import Calibrator, Replay
 from compressor.formats.onnx_graph import read_onnx
 
 RNG = np.random.default_rng(0)

@@ -13,8 +13,9 @@ from onnx import numpy_helper
 
 import compressor
 from compressor.core.errors import CompressorError
+from compressor.export.int8 import QDQ_TIE
 from compressor.export.latency import INT8_COSINE_TOLERANCE, Comparison, recommend_int8
-from compressor.export.onnx import INT8_MIN_COSINE, QDQ_TIE, VARIANTS, export_onnx, export_qdq, onnx_session, qdq_choice
+from compressor.export.onnx import INT8_MIN_COSINE, VARIANTS, export_onnx, export_qdq, onnx_session, qdq_choice
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ onloading, as llm-compressor does), so that a checkpoint bigger than memory is n
     moments = cal.outside(outputs)                            # embeddings and head, after the last block
 
 The model runs on a skeleton whose parameters are on the meta device and whose buffers are real
-(:func:`compressor.formats.load.hf_skeleton` with ``buffers=True``: a rotary embedding's ``inv_freq`` is
+(:func:`compressor.formats.hf.hf_skeleton` with ``buffers=True``: a rotary embedding's ``inv_freq`` is
 computed, not read). The parameters outside the block list (embeddings, final norm, head) are read once, in
 float32, when a module holding them first runs (the head only for the last pass). For block ``i``, only its
 tensors are read (float32); every calibration batch runs through the whole model with blocks ``0..i-1``
@@ -15,8 +15,8 @@ replaced by stubs returning block ``i-1``'s recorded outputs, so block ``i`` rec
 the model passes it (attention mask, position embeddings, cache), however the model builds them; the pass
 stops after block ``i``, whose outputs are kept for the next block, and its tensors go back to the meta
 device. Hooks on the block's layers accumulate the same statistics as the in-memory
-:class:`compressor.analysis.calibration.Calibrator` through the same function
-(:func:`compressor.analysis.calibration.accumulate`), batch after batch in the same order, so the moments are the
+:class:`compressor.analysis.tracing.Calibrator` through the same function
+(:func:`compressor.analysis.whitened.accumulate`), batch after batch in the same order, so the moments are the
 same bits as in memory (on the same number of threads).
 
 The outputs carried are the ORIGINAL block's, not a factored block's: the in-memory statistics this
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.analysis.calibration import Moments, accumulate
+from compressor.analysis.whitened import Moments, accumulate
 from compressor.core.errors import CompressorError
 from compressor.data.inputs import Batch, attention_mask, call, map_tensors
 

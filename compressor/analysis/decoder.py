@@ -19,7 +19,7 @@ activations are held at a time:
    then ``o``, then ``gate/up``, then ``down``), each group of layers is refit on the inputs ``X^`` that the
    already-compressed blocks and layers before it produce, against the original layer's output on the
    original inputs ``X``: the rank-r ``W'`` minimising ``||W X - W' X^||`` (see
-   :func:`compressor.analysis.calibration.whitened_decomposition`). Later layers thereby absorb part of the
+   :func:`compressor.analysis.whitened.whitened_decomposition`). Later layers thereby absorb part of the
    error of the earlier ones, across blocks as well as within one. The original and the compressed block
    outputs are both carried to the next block (two copies of ``tokens x hidden``).
 
@@ -43,12 +43,11 @@ import torch
 from torch import nn
 
 from compressor.analysis.blocks import block_list
-from compressor.analysis.calibration import (
+from compressor.analysis.calibration import Calibrated, calibration_info
+from compressor.analysis.whitened import (
     DAMPING,
-    Calibrated,
     Moments,
     accumulate,
-    calibration_info,
     decompose,
     output_error,
     whitened_decomposition,

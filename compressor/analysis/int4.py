@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.analysis.calibration import Calibrator, whitened_decomposition
+from compressor.analysis.tracing import Calibrator
+from compressor.analysis.whitened import whitened_decomposition
 from compressor.core.errors import CompressorError
 from compressor.core.handlers import INT4_BLOCK_SIZE, fake_int4_weight, handler_for
 from compressor.core.policies import EnergyPolicy, LayerSpectrum, RankPolicy, allocate, policy_from_options

@@ -40,7 +40,8 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.export.measure import file_size
-from compressor.export.onnx import DEFAULT_OPSET, EXPORTERS, EXTERNAL_DATA_BYTES, check_opset, export_in_turn
+from compressor.export.onnx import DEFAULT_OPSET, EXPORTERS, check_opset, export_in_turn
+from compressor.export.onnx_files import EXTERNAL_DATA_BYTES
 from compressor.formats.runtime import session
 
 # Tokens generated per prompt, and prompts, for the greedy comparison (issue: 32 tokens on 10 prompts).

@@ -35,8 +35,9 @@ from compressor.core.layers import LOW_RANK_TYPES
 from compressor.core.plan import Plan
 from compressor.core.rewrite import factored_table
 from compressor.core.version import __version__
+from compressor.formats.detect import FORMAT, META, PLAN, STRUCTURE, VERSION, WEIGHTS
 from compressor.formats.dropin import copy_sentence_transformers, mark_hf_config
-from compressor.formats.load import FORMAT, META, PLAN, STRUCTURE, VERSION, WEIGHTS, Loaded
+from compressor.formats.loaded import Loaded
 from compressor.formats.pickles import is_safe_global, pickle_globals
 
 

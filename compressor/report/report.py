@@ -280,6 +280,38 @@ def _mb(n: int | None) -> str:
 
 def render_markdown(r: dict[str, Any]) -> str:
     """A report a person reads: summary, validation, per-layer table, provenance."""
+    lines = _summary_markdown(r)
+    if r.get("fidelity"):
+        f = r["fidelity"]
+        what = "ONNX graph" if r["source"].get("format") == "onnx" else "torch model"
+        lines += [f"## Fidelity of the compressed {what} to the original ({f.get('inputs', 'the example inputs')})", "",
+                  f"cosine mean {number(f['cosine_mean'], '.5f')}, min {number(f['cosine_min'], '.5f')}, "
+                  f"relative error {number(f['relative_error'], '.4f')}"
+                  + (f" (compared: {f['compared']})" if f.get("compared") else ""), ""]
+    if any(k in r for k in VALIDATED):
+        lines += _validation_markdown(r)
+    if r.get("kv_cache"):
+        lines += _kv_cache_markdown(r["kv_cache"])
+    if r.get("latency"):
+        lines += _latency_markdown(r["latency"])
+    if r.get("edge"):
+        lines += edge_markdown(r["edge"])
+    if r.get("perplexity"):
+        lines += perplexity_markdown(PerplexityReport.from_dict(r["perplexity"]))
+    if r.get("stream"):
+        lines += _stream_markdown(r["stream"])
+    if r.get("plots"):
+        lines += ["## Spectra", ""] + [f"![{Path(p).stem}]({p})" for p in r["plots"]] + [""]
+    if r.get("layers"):
+        lines += _layers_markdown(r["layers"])
+    lines += ["## Provenance", "", f"- command: `{r.get('command')}`", f"- date: {r.get('date')}",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()),
+              "- step times (s): " + ", ".join(f"{k} {v}" for k, v in r.get("timings_s", {}).items()), ""]
+    return "\n".join(lines)
+
+
+def _summary_markdown(r: dict[str, Any]) -> list[str]:
+    """The title, sizes before and after, the policy, the calibration and the notes."""
     src_path = Path(r['source']['path'])
     lines = [f"# compressor report: {src_path.parent.name}/{src_path.name}", ""]
     lines += ["| | before | after | ratio |", "|---|---:|---:|---:|",
@@ -305,102 +337,98 @@ def render_markdown(r: dict[str, Any]) -> str:
     for note in r.get("notes") or []:
         lines.append(f"> note: {note}")
     lines.append("")
-    if r.get("fidelity"):
-        f = r["fidelity"]
-        what = "ONNX graph" if r["source"].get("format") == "onnx" else "torch model"
-        lines += [f"## Fidelity of the compressed {what} to the original ({f.get('inputs', 'the example inputs')})", "",
-                  f"cosine mean {number(f['cosine_mean'], '.5f')}, min {number(f['cosine_min'], '.5f')}, "
-                  f"relative error {number(f['relative_error'], '.4f')}"
-                  + (f" (compared: {f['compared']})" if f.get("compared") else ""), ""]
-    if any(k in r for k in VALIDATED):
-        against = ("the original ONNX model; variants vs `model.onnx`" if r["source"].get("format") == "onnx"
-                   else "the torch model")
-        lines += [f"## ONNX validation (onnxruntime vs {against})", "",
-                  "| file | size | max abs diff | cosine | tolerance | result |", "|---|---:|---:|---:|---|---|"]
-        for key in VALIDATED:
-            v = r.get(key)
-            if not v:
-                continue
-            if "skipped" in v:
-                lines.append(f"| - | | | | | skipped: {v['skipped']} |")
-                continue
-            tol = criterion(v)
-            lines.append(f"| `{v['path']}` | {_mb(v.get('size_bytes'))} | {number(v.get('max_abs_diff', 0), '.2e')} | "
-                         f"{number(v.get('cosine', float('nan')), '.6f')} | {tol} | "
-                         f"{'PASS' if v.get('passed') else '**FAIL**'} |")
-            for problem in v.get("graph_problems", []):
-                lines.append(f"> graph: {problem}")
-            for problem in v.get("problems", []):
-                lines.append(f"> `{v['path']}`: {problem}")
-        lines.append("")
-        if (r.get("int8") or {}).get("kept_fp16"):
-            lines += [f"`model.int8.onnx` keeps these layers in fp16 (those whose int8 rounding moved the "
-                      f"output most on the calibration inputs): {', '.join(r['int8']['kept_fp16'])}", ""]
-        lines += _qdq_markdown(r)
-        corr = (r.get("int4") or {}).get("correction")
-        if corr:
-            ranks = [v for v in corr["ranks"].values() if v]
-            lines += [f"`model.int4.onnx` (blocks of {corr['block_size']}) corrects {len(ranks)} of "
-                      f"{len(corr['ranks'])} 4-bit layers with low-rank factors ({corr['parameters']:,} weights, "
-                      f"ranks {min(ranks, default=0)} to {max(ranks, default=0)}, rule "
-                      f"{', '.join(f'{k}={x:g}' for k, x in corr['rule'].items())}, "
-                      f"{'data-aware' if corr['data_aware'] else 'plain SVD'}).", ""]
-    if r.get("kv_cache"):
-        kv = r["kv_cache"]
-        lay = kv["layout"]
-        first = next(iter(kv["files"].values()))
-        lines += ["## Key/value cache export (greedy generation, onnxruntime vs the torch model)", "",
-                  f"Inputs {', '.join(lay['inputs'][:2 + lay['position_ids']])}, `past_key_values.{{i}}.key/value` "
-                  f"[batch, {lay['kv_heads']}, past, {lay['head_dim']}] for {lay['layers']} layers; outputs `logits`, "
-                  f"`present.{{i}}.key/value`. {first['new_tokens']} greedy tokens (argmax, no stop at EOS) from each "
-                  f"of {first['prompts']} prompts ({first['prompt_source']}), onnxruntime threads "
-                  f"{first['threads'] or 'default'}; tokens/s include the prompt.", "",
-                  "| file | size | prompts identical | token agreement | prompt logits max abs diff | cosine | "
-                  "tokens/s onnx | tokens/s torch | criterion | result |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-        for c in kv["files"].values():
-            rule = f"same {c['new_tokens']} tokens" if c["same_tokens"] else f"cosine >= {c['min_cosine']}"
-            result = "PASS" if c["passed"] else "**FAIL**"
-            lines.append(f"| `{c['path']}` | {_mb(c['size_bytes'])} | {c['identical']}/{c['prompts']} | "
-                         f"{c['token_agreement']:.3f} | {number(c['max_abs_diff'], '.2e')} | "
-                         f"{number(c['cosine'], '.6f')} | {number(c['onnx_tokens_per_s'], '.1f')} | "
-                         f"{number(c['torch_tokens_per_s'], '.1f')} | {rule} | {result} |")
-            for problem in c.get("problems", []):
-                lines.append(f"> `{c['path']}`: {problem}")
-        lines.append("")
-    if r.get("latency"):
-        lat = r["latency"]
-        mac = "-" if lat.get("macs_ratio") is None else f"{lat['macs_ratio']:.3f}"
-        lines += ["## Latency vs multiply-adds (onnxruntime, each file side by side with the dense export)", "",
-                  f"{lat['threads']} threads, inputs {lat['inputs']}, {lat['rounds']} rounds ({lat['statistic']}).",
-                  "", "| file | dense ms | file ms | latency ratio | multiply-add ratio |", "|---|---:|---:|---:|---:|"]
-        for name, f in lat["files"].items():
-            lines.append(f"| `{name}` | {f['dense_ms']:.3f} | {f['ms']:.3f} | {f['latency_ratio']:.3f} | {mac} |")
-        lines += [""] + [f"> differs: {d}" for d in lat["differ"]] + [""]
-    if r.get("edge"):
-        lines += edge_markdown(r["edge"])
-    if r.get("perplexity"):
-        lines += perplexity_markdown(PerplexityReport.from_dict(r["perplexity"]))
-    if r.get("stream"):
-        lines += _stream_markdown(r["stream"])
-    if r.get("plots"):
-        lines += ["## Spectra", ""] + [f"![{Path(p).stem}]({p})" for p in r["plots"]] + [""]
-    if r.get("layers"):
-        lines += ["## Layers", "", "| layer | shape | rank | full | energy kept | rel. error | est. output error "
-                  "| params | note |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-        for lp in r["layers"]:
-            shape = "x".join(str(s) for s in lp["matrix_shape"])
-            energy = "" if lp["energy_kept"] is None else f"{lp['energy_kept']:.4f}"
-            err = "" if lp["rel_error"] is None else f"{lp['rel_error']:.3f}"
-            out_err = "" if lp.get("estimated_output_error") is None else f"{lp['estimated_output_error']:.3f}"
-            lines.append(f"| `{lp['name']}` | {shape} | {lp['rank'] or '-'} | {lp['full_rank']} | {energy} | "
-                         f"{err} | {out_err} | {lp['params_before']:,} → {lp['params_after']:,} | "
-                         f"{'factored' if lp['factored'] else lp['reason']} |")
-        lines.append("")
-    lines += ["## Provenance", "", f"- command: `{r.get('command')}`", f"- date: {r.get('date')}",
-              "- versions: " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()),
-              "- step times (s): " + ", ".join(f"{k} {v}" for k, v in r.get("timings_s", {}).items()), ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _validation_markdown(r: dict[str, Any]) -> list[str]:
+    """The validated ONNX files, then how the int8, static int8 and int4 files were made."""
+    against = ("the original ONNX model; variants vs `model.onnx`" if r["source"].get("format") == "onnx"
+               else "the torch model")
+    lines = [f"## ONNX validation (onnxruntime vs {against})", "",
+             "| file | size | max abs diff | cosine | tolerance | result |", "|---|---:|---:|---:|---|---|"]
+    for key in VALIDATED:
+        v = r.get(key)
+        if not v:
+            continue
+        if "skipped" in v:
+            lines.append(f"| - | | | | | skipped: {v['skipped']} |")
+            continue
+        tol = criterion(v)
+        lines.append(f"| `{v['path']}` | {_mb(v.get('size_bytes'))} | {number(v.get('max_abs_diff', 0), '.2e')} | "
+                     f"{number(v.get('cosine', float('nan')), '.6f')} | {tol} | "
+                     f"{'PASS' if v.get('passed') else '**FAIL**'} |")
+        for problem in v.get("graph_problems", []):
+            lines.append(f"> graph: {problem}")
+        for problem in v.get("problems", []):
+            lines.append(f"> `{v['path']}`: {problem}")
+    lines.append("")
+    if (r.get("int8") or {}).get("kept_fp16"):
+        lines += [f"`model.int8.onnx` keeps these layers in fp16 (those whose int8 rounding moved the "
+                  f"output most on the calibration inputs): {', '.join(r['int8']['kept_fp16'])}", ""]
+    lines += _qdq_markdown(r)
+    corr = (r.get("int4") or {}).get("correction")
+    if corr:
+        ranks = [v for v in corr["ranks"].values() if v]
+        lines += [f"`model.int4.onnx` (blocks of {corr['block_size']}) corrects {len(ranks)} of "
+                  f"{len(corr['ranks'])} 4-bit layers with low-rank factors ({corr['parameters']:,} weights, "
+                  f"ranks {min(ranks, default=0)} to {max(ranks, default=0)}, rule "
+                  f"{', '.join(f'{k}={x:g}' for k, x in corr['rule'].items())}, "
+                  f"{'data-aware' if corr['data_aware'] else 'plain SVD'}).", ""]
+    return lines
+
+
+def _kv_cache_markdown(kv: dict[str, Any]) -> list[str]:
+    """The key/value cache export: its layout and one row per file."""
+    lay = kv["layout"]
+    first = next(iter(kv["files"].values()))
+    lines = ["## Key/value cache export (greedy generation, onnxruntime vs the torch model)", "",
+             f"Inputs {', '.join(lay['inputs'][:2 + lay['position_ids']])}, `past_key_values.{{i}}.key/value` "
+             f"[batch, {lay['kv_heads']}, past, {lay['head_dim']}] for {lay['layers']} layers; outputs `logits`, "
+             f"`present.{{i}}.key/value`. {first['new_tokens']} greedy tokens (argmax, no stop at EOS) from each "
+             f"of {first['prompts']} prompts ({first['prompt_source']}), onnxruntime threads "
+             f"{first['threads'] or 'default'}; tokens/s include the prompt.", "",
+             "| file | size | prompts identical | token agreement | prompt logits max abs diff | cosine | "
+             "tokens/s onnx | tokens/s torch | criterion | result |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for c in kv["files"].values():
+        rule = f"same {c['new_tokens']} tokens" if c["same_tokens"] else f"cosine >= {c['min_cosine']}"
+        result = "PASS" if c["passed"] else "**FAIL**"
+        lines.append(f"| `{c['path']}` | {_mb(c['size_bytes'])} | {c['identical']}/{c['prompts']} | "
+                     f"{c['token_agreement']:.3f} | {number(c['max_abs_diff'], '.2e')} | "
+                     f"{number(c['cosine'], '.6f')} | {number(c['onnx_tokens_per_s'], '.1f')} | "
+                     f"{number(c['torch_tokens_per_s'], '.1f')} | {rule} | {result} |")
+        for problem in c.get("problems", []):
+            lines.append(f"> `{c['path']}`: {problem}")
+    lines.append("")
+    return lines
+
+
+def _latency_markdown(lat: dict[str, Any]) -> list[str]:
+    """Each file's latency measured side by side with the dense export, beside its multiply-add ratio."""
+    mac = "-" if lat.get("macs_ratio") is None else f"{lat['macs_ratio']:.3f}"
+    lines = ["## Latency vs multiply-adds (onnxruntime, each file side by side with the dense export)", "",
+             f"{lat['threads']} threads, inputs {lat['inputs']}, {lat['rounds']} rounds ({lat['statistic']}).",
+             "", "| file | dense ms | file ms | latency ratio | multiply-add ratio |", "|---|---:|---:|---:|---:|"]
+    for name, f in lat["files"].items():
+        lines.append(f"| `{name}` | {f['dense_ms']:.3f} | {f['ms']:.3f} | {f['latency_ratio']:.3f} | {mac} |")
+    lines += [""] + [f"> differs: {d}" for d in lat["differ"]] + [""]
+    return lines
+
+
+def _layers_markdown(layers: list[dict[str, Any]]) -> list[str]:
+    """One row per layer: shape, rank, energy kept, errors, parameters, and why it stayed dense."""
+    lines = ["## Layers", "", "| layer | shape | rank | full | energy kept | rel. error | est. output error "
+             "| params | note |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for lp in layers:
+        shape = "x".join(str(s) for s in lp["matrix_shape"])
+        energy = "" if lp["energy_kept"] is None else f"{lp['energy_kept']:.4f}"
+        err = "" if lp["rel_error"] is None else f"{lp['rel_error']:.3f}"
+        out_err = "" if lp.get("estimated_output_error") is None else f"{lp['estimated_output_error']:.3f}"
+        lines.append(f"| `{lp['name']}` | {shape} | {lp['rank'] or '-'} | {lp['full_rank']} | {energy} | "
+                     f"{err} | {out_err} | {lp['params_before']:,} → {lp['params_after']:,} | "
+                     f"{'factored' if lp['factored'] else lp['reason']} |")
+    lines.append("")
+    return lines
 
 
 def edge_markdown(m: dict[str, Any]) -> list[str]:

@@ -1,0 +1,232 @@
+"""The int8 variants: dynamic int8 (onnxruntime ``quantize_dynamic``; chosen layers may stay fp16) and static
+int8 in QDQ form (``quantize_static``; the calibration method and the float ends chosen by measurement)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compressor.core.errors import CompressorError
+from compressor.core.fileio import atomic_files
+from compressor.data.inputs import as_batches
+from compressor.export.fp16 import store_fp16
+from compressor.export.graph import weight_uses
+from compressor.export.measure import file_size
+from compressor.export.onnx_files import (
+    EXTERNAL_DATA_BYTES,
+    first_line,
+    load_graph,
+    onnx_session,
+    quiet,
+    save_onnx,
+)
+from compressor.formats.onnx_graph import feeds, module_name
+
+
+def export_int8(src_onnx: str | Path, dst: str | Path, *, keep_fp16: Sequence[str] = ()) -> Path:
+    """onnxruntime dynamic quantization of ``src_onnx``: int8 weights (per output channel), activations
+    quantized at run time. Written atomically; returns ``dst``.
+
+    ``keep_fp16`` names torch modules (``"encoder.layer.0.output.dense"``; a factored layer's name means
+    both its ``.down`` and ``.up``) left out of quantization: their weights are stored as float16 and
+    cast back to float32 like ``export_fp16`` does, one byte more per parameter than int8."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = Path(src_onnx), Path(dst)
+    if not src.is_file():
+        raise CompressorError(f"ONNX file '{src}' does not exist", "export the model first")
+    names = [keep_fp16] if isinstance(keep_fp16, str) else list(keep_fp16)
+    exclude = _kept_nodes(load_graph(src).graph, names, src) if names else None
+    big = file_size(src) > EXTERNAL_DATA_BYTES
+    try:
+        with atomic_files(dst) as tmpdir:
+            with quiet():
+                quantize_dynamic(src, tmpdir / dst.name, weight_type=QuantType.QInt8, per_channel=True,
+                                 use_external_data_format=big, nodes_to_exclude=exclude)
+            if exclude:
+                import onnx
+
+                model = onnx.load(str(tmpdir / dst.name))
+                # The kept nodes' weights, found again in the quantized graph: quantize_dynamic rewrites
+                # each Gemm into MatMul (+ Add) named after it, on a transposed copy of the weight.
+                inits = [t.name for t in model.graph.initializer]
+                kept = {init for init, node, _ in weight_uses(model.graph, inits) if node.name in exclude}
+                store_fp16(model.graph, kept)
+                for f in list(tmpdir.iterdir()):
+                    f.unlink()
+                save_onnx(model, tmpdir / dst.name, onnx)
+    except Exception as err:
+        raise CompressorError(f"int8 quantization of '{src}' failed ({type(err).__name__}: "
+                              f"{first_line(err)})", "export without --int8, or report the model") from err
+    return dst
+
+
+
+def _kept_nodes(graph, names: list[str], src: Path) -> set[str]:
+    """Names of the nodes quantize_dynamic must leave alone to keep the layers ``names`` unquantized."""
+    layers: dict[str, list] = {}  # module name, without export_onnx's "model." prefix -> [node, ...]
+    weights = [t.name for t in graph.initializer if len(t.dims) >= 2]
+    for weight, node, path in weight_uses(graph, weights):
+        module = module_name(weight, node)
+        if module:
+            layers.setdefault(module.removeprefix("model."), []).extend([node, *path])
+    exclude = set()
+    for name in names:
+        hits = [m for m in layers if m in (name, f"{name}.down", f"{name}.up")]
+        if not hits:
+            some = ", ".join(list(layers)[:4])
+            raise CompressorError(f"keep_fp16 names '{name}', which is no layer with a weight in '{src}'",
+                                  f"name torch modules as in model.named_modules(), e.g. {some}")
+        for node in (n for m in hits for n in layers[m]):
+            if not node.name:
+                raise CompressorError(f"the node of layer '{name}' in '{src}' has no name, so it cannot be "
+                                      "left out of quantization", "export the model with export_onnx")
+            # quantize_dynamic turns a Gemm into a MatMul named "<gemm>_MatMul" before it quantizes.
+            exclude |= {node.name, f"{node.name}_MatMul"} if node.op_type == "Gemm" else {node.name}
+    return exclude
+
+
+# ----------------------------------------------------------------------------- static int8 (QDQ)
+
+# How export_qdq calibrates activation ranges; each is measured and the most faithful kept. onnxruntime's
+# "entropy" method is left out: on MobileNetV2 (benchmarks/results/edge_mobilenetv2.md) one entropy export
+# took 193 s against 327 s for all five of export_qdq's attempts, and kept fewer top-1 classes (0.689 vs 0.700).
+QDQ_METHODS = ("minmax", "percentile")
+QDQ_METADATA = "compressor.qdq"  # the ONNX metadata key that records how a QDQ file was chosen
+# Ops whose constant weight export_qdq may leave float (the first and last of them in the graph).
+_QDQ_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Candidates closer than this in mean cosine count as equally faithful: fewer float layers win.
+QDQ_TIE = 1e-4
+
+
+def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any,
+               methods: Sequence[str] = QDQ_METHODS) -> Path:
+    """Static int8 of ``src_onnx`` in QDQ form (onnxruntime ``quantize_static``): weights int8 per output
+    channel, activations uint8 with ranges calibrated on ``calibration`` (a batch of model inputs or a list
+    of them: a tensor, a tuple or a dict each, as the fp32 file takes them). Written atomically; returns ``dst``.
+
+    Chosen by measurement, the mean per-sample cosine of every output to ``src_onnx``'s on the calibration
+    batches: first the calibration method among ``methods`` ("minmax", with a moving average over batches,
+    or "percentile"), then whether the first and/or last weight layer (Conv/Gemm/MatMul, in graph order:
+    the stem and the classifier, where int8 often costs most) stay float. What was tried and chosen is in
+    the file's metadata (:func:`qdq_choice`)."""
+    # Why static QDQ beside dynamic int8: dynamic quantization has no integer convolution kernel path worth
+    # having (9.1x the fp32 latency on MobileNetV2, against 0.52x for this), while QDQ pairs around Conv are
+    # fused by onnxruntime into integer QLinearConv and are what edge runtimes (XNNPACK, NNAPI, QNN) take.
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    src, dst = Path(src_onnx), Path(dst)
+    if not src.is_file():
+        raise CompressorError(f"ONNX file '{src}' does not exist", "export the model first")
+    unknown = [m for m in methods if m not in QDQ_METHODS]
+    if unknown or not methods:
+        raise CompressorError(f"unknown calibration method(s) {unknown or list(methods)}",
+                              f"use some of {', '.join(QDQ_METHODS)}")
+    if calibration is None:
+        raise CompressorError("static int8 needs calibration inputs, and none were given",
+                              "pass calibration batches (real inputs the model will see)")
+    reference = onnx_session(src)
+    batches = [feeds(reference, b) for b in as_batches(calibration, "static int8 calibration")]
+    expected = [reference.run(None, b) for b in batches]
+    graph = load_graph(src).graph
+    constants = {t.name for t in graph.initializer}
+    weighted = [n for n in graph.node if n.op_type in _QDQ_WEIGHT_OPS and n.name and len(n.input) > 1
+                and n.input[1] in constants]
+    big = file_size(src) > EXTERNAL_DATA_BYTES
+    tried: list[dict[str, Any]] = []
+
+    def attempt(method: str, keep: tuple[str, ...], folder: Path) -> dict[str, Any]:
+        path = folder / f"candidate{len(tried)}.onnx"
+        with quiet():
+            quantize_static(src, path, _Batches(batches), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=_calibrate_method(method), nodes_to_exclude=list(keep),
+                            use_external_data_format=big,
+                            extra_options={"CalibMovingAverage": True} if method == "minmax" else {})
+        session = onnx_session(path)
+        got = [session.run(None, b) for b in batches]
+        cosine = float(np.mean([_mean_cosine(g, w) for outs, wants in zip(got, expected, strict=True)
+                                for g, w in zip(outs, wants, strict=True)]))
+        tried.append({"method": method, "float_layers": [_layer_of(graph, n) for n in keep],
+                      "cosine": round(cosine, 6), "path": path})
+        return tried[-1]
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="compressor-qdq-") as tmp:
+            folder = Path(tmp)
+            best = max((attempt(m, (), folder) for m in methods), key=lambda c: c["cosine"])
+            ends = [n.name for n in weighted[:1]] + [n.name for n in weighted[-1:] if n is not weighted[0]]
+            keeps = [(e,) for e in ends] + ([tuple(ends)] if len(ends) == 2 else [])
+            for keep in keeps:
+                c = attempt(best["method"], keep, folder)
+                if c["cosine"] > best["cosine"] + QDQ_TIE:
+                    best = c
+            model = onnx.load(str(best["path"]))
+            choice = {"chosen": {k: best[k] for k in ("method", "float_layers", "cosine")},
+                      "tried": [{k: c[k] for k in ("method", "float_layers", "cosine")} for c in tried],
+                      "calibration_batches": len(batches),
+                      "calibration_samples": int(sum(next(iter(b.values())).shape[0] for b in batches)),
+                      "criterion": "mean per-sample cosine of the outputs to the fp32 file on the calibration "
+                                   "inputs", "weights": "int8, per output channel", "activations": "uint8"}
+            onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                                QDQ_METADATA: json.dumps(choice)})
+            with atomic_files(dst) as out:
+                save_onnx(model, out / dst.name, onnx)
+    except CompressorError:
+        raise
+    except Exception as err:
+        raise CompressorError(f"static int8 quantization of '{src}' failed ({type(err).__name__}: "
+                              f"{first_line(err)})", "export without --qdq, or report the model") from err
+    return dst
+
+
+def qdq_choice(path: str | Path) -> dict[str, Any] | None:
+    """What :func:`export_qdq` tried and chose for the file ``path`` (None for other files)."""
+    for prop in load_graph(path).metadata_props:
+        if prop.key == QDQ_METADATA:
+            return json.loads(prop.value)
+    return None
+
+
+class _Batches:
+    """onnxruntime's CalibrationDataReader over a list of feeds: ``get_next`` until None, then ``rewind``."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]):
+        self.batches, self.i = batches, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        self.i += 1
+        return self.batches[self.i - 1] if self.i <= len(self.batches) else None
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def _calibrate_method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[name]
+
+
+def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over samples (dimension 0) of the cosine similarity of the flattened outputs."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    cos = np.where((na == 0) & (nb == 0), 1.0, np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-300))
+    return float(np.mean(cos)) if cos.size else 1.0
+
+
+def _layer_of(graph, node_name: str) -> str:
+    """The torch module whose weight a node multiplies by (``features.0.0``), else the node's own name."""
+    node = next(n for n in graph.node if n.name == node_name)
+    # The weight's own name first: a conv with a BatchNorm folded in is scoped under the BatchNorm.
+    weight = node.input[1]
+    module = weight.removesuffix(".weight") if weight.endswith(".weight") else module_name(weight, node)
+    return module.removeprefix("model.") if module else node_name
