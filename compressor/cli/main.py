@@ -32,11 +32,10 @@ from compressor.core.errors import CompressorError
 from compressor.core.output import interrupt_exit_code, interrupt_on_sigterm
 from compressor.export.kv_cache import format_generation
 from compressor.export.onnx import DEFAULT_OPSET, FACTOR_STORAGE, VARIANTS
-from compressor.jobs.compress import Options
+from compressor.jobs.options import Options
 from compressor.report.report import VALIDATED, Report, criterion, number
 from compressor.search.recipes import DEFAULT_INT4_CORRECTIONS, DEFAULT_PRECISIONS, DEFAULT_TARGETS, PRECISIONS
 
-EXIT_BAD_INPUT = 2
 EXIT_VALIDATION_FAILED = 3
 
 
@@ -238,18 +237,9 @@ def _run_stream(mode: str, model: Path, kw: dict[str, Any]) -> None:
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
     kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])  # for report.md
-    flags = {"plots": "--plots", "trust_pickle": "--trust-pickle", "arch": "--arch", "outputs": "--output",
-             "input_shapes": "--input-shape", "example_inputs": "--example-inputs", "keep_fp16": "--keep-fp16",
-             "eval_text": "--eval-text", "eval_inputs": "--eval-inputs", "edge": "--edge", "kv_cache": "--kv-cache"}
-    unused = [flag for k, flag in flags.items() if kw.get(k)]
-    unused += [f"--{v}" for v in VARIANTS if kw.get(f"variant_{v}")]
     try:
-        if unused:
-            raise CompressorError(f"{', '.join(unused)} cannot be used with --stream (it writes the plan and "
-                                  "the factored weights only)", "leave them out, or run without --stream")
-        fields = {k: v for k, v in kw.items() if k in Options.__dataclass_fields__ and k != "progress"}
         summary = stream_compress(model, out, mode="compress" if mode == "compress" else "analyze",
-                                  options=Options(**fields))
+                                  options=Options(**kw, stream=True))
     except CompressorError as err:
         fail(err, debug)
     if as_json:
@@ -270,20 +260,10 @@ def _run_stream(mode: str, model: Path, kw: dict[str, Any]) -> None:
 
 def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
     """Run one mode, print the outcome, and turn errors into one line and an exit code."""
+    kw["variants"] = [name for name in VARIANTS if kw.pop(f"variant_{name}", False)]
     if kw.pop("stream", False):
         _run_stream(mode, model, kw)
         return
-    eval_only = [f"--{k.replace('_', '-')}" for k in ("eval_window", "eval_stride", "eval_max_windows")
-                 if kw.get(k) is not None] + (["--no-eval-bos"] if kw.get("eval_bos") is False else [])
-    if eval_only and kw.get("eval_text") is None:
-        click.echo(f"error: {', '.join(eval_only)}: only with --eval-text; add --eval-text FILE", err=True)
-        sys.exit(EXIT_BAD_INPUT)
-    stream_only = [f"--{k.replace('_', '-')}" for k in ("ray", "restart", "max_rank") if kw.pop(k, None)]
-    stream_only += [f"--{k}" for k in ("svd", "workers", "device") if k in kw and kw.pop(k) != getattr(Options, k)]
-    if stream_only:
-        click.echo(f"error: {', '.join(stream_only)}: only for streamed runs; add --stream", err=True)
-        sys.exit(EXIT_BAD_INPUT)
-    kw["variants"] = [name for name in VARIANTS if kw.pop(f"variant_{name}", False)]
     from compressor.jobs.compress import LowFidelityWarning, compress
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")

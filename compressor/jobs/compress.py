@@ -11,11 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
-import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +24,8 @@ from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_text, regular_file
 from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.core.plan import Plan
-from compressor.core.policies import policy_from_options
 from compressor.core.rewrite import rewrite
-from compressor.core.threads import LINALG_THREADS, check_threads, thread_budget, torch_threads
+from compressor.core.threads import LINALG_THREADS, thread_budget, torch_threads
 from compressor.data.inputs import (
     attention_mask,
     batches_fidelity,
@@ -41,93 +37,19 @@ from compressor.data.inputs import (
     sequence_axes,
 )
 from compressor.formats.onnx_graph import is_onnx, onnx_head
-from compressor.formats.shards import DEFAULT_SHARD_BYTES
 from compressor.jobs.compress_onnx import compress_onnx
+from compressor.jobs.options import Options, check_run, options_from
 from compressor.report.report import Report, StepTimes, build_report, write_report
 
 if TYPE_CHECKING:
     from compressor.train.heal import HealConfig
-from compressor.core.handlers import INT4_BLOCK_SIZE
-from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET, FACTOR_STORAGE, INT4_ACCURACY_LEVEL
+from compressor.export.onnx import INT4_ACCURACY_LEVEL
 
-MODES = ("compress", "analyze", "apply", "export")
 # Below this mean cosine to the original (on the example inputs) a compressed model's outputs are plainly
 # different, and the run says so (report.warnings, a `warning:` line, a LowFidelityWarning).
 LOW_FIDELITY_COSINE = 0.9
 # How many of the layers that hurt most alone that warning names.
 WORST_LAYERS_SHOWN = 3
-# --input-shape makes random example inputs: refuse shapes holding more elements than this (all inputs
-# together, 2**27 float32 = 512 MiB) before allocating them.
-MAX_INPUT_ELEMENTS = 2**27
-# Streamed runs: one worker process per two cores (each SVD on one thread, the rest left for reading and
-# writing); below two workers the layers run in the calling process, one after another.
-DEFAULT_WORKERS = max(1, (os.cpu_count() or 1) // 2)
-
-
-@dataclass
-class Options:
-    """Everything a run can be told; the CLI maps its flags one to one onto these fields."""
-
-    energy: float | None = None
-    rank: int | None = None
-    rank_ratio: float | None = None
-    target: float | None = None
-    rank_multiple: int = 1
-    include: Sequence[str] = ()
-    exclude: Sequence[str] = ()
-    plan_path: Path | None = None  # mode "apply"
-    trust_pickle: bool = False
-    arch: str | None = None
-    input_shapes: Sequence[str] = ()
-    example_inputs: Path | None = None
-    atol: float = DEFAULT_ATOL
-    opset: int = DEFAULT_OPSET
-    variants: Sequence[str] = ()  # precisions written beside model.onnx, from export.onnx.VARIANTS
-    keep_fp16: int = 0  # with int8: this many int8-sensitive layers stay fp16 (measured on calibration)
-    int4_block_size: int = INT4_BLOCK_SIZE  # with int4: weights per scale / zero point
-    int4_correction: str | None = None  # with int4: "rank=16", "energy=0.5" or "budget=0.05" (analysis.int4)
-    int4_factors: str = FACTOR_STORAGE[0]  # with a correction: its factors stored "fp16" or "int8"
-    # Causal LMs: also model_kv.onnx (past_key_values in, present out) and its variants, validated by greedy
-    # generation against the torch model (compressor.export.kv_cache).
-    kv_cache: bool = False
-    outputs: Sequence[str] = ()  # the outputs fidelity and sensitivity compare (empty: every float output)
-    # Held-out inputs (tensors, or text for a model with a tokenizer) the fidelity is measured on, instead of
-    # the two example inputs: a number that speaks for the data, not for two sentences.
-    eval_inputs: Path | None = None
-    edge: bool = False  # also write edge/: every ONNX file as .ort, its operators, a manifest (export.edge)
-    plots: bool = False
-    calibration: Path | None = None
-    calibration_samples: int | None = None
-    keep_batchnorm: bool = False  # do not fold BatchNorms into the convs before them (analyze's fold_batchnorm)
-    force: bool = False
-    progress: bool | None = None
-    command: str | None = None
-    threads: int | None = None  # torch threads for the whole job; None: the tool chooses per operation
-    # Factor only layers measured faster than dense at the example input shape, and time every written
-    # file against dense (report.latency). None: the command's default (off here, on in search).
-    latency_aware: bool | None = None
-    # Streamed runs (compressor.jobs.stream): checkpoints read tensor by tensor, resumable, parallel.
-    stream: bool = False
-    svd: str = "exact"  # or "randomized": the leading singular triplets only, checked per layer
-    workers: int = DEFAULT_WORKERS
-    ray: str | None = None  # "local", or the address of a Ray cluster
-    restart: bool = False  # drop an unfinished streamed run's state instead of continuing it
-    device: str = "cpu"  # where a streamed run's SVDs run ("cuda" for a GPU)
-    max_rank: int | None = None  # streamed: no layer's rank above this (bounds the randomized SVD; --target needs it)
-    shard_bytes: int = DEFAULT_SHARD_BYTES
-    # Perplexity (data.perplexity) of the dense and compressed models and of every written ONNX file on
-    # this text file, by one protocol: windows of eval_window positions (None: 2048 capped at the model's
-    # context) eval_stride text tokens apart (None: not overlapping), BOS first in each or not.
-    eval_text: Path | None = None
-    eval_window: int | None = None
-    eval_stride: int | None = None
-    eval_bos: bool = True
-    eval_max_windows: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def policy(self) -> dict[str, Any]:
-        return {k: v for k, v in {"energy": self.energy, "rank": self.rank, "rank_ratio": self.rank_ratio,
-                                  "target": self.target}.items() if v is not None}
 
 
 def default_out(source: Path) -> Path:
@@ -145,9 +67,8 @@ def compress(source: str | Path, out: str | Path | None = None, *, mode: str = "
     Options may be given as an :class:`Options` or as its field names (``energy=0.95``). The input is
     never modified; the output folder appears only when every step succeeded.
     """
-    opts = options or Options(**kwargs)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}")
+    opts = options_from(options, kwargs)
+    check_run(opts, mode, Path(source))  # the cheap checks first: a bad option should not wait for a model
     with thread_budget(opts.threads):
         return _job(Path(source), out, mode, opts)
 
@@ -156,41 +77,6 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
     from compressor.formats.load import load_model  # imported here: loading pulls optional libraries on demand
 
     out = Path(out) if out is not None else default_out(source)
-    # Cheap checks first: a bad option or an existing folder should not wait for a model to load.
-    check_options(opts)
-    if mode == "apply":
-        check_plan_path(opts.plan_path)
-    if mode in ("compress", "analyze"):
-        if len(opts.policy()) != 1:
-            given = ", ".join(f"--{k.replace('_', '-')}" for k in opts.policy()) or "none"
-            raise CompressorError(f"exactly one rank policy is needed, got {given}",
-                                  "pass one of --energy, --rank, --rank-ratio or --target")
-        policy_from_options(**opts.policy())
-    if opts.keep_fp16:
-        if isinstance(opts.keep_fp16, bool) or not isinstance(opts.keep_fp16, int) or opts.keep_fp16 < 0:
-            raise CompressorError(f"--keep-fp16 must be a whole number >= 0, got {opts.keep_fp16!r}",
-                                  "pass e.g. --keep-fp16 1")
-        if "int8" not in opts.variants:
-            raise CompressorError("--keep-fp16 chooses layers of the int8 file, but --int8 is not given",
-                                  "add --int8", cli_fix="add --int8")
-        if opts.calibration is None:
-            raise CompressorError("--keep-fp16 measures which layers int8 hurts on calibration inputs, "
-                                  "but --calibration is not given", "add --calibration FILE")
-    if opts.kv_cache and (mode == "analyze" or is_onnx(source)):
-        raise CompressorError("a key/value cache export needs the torch causal LM, and "
-                              + ("analyze exports nothing" if mode == "analyze" else "the input is an ONNX file"),
-                              "leave out kv_cache", cli_fix="leave out --kv-cache")
-    if opts.eval_text is not None:
-        check_eval_text(opts, mode, is_onnx(source))
-    if opts.eval_inputs is not None and mode not in ("compress", "apply"):
-        raise CompressorError(f"held-out inputs measure the fidelity of a compressed model, and {mode} writes none",
-                              "leave out eval_inputs", cli_fix="leave out --eval-inputs")
-    if opts.edge and opts.kv_cache:  # edge/ validates each file on the example inputs, which a cache file does not take
-        raise CompressorError("--edge does not convert key/value cache files yet",
-                              "run --kv-cache and --edge separately", cli_fix="run --kv-cache and --edge separately")
-    if opts.edge and mode == "analyze":
-        raise CompressorError("an edge folder holds the ONNX files a run writes, and analyze writes none",
-                              "leave out edge, or run compress", cli_fix="leave out --edge, or run compress")
     check_not_over_inputs(out, [("model", source), ("calibration file", opts.calibration),
                                 ("example inputs", opts.example_inputs), ("plan file", opts.plan_path),
                                 ("evaluation text", opts.eval_text), ("held-out inputs", opts.eval_inputs)])
@@ -199,7 +85,7 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
         if opts.eval_inputs is not None:
             raise CompressorError("held-out inputs are for torch models; an ONNX input's fidelity is measured on "
                                   "its example inputs", "leave out eval_inputs", cli_fix="leave out --eval-inputs")
-        return compress_onnx(source, out, mode, opts, shapes=input_shapes(opts), low_fidelity=LOW_FIDELITY_COSINE)
+        return compress_onnx(source, out, mode, opts, shapes=opts.shapes(), low_fidelity=LOW_FIDELITY_COSINE)
     timings = StepTimes()
     step = timings.step
 
@@ -325,23 +211,6 @@ def with_pooled_output(opts: Options, loaded) -> Options:
     return dataclasses.replace(opts, outputs=[pooled_name(spec["mode"], spec["normalize"])])
 
 
-def check_eval_text(opts: Options, mode: str, onnx_input: bool) -> None:
-    """Refuse an evaluation text a run cannot use, before the model loads: a bad file, bad protocol
-    settings, a mode that writes no model, an ONNX input (its perplexity is ``compress eval``'s); shared by
-    compress and search."""
-    from compressor.data.perplexity import check_protocol, read_text
-
-    if mode == "analyze":
-        raise CompressorError("an evaluation text measures the models a run writes, and analyze writes none",
-                              "leave out eval_text, or run compress", cli_fix="leave out --eval-text, or run compress")
-    if onnx_input:
-        raise CompressorError("an evaluation text needs the torch model and its tokenizer, and the input is an "
-                              "ONNX file", "measure the ONNX files with compressor.jobs.perplexity",
-                              cli_fix="measure the ONNX files with compress eval FILE.onnx --text FILE")
-    check_protocol(opts.eval_window, opts.eval_stride, opts.eval_bos, opts.eval_max_windows, flags="eval-")
-    read_text(opts.eval_text)
-
-
 def eval_protocol(loaded, opts: Options):
     """The evaluation text tokenized once and its windows (a :class:`compressor.data.perplexity.Protocol`;
     the window defaults to the model's), refused before the slow steps when the model cannot be measured
@@ -418,80 +287,6 @@ def layer_damage(original: nn.Module, compressed: nn.Module, names: Sequence[str
     return out
 
 
-def check_options(opts: Options) -> None:
-    """Refuse option values no run can use, before anything is loaded (shared by compress and search)."""
-    from compressor.analysis.int4 import parse_correction
-    from compressor.export.onnx import VARIANTS, check_factor_storage, check_int4_block_size, check_opset
-
-    check_opset(opts.opset)
-    int4_settings = {"int4_block_size": opts.int4_block_size != INT4_BLOCK_SIZE,
-                     "int4_correction": opts.int4_correction is not None,
-                     "int4_factors": opts.int4_factors != FACTOR_STORAGE[0]}
-    given = [k for k, v in int4_settings.items() if v]
-    if given and "int4" not in opts.variants:
-        flag = given[0].replace("_", "-")
-        raise CompressorError("an int4 block size, correction or factor storage is given, but the int4 file "
-                              "is not asked for", "add 'int4' to variants",
-                              cli_fix=f"add --int4 (--{flag} applies to it)")
-    check_int4_block_size(opts.int4_block_size)
-    check_factor_storage(opts.int4_factors)
-    if opts.int4_correction is not None:
-        parse_correction(opts.int4_correction)
-    check_threads(opts.threads)
-    if not isinstance(opts.edge, bool):
-        raise CompressorError(f"edge must be True or False, got {opts.edge!r}", "pass edge=True to write edge/")
-    written = [v for v in VARIANTS if VARIANTS[v].write is not None]
-    unknown = [v for v in opts.variants if v not in written]
-    if unknown:
-        raise CompressorError(f"unknown export variant(s) {', '.join(map(repr, unknown))}",
-                              f"choose from {', '.join(written)}")
-    if not (isinstance(opts.atol, int | float) and math.isfinite(opts.atol) and opts.atol >= 0):
-        raise CompressorError(f"atol must be a finite number >= 0 (the largest difference allowed between "
-                              f"onnxruntime and torch outputs), got {opts.atol!r}", "pass e.g. atol=1e-3",
-                              cli_fix="pass e.g. --atol 1e-3")
-    rm = opts.rank_multiple
-    if isinstance(rm, bool) or not isinstance(rm, int) or rm < 1:
-        raise CompressorError(f"rank_multiple must be a whole number >= 1, got {rm!r}", "pass e.g. rank_multiple=8",
-                              cli_fix="pass e.g. --rank-multiple 8")
-    n = opts.calibration_samples
-    if n is not None:
-        if opts.calibration is None:
-            raise CompressorError("--calibration-samples limits the calibration inputs, but --calibration is "
-                                  "not given", "pass calibration=FILE too, or leave out calibration_samples",
-                                  cli_fix="add --calibration FILE, or leave out --calibration-samples")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise CompressorError(f"calibration_samples must be a whole number >= 1, got {n!r}",
-                                  "pass e.g. calibration_samples=256", cli_fix="pass e.g. --calibration-samples 256")
-    input_shapes(opts)
-
-
-def check_plan_path(path: Path | None) -> None:
-    if path is None:
-        raise CompressorError("apply needs a plan file", "compress apply MODEL PLAN.json")
-    path = Path(path)
-    if path.is_dir():
-        inside = path / "plan.json"
-        raise CompressorError(f"the plan path '{path}' is a folder, not a plan file",
-                              f"pass the plan file itself, e.g. compress apply MODEL {inside}" if inside.is_file()
-                              else "pass the plan.json that compress or compress analyze wrote")
-    regular_file(path, "plan file")  # missing, a FIFO, a device: one line each
-
-
-def input_shapes(opts: Options) -> list[tuple[int, ...]]:
-    """The shapes of --input-shape, refused when they would hold more than MAX_INPUT_ELEMENTS."""
-    from compressor.data.readers import parse_input_shape
-
-    shapes = [parse_input_shape(s) for s in opts.input_shapes]
-    total = sum(math.prod(s) for s in shapes)
-    if total > MAX_INPUT_ELEMENTS:
-        raise CompressorError(f"input shapes {', '.join(opts.input_shapes)} hold {total:,} elements, more than "
-                              f"the {MAX_INPUT_ELEMENTS:,} random example inputs are allowed (about "
-                              f"{MAX_INPUT_ELEMENTS * 4 // 2**20} MiB)",
-                              "give the shape of one small batch, e.g. input_shapes=['1x3x224x224']",
-                              cli_fix="give the shape of one small batch, e.g. --input-shape 1x3x224x224")
-    return shapes
-
-
 def _calibration(loaded, opts: Options) -> list | None:
     if opts.calibration is None:
         return None
@@ -552,7 +347,7 @@ def example_inputs(loaded, opts: Options):
         dtype = next((p.dtype for p in (loaded.model.parameters() if loaded.model is not None else ())
                       if p.is_floating_point()), torch.float32)
         g = torch.Generator().manual_seed(0)
-        tensors = tuple(torch.randn(s, generator=g).to(dtype) for s in input_shapes(opts))
+        tensors = tuple(torch.randn(s, generator=g).to(dtype) for s in opts.shapes())
         return tensors[0] if len(tensors) == 1 else tensors
     if opts.example_inputs is not None:
         return load_example_inputs(opts.example_inputs)

@@ -37,7 +37,7 @@ import torch
 from compressor.analysis.analyze import check_patterns, find_layers, layer_plan, tied_notes, unique_param_count
 from compressor.analysis.calibration import DAMPING, calibration_info, output_error
 from compressor.analysis.decoder import BLOCKWISE_PASSES, is_decoder
-from compressor.analysis.stream import SVD_METHODS, LayerTask, bounded_spectrum, timed_layer
+from compressor.analysis.stream import LayerTask, bounded_spectrum, timed_layer
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_text, file_in_folder, signals_deferred
 from compressor.core.output import OutputDir, check_not_over_inputs
@@ -51,7 +51,8 @@ from compressor.formats.dropin import copy_sentence_transformers, mark_hf_config
 from compressor.formats.load import detect_format
 from compressor.formats.save import hf_architecture, write_meta
 from compressor.formats.shards import Checkpoint, ShardWriter
-from compressor.jobs.compress import Options, default_out, weights_only_model
+from compressor.jobs.compress import default_out, weights_only_model
+from compressor.jobs.options import OptionError, Options, options_from
 from compressor.report.report import stream_report, write_report
 
 STATE_FORMAT = 2  # 2: every state file sealed (sha256 beside it)
@@ -74,7 +75,7 @@ def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: 
     cluster address), ``restart`` (drop an unfinished run's state instead of continuing it) and
     ``shard_bytes`` (largest output shard).
     """
-    opts = options or Options(**kwargs)
+    opts = options_from(options, kwargs, stream=True)  # a bad option: one line, before any work
     source = Path(source)
     out = Path(out) if out is not None else default_out(source)
     if mode not in ("analyze", "compress"):
@@ -207,31 +208,12 @@ def _peak_rss_gib() -> float:
 
 
 def _check(opts: Options):
-    if len(opts.policy()) != 1:
-        given = ", ".join(f"--{k.replace('_', '-')}" for k in opts.policy()) or "none"
-        raise CompressorError(f"exactly one rank policy is needed, got {given}",
-                              "pass one of --energy, --rank, --rank-ratio or --target")
+    """The policy, and the checks an :class:`Options` cannot make alone: the Ray cluster answers, the device
+    exists here."""
+    if not opts.policy():
+        raise OptionError("exactly one rank policy is needed, got none",
+                          "pass one of `energy`, `rank`, `rank_ratio` or `target`")
     policy = policy_from_options(**opts.policy())
-    if opts.svd not in SVD_METHODS:
-        raise CompressorError(f"svd must be one of {', '.join(SVD_METHODS)}, got {opts.svd!r}",
-                              "pass svd='exact' or svd='randomized'", cli_fix="pass --svd exact or --svd randomized")
-    m = opts.max_rank
-    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-        raise CompressorError(f"max_rank must be a whole number >= 1, got {m!r}", "pass e.g. max_rank=256",
-                              cli_fix="pass e.g. --max-rank 256")
-    if opts.svd == "randomized" and across_layers(policy) and m is None:
-        raise CompressorError("the randomized SVD finds only the leading singular values, but --target without a "
-                              "rank bound compares every layer's whole spectrum",
-                              "pass max_rank=N (e.g. 256), or svd='exact'",
-                              cli_fix="add --max-rank N (e.g. --max-rank 256), or leave out --svd randomized")
-    if opts.calibration is not None:
-        # The whitened SVDs need whole spectra and run in this process, block after block.
-        for bad, option, flag in ((opts.svd != "exact", f"svd={opts.svd!r}", "--svd"),
-                                  (opts.ray is not None, "ray", "--ray"), (opts.device != "cpu", "device", "--device")):
-            if bad:
-                raise CompressorError(f"a streamed run with calibration data computes whitened SVDs block by "
-                                      f"block in this process; {option} cannot be used with it",
-                                      f"leave out {option.split('=')[0]}", cli_fix=f"leave out {flag}")
     if opts.ray not in (None, "local"):
         _probe_ray(opts.ray)
     try:
@@ -239,13 +221,6 @@ def _check(opts: Options):
     except (RuntimeError, AssertionError) as err:
         raise CompressorError(f"device {opts.device!r} cannot be used here ({str(err).splitlines()[0][:100]})",
                               "pass device='cpu'", cli_fix="pass --device cpu") from None
-    w = opts.workers
-    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-        raise CompressorError(f"workers must be a whole number >= 1, got {w!r}", "pass e.g. workers=2",
-                              cli_fix="pass e.g. --workers 2")
-    if isinstance(opts.rank_multiple, bool) or not isinstance(opts.rank_multiple, int) or opts.rank_multiple < 1:
-        raise CompressorError(f"rank_multiple must be a whole number >= 1, got {opts.rank_multiple!r}",
-                              "pass e.g. rank_multiple=8", cli_fix="pass e.g. --rank-multiple 8")
     return policy
 
 
