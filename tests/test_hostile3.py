@@ -320,7 +320,7 @@ def heal_run(tmp_path_factory) -> Path:
     import copy
 
     import compressor
-    from compressor.jobs.compress import heal_folder
+    from compressor.jobs.heal import heal_folder
     from compressor.train.heal import HealConfig
 
     d = tmp_path_factory.mktemp("heal")

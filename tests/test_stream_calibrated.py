@@ -230,8 +230,8 @@ def test_unsupported_inputs_are_refused_in_one_line(tmp_path):
     torch.save(_batches(64), tmp_path / "cal.pt")
     bare = next(llama.glob("*.safetensors"))
     cases = [((bert, "--target", "0.3"), "holds BertModel"), ((bare, "--target", "0.3"), "has no config.json"),
-             ((llama, "--rank", "4", "--svd", "randomized"), "svd='randomized' cannot be used"),
-             ((llama, "--rank", "4", "--ray"), "ray cannot be used"),
+             ((llama, "--rank", "4", "--svd", "randomized"), "--svd cannot be used"),
+             ((llama, "--rank", "4", "--ray"), "--ray cannot be used"),
              ((llama, "--rank", "4", "--output", "logits"), "--output cannot be used with --stream")]
     for extra, message in cases:
         out = tmp_path / "out"

@@ -264,7 +264,8 @@ def _run(mode: str, model: Path, kw: dict[str, Any]) -> None:
     if kw.pop("stream", False):
         _run_stream(mode, model, kw)
         return
-    from compressor.jobs.compress import LowFidelityWarning, compress
+    from compressor.jobs.compress import compress
+    from compressor.jobs.fidelity import LowFidelityWarning
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")
     kw["command"] = "compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -455,7 +456,7 @@ def export_cmd(model: Path, **kw: Any) -> None:
 @_common_options
 def heal_cmd(model: Path, **kw: Any) -> None:
     """Fine-tune a compressed model's factors to win back what truncation lost."""
-    from compressor.jobs.compress import heal_folder
+    from compressor.jobs.heal import heal_folder
     from compressor.train.heal import HealConfig, setting_names
 
     as_json, quiet, debug, out = kw.pop("as_json"), kw.pop("quiet"), kw.pop("debug"), kw.pop("out")

@@ -69,8 +69,10 @@ def _search_job(source: Path, out: str | Path | None, constraints: Constraints, 
     from compressor.data.inputs import check_fits
     from compressor.formats.load import load_model
     from compressor.formats.onnx_graph import is_onnx
-    from compressor.jobs.compress import default_out, eval_protocol, example_inputs, with_pooled_output
+    from compressor.jobs.compress import default_out
+    from compressor.jobs.loading import example_inputs, with_pooled_output
     from compressor.jobs.options import check_eval_text
+    from compressor.jobs.perplexity import eval_protocol
     from compressor.report.report import versions
 
     out = Path(out) if out is not None else default_out(source)

@@ -5,7 +5,7 @@
 The input is a safetensors file or a Hugging Face folder (one ``model.safetensors`` or shards named by
 ``model.safetensors.index.json``). Which tensors are layers is decided on a weightless skeleton (meta
 tensors) by the same layer handlers as in memory: the Hugging Face model its ``config.json`` describes,
-or, for a bare file, the stand-in of :func:`compressor.jobs.compress.weights_only_model`. Each layer's
+or, for a bare file, the stand-in of :func:`compressor.jobs.loading.weights_only_model`. Each layer's
 tensors are then read alone through memory maps and analysed by :func:`compressor.analysis.stream.run_layer`
 (here, in a process pool, or on Ray). Every finished layer is written at once, durably, to a state
 folder beside the output (``.OUT.stream/``) with a fingerprint of the checkpoint and the settings; the
@@ -51,7 +51,8 @@ from compressor.formats.dropin import copy_sentence_transformers, mark_hf_config
 from compressor.formats.load import detect_format
 from compressor.formats.save import hf_architecture, write_meta
 from compressor.formats.shards import Checkpoint, ShardWriter
-from compressor.jobs.compress import default_out, weights_only_model
+from compressor.jobs.compress import default_out
+from compressor.jobs.loading import weights_only_model
 from compressor.jobs.options import OptionError, Options, options_from
 from compressor.report.report import stream_report, write_report
 
