@@ -18,8 +18,11 @@ from compressor.jobs.options import Options
 
 
 def export_files(model: nn.Module, original: nn.Module, inputs, folder: Path, plan: Plan | None,
-            opts: Options, calibration: list | None = None, held_out: list | None = None,
-            prompts: tuple[list[list[int]], str] | None = None) -> dict[str, Any]:
+                 opts: Options, calibration: list | None = None, held_out: list | None = None,
+                 prompts: tuple[list[list[int]], str] | None = None) -> dict[str, Any]:
+    """model.onnx of ``model`` (validated on ``inputs``), its variants, the key/value-cache files (with
+    ``prompts``), the fidelity to ``original`` (on ``held_out`` when given) and, latency-aware, the latency of
+    every file; returns what the report takes of them."""
     from compressor.export.onnx import (
         VARIANTS,
         check_factored_graph,
@@ -93,7 +96,7 @@ def _int4(model: nn.Module, path: Path, folder: Path, opts: Options, calibration
 
 
 def edge_folder(model: nn.Module, original: nn.Module, inputs, folder: Path, opts: Options, source: Path,
-          exports: dict[str, Any]) -> dict[str, Any]:
+                exports: dict[str, Any]) -> dict[str, Any]:
     """edge/ for the ONNX files just written: validated against the torch model they were exported from,
     fidelity measured against the original, latency at one thread (a device's typical budget) unless
     --threads says otherwise."""
@@ -142,6 +145,7 @@ def _kv_cache(model: nn.Module, folder: Path, plan: Plan | None, opts: Options, 
 
 
 def ort_threads(opts: Options) -> int:
+    """onnxruntime's threads for the run's measurements: --threads, else the search's default."""
     from compressor.search.evaluate import THREADS
 
     return opts.threads or THREADS

@@ -25,6 +25,7 @@ def with_pooled_output(opts: Options, loaded) -> Options:
 
 
 def calibration_batches(loaded, opts: Options) -> list | None:
+    """The batches of ``opts.calibration`` (tensors, or text through the folder's tokenizer); None without."""
     if opts.calibration is None:
         return None
     from compressor.analysis.decoder import is_decoder
