@@ -323,11 +323,11 @@ class Options(RunOptions, StreamOptions, EvalOptions, ExportOptions, InputOption
             raise OptionError("the randomized SVD finds only the leading singular values, but `target` without a "
                               "rank bound compares every layer's whole spectrum",
                               "add `max_rank=N` (e.g. 256), or leave out `svd=randomized`")
-        if self.calibration is not None:
-            # The whitened SVDs need whole spectra and run in this process, block after block.
-            for name in _changed(self, ("svd", "ray", "device")):
-                raise OptionError("a streamed run with calibration data computes whitened SVDs block by block in "
-                                  f"this process; `{name}` cannot be used with it", f"leave out `{name}`")
+        # The whitened SVDs need whole spectra and run in this process, block after block.
+        whole = _changed(self, ("svd", "ray", "device")) if self.calibration is not None else []
+        if whole:
+            raise OptionError("a streamed run with calibration data computes whitened SVDs block by block in "
+                              f"this process; `{whole[0]}` cannot be used with it", f"leave out `{whole[0]}`")
 
 
 def options_from(options: Options | None, kwargs: Mapping[str, Any], **fixed: Any) -> Options:
