@@ -114,7 +114,7 @@ def test_a_plan_folding_a_missing_layer_changes_nothing():
     assert apply_folds(model, []) is model
 
 
-@pytest.mark.filterwarnings("ignore::compressor.jobs.compress.LowFidelityWarning")  # random weights, plain SVD
+@pytest.mark.filterwarnings("ignore::compressor.jobs.fidelity.LowFidelityWarning")  # random weights, plain SVD
 def test_the_compress_job_folds_with_example_inputs_and_keep_batchnorm_keeps_them(tmp_path):
     torch.manual_seed(0)
     model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),

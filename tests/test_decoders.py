@@ -141,7 +141,7 @@ def test_a_factored_decoder_exports_and_validates_with_its_variants(kind, folder
 
 
 def test_analyze_reports_the_parameters_the_plan_would_give(folders, tmp_path):
-    from compressor.cli.main import summary
+    from compressor.cli.summary import summary
 
     report = compressor.compress(folders["gemma3"], tmp_path / "a", mode="analyze", target=0.2, progress=False)
     t = report.plan_totals

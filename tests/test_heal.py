@@ -195,7 +195,7 @@ def test_heal_cli_options_are_generated_from_the_config():
 
     import click
 
-    from compressor.cli.main import heal_cmd
+    from compressor.cli.heal import heal_cmd
     from compressor.train.heal import HealConfig
 
     options = {p.name: p for p in heal_cmd.params}

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 import compressor  # noqa: E402
 from compressor.core.rewrite import rewrite  # noqa: E402
-from compressor.jobs.compress import load_training_data  # noqa: E402
+from compressor.jobs.heal import load_training_data  # noqa: E402
 from compressor.train.blockwise import block_error, capture  # noqa: E402
 from compressor.train.decoder import LMLoss, head_inputs, is_causal_lm, uncached  # noqa: E402
 from compressor.train.heal import heal  # noqa: E402

@@ -82,8 +82,9 @@ def crashed_run(work: Path, monkeypatch, after: int = 3) -> Path:
     """Leave the state of a streamed run of ``work/m`` that died after ``after`` finished layers; returns
     the state folder."""
     import compressor.jobs.stream as s
+    import compressor.jobs.stream_workers as w
 
-    run, calls = s.timed_layer, []
+    run, calls = w.timed_layer, []
 
     def dies(task):
         if len(calls) == after:
@@ -92,7 +93,7 @@ def crashed_run(work: Path, monkeypatch, after: int = 3) -> Path:
         return run(task)
 
     with monkeypatch.context() as m:
-        m.setattr(s, "timed_layer", dies)
+        m.setattr(w, "timed_layer", dies)
         with pytest.raises(RuntimeError, match="killed"):
             s.stream_compress(work / "m", work / "o", mode="compress", rank=4)
     return s.state_dir(work / "o")
@@ -320,7 +321,7 @@ def heal_run(tmp_path_factory) -> Path:
     import copy
 
     import compressor
-    from compressor.jobs.compress import heal_folder
+    from compressor.jobs.heal import heal_folder
     from compressor.train.heal import HealConfig
 
     d = tmp_path_factory.mktemp("heal")

@@ -34,7 +34,7 @@ def _mlp(out: int = 5) -> nn.Module:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A compressed MLP folder, its original, data files (good and bad) and a finished checkpointed run."""
-    from compressor.jobs.compress import heal_folder
+    from compressor.jobs.heal import heal_folder
 
     d = tmp_path_factory.mktemp("hostile")
     torch.manual_seed(0)

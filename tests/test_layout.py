@@ -129,21 +129,22 @@ def test_one_way_into_onnxruntime():
     assert not bad, "\n".join(bad)
 
 
-# Sizes a reader can follow: no function over 100 lines, no module over 600. Checked in the packages split so
-# far (issue 26); each joins SIZED once it meets them, until SIZED is all of compressor/.
-SIZED = ("train",)
-MAX_FUNCTION_LINES, MAX_MODULE_LINES = 100, 600
+# Modules a reader can follow top to bottom: none over MAX_MODULE_LINES lines and no function over
+# MAX_FUNCTION_LINES anywhere in compressor/ (issue 26). No exceptions today; one would be listed here with
+# its reason.
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 600, 100
+EXCEPTIONS: dict[str, str] = {}  # "path" or "path:function" -> why it is longer
 
 
-def test_functions_and_modules_stay_readable():
-    bad = []
-    for package in SIZED:
-        for path in sorted((PACKAGE / package).rglob("*.py")):
-            text = path.read_text()
-            if len(text.splitlines()) > MAX_MODULE_LINES:
-                bad.append(f"{path.relative_to(REPO)}: {len(text.splitlines())} lines")
-            bad += [f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
-                    for node in ast.walk(ast.parse(text))
-                    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-                    and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
-    assert not bad, "\n".join(bad)
+def test_modules_and_functions_are_short():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text, where = path.read_text(), str(path.relative_to(REPO))
+        if len(text.splitlines()) > MAX_MODULE_LINES and where not in EXCEPTIONS:
+            long.append(f"{where}: {len(text.splitlines())} lines")
+        long += [f"{where}:{node.name} (line {node.lineno}): {node.end_lineno - node.lineno + 1} lines"
+                 for node in ast.walk(ast.parse(text))
+                 if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                 and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+                 and f"{where}:{node.name}" not in EXCEPTIONS]
+    assert not long, "split these at a seam, or list them in EXCEPTIONS with the reason:\n" + "\n".join(long)

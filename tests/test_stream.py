@@ -295,11 +295,12 @@ def test_streamed_bare_safetensors_output_loads_into_the_users_module(tmp_path):
 _SLOW_RUN = """
 import sys, time
 import compressor.jobs.stream as s
-run = s.timed_layer
+import compressor.jobs.stream_workers as w
+run = w.timed_layer
 def slow(task):
     time.sleep(0.15)  # long enough for the test to kill the run between layers
     return run(task)
-s.timed_layer = slow
+w.timed_layer = slow
 s.stream_compress(sys.argv[1], sys.argv[2], mode="compress", energy=0.8, workers=1, shard_bytes=40_000)
 """
 
@@ -347,9 +348,9 @@ def test_a_changed_setting_is_refused_in_one_line_or_restarted(llama, tmp_path):
 def test_one_byte_changed_in_place_with_size_and_mtime_restored_is_refused(tmp_path, monkeypatch):
     model = _llama(tmp_path / "m")
     out = tmp_path / "o"
-    import compressor.jobs.stream as s
+    import compressor.jobs.stream_workers as w
 
-    run, calls = s.timed_layer, []
+    run, calls = w.timed_layer, []
 
     def crash_after_two(task):  # a run that dies after two finished layers, leaving its state behind
         if len(calls) == 2:
@@ -357,10 +358,10 @@ def test_one_byte_changed_in_place_with_size_and_mtime_restored_is_refused(tmp_p
         calls.append(task.name)
         return run(task)
 
-    monkeypatch.setattr(s, "timed_layer", crash_after_two)
+    monkeypatch.setattr(w, "timed_layer", crash_after_two)
     with pytest.raises(RuntimeError, match="killed"):
         stream_compress(model, out, rank=4)
-    monkeypatch.setattr(s, "timed_layer", run)
+    monkeypatch.setattr(w, "timed_layer", run)
     assert len(list((state_dir(out) / "layers").glob("*.safetensors"))) == 2
 
     # One byte in the middle of a weight's data, size and mtime put back: only the content differs.

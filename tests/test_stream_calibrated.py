@@ -81,7 +81,7 @@ def _in_memory(folder: Path, batches, tmp: Path, **policy):
 def test_streamed_calibration_equals_in_memory_one_block_at_a_time(tmp_path, monkeypatch, dtype, policy):
     from compressor.analysis import blocks
     from compressor.formats.shards import Checkpoint
-    from compressor.jobs import stream
+    from compressor.jobs import stream_blocks
 
     src = _llama(tmp_path / "llama", dtype)
     batches = _batches(96)
@@ -89,7 +89,7 @@ def test_streamed_calibration_equals_in_memory_one_block_at_a_time(tmp_path, mon
     # Count, at every tensor read, how many blocks hold real tensors: at most one, the one being read.
     seen: list[tuple[str, int]] = []
     built = []
-    init, read, run = blocks.BlockCalibration.__init__, Checkpoint.tensor, stream._Blockwise.run
+    init, read, run = blocks.BlockCalibration.__init__, Checkpoint.tensor, stream_blocks.Blockwise.run
 
     def capture(self, *a, **k):
         built.append(self)
@@ -106,7 +106,7 @@ def test_streamed_calibration_equals_in_memory_one_block_at_a_time(tmp_path, mon
 
     monkeypatch.setattr(blocks.BlockCalibration, "__init__", capture)
     monkeypatch.setattr(Checkpoint, "tensor", counted)
-    monkeypatch.setattr(stream._Blockwise, "run", passes)
+    monkeypatch.setattr(stream_blocks.Blockwise, "run", passes)
     summary = stream_compress(src, tmp_path / "s", mode="compress", calibration=tmp_path / "cal.pt",
                               shard_bytes=40_000, **policy)
     monkeypatch.undo()
@@ -151,11 +151,12 @@ def test_streamed_calibration_of_gpt2_tied_and_transposed(tmp_path):
 _SLOW_RUN = """
 import sys, time
 import compressor.jobs.stream as s
-layer = s._Blockwise._layer
+import compressor.jobs.stream_blocks as b
+layer = b.Blockwise._layer
 def slow(self, *a):
     time.sleep(0.15)  # long enough for the test to kill the run between layers
     return layer(self, *a)
-s._Blockwise._layer = slow
+b.Blockwise._layer = slow
 s.stream_compress(sys.argv[1], sys.argv[2], mode="compress", calibration=sys.argv[3], target=0.3,
                   shard_bytes=40_000)
 """
@@ -194,12 +195,12 @@ def test_sigkill_mid_block_then_rerun_writes_the_same_bytes(tmp_path):
 
 
 def test_other_calibration_data_is_another_run(tmp_path, monkeypatch):
-    from compressor.jobs import stream
+    from compressor.jobs import stream_blocks
 
     src = _llama(tmp_path / "llama", torch.float32)
     torch.save(_batches(96), tmp_path / "a.pt")
     torch.save(_batches(90), tmp_path / "b.pt")
-    layer, calls = stream._Blockwise._layer, []
+    layer, calls = stream_blocks.Blockwise._layer, []
 
     def crash(self, *a):
         calls.append(1)
@@ -207,7 +208,7 @@ def test_other_calibration_data_is_another_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return layer(self, *a)
 
-    monkeypatch.setattr(stream._Blockwise, "_layer", crash)
+    monkeypatch.setattr(stream_blocks.Blockwise, "_layer", crash)
     with pytest.raises(KeyboardInterrupt):
         stream_compress(src, tmp_path / "o", calibration=tmp_path / "a.pt", rank=4)
     monkeypatch.undo()
@@ -230,8 +231,8 @@ def test_unsupported_inputs_are_refused_in_one_line(tmp_path):
     torch.save(_batches(64), tmp_path / "cal.pt")
     bare = next(llama.glob("*.safetensors"))
     cases = [((bert, "--target", "0.3"), "holds BertModel"), ((bare, "--target", "0.3"), "has no config.json"),
-             ((llama, "--rank", "4", "--svd", "randomized"), "svd='randomized' cannot be used"),
-             ((llama, "--rank", "4", "--ray"), "ray cannot be used"),
+             ((llama, "--rank", "4", "--svd", "randomized"), "--svd cannot be used"),
+             ((llama, "--rank", "4", "--ray"), "--ray cannot be used"),
              ((llama, "--rank", "4", "--output", "logits"), "--output cannot be used with --stream")]
     for extra, message in cases:
         out = tmp_path / "out"

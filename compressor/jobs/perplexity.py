@@ -1,5 +1,6 @@
-"""``compress eval``: the perplexity of one model (a Hugging Face folder, a compressed folder, or an ONNX
-file) on a text file, as one Python call a notebook can make:
+"""Perplexity in jobs: ``compress eval`` on one model (a Hugging Face folder, a compressed folder, or an ONNX
+file) as one Python call a notebook can make, and ``--eval-text`` in compress and search (one protocol for
+the dense model, the compressed one and every written ONNX file):
 
     result = evaluate_perplexity("gemma/", "eval.txt", max_windows=8)    # a Perplexity
     result.ppl, result.to_dict()
@@ -8,12 +9,19 @@ file) on a text file, as one Python call a notebook can make:
 from __future__ import annotations
 
 import types
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from compressor.core.errors import CompressorError
 from compressor.core.threads import thread_budget
 from compressor.data.perplexity import DEFAULT_WINDOW, Perplexity, default_window, perplexity, read_corpus, read_text
 from compressor.formats.onnx_graph import is_onnx
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from compressor.jobs.options import Options
 
 
 def evaluate_perplexity(source: str | Path, text: str | Path, *, window: int | None = None,
@@ -53,3 +61,35 @@ def evaluate_perplexity(source: str | Path, text: str | Path, *, window: int | N
         tok = hf_tokenizer(Path(tokenizer)) if tokenizer is not None else loaded.tokenizer
         return perplexity(loaded.model, read_corpus(text, tok), window=window, stride=stride, bos=bos,
                           max_windows=max_windows)
+
+
+def eval_protocol(loaded, opts: Options):
+    """The evaluation text tokenized once and its windows (a :class:`compressor.data.perplexity.Protocol`;
+    the window defaults to the model's), refused before the slow steps when the model cannot be measured
+    (shared by compress and search)."""
+    from compressor.data.perplexity import Protocol, check_protocol, default_window, output_head, read_corpus
+
+    output_head(loaded.model)  # a causal language model, or one line saying it is not
+    window = opts.eval_window or default_window(getattr(loaded.model, "config", None))
+    check_protocol(window, opts.eval_stride, opts.eval_bos, opts.eval_max_windows, flags="eval-")
+    return Protocol(read_corpus(opts.eval_text, loaded.tokenizer), window, opts.eval_stride, opts.eval_bos,
+                    opts.eval_max_windows)
+
+
+def measure_perplexity(protocol, original: nn.Module, compressed: nn.Module, folder: Path,
+                       variants: Sequence[str] = (), threads: int | None = None):
+    """The perplexity of the dense model, the compressed one (when it differs), ``folder``'s model.onnx and
+    its ``variants`` by one protocol (:class:`compressor.report.report.PerplexityReport`)."""
+    from compressor.data.perplexity import perplexity
+    from compressor.export.perplexity import onnx_perplexity
+    from compressor.report.report import PerplexityReport
+
+    corpus, settings = protocol.corpus, protocol.settings()
+    results = {"dense": perplexity(original, corpus, **settings)}
+    if compressed is not original:
+        results["compressed"] = perplexity(compressed, corpus, **settings)
+    for path in (folder / "model.onnx", *(folder / f"model.{v}.onnx" for v in variants)):
+        if path.is_file():
+            results[path.name] = onnx_perplexity(path, corpus, **settings, threads=threads)
+    return PerplexityReport(results)
+

@@ -49,11 +49,11 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
     """``compress search``: load the model at ``source``, :func:`search`, and write the chosen ONNX file,
     ``front.json``, the front plots, ``report.json`` and ``report.md`` into ``out`` (all or nothing).
 
-    ``options`` is a :class:`compressor.jobs.compress.Options` (loading, example inputs, calibration, opset).
+    ``options`` is a :class:`compressor.jobs.options.Options` (loading, example inputs, calibration, opset).
     Held-out inputs come from ``eval_inputs`` (tensors, or text for Hugging Face models); without it,
     from seeded random inputs shaped like the example inputs (float inputs only).
     """
-    from compressor.jobs.compress import Options
+    from compressor.jobs.options import Options
 
     opts = options or Options()
     with thread_budget(opts.threads):
@@ -69,21 +69,17 @@ def _search_job(source: Path, out: str | Path | None, constraints: Constraints, 
     from compressor.data.inputs import check_fits
     from compressor.formats.load import load_model
     from compressor.formats.onnx_graph import is_onnx
-    from compressor.jobs.compress import (
-        check_eval_text,
-        check_options,
-        default_out,
-        eval_protocol,
-        example_inputs,
-        with_pooled_output,
-    )
+    from compressor.jobs.compress import default_out
+    from compressor.jobs.loading import example_inputs, with_pooled_output
+    from compressor.jobs.options import check_eval_text
+    from compressor.jobs.perplexity import eval_protocol
     from compressor.report.report import versions
 
     out = Path(out) if out is not None else default_out(source)
     cache_dir = Path(cache_dir) if cache_dir is not None else out.parent / ".compressor-cache"
     # Every check that needs no model comes first: a search takes minutes, a bad option should not.
     check_constraints(constraints)
-    check_options(opts)
+    opts.validate()  # made valid, and checked again: its fields may have been set since
     check_cache_dir(cache_dir)
     if opts.eval_text is not None:
         check_eval_text(opts, "search", is_onnx(source))
