@@ -1,17 +1,19 @@
 """A CTC text recogniser compressed through the ONNX path, judged on the decoded strings.
 
-    python benchmarks/ocr.py [--target 0.3] [--eval-lines 200] [--calibration-lines 64] [--work DIR]
+    PYTHONPATH=. python benchmarks/ocr.py [--targets 0.3,0.4,0.5] [--eval-lines 400] [--calibration-lines 64]
 
 The model is ddddocr's recogniser ``common.onnx`` (the ``beta=True`` model of ``ddddocr`` 1.6.1: 21 dense
-convs, a bidirectional LSTM and an 8210-way Gemm classifier; float32, 13.5M parameters), read with its
-charset straight out of the wheel (``pip download --no-deps ddddocr==1.6.1``; a zip): nothing of ddddocr's
-code runs. Its preprocessing and decoding are re-implemented as ddddocr 1.6.1 does them
-(``core/ocr_engine.py``): the image resized to height 64 (width in proportion, Lanczos), grayscale, pixel
-values / 255, shape (1, 1, 64, W); the output (steps, 1, 8210) decoded greedily (argmax per step, repeats
-collapsed, index 0 the blank, the rest mapped through ``CHARSET_BETA``).
+convs, a bidirectional LSTM and an 8210-way Gemm classifier; float32, 13.5M parameters), found with its
+charset in the installed package (``pip install --no-deps ddddocr``, as ``make setup`` does;
+``zoo.ddddocr_recognizer_onnx`` / ``zoo.ddddocr_recognizer_charset``): nothing of ddddocr's code runs. Its
+preprocessing and decoding are re-implemented as ddddocr 1.6.1 does them (``core/ocr_engine.py``): the
+image resized to height 64 (width in proportion, Lanczos), grayscale, pixel values / 255, shape
+(1, 1, 64, W); the output (steps, 1, 8210) decoded greedily (argmax per step, repeats collapsed, index 0 the
+blank, the rest mapped through ``CHARSET_BETA``).
 
-Text lines are rendered with Pillow in matplotlib's DejaVu fonts (Sans, Serif, Mono; 26-46 px; black on a
-light grey background, Gaussian pixel noise of std 8, margins 4-14 px): half random strings of 4-12 digits
+Text lines are rendered by ``zoo.rendered_text_line`` (Pillow, matplotlib's DejaVu Sans / Serif / Sans Mono,
+26-46 px, dark grey on light grey, Gaussian pixel noise of std 8, margins 4-14 px) and prepared by
+``zoo.ddddocr_recognizer_input``: half random strings of 4-12 digits
 and ASCII letters, half runs of 2-4 words from the docstrings of Python's standard library
 (``compressor.examples.docstring_passages``; calibration lines from other modules than evaluation lines,
 random strings from another seed, no line in both sets).
@@ -26,51 +28,20 @@ string), step agreement the fraction of output steps whose argmax is the origina
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import random
 import string
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-WHEEL = Path("/tmp/ddd/ddddocr-1.6.1-py3-none-any.whl")
-MODEL_MEMBER = "ddddocr/common.onnx"
-CHARSET_MEMBER = "ddddocr/charsets.py"
-HEIGHT = 64  # ddddocr resizes every line to this height
-FONTS = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")
-NOISE_STD = 8.0
 ALPHANUMERIC = string.digits + string.ascii_letters
 
 
 # ------------------------------------------------------------------------------------------ the model
-
-
-def extract(wheel: Path, work: Path) -> tuple[Path, list[str]]:
-    """``common.onnx`` written into ``work`` and ``CHARSET_BETA``, both read from the wheel (a zip). The
-    charset is a literal list in ``charsets.py``: parsed with ``ast.literal_eval``, never imported."""
-    with zipfile.ZipFile(wheel) as z:
-        model = work / "common.onnx"
-        if not model.exists():
-            model.write_bytes(z.read(MODEL_MEMBER))
-        tree = ast.parse(z.read(CHARSET_MEMBER).decode("utf-8"))
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "CHARSET_BETA":
-            return model, ast.literal_eval(node.value)
-    raise SystemExit(f"no CHARSET_BETA in {wheel}:{CHARSET_MEMBER}")
-
-
-def preprocess(image) -> np.ndarray:
-    """ddddocr's: height 64 (Lanczos, width in proportion), grayscale, / 255, (1, 1, 64, W) float32."""
-    from PIL import Image
-
-    width = int(image.size[0] * (HEIGHT / image.size[1]))
-    image = image.resize((width, HEIGHT), Image.LANCZOS).convert("L")
-    return (np.asarray(image, dtype=np.float32) / 255.0)[None, None]
 
 
 def decode(logits: np.ndarray, charset: list[str]) -> str:
@@ -113,22 +84,6 @@ def lines(n_eval: int, n_cal: int) -> tuple[list[str], list[str]]:
     return evaluation, calibration
 
 
-def render(text: str, rng: random.Random):
-    """``text`` in a random DejaVu font and size, dark on a light background, with pixel noise."""
-    import matplotlib
-    from PIL import Image, ImageDraw, ImageFont
-
-    fonts = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf"
-    font = ImageFont.truetype(str(fonts / rng.choice(FONTS)), rng.randint(26, 46))
-    left, top, right, bottom = font.getbbox(text)
-    mx, my = rng.randint(4, 14), rng.randint(4, 14)
-    image = Image.new("L", (right - left + 2 * mx, bottom - top + 2 * my), rng.randint(215, 255))
-    ImageDraw.Draw(image).text((mx - left, my - top), text, fill=rng.randint(0, 60), font=font)
-    pixels = np.asarray(image, dtype=np.float32)
-    noise = np.random.default_rng(rng.randrange(2**32)).normal(0.0, NOISE_STD, pixels.shape)
-    return Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
-
-
 # ------------------------------------------------------------------------------------------ measuring
 
 
@@ -165,6 +120,12 @@ def truth_accuracy(texts: list[str], outs: list[np.ndarray], charset: list[str])
     return float(np.mean([decode(o, charset) == t.replace(" ", "") for t, o in zip(texts, outs, strict=True)]))
 
 
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def file_bytes(folder_or_file: Path) -> int:
     if folder_or_file.is_file():
         return folder_or_file.stat().st_size
@@ -174,61 +135,115 @@ def file_bytes(folder_or_file: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", type=float, default=0.3)
+    parser.add_argument("--targets", default="0.3", help="comma-separated fractions of factorizable weights removed")
     parser.add_argument("--eval-lines", type=int, default=200)
     parser.add_argument("--calibration-lines", type=int, default=64)
     parser.add_argument("--methods", default="plain,data-aware")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ocr_bench"))
-    parser.add_argument("--wheel", type=Path, default=WHEEL)
     parser.add_argument("--result", default="benchmarks/results/ocr_ddddocr")
-    parser.add_argument("--extra", default="{}", help="JSON of more compressor.compress options for every method")
     args = parser.parse_args()
 
     import torch
     from _common import environment
 
     import compressor
+    from compressor import zoo
+    from compressor.export.onnx import write_variant
 
     torch.set_num_threads(1)
-    env = environment("python " + " ".join(sys.argv))
+    env = environment("PYTHONPATH=. python " + " ".join(sys.argv))
     args.work.mkdir(parents=True, exist_ok=True)
-    model, charset = extract(args.wheel, args.work)
+    model, charset = zoo.ddddocr_recognizer_onnx(), zoo.ddddocr_recognizer_charset()
     evaluation, calibration = lines(args.eval_lines, args.calibration_lines)
-    eval_inputs = [preprocess(render(t, random.Random(f"eval{i}"))) for i, t in enumerate(evaluation)]
-    cal_inputs = [preprocess(render(t, random.Random(f"cal{i}"))) for i, t in enumerate(calibration)]
+    cal_inputs = [zoo.ddddocr_recognizer_input(zoo.rendered_text_line(t, f"cal{i}")) for i, t in enumerate(calibration)]
+    eval_inputs = [zoo.ddddocr_recognizer_input(zoo.rendered_text_line(t, f"eval{i}")).numpy()
+                   for i, t in enumerate(evaluation)]
     calib = args.work / "calib.pt"
-    torch.save([torch.from_numpy(x) for x in cal_inputs], calib)
+    torch.save(cal_inputs, calib)
     dense, dense_s = run(model, eval_inputs)
-    result = {"environment": env, "model": f"{args.wheel.name}:{MODEL_MEMBER}", "target": args.target,
+    result = {"environment": env, "model": f"{model} (ddddocr 1.6.1, sha256 {sha256(model)})",
               "eval_lines": len(evaluation), "calibration_lines": len(calibration),
               "eval_examples": evaluation[:6] + evaluation[-6:],
               "calibration_examples": calibration[:3] + calibration[-3:],
               "dense": {"bytes": file_bytes(model), "truth_accuracy": truth_accuracy(evaluation, dense, charset),
-                        "seconds": dense_s}, "methods": {}}
-    extra = json.loads(args.extra)
-    for method in args.methods.split(","):
-        out = args.work / f"{method}_{args.target}"
-        options = {"target": args.target, "force": True, "threads": 1, **extra}
-        if method == "data-aware":
-            options["calibration"] = calib
-        start = time.perf_counter()
-        report = compressor.compress(model, out, **options).to_dict()
-        seconds = time.perf_counter() - start
-        outs, run_s = run(out / "model.onnx", eval_inputs)
-        totals = report.get("totals") or {}
-        row = {"options": {k: str(v) for k, v in options.items()}, "compress_seconds": seconds,
-               "bytes": file_bytes(out), "size_ratio": file_bytes(out) / file_bytes(model),
-               "params_before": totals.get("params_before"), "params_after": totals.get("params_after"),
-               "truth_accuracy": truth_accuracy(evaluation, outs, charset), "run_seconds": run_s,
-               "dense_run_seconds": dense_s, **agreement(dense, outs, charset),
-               "ranks": {lp["name"]: [lp.get("rank"), lp.get("kind")] for lp in json.loads(
-                   (out / "plan.json").read_text())["layers"] if lp.get("rank") is not None}}
-        result["methods"][method] = row
-        print(method, {k: v for k, v in row.items() if k not in ("ranks", "changed", "options")}, flush=True)
-    result["load_average_at_end"] = list(os.getloadavg())
+                        "run_seconds": dense_s}, "rows": []}
+    # What rounding alone changes: the dense model in fp16 (compressor's fp16 variant), a floor for the rest.
+    fp16 = write_variant("fp16", model, args.work / "dense.fp16.onnx")
+    outs, _ = run(fp16, eval_inputs)
+    result["dense_fp16"] = {"bytes": file_bytes(fp16), "size_ratio": file_bytes(fp16) / file_bytes(model),
+                            "truth_accuracy": truth_accuracy(evaluation, outs, charset),
+                            **agreement(dense, outs, charset)}
+    print("dense fp16", {k: v for k, v in result["dense_fp16"].items() if k != "changed"}, flush=True)
+    for target in [float(t) for t in args.targets.split(",")]:
+        for method in args.methods.split(","):
+            out = args.work / f"{method}_{target}"
+            options = {"target": target, "force": True, "threads": 1}
+            if method == "data-aware":
+                options["calibration"] = calib
+            start = time.perf_counter()
+            report = compressor.compress(model, out, **options)
+            seconds = time.perf_counter() - start
+            outs, run_s = run(out / "model.onnx", eval_inputs)
+            plan = json.loads((out / "plan.json").read_text())
+            row = {"target": target, "method": method, "options": {k: str(v) for k, v in options.items()},
+                   "compress_seconds": seconds, "bytes": file_bytes(out), "params_before": report.params_before,
+                   "params_after": report.params_after,
+                   "size_ratio": file_bytes(out) / file_bytes(model),
+                   "truth_accuracy": truth_accuracy(evaluation, outs, charset), "run_seconds": run_s,
+                   "dense_run_seconds": dense_s, **agreement(dense, outs, charset),
+                   "ranks": {lp["name"]: [lp["rank"], lp.get("kind")] for lp in plan["layers"]
+                             if lp.get("rank") is not None}}
+            result["rows"].append(row)
+            print(method, target, {k: v for k, v in row.items() if k not in ("ranks", "changed", "options")},
+                  flush=True)
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     Path(args.result + ".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    print(json.dumps({m: {k: r[k] for k in ("size_ratio", "string_agreement", "char_agreement", "step_agreement")}
-                      for m, r in result["methods"].items()}, indent=2))
+    Path(args.result + ".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    env = r["environment"]
+    fmt = "| {} | {} | {:.3f} | {:.3f} | {:.4f} | {:.4f} | {:.5f} | {:.3f} | {:.0f} | {} |"
+    rows = [fmt.format("dense fp16 (rounding only)", "-", r["dense_fp16"]["size_ratio"],
+                       r["dense_fp16"]["string_agreement"], r["dense_fp16"]["char_agreement"],
+                       r["dense_fp16"]["step_agreement"], r["dense_fp16"]["logit_cosine_mean"],
+                       r["dense_fp16"]["truth_accuracy"], 0, "-")]
+    for row in r["rows"]:
+        ranks = ", ".join(f"{name} r{rank}" + (f" ({kind})" if kind not in ("linear", "conv2d") else "")
+                          for name, (rank, kind) in row["ranks"].items())
+        rows.append(fmt.format(row["method"], row["target"], row["size_ratio"], row["string_agreement"],
+                               row["char_agreement"], row["step_agreement"], row["logit_cosine_mean"],
+                               row["truth_accuracy"], row["compress_seconds"], ranks))
+    changed = [f"- {row['method']} {row['target']}: " + ", ".join(f"`{a}` -> `{b}`" for a, b in row["changed"][:6])
+               for row in r["rows"]]
+    return "\n".join([
+        "# ddddocr's CTC recogniser through the ONNX path, judged on decoded lines", "",
+        f"Command: `{env['command']}` ({env['date']}; torch threads {env['torch_threads']}, onnxruntime 1 thread; "
+        f"{env['cpu_count']} CPUs ({env['processor']}) shared with other jobs, load average "
+        f"{env['load_average_at_start']} at start, {r['load_average_at_end']} at end).", "",
+        f"Model: `{r['model']}` (ddddocr's `beta=True` recogniser: 21 dense convs, a bidirectional LSTM that is no "
+        "MatMul/Gemm/Conv and stays dense, an 8210-way Gemm classifier; float32, 54.1 MB), found with its charset "
+        "in the installed package (`zoo.ddddocr_recognizer_onnx`, `zoo.ddddocr_recognizer_charset`); ddddocr's "
+        "preprocessing (height 64, grayscale, /255) and greedy CTC decoding re-implemented "
+        "(benchmarks/ocr.py). The reference is the dense model's own decoding of each line.", "",
+        f"Data: {r['eval_lines']} held-out and {r['calibration_lines']} calibration lines rendered with Pillow in "
+        "matplotlib's DejaVu Sans / Serif / Sans Mono, 26-46 px, dark on light grey with Gaussian pixel noise "
+        "(std 8): half random strings of 4-12 digits and ASCII letters (different seeds), half runs of 2-4 words "
+        "from Python standard-library docstrings (evaluation and calibration from different modules; no line in "
+        f"both). Held-out examples: {', '.join(f'`{t}`' for t in r['eval_examples'][:3] + r['eval_examples'][-3:])}; "
+        f"calibration examples: {', '.join(f'`{t}`' for t in r['calibration_examples'])}.", "",
+        "Each method is `compressor.compress(common.onnx, target=T[, calibration=calib.pt])` (calib.pt: a list of "
+        "(1, 1, 64, W) tensors, one per calibration line; the graph's batch axis is fixed to 1). Size: model.onnx "
+        "(+ .data) over the original file. String agreement: lines decoded exactly as the original decodes them; "
+        "char agreement: 1 - edit distance / characters of the original's decodings; step agreement: output steps "
+        "with the original's argmax (all three `compressor.data.sequence.decoded_agreement`); cosine: of the "
+        "logits per line, mean; truth: lines read exactly as rendered (spaces removed; the dense model reads "
+        f"{r['dense']['truth_accuracy']:.3f}).", "",
+        "| method | target | size | string agreement | char agreement | step agreement | logit cosine | truth "
+        "| compress s | factored (rank) |",
+        "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+        "Lines read differently (original -> compressed), first six:", "", *changed, ""])
 
 
 if __name__ == "__main__":
