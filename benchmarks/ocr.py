@@ -141,6 +141,8 @@ def main() -> None:
     parser.add_argument("--methods", default="plain,data-aware")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ocr_bench"))
     parser.add_argument("--result", default="benchmarks/results/ocr_ddddocr")
+    parser.add_argument("--exclude", default="", help="comma-separated layer globs every method keeps dense "
+                        "(e.g. 135, the classifier: the budget then falls on the convs)")
     args = parser.parse_args()
 
     import torch
@@ -177,7 +179,8 @@ def main() -> None:
     for target in [float(t) for t in args.targets.split(",")]:
         for method in args.methods.split(","):
             out = args.work / f"{method}_{target}"
-            options = {"target": target, "force": True, "threads": 1}
+            options = {"target": target, "force": True, "threads": 1,
+                       **({"exclude": args.exclude.split(",")} if args.exclude else {})}
             if method == "data-aware":
                 options["calibration"] = calib
             start = time.perf_counter()
@@ -240,6 +243,8 @@ def markdown(r: dict) -> str:
         "with the original's argmax (all three `compressor.data.sequence.decoded_agreement`); cosine: of the "
         "logits per line, mean; truth: lines read exactly as rendered (spaces removed; the dense model reads "
         f"{r['dense']['truth_accuracy']:.3f}).", "",
+        *([f"Kept dense by every method (`exclude`): {r['rows'][0]['options']['exclude']}, so the budget falls on "
+           "the other layers.", ""] if r["rows"] and "exclude" in r["rows"][0]["options"] else []),
         "| method | target | size | string agreement | char agreement | step agreement | logit cosine | truth "
         "| compress s | factored (rank) |",
         "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
