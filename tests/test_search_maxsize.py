@@ -101,3 +101,25 @@ def test_a_looser_size_limit_never_chooses_a_less_faithful_file(tmp_path):
         chosen.append((limit, result.chosen.fidelity, result.chosen.recipe.name))
     assert len({name for _, _, name in chosen}) >= 3, chosen  # the limits did pick different files
     assert all(a[1] <= b[1] for a, b in pairwise(chosen)), chosen
+
+
+@pytest.mark.parametrize("rank", [21, 22])
+def test_a_factored_embedding_of_odd_rank_exports_to_int4(tmp_path, rank):
+    """The 4-bit table is packed two values a byte: an odd width used to come back one column wider, so the
+    factored embedding's MatMul did not load (MiniLM's word embedding at rank 237 in a --max-size search)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    import compressor
+    from compressor.export.onnx import export_int4, export_onnx
+
+    model = TinyText().eval()
+    compressor.rewrite(model, compressor.analyze(model, overrides={"embed": rank}, rank=48))
+    ids = torch.randint(0, 512, (2, 7))
+    export_onnx(model, ids, tmp_path / "m.onnx")
+    export_int4(tmp_path / "m.onnx", tmp_path / "m.int4.onnx", block_size=16)
+    session = ort.InferenceSession(str(tmp_path / "m.int4.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+    want = model(ids).detach().numpy()
+    assert got.shape == want.shape
+    assert float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)) > 0.98
