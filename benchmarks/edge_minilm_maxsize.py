@@ -118,14 +118,30 @@ def markdown(d: dict) -> str:
     for r in d["runs"]:
         if "chosen" in r:
             lines.append(f"| {r['max_size']:g} | `{r['command']}` | {r['chosen']} | {r['size_bytes'] / 1e6:.2f} MB | "
-                         f"{r['fraction']:.3f} | {r['fidelity']:.5f} | {r['fidelity'] - int8['fidelity']:+.5f} | "
+                         f"{r['fraction']:.4f} | {r['fidelity']:.5f} | {r['fidelity'] - int8['fidelity']:+.5f} | "
                          f"{r['seconds']} |")
         else:
             lines.append(f"| {r['max_size']:g} | `{r['command']}` | {r['error']} | - | - | - | - | {r['seconds']} |")
+    if before := d.get("before"):
+        lines += ["", f"Before this change (commit {before['commit']}, {before['date']}, load average at start "
+                  f"{before['load_average_at_start']}): `{before['command']}` ({before['seconds']} s) ended with", "",
+                  f"    {before['error']}", "", "from these measurements (every low-rank int4 recipe was dense int4 "
+                  "again: the per-layer latency rule kept the factored embeddings dense):", "",
+                  *[f"    {line}" for line in before["log"]]]
     lines += ["", "Every measured point (the union of the three searches):", "",
               "| recipe | size | vs fp32 | fidelity | valid | latency (1 thread) |", "|---|---:|---:|---:|---|---:|"]
-    lines += [f"| {p['name']} | {p['size_bytes'] / 1e6:.2f} MB | {p['size_bytes'] / fp32:.3f} | {p['fidelity']:.5f} | "
+    lines += [f"| {p['name']} | {p['size_bytes'] / 1e6:.2f} MB | {p['size_bytes'] / fp32:.4f} | {p['fidelity']:.5f} | "
               f"{'PASS' if p['passed'] else 'FAIL'} | {p['latency_ms']:.2f} ms |" for p in d["points"]]
+    lines.append("")
+    seen = set()
+    for p in d["points"]:  # what each low-rank model factored (its precisions share it)
+        ranks = (p.get("plan_totals") or {}).get("factored_ranks")
+        target = p["recipe"].get("target")
+        if ranks and target not in seen:
+            seen.add(target)
+            shown = ", ".join(f"{n} {r}" for n, r in list(ranks.items())[:4])
+            lines.append(f"- low rank {target:g}: {len(ranks)} layer(s) factored: {shown}"
+                         + (", ..." if len(ranks) > 4 else ""))
     return "\n".join(lines) + "\n"
 
 
