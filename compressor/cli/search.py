@@ -52,8 +52,8 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
               help="Also try each int8 recipe keeping this many layers, those int8 rounding hurts most "
                    "(measured on --calibration), in fp16; a comma list such as 2,4.")
 @click.option("--int4-corrections", default=",".join(DEFAULT_INT4_CORRECTIONS), show_default=True,
-              help="With int4 among --precisions: also try dense int4 with each of these low-rank corrections "
-                   "of its rounding error (rank=R, energy=E or budget=F; data-aware with --calibration); "
+              help="With int4 among --precisions: also try dense and low-rank int4 with each of these low-rank "
+                   "corrections of its rounding error (rank=R, energy=E or budget=F; data-aware with --calibration); "
                    "'' for none.")
 @click.option("--eval-inputs", type=click.Path(path_type=Path),
               help="Held-out inputs for fidelity (tensors, or text for Hugging Face models) "

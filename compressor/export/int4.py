@@ -136,17 +136,33 @@ def _pack_gather_nibbles(graph) -> None:
 
     inits = {t.name: t for t in graph.initializer}
     four_bit = (TensorProto.UINT4, TensorProto.INT4)
-    for node in graph.node:
+    for node in list(graph.node):
         if node.op_type != "GatherBlockQuantized" or inits.get(node.input[0]) is None or \
                 inits[node.input[0]].data_type not in four_bit:
             continue
         # Signed tables have no zero point: the uint8 layout's implicit one (8) shifts them.
         shift = 8 if inits[node.input[0]].data_type == TensorProto.INT4 else 0
+        width = inits[node.input[0]].dims[-1]
         for i in (0, 3) if len(node.input) > 3 and node.input[3] else (0,):
             t = inits[node.input[i]]
             values = numpy_helper.to_array(t).astype(np.int16) + shift
             t.CopyFrom(numpy_helper.from_array(_nibbles(values.astype(np.uint8)), t.name))
         node.attribute.append(helper.make_attribute("bits", 4))
+        if width % 2:
+            _slice_padded_column(graph, node, width)
+
+
+def _slice_padded_column(graph, node, width: int) -> None:
+    """An odd-width table packs a padding nibble into each row's last byte, which the kernel returns as one
+    more column (a factored embedding of odd rank then fed its MatMul a wrong width): slice it off."""
+    from onnx import helper, numpy_helper
+
+    out, padded = node.output[0], f"{node.output[0]}_padded"
+    node.output[0] = padded
+    consts = {f"{padded}_{k}": np.array([v], np.int64) for k, v in (("start", 0), ("end", width), ("axis", -1))}
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    index = list(graph.node).index(node)
+    graph.node.insert(index + 1, helper.make_node("Slice", [padded, *consts], [out], name=f"{node.name}_unpad"))
 
 
 def _nibbles(values: np.ndarray) -> np.ndarray:

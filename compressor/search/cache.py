@@ -16,7 +16,8 @@ from compressor.core.fileio import atomic_write, atomic_write_text
 from compressor.search.front import Point
 from compressor.search.recipes import Recipe
 
-CACHE_VERSION = 3  # 2: calibrated embeddings are token-frequency weighted; 3: text exports have a dynamic sequence
+CACHE_VERSION = 4  # 2: calibrated embeddings are token-frequency weighted; 3: text exports have a dynamic sequence;
+# 4: factored embeddings are no longer kept dense by the per-layer latency rule (low-rank recipes differ)
 
 
 def fingerprint(obj: Any) -> str:

@@ -135,8 +135,9 @@ def default_recipes(targets: Sequence[float] = DEFAULT_TARGETS, *, calibrated: b
     """The dense references plus every low-rank ``target x heal_steps x precision`` combination, and with
     ``qat`` the quantization-aware healed int8 recipe of every target and nonzero heal_steps. Each nonzero
     ``keep_fp16`` adds that mixed-precision variant of every int8 recipe, dense int8 included. With int4
-    among ``precisions``, each of ``int4_corrections`` adds dense int4 with that correction (data-aware
-    when ``calibrated``)."""
+    among ``precisions``, each of ``int4_corrections`` adds dense int4 and every low-rank int4 recipe with
+    that correction (data-aware when ``calibrated``): factoring removes bytes, the correction buys back the
+    4-bit rounding error, and a tight ``--max-size`` (an eighth of fp32) needs both."""
     out = [*REFERENCES, *(Recipe(p) for p in precisions if Recipe(p) not in REFERENCES)]
     for t in targets:
         for h in heal_steps:
@@ -146,7 +147,9 @@ def default_recipes(targets: Sequence[float] = DEFAULT_TARGETS, *, calibrated: b
     keeps = [k for k in keep_fp16 if k]
     out += [replace(r, keep_fp16=k) for k in keeps for r in out if r.precision == "int8"]
     if "int4" in precisions:
-        out += [Recipe("int4", calibrated=calibrated, int4_correction=c) for c in int4_corrections]
+        int4 = [r for r in out if r.precision == "int4" and not r.qat]
+        out += [replace(r, calibrated=calibrated, int4_correction=c)
+                for c in int4_corrections for r in int4]
     return out
 
 

@@ -193,10 +193,31 @@ def _factorizable_params(model: nn.Module, analyze_options: dict[str, Any]) -> i
     return sum(c.weight_matrix().numel() for c in found if c.skip is None)
 
 
-def estimate_size(recipe: Recipe, fp32_bytes: int, factorizable: int, total_params: int) -> float:
-    """Bytes the recipe's file should take: the fp32 file scaled by parameters kept and bytes per weight."""
+def correction_params(model: nn.Module, correction: str | None) -> int:
+    """Weights an int4 correction (``"rank=16"``, ``"budget=0.03"``) adds to ``model``'s int4 layers:
+    ``rank=R`` costs ``R (m + n)`` per layer (at most its full rank), ``budget=F`` that fraction of their
+    weights; ``energy`` is only known once measured (0: the estimate stays a lower bound)."""
+    if not correction:
+        return 0
+    from compressor.analysis.int4 import int4_layers, parse_correction
+    from compressor.core.handlers import handler_for
+
+    rule = parse_correction(correction)
+    shapes = [tuple(handler_for(m).weight_matrix(m).shape) for m in int4_layers(model).values()]
+    if "rank" in rule:
+        return sum(min(int(rule["rank"]), m, n) * (m + n) for m, n in shapes)
+    if "budget" in rule:
+        return int(rule["budget"] * sum(m * n for m, n in shapes))
+    return 0
+
+
+def estimate_size(recipe: Recipe, fp32_bytes: int, factorizable: int, total_params: int,
+                  correction: int = 0) -> float:
+    """Bytes the recipe's file should take: the fp32 file scaled by parameters kept and bytes per weight,
+    plus ``correction`` weights of an int4 correction (stored int8: a byte each)."""
     kept = total_params - (recipe.target or 0.0) * factorizable
-    return fp32_bytes * kept / total_params * VARIANTS[recipe.precision].bytes_per_param / 4.0
+    per_param = fp32_bytes / total_params / 4.0  # the fp32 file's bytes per parameter, over 4 bytes a float
+    return per_param * (kept * VARIANTS[recipe.precision].bytes_per_param + correction)
 
 
 def _cannot_fit(recipe: Recipe, c: Constraints, fp32_bytes: int, ctx: BuildContext, total: int) -> str | None:
@@ -204,7 +225,8 @@ def _cannot_fit(recipe: Recipe, c: Constraints, fp32_bytes: int, ctx: BuildConte
         return None  # references are always measured
     opts = ctx.analyze_options
     factorizable = _factorizable_params(ctx.model, {**opts, "exclude": [*opts.get("exclude", ()), *recipe.exclude]})
-    est, limit = estimate_size(recipe, fp32_bytes, factorizable, total), c.size_limit(fp32_bytes)
+    est = estimate_size(recipe, fp32_bytes, factorizable, total, correction_params(ctx.model, recipe.int4_correction))
+    limit = c.size_limit(fp32_bytes)
     if est > SIZE_SLACK * limit:
         return f"estimated {est / 1e6:.2f} MB is clearly above the {limit / 1e6:.2f} MB limit"
     return None
@@ -297,6 +319,11 @@ def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
     if ctx.latency_aware:
         decisions = latency_decisions(ctx.model, plan, ctx.latency_inputs, threads=ctx.threads,
                                       table=ctx.latency_table, timer=ctx.timer, log=say)
+        # A lookup table has no multiply for factoring to save, so the per-layer rule always calls its
+        # factored form slower, yet it holds most of the bytes of a text model (MiniLM: half) and costs one
+        # small MatMul per token: a factored embedding is judged on the whole file instead (the chosen file
+        # is timed side by side with dense fp32 below, and set aside if slower).
+        decisions = {n: d for n, d in decisions.items() if plan.layer(n).kind != "embedding"}
         if slow := keep_slow_layers_dense(plan, decisions):
             say(f"dense    {recipe.name}: {len(slow)} layer(s) whose factored form is slower stay dense")
     rewrite(model, plan)
