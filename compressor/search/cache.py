@@ -16,8 +16,9 @@ from compressor.core.fileio import atomic_write, atomic_write_text
 from compressor.search.front import Point
 from compressor.search.recipes import Recipe
 
-CACHE_VERSION = 4  # 2: calibrated embeddings are token-frequency weighted; 3: text exports have a dynamic sequence;
-# 4: factored embeddings are no longer kept dense by the per-layer latency rule (low-rank recipes differ)
+CACHE_VERSION = 5  # 2: calibrated embeddings are token-frequency weighted; 3: text exports have a dynamic sequence;
+# 4: factored embeddings are no longer kept dense by the per-layer latency rule (low-rank recipes differ);
+# 5: exported files carry no stack-trace metadata (smaller: a size limit may now admit another recipe)
 
 
 def fingerprint(obj: Any) -> str:
