@@ -280,7 +280,7 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
     shapes = {n: tuple(handlers[n].weight_matrix(m).shape) for n, m in modules.items()}
     decs: dict[str, Decomposition] = {}
     infos: dict[str, dict[str, Any]] = {}
-    show = _Progress(blocks * (2 if sequential else 1) + (1 if weighting else 0), progress)
+    show = _Progress(blocks * (2 if sequential else 1), progress)
     weights: dict[str, torch.Tensor] = {}
     if weighting:
         show.say(f"calibrating: output-side Fisher on {FISHER_SEQUENCES} sequences at most (forward and backward)")
@@ -288,7 +288,7 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
                                batches, full=weighting == KFAC)
         weights = {n: _floored(f) for n, f in fisher.items()}
         del fisher
-        show.step("output-side Fisher done")
+        show.lead("output-side Fisher done")
 
     def own_rank(name: str, dec: Decomposition) -> int | None:
         """The rank a per-layer policy gives (None under a target: allocated across layers)."""
@@ -451,14 +451,21 @@ class _Progress:
     calibrated analysis takes minutes and must not be silent for them."""
 
     def __init__(self, steps: int, progress: bool | None) -> None:
-        self.steps, self.done, self.start = steps, 0, time.perf_counter()
+        self.steps, self.done = steps, 0
+        self.begin = self.start = time.perf_counter()
         self.on = progress if progress is not None else sys.stderr.isatty()
+
+    def lead(self, what: str) -> None:
+        """A step unlike the ``steps`` (the Fisher pass): said with its time and left out of the rate the
+        time left is estimated from (counted as one block step, it made the first estimate 8x too long)."""
+        self.start = time.perf_counter()
+        self.say(f"calibrating: {what}, {_clock(self.start - self.begin)} spent")
 
     def step(self, what: str) -> None:
         self.done += 1
-        spent = time.perf_counter() - self.start
-        left = spent / self.done * (self.steps - self.done)
-        self.say(f"calibrating: {what}, {_clock(spent)} spent, about {_clock(left)} left")
+        now = time.perf_counter()
+        left = (now - self.start) / self.done * (self.steps - self.done)
+        self.say(f"calibrating: {what}, {_clock(now - self.begin)} spent, about {_clock(left)} left")
 
     def say(self, line: str) -> None:
         if self.on:
