@@ -33,6 +33,7 @@ _WHERE = {
     "LowRankLinear": "compressor.core.layers", "LayerPlan": "compressor.core.plan", "Plan": "compressor.core.plan",
     "EnergyPolicy": "compressor.core.policies", "RankPolicy": "compressor.core.policies",
     "RankRatioPolicy": "compressor.core.policies", "TargetPolicy": "compressor.core.policies",
+    "register_policy": "compressor.core.policies",
     "factor_module": "compressor.core.rewrite", "rewrite": "compressor.core.rewrite",
     "Loaded": "compressor.formats.load", "load": "compressor.formats.load", "load_model": "compressor.formats.load",
     "load_into": "compressor.formats.load",
@@ -72,6 +73,7 @@ __all__ = [  # the same names as _WHERE, spelled out so that linters and editors
     "perplexity",
     "read_corpus",
     "register_handler",
+    "register_policy",
     "rewrite",
     "save",
 ]
@@ -95,7 +97,7 @@ if TYPE_CHECKING:  # what the names above are, for type checkers and editors
     from compressor.core.handlers import LayerHandler, handler_for, register_handler
     from compressor.core.layers import LowRankConv, LowRankEmbedding, LowRankLinear
     from compressor.core.plan import LayerPlan, Plan
-    from compressor.core.policies import EnergyPolicy, RankPolicy, RankRatioPolicy, TargetPolicy
+    from compressor.core.policies import EnergyPolicy, RankPolicy, RankRatioPolicy, TargetPolicy, register_policy
     from compressor.core.rewrite import factor_module, rewrite
     from compressor.data.perplexity import perplexity, read_corpus
     from compressor.export.perplexity import onnx_perplexity

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import json
 import math
+from typing import ClassVar
 
 import pytest
 import torch
@@ -158,6 +160,47 @@ def test_a_bad_policy_object_is_the_clis_one_line_error(make, needle):
     with pytest.raises(CompressorError) as err:
         make()
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@dataclasses.dataclass(frozen=True)
+class HalfRankPolicy:
+    """A policy a user registers: half of each layer's full rank, at most ``at_most``."""
+
+    spectral: ClassVar[bool] = False
+    at_most: int
+
+
+def _half_rank(policy, layers, rank_multiple, fixed):
+    return {lp.name: min(policy.at_most, lp.top_rank // 2) for lp in layers if lp.name not in fixed}
+
+
+@pytest.fixture
+def registries():
+    """The policy registries as they were before the test (a registration ends with it)."""
+    from compressor.core import policies
+
+    saved = dict(policies.POLICIES), dict(policies.ALLOCATORS)
+    yield policies
+    for registry, before in zip((policies.POLICIES, policies.ALLOCATORS), saved, strict=True):
+        registry.clear()
+        registry.update(before)
+
+
+def test_a_registered_policy_plans_and_round_trips_through_the_plan_json(tmp_path, registries):
+    model = MODELS["mlp"]()
+    with pytest.raises(CompressorError, match="is not a rank policy"):
+        compressor.analyze(model, HalfRankPolicy(3))
+    compressor.register_policy(HalfRankPolicy)(_half_rank)
+    plan = compressor.analyze(model, HalfRankPolicy(3))
+    assert plan.ranks() == {"0": 3, "2": 3, "4": 3} and plan.policy["policy"] == "HalfRankPolicy"
+    plan.to_json(tmp_path / "plan.json")
+    again = compressor.analyze(model, plan=Plan.from_json(tmp_path / "plan.json"))
+    assert again.ranks() == plan.ranks() and again.policy == plan.policy
+    with pytest.raises(CompressorError, match="registered already"):
+        compressor.register_policy(compressor.TargetPolicy, "HalfRankPolicy")
+    del registries.POLICIES["HalfRankPolicy"]  # a later session that has not registered it
+    with pytest.raises(CompressorError, match="'HalfRankPolicy' is not registered"):
+        compressor.analyze(model, plan=Plan.from_json(tmp_path / "plan.json"))
 
 
 def test_overrides_win_over_the_policy():

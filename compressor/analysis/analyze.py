@@ -239,7 +239,7 @@ def _one_policy(policy: Policy | None, energy: float | None, rank: int | None, r
     if type(policy) not in ALLOCATORS:
         raise CompressorError(f"{policy!r} is not a rank policy",
                               f"pass one of {', '.join(t.__name__ for t in ALLOCATORS)}, or register an "
-                              "allocator for its type (compressor.core.policies.register)")
+                              "allocator for its type (compressor.register_policy)")
     return policy
 
 

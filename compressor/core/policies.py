@@ -11,7 +11,7 @@ import heapq
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import ClassVar
 
 import torch
@@ -88,9 +88,10 @@ class TargetPolicy:
 
 
 Policy = EnergyPolicy | RankPolicy | RankRatioPolicy | TargetPolicy
-# The keyword (and plan-JSON key) of each policy.
-POLICIES: dict[str, type] = {"energy": EnergyPolicy, "rank": RankPolicy, "rank_ratio": RankRatioPolicy,
-                             "target": TargetPolicy}
+BUILT_IN = ("energy", "rank", "rank_ratio", "target")
+# The name of each policy (a built-in one's is also its keyword, energy=0.95, and its plan-JSON key), filled
+# by register_policy.
+POLICIES: dict[str, type] = {}
 
 
 @dataclass
@@ -159,12 +160,24 @@ def spectral(policy: Policy) -> bool:
 
 
 def policy_to_dict(policy: Policy) -> dict:
-    return asdict(policy)
+    """The plan's JSON of ``policy``: ``{"target": 0.3}`` for a built-in one, ``{"policy": NAME, **fields}``
+    for one registered with :func:`register_policy`."""
+    fields = asdict(policy)
+    name = next((k for k, t in POLICIES.items() if t is type(policy)), type(policy).__name__)
+    return fields if list(fields) == [name] and name in BUILT_IN else {"policy": name, **fields}
 
 
 def policy_from_dict(data: dict) -> Policy:
-    return policy_from_options(**{k: data[k] for k in ("energy", "rank", "rank_ratio", "target")
-                                  if data.get(k) is not None})
+    """The policy :func:`policy_to_dict` wrote (``data`` may hold other plan settings beside it)."""
+    name = data.get("policy")
+    if name is None:
+        return policy_from_options(**{k: data[k] for k in BUILT_IN if data.get(k) is not None})
+    cls = POLICIES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise CompressorError(f"the plan's policy {name!r} is not registered",
+                              "register it with compressor.register_policy before loading the plan")
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def operating_keep(policy: Policy) -> float | None:
@@ -198,8 +211,30 @@ Allocator = Callable[[Policy, list[LayerSpectrum], int, dict[str, int | None]], 
 ALLOCATORS: dict[type, Allocator] = {}
 
 
-def register(policy_type: type) -> Callable[[Allocator], Allocator]:
+def register_policy(policy_type: type, name: str | None = None) -> Callable[[Allocator], Allocator]:
+    """Make ``policy_type`` (a frozen dataclass, its values checked in ``__post_init__``) a rank policy
+    ``analyze``, plans and the jobs accept, the decorated function its allocator:
+
+        @dataclass(frozen=True)
+        class HalfRankPolicy:
+            across_layers: ClassVar[bool] = False  # one budget across layers (all spectra first)?
+            spectral: ClassVar[bool] = False        # does a rank depend on its layer's spectrum?
+            at_most: int
+
+        @compressor.register_policy(HalfRankPolicy)
+        def _(policy, layers, rank_multiple, fixed):  # layers: one LayerSpectrum per layer
+            return {lp.name: min(policy.at_most, lp.top_rank // 2) for lp in layers if lp.name not in fixed}
+
+    ``name`` (default: the class name) is how a plan's JSON names it: ``{"policy": name, **fields}``."""
+    name = name or policy_type.__name__
+    if not is_dataclass(policy_type):
+        raise CompressorError(f"{policy_type.__name__} is not a dataclass", "make the policy a @dataclass(frozen=True)")
+    if POLICIES.get(name, policy_type) is not policy_type:
+        raise CompressorError(f"a policy named {name!r} is registered already ({POLICIES[name].__name__})",
+                              "pass register_policy another name=")
+
     def deco(fn: Allocator) -> Allocator:
+        POLICIES[name] = policy_type
         ALLOCATORS[policy_type] = fn
         return fn
     return deco
@@ -223,25 +258,25 @@ def _free(layers: list[LayerSpectrum], fixed: dict[str, int | None]) -> list[Lay
     return [lp for lp in layers if lp.name not in fixed]
 
 
-@register(EnergyPolicy)
+@register_policy(EnergyPolicy, "energy")
 def _energy(policy: EnergyPolicy, layers, k, fixed):
     return {lp.name: round_up(rank_for_energy(lp.S, policy.energy, lp.total), k, lp.top_rank)
             for lp in _free(layers, fixed)}
 
 
-@register(RankPolicy)
+@register_policy(RankPolicy, "rank")
 def _rank(policy: RankPolicy, layers, k, fixed):
     return {lp.name: round_up(min(policy.rank, lp.top_rank), k, lp.top_rank)
             for lp in _free(layers, fixed)}
 
 
-@register(RankRatioPolicy)
+@register_policy(RankRatioPolicy, "rank_ratio")
 def _ratio(policy: RankRatioPolicy, layers, k, fixed):
     return {lp.name: round_up(min(lp.top_rank, max(1, math.ceil(policy.rank_ratio * lp.full_rank))), k, lp.top_rank)
             for lp in _free(layers, fixed)}
 
 
-@register(TargetPolicy)
+@register_policy(TargetPolicy, "target")
 def _target(policy: TargetPolicy, layers, k, fixed):
     return allocate_budget(layers, policy.target, k, fixed)
 
