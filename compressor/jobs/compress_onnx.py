@@ -28,9 +28,8 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
                   low_fidelity: float) -> Report:
     """Run ``mode`` ("compress", "analyze" or "apply") on the ONNX file ``source`` with the job's ``opts``
     (``shapes``: its checked --input-shape values); a cosine below ``low_fidelity`` adds a warning."""
-    from compressor.data.inputs import num_samples
     from compressor.export.onnx import VARIANTS, qdq_choice, validate_onnx, write_variant
-    from compressor.export.onnx_factor import onnx_fidelity, write_factored
+    from compressor.export.onnx_factor import write_factored
     from compressor.formats.load import Loaded
     from compressor.formats.onnx_graph import read_onnx
     from compressor.jobs.int8 import calibrated_on, checked_on, int8_choice
@@ -88,10 +87,7 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
             batch_variant = dynamic_batch(graph)
             # Against the original graph the outputs differ by the approximation: judged by fidelity, not atol.
             exports["onnx"] = validate_onnx(path, source, inputs, atol=None, batch_variant=batch_variant)
-            exports["fidelity"] = onnx_fidelity(source, path, held_out or [inputs], opts.outputs)
-            exports["fidelity"]["inputs"] = (f"{sum(num_samples(b) for b in held_out)} held-out samples from "
-                                             f"{Path(opts.eval_inputs).name}" if held_out else "the example inputs")
-            exports["fidelity"]["compared"] = ", ".join(opts.outputs) or "every floating-point output"
+            exports["fidelity"] = graph_fidelity(source, path, held_out, inputs, opts)
             real = first_batch(graph, calibration) if calibration else inputs
             for kind in opts.variants:  # each variant against the fp32 file it rounds, as the torch path does
                 v = VARIANTS[kind]
@@ -127,6 +123,19 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
                                     "cli": f"{problem}; try --calibration FILE, --exclude LAYER or a milder policy"})
         write_report(report, tmp)
     return report
+
+
+def graph_fidelity(source: Path, path: Path, held_out: list | None, inputs: Any, opts: Any) -> dict[str, Any]:
+    """The factored graph's fidelity to the original: on the held-out samples when there are any, else on
+    the example inputs; says which, and which outputs were compared."""
+    from compressor.data.inputs import num_samples
+    from compressor.export.onnx_factor import onnx_fidelity
+
+    result: dict[str, Any] = onnx_fidelity(source, path, held_out or [inputs], opts.outputs)
+    result["inputs"] = (f"{sum(num_samples(b) for b in held_out)} held-out samples from "
+                        f"{Path(opts.eval_inputs).name}" if held_out else "the example inputs")
+    result["compared"] = ", ".join(opts.outputs) or "every floating-point output"
+    return result
 
 
 def check_outputs(graph, outputs) -> None:
