@@ -122,7 +122,7 @@ def test_vgg16_runs_as_its_torch_layers_and_takes_spatial_factors(vgg, tmp_path)
     with torch.no_grad():  # the written graph computes what the factored torch layers compute
         torch.testing.assert_close(torch.from_numpy(_run_named(path, photos.numpy())),
                                    next(iter(model(photos).values())), atol=1e-4, rtol=1e-3)
-    assert onnx_fidelity(graph.path, path, {"input": photos})["cosine_mean"] > 0.9
+    assert onnx_fidelity(graph.path, path, [{"input": photos}])["cosine_mean"] > 0.9
 
 
 def _run_named(path, x: np.ndarray) -> np.ndarray:

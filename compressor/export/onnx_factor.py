@@ -26,8 +26,8 @@ import torch
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_bytes
-from compressor.data.inputs import attention_mask, cosine_fidelity
-from compressor.export.onnx import onnx_outputs
+from compressor.data.inputs import attention_mask, batches_fidelity
+from compressor.export.onnx_files import onnx_outputs, onnx_session
 from compressor.formats.onnx_graph import OnnxGraph, OnnxLayer, external_file
 
 ALIGN = 4096  # external tensors start at multiples of this (memory-mappable, as onnx aligns large tensors)
@@ -215,10 +215,15 @@ def write_factored(graph: OnnxGraph, factors: dict[str, tuple[torch.Tensor, torc
     return save_onnx(model, Path(path), graph.base_dir, external)
 
 
-def onnx_fidelity(reference: str | Path, compressed: str | Path, inputs: Any,
+def onnx_fidelity(reference: str | Path, compressed: str | Path, batches: Sequence[Any],
                   outputs: Sequence[str] = ()) -> dict[str, float]:
     """Cosine (mean, worst sample) and relative error of ``compressed``'s outputs (those named in
-    ``outputs``, or every float one) to ``reference``'s, both run in onnxruntime on ``inputs``."""
-    ref = {k: torch.from_numpy(np.asarray(v)) for k, v in onnx_outputs(reference, inputs)}
-    new = {k: torch.from_numpy(np.asarray(v)) for k, v in onnx_outputs(compressed, inputs)}
-    return cosine_fidelity(ref, new, list(outputs) or None, attention_mask(inputs))
+    ``outputs``, or every float one) to ``reference``'s, both run in onnxruntime on each of ``batches``
+    (every sample counts once)."""
+    ref_sess, new_sess = onnx_session(reference), onnx_session(compressed)
+
+    def run(sess, batch: Any) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.asarray(v)) for k, v in onnx_outputs(sess, batch)}
+
+    return batches_fidelity(((run(ref_sess, b), run(new_sess, b), attention_mask(b)) for b in batches),
+                            list(outputs) or None)

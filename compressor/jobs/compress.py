@@ -85,9 +85,6 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
                                 ("evaluation text", opts.eval_text), ("held-out inputs", opts.eval_inputs)])
     OutputDir(out, opts.force).check()
     if is_onnx(source) or onnx_head(source):  # a truncated ONNX file is told as one by read_onnx
-        if opts.eval_inputs is not None:
-            raise CompressorError("held-out inputs are for torch models; an ONNX input's fidelity is measured on "
-                                  "its example inputs", "leave out eval_inputs", cli_fix="leave out --eval-inputs")
         return compress_onnx(source, out, mode, opts, shapes=opts.shapes(), low_fidelity=LOW_FIDELITY_COSINE)
     timings = StepTimes()
     job = _load(source, opts)

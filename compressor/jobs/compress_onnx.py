@@ -29,7 +29,7 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
     """Run ``mode`` ("compress", "analyze" or "apply") on the ONNX file ``source`` with the job's ``opts``
     (``shapes``: its checked --input-shape values); a cosine below ``low_fidelity`` adds a warning."""
     from compressor.export.onnx import VARIANTS, qdq_choice, validate_onnx, write_variant
-    from compressor.export.onnx_factor import onnx_fidelity, write_factored
+    from compressor.export.onnx_factor import write_factored
     from compressor.formats.load import Loaded
     from compressor.formats.onnx_graph import read_onnx
     from compressor.jobs.int8 import calibrated_on, checked_on, int8_choice
@@ -47,16 +47,18 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
 
     graph = read_onnx(source)
     model = OnnxModel(graph)  # refuses a graph with nothing to factor
+    check_outputs(graph, opts.outputs)
     calibration = None
     if opts.calibration is not None:
         from compressor.data.calibration import load_calibration
 
         calibration = load_calibration(opts.calibration, samples=opts.calibration_samples)
     inputs = example_inputs(graph, opts, shapes, calibration) if mode != "analyze" else None
+    held_out = held_out_batches(graph, source, opts.eval_inputs) if opts.eval_inputs is not None else None
     step("load")
     loaded = Loaded(None, "onnx", source)
     with OutputDir(out, opts.force) as tmp:
-        extra = {"calibration": calibration} if calibration is not None else {}
+        extra = {"calibration": calibration, "outputs": opts.outputs} if calibration is not None else {}
         if mode == "apply":
             plan = analyze_onnx(model, plan=Plan.from_json(opts.plan_path), progress=opts.progress, **extra)
         else:
@@ -85,8 +87,8 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
             batch_variant = dynamic_batch(graph)
             # Against the original graph the outputs differ by the approximation: judged by fidelity, not atol.
             exports["onnx"] = validate_onnx(path, source, inputs, atol=None, batch_variant=batch_variant)
-            exports["fidelity"] = onnx_fidelity(source, path, inputs, opts.outputs)
-            real = calibration[0] if calibration else inputs
+            exports["fidelity"] = graph_fidelity(source, path, held_out, inputs, opts)
+            real = first_batch(graph, calibration) if calibration else inputs
             for kind in opts.variants:  # each variant against the fp32 file it rounds, as the torch path does
                 v = VARIANTS[kind]
                 written = write_variant(kind, path, tmp / f"model.{kind}.onnx", calibration=calibration or [inputs])
@@ -114,13 +116,61 @@ def compress_onnx(source: Path, out: Path, mode: str, opts: Any, *, shapes: list
         report.warnings, report.plots = [], plots
         cosine = (report.fidelity or {}).get("cosine_mean")
         if cosine is not None and cosine < low_fidelity:
-            problem = (f"the compressed graph keeps cosine {cosine:.3f} to the original on the example inputs, "
-                       f"below {low_fidelity}: its outputs are plainly different")
+            problem = (f"the compressed graph keeps cosine {cosine:.3f} to the original on "
+                       f"{report.fidelity['inputs']}, below {low_fidelity}: its outputs are plainly different")
             report.warnings.append({"kind": "low_fidelity", "cosine": cosine, "threshold": low_fidelity,
                                     "message": f"{problem}; try calibration=..., exclude=[...] or a milder policy",
                                     "cli": f"{problem}; try --calibration FILE, --exclude LAYER or a milder policy"})
         write_report(report, tmp)
     return report
+
+
+def graph_fidelity(source: Path, path: Path, held_out: list | None, inputs: Any, opts: Any) -> dict[str, Any]:
+    """The factored graph's fidelity to the original: on the held-out samples when there are any, else on
+    the example inputs; says which, and which outputs were compared."""
+    from compressor.data.inputs import num_samples
+    from compressor.export.onnx_factor import onnx_fidelity
+
+    result: dict[str, Any] = onnx_fidelity(source, path, held_out or [inputs], opts.outputs)
+    result["inputs"] = (f"{sum(num_samples(b) for b in held_out)} held-out samples from "
+                        f"{Path(opts.eval_inputs).name}" if held_out else "the example inputs")
+    result["compared"] = ", ".join(opts.outputs) or "every floating-point output"
+    return result
+
+
+def check_outputs(graph, outputs) -> None:
+    """Refuse output names the graph does not compute (before the slow steps); a pooled sentence embedding
+    (``sentence_embedding:mean``) is computed from the first output, as on the torch path."""
+    from compressor.data.inputs import is_pooled
+
+    have = [o.name for o in graph.model.graph.output]
+    missing = [n for n in outputs if n not in have and not is_pooled(n)]
+    if missing:
+        raise CompressorError(f"the graph has no output named {', '.join(repr(n) for n in missing)} "
+                              f"(it computes {', '.join(have)})", f"name outputs the graph computes: {have[0]!r}",
+                              cli_fix=f"pass --output with an output the graph computes: --output {have[0]}")
+
+
+def held_out_batches(graph, source: Path, path: Path) -> list:
+    """The batches of --eval-inputs (tensors, read as calibration files are), one sample each for a graph
+    whose batch axis is fixed (the batch at 1 of many exports), checked on the original graph before the
+    slow steps."""
+    from compressor.data.calibration import load_calibration
+    from compressor.data.inputs import num_samples, take
+    from compressor.export.onnx_files import first_line, onnx_outputs, onnx_session
+
+    batches = load_calibration(path)
+    if not dynamic_batch(graph):
+        batches = [take(b, slice(i, i + 1)) for b in batches for i in range(num_samples(b))]
+    try:
+        onnx_outputs(onnx_session(source), take(batches[0], slice(0, 1)))
+    except CompressorError:
+        raise
+    except Exception as err:  # onnxruntime's own types: the wrong shape or type for this graph
+        raise CompressorError(f"the held-out inputs in '{path}' do not fit the graph ({first_line(err)})",
+                              "pass tensors shaped and typed like the graph's inputs, keyed by its input "
+                              "names") from None
+    return batches
 
 
 def dynamic_batch(graph) -> bool:
@@ -130,6 +180,13 @@ def dynamic_batch(graph) -> bool:
         if not dims or dims[0].HasField("dim_value"):
             return False
     return True
+
+
+def first_batch(graph, calibration: list) -> Any:
+    """The first calibration batch, or its first sample for a graph whose batch axis is fixed (at 1)."""
+    from compressor.data.inputs import take
+
+    return calibration[0] if dynamic_batch(graph) else take(calibration[0], slice(0, 1))
 
 
 def example_inputs(graph, opts: Any, shapes: list[tuple[int, ...]], calibration: list | None) -> Any:
@@ -144,7 +201,7 @@ def example_inputs(graph, opts: Any, shapes: list[tuple[int, ...]], calibration:
     if opts.example_inputs is not None:
         return load_example_inputs(opts.example_inputs)
     if calibration:
-        return calibration[0]
+        return first_batch(graph, calibration)
     g = torch.Generator().manual_seed(0)
     made = {}
     for i in graph.inputs():

@@ -72,7 +72,9 @@ class Point:
 class SearchResult:
     chosen: Point | None
     points: list[Point]  # every measured candidate, references first
-    skipped: list[dict[str, Any]]  # {"recipe", "name", "reason"}: not built, and why
+    # {"recipe", "name", "reason"}: not built, and why; with "built": True, built but set aside (its file
+    # does not run in onnxruntime, so it has no measurement)
+    skipped: list[dict[str, Any]]
     constraints: Constraints
     rule: str
     metric: str
@@ -272,7 +274,7 @@ def front_markdown(result: dict[str, Any], plots: Sequence[str] = ()) -> str:
     if any(p.get("kept_fp16") for p in pts):
         lines.append("")
     for s in result["skipped"]:
-        lines.append(f"> not built: {s['name']}: {s['reason']}")
+        lines.append(f"> {'set aside' if s.get('built') else 'not built'}: {s['name']}: {s['reason']}")
     if result["skipped"]:
         lines.append("")
     lines += [f"![{Path(p).stem}]({p})" for p in plots]

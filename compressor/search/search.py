@@ -37,6 +37,7 @@ from compressor.data.inputs import as_batches
 from compressor.data.perplexity import Protocol
 from compressor.export.latency import LatencyTable, Timer, compare_onnx, keep_slow_layers_dense, latency_decisions
 from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET, VARIANTS, write_variant
+from compressor.export.onnx_files import first_line
 from compressor.search.cache import CACHE_VERSION, Cache, fingerprint, model_fingerprint
 from compressor.search.evaluate import THREADS, Evaluation, onnx_fidelity
 from compressor.search.front import Point, SearchResult, choose
@@ -148,6 +149,13 @@ def search(model: nn.Module, example_inputs: Any, *, evaluation: Evaluation, con
         if point is None:
             point = _build(recipe, ctx, cache, say, last_model)
             built += 1
+        if isinstance(point, str):  # its file does not run: nothing to measure or choose
+            if recipe == Recipe("fp32"):
+                raise CompressorError(f"the dense fp32 export cannot be measured: {point}",
+                                      "report the model: every recipe is measured against this file")
+            skipped.append({"recipe": recipe.to_dict(), "name": recipe.name, "reason": point, "built": True})
+            say(f"set aside {recipe.name}: {point}")
+            continue
         say(f"{'cached' if point.cached else 'measured'} {recipe.name}: {point.size_bytes / 1e6:.2f} MB, "
             f"fidelity {point.fidelity:.5f}, {point.latency_ms:.2f} ms"
             + ("" if point.passed else f", validation FAILED: {'; '.join(point.problems)}"))
@@ -233,10 +241,12 @@ def _cannot_fit(recipe: Recipe, c: Constraints, fp32_bytes: int, ctx: BuildConte
 
 
 def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str], None],
-           last_model: dict[Recipe, tuple]) -> Point:
-    """Build, export, validate and measure one recipe; store the point and its ONNX file in the cache."""
+           last_model: dict[Recipe, tuple]) -> Point | str:
+    """Build, export, validate and measure one recipe; store the point and its ONNX file in the cache.
+    A file that failed validation and does not run in onnxruntime (it does not load, or fails on the
+    held-out inputs) cannot be measured: the reason is returned instead, and nothing is cached."""
     from compressor.data.inputs import sequence_axes
-    from compressor.export.measure import file_size, onnx_latency
+    from compressor.export.measure import file_size
     from compressor.export.onnx import export_int8, export_onnx, validate_onnx
 
     start = time.perf_counter()
@@ -278,18 +288,31 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
         calibrated = VARIANTS[recipe.precision].calibrated and ctx.calibration is not None
         checked = as_batches(ctx.calibration)[0] if calibrated else ctx.example_inputs
         v = validate_onnx(path, model, checked, variant=recipe.precision, **check)
-        metrics = onnx_fidelity(path, ctx.evaluation, ctx.threads)
-        latency = onnx_latency(path, ctx.latency_inputs, threads=ctx.threads, warmup=3, runs=ctx.latency_runs)
-        ppl = None
-        if ctx.perplexity is not None:
-            from compressor.export.perplexity import onnx_perplexity
-
-            ppl = onnx_perplexity(path, ctx.perplexity.corpus, **ctx.perplexity.settings(), threads=ctx.threads).ppl
+        try:
+            metrics, latency, ppl = _measure(path, ctx)
+        except Exception as err:  # onnxruntime raises its own types; on a file validation passed, a bug
+            if v.passed:
+                raise
+            return f"validation failed ({'; '.join(v.problems)}); not measured ({first_line(err)})"
         point = Point(recipe, file_size(path), metrics["fidelity"], metrics, latency["median_ms"],
                       sum(p.numel() for p in model.parameters()), v.passed, list(v.problems), plan_totals,
                       heal_info, round(time.perf_counter() - start, 2), str(path), kept_fp16=kept, perplexity=ppl)
         cache.put(point)
         return point
+
+
+def _measure(path: Path, ctx: BuildContext) -> tuple[dict[str, float], dict[str, Any], float | None]:
+    """Fidelity on the held-out inputs, latency, and perplexity when there is an evaluation text."""
+    from compressor.export.measure import onnx_latency
+
+    metrics = onnx_fidelity(path, ctx.evaluation, ctx.threads)
+    latency = onnx_latency(path, ctx.latency_inputs, threads=ctx.threads, warmup=3, runs=ctx.latency_runs)
+    ppl = None
+    if ctx.perplexity is not None:
+        from compressor.export.perplexity import onnx_perplexity
+
+        ppl = onnx_perplexity(path, ctx.perplexity.corpus, **ctx.perplexity.settings(), threads=ctx.threads).ppl
+    return metrics, latency, ppl
 
 
 def _corrected_int4(recipe: Recipe, model: nn.Module, fp32: Path, work: Path, ctx: BuildContext) -> Path:
