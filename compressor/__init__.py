@@ -37,7 +37,7 @@ _WHERE = {
     "factor_module": "compressor.core.rewrite", "rewrite": "compressor.core.rewrite",
     "Loaded": "compressor.formats.load", "load": "compressor.formats.load", "load_model": "compressor.formats.load",
     "load_into": "compressor.formats.load",
-    "save": "compressor.formats.save", "compress": "compressor.jobs.compress",
+    "save": "compressor.formats.save", "compress": "compressor.jobs.compress", "Options": "compressor.jobs.options",
     "perplexity": "compressor.data.perplexity", "read_corpus": "compressor.data.perplexity",
     "onnx_perplexity": "compressor.export.perplexity", "evaluate_perplexity": "compressor.jobs.perplexity",
     "HealConfig": "compressor.train.heal", "HealResult": "compressor.train.heal", "heal": "compressor.train.heal",
@@ -53,6 +53,7 @@ __all__ = [  # the same names as _WHERE, spelled out so that linters and editors
     "LowRankConv",
     "LowRankEmbedding",
     "LowRankLinear",
+    "Options",
     "Plan",
     "PlanError",
     "RankPolicy",
@@ -104,5 +105,6 @@ if TYPE_CHECKING:  # what the names above are, for type checkers and editors
     from compressor.formats.load import Loaded, load, load_into, load_model
     from compressor.formats.save import save
     from compressor.jobs.compress import compress
+    from compressor.jobs.options import Options
     from compressor.jobs.perplexity import evaluate_perplexity
     from compressor.train.heal import HealConfig, HealResult, heal
