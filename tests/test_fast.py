@@ -16,11 +16,13 @@ from compressor.export.latency import (
     LatencyTable,
     break_even,
     cache_dir,
+    compare_onnx,
     keep_slow_layers_dense,
     latency_decisions,
     layer_key,
     machine_id,
 )
+from compressor.export.onnx import export_onnx
 from tests.models import mlp
 from tests.test_cli import run
 
@@ -223,3 +225,20 @@ def test_cli_latency_aware_run_uses_the_cached_break_even_and_reports_latency_ne
     assert slow.exit_code == 2 and "ran 1.200x the dense model's latency" in slow.output, slow.output
     assert "Traceback" not in slow.output and not (tmp_path / "slow").exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(("ratio", "low", "slower"), [
+    (1.04, 0.97, False),  # slower in the median, faster in more than a round of four: noise
+    (1.04, 1.01, True),   # slower in three rounds of four
+    (0.98, 0.95, False),
+    (1.04, None, True),   # no spread measured (an injected timer): the median decides
+])
+def test_slower_means_slower_in_most_rounds(ratio, low, slower):
+    assert Comparison(1.0, ratio, ratio, 15, low).slower is slower
+
+
+def test_compare_onnx_measures_the_spread_of_its_rounds(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU()).eval()
+    path = export_onnx(model, torch.randn(2, 16), tmp_path / "m.onnx")
+    c = compare_onnx(path, path, torch.randn(2, 16), 1, rounds=5)
+    assert c.rounds == 5 and c.low is not None and c.low <= c.ratio
