@@ -90,8 +90,9 @@ def test_stream_plan_and_weights_match_in_memory_on_a_sharded_bf16_llama(llama, 
     compress(llama, tmp_path / "mem", mode="analyze", energy=0.8, progress=False)
     summary = stream_compress(llama, tmp_path / "stream", mode="compress", energy=0.8, shard_bytes=40_000)
     assert (tmp_path / "mem/plan.json").read_bytes() == (tmp_path / "stream/plan.json").read_bytes()
-    assert summary["totals"]["layers_factored"] == 16  # 7 Linear per block x 2, lm_head, embed_tokens
-    assert len(summary["files"]) > 2 and summary["files"][-1] == "model.safetensors.index.json"
+    assert summary.totals["layers_factored"] == 16  # 7 Linear per block x 2, lm_head, embed_tokens
+    assert len(summary.files) > 2 and summary.files[-1] == "model.safetensors.index.json"
+    assert (tmp_path / "stream/stream.json").read_text() == json.dumps(summary.to_dict(), indent=2) + "\n"
     assert not state_dir(tmp_path / "stream").exists()
 
     # The factored weights are those of the in-memory rewrite, in the checkpoint's dtype (bf16).
@@ -232,14 +233,14 @@ def test_bounded_randomized_target_plans_the_ranks_of_the_exact_one(tmp_path):
     rand = stream_compress(model, tmp_path / "rand", mode="compress", target=0.4, max_rank=12, svd="randomized")
     plans = {k: json.loads((tmp_path / k / "plan.json").read_text()) for k in ("exact", "rand")}
     ranks = {k: {lp["name"]: lp["rank"] for lp in p["layers"]} for k, p in plans.items()}
-    assert ranks["exact"] == ranks["rand"] and exact["totals"] == rand["totals"]
+    assert ranks["exact"] == ranks["rand"] and exact.totals == rand.totals
     assert all(r is None or r <= 12 for r in ranks["rand"].values()) and any(ranks["rand"].values())
-    assert rand["totals"]["removed_fraction"] >= 0.4  # above it by a step from dense to <= 12 at most
+    assert rand.totals["removed_fraction"] >= 0.4  # above it by a step from dense to <= 12 at most
     assert plans["rand"]["policy"]["max_rank"] == 12 and plans["rand"]["policy"]["svd"] == "randomized"
     checks = [lp["svd"] for lp in plans["rand"]["layers"] if lp.get("svd")]
     assert len(checks) == 4 and all(c["method"] == "randomized" and c["rank"] == 12 for c in checks)
     report = json.loads((tmp_path / "rand/report.json").read_text())  # the in-memory job's report, streamed
-    assert report["params_after"] == rand["totals"]["params_after"] < report["params_before"]
+    assert report["params_after"] == rand.totals["params_after"] < report["params_before"]
     assert [lp["rank"] for lp in report["layers"]] == list(ranks["rand"].values())
     st = report["stream"]
     assert set(st["seconds_per_layer"]) == set(ranks["rand"]) and st["peak_rss_gib"] >= st["peak_rss_analyze_gib"] > 0
@@ -324,7 +325,7 @@ def test_sigkill_then_rerun_continues_and_writes_the_same_bytes(llama, tmp_path)
 
     # The rest in a process pool: resumed and parallel, the bytes are those of the serial whole run.
     summary = stream_compress(llama, out, mode="compress", energy=0.8, workers=2, shard_bytes=40_000)
-    assert summary["resumed_layers"] == done and summary["workers"] == 2
+    assert summary.resumed_layers == done and summary.workers == 2
     assert _bytes(out) == _bytes(tmp_path / "whole")
 
 
@@ -342,7 +343,7 @@ def test_a_changed_setting_is_refused_in_one_line_or_restarted(llama, tmp_path):
     with pytest.raises(CompressorError, match="the model files, settings changed"):
         stream_compress(llama, out, rank=4)
     summary = stream_compress(llama, out, rank=4, restart=True)
-    assert summary["resumed_layers"] == 0 and (out / "plan.json").is_file() and not state.exists()
+    assert summary.resumed_layers == 0 and (out / "plan.json").is_file() and not state.exists()
 
 
 def test_one_byte_changed_in_place_with_size_and_mtime_restored_is_refused(tmp_path, monkeypatch):
@@ -388,7 +389,7 @@ def test_one_byte_changed_in_place_with_size_and_mtime_restored_is_refused(tmp_p
     assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1
     assert "(the model files changed)" in r.stderr and "--restart" in r.stderr
     summary = stream_compress(model, out, rank=4, restart=True)
-    assert summary["resumed_layers"] == 0 and (out / "plan.json").is_file() and not state_dir(out).exists()
+    assert summary.resumed_layers == 0 and (out / "plan.json").is_file() and not state_dir(out).exists()
 
 
 # ------------------------------------------------------------------------------------------ parallel

@@ -116,7 +116,9 @@ def test_streamed_calibration_equals_in_memory_one_block_at_a_time(tmp_path, mon
     assert max(n for _, n in seen) <= 1
     order = [int(k.split(".")[2]) for k, _ in in_blocks]
     assert order[:18] == [0] * 9 + [1] * 9  # block 0 whole, then block 1
-    assert summary["blocks"] == 2 and not state_dir(tmp_path / "s").exists()
+    assert summary.blocks == 2 and not state_dir(tmp_path / "s").exists()
+    stream_json = json.loads((tmp_path / "s/stream.json").read_text())  # the result's to_dict(), in its order
+    assert list(stream_json) == list(summary.to_dict()) and stream_json["calibration"] == summary.calibration
 
     ref, model = _in_memory(src, batches, tmp_path, **policy)
     plan = (tmp_path / "s/plan.json").read_bytes()
@@ -185,7 +187,7 @@ def test_sigkill_mid_block_then_rerun_writes_the_same_bytes(tmp_path):
     assert (state_dir(out) / "carry.analyze.pt").is_file()  # block 0's outputs: block 1 continues from them
 
     summary = stream_compress(src, out, **args)
-    assert summary["resumed_layers"] == done and "analyze 0" not in summary["seconds_per_block"]
+    assert summary.resumed_layers == done and "analyze 0" not in summary.seconds_per_block
     names = ("plan.json", "model.safetensors.index.json")
     files = sorted(p.name for p in (tmp_path / "whole").iterdir() if p.suffix == ".safetensors" or p.name in names)
     assert files == sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors" or p.name in names)
@@ -215,7 +217,7 @@ def test_other_calibration_data_is_another_run(tmp_path, monkeypatch):
     assert len(list((state_dir(tmp_path / "o") / "layers").glob("*.safetensors"))) == 3
     with pytest.raises(CompressorError, match="settings changed"):  # not mixed into the unfinished run
         stream_compress(src, tmp_path / "o", calibration=tmp_path / "b.pt", rank=4)
-    assert stream_compress(src, tmp_path / "o", calibration=tmp_path / "a.pt", rank=4)["resumed_layers"] == 3
+    assert stream_compress(src, tmp_path / "o", calibration=tmp_path / "a.pt", rank=4).resumed_layers == 3
 
 
 def test_unsupported_inputs_are_refused_in_one_line(tmp_path):
@@ -263,6 +265,6 @@ def test_a_text_file_is_tokenized_with_the_folders_tokenizer_as_in_memory(tmp_pa
     batches = load_calibration(text, tokenizer=hf_tokenizer(src), samples=40)
     ref, _ = _in_memory(src, batches, tmp_path, energy=0.8)
     assert (tmp_path / "s/plan.json").read_bytes() == ref
-    assert summary["calibration"]["samples"] == 40 and summary["calibration"]["tokens"] > 40
+    assert summary.calibration["samples"] == 40 and summary.calibration["tokens"] > 40
     layers = json.loads(ref)["calibration"]["token_weighted_embeddings"]
     assert layers == ["model.embed_tokens"]

@@ -48,16 +48,15 @@ def heal_cmd(model: Path, **kw: Any) -> None:
     except CompressorError as err:
         fail(err, debug)
     if as_json:
-        click.echo(json.dumps(summary, indent=2, default=str))
+        click.echo(json.dumps(summary.to_dict(), indent=2, default=str))
     elif not quiet:
         fmt = ", ".join
-        filled = summary["recipe"]["filled"]
+        filled = summary.recipe["filled"]
         if filled:  # which recipe the model's kind chose
             flags = fmt(f"--{k.replace('_', '-')} {v}" for k, v in filled.items())
-            click.echo(f"{summary['recipe']['kind']} defaults: {flags}")
-        click.echo(f"{summary['source']} -> {summary['output']}/ ({summary['steps']} steps, best step "
-                   f"{summary['best_step']})\n  before  {fmt(f'{k} {v:.4f}' for k, v in summary['before'].items())}"
-                   f"\n  after   {fmt(f'{k} {v:.4f}' for k, v in summary['after'].items())}")
-        if summary.get("note"):
-            click.echo(f"note: {summary['note']}")
-
+            click.echo(f"{summary.recipe['kind']} defaults: {flags}")
+        click.echo(f"{summary.source} -> {summary.output}/ ({summary.steps} steps, best step "
+                   f"{summary.best_step})\n  before  {fmt(f'{k} {v:.4f}' for k, v in summary.before.items())}"
+                   f"\n  after   {fmt(f'{k} {v:.4f}' for k, v in summary.after.items())}")
+        if summary.note:
+            click.echo(f"note: {summary.note}")

@@ -58,7 +58,7 @@ def _run_stream(mode: str, model: Path, kw: dict[str, Any]) -> None:
     except CompressorError as err:
         fail(err, debug)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:
         click.echo(stream_summary(model, result))
 

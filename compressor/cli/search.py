@@ -100,19 +100,18 @@ def search_cmd(model: Path, max_size: str | None, min_fidelity: float | None, ma
     except CompressorError as err:
         fail(err, debug)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report.to_dict(), indent=2))
     elif not quiet:
-        c = report["chosen"]
-        ppl = "" if c.get("perplexity") is None else \
-            f"perplexity {c['perplexity']:.4f} ({c['perplexity_ratio']:.4f}x dense), "
-        click.echo(f"{model} -> {report['output']}/{c['file']}: {c['name']}, {c['size_bytes'] / 1e6:.2f} MB, "
-                   f"fidelity {c['fidelity']:.5f}, {ppl}{c['latency_ms']:.2f} ms "
-                   f"({report['front']['built']} built, {len(report['front']['points'])} measured)")
-        for f in (report.get("edge") or {}).get("variants", []):
+        c = report.chosen
+        ppl = "" if c.perplexity is None else f"perplexity {c.perplexity:.4f} ({c.perplexity_ratio:.4f}x dense), "
+        click.echo(f"{model} -> {report.output}/{report.file}: {c.recipe.name}, {c.size_bytes / 1e6:.2f} MB, "
+                   f"fidelity {c.fidelity:.5f}, {ppl}{c.latency_ms:.2f} ms "
+                   f"({report.front.built} built, {len(report.front.points)} measured)")
+        for f in (report.edge or {}).get("variants", []):
             click.echo(f"  {'edge/' + f['file']:<17} {f['size_bytes'] / 1e6:.2f} MB, {f['latency_ms']:.2f} ms at "
                        f"batch 1: {'PASS' if f['validation']['passed'] else 'FAIL'}")
-        click.echo(f"  report            {Path(report['output']) / 'report.md'}")
-    if not report["passed"]:  # an edge file failed its validation
+        click.echo(f"  report            {Path(report.output) / 'report.md'}")
+    if not report.passed:  # an edge file failed its validation
         click.echo("error: validation FAILED (see report.md); the output folder was kept for inspection", err=True)
         sys.exit(EXIT_VALIDATION_FAILED)
 

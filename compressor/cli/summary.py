@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.export.kv_cache import format_generation
+from compressor.jobs.results import StreamResult
 from compressor.report.report import VALIDATED, Report, criterion, number
 
 
@@ -74,16 +75,16 @@ def summary(r: Report) -> str:
 
 
 
-def stream_summary(model: Any, summary: dict[str, Any]) -> str:
-    """The few lines of a streamed run (``summary``: what :func:`compressor.jobs.stream.stream_compress` returns)."""
-    t = summary["totals"]
-    return (f"{model} (streamed, {summary['shards_in']} shard(s)) -> {summary['output']}/\n"
+def stream_summary(model: Any, summary: StreamResult) -> str:
+    """The few lines of a streamed run (what :func:`compressor.jobs.stream.stream_compress` returns)."""
+    t = summary.totals
+    return (f"{model} (streamed, {summary.shards_in} shard(s)) -> {summary.output}/\n"
             f"  layers factored   {t['layers_factored']} of {t['layers_supported']} factorizable "
-            f"({summary['resumed_layers']} of {summary['layers']} resumed from an earlier run)\n"
+            f"({summary.resumed_layers} of {summary.layers} resumed from an earlier run)\n"
             f"  parameters        {t['params_before']:,} -> {t['params_after']:,}; factorizable weights "
             f"{t['removed_fraction']:.1%} removed\n"
-            + (f"  calibration       {summary['calibration']['samples']} samples, "
-               f"{summary['calibration']['tokens']} tokens, whitened block by block ({summary['blocks']} "
-               "blocks; no sequential refits or sensitivity probes)\n" if "calibration" in summary else "")
-            + f"  time              analyze {summary['analyze_seconds']:.1f} s"
-            + (f", rewrite {summary['rewrite_seconds']:.1f} s" if "rewrite_seconds" in summary else ""))
+            + (f"  calibration       {summary.calibration['samples']} samples, "
+               f"{summary.calibration['tokens']} tokens, whitened block by block ({summary.blocks} "
+               "blocks; no sequential refits or sensitivity probes)\n" if summary.calibration is not None else "")
+            + f"  time              analyze {summary.analyze_seconds:.1f} s"
+            + (f", rewrite {summary.rewrite_seconds:.1f} s" if summary.rewrite_seconds is not None else ""))

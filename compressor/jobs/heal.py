@@ -1,6 +1,7 @@
 """``compress heal``: heal a compressed folder on a training file, as one Python call.
 
-    summary = heal_folder("model.compressed", data="train.pt")       # -> model.compressed.healed/
+    result = heal_folder("model.compressed", data="train.pt")       # -> model.compressed.healed/
+    result.before, result.after, result.best_step                     # heal.json is result.to_dict()
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_text, regular_file
 from compressor.core.output import OutputDir, check_not_over_inputs
 from compressor.jobs.loading import is_text
+from compressor.jobs.results import HealFolderResult
 
 if TYPE_CHECKING:
     from compressor.train.heal import HealConfig
@@ -61,15 +63,15 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
                 teacher: str | Path | None = None, trust_pickle: bool = False, force: bool = False,
                 samples: int | None = None, command: str | None = None, config: HealConfig | None = None,
                 checkpoint_dir: str | Path | None = None, resume: bool = False,
-                progress: bool | None = None, save_adapter: str | Path | None = None) -> dict[str, Any]:
+                progress: bool | None = None, save_adapter: str | Path | None = None) -> HealFolderResult:
     """Heal the compressed model at ``source`` on the data in files with the settings of ``config``, and
     save it to ``out``.
 
     Without targets in ``data`` this distils from ``teacher``: by default the original model recorded
-    in the compressed folder. Returns a summary (before/after metrics, best step, where it went, and the
-    config as JSON), also written to ``heal.json``. ``save_adapter`` (with ``config.train == "lora"``)
-    also writes the trained adapters, before merging, to that folder as PEFT writes them; their base
-    model is the compressed folder ``source``.
+    in the compressed folder. Returns a :class:`HealFolderResult` (before/after metrics, best step, where it
+    went, and the config as JSON); its ``to_dict()`` is written to ``heal.json``. ``save_adapter`` (with
+    ``config.train == "lora"``) also writes the trained adapters, before merging, to that folder as PEFT
+    writes them; their base model is the compressed folder ``source``.
     """
     from compressor.formats.load import load_model
     from compressor.formats.save import save
@@ -126,28 +128,24 @@ def heal_folder(source: str | Path, out: str | Path | None = None, *, data: Path
                       val_data=val_data, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
         plan = loaded.meta.get("plan")
         save(result.model, tmp, plan, source=loaded, atomic=False)
-        summary = {"source": str(source), "output": str(out), "teacher": None if teacher_model is None else
-                   str(teacher or recorded), "supervised": targets is not None, "before": result.before,
-                   "after": result.after, "best_step": result.best_step, "steps": result.steps,
-                   "resumed_from": result.resumed_from, "seconds": round(result.seconds, 2),
-                   "note": result.note,
-                   "blocks": [{k: v for k, v in b.items() if k != "history"} for b in result.blocks],
-                   "history": result.history, "config": result.config.to_dict(),
-                   # which kind's defaults the run used, and the settings they filled (the rest were given)
-                   "recipe": result.recipe,
-                   "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
-                   "command": command, "versions": versions()}
+        summary = HealFolderResult(
+            source=str(source), output=str(out), teacher=None if teacher_model is None else str(teacher or recorded),
+            supervised=targets is not None, before=result.before, after=result.after, best_step=result.best_step,
+            steps=result.steps, resumed_from=result.resumed_from, seconds=round(result.seconds, 2), note=result.note,
+            blocks=[{k: v for k, v in b.items() if k != "history"} for b in result.blocks], history=result.history,
+            config=result.config.to_dict(), recipe=result.recipe,
+            checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), command=command,
+            versions=versions(), adapter=None if save_adapter is None else str(save_adapter))
         if save_adapter is not None:
-            summary["adapter"] = str(save_adapter)
             result.adapter.base_model_name_or_path = str(source.resolve())
         monitor, mode = result.config.monitor, result.config.mode
         if any(isinstance(h.get("metrics", {}).get(monitor), int | float) for h in result.history):
             from compressor.report.plots import plot_metric_history
 
             plot_metric_history(result.history, monitor, tmp / "metrics.png", result.best_step, mode)
-            summary["plot"] = "metrics.png"  # the monitored metric over steps, the best step marked
-        atomic_write_text(tmp / "heal.json", json.dumps(summary, indent=2, default=str) + "\n")
-        write_model_card(tmp, json.loads(json.dumps(summary, default=str)))
+            summary.plot = "metrics.png"  # the monitored metric over steps, the best step marked
+        atomic_write_text(tmp / "heal.json", json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
+        write_model_card(tmp, json.loads(json.dumps(summary.to_dict(), default=str)))
         if save_adapter is not None:  # inside: a failure here publishes neither folder
             with OutputDir(Path(save_adapter), force) as adapter_tmp:
                 result.adapter.write_into(adapter_tmp)

@@ -358,7 +358,7 @@ def check_run(opts: Options, mode: str, source: Path) -> None:
     if mode not in MODES:
         raise CompressorError(f"mode {mode!r} is not one of {', '.join(MODES)}", f"pass mode={MODES[0]!r}")
     if opts.stream:
-        raise CompressorError("a streamed run is compressor.jobs.stream.stream_compress's (it returns its summary, "
+        raise CompressorError("a streamed run is compressor.jobs.stream.stream_compress's (it returns a StreamResult, "
                               "not a Report)", "call stream_compress with these options")
     if mode == "apply":
         check_plan_path(opts.plan_path)

@@ -15,6 +15,7 @@ import torch
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_write_text
 from compressor.core.threads import thread_budget
+from compressor.jobs.results import SearchJobResult
 from compressor.search.evaluate import THREADS, output_fidelity
 from compressor.search.front import front_markdown, plot_front
 from compressor.search.recipes import (
@@ -45,9 +46,10 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
                precisions: Sequence[str] = DEFAULT_PRECISIONS, keep_fp16: Sequence[int] = (0,),
                int4_corrections: Sequence[str] = DEFAULT_INT4_CORRECTIONS, cache_dir: str | Path | None = None,
                eval_inputs: Path | None = None, options: Any = None,
-               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+               log: Callable[[str], None] | None = None) -> SearchJobResult:
     """``compress search``: load the model at ``source``, :func:`search`, and write the chosen ONNX file,
     ``front.json``, the front plots, ``report.json`` and ``report.md`` into ``out`` (all or nothing).
+    Returns a :class:`SearchJobResult` (its ``to_dict()`` is ``report.json``).
 
     ``options`` is a :class:`compressor.jobs.options.Options` (loading, example inputs, calibration, opset).
     Held-out inputs come from ``eval_inputs`` (tensors, or text for Hugging Face models); without it,
@@ -64,7 +66,7 @@ def run_search(source: str | Path, out: str | Path | None = None, *, constraints
 def _search_job(source: Path, out: str | Path | None, constraints: Constraints, targets: Sequence[float],
                 heal_steps: int, precisions: Sequence[str], keep_fp16: Sequence[int],
                 int4_corrections: Sequence[str], cache_dir: str | Path | None,
-                eval_inputs: Path | None, opts: Any, log: Callable[[str], None] | None) -> dict[str, Any]:
+                eval_inputs: Path | None, opts: Any, log: Callable[[str], None] | None) -> SearchJobResult:
     from compressor.core.output import OutputDir, check_not_over_inputs
     from compressor.data.inputs import check_fits
     from compressor.formats.load import load_model
@@ -134,15 +136,14 @@ def _search_job(source: Path, out: str | Path | None, constraints: Constraints, 
                                       "recipe": result.chosen.recipe.name})
         front = result.to_dict()
         atomic_write_text(tmp / "front.json", json.dumps(front, indent=2) + "\n")
-        plots = plot_front(front, tmp)
-        report = {"mode": "search", "source": {"path": str(source), "format": loaded.format},
-                  "output": str(out), "chosen": {**result.chosen.to_dict(), "file": chosen.name},
-                  "front": front, "cache": str(cache_dir), "plots": plots, "command": opts.command,
-                  "versions": versions(), "passed": edge is None or edge["passed"], "edge": edge,
-                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        job = SearchJobResult(source=str(source), format=loaded.format, output=str(out), front=result,
+                              file=chosen.name, cache=str(cache_dir), plots=plot_front(front, tmp),
+                              command=opts.command, versions=versions(), passed=edge is None or edge["passed"],
+                              edge=edge, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        report = job.to_dict()
         atomic_write_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
         atomic_write_text(tmp / "report.md", search_markdown(report))
-    return report
+    return job
 
 
 def check_constraints(constraints: Constraints) -> None:

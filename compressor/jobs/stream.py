@@ -1,6 +1,7 @@
 """Checkpoints bigger than memory: analysis and rewrite streamed tensor by tensor, resumable, parallel.
 
-    summary = compressor.jobs.stream.stream_compress("llama-folder", "out", mode="compress", rank=256)
+    result = compressor.jobs.stream.stream_compress("llama-folder", "out", mode="compress", rank=256)
+    result.totals, result.resumed_layers      # a StreamResult; stream.json is result.to_dict()
 
 The input is a safetensors file or a Hugging Face folder (one ``model.safetensors`` or shards named by
 ``model.safetensors.index.json``). Which tensors are layers is decided on a weightless skeleton (meta
@@ -48,6 +49,7 @@ from compressor.formats.save import hf_architecture, write_meta
 from compressor.formats.shards import Checkpoint, ShardWriter
 from compressor.jobs.compress import default_out
 from compressor.jobs.options import OptionError, Options, options_from
+from compressor.jobs.results import StreamResult
 from compressor.jobs.stream_blocks import Blockwise, checkpoint_keys, skeleton_of
 from compressor.jobs.stream_state import STATE_FORMAT, StreamState, state_dir
 from compressor.jobs.stream_workers import probe_ray, run_all
@@ -55,9 +57,9 @@ from compressor.report.report import stream_report, write_report
 
 
 def stream_compress(source: str | Path, out: str | Path | None = None, *, mode: str = "analyze",
-                    options: Options | None = None, **kwargs: Any) -> dict[str, Any]:
+                    options: Options | None = None, **kwargs: Any) -> StreamResult:
     """Analyse (``mode="analyze"``) or analyse and factor (``"compress"``) the checkpoint at ``source``
-    without loading it whole; returns the summary also written to ``stream.json``.
+    without loading it whole; returns a :class:`StreamResult` (its ``to_dict()`` is ``stream.json``).
 
     Options as for :func:`compressor.jobs.compress.compress`, plus ``svd`` ("exact" or "randomized"),
     ``device`` (where the SVDs run: "cpu", or "cuda" for a GPU; byte-identical results only on one kind),
@@ -200,33 +202,33 @@ def _second_pass(run: _Run, layers: dict[str, dict[str, Any]], plan: Plan) -> li
 
 
 def _summary(run: _Run, layers: dict[str, dict[str, Any]], plan: Plan, blockwise: Blockwise | None, opts: Options,
-             mode: str, analysed: float) -> dict[str, Any]:
+             mode: str, analysed: float) -> StreamResult:
     """What stream.json records of the analysis (the output step adds its files, bytes and time)."""
     names = run.names
-    summary = {"source": str(run.source), "output": None, "mode": mode, "svd": opts.svd,
-               "workers": 1 if opts.ray is None and opts.workers <= 1 else opts.workers,
-               "ray": opts.ray, "shards_in": len(run.ckpt.files), "layers": len(names), "resumed_layers": run.resumed,
-               "seconds_per_layer": {n: layers[n]["seconds"] for n in names}, "analyze_seconds": round(analysed, 3),
-               "fingerprint_seconds": round(run.fingerprint_seconds, 3),
-               "checkpoint_bytes": sum(f.stat().st_size for f in run.ckpt.files),
-               "peak_rss_analyze_gib": _peak_rss_gib(), "max_rank": opts.max_rank,
-               "svd_checks": {n: layers[n]["check"] for n in names}, "totals": plan.totals()}
-    if blockwise is not None:
-        summary.update(workers=1, calibration=plan.calibration, blocks=blockwise.count,
-                       seconds_per_block=blockwise.seconds)
+    summary = StreamResult(
+        source=str(run.source), output=None, mode=mode, svd=opts.svd,
+        workers=1 if blockwise is not None or (opts.ray is None and opts.workers <= 1) else opts.workers,
+        ray=opts.ray, shards_in=len(run.ckpt.files), layers=len(names), resumed_layers=run.resumed,
+        seconds_per_layer={n: layers[n]["seconds"] for n in names}, analyze_seconds=round(analysed, 3),
+        fingerprint_seconds=round(run.fingerprint_seconds, 3),
+        checkpoint_bytes=sum(f.stat().st_size for f in run.ckpt.files), peak_rss_analyze_gib=_peak_rss_gib(),
+        max_rank=opts.max_rank, svd_checks={n: layers[n]["check"] for n in names}, totals=plan.totals())
+    if blockwise is not None:  # calibrated: block by block in this process
+        summary.calibration, summary.blocks, summary.seconds_per_block = (plan.calibration, blockwise.count,
+                                                                          blockwise.seconds)
     return summary
 
 
-def _write(out: Path, run: _Run, plan: Plan, summary: dict[str, Any], opts: Options, mode: str) -> None:
+def _write(out: Path, run: _Run, plan: Plan, summary: StreamResult, opts: Options, mode: str) -> None:
     """The output folder, all or nothing: plan.json, stream.json, the reports and (mode "compress") the
     factored weights with the folder's other files."""
-    summary["output"] = str(out)
+    summary.output = str(out)
     with OutputDir(out, opts.force) as tmp:
         plan.to_json(tmp / "plan.json")
         if mode == "compress":
             t = time.perf_counter()
             factored = {n: i for i, n in enumerate(run.names) if plan.layer(n).rank is not None}
-            summary["files"] = [p.name for p in _write_weights(tmp, run.ckpt, run.tasks, factored, run.state,
+            summary.files = [p.name for p in _write_weights(tmp, run.ckpt, run.tasks, factored, run.state,
                                                                opts.shard_bytes)]
             for f in run.companions:
                 shutil.copyfile(f, tmp / f.name)
@@ -235,14 +237,12 @@ def _write(out: Path, run: _Run, plan: Plan, summary: dict[str, Any], opts: Opti
                 write_meta(tmp, architecture, len(factored), (str(run.source), "hf-folder"))
                 mark_hf_config(tmp, factored_table(plan))  # and transformers' from_pretrained
                 copy_sentence_transformers(run.source, tmp)
-            summary["rewrite_seconds"] = round(time.perf_counter() - t, 3)
-        summary["peak_rss_gib"] = _peak_rss_gib()
-        summary["bytes_written"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-        atomic_write_text(tmp / "stream.json", json.dumps(summary, indent=2) + "\n")
-        timings = {k: summary[f"{k}_seconds"] for k in ("fingerprint", "analyze", "rewrite")
-                   if f"{k}_seconds" in summary}
-        write_report(stream_report(source=run.source, out=out, mode=mode, plan=plan, stream=summary,
-                                   timings=timings, options=opts, folder=tmp), tmp)
+            summary.rewrite_seconds = round(time.perf_counter() - t, 3)
+        summary.peak_rss_gib = _peak_rss_gib()
+        summary.bytes_written = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        atomic_write_text(tmp / "stream.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+        write_report(stream_report(source=run.source, out=out, mode=mode, plan=plan, stream=summary.to_dict(),
+                                   timings=summary.timings(), options=opts, folder=tmp), tmp)
 
 
 def _peak_rss_gib() -> float:
