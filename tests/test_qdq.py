@@ -174,3 +174,19 @@ def test_qdq_bias_correction_removes_the_mean_shift_of_int8_weights(tmp_path):
     plain, corrected = mean_shift(False), mean_shift(True)
     assert corrected < 0.3 * plain and plain > 0.05
     assert src.read_bytes() == before  # the input file is left as it was
+
+
+def test_qdq_of_a_model_with_external_weights_corrects_its_biases(tmp_path):
+    # The bias correction runs the fp32 model once more with extra outputs: a model whose weights live in
+    # a separate file must work too, and that file stays as it was.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.rand(32, 3, 8, 8)
+    graph = onnx.load(str(export_onnx(model, x[:1], tmp_path / "m.onnx")))
+    src = tmp_path / "ext" / "ext.onnx"
+    src.parent.mkdir()
+    onnx.save(graph, str(src), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    weights = (src.parent / "weights.bin").read_bytes()
+    path = export_qdq(src, tmp_path / "q.onnx", calibration=list(x.split(16)), methods=("minmax",))
+    assert qdq_choice(path)["bias_corrected_layers"] == 2
+    assert sorted(p.name for p in src.parent.iterdir()) == ["ext.onnx", "weights.bin"]
+    assert (src.parent / "weights.bin").read_bytes() == weights

@@ -218,19 +218,21 @@ def _correct_bias(src: Path, batches: list[dict[str, np.ndarray]], folder: Path)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     layers = [n for n in graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2
-              and n.input[1] in inits and n.input[2] in inits and _gemm_like_linear(n)]
+              and n.input[1] in inits and n.input[2] in inits and len(inits[n.input[2]].dims) == 1
+              and _gemm_like_linear(n)]
     if not layers:
         return 0
-    # The fp32 file once more, with every corrected layer's input as an extra output, for its channel means.
-    probe = onnx.load(str(src), load_external_data=False)
+    # The fp32 model once more, with every corrected layer's input as an extra output, for its channel means
+    # (a temporary copy with its weights: onnxruntime refuses external data outside the model's folder).
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
     outputs = {o.name for o in probe.graph.output}
     for x in dict.fromkeys(n.input[0] for n in layers):
         if x not in outputs:
             probe.graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
     probe_path = folder / "probe.onnx"
-    onnx.save(probe, str(probe_path))  # external weights, if any, stay where src keeps them
-    for data in src.parent.glob(f"{src.name}.data"):
-        (folder / data.name).symlink_to(data.resolve())
+    save_onnx(probe, probe_path, onnx)
+    del probe
     session = onnx_session(probe_path)
     names = [o.name for o in session.get_outputs()]
     sums: dict[str, np.ndarray] = {}
@@ -243,7 +245,8 @@ def _correct_bias(src: Path, batches: list[dict[str, np.ndarray]], folder: Path)
             axes = (0, *range(2, v.ndim))  # every axis but the channels (dimension 1)
             sums[x] = sums.get(x, 0) + v.mean(axis=axes) * size
         count += size
-    probe_path.unlink()
+    for f in folder.glob("probe.onnx*"):
+        f.unlink()
     for node in layers:
         mean = sums[node.input[0]] / count
         weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
