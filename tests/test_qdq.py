@@ -149,3 +149,44 @@ def test_search_tries_qdq_only_when_asked():
     assert not any(r.precision == "qdq" for r in default_recipes())
     asked = default_recipes((0.3,), precisions=("fp32", "qdq"))
     assert Recipe("qdq") in asked and Recipe("qdq", 0.3) in asked
+
+
+def test_qdq_bias_correction_removes_the_mean_shift_of_int8_weights(tmp_path):
+    # Rows with one large weight: int8 rounds the small ones coarsely, and on positive inputs (as after a
+    # ReLU) the errors add up to a constant shift per output channel, which bias correction takes out.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 8, 1)
+    with torch.no_grad():
+        conv.weight.uniform_(-0.3, 0.3)
+        conv.weight[:, 0] = 40.0
+    x = torch.rand(64, 6, 4, 4) * 4 + 2
+    src = export_onnx(conv.eval(), x[:1], tmp_path / "c.onnx")
+    before = src.read_bytes()
+    want = onnx_session(src).run(None, {"input": x.numpy()})[0]
+
+    def mean_shift(bias_correction: bool) -> float:
+        path = export_qdq(src, tmp_path / f"q{bias_correction}.onnx", calibration=list(x.split(16)),
+                          methods=("minmax",), bias_correction=bias_correction)
+        assert qdq_choice(path)["bias_corrected_layers"] == (1 if bias_correction else 0)
+        got = onnx_session(path).run(None, {"input": x.numpy()})[0]
+        return float(np.abs((got - want).mean(axis=(0, 2, 3))).mean())
+
+    plain, corrected = mean_shift(False), mean_shift(True)
+    assert corrected < 0.3 * plain and plain > 0.05
+    assert src.read_bytes() == before  # the input file is left as it was
+
+
+def test_qdq_of_a_model_with_external_weights_corrects_its_biases(tmp_path):
+    # The bias correction runs the fp32 model once more with extra outputs: a model whose weights live in
+    # a separate file must work too, and that file stays as it was.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.rand(32, 3, 8, 8)
+    graph = onnx.load(str(export_onnx(model, x[:1], tmp_path / "m.onnx")))
+    src = tmp_path / "ext" / "ext.onnx"
+    src.parent.mkdir()
+    onnx.save(graph, str(src), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    weights = (src.parent / "weights.bin").read_bytes()
+    path = export_qdq(src, tmp_path / "q.onnx", calibration=list(x.split(16)), methods=("minmax",))
+    assert qdq_choice(path)["bias_corrected_layers"] == 2
+    assert sorted(p.name for p in src.parent.iterdir()) == ["ext.onnx", "weights.bin"]
+    assert (src.parent / "weights.bin").read_bytes() == weights
