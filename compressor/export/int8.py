@@ -94,8 +94,8 @@ def _kept_nodes(graph, names: list[str], src: Path) -> set[str]:
 # ----------------------------------------------------------------------------- static int8 (QDQ)
 
 # How export_qdq calibrates activation ranges; each is measured and the most faithful kept. onnxruntime's
-# "entropy" method is left out: on MobileNetV2 (benchmarks/results/edge_mobilenetv2.md) one entropy export
-# took 193 s against 327 s for all five of export_qdq's attempts, and kept fewer top-1 classes (0.689 vs 0.700).
+# "entropy" method is left out: on MobileNetV2 (an earlier run of benchmarks/edge_mobilenetv2.py) one entropy
+# export took 193 s against 327 s for all five of export_qdq's attempts, and kept fewer top-1 classes.
 QDQ_METHODS = ("minmax", "percentile")
 # The "percentile" method's percentile: onnxruntime's default, 99.999, clips too little to matter on
 # MobileNetV2, where 99.99 kept mean logit cosine 0.945 against 0.934 on the 64 calibration crops (0.950
