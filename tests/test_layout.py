@@ -92,9 +92,10 @@ def test_no_import_cycles_between_modules():
     assert not cycles, cycles
 
 
-# What data/ may use of the package: errors, files and its own modules. The calibrated analysis (whitening,
-# statistics, refits: core.svd, core.handlers, core.policies and up) lives in analysis/, not data/.
-DATA_MAY_IMPORT = ("compressor.core.errors", "compressor.core.fileio", "compressor.data.")
+# What data/ may use of the package: errors, files, forward hooks (perplexity reads the head's input) and its
+# own modules. The calibrated analysis (whitening, statistics, refits: core.svd, core.handlers, core.policies
+# and up) lives in analysis/, not data/.
+DATA_MAY_IMPORT = ("compressor.core.errors", "compressor.core.fileio", "compressor.core.hooks", "compressor.data.")
 
 
 def test_data_holds_inputs_and_loaders_not_algorithms():
@@ -148,3 +149,21 @@ def test_modules_and_functions_are_short():
                  and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
                  and f"{where}:{node.name}" not in EXCEPTIONS]
     assert not long, "split these at a seam, or list them in EXCEPTIONS with the reason:\n" + "\n".join(long)
+
+
+# Forward hooks are registered by compressor.core.hooks alone (capture, stop early, patched forwards), where
+# every handle is removed on leaving; the exceptions, with the reason each stays as it is:
+HOOKS_MAY_REGISTER = {
+    "compressor.core.hooks": "the one place",
+    # Its pre-hooks read the tensors outside the blocks (embeddings, head) when a module holding them first
+    # runs, for as long as the streamed skeleton lives: no ``with`` to leave, nothing to remove.
+    "compressor.analysis.blocks": "permanent loading hooks on the streamed skeleton",
+}
+
+
+def test_forward_hooks_are_registered_in_core_hooks():
+    bad = [f"{path.relative_to(REPO)}:{node.lineno}" for mod, path in _modules().items()
+           if mod not in HOOKS_MAY_REGISTER
+           for node in ast.walk(ast.parse(path.read_text()))
+           if isinstance(node, ast.Attribute) and node.attr in ("register_forward_hook", "register_forward_pre_hook")]
+    assert not bad, "use compressor.core.hooks (or list the module in HOOKS_MAY_REGISTER with why):\n" + "\n".join(bad)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from compressor.core.fold import apply_folds, foldable
+from compressor.core.hooks import captured_inputs, captured_outputs
 from compressor.data.inputs import Batch, call, compared_outputs, eval_mode, take
 
 # Largest relative change of any output a fold may cause: folding is exact up to float rounding (about
@@ -33,26 +34,21 @@ def conv_bn_pairs(model: nn.Module, batch: Batch, convs: set[str] | None = None)
     produced: dict[int, str] = {}
     pairs: list[list[str]] = []
     alive: list[torch.Tensor] = []  # outputs held so that no id is reused during the pass
-    names = {m: n for n, m in model.named_modules()}
-    handles = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d) and (convs is None or name in convs):
-            def post(m, _args, out):
-                alive.append(out)
-                produced[id(out)] = names[m]
-            handles.append(mod.register_forward_hook(post))
-        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            def pre(m, args):
-                conv = produced.get(id(args[0])) if args else None
-                if conv is not None and foldable(model.get_submodule(conv), m):
-                    pairs.append([conv, names[m]])
-            handles.append(mod.register_forward_pre_hook(pre))
-    try:
-        with eval_mode(model):
-            call(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    conv_mods = {n: m for n, m in model.named_modules()
+                 if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and (convs is None or n in convs)}
+    bn_mods = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+    def post(name, _args, out):
+        alive.append(out)
+        produced[id(out)] = name
+
+    def pre(name, args):
+        conv = produced.get(id(args[0])) if args else None
+        if conv is not None and foldable(model.get_submodule(conv), bn_mods[name]):
+            pairs.append([conv, name])
+
+    with captured_outputs(conv_mods, post), captured_inputs(bn_mods, pre), eval_mode(model):
+        call(model, batch)
     # A conv or BN called twice in one forward (shared modules) appears twice: fold neither.
     convs_seen = [c for c, _ in pairs]
     bns_seen = [b for _, b in pairs]

@@ -34,11 +34,8 @@ from torch import nn
 
 from compressor.analysis.whitened import Moments, accumulate
 from compressor.core.errors import CompressorError
+from compressor.core.hooks import StopForward, captured_inputs, captured_outputs, patched_forward, stop_after
 from compressor.data.inputs import Batch, attention_mask, call, map_tensors
-
-
-class _Done(Exception):
-    """Raised after the block of a pass has run: nothing after it is needed."""
 
 
 def block_list(model: nn.Module) -> str | None:
@@ -124,15 +121,12 @@ class BlockCalibration:
         given block ``i-1``'s (``carried``; None for block 0). Call inside :meth:`loaded`."""
         outputs: list[Any] = []
 
-        def done(_mod, _args, out):
+        def keep(_i, _args, out):
             outputs.append(map_tensors(out, lambda t: t.detach().clone()))
-            raise _Done
 
-        handle = self.blocks[i].register_forward_hook(done)
-        try:
+        # The pass ends after the block it is for.
+        with captured_outputs({i: self.blocks[i]}, keep), stop_after(self.blocks[i]):
             moments = self._passes(_only(self.layers[i], names), i, carried)
-        finally:
-            handle.remove()
         if len(outputs) != len(self.batches):  # the model's forward does not run its blocks one after another
             raise CompressorError(f"block {self.name}.{i} of {type(self.model).__name__} ran {len(outputs)} times "
                                   f"for {len(self.batches)} calibration batches, so it cannot be calibrated block "
@@ -152,20 +146,15 @@ class BlockCalibration:
         def pre(name: str, args: tuple) -> None:
             accumulate(acc[name], layers[name], args[0], state["mask"])
 
-        handles = [m.register_forward_pre_hook(lambda _m, args, n=n: pre(n, args)) for n, m in layers.items()]
-        for j in range(stubs):  # an instance attribute shadows the class's forward (as _Prefix replays)
-            self.blocks[j].forward = lambda *_a, **_k: map_tensors(carried[state["batch"]], lambda t: t.clone())
-        try:
-            with torch.no_grad():
-                for b, batch in enumerate(self.batches):
-                    state["batch"], state["mask"] = b, attention_mask(batch)
-                    with suppress(_Done):  # the pass ends after the block it is for
-                        call(self.model, batch)
-        finally:
-            for h in handles:
-                h.remove()
-            for j in range(stubs):
-                del self.blocks[j].forward
+        def stub(_block, *_a, **_k):
+            return map_tensors(carried[state["batch"]], lambda t: t.clone())
+
+        with captured_inputs(layers, pre), patched_forward([self.blocks[j] for j in range(stubs)], stub), \
+                torch.no_grad():
+            for b, batch in enumerate(self.batches):
+                state["batch"], state["mask"] = b, attention_mask(batch)
+                with suppress(StopForward):  # the pass ends after the block it is for
+                    call(self.model, batch)
         return acc
 
 

@@ -36,7 +36,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from typing import Any
 
 import torch
@@ -54,6 +54,14 @@ from compressor.analysis.whitened import (
 )
 from compressor.core.errors import CompressorError
 from compressor.core.handlers import handler_for
+from compressor.core.hooks import (
+    StopForward,
+    captured_inputs,
+    captured_outputs,
+    patched_forward,
+    stop_after,
+    stop_before,
+)
 from compressor.core.policies import LayerSpectrum, Policy, across_layers, allocate
 from compressor.core.rewrite import factor_module
 from compressor.core.svd import Decomposition, max_saving_rank
@@ -74,10 +82,6 @@ WEIGHTINGS = (FISHER, KFAC, None)
 FISHER_FLOOR = 1e-2
 # What plan.calibration["passes"] says of a decoder calibrated block by block (in memory or streamed).
 BLOCKWISE_PASSES = "block by block (decoder)"
-
-
-class _Done(Exception):
-    """Raised from a hook once a pass has produced what it is for: nothing after it runs."""
 
 
 def is_decoder(model: nn.Module) -> bool:
@@ -110,41 +114,36 @@ class BlockPasses:
         batch's pass before ``stop`` runs (nothing is returned then)."""
         outputs: list[Any] = []
         inside = i < len(self.blocks)
-
-        def done(_m, _a, out):
-            outputs.append(map_tensors(out, lambda t: t.detach()))
-            raise _Done
-
         state: dict[str, Any] = {}
-        handles = [(self.blocks[i] if block is None else block).register_forward_hook(done)] if inside else []
-        for n, mod in (hooked or {}).items():
-            handles.append(mod.register_forward_pre_hook(
-                lambda _m, args, n=n: pre(n, state["batch"], args[0], state["mask"])))
-        if stop is not None:
-            handles.append(stop.register_forward_pre_hook(lambda _m, _a: _raise()))
+
+        def keep(_i, _a, out):
+            outputs.append(map_tensors(out, lambda t: t.detach()))
+
+        def stub(_block, *_a, **_k):  # the blocks before ``i`` return what they returned before
+            return map_tensors(carried[state["batch"]], lambda t: t.clone())
+
         original = self.blocks[i] if inside else None
         if block is not None:
             self.blocks[i] = block
-        for j in range(i):  # an instance attribute shadows the class's forward
-            self.blocks[j].forward = lambda *_a, **_k: map_tensors(carried[state["batch"]], lambda t: t.clone())
         try:
-            with torch.no_grad():
-                for b, batch in enumerate(self.batches):
-                    state["batch"], state["mask"] = b, attention_mask(batch)
-                    with suppress(_Done):
-                        call(self.model, batch)
+            with ExitStack() as hooks:
+                if inside:  # the pass ends after the block it is for
+                    hooks.enter_context(captured_outputs({i: self.blocks[i]}, keep))
+                    hooks.enter_context(stop_after(self.blocks[i]))
+                hooks.enter_context(captured_inputs(
+                    hooked or {}, lambda n, args: pre(n, state["batch"], args[0], state["mask"])))
+                if stop is not None:
+                    hooks.enter_context(stop_before(stop))
+                hooks.enter_context(patched_forward([self.blocks[j] for j in range(i)], stub))
+                with torch.no_grad():
+                    for b, batch in enumerate(self.batches):
+                        state["batch"], state["mask"] = b, attention_mask(batch)
+                        with suppress(StopForward):
+                            call(self.model, batch)
         finally:
-            for h in handles:
-                h.remove()
-            for j in range(i):
-                del self.blocks[j].forward
             if inside:
                 self.blocks[i] = original
         return outputs
-
-
-def _raise() -> None:
-    raise _Done
 
 
 def output_fisher(model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch],
@@ -174,34 +173,30 @@ def output_fisher(model: nn.Module, modules: dict[str, nn.Module], batches: list
     frozen = {p: p.requires_grad for p in model.parameters()}
     state: dict[str, Any] = {}
 
-    def grad_hook(n: str):
-        def hook(_m, _a, out):
-            if isinstance(out, torch.Tensor) and out.requires_grad:
-                out.register_hook(lambda g: add(fisher[n], g))
-        return hook
+    def grad_hook(n: str, _a, out):
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda g: add(fisher[n], g))
 
-    def leaf(_m, _a, out):  # the graph starts here: frozen parameters keep no gradient
+    def leaf(_k, _a, out):  # the graph starts here: frozen parameters keep no gradient
         return out.detach().requires_grad_(True)
 
-    def capture(_m, args):
+    def capture(_k, args):
         if "hidden" not in state:  # the model's own call of the head; the chunks below run it too
             state["hidden"] = args[0]
-            raise _Done
+            raise StopForward
 
-    handles = [m.register_forward_hook(grad_hook(n)) for n, m in modules.items()]
-    handles += [embed.register_forward_hook(leaf), head.register_forward_pre_hook(capture)]
     try:
         for p in frozen:
             p.requires_grad_(False)
-        for batch in _micro_batches(batches, sequences, FISHER_MICRO_BATCH):
-            with torch.enable_grad():
-                with suppress(_Done):
-                    call(model, batch)
-                _chunked_nll_backward(head, state["hidden"], batch, cap, chunk)
-                del state["hidden"]
+        with captured_outputs(modules, grad_hook), captured_outputs({"embed": embed}, leaf), \
+                captured_inputs({"head": head}, capture):
+            for batch in _micro_batches(batches, sequences, FISHER_MICRO_BATCH):
+                with torch.enable_grad():
+                    with suppress(StopForward):
+                        call(model, batch)
+                    _chunked_nll_backward(head, state["hidden"], batch, cap, chunk)
+                    del state["hidden"]
     finally:
-        for h in handles:
-            h.remove()
         for p, g in frozen.items():
             p.requires_grad_(g)
     return {n: f.float() for n, f in fisher.items()}

@@ -19,28 +19,10 @@ from torch import nn
 
 from compressor.analysis.whitened import Moments, accumulate
 from compressor.core.handlers import handler_for
+from compressor.core.hooks import StopForward, captured_inputs, captured_outputs, patched_forward
 from compressor.data.inputs import Batch, attention_mask, call, relative_change, to_device
 
-# -------------------------------------------------------------------------------------------- hooks
-
-
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass once the inputs needed are captured."""
-
-
-@contextmanager
-def _hooks(modules: dict[str, nn.Module], pre=None, post=None) -> Iterator[None]:
-    handles = []
-    try:
-        for name, mod in modules.items():
-            if pre is not None:
-                handles.append(mod.register_forward_pre_hook(lambda _m, args, n=name: pre(n, args)))
-            if post is not None:
-                handles.append(mod.register_forward_hook(lambda _m, args, out, n=name: post(n, args, out)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+# ------------------------------------------------------------------------------------------- passes
 
 
 @contextmanager
@@ -58,7 +40,7 @@ def _eval(model: nn.Module) -> Iterator[None]:
 def _forward(model: nn.Module, batch: Batch) -> Any:
     try:
         return call(model, batch)
-    except _Stop:
+    except StopForward:
         return None
 
 
@@ -100,7 +82,7 @@ class Calibrator:
             alive.append(x)
             seen.append((name, x.data_ptr() if isinstance(x, torch.Tensor) else id(x)))
 
-        with _eval(self.model), _hooks(self.modules, pre=pre):
+        with _eval(self.model), captured_inputs(self.modules, pre):
             call(self.model, self.batches[0])
         names = [n for n, _ in seen]
         repeated = len(names) != len(set(names))
@@ -137,7 +119,7 @@ class Calibrator:
             accumulate(acc[name], self.modules[name], args[0], mask)
 
         order = self.batches[hold_out:] + self.batches[:hold_out]  # the held-out batches last
-        with _eval(self.model), _hooks(self.modules, pre=pre):
+        with _eval(self.model), captured_inputs(self.modules, pre):
             for i, b in enumerate(order):
                 if hold_out and i == len(order) - hold_out:
                     held = {n: m.copy() for n, m in acc.items()}
@@ -163,12 +145,12 @@ class Calibrator:
             store[name].append(None if rows is None else rows.float())
 
         mods = {n: self.modules[n] for n in firsts}
-        with _eval(self.model), _hooks(mods, pre=size):
+        with _eval(self.model), captured_inputs(mods, size):
             mask = attention_mask(self.batches[0])
             call(self.model, self.batches[0])
         if self.repeated or need * len(self.batches) > budget_bytes:
             return None
-        with _eval(self.model), _hooks(mods, pre=keep):
+        with _eval(self.model), captured_inputs(mods, keep):
             for b in self.batches:
                 mask = attention_mask(b)
                 call(self.model, b)
@@ -186,7 +168,7 @@ class Calibrator:
         def capture(name, args):
             captured[name] = args[0]
             if name == first and not self.repeated:
-                raise _Stop
+                raise StopForward
 
         def swap(name, args, out):
             return replaced[name](args[0])
@@ -195,12 +177,12 @@ class Calibrator:
             for i, b in enumerate(self.batches):
                 mask = attention_mask(b)
                 if originals is None:
-                    with _hooks(mods, pre=capture):
+                    with captured_inputs(mods, capture):
                         _forward(self.model, b)
                     x = self._rows(first, captured[first], mask)
                 else:
                     x = originals[first][i]
-                with _hooks({n: self.modules[n] for n in replaced}, post=swap), _hooks(mods, pre=capture):
+                with captured_outputs({n: self.modules[n] for n in replaced}, swap), captured_inputs(mods, capture):
                     _forward(self.model, b)
                 h = self._rows(first, captured[first], mask)
                 if x is not None:
@@ -228,7 +210,7 @@ class Calibrator:
                 results = []
                 for i, (b, ref) in enumerate(zip(batches, refs, strict=True)):
                     replay = prefix.replaying(first, i) if first is not None else nullcontext()
-                    with replay, _hooks({n: self.modules[n] for n in replaced}, post=swap):
+                    with replay, captured_outputs({n: self.modules[n] for n in replaced}, swap):
                         results.append((call(self.model, b), ref, attention_mask(b)))
                 out[key] = relative_change(results, self.outputs)
         return out
@@ -259,8 +241,8 @@ class Calibrator:
                 for name, new in replacements.items():
                     results = []
                     for i, (b, ref) in enumerate(zip(batches, refs, strict=True)):
-                        with prefix.replaying(self.modules[name], i), \
-                                _hooks({name: self.modules[name]}, post=lambda _n, args, _o, new=new: new(args[0])):
+                        swap = captured_outputs({name: self.modules[name]}, lambda _n, args, _o, new=new: new(args[0]))
+                        with prefix.replaying(self.modules[name], i), swap:
                             results.append((call(self.model, b), ref, attention_mask(b)))
                     out[name] = relative_change(results, self.outputs)
             return out
@@ -308,12 +290,9 @@ class _Prefix:
             if isinstance(out, torch.Tensor):
                 tensor_out.add(mod)
 
-        handles = [h for m in self.children for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
-        try:
+        every = {m: m for m in self.children}
+        with captured_inputs(every, pre), captured_outputs(every, post):
             call(model, batch)
-        finally:
-            for h in handles:
-                h.remove()
         self.span = span
         self.usable = {m for m in tensor_out if calls[m] == 1 and "forward" not in m.__dict__} \
             if all(c == 1 for c in calls.values()) else set()
@@ -336,21 +315,11 @@ class _Prefix:
     @contextmanager
     def recording(self) -> Iterator[None]:
         # Cloned: a later in-place op (an in-place ReLU, ``x += ...``) may change the returned tensor.
-        handles = [m.register_forward_hook(lambda mod, _a, out: self.cache[mod].append(out.clone()))
-                   for m in self.cache]
-        try:
+        with captured_outputs({m: m for m in self.cache}, lambda mod, _a, out: self.cache[mod].append(out.clone())):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     @contextmanager
     def replaying(self, layer: nn.Module, batch: int) -> Iterator[None]:
-        skipped = self.before[layer]
-        for m in skipped:  # an instance attribute shadows the class's forward; a clone, as when recording
-            m.forward = lambda *_a, _m=m, **_k: self.cache[_m][batch].clone()
-        try:
+        # A clone, as when recording.
+        with patched_forward(self.before[layer], lambda m, *_a, **_k: self.cache[m][batch].clone()):
             yield
-        finally:
-            for m in skipped:
-                del m.forward

@@ -22,6 +22,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import regular_file
+from compressor.core.hooks import StopForward, captured_inputs, stop_before
 from compressor.data.inputs import eval_mode, model_device
 
 # Model positions per window unless told otherwise (the papers' 2048), capped at the model's context.
@@ -278,10 +280,6 @@ def run_protocol(corpus: Corpus, window: int, stride: int | None, bos: bool, max
 # ------------------------------------------------------------------------------------- torch models
 
 
-class _HeadReached(Exception):
-    """Raised from the output head's pre-hook: the forward pass stops before the full logits exist."""
-
-
 def output_head(model: nn.Module) -> nn.Module:
     """The module that turns the last hidden state into logits (``get_output_embeddings()``), or one
     :class:`CompressorError` line for a model that is not a causal language model."""
@@ -299,18 +297,9 @@ def hidden_states(model: nn.Module, head: nn.Module, ids: torch.Tensor) -> torch
     """The ``(positions, hidden)`` input of ``head`` for the input ids ``(1, positions)``: the forward
     pass is stopped at the head, so the full logits are never computed."""
     seen: list[torch.Tensor] = []
-
-    def stop(_module: nn.Module, args: tuple) -> None:
-        seen.append(args[0])
-        raise _HeadReached
-
-    handle = head.register_forward_pre_hook(stop)
-    try:
+    with captured_inputs({"head": head}, lambda _k, args: seen.append(args[0])), stop_before(head), \
+            suppress(StopForward):
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    except _HeadReached:
-        pass
-    finally:
-        handle.remove()
     if not seen:
         raise CompressorError(f"{type(model).__name__}'s forward pass never called its output head",
                               "pass a causal language model whose forward() computes logits with it")
@@ -325,11 +314,8 @@ def check_head(model: nn.Module, head: nn.Module, ids: torch.Tensor, softcap: fl
     refused, since its perplexity by chunks would be wrong."""
     ids = ids[:, :1]
     seen: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    try:
+    with captured_inputs({"head": head}, lambda _k, args: seen.append(args[0])):
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    finally:
-        handle.remove()
     logits = getattr(out, "logits", None)
     if not isinstance(logits, torch.Tensor) or not seen:
         raise CompressorError(f"{type(model).__name__} returns no logits from its output head",

@@ -36,6 +36,7 @@ from torch import nn
 
 from compressor.core.fileio import atomic_write_text
 from compressor.core.handlers import handler_for
+from compressor.core.hooks import captured_inputs
 from compressor.core.plan import Plan
 from compressor.core.rewrite import empty_factored
 from compressor.core.svd import max_saving_rank
@@ -191,19 +192,14 @@ def layer_inputs(model: nn.Module, inputs: Any, names: set[str]) -> dict[str, to
     from compressor.data.inputs import call
 
     seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, mod in model.named_modules():
-        if name in names:
-            def hook(mod, args, name=name):
-                if name not in seen and args and isinstance(args[0], torch.Tensor):
-                    seen[name] = args[0].detach().clone()
-            handles.append(mod.register_forward_pre_hook(hook))
-    try:
-        with eval_mode(model), torch.no_grad():
-            call(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def first(name: str, args: tuple) -> None:
+        if name not in seen and args and isinstance(args[0], torch.Tensor):
+            seen[name] = args[0].detach().clone()
+
+    with captured_inputs({n: m for n, m in model.named_modules() if n in names}, first), eval_mode(model), \
+            torch.no_grad():
+        call(model, inputs)
     return seen
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from compressor.core.handlers import handler_for
+from compressor.core.hooks import captured_outputs
 from compressor.data.inputs import call, eval_mode, flatten, model_device, to_device
 from compressor.formats.onnx_graph import feeds
 from compressor.formats.runtime import session
@@ -104,21 +105,13 @@ def count_macs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     _, tensors = flatten(inputs)
     by_layer: dict[str, int] = {}
 
-    def hook(name: str, handler):
-        def record(mod: nn.Module, args, out) -> None:
-            by_layer[name] = by_layer.get(name, 0) + int(handler.call_macs(mod, out))
-        return record
+    layers = {n: (m, h) for n, m in model.named_modules() if (h := handler_for(m)) is not None}
 
-    handles = []
-    for n, m in model.named_modules():
-        h = handler_for(m)
-        if h is not None:
-            handles.append(m.register_forward_hook(hook(n, h)))
-    try:
-        with eval_mode(model), torch.no_grad():
-            call(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    def record(name: str, _args, out) -> None:
+        mod, handler = layers[name]
+        by_layer[name] = by_layer.get(name, 0) + int(handler.call_macs(mod, out))
+
+    with captured_outputs({n: m for n, (m, _) in layers.items()}, record), eval_mode(model), torch.no_grad():
+        call(model, inputs)
     total, batch = sum(by_layer.values()), _batch_of(tensors)
     return {"total": total, "per_sample": total / batch, "batch": batch, "by_layer": by_layer}

@@ -29,12 +29,9 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
+from compressor.core.hooks import StopForward, captured_inputs, captured_outputs, stop_after, stop_before
 from compressor.core.layers import LOW_RANK_TYPES
 from compressor.data.inputs import attention_mask, call, primary_output, relative_change
-
-
-class _Stop(Exception):
-    """Raised by the capture hook: the rest of the model need not run."""
 
 
 def find_blocks(model: nn.Module, trainable: Sequence[str], patterns: Sequence[str] | None = None) -> list[str]:
@@ -90,26 +87,20 @@ def capture(student: nn.Module, teacher: nn.Module, name: str, batches: Sequence
     block ``name`` output on them. Only the model up to the block runs."""
     block, original = student.get_submodule(name), teacher.get_submodule(name)
     seen: list[tuple[tuple, dict]] = []
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen.append((args, kwargs))
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     out = []
-    try:
+    # The rest of the model need not run.
+    with captured_inputs({name: block}, lambda _n, args, kwargs: seen.append((args, kwargs)), with_kwargs=True), \
+            stop_before(block):
         for batch in batches:
             try:
                 call(student, batch)
-            except _Stop:
+            except StopForward:
                 pass
             else:
                 raise CompressorError(f"block {name} does not run in the model's forward pass",
                                       "pass block patterns naming modules the forward pass calls")
             args, kwargs = seen.pop()
             out.append(BlockData(args, kwargs, primary_output(original(*args, **kwargs)), attention_mask(batch)))
-    finally:
-        handle.remove()
     return out
 
 
@@ -133,21 +124,16 @@ def record_calls(student: nn.Module, names: Sequence[str], batches: Sequence[Any
     blocks = [student.get_submodule(n) for n in names]
     calls: list[list[tuple[tuple, dict, Any]]] = [[] for _ in names]
 
-    def hook(i: int):
-        def record(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            calls[i].append((args, kwargs, output))
-            if i == len(names) - 1:
-                raise _Stop
-        return record
+    def record(i: int, args: tuple, kwargs: dict, output: Any) -> None:
+        calls[i].append((args, kwargs, output))
 
-    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     chained = [False] + [True] * (len(names) - 1)
     rest: list[list[tuple[tuple, dict]]] = [[] for _ in names]
-    try:
+    with captured_outputs(dict(enumerate(blocks)), record, with_kwargs=True), stop_after(blocks[-1]):
         for batch in batches:
             for c in calls:
                 c.clear()
-            with suppress(_Stop):
+            with suppress(StopForward):
                 call(student, batch)
             # A block run other than once per pass (shared, skipped) is captured the slow way, as is the next.
             once = [len(c) == 1 for c in calls]
@@ -156,9 +142,6 @@ def record_calls(student: nn.Module, names: Sequence[str], batches: Sequence[Any
             for i, c in enumerate(calls):
                 if chained[i]:
                     rest[i].append((c[0][0][1:], c[0][1]))
-    finally:
-        for h in handles:
-            h.remove()
     # Only what a carried block needs (its hidden states come from the block before it); the others are
     # captured by running the model prefix when their turn comes.
     return BlockCalls(chained, [r if chained[i] else [] for i, r in enumerate(rest)])

@@ -36,15 +36,12 @@ from torch.nn import functional as F
 
 from compressor.analysis.decoder import is_decoder
 from compressor.core.errors import CompressorError
+from compressor.core.hooks import StopForward, captured_inputs, stop_before
 from compressor.data.inputs import Batch, attention_mask, call, take, tensors_of
 from compressor.data.perplexity import head_chunk
 
 LM_LOSSES = ("kl", "ce")
 IGNORE = -100  # next-token target of a position without one (the last of a sequence, padding)
-
-
-class _Stop(Exception):
-    """Raised by the head's pre-hook: the hidden states are captured, the head need not run."""
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -65,17 +62,10 @@ def head_inputs(model: nn.Module, batch: Batch) -> torch.Tensor:
     graph to the model's weights when gradients are enabled; the head itself does not run."""
     head = model.get_output_embeddings()
     state: dict[str, torch.Tensor] = {}
-
-    def capture(_m: nn.Module, args: tuple) -> None:
-        state["hidden"] = args[0]
-        raise _Stop
-
-    handle = head.register_forward_pre_hook(capture)
-    try:
-        with suppress(_Stop):
-            call(model, uncached(batch))
-    finally:
-        handle.remove()
+    # The hidden states are captured, the head need not run.
+    with captured_inputs({"head": head}, lambda _k, args: state.__setitem__("hidden", args[0])), \
+            stop_before(head), suppress(StopForward):
+        call(model, uncached(batch))
     if "hidden" not in state:
         raise CompressorError(f"{type(model).__name__}'s forward pass does not call its output head",
                               "heal it as a plain model (it is not a causal language model)")

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from compressor.core.errors import CompressorError
+from compressor.core.hooks import captured_outputs
 from compressor.data.inputs import attention_mask, call, primary_output, to_device
 from compressor.train.batches import Batches
 
@@ -67,13 +68,9 @@ def block_outputs(net: nn.Module, names: Sequence[str]) -> Iterator[list[torch.T
     """A list that the forward passes run inside the ``with`` fill with the primary outputs of ``net``'s
     blocks ``names``, in call order; the hooks are removed on leaving (the teacher is the caller's)."""
     outputs: list[torch.Tensor] = []
-    handles = [net.get_submodule(n).register_forward_hook(lambda _m, _a, out: outputs.append(primary_output(out)))
-               for n in names]
-    try:
+    blocks = {n: net.get_submodule(n) for n in names}
+    with captured_outputs(blocks, lambda _n, _a, out: outputs.append(primary_output(out))):
         yield outputs
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def hidden_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
