@@ -123,8 +123,9 @@ class Report:
     """What one run did and what it cost; :meth:`to_dict` is ``report.json``.
 
     Fields that a mode does not produce (no plan for "export", no ONNX for weights alone) stay None and
-    are left out of the JSON. ``validations`` holds each validated ONNX file by key (:func:`validated_names`:
-    ``onnx`` for the fp32 export, then the variant names); in the JSON each is a top-level field of its key.
+    are left out of the JSON. ``validations`` holds each validated ONNX file by key
+    (:func:`compressor.export.onnx.validation_keys`: ``onnx`` for the fp32 export, then the variant names);
+    in the JSON each is a top-level field of its key.
     """
 
     mode: str
