@@ -124,7 +124,7 @@ def test_the_compress_job_folds_with_example_inputs_and_keep_batchnorm_keeps_the
     torch.save(model, path)
     out = tmp_path / "out"
     report = compressor.compress(path, out, target=0.3, input_shapes=["2x3x8x8"])
-    assert report.onnx["passed"]
+    assert report.validations["onnx"].passed
     assert Plan.from_json(out / "plan.json").folded == [["0", "1"], ["3", "4"]]
     assert isinstance(compressor.load(out)[1], nn.Identity)  # the folded structure is what loads back
     compressor.compress(path, tmp_path / "kept", mode="analyze", target=0.3, input_shapes=["2x3x8x8"],

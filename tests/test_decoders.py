@@ -130,9 +130,10 @@ def test_a_factored_decoder_exports_and_validates_with_its_variants(kind, folder
     out = tmp_path / "out"
     report = compressor.compress(folders[kind], out, rank_ratio=0.5, include=["model.layers.*"],
                                  variants=["fp16", "int8"], progress=False)
-    assert report.passed, report.onnx
-    assert report.onnx["passed"] and report.onnx["max_abs_diff"] < 1e-4 and report.onnx["padding_ignored"] > 0
-    assert report.fp16["passed"] and report.int8["passed"]
+    assert report.passed, report.validations["onnx"]
+    onnx = report.validations["onnx"].validation
+    assert onnx.passed and onnx.max_abs_diff < 1e-4 and onnx.padding_ignored > 0
+    assert report.validations["fp16"].passed and report.validations["int8"].passed
     plan = compressor.Plan.from_json(out / "plan.json")
     assert len(plan.factored) >= 10 and check_factored_graph(out / "model.onnx", plan) == []  # each as 2 MatMuls
     assert any(n.startswith("tied weight") and "'model.embed_tokens' and 'lm_head'" in n for n in report.notes)
@@ -316,7 +317,7 @@ def test_data_aware_compress_of_a_decoder_end_to_end(folders, tmp_path):
     out = tmp_path / "out"
     report = compressor.compress(folders["gemma3"], out, target=0.3, include=["model.layers.*"], calibration=text,
                                  eval_text=text, eval_window=64, eval_bos=False, progress=False)
-    assert report.passed, report.onnx
+    assert report.passed, report.validations["onnx"]
     plan = compressor.Plan.from_json(out / "plan.json")
     assert plan.calibration["passes"] == "block by block (decoder)"
     assert plan.calibration["allocation"].endswith("Fisher") and plan.calibration["layers_refit_sequentially"] > 0

@@ -102,7 +102,7 @@ def test_each_layer_kind_is_factored_in_the_graph_as_two_nodes_of_its_kind(tmp_p
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     lp = Plan.from_json(tmp_path / "out" / "plan.json").layers[0]
     assert lp.rank == rank and lp.matrix_shape == list(matrix(inits["W"]).shape)
-    assert report.onnx["passed"] and report.source["format"] == "onnx"
+    assert report.validations["onnx"].passed and report.source["format"] == "onnx"
     assert 0.5 < report.fidelity["cosine_mean"] < 1.0  # measured against the original graph
 
 

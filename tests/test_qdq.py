@@ -51,7 +51,7 @@ def test_digits_cnn_static_int8_is_qdq_per_channel_validated_and_chosen(digits, 
     # channel (the float layers the choice kept, if any, excepted).
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    settings = report.qdq["settings"]
+    settings = report.validations["qdq"].settings
     per_channel = 0
     for node in graph.node:
         dq = producer.get(node.input[1]) if node.op_type == "Conv" else None
@@ -67,7 +67,8 @@ def test_digits_cnn_static_int8_is_qdq_per_channel_validated_and_chosen(digits, 
     assert report.files["model.qdq.onnx"] < report.files["model.onnx"]
 
     # Validated against torch within the int8 tolerance, like the other variants.
-    assert report.qdq["passed"] and report.qdq["cosine"] >= INT8_MIN_COSINE and report.passed
+    qdq = report.validations["qdq"].validation
+    assert qdq.passed and qdq.cosine >= INT8_MIN_COSINE and report.passed
     # It classifies held-out digits as the fp32 file (the compressed torch model, to 1e-5) does.
     def top1(file):
         sess = onnx_session(out / file)

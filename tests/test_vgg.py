@@ -72,7 +72,7 @@ def test_onnx_conv_takes_the_spatial_decomposition_as_two_conv_nodes(tmp_path, a
     got, want = _run(tmp_path / "out" / "model.onnx", x), _run(oracle, x)
     assert got.shape == want.shape == _run(src, x).shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    assert report.onnx["passed"] and report.fidelity["cosine_mean"] > 0.999
+    assert report.validations["onnx"].passed and report.fidelity["cosine_mean"] > 0.999
 
 
 def test_spatial_onnx_factors_at_full_rank_compute_the_original_conv(tmp_path):

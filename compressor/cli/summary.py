@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from compressor.export.kv_cache import format_generation
 from compressor.jobs.results import StreamResult
-from compressor.report.report import VALIDATED, Report, criterion, number
+from compressor.report.report import Report, criterion, number
 
 
 def summary(r: Report) -> str:
@@ -26,26 +27,25 @@ def summary(r: Report) -> str:
         lines.append(f"  fidelity          cosine to original {number(f['cosine_mean'], '.5f')} "
                      f"(min {number(f['cosine_min'], '.5f')}) on {f.get('inputs', 'the example inputs')}"
                      + (f", {f['compared']}" if f.get("compared") else ""))
-    for v in (getattr(r, key) for key in VALIDATED):
-        if not v:
+    for f in r.validations.values():
+        if f.validation is None:
+            lines.append(f"  onnx              skipped: {f.skipped}")
             continue
-        if "skipped" in v:
-            lines.append(f"  onnx              skipped: {v['skipped']}")
-            continue
-        tol = criterion(v)
-        lines.append(f"  {v['path']:<17} {v['size_bytes'] / 1e6:.2f} MB, "
-                     f"max abs diff {number(v['max_abs_diff'], '.2e')}, cosine {number(v['cosine'], '.6f')} "
-                     f"({tol}): {'PASS' if v['passed'] else 'FAIL'}")
-        for problem in v.get("problems") or []:
+        v = f.validation
+        tol = criterion(dataclasses.asdict(v))
+        lines.append(f"  {v.path:<17} {v.size_bytes / 1e6:.2f} MB, "
+                     f"max abs diff {number(v.max_abs_diff, '.2e')}, cosine {number(v.cosine, '.6f')} "
+                     f"({tol}): {'PASS' if f.passed else 'FAIL'}")
+        for problem in v.problems:
             lines.append(f"    problem         {problem}")
-        if v.get("kept_fp16"):
-            lines.append(f"    kept in fp16    {', '.join(v['kept_fp16'])}")
-        if v.get("correction"):
-            c = v["correction"]
+        if f.kept_fp16:
+            lines.append(f"    kept in fp16    {', '.join(f.kept_fp16)}")
+        if f.correction:
+            c = f.correction
             lines.append(f"    corrected       {sum(1 for x in c['ranks'].values() if x)} layers, "
                          f"{c['parameters']:,} {c['factors']} factor weights "
                          f"({', '.join(f'{k}={x:g}' for k, x in c['rule'].items())})")
-        chosen = (v.get("settings") or {}).get("chosen")
+        chosen = (f.settings or {}).get("chosen")
         if chosen:
             lines.append(f"    calibrated      {chosen['method']}, float layers "
                          f"{', '.join(chosen['float_layers']) or 'none'}")

@@ -464,6 +464,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 )}
 
 
+def validation_keys() -> tuple[str, ...]:
+    """The keys a run's validations go under (its exports, ``report.json``, ``Report.validations``): ``onnx``
+    for the fp32 export, then every written variant of :data:`VARIANTS` in its order. Read at call time, so
+    a variant registered later is validated and reported like the others."""
+    return ("onnx", *(name for name, v in VARIANTS.items() if v.write is not None))
+
+
 def write_variant(name: str, src: str | Path, dst: str | Path, *, calibration: Any = None) -> Path:
     """Write the variant ``name`` of :data:`VARIANTS` from the fp32 file ``src`` to ``dst``; a calibrated
     variant measures its activations on ``calibration`` (a batch of model inputs or a list of them)."""

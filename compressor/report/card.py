@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.core.fileio import atomic_write_text
+from compressor.export.onnx import validation_keys
 
 CARD = "README.md"
 BASE_CARD = "README.base_model.md"
@@ -130,7 +131,7 @@ def _measured(facts: dict[str, Any], healed: bool) -> list[str]:
     for name, p in ((facts.get("perplexity") or {}).get("models") or {}).items():
         if isinstance(p, dict) and p.get("ppl") is not None:
             out.append(f"- perplexity ({name}): {p['ppl']:.4g}")
-    for key in ("onnx", "fp16", "int8", "int4"):
+    for key in validation_keys():
         v = facts.get(key) or {}
         if "passed" in v and "path" in v:
             out.append(f"- {v['path']}: validated against the torch model, "

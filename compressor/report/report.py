@@ -8,7 +8,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,8 @@ import torch
 from compressor.core.fileio import atomic_write_text
 from compressor.core.plan import Plan
 from compressor.data.perplexity import Perplexity
-from compressor.export.onnx import VARIANTS
+from compressor.export.onnx import Validation, validation_keys
 from compressor.report.card import write_model_card
-
-# The validated files a report lists: the fp32 export, then every written variant (export.onnx.VARIANTS).
-VALIDATED = ("onnx", *(name for name, v in VARIANTS.items() if v.write is not None))
 
 LAYER_FIELDS = ("name", "kind", "matrix_shape", "rank", "full_rank", "energy_kept", "rel_error",
                 "estimated_output_error", "params_before", "params_after", "factored", "reason")
@@ -88,12 +85,47 @@ class PerplexityReport:
 
 
 @dataclass
+class FileValidation:
+    """One validated ONNX file of a run: its :class:`compressor.export.onnx.Validation` (``path`` relative to
+    the output folder) and what the run adds about how it was made. In ``report.json`` it is one flat object
+    under the variant's key, the validation's fields first. The validation is None when the export was
+    skipped (``skipped`` says why)."""
+
+    validation: Validation | None
+    skipped: str | None = None
+    kept_fp16: list[str] | None = None  # --keep-fp16: the layers kept in fp16
+    settings: dict[str, Any] | None = None  # a calibrated variant: how it was chosen, and on what
+    correction: dict[str, Any] | None = None  # --int4-correction: the low-rank correction's rule and ranks
+    graph_problems: list[str] | None = None  # the factored graph's problems (they fail the validation)
+
+    @property
+    def passed(self) -> bool | None:
+        """Whether the file passed its validation (None: skipped, nothing was checked)."""
+        return None if self.validation is None else self.validation.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _plain(self.validation) if self.validation is not None else {}
+        extra = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "validation"}
+        return {**out, **_plain({k: v for k, v in extra.items() if v is not None})}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FileValidation:
+        names = {f.name for f in dataclasses.fields(Validation)}
+        checked = {k: v for k, v in d.items() if k in names}
+        for k in ("max_abs_diff", "cosine"):  # JSON holds a difference that was not finite as null
+            if k in checked and checked[k] is None:
+                checked[k] = math.nan
+        return cls(Validation(**checked) if checked else None, **{k: v for k, v in d.items() if k not in names})
+
+
+@dataclass
 class Report:
     """What one run did and what it cost; :meth:`to_dict` is ``report.json``.
 
     Fields that a mode does not produce (no plan for "export", no ONNX for weights alone) stay None and
-    are left out of the JSON. Validation results (``onnx``, ``fp16``, ``int8``) are
-    :class:`compressor.export.onnx.Validation` as dicts, ``path`` relative to the output folder.
+    are left out of the JSON. ``validations`` holds each validated ONNX file by key
+    (:func:`compressor.export.onnx.validation_keys`: ``onnx`` for the fp32 export, then the variant names);
+    in the JSON each is a top-level field of its key.
     """
 
     mode: str
@@ -118,11 +150,7 @@ class Report:
     notes: list[str] | None = None
     calibration: dict[str, Any] | None = None
     layers: list[dict[str, Any]] | None = None
-    onnx: dict[str, Any] | None = None
-    fp16: dict[str, Any] | None = None
-    int8: dict[str, Any] | None = None
-    int4: dict[str, Any] | None = None
-    qdq: dict[str, Any] | None = None
+    validations: dict[str, FileValidation] = field(default_factory=dict)
     # Dynamic and static int8 both written: each timed side by side with model.onnx, and the one to ship
     int8_choice: dict[str, Any] | None = None
     fidelity: dict[str, Any] | None = None
@@ -137,16 +165,23 @@ class Report:
     kv_cache: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain({f.name: getattr(self, f.name) if f.name != "perplexity" else self.perplexity.to_dict()
-                       for f in dataclasses.fields(self) if getattr(self, f.name) is not None})
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "validations":  # each file under its own key, where the JSON has always had them
+                out.update({key: v.to_dict() for key, v in value.items()})
+            elif value is not None:
+                out[f.name] = value.to_dict() if f.name == "perplexity" else _plain(value)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
-        names = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: v for k, v in data.items() if k in names}
+        names = {f.name for f in dataclasses.fields(cls)} - {"validations"}
+        fields = {"command": None, **{k: v for k, v in data.items() if k in names}}  # None is left out of the JSON
         if fields.get("perplexity") is not None:
             fields["perplexity"] = PerplexityReport.from_dict(fields["perplexity"])
-        return cls(**fields)
+        return cls(**fields, validations={key: FileValidation.from_dict(data[key]) for key in validation_keys()
+                                          if data.get(key) is not None})
 
 
 def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | None, original, compressed,
@@ -165,25 +200,9 @@ def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | Non
         extra["notes"] = [*loaded.meta["notes"], *(extra.get("notes") or [])]
     if exports.get("notes"):  # what exporting changed (e.g. bfloat16 widened to float32)
         extra["notes"] = [*(extra.get("notes") or []), *exports["notes"]]
-    if "skipped" in exports:
-        extra["onnx"] = {"skipped": exports["skipped"]}
-    for key in VALIDATED:
-        if key in exports:
-            v = _plain(exports[key])
-            v["path"] = Path(v["path"]).name
-            extra[key] = v
-    if exports.get("int8_kept_fp16"):
-        extra["int8"]["kept_fp16"] = exports["int8_kept_fp16"]
-    for key in VALIDATED:  # how a calibrated variant was chosen, and on what
-        if exports.get(f"{key}_settings") and key in extra:
-            extra[key]["settings"] = _plain(exports[f"{key}_settings"])
+    validations = validations_of(exports)
     if exports.get("int8_choice"):
         extra["int8_choice"] = exports["int8_choice"]
-    if exports.get("int4_correction"):
-        extra["int4"]["correction"] = exports["int4_correction"]
-    if exports.get("graph_problems"):
-        extra["onnx"]["graph_problems"] = exports["graph_problems"]
-        extra["onnx"]["passed"] = False
     if exports.get("fidelity"):
         extra["fidelity"] = exports["fidelity"]
     if exports.get("latency"):
@@ -194,7 +213,8 @@ def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | Non
         extra["kv_cache"] = _plain(exports["kv_cache"])
         for c in extra["kv_cache"]["files"].values():
             c["path"] = Path(c["path"]).name
-    checks = [extra[k]["passed"] for k in (*VALIDATED, "edge") if k in extra and "passed" in extra[k]]
+    checks = [v.passed for v in validations.values() if v.passed is not None]
+    checks += [extra["edge"]["passed"]] if "passed" in extra.get("edge", {}) else []
     checks += [c["passed"] for c in (extra.get("kv_cache") or {}).get("files", {}).values()]
     opts = _plain(dataclasses.asdict(options)) if dataclasses.is_dataclass(options) else {}
     return Report(mode=mode, source={"path": str(source), "format": loaded.format, "size_bytes": _size(source)},
@@ -204,7 +224,25 @@ def build_report(*, source: Path, out: Path, mode: str, loaded, plan: Plan | Non
                   passed=all(checks), timings_s=timings, command=getattr(options, "command", None),
                   options={k: v for k, v in opts.items() if k not in ("command", "extra")},
                   versions=versions(), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  **extra)
+                  validations=validations, **extra)
+
+
+def validations_of(exports: dict[str, Any]) -> dict[str, FileValidation]:
+    """The validated files of a run's exports (what :mod:`compressor.jobs.exports` returns): each variant's
+    :class:`~compressor.export.onnx.Validation` under its key, with its ``KEY_kept_fp16``, ``KEY_settings``
+    and ``KEY_correction`` when the run made them; the graph problems and a skipped export belong to ``onnx``."""
+    out = {}
+    if "skipped" in exports:
+        out["onnx"] = FileValidation(None, skipped=exports["skipped"])
+    for key in validation_keys():
+        if key in exports:
+            out[key] = FileValidation(dataclasses.replace(exports[key], path=Path(exports[key].path).name),
+                                      **{k: exports.get(f"{key}_{k}") or None
+                                         for k in ("kept_fp16", "settings", "correction")})
+    if exports.get("graph_problems"):
+        out["onnx"].graph_problems = exports["graph_problems"]
+        out["onnx"].validation.passed = False
+    return out
 
 
 def plan_fields(plan: Plan) -> dict[str, Any]:
@@ -255,8 +293,8 @@ class StepTimes(dict):
 
 def number(x: float | None, spec: str) -> str:
     """``x`` formatted with ``spec``, or "n/a" for a value JSON could not hold (a NaN or infinite difference
-    is stored as None)."""
-    return "n/a" if x is None else format(x, spec)
+    is stored as None; a typed result still holds the NaN)."""
+    return "n/a" if x is None or math.isnan(x) else format(x, spec)
 
 
 def criterion(v: dict[str, Any]) -> str:
@@ -288,7 +326,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                   f"cosine mean {number(f['cosine_mean'], '.5f')}, min {number(f['cosine_min'], '.5f')}, "
                   f"relative error {number(f['relative_error'], '.4f')}"
                   + (f" (compared: {f['compared']})" if f.get("compared") else ""), ""]
-    if any(k in r for k in VALIDATED):
+    if any(k in r for k in validation_keys()):
         lines += _validation_markdown(r)
     if r.get("kv_cache"):
         lines += _kv_cache_markdown(r["kv_cache"])
@@ -321,7 +359,7 @@ def _summary_markdown(r: dict[str, Any]) -> list[str]:
                      f"{r['macs_after']:,} | {r['macs_after'] / r['macs_before']:.3f} |")
     files = r.get("files", {})
     src = r["source"]["size_bytes"]
-    for name in ("model.safetensors", "model.onnx", *(f"model.{k}.onnx" for k in VALIDATED[1:])):
+    for name in ("model.safetensors", "model.onnx", *(f"model.{k}.onnx" for k in validation_keys()[1:])):
         if name in files:
             lines.append(f"| `{name}` size (input file: {_mb(src)}) | | {_mb(files[name])} | "
                          f"{files[name] / src:.3f} |")
@@ -346,10 +384,8 @@ def _validation_markdown(r: dict[str, Any]) -> list[str]:
                else "the torch model")
     lines = [f"## ONNX validation (onnxruntime vs {against})", "",
              "| file | size | max abs diff | cosine | tolerance | result |", "|---|---:|---:|---:|---|---|"]
-    for key in VALIDATED:
-        v = r.get(key)
-        if not v:
-            continue
+    files = [r[key] for key in validation_keys() if r.get(key)]
+    for v in files:
         if "skipped" in v:
             lines.append(f"| - | | | | | skipped: {v['skipped']} |")
             continue
@@ -362,18 +398,20 @@ def _validation_markdown(r: dict[str, Any]) -> list[str]:
         for problem in v.get("problems", []):
             lines.append(f"> `{v['path']}`: {problem}")
     lines.append("")
-    if (r.get("int8") or {}).get("kept_fp16"):
-        lines += [f"`model.int8.onnx` keeps these layers in fp16 (those whose int8 rounding moved the "
-                  f"output most on the calibration inputs): {', '.join(r['int8']['kept_fp16'])}", ""]
-    lines += _qdq_markdown(r)
-    corr = (r.get("int4") or {}).get("correction")
-    if corr:
-        ranks = [v for v in corr["ranks"].values() if v]
-        lines += [f"`model.int4.onnx` (blocks of {corr['block_size']}) corrects {len(ranks)} of "
-                  f"{len(corr['ranks'])} 4-bit layers with low-rank factors ({corr['parameters']:,} weights, "
-                  f"ranks {min(ranks, default=0)} to {max(ranks, default=0)}, rule "
-                  f"{', '.join(f'{k}={x:g}' for k, x in corr['rule'].items())}, "
-                  f"{'data-aware' if corr['data_aware'] else 'plain SVD'}).", ""]
+    for v in files:
+        if v.get("kept_fp16"):
+            lines += [f"`{v['path']}` keeps these layers in fp16 (those whose int8 rounding moved the "
+                      f"output most on the calibration inputs): {', '.join(v['kept_fp16'])}", ""]
+    lines += _qdq_markdown(r, files)
+    for v in files:
+        corr = v.get("correction")
+        if corr:
+            ranks = [x for x in corr["ranks"].values() if x]
+            lines += [f"`{v['path']}` (blocks of {corr['block_size']}) corrects {len(ranks)} of "
+                      f"{len(corr['ranks'])} 4-bit layers with low-rank factors ({corr['parameters']:,} weights, "
+                      f"ranks {min(ranks, default=0)} to {max(ranks, default=0)}, rule "
+                      f"{', '.join(f'{k}={x:g}' for k, x in corr['rule'].items())}, "
+                      f"{'data-aware' if corr['data_aware'] else 'plain SVD'}).", ""]
     return lines
 
 
@@ -449,16 +487,20 @@ def edge_markdown(m: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _qdq_markdown(r: dict[str, Any]) -> list[str]:
-    """How the static int8 file was chosen, and which int8 file to ship when both were written."""
+def _qdq_markdown(r: dict[str, Any], files: list[dict[str, Any]]) -> list[str]:
+    """How each calibrated (static int8) file among ``files`` was chosen, and which int8 file to ship when
+    both were written."""
     lines = []
-    s = (r.get("qdq") or {}).get("settings")
-    if s and s.get("chosen"):
-        def what(c: dict[str, Any]) -> str:
-            kept = ", ".join(f"`{n}`" for n in c["float_layers"]) or "none"
-            return f"{c['method']}, float layers {kept}: cosine {c['cosine']:.6f}"
 
-        lines += [f"`model.qdq.onnx`: static int8 (QDQ; weights {s['weights']}, activations {s['activations']}) "
+    def what(c: dict[str, Any]) -> str:
+        kept = ", ".join(f"`{n}`" for n in c["float_layers"]) or "none"
+        return f"{c['method']}, float layers {kept}: cosine {c['cosine']:.6f}"
+
+    for v in files:
+        s = v.get("settings")
+        if not (s and s.get("chosen")):
+            continue
+        lines += [f"`{v['path']}`: static int8 (QDQ; weights {s['weights']}, activations {s['activations']}) "
                   f"calibrated on {s['calibrated_on']} ({s['calibration_samples']} samples), validated on "
                   f"{s.get('validated_on', 'the example inputs')}. Chosen by "
                   f"{s['criterion']}: {what(s['chosen'])}; tried: " + "; ".join(what(c) for c in s["tried"]) + ".", ""]
