@@ -164,3 +164,23 @@ def test_progress_says_each_block_and_estimates_from_block_steps_only(capsys):
         "calibrating: block 1/2 analysed", "calibrating: block 2/2 analysed",
         "calibrating: block 1/2 refit", "calibrating: block 2/2 refit"]
     assert steps[-1].endswith("about 0s left")
+
+
+def test_a_truncated_decomposition_gives_the_same_factors_up_to_its_rank():
+    """What the decoder analysis keeps of a refit layer (``Decomposition.truncated``): the same factors at any
+    rank up to the kept one, a clear error above it, and none of the n x n whitening factor."""
+    from compressor.analysis.whitened import Moments, whitened_decomposition
+
+    torch.manual_seed(0)
+    W, X = torch.randn(24, 16), torch.randn(200, 16) @ torch.randn(16, 16)
+    mom = Moments()
+    mom.add(X, X + 0.01 * torch.randn_like(X))  # the sequential refit's moments: original and compressed inputs
+    full, _ = whitened_decomposition(W, mom, (1e-6,), None)
+    assert full.right_tri is not None or full.right_inv is not None  # a whitened one: the map is dropped
+    short = full.truncated(6)
+    assert short.right_tri is None and short.right_inv is None and short.Vh.shape == (6, 16)
+    for r in (1, 6):
+        for a, b in zip(full.factors(r), short.factors(r), strict=True):
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="truncated to rank 6"):
+        short.factors(7)

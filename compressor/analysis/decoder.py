@@ -324,7 +324,8 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
         compressed: list[Any] | None = None
         for i in range(blocks):
             original, compressed, n_refit = _refit_block(passes, i, per_block[i], original, compressed, ranks,
-                                                         saving, decs, infos, handlers, damping, weights)
+                                                         saving, decs, infos, handlers, damping, weights,
+                                                         final=across_layers(policy))
             refit += n_refit
             show.step(f"block {i + 1}/{blocks} refit")
         if not across_layers(policy):  # per-layer policies: ranks of the refit spectra
@@ -364,7 +365,8 @@ def _spectrum(name: str, shape: tuple[int, ...], dec: Decomposition, absolute: b
 def _refit_block(passes: BlockPasses, i: int, layers: dict[str, nn.Module], original: list[Any] | None,
                  compressed: list[Any] | None, ranks: dict[str, int | None], saving: Callable[[str], bool],
                  decs: dict[str, Decomposition], infos: dict[str, dict[str, Any]], handlers: dict,
-                 damping: tuple[float, ...], weights: dict[str, torch.Tensor]) -> tuple[list[Any], list[Any], int]:
+                 damping: tuple[float, ...], weights: dict[str, torch.Tensor], *, final: bool = False
+                 ) -> tuple[list[Any], list[Any], int]:
     """Refit block ``i``'s factored layers group by group on the compressed prefix's inputs; returns the
     original and the compressed block's outputs per batch, and how many layers were refit."""
     todo = {n: m for n, m in layers.items() if saving(n)}
@@ -396,7 +398,11 @@ def _refit_block(passes: BlockPasses, i: int, layers: dict[str, nn.Module], orig
         passes.run(i, compressed, block=work, pre=add, hooked={group[0]: lead}, stop=lead)
         for n in wanted:
             W = handlers[n].weight_matrix(layers[n])
-            decs[n], infos[n] = whitened_decomposition(W, mom, damping, weights.get(n))
+            dec, infos[n] = whitened_decomposition(W, mom, damping, weights.get(n))
+            # Under a budget across layers the rank is final: the rest of the decomposition is only memory until
+            # the rewrite. A per-layer policy re-reads the rank from the refit spectrum afterwards: kept whole.
+            decs[n] = dec.truncated(ranks[n]) if final else dec
+            del dec
             _place(work, n[len(prefix):], factor_module(layers[n], ranks[n], decs[n], handlers[n].kind))
             refit += 1
         del kept[group[0]]

@@ -57,6 +57,17 @@ class Decomposition:
     # A lower-triangular ``R`` itself, instead of ``right_inv``: ``R^-1`` is applied by a triangular solve and
     # never formed (an n x n inverse is as large as ``R``, and only ``rank`` rows of ``Vh R^-1`` are needed).
     right_tri: torch.Tensor | None = None
+    # Set by :meth:`truncated`: the largest rank ``factors`` can still give.
+    kept_rank: int | None = None
+
+    def truncated(self, rank: int) -> Decomposition:
+        """This decomposition for ranks up to ``rank`` only: the leading ``rank`` triplets, ``Vh`` already mapped
+        back to the input space (the ``n x n`` whitening factor dropped), ``S`` whole (the error curve). Why: a
+        decoder's analysis keeps a decomposition per factored layer until the rewrite; whole float64 ones grew
+        Gemma 3 270M's peak by 1.5 GB."""
+        return Decomposition(self.U[:, :rank].clone(), self.S.clone(), self.to_input(self.Vh[:rank]).clone(),
+                             left_inv=self.left_inv, total_energy=self.total_energy, check=self.check,
+                             kept_rank=rank)
 
     def to_input(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows @ R^-1``: rows of the (whitened) right factor mapped back to the layer's own input space."""
@@ -68,6 +79,8 @@ class Decomposition:
         """``(up, down)`` of shapes ``(m, rank)`` and ``(rank, n)`` with ``up @ down`` the best rank-``rank``
         approximation. The singular values are split evenly (``sqrt(S)`` on each side), which keeps the
         two factors on the same scale: better for fine-tuning and for per-channel quantization."""
+        if self.kept_rank is not None and rank > self.kept_rank:
+            raise ValueError(f"rank {rank} asked of a decomposition truncated to rank {self.kept_rank}")
         root = self.S[:rank].sqrt()
         up = self.U[:, :rank] * root
         down = self.to_input(root[:, None] * self.Vh[:rank])
