@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_files
+from compressor.core.handlers import fake_int8_weight
 from compressor.data.inputs import as_batches
 from compressor.export.fp16 import store_fp16
 from compressor.export.graph import weight_uses
@@ -64,7 +66,6 @@ def export_int8(src_onnx: str | Path, dst: str | Path, *, keep_fp16: Sequence[st
         raise CompressorError(f"int8 quantization of '{src}' failed ({type(err).__name__}: "
                               f"{first_line(err)})", "export without --int8, or report the model") from err
     return dst
-
 
 
 def _kept_nodes(graph, names: list[str], src: Path) -> set[str]:
@@ -251,10 +252,8 @@ def _correct_bias(src: Path, batches: list[dict[str, np.ndarray]], folder: Path)
         mean = sums[node.input[0]] / count
         weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
         bias = numpy_helper.to_array(inits[node.input[2]])
-        rows = weight.reshape(len(weight), -1)
-        scale = np.abs(rows).max(axis=1, keepdims=True) / 127
-        scale[scale == 0] = 1
-        error = (np.clip(np.round(rows / scale), -127, 127) * scale - rows).reshape(weight.shape)
+        w = torch.from_numpy(weight)  # the rounding quantize_static does: symmetric, per output channel
+        error = (fake_int8_weight(w) - w).numpy()
         if node.op_type == "Gemm":
             shift = error @ mean
         else:  # [out, in/groups, k...]: output channel o reads the input channels of its group
