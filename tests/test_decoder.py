@@ -184,3 +184,36 @@ def test_a_truncated_decomposition_gives_the_same_factors_up_to_its_rank():
             torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="truncated to rank 6"):
         short.factors(7)
+
+
+def test_sequential_analysis_keeps_only_what_its_ranks_need_and_an_edited_plan_is_refused():
+    """Layers the sequential analysis leaves dense keep only their spectrum (the whole decompositions were
+    1.2 GB of Gemma 3 270M's peak); factored ones their factors up to the chosen rank. A plan edited to ask
+    for more than was kept is refused by rewrite in one line, before the model changes."""
+    import compressor
+    from compressor.core.errors import PlanError
+    from compressor.core.rewrite import rewrite
+
+    model = llama()
+    plan = compressor.analyze(model, target=0.3, include=["model.layers.*"], calibration=batches(97))
+    kept = {n: dec.kept_rank for n, (dec, _) in plan._cache.items()}
+    factored = {lp.name: lp.rank for lp in plan.layers if lp.rank is not None}
+    dense = set(layers(model)) - set(factored)
+    assert factored and dense
+    assert all(kept[n] == r for n, r in factored.items())
+    assert all(kept[n] == 0 and len(plan._cache[n][0].S) > 0 for n in dense)
+    name = sorted(dense)[0]
+    edited = next(lp for lp in plan.layers if lp.name == name)
+    edited.rank = 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PlanError, match="analysed for ranks up to 0"):
+        rewrite(model, plan)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_release_freed_memory_asks_glibc_where_there_is_one():
+    import platform
+
+    from compressor.core.memory import release_freed_memory
+
+    assert release_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

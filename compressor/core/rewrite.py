@@ -62,6 +62,11 @@ def rewrite(model: nn.Module, plan: Plan) -> nn.Module:
             raise PlanError(f"the plan's '{plan.method}' factors of layer '{lp.name}' need its calibration "
                             "data (a plan read from JSON, or weights changed since analyze)",
                             "re-run compressor.analyze(model, plan=plan, calibration=...) before rewrite")
+        if dec is not None and dec.kept_rank is not None and lp.rank > dec.kept_rank:
+            # A decoder's calibrated analysis keeps each layer's factors only up to the rank it chose.
+            raise PlanError(f"layer '{lp.name}' was analysed for ranks up to {dec.kept_rank} and the plan asks "
+                            f"for {lp.rank}", "re-run compressor.analyze(model, plan=plan, calibration=...) with "
+                            "the edited plan before rewrite")
         todo.append((lp, module, dec))
     apply_folds(model, plan.folded)  # checks every pair before changing anything
     for lp, module, dec in todo:  # every check passed: only now is the model changed
