@@ -14,8 +14,10 @@ it compares, each method in a child process of its own (peak RSS from the kernel
 * ``data-aware``: ``compressor.analyze(target=..., calibration=...)``, the package's default for decoders
   (block-by-block, sequential refits, Fisher-weighted factors and allocation);
 * ``data-aware+healed``: ``data-aware``, then ``compressor.heal`` with KL distillation from the dense model
-  on the calibration sequences (the last 4 held out to pick the best step), ``--heal-steps`` steps of 4
-  sequences (lr 1e-4, cosine schedule, 2 warm-up steps); its process CPU seconds are recorded;
+  on ``--heal-samples`` sequences of the calibration text (default: the calibration sequences; the last 4 held
+  out to pick the best step), ``--heal-steps`` steps of 4 sequences (lr 1e-4, cosine schedule, 2 warm-up steps;
+  the KL over the text's tokens, the package's default for causal LMs, unless ``--heal-kl-tokens all``); its
+  process CPU seconds are recorded;
 * ``data-aware-kfac``: the same with ``weighting="kfac"`` (each layer's output error weighted by the full
   second moment of its output gradients, not only its diagonal);
 * ``data-aware (relative)``: the same with ``weighting=None`` (each layer's relative output error counts the
@@ -129,7 +131,9 @@ def child(spec: dict) -> dict:
             plan = compressor.analyze(model, **kw)
             rewrite(model, plan)
             if method.endswith("+healed"):
-                out.update(heal_lm(model, spec, cal))
+                heal_cal = cal if spec.get("heal_samples", spec["samples"]) == spec["samples"] else load_calibration(
+                    spec["calibration"], tokenizer=tok, samples=spec["heal_samples"], stream=True)
+                out.update(heal_lm(model, spec, heal_cal))
             out["removed_fraction"] = round(plan.totals()["removed_fraction"], 4)
             out["layers_factored"] = plan.totals()["layers_factored"]
             out["params_after"] = plan.totals()["params_after"]
@@ -148,14 +152,15 @@ def heal_lm(model, spec: dict, cal: list) -> dict:
     train, val = ids[:-4], ids[-4:]
     steps = spec["heal_steps"]
     cfg = HealConfig(loss="kl", seq_len=ids.shape[1], batch_size=4, steps=steps, every=max(1, steps // 4), lr=1e-4,
-                     warmup_steps=2)
+                     warmup_steps=2, kl_tokens=spec.get("heal_kl_tokens"))
     teacher, _ = load(spec["folder"])
     cpu = time.process_time()
     result = heal(model, cfg, teacher=teacher, data={"input_ids": train, "attention_mask": torch.ones_like(train)},
                   val_data={"input_ids": val, "attention_mask": torch.ones_like(val)}, progress=False)
     del teacher
     model.load_state_dict(result.model.state_dict())
-    return {"heal_cpu_s": round(time.process_time() - cpu, 1), "heal_steps": result.steps,
+    return {"heal_cpu_s": round(time.process_time() - cpu, 1), "heal_steps": result.steps, "heal_sequences": len(ids),
+            "heal_kl_tokens": result.config.kl_tokens,
             "heal_best_step": result.best_step, "heal_val_before": result.before, "heal_val_after": result.after}
 
 
@@ -193,6 +198,9 @@ def markdown(res: dict) -> str:
             rows.append([f"{r['target']:.0%}", r["method"], r["error"], "", "", "", "", ""])
             continue
         healed = f"{r['heal_cpu_s']:,} CPU s, {r['heal_steps']} steps" if "heal_cpu_s" in r else ""
+        if healed:  # runs before kl_tokens existed compared over the whole vocabulary
+            healed += f", {r.get('heal_sequences', res['samples'])} sequences"
+            healed += f", kl over {'the text tokens' if r.get('heal_kl_tokens') == 'text' else 'all tokens'}"
         rows.append([f"{r['target']:.0%}", r["method"], f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.3f}x",
                      r.get("removed_fraction", ""), r.get("analysis_s", ""), r.get("peak_rss_gib", ""), healed])
     lines.append(md_table(["removed (block linear weights)", "method", "perplexity", "x dense",
@@ -244,6 +252,11 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--heal-steps", type=int, default=40, help="steps of data-aware+healed")
+    ap.add_argument("--heal-samples", type=int, default=None,
+                    help="sequences of 128 tokens data-aware+healed trains on, the last 4 validating "
+                         "[default: --samples]")
+    ap.add_argument("--heal-kl-tokens", choices=["all", "text"], default=None,
+                    help="HealConfig.kl_tokens of data-aware+healed [default: the package's for causal LMs]")
     ap.add_argument("--name", default="causal")
     ap.add_argument("--append", action="store_true", help="add to (or redo in) an earlier result of --name")
     ap.add_argument("--child")
@@ -259,7 +272,7 @@ def main() -> None:
     info = write_docstring_texts(texts)
     base = {"folder": a.folder, "eval": info["eval"]["path"], "calibration": info["calibration"]["path"],
             "samples": a.samples, "windows": a.windows, "window": a.window, "threads": a.threads,
-            "heal_steps": a.heal_steps}
+            "heal_steps": a.heal_steps, "heal_kl_tokens": a.heal_kl_tokens, "heal_samples": a.heal_samples or a.samples}
     res = {"label": a.label, "folder": a.folder, "samples": a.samples, "threads": a.threads,
            "env": environment(" ".join(["python", *sys.argv])), "load_before": load_average(),
            "texts": info, "calibration_name": "docstrings.calibration.txt",

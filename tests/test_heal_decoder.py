@@ -14,7 +14,7 @@ import compressor  # noqa: E402
 from compressor.core.rewrite import rewrite  # noqa: E402
 from compressor.jobs.heal import load_training_data  # noqa: E402
 from compressor.train.blockwise import block_error, capture  # noqa: E402
-from compressor.train.decoder import LMLoss, head_inputs, is_causal_lm, uncached  # noqa: E402
+from compressor.train.decoder import LMLoss, head_inputs, is_causal_lm, text_tokens, uncached  # noqa: E402
 from compressor.train.heal import heal  # noqa: E402
 
 VOCAB = 97
@@ -95,6 +95,37 @@ def test_chunked_kl_equals_the_whole_logits_kl(temperature):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+
+
+def test_kl_over_the_text_tokens_is_the_kl_of_both_distributions_renormalised_over_them():
+    """A training step with ``kl_tokens="text"`` (the causal-LM default): the value and gradients are those of
+    the KL between teacher and student restricted to the text's distinct tokens, each renormalised over them
+    (Gemma's soft-capping in); evaluation still compares over the whole vocabulary."""
+    teacher, student = compressed(gemma3)
+    batch = sequences(3, 12)
+    vocab = text_tokens(batch, [sequences(1, 12, seed=5)])
+    assert 0 < len(vocab) < VOCAB and torch.equal(vocab, torch.unique(vocab))
+    params = [p for n, p in student.named_parameters() if ".down." in n or ".up." in n]
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+
+    s, t = student(**batch).logits[..., vocab], teacher(**batch).logits[..., vocab].detach()
+    want = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1).mean()
+    want_grads = torch.autograd.grad(want, params)
+    lm = LMLoss(student, teacher, "kl", chunk=5, vocabulary=vocab)
+    with torch.no_grad():
+        target = head_inputs(teacher, batch)
+    got = lm(head_inputs(student, batch), target, batch)
+    assert want.item() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    for g, w in zip(torch.autograd.grad(got, params), want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        total, count = lm.measure(head_inputs(student, batch), target, batch)["loss"]
+    torch.testing.assert_close(torch.tensor(total / count), full_kl(student, teacher, batch).detach(),
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_chunked_ce_equals_the_model_loss():

@@ -27,10 +27,10 @@ LR, LM_LR = 1e-3, 1e-4  # the general and the causal-LM peak learning rates
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     # Supervised healing and models of no kind below (the tests' small models; the digits CNN healed best
     # end-to-end at lr 2e-3).
-    "default": {"lr": LR, "method": "end-to-end", "distill": "output", "block_steps": 100},
+    "default": {"lr": LR, "method": "end-to-end", "distill": "output", "block_steps": 100, "kl_tokens": "all"},
     # Causal language models distil next-token distributions (loss kl, chosen in heal): Gemma 3 270M's
     # compressed factors moved too far from the teacher at lr 5e-4 (benchmarks/heal_gemma.py).
-    "causal-lm": {"lr": LM_LR},
+    "causal-lm": {"lr": LM_LR, "kl_tokens": "text"},
     # Transformers distilled (all-MiniLM-L6-v2, 40% of the encoder removed, data-aware start): the default
     # row returned the input unchanged; block-wise then end-to-end with hidden states reached held-out
     # sentence cosine 0.9661 in 400 end-to-end steps and 0.9691 in 650 (heal_blockwise_40_goal2/3.md), and
@@ -92,6 +92,11 @@ class HealConfig:
               "cosine compare with a teacher's outputs; on a causal language model kl is computed on the "
               "next-token distributions, and ce is the next-token loss of the text itself (no teacher needed).")
     temperature: float = _setting(1.0, "Softening temperature for --loss kl.", above=0)
+    kl_tokens: Literal["all", "text"] | None = _setting(
+        None, "A causal language model's kl training steps compare next-token distributions over all the vocabulary, "
+              "or over the distinct tokens of the training and validation text only (each renormalised; the output "
+              "head is then that much smaller; validation always uses all) "
+              f"{_by_kind('kl_tokens')}.")
     optimizer: Literal["adamw", "adam", "sgd"] = _setting("adamw", "Optimizer (sgd uses momentum 0.9).")
     lr: float | None = _setting(None, f"Peak learning rate {_by_kind('lr')}.", above=0)
     weight_decay: float = _setting(0.0, "Weight decay of the optimizer.", min=0)

@@ -69,7 +69,7 @@ from compressor.train.config import (
     setting_names,
     setting_types,
 )
-from compressor.train.decoder import LMLoss, is_causal_lm
+from compressor.train.decoder import LMLoss, is_causal_lm, text_tokens
 from compressor.train.loop import Run, RunState, fingerprint, train
 from compressor.train.lora import merge_lora
 from compressor.train.losses import loss_function
@@ -163,7 +163,8 @@ def _setup(model: nn.Module, cfg: HealConfig, data: Any, teacher: nn.Module | No
     model = copy.deepcopy(model)
     params = trainable(model, cfg)
     device = next(iter(params.values())).device
-    lm_loss = LMLoss(model, teacher, loss, cfg.temperature) if lm else None
+    vocabulary = text_tokens(data, *([] if val is None else [val])) if lm and cfg.kl_tokens == "text" else None
+    lm_loss = LMLoss(model, teacher, loss, cfg.temperature, vocabulary=vocabulary) if lm else None
     simulate_quant(model, cfg)
     # Before anything is written: the model, the teacher, the targets and the loss fit together.
     set_training(model, False)
