@@ -287,3 +287,42 @@ def test_qdq_with_gptq_rounding_stores_gptq_weights_losslessly_and_records_the_c
     original = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(src)).graph.initializer}
     kept = [n for n, v in inits.items() if n in original and v.dtype == np.float32]
     assert len(kept) == 2 * float_layers and all(np.array_equal(inits[n], original[n]) for n in kept)
+
+
+def test_gptq_of_a_matmul_weight_is_stored_losslessly_per_output_column(tmp_path):
+    # A MatMul weight is (inputs, outputs): onnxruntime's channel axis is 1, so GPTQ must round its columns.
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2 = torch.nn.Parameter(torch.randn(24, 32)), torch.nn.Parameter(torch.randn(32, 6))
+
+        def forward(self, x):
+            return torch.relu(x @ self.w1) @ self.w2
+
+    torch.manual_seed(0)
+    model, x = Mlp().eval(), torch.rand(64, 24)
+    src = export_onnx(model, x[:1], tmp_path / "m.onnx")
+    assert [n.op_type for n in onnx.load(str(src)).graph.node].count("MatMul") == 2
+    path = export_qdq(src, tmp_path / "q.onnx", calibration=list(x.split(16)), methods=("minmax",),
+                      roundings=("gptq",), bias_correction=False)
+    assert qdq_choice(path)["gptq_layers"] == 2
+    from compressor.export.int8_rounding import rounded_sources
+
+    name = onnx_session(src).get_inputs()[0].name
+    gptq_file = rounded_sources(src, [{name: b.numpy()} for b in x.split(16)], tmp_path, roundings=("gptq",),
+                                bias_correction=False)["gptq"][0]
+    wanted = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(gptq_file)).graph.initializer}
+    original = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(src)).graph.initializer}
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    checked = 0
+    for node in graph.node:
+        weight = node.output[0].removesuffix("_DequantizeLinear_Output")
+        if node.op_type == "DequantizeLinear" and weight in wanted:
+            q, scale, w = inits[node.input[0]], inits[node.input[1]], original[weight]
+            assert scale.shape == (w.shape[1],)  # one scale per output column
+            assert np.allclose(scale, np.abs(w).max(0) / 127, rtol=1e-6)  # the original weights' grid
+            assert np.array_equal(q, np.round(wanted[weight] / (np.abs(w).max(0) / 127)).astype(np.int8))
+            assert not np.array_equal(q, np.round(w / scale).astype(np.int8))  # GPTQ's, not nearest rounding
+            checked += 1
+    assert checked == 2 - len(qdq_choice(path)["chosen"]["float_layers"]) and checked >= 1
