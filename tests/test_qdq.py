@@ -81,6 +81,8 @@ def test_digits_cnn_static_int8_is_qdq_per_channel_validated_and_chosen(digits, 
     assert "cal.pt" in settings["calibrated_on"] and settings["calibration_samples"] == 256
     assert settings["validated_on"] == "the first calibration batch"
     assert {c["method"] for c in settings["tried"]} == {"minmax", "percentile"}
+    assert {c["rounding"] for c in settings["tried"]} == {"nearest", "gptq"}
+    assert f"{settings['chosen']['rounding']} rounding" in (out / "report.md").read_text()
     # The most faithful candidate, or one within QDQ_TIE of it with fewer float layers.
     assert settings["chosen"] in settings["tried"]
     assert settings["chosen"]["cosine"] >= max(c["cosine"] for c in settings["tried"]) - QDQ_TIE
@@ -191,3 +193,136 @@ def test_qdq_of_a_model_with_external_weights_corrects_its_biases(tmp_path):
     assert qdq_choice(path)["bias_corrected_layers"] == 2
     assert sorted(p.name for p in src.parent.iterdir()) == ["ext.onnx", "weights.bin"]
     assert (src.parent / "weights.bin").read_bytes() == weights
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn(tmp_path_factory):
+    """A CNN with the layer kinds GPTQ treats apart (a conv, a depthwise conv, a pointwise conv, a linear),
+    its fp32 file and calibration inputs (positive, as images are)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, stride=2, groups=16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 8, 1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 10)).eval()
+    x = torch.rand(64, 3, 8, 8)
+    src = export_onnx(model, x[:1], tmp_path_factory.mktemp("tiny") / "m.onnx")
+    return model, src, x
+
+
+def test_gptq_weights_sit_on_the_int8_grid_and_cost_less_output_error_than_rounding_to_nearest(tiny_cnn, tmp_path):
+    from compressor.core.handlers import fake_int8_weight
+    from compressor.export.int8_rounding import rounded_sources
+
+    model, src, x = tiny_cnn
+    name = onnx_session(src).get_inputs()[0].name
+    sources = rounded_sources(src, [{name: b.numpy()} for b in x.split(16)], tmp_path, roundings=("gptq",),
+                              bias_correction=False)
+    path, counts = sources["gptq"]
+    assert counts == {"gptq_layers": 4, "bias_corrected_layers": 0}
+    rounded = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    inputs = {}
+    layers = {i: m for i, m in enumerate(model) if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)}
+    hooks = [m.register_forward_hook(lambda m, a, _, i=i: inputs.__setitem__(i, a[0])) for i, m in layers.items()]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    errors = []
+    for i, layer in layers.items():
+        w = layer.weight.detach()
+        g = torch.from_numpy(rounded[f"model.{i}.weight"].copy())
+        # On onnxruntime's grid: each output channel an integer multiple (within -127..127) of the scale
+        # max|w| / 127 of the original weights, which its largest weight keeps, so the scale is the same.
+        scale = w.reshape(len(w), -1).abs().amax(1) / 127
+        q = g.reshape(len(g), -1) / scale[:, None]
+        assert (q - q.round()).abs().max() < 1e-4 and q.abs().max() <= 127 + 1e-4
+        assert torch.equal(g.reshape(len(g), -1).abs().amax(1), (scale * 127).float())
+        assert not torch.equal(g, fake_int8_weight(w))  # not round to nearest
+
+        def out(weight, layer=layer, i=i):
+            if isinstance(layer, torch.nn.Linear):
+                return torch.nn.functional.linear(inputs[i], weight)
+            return torch.nn.functional.conv2d(inputs[i], weight, stride=layer.stride, padding=layer.padding,
+                                              groups=layer.groups)
+
+        exact = out(w)
+        gptq, nearest = (float((out(v) - exact).pow(2).sum()) for v in (g, fake_int8_weight(w)))
+        assert gptq <= nearest, (i, gptq, nearest)
+        errors.append((gptq, nearest))
+    # Not by a hair: over the four layers well under half of round-to-nearest's squared error.
+    assert sum(e for e, _ in errors) < 0.5 * sum(e for _, e in errors)
+
+
+def test_qdq_with_gptq_rounding_stores_gptq_weights_losslessly_and_records_the_choice(tiny_cnn, tmp_path):
+    from compressor.export.int8_rounding import rounded_sources
+    from compressor.export.onnx import validate_onnx
+
+    model, src, x = tiny_cnn
+    calibration = list(x.split(16))
+    path = export_qdq(src, tmp_path / "q.onnx", calibration=calibration, methods=("minmax",), roundings=("gptq",))
+    choice = qdq_choice(path)
+    assert choice["chosen"]["rounding"] == "gptq" and {c["rounding"] for c in choice["tried"]} == {"gptq"}
+    assert choice["gptq_layers"] == 4 and choice["bias_corrected_layers"] == 4
+    check = validate_onnx(path, model, x[:16], atol=None, min_cosine=INT8_MIN_COSINE, variant="qdq")
+    assert check.passed, check.problems
+    # onnxruntime's own rounding of the GPTQ weights gives them back: its int8 values are GPTQ's.
+    name = onnx_session(src).get_inputs()[0].name
+    gptq_file = rounded_sources(src, [{name: b.numpy()} for b in calibration], tmp_path, roundings=("gptq",),
+                                bias_correction=False)["gptq"][0]
+    wanted = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(gptq_file)).graph.initializer if len(t.dims) > 1}
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    stored = 0
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.output[0].removesuffix("_DequantizeLinear_Output") in wanted:
+            weight = wanted[node.output[0].removesuffix("_DequantizeLinear_Output")]
+            q, scale = inits[node.input[0]], inits[node.input[1]]
+            assert q.dtype == np.int8 and scale.shape == (len(weight),)
+            mine = weight.reshape(len(weight), -1) / (np.abs(weight).reshape(len(weight), -1).max(1) / 127)[:, None]
+            assert np.array_equal(q.reshape(len(q), -1), np.round(mine).astype(np.int8))
+            stored += 1
+    float_layers = len(choice["chosen"]["float_layers"])
+    assert stored == 4 - float_layers and stored >= 2
+    # A layer left float has its fp32 weight and bias, neither GPTQ's nor corrected for it.
+    original = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(src)).graph.initializer}
+    kept = [n for n, v in inits.items() if n in original and v.dtype == np.float32]
+    assert len(kept) == 2 * float_layers and all(np.array_equal(inits[n], original[n]) for n in kept)
+
+
+def test_gptq_of_a_matmul_weight_is_stored_losslessly_per_output_column(tmp_path):
+    # A MatMul weight is (inputs, outputs): onnxruntime's channel axis is 1, so GPTQ must round its columns.
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2 = torch.nn.Parameter(torch.randn(24, 32)), torch.nn.Parameter(torch.randn(32, 6))
+
+        def forward(self, x):
+            return torch.relu(x @ self.w1) @ self.w2
+
+    torch.manual_seed(0)
+    model, x = Mlp().eval(), torch.rand(64, 24)
+    src = export_onnx(model, x[:1], tmp_path / "m.onnx")
+    assert [n.op_type for n in onnx.load(str(src)).graph.node].count("MatMul") == 2
+    path = export_qdq(src, tmp_path / "q.onnx", calibration=list(x.split(16)), methods=("minmax",),
+                      roundings=("gptq",), bias_correction=False)
+    assert qdq_choice(path)["gptq_layers"] == 2
+    from compressor.export.int8_rounding import rounded_sources
+
+    name = onnx_session(src).get_inputs()[0].name
+    gptq_file = rounded_sources(src, [{name: b.numpy()} for b in x.split(16)], tmp_path, roundings=("gptq",),
+                                bias_correction=False)["gptq"][0]
+    wanted = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(gptq_file)).graph.initializer}
+    original = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(src)).graph.initializer}
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    checked = 0
+    for node in graph.node:
+        weight = node.output[0].removesuffix("_DequantizeLinear_Output")
+        if node.op_type == "DequantizeLinear" and weight in wanted:
+            q, scale, w = inits[node.input[0]], inits[node.input[1]], original[weight]
+            assert scale.shape == (w.shape[1],)  # one scale per output column
+            assert np.allclose(scale, np.abs(w).max(0) / 127, rtol=1e-6)  # the original weights' grid
+            assert np.array_equal(q, np.round(wanted[weight] / (np.abs(w).max(0) / 127)).astype(np.int8))
+            assert not np.array_equal(q, np.round(w / scale).astype(np.int8))  # GPTQ's, not nearest rounding
+            checked += 1
+    assert checked == 2 - len(qdq_choice(path)["chosen"]["float_layers"]) and checked >= 1

@@ -47,8 +47,8 @@ def summary(r: Report) -> str:
                          f"({', '.join(f'{k}={x:g}' for k, x in c['rule'].items())})")
         chosen = (f.settings or {}).get("chosen")
         if chosen:
-            lines.append(f"    calibrated      {chosen['method']}, float layers "
-                         f"{', '.join(chosen['float_layers']) or 'none'}")
+            lines.append(f"    calibrated      {chosen['method']}, {chosen.get('rounding', 'nearest')} rounding, "
+                         f"float layers {', '.join(chosen['float_layers']) or 'none'}")
     if r.int8_choice:
         c = r.int8_choice
         lines.append(f"  int8 to ship      {c['recommended'] or 'none passed'} (" + ", ".join(

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_files
-from compressor.core.handlers import fake_int8_weight
 from compressor.data.inputs import as_batches
 from compressor.export.fp16 import store_fp16
 from compressor.export.graph import weight_uses
+from compressor.export.int8_rounding import GPTQ_ACT_ORDER, GPTQ_DAMP, ROUNDINGS, restore_layers, rounded_sources
 from compressor.export.measure import file_size
 from compressor.export.onnx_files import (
     EXTERNAL_DATA_BYTES,
@@ -109,20 +108,22 @@ _QDQ_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QDQ_TIE = 1e-4
 
 
-def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any,
-               methods: Sequence[str] = QDQ_METHODS, bias_correction: bool = True) -> Path:
+def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, methods: Sequence[str] = QDQ_METHODS,
+               roundings: Sequence[str] = ROUNDINGS, bias_correction: bool = True) -> Path:
     """Static int8 of ``src_onnx`` in QDQ form (onnxruntime ``quantize_static``): weights int8 per output
     channel, activations uint8 with ranges calibrated on ``calibration`` (a batch of model inputs or a list
     of them: a tensor, a tuple or a dict each, as the fp32 file takes them). Written atomically; returns ``dst``.
 
     Chosen by measurement, the mean per-sample cosine of every output to ``src_onnx``'s on the calibration
     batches: first the calibration method among ``methods`` ("minmax", with a moving average over batches,
-    or "percentile", at :data:`QDQ_PERCENTILE`), then whether the first and/or last weight layer
-    (Conv/Gemm/MatMul, in graph order: the stem and the classifier, where int8 often costs most) stay float.
-    What was tried and chosen is in the file's metadata (:func:`qdq_choice`).
+    or "percentile", at :data:`QDQ_PERCENTILE`), then how weights are rounded to int8 among ``roundings``
+    ("nearest", or "gptq": error-compensating rounding fitted to the calibration inputs, on the same grid;
+    :mod:`compressor.export.int8_rounding`), then whether the first and/or last weight layer (Conv/Gemm/MatMul,
+    in graph order: the stem and the classifier, where int8 often costs most) stay float, with their fp32
+    weights and biases. What was tried and chosen is in the file's metadata (:func:`qdq_choice`).
 
-    ``bias_correction`` (default on) first subtracts from each Conv/Gemm bias the mean output shift that
-    rounding its weight to int8 causes on the calibration inputs (:func:`_correct_bias`)."""
+    ``bias_correction`` (default on) subtracts from each Conv/Gemm bias the mean output shift that the
+    rounding of its weight causes on the calibration inputs (after the rounding, on its own errors)."""
     # Why static QDQ beside dynamic int8: dynamic quantization has no integer convolution kernel path worth
     # having (9.1x the fp32 latency on MobileNetV2, against 0.52x for this), while QDQ pairs around Conv are
     # fused by onnxruntime into integer QLinearConv and are what edge runtimes (XNNPACK, NNAPI, QNN) take.
@@ -136,6 +137,10 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any,
     if unknown or not methods:
         raise CompressorError(f"unknown calibration method(s) {unknown or list(methods)}",
                               f"use some of {', '.join(QDQ_METHODS)}")
+    unknown = [r for r in roundings if r not in ROUNDINGS]
+    if unknown or not roundings:
+        raise CompressorError(f"unknown weight rounding(s) {unknown or list(roundings)}",
+                              f"use some of {', '.join(ROUNDINGS)}")
     if calibration is None:
         raise CompressorError("static int8 needs calibration inputs, and none were given",
                               "pass calibration batches (real inputs the model will see)")
@@ -148,10 +153,11 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any,
                 and n.input[1] in constants]
     big = file_size(src) > EXTERNAL_DATA_BYTES
     tried: list[dict[str, Any]] = []
-    source = src  # what quantize_static quantizes: src, or its bias-corrected copy
+    sources: dict[str, tuple[Path, dict[str, int]]] = {}  # rounding -> (the file quantize_static reads, counts)
 
-    def attempt(method: str, keep: tuple[str, ...], folder: Path) -> dict[str, Any]:
+    def attempt(method: str, rounding: str, keep: tuple[str, ...], folder: Path) -> dict[str, Any]:
         path = folder / f"candidate{len(tried)}.onnx"
+        source = restore_layers(sources[rounding][0], src, keep, folder / f"source{len(tried)}.onnx")
         with quiet():
             quantize_static(source, path, _Batches(batches), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -163,31 +169,28 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any,
         got = [session.run(None, b) for b in batches]
         cosine = float(np.mean([_mean_cosine(g, w) for outs, wants in zip(got, expected, strict=True)
                                 for g, w in zip(outs, wants, strict=True)]))
-        tried.append({"method": method, "float_layers": [_layer_of(graph, n) for n in keep],
+        tried.append({"method": method, "rounding": rounding, "float_layers": [_layer_of(graph, n) for n in keep],
                       "cosine": round(cosine, 6), "path": path})
         return tried[-1]
 
     try:
         with tempfile.TemporaryDirectory(prefix="compressor-qdq-") as tmp:
             folder = Path(tmp)
-            corrected = _correct_bias(src, batches, folder) if bias_correction else 0
-            if corrected:
-                source = folder / "corrected.onnx"
-            best = max((attempt(m, (), folder) for m in methods), key=lambda c: c["cosine"])
+            sources.update(rounded_sources(src, batches, folder, roundings=tuple(roundings),
+                                           bias_correction=bias_correction))
+            best = max((attempt(m, roundings[0], (), folder) for m in methods), key=lambda c: c["cosine"])
+            for rounding in roundings[1:]:  # a later rounding must do better by QDQ_TIE: the first is simpler
+                c = attempt(best["method"], rounding, (), folder)
+                if c["cosine"] > best["cosine"] + QDQ_TIE:
+                    best = c
             ends = [n.name for n in weighted[:1]] + [n.name for n in weighted[-1:] if n is not weighted[0]]
             keeps = [(e,) for e in ends] + ([tuple(ends)] if len(ends) == 2 else [])
             for keep in keeps:
-                c = attempt(best["method"], keep, folder)
+                c = attempt(best["method"], best["rounding"], keep, folder)
                 if c["cosine"] > best["cosine"] + QDQ_TIE:
                     best = c
             model = onnx.load(str(best["path"]))
-            choice = {"chosen": {k: best[k] for k in ("method", "float_layers", "cosine")},
-                      "tried": [{k: c[k] for k in ("method", "float_layers", "cosine")} for c in tried],
-                      "calibration_batches": len(batches), "bias_corrected_layers": corrected,
-                      "percentile": QDQ_PERCENTILE,
-                      "calibration_samples": int(sum(next(iter(b.values())).shape[0] for b in batches)),
-                      "criterion": "mean per-sample cosine of the outputs to the fp32 file on the calibration "
-                                   "inputs", "weights": "int8, per output channel", "activations": "uint8"}
+            choice = _choice_record(best, tried, sources[best["rounding"]][1], batches)
             onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
                                                 QDQ_METADATA: json.dumps(choice)})
             with atomic_files(dst) as out:
@@ -200,79 +203,19 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any,
     return dst
 
 
-def _correct_bias(src: Path, batches: list[dict[str, np.ndarray]], folder: Path) -> int:
-    """Write ``folder/corrected.onnx``: ``src`` with each Conv/Gemm bias less the mean output shift that
-    rounding its weight to int8 (symmetric, per output channel, as quantize_static does) causes, the
-    mean taken over the calibration inputs (bias correction, Nagel et al. 2019, "Data-free quantization").
-    Returns how many layers were corrected (0: nothing written).
-
-    Why: rounding errors of a layer's weights do not average out over its inputs when those are not centred
-    (after ReLU6 they never are), so each output channel shifts by a constant. On MobileNetV2 this shift is
-    most of what int8 weights cost: with 16-bit activations the logit cosine to fp32 on held-out photos goes
-    from 0.990 to 0.999 with it (benchmarks/results/edge_mobilenetv2.md). The mean of a conv's output shift
-    is taken as the weight error times the mean of each input channel, which ignores the zero padding at the
-    borders."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(src))  # with its weights: the biases are rewritten
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    layers = [n for n in graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2
-              and n.input[1] in inits and n.input[2] in inits and len(inits[n.input[2]].dims) == 1
-              and _gemm_like_linear(n)]
-    if not layers:
-        return 0
-    # The fp32 model once more, with every corrected layer's input as an extra output, for its channel means
-    # (a temporary copy with its weights: onnxruntime refuses external data outside the model's folder).
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    outputs = {o.name for o in probe.graph.output}
-    for x in dict.fromkeys(n.input[0] for n in layers):
-        if x not in outputs:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
-    probe_path = folder / "probe.onnx"
-    save_onnx(probe, probe_path, onnx)
-    del probe
-    session = onnx_session(probe_path)
-    names = [o.name for o in session.get_outputs()]
-    sums: dict[str, np.ndarray] = {}
-    count = 0
-    for batch in batches:
-        values = dict(zip(names, session.run(None, batch), strict=True))
-        size = next(iter(batch.values())).shape[0]
-        for x in {node.input[0] for node in layers}:
-            v = np.asarray(values[x], np.float64)
-            axes = (0, *range(2, v.ndim))  # every axis but the channels (dimension 1)
-            sums[x] = sums.get(x, 0) + v.mean(axis=axes) * size
-        count += size
-    for f in folder.glob("probe.onnx*"):
-        f.unlink()
-    for node in layers:
-        mean = sums[node.input[0]] / count
-        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-        bias = numpy_helper.to_array(inits[node.input[2]])
-        w = torch.from_numpy(weight)  # the rounding quantize_static does: symmetric, per output channel
-        error = (fake_int8_weight(w) - w).numpy()
-        if node.op_type == "Gemm":
-            shift = error @ mean
-        else:  # [out, in/groups, k...]: output channel o reads the input channels of its group
-            groups = next((a.i for a in node.attribute if a.name == "group"), 1)
-            per_group = weight.shape[1]
-            group_of = np.arange(len(weight)) // (len(weight) // groups)
-            reads = mean[group_of[:, None] * per_group + np.arange(per_group)]
-            shift = np.einsum("oi,oi->o", error.reshape(*error.shape[:2], -1).sum(-1), reads)
-        inits[node.input[2]].CopyFrom(numpy_helper.from_array((bias - shift).astype(bias.dtype), node.input[2]))
-    save_onnx(model, folder / "corrected.onnx", onnx)
-    return len(layers)
-
-
-def _gemm_like_linear(node) -> bool:
-    """Whether a Gemm computes ``x @ W.T + b`` (torch's Linear) on an untransposed x; Convs always qualify."""
-    if node.op_type != "Gemm":
-        return True
-    attrs = {a.name: (a.i if a.type == a.INT else a.f) for a in node.attribute}
-    return attrs.get("transB", 0) == 1 and attrs.get("transA", 0) == 0 and attrs.get("alpha", 1.0) == 1.0
+def _choice_record(best: dict[str, Any], tried: list[dict[str, Any]], counts: dict[str, int],
+                   batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """What export_qdq records in the file's metadata: the candidate kept, all those tried, and how."""
+    keys = ("method", "rounding", "float_layers", "cosine")
+    return {"chosen": {k: best[k] for k in keys}, "tried": [{k: c[k] for k in keys} for c in tried],
+            "calibration_batches": len(batches), "bias_corrected_layers": counts["bias_corrected_layers"],
+            "gptq_layers": counts["gptq_layers"], "percentile": QDQ_PERCENTILE,
+            "gptq": {"damp": GPTQ_DAMP, "act_order": GPTQ_ACT_ORDER,
+                     "hessian": "X Xᵀ of each layer's fp32 inputs (im2col for convs, per group) on the calibration "
+                                "inputs"},
+            "calibration_samples": int(sum(next(iter(b.values())).shape[0] for b in batches)),
+            "criterion": "mean per-sample cosine of the outputs to the fp32 file on the calibration inputs",
+            "weights": "int8, per output channel", "activations": "uint8"}
 
 
 def qdq_choice(path: str | Path) -> dict[str, Any] | None:

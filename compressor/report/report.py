@@ -494,7 +494,8 @@ def _qdq_markdown(r: dict[str, Any], files: list[dict[str, Any]]) -> list[str]:
 
     def what(c: dict[str, Any]) -> str:
         kept = ", ".join(f"`{n}`" for n in c["float_layers"]) or "none"
-        return f"{c['method']}, float layers {kept}: cosine {c['cosine']:.6f}"
+        # Files written before GPTQ was a choice record no rounding: theirs was to nearest.
+        return f"{c['method']}, {c.get('rounding', 'nearest')} rounding, float layers {kept}: cosine {c['cosine']:.6f}"
 
     for v in files:
         s = v.get("settings")
