@@ -103,8 +103,8 @@ def test_kl_over_the_text_tokens_is_the_kl_of_both_distributions_renormalised_ov
     (Gemma's soft-capping in); evaluation still compares over the whole vocabulary."""
     teacher, student = compressed(gemma3)
     batch = sequences(3, 12)
-    vocab = text_tokens(batch, [sequences(1, 12, seed=5)])
-    assert 0 < len(vocab) < VOCAB and torch.equal(vocab, torch.unique(vocab))
+    vocab = text_tokens(batch, [sequences(40, 16, seed=5)])
+    assert 2 * 32 <= len(vocab) < VOCAB and torch.equal(vocab, torch.unique(vocab))  # hidden width 32
     params = [p for n, p in student.named_parameters() if ".down." in n or ".up." in n]
     for p in student.parameters():
         p.requires_grad_(False)
@@ -122,6 +122,7 @@ def test_kl_over_the_text_tokens_is_the_kl_of_both_distributions_renormalised_ov
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     for g, w in zip(torch.autograd.grad(got, params), want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+    assert LMLoss(student, teacher, "kl", vocabulary=vocab[:63]).sub is None  # too few tokens: all are used
     with torch.no_grad():
         total, count = lm.measure(head_inputs(student, batch), target, batch)["loss"]
     torch.testing.assert_close(torch.tensor(total / count), full_kl(student, teacher, batch).detach(),

@@ -24,11 +24,11 @@ token):
 a subset of the vocabulary only, each renormalised over it: :func:`text_tokens`, the distinct tokens of the
 training and validation text. The head is then ``|subset| x hidden`` instead of ``vocabulary x hidden``: on
 Gemma 3 270M (262,144 tokens) its three applications a step (teacher, student, the student's backward pass)
-were most of a step's arithmetic, and the docstring text's 124 x 128 training tokens hold about 5,000 distinct
+were most of a step's arithmetic, and the docstring text's 128 x 128 calibration tokens hold 2,400 distinct
 ones. Why it still teaches the whole distribution: the logits are ``E h``; when the student's agree with the
-teacher's over thousands of rows of ``E`` (many more than the hidden width), its hidden state agrees with the
-teacher's, and so do the logits of every other token. Validation (the best step) always compares over the whole
-vocabulary.
+teacher's over many more rows of ``E`` than the hidden width, its hidden state agrees with the teacher's, and so
+do the logits of every other token. A subset under :data:`MIN_TOKENS_PER_WIDTH` times the hidden width is not
+used (the whole vocabulary is). Validation (the best step) always compares over the whole vocabulary.
 
 Whatever the loss, :func:`evaluate` also reports ``val_nll``, the student's next-token NLL on the held-out
 text (``exp`` of it is the perplexity), measured on the same chunks at no extra cost.
@@ -52,6 +52,8 @@ from compressor.data.perplexity import head_chunk
 
 LM_LOSSES = ("kl", "ce")
 IGNORE = -100  # next-token target of a position without one (the last of a sequence, padding)
+# The fewest tokens per hidden unit a kl step compares over when it is given a subset (module doc).
+MIN_TOKENS_PER_WIDTH = 2
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -142,7 +144,10 @@ class LMLoss:
         # Training steps of kl over ``vocabulary`` only (module doc); a head that trains, or one that is not a
         # plain linear layer (simulated quantization wraps it), is applied whole.
         self.sub = None
-        if vocabulary is not None and len(vocabulary) and loss == "kl" and not self.head_params:
+        weight = getattr(model.get_output_embeddings(), "weight", None)
+        width = weight.shape[-1] if isinstance(weight, torch.Tensor) else None
+        if (vocabulary is not None and width and len(vocabulary) >= MIN_TOKENS_PER_WIDTH * width and loss == "kl"
+                and not self.head_params):
             self.sub = (_sub_head(model, vocabulary), _sub_head(teacher, vocabulary))
             if None in self.sub:
                 self.sub = None
