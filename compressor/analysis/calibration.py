@@ -252,7 +252,7 @@ def _sensitivities(cal: Calibrator, spectra: list, modules: dict[str, nn.Module]
     layers = {sp.name: sp for sp in spectra if sp.name not in fixed}
     curves = {name: sp.loss for name, sp in layers.items()}  # unscaled; held-out once a starved layer is probed
     scales: dict[str, float] = {}
-    measure = cal.prober(list(layers), min(batches, PROBE_BATCHES))
+    measure = cal.prober(min(batches, PROBE_BATCHES))
     todo = [n for n, r in allocate(policy, spectra, rank_multiple, fixed).items() if n in layers and r is not None]
     while todo:
         probes = {}
