@@ -4,7 +4,9 @@
 accumulate`), traces the call order (layers reading one input form a group), pairs the original model's inputs
 with those of a model whose earlier layers run compressed (sequential correction), and measures how much the
 model's outputs move when layers are replaced (sensitivity probes). A probe replays what the model computes
-before its layer instead of running it again (:class:`Replay`, :class:`_Prefix`).
+before its layer instead of running it again (:class:`Replay`, :class:`_Prefix`). The moments pass, which runs every
+batch anyway, also traces the call order and records what probes replay and compare against, so a calibrated
+analysis runs each batch once before its probes.
 """
 
 from __future__ import annotations
