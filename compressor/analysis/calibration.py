@@ -165,6 +165,7 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
     if hold_out and factors is None:
         ranks, factors, selection, summary = choose_on_held_out(cal, modules, handlers, decs, moments, held, spectra,
                                                                 ranks, policy, rank_multiple, fixed, fits, hold_out)
+    cal.forget_references()  # the held-out batches' recorded activations are not needed by the refits below
     plain = {n for n, f in (factors or {}).items() if f == "plain" and moments[n].xx is not None}
     for name in plain:  # refit on every batch below only the whitened ones; these need no data
         decs[name] = svd(handlers[name].weight_matrix(modules[name]))

@@ -166,6 +166,10 @@ class Calibrator:
         return self.model if isinstance(self.model, Replay) else \
             _Prefix(self.model, batch, list(self.modules.values()))
 
+    def forget_references(self) -> None:
+        """Release the recorded references (a later probe records them again)."""
+        self._refs = None
+
     def _references(self, limit: int) -> tuple[Any, list[Any]]:
         """The prefix every probe and joint error replays and the model's outputs on the first ``limit`` batches,
         recorded in one reference pass (or in :meth:`moments`) and reused by every later call that needs no more
