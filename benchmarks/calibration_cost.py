@@ -82,6 +82,8 @@ def markdown(results: dict) -> str:
                         "whole job: plain / calibrated, ratio", "plain quality", "calibrated quality",
                         "load avg start / end"], rows), ""]
     lines += [f"- {label}: `{run['environment']['command']}`, {run['environment']['date']}"
+              + (f", compressor of {run['environment']['commit']} from {run['environment']['compressor_path']}"
+                 if "compressor_path" in run["environment"] else "")
               for label, run in results.items()]
     return "\n".join(lines)
 
@@ -100,6 +102,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     env = environment("python benchmarks/calibration_cost.py " + " ".join(sys.argv[1:]))
     env["commit"] = args.commit
+    env["compressor_path"] = str(Path(compressor.__file__).parent)  # the package measured (PYTHONPATH may differ)
     run = {"environment": env, "models": {name: run_model(name, args) for name in args.models}}
     run["load_average_at_end"] = load_average()
     path = args.out / "calibration_cost.json"

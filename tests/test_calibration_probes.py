@@ -58,7 +58,7 @@ def test_replayed_prefix_matches_full_passes(shared, monkeypatch):
     cal = Calibrator(model, layers, [torch.randn(4, 3, 6, 6) for _ in range(2)])
     fast = cal.output_errors(replacements, 2)
     monkeypatch.setattr(_Prefix, "_before", lambda self, layer: [])
-    full = cal.output_errors(replacements, 2)
+    full = Calibrator(model, layers, cal.batches).output_errors(replacements, 2)  # its own prefix: nothing replayed
     assert fast.keys() == full.keys()
     for name in full:
         assert full[name] > 0
@@ -75,3 +75,26 @@ def test_prefix_replays_only_modules_finished_before_the_layer():
     assert set(prefix.cache) == set(before)  # only what a probe replays is recorded
     shared = Net(shared=True).eval()
     assert _Prefix(shared, torch.randn(2, 3, 6, 6), [shared.head]).usable == set()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_moments_pass_traces_the_order_and_records_the_references(shared):
+    # The moments pass with held-out batches leaves the call order and the probes' references behind: probes and
+    # joint errors then run no pass of their own, and measure what a calibrator that records its own does.
+    torch.manual_seed(0)
+    model = Net(shared).eval()
+    layers, replacements = _probes(model)
+    batches = [torch.randn(4, 3, 6, 6) for _ in range(3)]
+    cal = Calibrator(model, layers, batches)
+    passes = []
+    model.register_forward_pre_hook(lambda *_: passes.append(1))
+    cal.moments(hold_out=2)
+    assert len(passes) == 3
+    order = cal.order
+    probed = cal.output_errors(replacements, 2)
+    joint = cal.joint_errors({"two": {n: replacements[n] for n in ("blocks.1.conv", "head")}}, 2)
+    assert len(passes) == 3 + 2 * len(replacements) + 2  # probes and joint passes only
+    fresh = Calibrator(model, layers, batches)
+    assert fresh.order == order
+    assert fresh.output_errors(replacements, 2) == probed
+    assert fresh.joint_errors({"two": {n: replacements[n] for n in ("blocks.1.conv", "head")}}, 2) == joint

@@ -70,7 +70,7 @@ def test_probes_from_recorded_levels_equal_full_passes(tmp_path, monkeypatch):
     for n, m in modules.items():
         m.register_forward_pre_hook(lambda _m, _a, n=n: calls.__setitem__(n, calls[n] + 1))
     cal = Calibrator(model, modules, _batches())
-    measure = cal.prober(list(modules), 2)
+    measure = cal.prober(2)
     calls.update(dict.fromkeys(calls, 0))
     fast = measure(replacements)
     # The first conv (layer W1) runs only in its own probe (2 batches), the head (G) in every probe.

@@ -33,14 +33,13 @@ from typing import Any
 
 from torch import nn
 
-from compressor.analysis.held_out import choose_on_held_out, held_out_ridge, plain_output_error
+from compressor.analysis.held_out import HeldOutFits, choose_on_held_out, held_out_ridge, plain_output_error
 from compressor.analysis.tracing import Calibrator
 from compressor.analysis.whitened import (
     DAMPING,
     Moments,
     damping_from,
     decompose,
-    held_out_errors,
     output_error,
     whitened_decomposition,
 )
@@ -151,11 +150,13 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
                            spatial, kinds)
     shapes = {name: tuple(handlers[name].weight_matrix(mod).shape) for name, mod in modules.items()}
     spectra = list(spectra.values())
+    # Factors fit without the held-out batches, shared by the probes of data-starved layers and the held-out choice.
+    fits = HeldOutFits(modules, handlers, moments, held, damp) if held is not None else None
 
     scales: dict[str, float] = {}
     if sensitivity and across_layers(policy):
-        scales = _sensitivities(cal, spectra, modules, handlers, decs, moments, held, policy, rank_multiple, fixed,
-                                damp, sensitivity_batches)
+        scales = _sensitivities(cal, spectra, modules, handlers, decs, fits, policy, rank_multiple, fixed,
+                                sensitivity_batches)
     ranks = allocate(policy, spectra, rank_multiple, fixed)
     # The data-aware ranks and factors are one candidate among the plain SVD's and a whitened global threshold's:
     # whichever loses least on the held-out batches is kept (per layer, the factors that lose least there).
@@ -163,7 +164,8 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
     summary: dict[str, Any] | None = None
     if hold_out and factors is None:
         ranks, factors, selection, summary = choose_on_held_out(cal, modules, handlers, decs, moments, held, spectra,
-                                                                ranks, policy, rank_multiple, fixed, damp, hold_out)
+                                                                ranks, policy, rank_multiple, fixed, fits, hold_out)
+    cal.forget_references()  # the held-out batches' recorded activations are not needed by the refits below
     plain = {n for n, f in (factors or {}).items() if f == "plain" and moments[n].xx is not None}
     for name in plain:  # refit on every batch below only the whitened ones; these need no data
         decs[name] = svd(handlers[name].weight_matrix(modules[name]))
@@ -237,8 +239,8 @@ def _starved_ridges(modules: dict[str, nn.Module], handlers: dict, moments: dict
 
 
 def _sensitivities(cal: Calibrator, spectra: list, modules: dict[str, nn.Module], handlers: dict, decs: dict,
-                   moments: dict[str, Moments], held: dict[str, Moments] | None, policy, rank_multiple: int,
-                   fixed: dict[str, int | None], damp: dict[str, tuple[float, ...]], batches: int) -> dict[str, float]:
+                   fits: HeldOutFits | None, policy, rank_multiple: int, fixed: dict[str, int | None],
+                   batches: int) -> dict[str, float]:
     """Each probed layer is truncated alone at the rank a uniform cut would give it, and how much the model's
     output moves (over the first :data:`PROBE_BATCHES` of the ``batches`` held-out batches) per unit of the
     layer's own output error scales its error curve (``spectra``'s losses, in place). Returns those scales.
@@ -247,24 +249,19 @@ def _sensitivities(cal: Calibrator, spectra: list, modules: dict[str, nn.Module]
     sensitive as the least sensitive probed layer, and the allocation is repeated until it cuts no unprobed
     layer. While that is a lower bound of the unprobed layers' sensitivity, the ranks are those all probes
     would give. A data-starved layer's probe factors are fit without the probe batches and its curve is
-    measured on them (:func:`held_out_errors`): in sample it looked free to truncate."""
+    measured on them (``fits``, shared with the held-out choice): in sample it looked free to truncate."""
     layers = {sp.name: sp for sp in spectra if sp.name not in fixed}
     curves = {name: sp.loss for name, sp in layers.items()}  # unscaled; held-out once a starved layer is probed
     scales: dict[str, float] = {}
-    measure = cal.prober(list(layers), min(batches, PROBE_BATCHES))
+    measure = cal.prober(min(batches, PROBE_BATCHES))
     todo = [n for n, r in allocate(policy, spectra, rank_multiple, fixed).items() if n in layers and r is not None]
     while todo:
         probes = {}
         for name in todo:
             sp, h, mod, dec = layers[name], handlers[name], modules[name], decs[name]
             r = _probe_rank(sp.m, sp.n, policy.target)
-            if held is not None and _starved(held[name], sp.n):  # fit without the probe batches, measured on them
-                fit = held[name]
-                xx_fit, xx_out = fit.xx, moments[name].xx - fit.xx
-                if h.kind != handler_for(mod).kind:  # an alternative kind's own moments (LayerHandler.moments)
-                    xx_fit, xx_out = h.moments(mod, xx_fit), h.moments(mod, xx_out)
-                dec, _ = whitened_decomposition(h.weight_matrix(mod), Moments(xx_fit, rows=fit.rows), damp[name])
-                curve = held_out_errors(dec, xx_out)
+            if fits is not None and _starved(fits.held[name], sp.n):  # fit without the probe batches, measured on them
+                dec, curve = fits.whitened(name)
                 curves[name] = curve / max(float(curve[0]), 1e-300)
             probes[name] = (r, factor_module(mod, r, dec, h.kind))
         moved = measure({n: new for n, (_, new) in probes.items()})

@@ -40,6 +40,38 @@ CANDIDATES = (("data-aware", "whitened"), ("data-aware", "per layer"), ("whitene
               ("plain", "plain"), ("plain", "per layer"))
 
 
+class HeldOutFits:
+    """Per layer the data reached, its whitened factors fit without the held-out batches and their held-out error
+    curve (:func:`held_out_errors`), each computed once when first asked: the sensitivity probes of data-starved
+    layers and :func:`choose_on_held_out` use the same ones (before, each fit them again: a whitened SVD per layer,
+    a fifth of MobileNetV2's calibrated analysis). ``handlers``: each layer's kind (an alternative's factors are fit
+    on its own moments, :meth:`LayerHandler.moments`); it is read when a layer is first asked for."""
+
+    def __init__(self, modules: dict[str, nn.Module], handlers: dict, moments: dict[str, Moments],
+                 held: dict[str, Moments], damp: dict[str, tuple[float, ...]]) -> None:
+        self.modules, self.handlers, self.moments, self.held, self.damp = modules, handlers, moments, held, damp
+        self._done: dict[str, tuple[Decomposition, torch.Tensor, torch.Tensor]] = {}
+
+    def _fit(self, name: str) -> tuple[Decomposition, torch.Tensor, torch.Tensor]:
+        if name not in self._done:
+            h, mod, fit = self.handlers[name], self.modules[name], self.held[name]
+            xx_fit, xx_out = fit.xx, self.moments[name].xx - fit.xx
+            if h.kind != handler_for(mod).kind:  # an alternative kind's own moments (LayerHandler.moments)
+                xx_fit, xx_out = h.moments(mod, xx_fit), h.moments(mod, xx_out)
+            dec, _ = whitened_decomposition(h.weight_matrix(mod), Moments(xx_fit, rows=fit.rows), self.damp[name])
+            self._done[name] = dec, held_out_errors(dec, xx_out), xx_out
+        return self._done[name]
+
+    def whitened(self, name: str) -> tuple[Decomposition, torch.Tensor]:
+        """The layer's whitened factors fit without the held-out batches, and their held-out error curve."""
+        dec, curve, _ = self._fit(name)
+        return dec, curve
+
+    def held_out_moment(self, name: str) -> torch.Tensor:
+        """The second moment of the layer's input on the held-out batches (in its kind's layout)."""
+        return self._fit(name)[2]
+
+
 def plain_output_error(dec: Decomposition, C: torch.Tensor, rank: int) -> float:
     """Relative output error ``||(W - W_r) X|| / ||W X||`` of any factors ``dec`` at ``rank`` over rows with second
     moment ``C`` (:func:`held_out_errors`), for factors whose singular values do not measure it (a plain SVD's)."""
@@ -70,13 +102,14 @@ def _allocations(decs: dict[str, Decomposition], plain_decs: dict[str, Decomposi
 
 def choose_on_held_out(cal: Calibrator, modules: dict[str, nn.Module], handlers: dict, decs: dict[str, Decomposition],
                        moments: dict[str, Moments], held: dict[str, Moments], spectra: list, ranks: dict,
-                       policy, rank_multiple: int, fixed: dict[str, int | None], damp: dict[str, tuple[float, ...]],
+                       policy, rank_multiple: int, fixed: dict[str, int | None], fits: HeldOutFits,
                        hold_out: int) -> tuple[dict, dict[str, str], dict[str, dict[str, Any]], dict[str, Any]]:
     """The :data:`CANDIDATES` (ranks, factors) whose compressed model changes the outputs least on the first
     ``hold_out`` calibration batches; returns its ranks, each layer's factors (``"whitened"`` or ``"plain"``),
     why, per layer, and a summary for ``plan.calibration``.
 
-    Every candidate's whitened factors are fit without the held-out batches (``held``: the moments of the others),
+    Every candidate's whitened factors are fit without the held-out batches (``fits``; ``held``: the moments of the
+    others),
     so a layer that data cannot pin down (a classifier seeing one row per image) is judged on data it did not fit:
     in sample, whitened factors always beat the plain SVD. The plain SVD and the whitened global threshold are
     candidates, so on the held-out batches the result is never worse than either at the same budget. The caller
@@ -86,20 +119,13 @@ def choose_on_held_out(cal: Calibrator, modules: dict[str, nn.Module], handlers:
     # The layers the data reached (whitened; not embeddings) and, computed only for the layers some candidate cuts,
     # their whitened factors fit without the held-out batches and both factors' held-out error curves.
     reached = {n for n in modules if moments[n].xx is not None and held[n].xx is not None}
-    fit_decs: dict[str, Decomposition] = {}
     curves: dict[str, dict[str, torch.Tensor]] = {}
 
     def fit_dec(name: str) -> Decomposition:
-        if name not in fit_decs:
-            h, mod, fit = handlers[name], modules[name], held[name]
-            xx_fit, xx_out = fit.xx, moments[name].xx - fit.xx
-            if h.kind != handler_for(mod).kind:  # an alternative kind's own moments (LayerHandler.moments)
-                xx_fit, xx_out = h.moments(mod, xx_fit), h.moments(mod, xx_out)
-            fit_decs[name], _ = whitened_decomposition(h.weight_matrix(mod), Moments(xx_fit, rows=fit.rows),
-                                                       damp[name])
-            curves[name] = {f: held_out_errors(d, xx_out) for f, d in (("whitened", fit_decs[name]),
-                                                                        ("plain", plain_decs[name]))}
-        return fit_decs[name]
+        dec, curve = fits.whitened(name)
+        if name not in curves:
+            curves[name] = {"whitened": curve, "plain": held_out_errors(plain_decs[name], fits.held_out_moment(name))}
+        return dec
 
     allocations = _allocations(decs, plain_decs, shapes, ranks, policy, rank_multiple, fixed)
 

@@ -4,13 +4,15 @@
 accumulate`), traces the call order (layers reading one input form a group), pairs the original model's inputs
 with those of a model whose earlier layers run compressed (sequential correction), and measures how much the
 model's outputs move when layers are replaced (sensitivity probes). A probe replays what the model computes
-before its layer instead of running it again (:class:`Replay`, :class:`_Prefix`).
+before its layer instead of running it again (:class:`Replay`, :class:`_Prefix`). The moments pass, which runs every
+batch anyway, also traces the call order and records what probes replay and compare against, so a calibrated
+analysis runs each batch once before its probes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -44,6 +46,20 @@ def _forward(model: nn.Module, batch: Batch) -> Any:
         return None
 
 
+def _call_order() -> tuple[list[tuple[str, int]], Callable[[str, tuple], None]]:
+    """``(seen, hook)``: as a pre-hook of the layers (:func:`captured_inputs`) during one forward, ``hook`` lists
+    each call in ``seen`` as ``(layer, key of its input)``; layers reading the same input share the key."""
+    seen: list[tuple[str, int]] = []
+    alive = []  # inputs held during the trace, so that no two share a (freed and reused) address
+
+    def pre(name, args):
+        x = args[0] if args else None
+        alive.append(x)
+        seen.append((name, x.data_ptr() if isinstance(x, torch.Tensor) else id(x)))
+
+    return seen, pre
+
+
 @dataclass
 class Calibrator:
     """Runs calibration passes over one model with hooks; the model's weights are never changed."""
@@ -54,6 +70,8 @@ class Calibrator:
     outputs: Sequence[str] | None = None  # the outputs sensitivity compares (None: every float output)
     device: torch.device = field(init=False)
     _traced: tuple[list[list[str]], bool] | None = field(init=False, default=None, repr=False)
+    # What probes and joint errors replay and compare against (:meth:`_references`), recorded once.
+    _refs: tuple[Any, list[Any]] | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         p = next(iter(self.model.parameters()), None)
@@ -71,19 +89,16 @@ class Calibrator:
         return self._trace()[1]
 
     def _trace(self) -> tuple[list[list[str]], bool]:
-        # One forward, run only when asked: an analysis without sequential refits (a CNN's) never needs it.
-        if self._traced is not None:
-            return self._traced
-        seen: list[tuple[str, int]] = []
-        alive = []  # inputs held during the trace, so that no two share a (freed and reused) address
+        # One forward, run only when asked and not traced in the moments pass already (:meth:`moments`).
+        if self._traced is None:
+            seen, pre = _call_order()
+            with _eval(self.model), captured_inputs(self.modules, pre):
+                call(self.model, self.batches[0])
+            self._traced = self._groups(seen)
+        return self._traced
 
-        def pre(name, args):
-            x = args[0] if args else None
-            alive.append(x)
-            seen.append((name, x.data_ptr() if isinstance(x, torch.Tensor) else id(x)))
-
-        with _eval(self.model), captured_inputs(self.modules, pre):
-            call(self.model, self.batches[0])
+    def _groups(self, seen: list[tuple[str, int]]) -> tuple[list[list[str]], bool]:
+        """:attr:`order` and :attr:`repeated` from the layers' calls in one forward (:func:`_call_order`)."""
         names = [n for n, _ in seen]
         repeated = len(names) != len(set(names))
         groups: list[list[str]] = []
@@ -97,8 +112,7 @@ class Calibrator:
                 key_of[key] = len(groups)
                 groups.append([name])
         never = [n for n in self.modules if not any(n in g for g in groups)]
-        self._traced = (groups + [[n] for n in never], repeated)
-        return self._traced
+        return groups + [[n] for n in never], repeated
 
     def _rows(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         mod = self.modules[name]
@@ -110,22 +124,62 @@ class Calibrator:
 
         Layers with many rows per batch (convs at high resolution) use a fixed random subset of
         ``ROWS_PER_FEATURE`` rows per input feature, weighted up to the full count: neighbouring positions
-        are nearly duplicates, and the products of all of them dominated calibration time."""
+        are nearly duplicates, and the products of all of them dominated calibration time.
+
+        The same pass traces the layers' call order (its first batch) and, with ``hold_out``, records the
+        references that probes and joint errors replay and compare against (:meth:`_references`: the held-out
+        batches' outputs): no forward of its own for either."""
         acc = {name: Moments() for name in self.modules}
         held = None
         mask = None
+        seen, trace = _call_order() if self._traced is None else ([], None)
+        tracing = trace is not None
 
         def pre(name, args):
+            if tracing:
+                trace(name, args)
             accumulate(acc[name], self.modules[name], args[0], mask)
 
         order = self.batches[hold_out:] + self.batches[:hold_out]  # the held-out batches last
-        with _eval(self.model), captured_inputs(self.modules, pre):
+        prefix = self._prefix(None) if hold_out else None
+        refs = []
+        with _eval(self.model), captured_inputs(self.modules, pre), ExitStack() as recording:
             for i, b in enumerate(order):
-                if hold_out and i == len(order) - hold_out:
-                    held = {n: m.copy() for n, m in acc.items()}
                 mask = attention_mask(b)
-                call(self.model, b)
+                if hold_out and i == len(order) - hold_out:  # the held-out batches, first to last, in one recording
+                    held = {n: m.copy() for n, m in acc.items()}
+                    recording.enter_context(prefix.recording())
+                with prefix.tracing() if i == 0 and isinstance(prefix, _Prefix) else nullcontext():
+                    out = call(self.model, b)
+                if held is not None:
+                    refs.append(out)
+                if tracing:  # (dropping the hook frees the inputs it held)
+                    self._traced, tracing, trace = self._groups(seen), False, None
+        if hold_out:
+            self._refs = prefix, refs
         return acc, held
+
+    def _prefix(self, batch: Batch | None) -> Any:
+        """What replays a forward up to a layer: the model itself when it can (:class:`Replay`, an ONNX graph's
+        onnxruntime segments are no modules to replay), else a :class:`_Prefix` over every layer, traced on
+        ``batch`` (None: by the caller, in :meth:`_Prefix.tracing`)."""
+        return self.model if isinstance(self.model, Replay) else \
+            _Prefix(self.model, batch, list(self.modules.values()))
+
+    def forget_references(self) -> None:
+        """Release the recorded references (a later probe records them again)."""
+        self._refs = None
+
+    def _references(self, limit: int) -> tuple[Any, list[Any]]:
+        """The prefix every probe and joint error replays and the model's outputs on the first ``limit`` batches,
+        recorded in one reference pass (or in :meth:`moments`) and reused by every later call that needs no more
+        batches."""
+        if self._refs is None or len(self._refs[1]) < limit:
+            with _eval(self.model):
+                prefix = self._prefix(self.batches[0])
+                with prefix.recording():
+                    self._refs = prefix, [call(self.model, b) for b in self.batches[:limit]]
+        return self._refs
 
     def original_inputs(self, budget_bytes: int) -> dict[str, list[torch.Tensor | None]] | None:
         """Every layer group's input rows on the original model, per batch (one pass), or None when
@@ -195,13 +249,10 @@ class Calibrator:
         (``{candidate: {layer: replacement}}``), over the first ``limit`` calibration batches."""
         batches = self.batches[:limit]
         out: dict[str, float] = {}
-        names = sorted({n for replaced in candidates.values() for n in replaced})
+        # As in prober: what finishes before a candidate's first replaced layer is replayed, not recomputed.
+        prefix, refs = self._references(limit)
+        refs = refs[:limit]
         with _eval(self.model):
-            # As in prober: what finishes before a candidate's first replaced layer is replayed, not recomputed.
-            prefix = self.model if isinstance(self.model, Replay) else \
-                _Prefix(self.model, batches[0], [self.modules[n] for n in names])
-            with prefix.recording():
-                refs = [call(self.model, b) for b in batches]
             order = {n: i for i, n in enumerate(n for g in self.order for n in g)}
             for key, replaced in candidates.items():
                 def swap(name, args, _out, replaced=replaced):
@@ -218,22 +269,18 @@ class Calibrator:
     def output_errors(self, replacements: dict[str, nn.Module], limit: int) -> dict[str, float]:
         """Relative change of the model's compared outputs (:func:`compressor.data.inputs.relative_change`)
         when each layer alone is replaced, over the first ``limit`` calibration batches."""
-        return self.prober(list(replacements), limit)(replacements)
+        return self.prober(limit)(replacements)
 
-    def prober(self, names: Sequence[str], limit: int) -> Callable[[dict[str, nn.Module]], dict[str, float]]:
-        """:meth:`output_errors` for any of the layers ``names``, as often as asked, after one reference pass.
+    def prober(self, limit: int) -> Callable[[dict[str, nn.Module]], dict[str, float]]:
+        """:meth:`output_errors` for any of the layers, as often as asked, after one reference pass (shared with
+        :meth:`joint_errors`, and none of its own after :meth:`moments` with held-out batches).
 
         Everything the model computes before a probed layer is the same as in the reference pass, so the
         modules that finish before it return their reference outputs instead of running again: each probe
         pays only for the part of the model from its layer on (about half the probe time on MobileNetV2)."""
         batches = self.batches[:limit]
-        with _eval(self.model):
-            # A model that can start a pass at a layer (an ONNX graph: its onnxruntime segments are no modules
-            # to replay) does so; other models replay their modules' outputs.
-            prefix = self.model if isinstance(self.model, Replay) else \
-                _Prefix(self.model, batches[0], [self.modules[n] for n in names])
-            with prefix.recording():
-                refs = [call(self.model, b) for b in batches]
+        prefix, refs = self._references(limit)
+        refs = refs[:limit]
 
         def measure(replacements: dict[str, nn.Module]) -> dict[str, float]:
             out: dict[str, float] = {}
@@ -269,9 +316,18 @@ class _Prefix:
     per forward are run in full (the call order would not say which call precedes which). Only the modules
     some probed layer replays are recorded, not every activation of the model."""
 
-    def __init__(self, model: nn.Module, batch: Batch, layers: Sequence[nn.Module]) -> None:
+    def __init__(self, model: nn.Module, batch: Batch | None, layers: Sequence[nn.Module]) -> None:
+        """Traced on a forward of ``batch``; None: on the caller's next forward, inside :meth:`tracing`."""
         self.children = {m: list(m.children()) for m in model.modules()}
         self.root = model
+        self.layers = list(layers)
+        if batch is not None:
+            with self.tracing():
+                call(model, batch)
+
+    @contextmanager
+    def tracing(self) -> Iterator[None]:
+        """Trace the (one) forward run inside: which modules finish before each layer starts."""
         span: dict[nn.Module, list[int]] = {}
         tensor_out: set[nn.Module] = set()
         clock = 0
@@ -292,11 +348,11 @@ class _Prefix:
 
         every = {m: m for m in self.children}
         with captured_inputs(every, pre), captured_outputs(every, post):
-            call(model, batch)
+            yield
         self.span = span
         self.usable = {m for m in tensor_out if calls[m] == 1 and "forward" not in m.__dict__} \
             if all(c == 1 for c in calls.values()) else set()
-        self.before = {layer: self._before(layer) for layer in layers}
+        self.before = {layer: self._before(layer) for layer in self.layers}
         self.cache: dict[nn.Module, list[torch.Tensor]] = {m: [] for ms in self.before.values() for m in ms}
 
     def _before(self, layer: nn.Module) -> list[nn.Module]:
