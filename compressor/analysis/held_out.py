@@ -108,12 +108,11 @@ def choose_on_held_out(cal: Calibrator, modules: dict[str, nn.Module], handlers:
     ``hold_out`` calibration batches; returns its ranks, each layer's factors (``"whitened"`` or ``"plain"``),
     why, per layer, and a summary for ``plan.calibration``.
 
-    Every candidate's whitened factors are fit without the held-out batches (``fits``; ``held``: the moments of the
-    others),
-    so a layer that data cannot pin down (a classifier seeing one row per image) is judged on data it did not fit:
-    in sample, whitened factors always beat the plain SVD. The plain SVD and the whitened global threshold are
-    candidates, so on the held-out batches the result is never worse than either at the same budget. The caller
-    refits the chosen whitened factors on every batch (the ranks and factor kinds stay)."""
+    Every candidate's whitened factors are fit without the held-out batches (``fits``; ``held``: the moments of
+    the others), so a layer that data cannot pin down (a classifier seeing one row per image) is judged on data it
+    did not fit: in sample, whitened factors always beat the plain SVD. The plain SVD and the whitened global
+    threshold are candidates, so on the held-out batches the result is never worse than either at the same budget.
+    The caller refits the chosen whitened factors on every batch (the ranks and factor kinds stay)."""
     shapes = {sp.name: (sp.m, sp.n) for sp in spectra}
     plain_decs = {n: svd(handlers[n].weight_matrix(mod)) for n, mod in modules.items()}
     # The layers the data reached (whitened; not embeddings) and, computed only for the layers some candidate cuts,

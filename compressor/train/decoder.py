@@ -84,9 +84,11 @@ def head_inputs(model: nn.Module, batch: Batch) -> torch.Tensor:
     return state["hidden"]
 
 
-def logits_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Hidden states -> logits as the model computes them: its head, then Gemma's soft-capping if set."""
-    head = model.get_output_embeddings()
+def logits_fn(model: nn.Module, head: Callable[[torch.Tensor], torch.Tensor] | None = None
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Hidden states -> logits as the model computes them: its head (or ``head``, a part of it), then Gemma's
+    soft-capping if set."""
+    head = head if head is not None else model.get_output_embeddings()
     cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     if not cap:
         return head
@@ -241,12 +243,7 @@ def _sub_head(model: nn.Module | None, vocabulary: torch.Tensor) -> Callable[[to
         return None
     weight = head.weight.detach()[vocabulary.to(head.weight.device)]
     bias = None if head.bias is None else head.bias.detach()[vocabulary.to(head.weight.device)]
-    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-
-    def logits(h: torch.Tensor) -> torch.Tensor:
-        z = F.linear(h, weight, bias)
-        return torch.tanh(z / cap) * cap if cap else z
-    return logits
+    return logits_fn(model, lambda h: F.linear(h, weight, bias))
 
 
 @torch.no_grad()
