@@ -77,7 +77,10 @@ CASES = [
     ("embedding", lambda: Wrap(nn.Embedding(40, 24), 24), lambda: _ids((4, 6))),
     ("hf-conv1d", lambda: Wrap(_hf_conv1d(32, 24), 32), lambda: _x(5, 24)),
     ("conv2d-spatial", _separable_conv, lambda: _x(2, 4, 6, 6)),
+    ("linear-pivoted", lambda: Wrap(nn.Linear(24, 32), 32), lambda: _x(5, 24)),
 ]
+# How analyze is asked for a kind that is not the dispatched one.
+ASK = {"conv2d-spatial": {"target": 0.5}, "linear-pivoted": {"rank_ratio": 0.25, "pivoted": True}}
 IDS = [c[0] for c in CASES]
 
 
@@ -98,8 +101,12 @@ def test_handler_is_found_and_the_matrix_computes_the_layer(case):
     h = handler_for_kind(model.layer, kind)
     assert h is not None and h.kind == kind and handler_of_kind(kind) is h
     W = h.weight_matrix(model.layer)
-    if h is not handler_for(model.layer):  # an alternative layout of the dispatched kind's weights
-        assert kind in handler_for(model.layer).alternatives and not h.matches(model.layer)
+    dispatched = handler_for(model.layer)
+    if kind in dispatched.variants:  # another stored form of the same factors: the same matrix
+        assert not h.matches(model.layer)
+        torch.testing.assert_close(W, dispatched.weight_matrix(model.layer), atol=0, rtol=0)
+    elif h is not dispatched:  # an alternative layout of the dispatched kind's weights
+        assert kind in dispatched.alternatives and not h.matches(model.layer)
         torch.testing.assert_close(h.kernel(W, model.layer.weight.shape), model.layer.weight, atol=0, rtol=0)
     elif h.statistics == "rows":  # y_i = W x_i for every row the handler says the layer multiplies
         captured = {}
@@ -142,8 +149,7 @@ def test_truncation_error_is_the_discarded_singular_values(case):
 def test_onnx_keeps_two_factors_per_layer_and_validates(case, tmp_path):
     kind, model, x = case
     # Alternative factorizations are chosen under a parameter target only (a rank means different sizes).
-    policy = {"target": 0.5} if kind == "conv2d-spatial" else {"rank_ratio": 0.25}
-    plan = compressor.analyze(model, **policy, include=["layer"])
+    plan = compressor.analyze(model, **ASK.get(kind, {"rank_ratio": 0.25}), include=["layer"])
     assert [(lp.name, lp.kind) for lp in plan.factored] == [("layer", kind)]
     compressor.rewrite(model, plan)
     path = export_onnx(model, x, tmp_path / "m.onnx")

@@ -35,7 +35,7 @@ from compressor.core.policies import (
     policy_to_dict,
     prefer_alternative,
 )
-from compressor.core.svd import Decomposition, break_even_rank, energy_kept, max_saving_rank, svd
+from compressor.core.svd import Decomposition, break_even_rank, energy_kept, svd
 from compressor.core.threads import LINALG_THREADS, thread_budget, torch_threads
 from compressor.data.inputs import as_batches
 
@@ -187,7 +187,7 @@ def analyze(model: nn.Module, policy: Policy | None = None, *, energy: float | N
             progress: bool | None = None, calibration: Any = None, outputs: Sequence[str] | None = None,
             sequential: bool = True, sensitivity: bool = True, fold_batchnorm: bool = True,
             example_inputs: Any = None, spatial: bool = True, threads: int | None = None,
-            weighting: str | None = FISHER) -> Plan:
+            weighting: str | None = FISHER, pivoted: bool = False) -> Plan:
     """Analyze every weight of ``model`` and choose a rank per layer; the model is not changed.
 
     Exactly one policy, as an object (``analyze(model, TargetPolicy(0.3))``; any type with a registered
@@ -216,6 +216,10 @@ def analyze(model: nn.Module, policy: Policy | None = None, *, energy: float | N
     (:mod:`compressor.analysis.decoder`); its layer errors are weighted by ``weighting`` (``"fisher"``: the
     diagonal output-side Fisher; None: each layer's relative output error alike).
 
+    ``pivoted``: every linear layer factored is stored in the pivoted form (kind "linear-pivoted",
+    :class:`compressor.core.layers.PivotedLowRankLinear`): a rank-``r`` layer holds ``r (m + n - r)`` weights
+    instead of ``r (m + n)``, so every rank below ``min(m, n)`` saves and a target keeps more of each spectrum.
+
     ``threads``: torch threads for all of it (restored afterwards); by default (None) the weight-only work
     (every SVD, and the whole analysis without calibration) runs on one thread, which stays fast on a busy
     machine, while calibration forward passes keep the caller's setting (:mod:`compressor.core.threads`).
@@ -224,7 +228,7 @@ def analyze(model: nn.Module, policy: Policy | None = None, *, energy: float | N
     with thread_budget(threads), torch_threads(LINALG_THREADS if weights_only else None):
         chosen = _one_policy(policy, energy, rank, rank_ratio, target, plan)
         return _analyze(model, chosen, rank_multiple, include, exclude, overrides, plan, progress, calibration,
-                        outputs, sequential, sensitivity, fold_batchnorm, example_inputs, spatial, weighting)
+                        outputs, sequential, sensitivity, fold_batchnorm, example_inputs, spatial, weighting, pivoted)
 
 
 def _one_policy(policy: Policy | None, energy: float | None, rank: int | None, rank_ratio: float | None,
@@ -247,7 +251,7 @@ def _analyze(model: nn.Module, policy: Policy | None, rank_multiple: int, includ
              exclude: Sequence[str], overrides: dict[str, int | None] | None, plan: Plan | None,
              progress: bool | None, calibration: Any, outputs: Sequence[str] | None, sequential: bool,
              sensitivity: bool, fold_batchnorm: bool, example_inputs: Any, spatial: bool,
-             weighting: str | None) -> Plan:
+             weighting: str | None, pivoted: bool) -> Plan:
     if plan is not None:
         if plan.method != "svd" and calibration is None:
             # Re-deriving a data-aware plan by plain SVD would keep its ranks but silently lose its quality.
@@ -286,6 +290,7 @@ def _analyze(model: nn.Module, policy: Policy | None, rank_multiple: int, includ
     # ... and the factors it chose on held-out batches (plans without the record: whitened, as they were made).
     factors = {lp.name: lp.selection["factors"] if lp.selection else "whitened" for lp in plan.layers
                if lp.supported} if plan is not None else None
+    variants = _variants(found, forced, pivoted)
     errors: dict[str, float] = {}
     selection: dict[str, dict[str, Any]] = {}
     method, calib_info = "svd", None
@@ -293,18 +298,20 @@ def _analyze(model: nn.Module, policy: Policy | None, rank_multiple: int, includ
         modules = {c.name: c.module for c in found if c.skip is None}
         if is_decoder(model):  # block by block: never the logits of every calibration token (analysis.decoder)
             cal = decoder_analysis(model, modules, as_batches(calibration), policy, rank_multiple, fixed,
-                                   sequential=sequential, weighting=weighting, progress=progress, outputs=outputs)
+                                   sequential=sequential, weighting=weighting, progress=progress, outputs=outputs,
+                                   variants=variants)
         else:
             cal = calibrated_analysis(model, modules, as_batches(calibration), policy, rank_multiple, fixed,
                                       outputs=outputs, sequential=sequential, sensitivity=sensitivity,
-                                      spatial=spatial, kinds=forced, factors=factors)
+                                      spatial=spatial, kinds=forced, factors=factors, variants=variants)
         decs, ranks, errors, calib_info = cal.decompositions, cal.ranks, cal.errors, cal.info
         selection = cal.selection
         chosen = cal.kinds
         method = "whitened-svd+sequential" if sequential else "whitened-svd"
     else:
         decs = decompose_layers(found, progress)
-        spectra = {c.name: LayerSpectrum.from_singular_values(c.name, *c.weight_matrix().shape, decs[c.name].S)
+        spectra = {c.name: LayerSpectrum.from_singular_values(c.name, *c.weight_matrix().shape, decs[c.name].S,
+                                                              pivoted=c.handler.pivoted)
                    for c in found if c.skip is None}
         chosen = _alternatives(found, decs, spectra, operating_keep(policy), spatial, forced)
         ranks = allocate(policy, list(spectra.values()), rank_multiple, fixed)
@@ -355,6 +362,22 @@ def tied_notes(found: Sequence[Candidate], params_total: int) -> list[str]:
                      f"{w.numel() / max(params_total, 1):.1%} of the model) left dense deliberately: {UNTIES} "
                      "(two copies)")
     return notes
+
+
+def _variants(found: list[Candidate], forced: dict[str, str] | None, pivoted: bool) -> dict[str, str]:
+    """``{layer: kind}`` of the layers stored in another form of their factors (a handler's variant): with
+    ``pivoted``, every layer whose kind has a pivoted variant; a re-derived plan's (``forced``) keep theirs.
+    The candidates are switched to it, so every path below counts their parameters as that form."""
+    chosen = {}
+    for c in found:
+        if c.skip is not None:
+            continue
+        wanted = [k for k in c.handler.variants if handler_of_kind(k).pivoted] if pivoted and forced is None \
+            else [k for k in c.handler.variants if forced is not None and forced.get(c.name) == k]
+        if wanted and handler_of_kind(wanted[0]).accepts(c.module):
+            c.kind, c.handler = wanted[0], handler_of_kind(wanted[0])
+            chosen[c.name] = wanted[0]
+    return chosen
 
 
 def _alternatives(found: list[Candidate], decs: dict[str, Decomposition], spectra: dict[str, LayerSpectrum],
@@ -442,7 +465,7 @@ def _entry(c: Candidate, dec: Decomposition | None, policy_rank: int | None, ove
     nbias = bias.numel() if isinstance(bias, torch.Tensor) else 0
     nan = float("nan")
     base = dict(name=c.name, kind=c.kind, shape=list(w.shape), matrix_shape=[m, n],
-                full_rank=min(m, n), break_even_rank=round(break_even_rank(m, n), 3),
+                full_rank=min(m, n), break_even_rank=round(break_even_rank(m, n, c.handler is not None and c.handler.pivoted), 3),
                 params_before=m * n + nbias, params_after=m * n + nbias,
                 macs_before=dense_macs, macs_after=dense_macs)
     if dec is None:  # not factorizable
@@ -457,12 +480,12 @@ def _entry(c: Candidate, dec: Decomposition | None, policy_rank: int | None, ove
                               "choose a rank between 1 and the layer's full rank")
     kept = energy_kept(dec.S, policy_rank, dec.total_energy)
     err = max(0.0, 1.0 - kept) ** 0.5
-    if policy_rank > max_saving_rank(m, n):
+    if policy_rank > c.handler.max_saving_rank(m, n):
         return LayerPlan(**base, rank=None, policy_rank=policy_rank, energy_kept=kept, rel_error=err,
                          factored=False,
-                         reason=f"{who} rank {policy_rank} saves no parameters (break-even "
-                                f"{m * n / (m + n):.1f})")
+                         reason=f"{who} rank {policy_rank} saves no parameters (at most rank "
+                                f"{c.handler.max_saving_rank(m, n)} saves)")
     r = policy_rank
-    base.update(params_after=r * (m + n) + nbias, macs_after=c.handler.macs(m, n, r))
+    base.update(params_after=c.handler.params(m, n, r) + nbias, macs_after=c.handler.macs(m, n, r))
     return LayerPlan(**base, rank=r, policy_rank=r, energy_kept=kept, rel_error=err, factored=True,
                      reason=f"rank {r} by {who}")

@@ -43,7 +43,7 @@ from compressor.analysis.whitened import (
     output_error,
     whitened_decomposition,
 )
-from compressor.core.handlers import handler_for, handler_of_kind
+from compressor.core.handlers import handler_of_kind, layer_handlers
 from compressor.core.policies import (
     LayerSpectrum,
     across_layers,
@@ -122,16 +122,18 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
                         sequential: bool = True,
                         sensitivity: bool = True, sensitivity_batches: int = 2,
                         damping: tuple[float, ...] = DAMPING, spatial: bool = True,
-                        kinds: dict[str, str] | None = None, factors: dict[str, str] | None = None) -> Calibrated:
+                        kinds: dict[str, str] | None = None, factors: dict[str, str] | None = None,
+                        variants: dict[str, str] | None = None) -> Calibrated:
     """Whitened decompositions, output-error rank allocation and (optionally) sequential refits.
 
     ``spatial``: layers with an alternative factorization (a conv's spatial one) take it where its measured
     output error at the policy's operating point is lower; ``kinds`` (a re-derived plan's) fixes each
     layer's kind instead. With held-out batches (a ``target`` with ``sensitivity``), the ranks and each layer's
     factors are chosen on them (:func:`choose_on_held_out`); ``factors`` (a re-derived plan's: ``{layer:
-    "whitened" or "plain"}``) fixes the factors instead."""
+    "whitened" or "plain"}``) fixes the factors instead. ``variants`` (``{layer: kind}``) gives layers another
+    stored form of the same factors (:attr:`compressor.core.handlers.LayerHandler.variants`: the pivoted one)."""
     cal = Calibrator(model, modules, batches, outputs)
-    handlers = {name: handler_for(mod) for name, mod in modules.items()}
+    handlers = layer_handlers(modules, variants)
     decs: dict[str, Decomposition] = {}
     infos: dict[str, dict[str, Any]] = {}
     # Sensitivity is measured on batches the probe factors were not fit on: measured in sample, a layer with
@@ -145,7 +147,8 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
     for name, mom in moments.items():
         decs[name], infos[name] = decompose(modules[name], mom, damp[name], handlers[name])
     spectra = {name: LayerSpectrum.from_singular_values(name, *handlers[name].weight_matrix(mod).shape,
-                                                        decs[name].S) for name, mod in modules.items()}
+                                                        decs[name].S, pivoted=handlers[name].pivoted)
+               for name, mod in modules.items()}
     chosen = _alternatives(modules, moments, handlers, decs, infos, spectra, operating_keep(policy), damp,
                            spatial, kinds)
     shapes = {name: tuple(handlers[name].weight_matrix(mod).shape) for name, mod in modules.items()}
@@ -173,7 +176,7 @@ def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches
 
     def compressed(name: str) -> bool:
         r = ranks.get(name)
-        return r is not None and 1 <= r <= max_saving_rank(*shapes[name])
+        return r is not None and 1 <= r <= handlers[name].max_saving_rank(*shapes[name])
 
     # Only whitened layers are refit: embeddings and layers the data never reached keep theirs. When no layer
     # qualifies (a CNN: convs are never refit and its classifier sees too few rows), the passes that collect
@@ -274,7 +277,7 @@ def _sensitivities(cal: Calibrator, spectra: list, modules: dict[str, nn.Module]
             sp.loss = curves[name] * scales.get(name, floor)
         ranks = allocate(policy, spectra, rank_multiple, fixed)
         todo = [n for n, sp in layers.items() if n not in scales and ranks.get(n) is not None
-                and ranks[n] <= max_saving_rank(sp.m, sp.n)]
+                and ranks[n] <= sp.max_saving_rank]
     return scales
 
 

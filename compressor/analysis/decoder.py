@@ -53,7 +53,7 @@ from compressor.analysis.whitened import (
     whitened_decomposition,
 )
 from compressor.core.errors import CompressorError
-from compressor.core.handlers import handler_for
+from compressor.core.handlers import handler_for, layer_handlers
 from compressor.core.hooks import (
     StopForward,
     captured_inputs,
@@ -65,7 +65,7 @@ from compressor.core.hooks import (
 from compressor.core.memory import release_freed_memory
 from compressor.core.policies import LayerSpectrum, Policy, across_layers, allocate
 from compressor.core.rewrite import factor_module
-from compressor.core.svd import Decomposition, max_saving_rank
+from compressor.core.svd import Decomposition
 from compressor.data.inputs import Batch, attention_mask, call, compared_outputs, map_tensors, take, tensors_of
 from compressor.data.perplexity import head_chunk, token_nll
 
@@ -255,7 +255,8 @@ def _out_features(module: nn.Module) -> int:
 def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch], policy: Policy,
                      rank_multiple: int, fixed: dict[str, int | None], *, sequential: bool = True,
                      damping: tuple[float, ...] = DAMPING, weighting: str | None = FISHER,
-                     progress: bool | None = None, outputs: Sequence[str] | None = None) -> Calibrated:
+                     progress: bool | None = None, outputs: Sequence[str] | None = None,
+                     variants: dict[str, str] | None = None) -> Calibrated:
     """Whitened decompositions and ranks of ``modules`` (the factorizable layers of a decoder, by name),
     block by block. Layers outside the blocks (embeddings, an untied output head) are fit on the original
     model's statistics (not refit).
@@ -264,7 +265,8 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
     output-side Fisher (:func:`output_fisher`), in the factors and in the allocation, which then compares
     layers by what their errors cost the model's loss rather than by each layer's relative error;
     ``"kfac"``: by the full second moment of its output gradients (correlated output directions together);
-    None: every layer's relative output error counts the same (SVD-LLM)."""
+    None: every layer's relative output error counts the same (SVD-LLM). ``variants`` (``{layer: kind}``):
+    layers stored in another form of the same factors (the pivoted one), counted as that form."""
     if outputs:  # named outputs must exist (on one sample: a decoder's logits are large); the loss weighs layers
         with torch.no_grad():
             compared_outputs(call(model, take(batches[0], slice(0, 1))), outputs)
@@ -274,7 +276,7 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
     blocks = len(passes.blocks)
     per_block: list[dict[str, nn.Module]] = [
         {n: m for n, m in modules.items() if n.startswith(f"{passes.name}.{i}.")} for i in range(blocks)]
-    handlers = {n: handler_for(m) for n, m in modules.items()}
+    handlers = layer_handlers(modules, variants)
     shapes = {n: tuple(handlers[n].weight_matrix(m).shape) for n, m in modules.items()}
     decs: dict[str, Decomposition] = {}
     infos: dict[str, dict[str, Any]] = {}
@@ -295,7 +297,7 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
             return fixed[name]
         if across_layers(policy):
             return None
-        sp = LayerSpectrum.from_singular_values(name, *shapes[name], dec.S)
+        sp = LayerSpectrum.from_singular_values(name, *shapes[name], dec.S, pivoted=handlers[name].pivoted)
         return allocate(policy, [sp], rank_multiple)[name]
 
     # 1. Spectra on the original model's activations.
@@ -319,12 +321,12 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
                    stop=model.get_output_embeddings())
         for n in outer:
             decs[n], infos[n] = decompose(outer[n], acc.pop(n), damping, handlers[n], weights.get(n), overwrite=True)
-    spectra = [_spectrum(n, shapes[n], decs[n], absolute=n in weights) for n in modules]
+    spectra = [_spectrum(n, shapes[n], decs[n], absolute=n in weights, pivoted=handlers[n].pivoted) for n in modules]
     ranks = allocate(policy, spectra, rank_multiple, fixed)
 
     def saving(name: str) -> bool:
         r = ranks.get(name)
-        return r is not None and 1 <= r <= max_saving_rank(*shapes[name])
+        return r is not None and 1 <= r <= handlers[name].max_saving_rank(*shapes[name])
 
     refit = 0
     if sequential:
@@ -363,10 +365,10 @@ def _floored(f: torch.Tensor) -> torch.Tensor:
     return f
 
 
-def _spectrum(name: str, shape: tuple[int, ...], dec: Decomposition, absolute: bool) -> LayerSpectrum:
+def _spectrum(name: str, shape: tuple[int, ...], dec: Decomposition, absolute: bool, pivoted: bool) -> LayerSpectrum:
     """The allocator's view of a layer: relative error curve, or (``absolute``: Fisher-weighted, one scale
     for every layer) the weighted error itself."""
-    sp = LayerSpectrum.from_singular_values(name, *shape, dec.S)
+    sp = LayerSpectrum.from_singular_values(name, *shape, dec.S, pivoted=pivoted)
     if absolute:
         sp.loss = sp.loss * float(dec.S.double().square().sum())
     return sp

@@ -80,22 +80,23 @@ def plain_output_error(dec: Decomposition, C: torch.Tensor, rank: int) -> float:
 
 
 def _allocations(decs: dict[str, Decomposition], plain_decs: dict[str, Decomposition],
-                 shapes: dict[str, tuple[int, int]], ranks: dict, policy, rank_multiple: int,
-                 fixed: dict[str, int | None]) -> dict[str, dict]:
+                 shapes: dict[str, tuple[int, int]], pivoted: dict[str, bool], ranks: dict, policy,
+                 rank_multiple: int, fixed: dict[str, int | None]) -> dict[str, dict]:
     """The ranks of each allocation :data:`CANDIDATES` names, by its name (``ranks``: the data-aware one)."""
 
     def absolute(name: str) -> LayerSpectrum:
         sq = decs[name].S.detach().double().cpu().square()
         tail = torch.cat([sq.flip(0).cumsum(0).flip(0), sq.new_zeros(1)])
-        return LayerSpectrum(name, *shapes[name], decs[name].S.detach().cpu(), tail)
+        return LayerSpectrum(name, *shapes[name], decs[name].S.detach().cpu(), tail, pivoted=pivoted[name])
 
-    whitened = [LayerSpectrum.from_singular_values(n, *shapes[n], decs[n].S) for n in shapes]
+    whitened = [LayerSpectrum.from_singular_values(n, *shapes[n], decs[n].S, pivoted=pivoted[n]) for n in shapes]
     return {
         "data-aware": ranks,
         "whitened threshold": {**fixed, **(energy_threshold_budget(whitened, policy.target, rank_multiple, fixed)
                                            or {})},
         "whitened global": allocate(policy, [absolute(n) for n in shapes], rank_multiple, fixed),
-        "plain": allocate(policy, [LayerSpectrum.from_singular_values(n, *shapes[n], plain_decs[n].S) for n in shapes],
+        "plain": allocate(policy, [LayerSpectrum.from_singular_values(n, *shapes[n], plain_decs[n].S,
+                                                                      pivoted=pivoted[n]) for n in shapes],
                           rank_multiple, fixed),
     }
 
@@ -114,6 +115,7 @@ def choose_on_held_out(cal: Calibrator, modules: dict[str, nn.Module], handlers:
     threshold are candidates, so on the held-out batches the result is never worse than either at the same budget.
     The caller refits the chosen whitened factors on every batch (the ranks and factor kinds stay)."""
     shapes = {sp.name: (sp.m, sp.n) for sp in spectra}
+    pivoted = {sp.name: sp.pivoted for sp in spectra}
     plain_decs = {n: svd(handlers[n].weight_matrix(mod)) for n, mod in modules.items()}
     # The layers the data reached (whitened; not embeddings) and, computed only for the layers some candidate cuts,
     # their whitened factors fit without the held-out batches and both factors' held-out error curves.
@@ -126,10 +128,10 @@ def choose_on_held_out(cal: Calibrator, modules: dict[str, nn.Module], handlers:
             curves[name] = {"whitened": curve, "plain": held_out_errors(plain_decs[name], fits.held_out_moment(name))}
         return dec
 
-    allocations = _allocations(decs, plain_decs, shapes, ranks, policy, rank_multiple, fixed)
+    allocations = _allocations(decs, plain_decs, shapes, pivoted, ranks, policy, rank_multiple, fixed)
 
     def cut(r: int | None, name: str) -> bool:
-        return r is not None and 1 <= r <= max_saving_rank(*shapes[name])
+        return r is not None and 1 <= r <= max_saving_rank(*shapes[name], pivoted[name])
 
     def errors_at(name: str, r: int) -> dict[str, float]:  # relative held-out output error of both factors
         fit_dec(name)

@@ -44,6 +44,9 @@ policy_options = options_group([
     click.option("--calibration-samples", type=int, help="Use at most this many calibration samples."),
     click.option("--keep-batchnorm", is_flag=True,
                  help="Do not fold BatchNorms into the convs before them [default: fold, exact in eval mode]."),
+    click.option("--pivoted", is_flag=True,
+                 help="Store factored linear layers in the pivoted form: r(m+n-r) weights at rank r instead of "
+                      "r(m+n), so a size budget keeps more rank (a concatenation and a gather per layer)."),
     outputs_option,
 ])
 

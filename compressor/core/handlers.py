@@ -41,8 +41,9 @@ from compressor.core.layers import (
     LowRankEmbedding,
     LowRankLinear,
     LowRankSpatialConv,
+    PivotedLowRankLinear,
 )
-from compressor.core.svd import Decomposition, svd
+from compressor.core.svd import Decomposition, factored_params, max_saving_rank, pivoted_factors, svd
 
 
 class LayerHandler:
@@ -57,8 +58,14 @@ class LayerHandler:
     # Kinds of other handlers that factor the same modules another way (a per-layer choice analyze makes,
     # e.g. a conv's spatial decomposition); those handlers never match a module by themselves.
     alternatives: tuple[str, ...] = ()
+    # Kinds that factor the same modules in another stored form, taken by every layer when the user asks
+    # for it (``analyze(..., pivoted=True)``), never compared per layer.
+    variants: tuple[str, ...] = ()
     # Whether calibration's sequential correction refits this kind on the compressed model's inputs.
     refit: bool = True
+    # Whether the factored layer stores a rank-r matrix in r (m + n - r) weights (the pivoted form) instead
+    # of r (m + n): what parameter counts and the break-even rank follow.
+    pivoted: bool = False
     # How onnxruntime's 4-bit weight-only export stores the kind: "matmul" (MatMulNBits, which a low-rank
     # correction can sit beside), "gather" (GatherBlockQuantized) or "none" (it stays float).
     int4: str = "none"
@@ -92,7 +99,15 @@ class LayerHandler:
 
     def macs(self, m: int, n: int, rank: int | None = None) -> int:
         """Multiply-adds per output position, dense (``rank`` None) or factored at ``rank``."""
-        return m * n if rank is None else rank * (m + n)
+        return m * n if rank is None else factored_params(m, n, rank, self.pivoted)
+
+    def params(self, m: int, n: int, rank: int) -> int:
+        """Weights of the ``m x n`` matrix factored at ``rank`` (biases aside)."""
+        return factored_params(m, n, rank, self.pivoted)
+
+    def max_saving_rank(self, m: int, n: int) -> int:
+        """The largest rank at which the factored layer holds fewer weights than the dense one."""
+        return max_saving_rank(m, n, self.pivoted)
 
     def factor_shapes(self, shape: list[int], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of the (down, up) weights of the factored layer, as the exported graph stores them;
@@ -110,6 +125,10 @@ class LayerHandler:
         new.down.weight.copy_(down.reshape(new.down.weight.shape))
         new.up.weight.copy_(up.reshape(new.up.weight.shape))
 
+    def set_bias(self, new: nn.Module, bias: torch.Tensor) -> None:
+        """Put the original layer's ``bias`` on ``new`` (after :meth:`set_factors`): on its second layer."""
+        new.up.bias.copy_(bias)
+
     def factor(self, module: nn.Module, rank: int, decomposition: Decomposition | None = None) -> nn.Module:
         """The low-rank replacement at ``rank`` from ``decomposition`` (the SVD of the weight matrix,
         computed here when None; a data-aware one gives factors that minimise output error). Any rank up
@@ -122,7 +141,7 @@ class LayerHandler:
             self.set_factors(new, up, down)
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor):
-                new.up.bias.copy_(bias)
+                self.set_bias(new, bias)
         new.train(module.training)
         return new
 
@@ -236,6 +255,7 @@ def fake_uint8_input(x: torch.Tensor) -> torch.Tensor:
 class LinearHandler(LayerHandler):
     kind = "linear"
     int4 = "matmul"
+    variants = ("linear-pivoted",)
 
     def matches(self, module: nn.Module) -> bool:
         # isinstance keeps user subclasses of Linear, as peft does.
@@ -251,6 +271,44 @@ class LinearHandler(LayerHandler):
 
     def int8_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(fake_uint8_input(x), fake_int8_weight(module.weight), module.bias)
+
+
+class PivotedLinearHandler(LinearHandler):
+    """``nn.Linear`` factored in the pivoted form (:class:`PivotedLowRankLinear`): ``r (m + n - r)`` weights
+    for a rank-``r`` map instead of ``r (m + n)``, so it saves at every rank below ``min(m, n)``. Never
+    dispatched by itself: ``analyze(..., pivoted=True)`` (``compress --pivoted``) gives it to every linear
+    layer it factors. Its factors are those of "linear" (the same matrix, the same data-aware
+    decomposition), re-expressed by :func:`compressor.core.svd.pivoted_factors`."""
+
+    kind = "linear-pivoted"
+    pivoted = True
+    variants = ()
+
+    def matches(self, module: nn.Module) -> bool:
+        return False
+
+    def accepts(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear)
+
+    def factor_shapes(self, shape: list[int], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (rank, shape[1]), (shape[0] - rank, rank)
+
+    def empty_factored(self, module: nn.Module, rank: int) -> nn.Module:
+        w = module.weight
+        return PivotedLowRankLinear(module.in_features, module.out_features, rank, bias=module.bias is not None,
+                                    device=w.device, dtype=w.dtype)
+
+    def set_factors(self, new: nn.Module, up: torch.Tensor, down: torch.Tensor) -> None:
+        rows, coeffs, order = pivoted_factors(up, down)
+        new.down.weight.copy_(rows)
+        new.up.weight.copy_(coeffs)
+        new.order.copy_(order)
+
+    def set_bias(self, new: nn.Module, bias: torch.Tensor) -> None:
+        placed = bias[torch.argsort(new.order)]  # the biases of cat([z, up(z)]), in that order
+        first, rest = placed[: new.rank], placed[new.rank:]
+        new.down.bias.copy_(first)
+        new.up.bias.copy_(rest - new.up.weight @ first)
 
 
 _CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -455,7 +513,8 @@ class HFConv1DHandler(LayerHandler):
 # --------------------------------------------------------------------------------------- registry
 
 _HANDLERS: list[LayerHandler] = [LinearHandler(), ConvHandler(1), ConvHandler(2), ConvHandler(3),
-                                 EmbeddingHandler(), HFConv1DHandler(), SpatialConvHandler()]
+                                 EmbeddingHandler(), HFConv1DHandler(), SpatialConvHandler(),
+                                 PivotedLinearHandler()]
 
 
 def handlers() -> tuple[LayerHandler, ...]:
@@ -507,14 +566,29 @@ def handler_for(module: nn.Module) -> LayerHandler | None:
 
 def handler_for_kind(module: nn.Module, kind: str) -> LayerHandler | None:
     """The handler that factors ``module`` as a plan layer of ``kind``: the dispatched one, or one of its
-    alternatives that accepts the module (None: neither)."""
+    alternatives or variants that accepts the module (None: neither)."""
     h = handler_for(module)
     if h is None or h.kind == kind:
         return h
-    if kind in h.alternatives:
+    if kind in h.alternatives or kind in h.variants:
         alt = handler_of_kind(kind)
         return alt if alt.accepts(module) else None
     return None
+
+
+def layer_handlers(modules: dict[str, nn.Module], variants: dict[str, str] | None = None
+                   ) -> dict[str, LayerHandler]:
+    """Each module's handler by name: the dispatched one, or the variant ``variants`` names for the layer
+    (a stored form such as "linear-pivoted"; :attr:`LayerHandler.variants`)."""
+    variants = variants or {}
+    out = {}
+    for name, mod in modules.items():
+        h = handler_for(mod) if name not in variants else handler_for_kind(mod, variants[name])
+        if h is None:
+            raise CompressorError(f"layer '{name}' cannot be factored as {variants[name]}",
+                                  "leave it out of the variant (it applies to linear layers)")
+        out[name] = h
+    return out
 
 
 def handler_of_kind(kind: str) -> LayerHandler:

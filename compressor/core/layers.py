@@ -67,6 +67,44 @@ class LowRankLinear(_Factored):
         return f"in={self.down.in_features}, out={self.up.out_features}, rank={self.rank}"
 
 
+class PivotedLowRankLinear(_Factored):
+    """The same rank-``r`` map as :class:`LowRankLinear` in fewer weights: ``down`` (in -> rank) computes ``r``
+    of the outputs themselves, ``up`` (rank -> out - rank) the other outputs as combinations of those, and
+    ``order`` puts them in place: ``y = cat([z, up(z)])[order]``, ``z = down(x)``.
+
+    Why: a rank-``r`` ``m x n`` matrix has ``r (m + n - r)`` degrees of freedom and this form stores exactly
+    that many weights (and costs as many multiply-adds), where two factors store ``r (m + n)`` and save
+    nothing above ``m n / (m + n)``, half the rank of a square matrix. So every rank below ``min(m, n)``
+    saves, and at a given size the layer keeps more of its spectrum. The price is a concatenation and a
+    gather of the outputs. Biases: ``down``'s is the original bias of its outputs, ``up``'s is
+    ``b_rest - C b_rows`` (so that ``up(z)`` adds back exactly ``b_rest``)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise CompressorError(f"a pivoted low-rank layer needs 1 <= rank <= min(in, out), got rank {rank} "
+                                  f"for {in_features} -> {out_features}", "choose a smaller rank")
+        self.down = nn.Linear(in_features, rank, bias=bias, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features - rank, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("order", torch.arange(out_features, device=device))
+
+    @property
+    def rank(self) -> int:
+        return self.down.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.down(x)
+        return torch.cat([z, self.up(z)], dim=-1).index_select(-1, self.order)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out, in) matrix this layer computes."""
+        return torch.cat([self.down.weight, self.up.weight @ self.down.weight])[self.order]
+
+    def extra_repr(self) -> str:
+        return f"in={self.down.in_features}, out={self.order.numel()}, rank={self.rank}, pivoted"
+
+
 class LowRankConv(_Factored):
     """A ``k``-sized conv to ``rank`` channels followed by a 1x1 conv to the output channels.
 
@@ -152,7 +190,7 @@ class LowRankEmbedding(_Factored):
         return self.down.weight @ self.up.weight.T
 
 
-LOW_RANK_TYPES = (LowRankLinear, LowRankConv, LowRankSpatialConv, LowRankEmbedding)
+LOW_RANK_TYPES = (LowRankLinear, PivotedLowRankLinear, LowRankConv, LowRankSpatialConv, LowRankEmbedding)
 
 
 # ------------------------------------------------------------------------------------------- LoRA

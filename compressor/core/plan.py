@@ -102,7 +102,8 @@ class Plan:
         # Factorizable parameters are the weight matrices of supported layers; biases cannot shrink.
         supported = [lp for lp in self.layers if lp.supported]
         fact_before = sum(lp.m * lp.n for lp in supported)
-        fact_after = sum(lp.rank * (lp.m + lp.n) if lp.rank else lp.m * lp.n for lp in supported)
+        # A factored layer's weights as analyze counted them for its kind (the pivoted form holds fewer).
+        fact_after = sum(lp.params_after - (lp.params_before - lp.m * lp.n) for lp in supported)
         delta = sum(lp.params_before - lp.params_after for lp in self.layers)
         return {
             "params_before": self.params_total_before,

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from compressor.core.errors import CompressorError
-from compressor.core.svd import max_saving_rank, rank_for_energy
+from compressor.core.svd import factored_params, max_saving_rank, rank_for_energy
 
 
 def _fraction(name: str, value: object, hint: str, *, closed: bool = True) -> float:
@@ -108,6 +108,15 @@ class LayerSpectrum:
     S: torch.Tensor
     loss: torch.Tensor
     total: float | None = None  # ||W||_F**2 when S holds only the leading values (randomized SVD)
+    pivoted: bool = False  # factored in the pivoted form: r (m + n - r) weights at rank r
+
+    def params(self, rank: int) -> int:
+        """Weights of the layer factored at ``rank``."""
+        return factored_params(self.m, self.n, rank, self.pivoted)
+
+    @property
+    def max_saving_rank(self) -> int:
+        return max_saving_rank(self.m, self.n, self.pivoted)
 
     @property
     def full_rank(self) -> int:
@@ -121,7 +130,7 @@ class LayerSpectrum:
 
     @classmethod
     def from_singular_values(cls, name: str, m: int, n: int, S: torch.Tensor,
-                             total: float | None = None) -> LayerSpectrum:
+                             total: float | None = None, pivoted: bool = False) -> LayerSpectrum:
         """``total`` (``||W||_F**2``) when ``S`` holds only the leading values: ``loss`` then covers ranks
         ``0..len(S)``."""
         sq = S.detach().double().cpu().square()
@@ -132,7 +141,7 @@ class LayerSpectrum:
             tail = (total - torch.cat([sq.new_zeros(1), torch.cumsum(sq, 0)])).clamp(min=0)
             denom = total
         loss = tail / denom if denom > 0 else torch.zeros_like(tail)
-        return cls(name, m, n, S.detach().cpu(), loss, total)
+        return cls(name, m, n, S.detach().cpu(), loss, total, pivoted)
 
 
 def policy_from_options(energy: float | None = None, rank: int | None = None,
@@ -191,7 +200,7 @@ def operating_keep(policy: Policy) -> float | None:
 def operating_rank(sp: LayerSpectrum, keep: float) -> int:
     """The rank at which ``sp``'s factors hold about ``keep`` of the layer's parameters (at least 1, at
     most the largest saving rank)."""
-    return max(1, min(max_saving_rank(sp.m, sp.n), int(keep * sp.m * sp.n / (sp.m + sp.n))))
+    return max(1, min(sp.max_saving_rank, int(keep * sp.m * sp.n / (sp.m + sp.n))))
 
 
 def prefer_alternative(base: LayerSpectrum, alt: LayerSpectrum, keep: float) -> bool:
@@ -283,7 +292,7 @@ def _target(policy: TargetPolicy, layers, k, fixed):
 
 def _valid_ranks(lp: LayerSpectrum, k: int) -> list[int]:
     """Ranks that save parameters, are multiples of ``k`` and at most ``lp.top_rank``, largest first."""
-    top = min(max_saving_rank(lp.m, lp.n), lp.top_rank)
+    top = min(lp.max_saving_rank, lp.top_rank)
     return list(range(top - top % k, 0, -k))
 
 
@@ -302,14 +311,14 @@ def allocate_budget(layers: list[LayerSpectrum], target: float, k: int,
     need = target * total
     for lp in layers:
         r = fixed.get(lp.name)
-        if r is not None and r <= max_saving_rank(lp.m, lp.n):
-            need -= lp.m * lp.n - r * (lp.m + lp.n)
+        if r is not None and r <= lp.max_saving_rank:
+            need -= lp.m * lp.n - lp.params(r)
     layers = _free(layers, fixed)
     ranks: dict[str, int | None] = {lp.name: None for lp in layers}
     if need <= 0:
         return ranks
     options = {lp.name: _valid_ranks(lp, k) for lp in layers}
-    most = sum(lp.m * lp.n - opts[-1] * (lp.m + lp.n) for lp in layers
+    most = sum(lp.m * lp.n - lp.params(opts[-1]) for lp in layers
                for opts in [options[lp.name]] if opts)
     if most < need:
         raise CompressorError(
@@ -331,12 +340,12 @@ def allocate_budget(layers: list[LayerSpectrum], target: float, k: int,
     while saved < need and heap:
         _slope, _, name, _start, end_rank = heapq.heappop(heap)
         lp = by_name[name]
-        end_params = end_rank * (lp.m + lp.n)
+        end_params = lp.params(end_rank)
         gain = current[name] - end_params
         if saved + gain >= need:
             # Cut this segment short: the largest valid rank on it that reaches the target.
             for r in options[name]:
-                p = r * (lp.m + lp.n)
+                p = lp.params(r)
                 if r >= end_rank and p < current[name] and saved + current[name] - p >= need:
                     end_rank, end_params = r, p
                     break
@@ -350,7 +359,7 @@ def allocate_budget(layers: list[LayerSpectrum], target: float, k: int,
 def _hull_segments(lp: LayerSpectrum, options: list[int]) -> list[tuple[float, int, int]]:
     """Segments ``(slope, start_params, end_rank)`` of the lower convex hull of (params, loss) points,
     walked from dense towards the smallest rank; slopes are loss added per parameter removed."""
-    pts = [(lp.m * lp.n, 0.0, None)] + [(r * (lp.m + lp.n), float(lp.loss[r]), r) for r in options]
+    pts = [(lp.m * lp.n, 0.0, None)] + [(lp.params(r), float(lp.loss[r]), r) for r in options]
     hull: list[tuple[int, float, int | None]] = []
     for p in pts:  # params decreasing; keep slopes increasing (Andrew's monotone chain)
         while len(hull) >= 2:
@@ -373,8 +382,8 @@ def energy_threshold_budget(layers: list[LayerSpectrum], target: float, k: int,
     Unlike :func:`allocate_budget`, which spends the budget where energy per parameter is cheapest, this spreads
     the cut over every layer. None when no threshold reaches the target."""
     total = sum(lp.m * lp.n for lp in layers)
-    need = target * total - sum(lp.m * lp.n - r * (lp.m + lp.n) for lp in layers
-                                for r in [fixed.get(lp.name)] if r is not None and r <= max_saving_rank(lp.m, lp.n))
+    need = target * total - sum(lp.m * lp.n - lp.params(r) for lp in layers
+                                for r in [fixed.get(lp.name)] if r is not None and r <= lp.max_saving_rank)
     free = _free(layers, fixed)
 
     def ranks_at(energy: float) -> tuple[dict[str, int | None], float]:
@@ -382,8 +391,8 @@ def energy_threshold_budget(layers: list[LayerSpectrum], target: float, k: int,
         saved = 0.0
         for lp in free:
             r = round_up(rank_for_energy(lp.S, energy, lp.total), k, lp.top_rank)
-            ranks[lp.name] = r if r <= max_saving_rank(lp.m, lp.n) else None
-            saved += lp.m * lp.n - r * (lp.m + lp.n) if ranks[lp.name] is not None else 0
+            ranks[lp.name] = r if r <= lp.max_saving_rank else None
+            saved += lp.m * lp.n - lp.params(r) if ranks[lp.name] is not None else 0
         return ranks, saved
 
     low, high = 0.0, 1.0  # ranks_at(low) reaches the target (checked), ranks_at(high) keeps everything

@@ -15,7 +15,7 @@ from compressor.core.errors import PlanError
 from compressor.core.fold import apply_folds
 from compressor.core.handlers import LayerHandler, handler_for, handler_for_kind, kinds, weight_fingerprint
 from compressor.core.plan import Plan
-from compressor.core.svd import Decomposition, max_saving_rank
+from compressor.core.svd import Decomposition
 
 
 def factor_module(module: nn.Module, rank: int, decomposition: Decomposition | None = None,
@@ -129,7 +129,7 @@ def _check_plan(model: nn.Module, plan: Plan) -> list[tuple]:
             raise PlanError(f"layer '{lp.name}' cannot be factored: {lp.reason}",
                             "set its \"rank\" to null in the plan")
         m, n = lp.matrix_shape
-        top = max_saving_rank(m, n)
+        top = h.max_saving_rank(m, n)
         if not 1 <= lp.rank <= top:
             raise PlanError(f"layer '{lp.name}': rank {lp.rank} saves no parameters (must be 1..{top} "
                             f"for a {m}x{n} matrix)", f"set its \"rank\" below {top + 1} or to null")

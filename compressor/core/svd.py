@@ -5,27 +5,57 @@ Every supported weight is viewed as a matrix ``W`` of shape ``(m, n)`` by its la
 embedding table as stored, transformers' ``Conv1D`` transposed.
 
 A rank-``r`` factorization replaces ``m * n`` weights by ``r * (m + n)``; it saves parameters only when
-``r < m * n / (m + n)`` (the break-even rank).
+``r < m * n / (m + n)`` (the break-even rank). The pivoted form (:func:`pivoted_factors`) stores the same
+rank-``r`` matrix in ``r * (m + n - r)`` weights, and saves parameters at every rank below ``min(m, n)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import scipy.linalg
 import torch
 
 from compressor.core.errors import CompressorError
 from compressor.core.threads import linalg_threads
 
 
-def break_even_rank(m: int, n: int) -> float:
-    """``m * n / (m + n)``: at this rank or above, two factors hold at least as many weights as ``W``."""
-    return m * n / (m + n)
+def break_even_rank(m: int, n: int, pivoted: bool = False) -> float:
+    """``m * n / (m + n)``: at this rank or above, two factors hold at least as many weights as ``W``
+    (``min(m, n)`` in the pivoted form)."""
+    return float(min(m, n)) if pivoted else m * n / (m + n)
 
 
-def max_saving_rank(m: int, n: int) -> int:
-    """The largest rank whose factors hold strictly fewer weights than the ``m x n`` matrix (0 if none)."""
-    return (m * n - 1) // (m + n)
+def max_saving_rank(m: int, n: int, pivoted: bool = False) -> int:
+    """The largest rank whose factors hold strictly fewer weights than the ``m x n`` matrix (0 if none);
+    ``pivoted``: in the pivoted form, whose every rank below ``min(m, n)`` saves."""
+    return min(m, n) - 1 if pivoted else (m * n - 1) // (m + n)
+
+
+def factored_params(m: int, n: int, rank: int, pivoted: bool = False) -> int:
+    """Weights of a rank-``rank`` factorization of an ``m x n`` matrix: ``rank * (m + n)`` as two factors,
+    ``rank * (m + n - rank)`` in the pivoted form (the degrees of freedom of a rank-``rank`` matrix)."""
+    return rank * (m + n - rank) if pivoted else rank * (m + n)
+
+
+def pivoted_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pivoted form of ``W' = up @ down`` (``(m, r)`` and ``(r, n)``): ``(rows, coefficients, order)``
+    with ``rows`` ``r`` rows of ``W'`` (``(r, n)``), ``coefficients`` the other ``m - r`` rows as combinations
+    of those (``(m - r, r)``), and ``order`` the output permutation: ``W' = cat([rows, coefficients @
+    rows])[order]``. The ``r`` rows are chosen by QR with column pivoting of ``up^T`` (Businger-Golub), which
+    keeps the ``r x r`` block that is inverted well conditioned; a rank-deficient ``up`` is handled by the
+    pseudo-inverse. Computed in float64, returned in ``up``'s dtype."""
+    m, r = up.shape
+    u, d = up.detach().double().cpu(), down.detach().double().cpu()
+    _q, _r, perm = scipy.linalg.qr(u.T.numpy(), mode="economic", pivoting=True)
+    perm = torch.from_numpy(perm.copy())
+    u1, u2 = u[perm[:r]], u[perm[r:]]
+    coeffs, info = torch.linalg.solve_ex(u1.T, u2.T)  # C = u2 @ u1^-1, as the solve of u1^T C^T = u2^T
+    coeffs = coeffs.T if int(info) == 0 and bool(torch.isfinite(coeffs).all()) else u2 @ torch.linalg.pinv(u1)
+    order = torch.empty(m, dtype=torch.long)
+    order[perm] = torch.arange(m)
+    out = {"dtype": up.dtype, "device": up.device}
+    return (u1 @ d).to(**out), coeffs.to(**out), order.to(up.device)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -209,7 +209,7 @@ def _plan(model: nn.Module, opts: Options, mode: str, calibration: list | None, 
         return analyze(model, plan=Plan.from_json(opts.plan_path), progress=opts.progress, **extra)
     return analyze(model, **opts.policy(), rank_multiple=opts.rank_multiple, include=opts.include,
                    exclude=opts.exclude, progress=opts.progress, fold_batchnorm=not opts.keep_batchnorm,
-                   example_inputs=probe, **extra)
+                   example_inputs=probe, pivoted=opts.pivoted, **extra)
 
 
 def _save(model: nn.Module, folder: Path, plan: Plan, loaded) -> None:

@@ -111,6 +111,7 @@ class PolicyOptions:
     exclude: Sequence[str] = ()
     plan_path: Path | None = None  # mode "apply"
     keep_batchnorm: bool = False  # do not fold BatchNorms into the convs before them (analyze's fold_batchnorm)
+    pivoted: bool = False  # factored linear layers in the pivoted form, r (m + n - r) weights (analyze's pivoted)
     # Factor only layers measured faster than dense at the example input shape, and time every written
     # file against dense (report.latency). None: the command's default (off here, on in search).
     latency_aware: bool | None = None
