@@ -40,8 +40,8 @@ def test_the_pivoted_layer_computes_the_two_factor_layer_in_fewer_weights(m, n, 
 def test_a_rank_deficient_product_still_pivots_exactly():
     up = torch.randn(20, 2, generator=_gen()) @ torch.randn(2, 6, generator=_gen(1))  # rank 2, asked for 6
     down = torch.randn(6, 12, generator=_gen(2))
-    rows, coeffs, order = pivoted_factors(up, down)
-    torch.testing.assert_close(torch.cat([rows, coeffs @ rows])[order], up @ down, atol=1e-5, rtol=1e-5)
+    rows, coeffs, positions = pivoted_factors(up, down)
+    torch.testing.assert_close(torch.cat([rows, coeffs @ rows]), (up @ down)[positions], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(coeffs).all()
 
 
@@ -92,3 +92,24 @@ def test_a_pivoted_plan_round_trips_and_rewrites_a_fresh_model():
 def test_pivoted_with_stream_is_refused_in_one_line():
     with pytest.raises(OptionError, match="pivoted cannot be used with stream"):
         Options(target=0.2, pivoted=True, stream=True)
+
+
+def test_lora_on_a_pivoted_layer_trains_and_merges_back():
+    """Healing with --train lora wraps the factors of each factored layer; the pivoted layer still runs."""
+    from compressor.train.lora import apply_lora, lora_parameters, merge_lora
+
+    model = _mlp()
+    compressor.rewrite(model, compressor.analyze(model, target=0.3, pivoted=True))
+    x = torch.randn(8, 64, generator=_gen())
+    before = model(x).detach()
+    assert apply_lora(model, rank=2)
+    torch.testing.assert_close(model(x), before)  # B starts at zero
+    opt = torch.optim.SGD(list(lora_parameters(model).values()), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        (model(x) - before - 1).square().mean().backward()
+        opt.step()
+    trained = model(x).detach()
+    assert not torch.allclose(trained, before)
+    merge_lora(model)
+    torch.testing.assert_close(model(x), trained, atol=1e-5, rtol=1e-4)

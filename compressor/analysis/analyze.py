@@ -464,8 +464,9 @@ def _entry(c: Candidate, dec: Decomposition | None, policy_rank: int | None, ove
     bias = getattr(c.module, "bias", None)
     nbias = bias.numel() if isinstance(bias, torch.Tensor) else 0
     nan = float("nan")
+    pivoted = c.handler is not None and c.handler.pivoted
     base = dict(name=c.name, kind=c.kind, shape=list(w.shape), matrix_shape=[m, n],
-                full_rank=min(m, n), break_even_rank=round(break_even_rank(m, n, c.handler is not None and c.handler.pivoted), 3),
+                full_rank=min(m, n), break_even_rank=round(break_even_rank(m, n, pivoted), 3),
                 params_before=m * n + nbias, params_after=m * n + nbias,
                 macs_before=dense_macs, macs_after=dense_macs)
     if dec is None:  # not factorizable

@@ -299,14 +299,13 @@ class PivotedLinearHandler(LinearHandler):
                                     device=w.device, dtype=w.dtype)
 
     def set_factors(self, new: nn.Module, up: torch.Tensor, down: torch.Tensor) -> None:
-        rows, coeffs, order = pivoted_factors(up, down)
+        rows, coeffs, positions = pivoted_factors(up, down)
         new.down.weight.copy_(rows)
         new.up.weight.copy_(coeffs)
-        new.order.copy_(order)
+        new.positions.copy_(positions)
 
     def set_bias(self, new: nn.Module, bias: torch.Tensor) -> None:
-        placed = bias[torch.argsort(new.order)]  # the biases of cat([z, up(z)]), in that order
-        first, rest = placed[: new.rank], placed[new.rank:]
+        first, rest = bias[new.positions[: new.rank]], bias[new.positions[new.rank:]]
         new.down.bias.copy_(first)
         new.up.bias.copy_(rest - new.up.weight @ first)
 

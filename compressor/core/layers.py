@@ -70,14 +70,14 @@ class LowRankLinear(_Factored):
 class PivotedLowRankLinear(_Factored):
     """The same rank-``r`` map as :class:`LowRankLinear` in fewer weights: ``down`` (in -> rank) computes ``r``
     of the outputs themselves, ``up`` (rank -> out - rank) the other outputs as combinations of those, and
-    ``order`` puts them in place: ``y = cat([z, up(z)])[order]``, ``z = down(x)``.
+    ``positions`` puts them in place: ``y[positions] = cat([z, up(z)])``, ``z = down(x)``.
 
     Why: a rank-``r`` ``m x n`` matrix has ``r (m + n - r)`` degrees of freedom and this form stores exactly
     that many weights (and costs as many multiply-adds), where two factors store ``r (m + n)`` and save
     nothing above ``m n / (m + n)``, half the rank of a square matrix. So every rank below ``min(m, n)``
-    saves, and at a given size the layer keeps more of its spectrum. The price is a concatenation and a
-    gather of the outputs. Biases: ``down``'s is the original bias of its outputs, ``up``'s is
-    ``b_rest - C b_rows`` (so that ``up(z)`` adds back exactly ``b_rest``)."""
+    saves, and at a given size the layer keeps more of its spectrum. The price is writing the outputs into
+    their places (two index copies; docs/causal-lm.md measures it). Biases: ``down``'s is the original bias
+    of its outputs, ``up``'s is ``b_rest - C b_rows`` (so that ``up(z)`` adds back exactly ``b_rest``)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device=None, dtype=None):
@@ -87,7 +87,7 @@ class PivotedLowRankLinear(_Factored):
                                   f"for {in_features} -> {out_features}", "choose a smaller rank")
         self.down = nn.Linear(in_features, rank, bias=bias, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features - rank, bias=bias, device=device, dtype=dtype)
-        self.register_buffer("order", torch.arange(out_features, device=device))
+        self.register_buffer("positions", torch.arange(out_features, device=device))
 
     @property
     def rank(self) -> int:
@@ -95,14 +95,22 @@ class PivotedLowRankLinear(_Factored):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.down(x)
-        return torch.cat([z, self.up(z)], dim=-1).index_select(-1, self.order)
+        return self._place(z, self.up(z))
 
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) matrix this layer computes."""
-        return torch.cat([self.down.weight, self.up.weight @ self.down.weight])[self.order]
+        return self._place(self.down.weight.T, (self.up.weight @ self.down.weight).T).T
+
+    def _place(self, first: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        """The outputs in their places, from ``first`` (the rank computed ones) and ``rest`` along the last axis
+        (the rank read from ``first``: ``down`` may be wrapped, by a LoRA adapter during healing)."""
+        k = first.shape[-1]
+        out = first.new_empty(*first.shape[:-1], self.positions.numel())
+        out.index_copy_(-1, self.positions[:k], first)
+        return out.index_copy_(-1, self.positions[k:], rest)
 
     def extra_repr(self) -> str:
-        return f"in={self.down.in_features}, out={self.order.numel()}, rank={self.rank}, pivoted"
+        return f"in={self.down.in_features}, out={self.positions.numel()}, rank={self.rank}, pivoted"
 
 
 class LowRankConv(_Factored):

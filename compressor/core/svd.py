@@ -39,23 +39,21 @@ def factored_params(m: int, n: int, rank: int, pivoted: bool = False) -> int:
 
 
 def pivoted_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The pivoted form of ``W' = up @ down`` (``(m, r)`` and ``(r, n)``): ``(rows, coefficients, order)``
+    """The pivoted form of ``W' = up @ down`` (``(m, r)`` and ``(r, n)``): ``(rows, coefficients, positions)``
     with ``rows`` ``r`` rows of ``W'`` (``(r, n)``), ``coefficients`` the other ``m - r`` rows as combinations
-    of those (``(m - r, r)``), and ``order`` the output permutation: ``W' = cat([rows, coefficients @
-    rows])[order]``. The ``r`` rows are chosen by QR with column pivoting of ``up^T`` (Businger-Golub), which
-    keeps the ``r x r`` block that is inverted well conditioned; a rank-deficient ``up`` is handled by the
-    pseudo-inverse. Computed in float64, returned in ``up``'s dtype."""
-    m, r = up.shape
+    of those (``(m - r, r)``), and ``positions`` the row of ``W'`` each of ``cat([rows, coefficients @ rows])``
+    is: ``W'[positions] = cat([rows, coefficients @ rows])``. The ``r`` rows are chosen by QR with column
+    pivoting of ``up^T`` (Businger-Golub), which keeps the ``r x r`` block that is inverted well conditioned;
+    a rank-deficient ``up`` is handled by the pseudo-inverse. Computed in float64, returned in ``up``'s dtype."""
+    r = up.shape[1]
     u, d = up.detach().double().cpu(), down.detach().double().cpu()
     _q, _r, perm = scipy.linalg.qr(u.T.numpy(), mode="economic", pivoting=True)
     perm = torch.from_numpy(perm.copy())
     u1, u2 = u[perm[:r]], u[perm[r:]]
     coeffs, info = torch.linalg.solve_ex(u1.T, u2.T)  # C = u2 @ u1^-1, as the solve of u1^T C^T = u2^T
     coeffs = coeffs.T if int(info) == 0 and bool(torch.isfinite(coeffs).all()) else u2 @ torch.linalg.pinv(u1)
-    order = torch.empty(m, dtype=torch.long)
-    order[perm] = torch.arange(m)
     out = {"dtype": up.dtype, "device": up.device}
-    return (u1 @ d).to(**out), coeffs.to(**out), order.to(up.device)
+    return (u1 @ d).to(**out), coeffs.to(**out), perm.to(up.device)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
