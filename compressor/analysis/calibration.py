@@ -43,7 +43,8 @@ from compressor.analysis.whitened import (
     output_error,
     whitened_decomposition,
 )
-from compressor.core.handlers import handler_of_kind, layer_handlers
+from compressor.core.errors import CompressorError
+from compressor.core.handlers import LayerHandler, handler_for, handler_for_kind, handler_of_kind
 from compressor.core.policies import (
     LayerSpectrum,
     across_layers,
@@ -115,6 +116,22 @@ class Calibrated:
     kinds: dict[str, str] = field(default_factory=dict)  # layers factored by an alternative kind
     # Per factored layer the data reached: the factors it takes ("whitened" or "plain") and why (LayerPlan.selection).
     selection: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def layer_handlers(modules: dict[str, nn.Module], variants: dict[str, str] | None = None
+                   ) -> dict[str, LayerHandler]:
+    """Each module's handler by name: the dispatched one, or the variant ``variants`` names for the layer
+    (a stored form such as "linear-pivoted"; ``LayerHandler.variants``)."""
+    variants = variants or {}
+    out = {}
+    for name, mod in modules.items():
+        h = handler_for(mod) if name not in variants else handler_for_kind(mod, variants[name])
+        if h is None:
+            raise CompressorError(f"layer '{name}' cannot be factored as {variants[name]}",
+                                  "leave it out of the variant (it applies to linear layers)")
+        out[name] = h
+    return out
+
 
 
 def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch], policy,

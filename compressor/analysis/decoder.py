@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from compressor.analysis.blocks import block_list
-from compressor.analysis.calibration import Calibrated, calibration_info
+from compressor.analysis.calibration import Calibrated, calibration_info, layer_handlers
 from compressor.analysis.whitened import (
     DAMPING,
     Moments,
@@ -53,7 +53,7 @@ from compressor.analysis.whitened import (
     whitened_decomposition,
 )
 from compressor.core.errors import CompressorError
-from compressor.core.handlers import handler_for, layer_handlers
+from compressor.core.handlers import handler_for
 from compressor.core.hooks import (
     StopForward,
     captured_inputs,
@@ -265,8 +265,8 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
     output-side Fisher (:func:`output_fisher`), in the factors and in the allocation, which then compares
     layers by what their errors cost the model's loss rather than by each layer's relative error;
     ``"kfac"``: by the full second moment of its output gradients (correlated output directions together);
-    None: every layer's relative output error counts the same (SVD-LLM). ``variants`` (``{layer: kind}``):
-    layers stored in another form of the same factors (the pivoted one), counted as that form."""
+    None: every layer's relative output error counts the same (SVD-LLM). ``variants`` (``{layer: kind}``, or
+    None): the layers stored in another form of the same factors (the pivoted one)."""
     if outputs:  # named outputs must exist (on one sample: a decoder's logits are large); the loss weighs layers
         with torch.no_grad():
             compared_outputs(call(model, take(batches[0], slice(0, 1))), outputs)
@@ -286,8 +286,7 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
         show.say(f"calibrating: output-side Fisher on {FISHER_SEQUENCES} sequences at most (forward and backward)")
         fisher = output_fisher(model, {n: m for n, m in modules.items() if n.startswith(f"{passes.name}.")},
                                batches, full=weighting == KFAC)
-        weights = {n: _floored(f) for n, f in fisher.items()}
-        del fisher
+        weights, fisher = {n: _floored(f) for n, f in fisher.items()}, None
         release_freed_memory()  # the backward passes' activations: about 2 GB on Gemma 3 270M
         show.lead("output-side Fisher done")
 

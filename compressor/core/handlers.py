@@ -575,21 +575,6 @@ def handler_for_kind(module: nn.Module, kind: str) -> LayerHandler | None:
     return None
 
 
-def layer_handlers(modules: dict[str, nn.Module], variants: dict[str, str] | None = None
-                   ) -> dict[str, LayerHandler]:
-    """Each module's handler by name: the dispatched one, or the variant ``variants`` names for the layer
-    (a stored form such as "linear-pivoted"; :attr:`LayerHandler.variants`)."""
-    variants = variants or {}
-    out = {}
-    for name, mod in modules.items():
-        h = handler_for(mod) if name not in variants else handler_for_kind(mod, variants[name])
-        if h is None:
-            raise CompressorError(f"layer '{name}' cannot be factored as {variants[name]}",
-                                  "leave it out of the variant (it applies to linear layers)")
-        out[name] = h
-    return out
-
-
 def handler_of_kind(kind: str) -> LayerHandler:
     """The handler registered for ``kind`` (as a plan names it)."""
     for h in _HANDLERS:
