@@ -113,3 +113,12 @@ def test_lora_on_a_pivoted_layer_trains_and_merges_back():
     assert not torch.allclose(trained, before)
     merge_lora(model)
     torch.testing.assert_close(model(x), trained, atol=1e-5, rtol=1e-4)
+
+
+def test_pivoted_with_an_onnx_input_is_refused_in_one_line(tmp_path):
+    from compressor.export.onnx import export_onnx
+
+    path = export_onnx(_mlp(), torch.randn(2, 64), tmp_path / "m.onnx")
+    with pytest.raises(OptionError, match="the pivoted form is a torch layer"):
+        compressor.compress(path, tmp_path / "out", target=0.3, pivoted=True, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -133,7 +133,6 @@ def layer_handlers(modules: dict[str, nn.Module], variants: dict[str, str] | Non
     return out
 
 
-
 def calibrated_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: list[Batch], policy,
                         rank_multiple: int, fixed: dict[str, int | None], *, outputs: Sequence[str] | None = None,
                         sequential: bool = True,

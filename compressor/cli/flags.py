@@ -46,7 +46,7 @@ policy_options = options_group([
                  help="Do not fold BatchNorms into the convs before them [default: fold, exact in eval mode]."),
     click.option("--pivoted", is_flag=True,
                  help="Store factored linear layers in the pivoted form: r(m+n-r) weights at rank r instead of "
-                      "r(m+n), so a size budget keeps more rank (a concatenation and a gather per layer)."),
+                      "r(m+n), so a size budget keeps more rank (its outputs are put in place by two index copies)."),
     outputs_option,
 ])
 

@@ -371,6 +371,9 @@ def check_run(opts: Options, mode: str, source: Path) -> None:
         raise OptionError("a key/value cache export needs the torch causal LM, and "
                           + ("analyze exports nothing" if mode == "analyze" else "the input is an ONNX file"),
                           "leave out `kv_cache`")
+    if opts.pivoted and onnx_input:
+        raise OptionError("the pivoted form is a torch layer, and an ONNX input is factored in its own graph "
+                          "(two MatMuls per layer)", "leave out `pivoted`")
     if opts.eval_text is not None:
         check_eval_text(opts, mode, onnx_input)
     if opts.eval_inputs is not None and mode not in ("compress", "apply"):
