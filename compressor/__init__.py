@@ -30,7 +30,8 @@ _WHERE = {
     "LayerHandler": "compressor.core.handlers", "handler_for": "compressor.core.handlers",
     "register_handler": "compressor.core.handlers",
     "LowRankConv": "compressor.core.layers", "LowRankEmbedding": "compressor.core.layers",
-    "LowRankLinear": "compressor.core.layers", "LayerPlan": "compressor.core.plan", "Plan": "compressor.core.plan",
+    "LowRankLinear": "compressor.core.layers", "PivotedLowRankLinear": "compressor.core.layers",
+    "LayerPlan": "compressor.core.plan", "Plan": "compressor.core.plan",
     "EnergyPolicy": "compressor.core.policies", "RankPolicy": "compressor.core.policies",
     "RankRatioPolicy": "compressor.core.policies", "TargetPolicy": "compressor.core.policies",
     "register_policy": "compressor.core.policies",
@@ -54,6 +55,7 @@ __all__ = [  # the same names as _WHERE, spelled out so that linters and editors
     "LowRankEmbedding",
     "LowRankLinear",
     "Options",
+    "PivotedLowRankLinear",
     "Plan",
     "PlanError",
     "RankPolicy",
@@ -96,7 +98,7 @@ if TYPE_CHECKING:  # what the names above are, for type checkers and editors
     from compressor.analysis.analyze import analyze, find_layers
     from compressor.core.errors import CompressorError, PlanError
     from compressor.core.handlers import LayerHandler, handler_for, register_handler
-    from compressor.core.layers import LowRankConv, LowRankEmbedding, LowRankLinear
+    from compressor.core.layers import LowRankConv, LowRankEmbedding, LowRankLinear, PivotedLowRankLinear
     from compressor.core.plan import LayerPlan, Plan
     from compressor.core.policies import EnergyPolicy, RankPolicy, RankRatioPolicy, TargetPolicy, register_policy
     from compressor.core.rewrite import factor_module, rewrite
