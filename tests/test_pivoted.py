@@ -122,34 +122,3 @@ def test_pivoted_with_an_onnx_input_is_refused_in_one_line(tmp_path):
     with pytest.raises(OptionError, match="the pivoted form is a torch layer"):
         compressor.compress(path, tmp_path / "out", target=0.3, pivoted=True, progress=False)
     assert not (tmp_path / "out").exists()
-
-
-def test_unpivot_and_repivot_keep_the_map_and_balance_the_factors():
-    from compressor.core.rewrite import repivot, unpivot
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 16, bias=False))
-    plan = compressor.analyze(model, rank=10, pivoted=True)
-    compressor.rewrite(model, plan)
-    x = torch.randn(5, 24, generator=_gen())
-    before = model(x).detach()
-    names = unpivot(model)
-    assert names == ["0", "2"] and all(type(model[i]) is LowRankLinear for i in (0, 2))
-    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
-    up, down = model[0].up.weight, model[0].down.weight  # balanced: both factors carry sqrt(S)
-    torch.testing.assert_close(up.norm(dim=0), down.norm(dim=1), atol=1e-4, rtol=1e-4)
-    repivot(model, names)
-    assert all(type(model[i]) is PivotedLowRankLinear for i in (0, 2))
-    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
-
-
-def test_healing_a_pivoted_model_returns_pivoted_layers_that_fit_better():
-    torch.manual_seed(0)
-    teacher = _mlp()
-    student = copy.deepcopy(teacher)
-    compressor.rewrite(student, compressor.analyze(student, target=0.5, pivoted=True))
-    x, val = torch.randn(256, 64, generator=_gen()), torch.randn(64, 64, generator=_gen(1))
-    result = compressor.heal(student, data=x, teacher=teacher, val_data=val, steps=30, lr=1e-3, batch_size=32)
-    pivoted = [i for i in (0, 2, 4) if isinstance(student[i], PivotedLowRankLinear)]
-    assert pivoted and all(type(result.model[i]) is PivotedLowRankLinear for i in pivoted)
-    assert result.best_step > 0 and result.after[result.config.monitor] < result.before[result.config.monitor]

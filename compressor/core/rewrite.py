@@ -9,20 +9,11 @@ weight's device and dtype; biases move to the second factor. State-dict keys of 
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from compressor.core.errors import PlanError
 from compressor.core.fold import apply_folds
-from compressor.core.handlers import (
-    LayerHandler,
-    handler_for,
-    handler_for_kind,
-    handler_of_kind,
-    kinds,
-    weight_fingerprint,
-)
-from compressor.core.layers import LowRankLinear, PivotedLowRankLinear
+from compressor.core.handlers import LayerHandler, handler_for, handler_for_kind, kinds, weight_fingerprint
 from compressor.core.plan import Plan
 from compressor.core.svd import Decomposition
 
@@ -150,52 +141,3 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-
-
-def unpivot(model: nn.Module) -> list[str]:
-    """Replace every :class:`PivotedLowRankLinear` of ``model`` (in place) by the same map as a
-    :class:`LowRankLinear` with balanced factors (``sqrt(S)`` on each side, as analyze gives them); returns their
-    names, for :func:`repivot`. Why: healing trains this form. In the pivoted one each computed output feeds
-    every combined one, and Adam's steps on it never beat the start on a compressed Gemma 3 270M (160 steps)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, PivotedLowRankLinear)]
-    for name in names:
-        layer = model.get_submodule(name)
-        rank, pos = layer.rank, layer.positions
-        with torch.no_grad():
-            rows, coeffs = layer.down.weight.double(), layer.up.weight.double()
-            up = rows.new_zeros(pos.numel(), rank)
-            up[pos[:rank]] = torch.eye(rank, dtype=up.dtype, device=up.device)
-            up[pos[rank:]] = coeffs
-            q, r = torch.linalg.qr(up)  # up @ rows = q (r @ rows): the SVD of the small r x n factor does the rest
-            u, s, vh = torch.linalg.svd(r @ rows, full_matrices=False)
-            root = s.sqrt()
-            new = LowRankLinear(rows.shape[1], pos.numel(), rank, bias=layer.down.bias is not None,
-                                device=layer.down.weight.device, dtype=layer.down.weight.dtype)
-            new.up.weight.copy_(q @ u * root)
-            new.down.weight.copy_(root[:, None] * vh)
-            if layer.down.bias is not None:
-                bias = layer.down.bias.new_empty(pos.numel())
-                bias[pos[:rank]] = layer.down.bias
-                bias[pos[rank:]] = layer.up.bias + layer.up.weight @ layer.down.bias
-                new.up.bias.copy_(bias)
-        new.train(layer.training)
-        _set_submodule(model, name, new)
-    return names
-
-
-def repivot(model: nn.Module, names: list[str]) -> None:
-    """Put the layers :func:`unpivot` gave two factors back in the pivoted form (the same map, in place)."""
-    handler = handler_of_kind("linear-pivoted")
-    for name in names:
-        layer = model.get_submodule(name)
-        new = PivotedLowRankLinear(layer.down.in_features, layer.up.out_features, layer.rank,
-                                   bias=layer.up.bias is not None, device=layer.up.weight.device,
-                                   dtype=layer.up.weight.dtype)
-        with torch.no_grad():
-            handler.set_factors(new, layer.up.weight, layer.down.weight)
-            if layer.up.bias is not None:
-                handler.set_bias(new, layer.up.bias)
-        new.train(layer.training)
-        new.down.weight.requires_grad_(layer.down.weight.requires_grad)
-        new.up.weight.requires_grad_(layer.up.weight.requires_grad)
-        _set_submodule(model, name, new)

@@ -58,8 +58,6 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
-from compressor.core.layers import PivotedLowRankLinear
-from compressor.core.rewrite import repivot, unpivot
 from compressor.train.adapter import Adapter
 from compressor.train.batches import Batches, is_integer, validation_batches
 from compressor.train.config import (
@@ -163,7 +161,6 @@ def _setup(model: nn.Module, cfg: HealConfig, data: Any, teacher: nn.Module | No
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(model)
-    unpivot(model)  # pivoted layers train as balanced two factors (compressor.core.rewrite.unpivot says why)
     params = trainable(model, cfg)
     device = next(iter(params.values())).device
     vocabulary = text_tokens(data, *([] if val is None else [val])) if lm and cfg.kl_tokens == "text" else None
@@ -240,7 +237,6 @@ def _finish(run: Run, state: RunState, compressed: nn.Module, recipe: dict[str, 
         merge_lora(model)
     for m in model.modules():
         m.__dict__.pop("forward", None)  # the quantization simulation
-    repivot(model, [n for n, m in compressed.named_modules() if isinstance(m, PivotedLowRankLinear)])
     for p, q in zip(model.parameters(), compressed.parameters(), strict=True):
         p.requires_grad_(q.requires_grad)
     model.train(compressed.training)
