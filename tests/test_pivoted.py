@@ -122,3 +122,15 @@ def test_pivoted_with_an_onnx_input_is_refused_in_one_line(tmp_path):
     with pytest.raises(OptionError, match="the pivoted form is a torch layer"):
         compressor.compress(path, tmp_path / "out", target=0.3, pivoted=True, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_healing_a_pivoted_model_returns_pivoted_layers_that_fit_better():
+    torch.manual_seed(0)
+    teacher = _mlp()
+    student = copy.deepcopy(teacher)
+    compressor.rewrite(student, compressor.analyze(student, target=0.5, pivoted=True))
+    x, val = torch.randn(256, 64, generator=_gen()), torch.randn(64, 64, generator=_gen(1))
+    result = compressor.heal(student, data=x, teacher=teacher, val_data=val, steps=30, lr=1e-3, batch_size=32)
+    pivoted = [i for i in (0, 2, 4) if isinstance(student[i], PivotedLowRankLinear)]
+    assert pivoted and all(type(result.model[i]) is PivotedLowRankLinear for i in pivoted)
+    assert result.best_step > 0 and result.after[result.config.monitor] < result.before[result.config.monitor]
