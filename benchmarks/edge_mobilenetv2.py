@@ -247,17 +247,20 @@ def markdown(r: dict) -> str:
               opt(row["size_bytes"] and row["size_bytes"] / 1e6, ".2f"), f"{row['top1_agreement']:.3f}",
               f"{row['logit_cosine']:.4f}", f"{row['top1_vs_own_fp32']:.3f}", opt(row["ms"], ".2f"),
               opt(row["latency_vs_dense_fp32"], ".3f"), opt(row["export_s"], "")] for row in r["rows"]]
+    def acts(c: dict) -> str:  # activation tensors kept float (files made before that choice record none)
+        return f", float activations {', '.join(c['float_activations'])}" if c.get("float_activations") else ""
+
     choices = []
     for row in r["rows"]:
         c = row.get("qdq_choice")
         if c:
-            tried = "; ".join(f"{t['method']}, {t['rounding']}, float {', '.join(t['float_layers']) or 'none'}: "
-                              f"{t['cosine']:.4f}" for t in c["tried"])
+            tried = "; ".join(f"{t['method']}, {t['rounding']}, float {', '.join(t['float_layers']) or 'none'}"
+                              f"{acts(t)}: {t['cosine']:.4f}" for t in c["tried"])
             chosen = c["chosen"]
             choices.append(f"- {'none' if not row['removed'] else format(row['removed'], '.0%')}, {row['file']}: "
                            f"bias correction on {c['bias_corrected_layers']} layers, GPTQ rounding on "
                            f"{c['gptq_layers']}; chose {chosen['method']}, {chosen['rounding']} rounding, float layers "
-                           f"{', '.join(chosen['float_layers']) or 'none'} "
+                           f"{', '.join(chosen['float_layers']) or 'none'}{acts(chosen)} "
                            f"(mean logit cosine to fp32 on the {c['calibration_samples']} calibration crops "
                            f"{chosen['cosine']:.4f}); tried {tried}")
     return "\n".join([

@@ -326,3 +326,51 @@ def test_gptq_of_a_matmul_weight_is_stored_losslessly_per_output_column(tmp_path
             assert not np.array_equal(q, np.round(w / scale).astype(np.int8))  # GPTQ's, not nearest rounding
             checked += 1
     assert checked == 2 - len(qdq_choice(path)["chosen"]["float_layers"]) and checked >= 1
+
+
+def test_qdq_keeps_float_the_activation_whose_channels_one_scale_cannot_hold(tmp_path):
+    # The second layer's outputs span 0..~1000 in channel 0 and 0..~1 in the others: one uint8 scale for the
+    # tensor rounds the small channels to a few steps, and the third layer reads them as much as channel 0.
+    from compressor.export.int8_activations import activation_quantizers, bypass_quantizers
+
+    torch.manual_seed(0)
+    convs = [torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1),
+             torch.nn.Conv2d(8, 4, 1)]
+    with torch.no_grad():
+        convs[1].weight[0] *= 1000
+        convs[1].bias[0] *= 1000
+        convs[2].weight[:, 0] /= 1000
+    model = torch.nn.Sequential(*[m for c in convs for m in (c, torch.nn.ReLU())][:-1]).eval()
+    x = torch.randn(64, 3, 8, 8)
+    src = export_onnx(model, x[:2], tmp_path / "m.onnx")
+    settings = {"calibration": list(x.split(16)), "methods": ("minmax",), "roundings": ("nearest",)}
+    kept = export_qdq(src, tmp_path / "kept.onnx", **settings)
+    plain = export_qdq(src, tmp_path / "plain.onnx", **settings, float_activations=0)
+    chosen = qdq_choice(kept)["chosen"]
+    assert qdq_choice(plain)["chosen"]["float_activations"] == []
+    # The second conv's output (its ReLU fused into it in the graph) is the tensor kept float, and it is
+    # recorded with what was tried.
+    graph = onnx.load(str(plain)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    first = chosen["float_activations"][0]
+    convs_in_order = [n.name for n in graph.node if n.op_type == "Conv"]
+    assert producer[first].op_type == "Conv" and convs_in_order.index(producer[first].name) == 1
+    assert any(t["float_activations"] == [first] for t in qdq_choice(kept)["tried"])
+    held_out = torch.randn(32, 3, 8, 8)
+    with torch.no_grad():
+        want = model(held_out).numpy().reshape(32, -1)
+
+    def cosine(path):
+        session = onnx_session(path)
+        got = session.run(None, {session.get_inputs()[0].name: held_out.numpy()})[0].reshape(32, -1)
+        return float(np.mean(np.sum(got * want, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)))
+
+    assert cosine(kept) > cosine(plain) + 0.002
+    # Bypassing a pair removes exactly its two nodes and leaves a valid graph; graph outputs are never candidates.
+    plain_model = onnx.load(str(plain))
+    tensors = activation_quantizers(plain_model)
+    assert first in tensors and not {o.name for o in graph.output} & set(tensors)
+    bypassed = bypass_quantizers(plain_model, [first])
+    assert len(bypassed.graph.node) == len(plain_model.graph.node) - 2
+    assert first not in activation_quantizers(bypassed)
+    onnx.checker.check_model(bypassed)

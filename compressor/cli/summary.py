@@ -48,7 +48,8 @@ def summary(r: Report) -> str:
         chosen = (f.settings or {}).get("chosen")
         if chosen:
             lines.append(f"    calibrated      {chosen['method']}, {chosen.get('rounding', 'nearest')} rounding, "
-                         f"float layers {', '.join(chosen['float_layers']) or 'none'}")
+                         f"float layers {', '.join(chosen['float_layers']) or 'none'}, float activations "
+                         f"{', '.join(chosen.get('float_activations', [])) or 'none'}")
     if r.int8_choice:
         c = r.int8_choice
         lines.append(f"  int8 to ship      {c['recommended'] or 'none passed'} (" + ", ".join(

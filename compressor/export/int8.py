@@ -16,6 +16,7 @@ from compressor.core.fileio import atomic_files
 from compressor.data.inputs import as_batches
 from compressor.export.fp16 import store_fp16
 from compressor.export.graph import weight_uses
+from compressor.export.int8_activations import QDQ_FLOAT_ACTIVATIONS, bypass_quantizers, choose_float_activations
 from compressor.export.int8_rounding import GPTQ_ACT_ORDER, GPTQ_DAMP, ROUNDINGS, restore_layers, rounded_sources
 from compressor.export.measure import file_size
 from compressor.export.onnx_files import (
@@ -27,6 +28,7 @@ from compressor.export.onnx_files import (
     save_onnx,
 )
 from compressor.formats.onnx_graph import feeds, module_name
+from compressor.formats.runtime import session
 
 
 def export_int8(src_onnx: str | Path, dst: str | Path, *, keep_fp16: Sequence[str] = ()) -> Path:
@@ -109,7 +111,8 @@ QDQ_TIE = 1e-4
 
 
 def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, methods: Sequence[str] = QDQ_METHODS,
-               roundings: Sequence[str] = ROUNDINGS, bias_correction: bool = True) -> Path:
+               roundings: Sequence[str] = ROUNDINGS, bias_correction: bool = True,
+               float_activations: int = QDQ_FLOAT_ACTIVATIONS) -> Path:
     """Static int8 of ``src_onnx`` in QDQ form (onnxruntime ``quantize_static``): weights int8 per output
     channel, activations uint8 with ranges calibrated on ``calibration`` (a batch of model inputs or a list
     of them: a tensor, a tuple or a dict each, as the fp32 file takes them). Written atomically; returns ``dst``.
@@ -120,7 +123,9 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
     ("nearest", or "gptq": error-compensating rounding fitted to the calibration inputs, on the same grid;
     :mod:`compressor.export.int8_rounding`), then whether the first and/or last weight layer (Conv/Gemm/MatMul,
     in graph order: the stem and the classifier, where int8 often costs most) stay float, with their fp32
-    weights and biases. What was tried and chosen is in the file's metadata (:func:`qdq_choice`).
+    weights and biases; last, which activation tensors (at most ``float_activations``) stay float
+    (:mod:`compressor.export.int8_activations`; not for files over 2 GB). What was tried and chosen is in the
+    file's metadata (:func:`qdq_choice`).
 
     ``bias_correction`` (default on) subtracts from each Conv/Gemm bias the mean output shift that the
     rounding of its weight causes on the calibration inputs (after the rounding, on its own errors)."""
@@ -165,10 +170,7 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
                             use_external_data_format=big,
                             extra_options={"CalibMovingAverage": True} if method == "minmax"
                             else {"CalibPercentile": QDQ_PERCENTILE})
-        session = onnx_session(path)
-        got = [session.run(None, b) for b in batches]
-        cosine = float(np.mean([_mean_cosine(g, w) for outs, wants in zip(got, expected, strict=True)
-                                for g, w in zip(outs, wants, strict=True)]))
+        cosine = _cosine_to(onnx_session(path), batches, expected)
         tried.append({"method": method, "rounding": rounding, "float_layers": [_layer_of(graph, n) for n in keep],
                       "cosine": round(cosine, 6), "path": path})
         return tried[-1]
@@ -190,6 +192,16 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
                 if c["cosine"] > best["cosine"] + QDQ_TIE:
                     best = c
             model = onnx.load(str(best["path"]))
+
+            def score(candidate: Any, screen: bool) -> float:
+                n = 1 if screen else len(batches)
+                return _cosine_to(session(candidate.SerializeToString()), batches[:n], expected[:n])
+
+            kept, cosine, tried_float = choose_float_activations(model, score, best["cosine"], QDQ_TIE,
+                                                                 0 if big else float_activations)
+            tried += [{**best, **t} for t in tried_float]
+            model = bypass_quantizers(model, kept)
+            best = {**best, "float_activations": kept, "cosine": round(cosine, 6)}
             choice = _choice_record(best, tried, sources[best["rounding"]][1], batches)
             onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
                                                 QDQ_METADATA: json.dumps(choice)})
@@ -206,8 +218,8 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
 def _choice_record(best: dict[str, Any], tried: list[dict[str, Any]], counts: dict[str, int],
                    batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """What export_qdq records in the file's metadata: the candidate kept, all those tried, and how."""
-    keys = ("method", "rounding", "float_layers", "cosine")
-    return {"chosen": {k: best[k] for k in keys}, "tried": [{k: c[k] for k in keys} for c in tried],
+    keys = ("method", "rounding", "float_layers", "float_activations", "cosine")
+    return {"chosen": {k: best.get(k, []) for k in keys}, "tried": [{k: c.get(k, []) for k in keys} for c in tried],
             "calibration_batches": len(batches), "bias_corrected_layers": counts["bias_corrected_layers"],
             "gptq_layers": counts["gptq_layers"], "percentile": QDQ_PERCENTILE,
             "gptq": {"damp": GPTQ_DAMP, "act_order": GPTQ_ACT_ORDER,
@@ -244,6 +256,13 @@ def _calibrate_method(name: str):
     from onnxruntime.quantization import CalibrationMethod
 
     return {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[name]
+
+
+def _cosine_to(session: Any, batches: list[dict[str, np.ndarray]], expected: list[list[np.ndarray]]) -> float:
+    """Mean per-sample cosine of ``session``'s outputs on ``batches`` to ``expected``, over every output."""
+    got = [session.run(None, b) for b in batches]
+    return float(np.mean([_mean_cosine(g, w) for outs, wants in zip(got, expected, strict=True)
+                          for g, w in zip(outs, wants, strict=True)]))
 
 
 def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:

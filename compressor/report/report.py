@@ -494,8 +494,10 @@ def _qdq_markdown(r: dict[str, Any], files: list[dict[str, Any]]) -> list[str]:
 
     def what(c: dict[str, Any]) -> str:
         kept = ", ".join(f"`{n}`" for n in c["float_layers"]) or "none"
+        acts = ", ".join(f"`{n}`" for n in c.get("float_activations", [])) or "none"
         # Files written before GPTQ was a choice record no rounding: theirs was to nearest.
-        return f"{c['method']}, {c.get('rounding', 'nearest')} rounding, float layers {kept}: cosine {c['cosine']:.6f}"
+        return (f"{c['method']}, {c.get('rounding', 'nearest')} rounding, float layers {kept}, float activations "
+                f"{acts}: cosine {c['cosine']:.6f}")
 
     for v in files:
         s = v.get("settings")

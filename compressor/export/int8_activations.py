@@ -1,0 +1,87 @@
+"""Which activations a static int8 (QDQ) file keeps float: chosen by measurement, a few at most.
+
+A QDQ file quantizes each activation tensor to uint8 with one scale for the whole tensor. Where a tensor's
+channels span very different ranges, that one scale leaves the small channels a handful of steps, and every
+layer after it inherits the error. MobileNetV2's stem output is the known case (Nagel et al. 2019, "Data-Free
+Quantization Through Weight Equalization and Bias Correction", Fig. 2): on the benchmark's 64 calibration
+crops, keeping that one tensor float raised the mean logit cosine of the static int8 file to fp32 from 0.955 to
+0.986, and its held-out top-1 agreement from 0.77 to 0.86, while no other single tensor moved the cosine by
+more than 0.002 (``benchmarks/edge_mobilenetv2.md``).
+
+Keeping a tensor float means bypassing its QuantizeLinear -> DequantizeLinear pair: its consumers read the
+float tensor. onnxruntime then runs its producer and consumers in float (their weights are still stored
+int8, dequantized), so each tensor kept float costs some speed; hence a small cap,
+:data:`QDQ_FLOAT_ACTIVATIONS`, and the file's measured latency in the edge benchmark.
+
+How :func:`choose_float_activations` picks them: every bypassable pair is screened alone on one calibration
+batch (one session each, a pass over the graph's quantized tensors); then, most helpful first, a tensor is
+kept when it raises the mean cosine on all calibration batches by more than the caller's tie.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+# At most this many activation tensors stay float in a static int8 file (each runs its neighbours in float).
+QDQ_FLOAT_ACTIVATIONS = 3
+# Screened candidates tried on all calibration batches, most helpful first; the rest are not tried.
+_TRIED = 6
+
+
+def activation_quantizers(model: Any) -> list[str]:
+    """The tensors of the QDQ ``model`` (an onnx ModelProto) that pass through a QuantizeLinear ->
+    DequantizeLinear pair and can be kept float, in graph order: not constants (weights, biases), not
+    tensors whose dequantized value is a graph output."""
+    graph = model.graph
+    constants = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    dequantized = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    seen: list[str] = []
+    for n in graph.node:
+        if (n.op_type == "QuantizeLinear" and n.input[0] not in constants and n.output[0] in dequantized
+                and dequantized[n.output[0]] not in outputs and n.input[0] not in seen):
+            seen.append(n.input[0])
+    return seen
+
+
+def bypass_quantizers(model: Any, tensors: Sequence[str]) -> Any:
+    """A copy of the QDQ ``model`` in which each of ``tensors`` stays float: the readers of its
+    DequantizeLinear read the tensor itself, and its QuantizeLinear/DequantizeLinear nodes are removed."""
+    out = type(model)()
+    out.CopyFrom(model)
+    graph, keep = out.graph, set(tensors)
+    quantized = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in keep}
+    float_of = {n.output[0]: quantized[n.input[0]] for n in graph.node
+                if n.op_type == "DequantizeLinear" and n.input[0] in quantized}
+    nodes = [n for n in graph.node if not (n.op_type == "QuantizeLinear" and n.output[0] in quantized)
+             and not (n.op_type == "DequantizeLinear" and n.output[0] in float_of)]
+    for n in nodes:
+        for i, name in enumerate(n.input):
+            n.input[i] = float_of.get(name, name)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out
+
+
+def choose_float_activations(model: Any, score: Callable[[Any, bool], float], base: float, tie: float,
+                             limit: int = QDQ_FLOAT_ACTIVATIONS) -> tuple[list[str], float, list[dict[str, Any]]]:
+    """The activation tensors of the QDQ ``model`` to keep float, the mean cosine with them kept float, and
+    what was tried.
+
+    ``score(model, screen)`` is the mean cosine of a candidate model's outputs to the fp32 file's, on one
+    calibration batch when ``screen`` is true, on all of them otherwise; ``base`` is ``model``'s on all.
+    A tensor is kept when it raises that cosine by more than ``tie``, at most ``limit`` of them."""
+    if limit <= 0:
+        return [], base, []
+    alone = {t: score(bypass_quantizers(model, [t]), True) for t in activation_quantizers(model)}
+    chosen: list[str] = []
+    best, tried = base, []
+    for tensor in sorted(alone, key=alone.get, reverse=True)[:_TRIED]:
+        if len(chosen) == limit:
+            break
+        cosine = score(bypass_quantizers(model, [*chosen, tensor]), False)
+        tried.append({"float_activations": [*chosen, tensor], "cosine": round(cosine, 6)})
+        if cosine > best + tie:
+            chosen, best = [*chosen, tensor], cosine
+    return chosen, best, tried
