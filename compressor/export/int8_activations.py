@@ -29,19 +29,28 @@ QDQ_FLOAT_ACTIVATIONS = 3
 _TRIED = 6
 
 
-def activation_quantizers(model: Any) -> list[str]:
+def activation_quantizers(model: Any, source: Any) -> list[str]:
     """The tensors of the QDQ ``model`` (an onnx ModelProto) that pass through a QuantizeLinear ->
-    DequantizeLinear pair and can be kept float, in graph order: not constants (weights, biases), not
-    tensors whose dequantized value is a graph output."""
+    DequantizeLinear pair and can be kept float, in graph order. ``source`` is the fp32 graph it was
+    quantized from.
+
+    Not constants (weights, biases), not tensors whose dequantized value is a graph output, and not
+    tensors whose producer is not the source's: onnxruntime drops a Relu or Clip after a Conv when the
+    tensor's uint8 range does the clipping (the Conv then writes the tensor), and bypassing that pair
+    would drop the activation itself."""
     graph = model.graph
     constants = {t.name for t in graph.initializer}
     outputs = {o.name for o in graph.output}
     dequantized = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    made_by_source = {o: n.op_type for n in source.node for o in n.output}
     seen: list[str] = []
     for n in graph.node:
-        if (n.op_type == "QuantizeLinear" and n.input[0] not in constants and n.output[0] in dequantized
-                and dequantized[n.output[0]] not in outputs and n.input[0] not in seen):
-            seen.append(n.input[0])
+        tensor = n.input[0]
+        if (n.op_type == "QuantizeLinear" and tensor not in constants and n.output[0] in dequantized
+                and dequantized[n.output[0]] not in outputs and tensor not in seen
+                and made_by.get(tensor) == made_by_source.get(tensor)):
+            seen.append(tensor)
     return seen
 
 
@@ -64,17 +73,17 @@ def bypass_quantizers(model: Any, tensors: Sequence[str]) -> Any:
     return out
 
 
-def choose_float_activations(model: Any, score: Callable[[Any, bool], float], base: float, tie: float,
+def choose_float_activations(model: Any, source: Any, score: Callable[[Any, bool], float], base: float, tie: float,
                              limit: int = QDQ_FLOAT_ACTIVATIONS) -> tuple[list[str], float, list[dict[str, Any]]]:
-    """The activation tensors of the QDQ ``model`` to keep float, the mean cosine with them kept float, and
-    what was tried.
+    """The activation tensors of the QDQ ``model`` (quantized from the fp32 graph ``source``) to keep float,
+    the mean cosine with them kept float, and what was tried.
 
     ``score(model, screen)`` is the mean cosine of a candidate model's outputs to the fp32 file's, on one
     calibration batch when ``screen`` is true, on all of them otherwise; ``base`` is ``model``'s on all.
     A tensor is kept when it raises that cosine by more than ``tie``, at most ``limit`` of them."""
     if limit <= 0:
         return [], base, []
-    alone = {t: score(bypass_quantizers(model, [t]), True) for t in activation_quantizers(model)}
+    alone = {t: score(bypass_quantizers(model, [t]), True) for t in activation_quantizers(model, source)}
     chosen: list[str] = []
     best, tried = base, []
     for tensor in sorted(alone, key=alone.get, reverse=True)[:_TRIED]:
