@@ -94,6 +94,11 @@ def test_pivoted_with_stream_is_refused_in_one_line():
         Options(target=0.2, pivoted=True, stream=True)
 
 
+def test_pivoted_with_latency_aware_is_refused_in_one_line():
+    with pytest.raises(OptionError, match="measures each layer's two-factor form"):
+        Options(target=0.2, pivoted=True, latency_aware=True)
+
+
 def test_lora_on_a_pivoted_layer_trains_and_merges_back():
     """Healing with --train lora wraps the factors of each factored layer; the pivoted layer still runs."""
     from compressor.train.lora import apply_lora, lora_parameters, merge_lora

@@ -307,6 +307,10 @@ class Options(RunOptions, StreamOptions, EvalOptions, ExportOptions, InputOption
         if self.keep_fp16 and self.calibration is None:
             raise OptionError("`keep_fp16` measures which layers int8 hurts on calibration inputs, but "
                               "`calibration` is not given", "add `calibration=FILE`")
+        if self.pivoted and self.latency_aware:
+            # export.latency times each layer's two-factor form against its dense one: not the pivoted form.
+            raise OptionError("`latency_aware` measures each layer's two-factor form, not the pivoted one that "
+                              "`pivoted` writes", "leave out one of `pivoted` and `latency_aware`")
         if self.stream:
             self._check_streamed()
 
