@@ -197,8 +197,8 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
                 n = 1 if screen else len(batches)
                 return _cosine_to(session(candidate.SerializeToString()), batches[:n], expected[:n])
 
-            kept, cosine, tried_float = choose_float_activations(model, graph, score, best["cosine"], QDQ_TIE,
-                                                                 0 if big else float_activations)
+            kept, cosine, tried_float = choose_float_activations(model, graph, score, best["cosine"],
+                                                                 limit=0 if big else float_activations)
             tried += [{**best, **t} for t in tried_float]
             model = bypass_quantizers(model, kept)
             best = {**best, "float_activations": kept, "cosine": round(cosine, 6)}
