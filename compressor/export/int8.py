@@ -191,17 +191,8 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
                 c = attempt(best["method"], best["rounding"], keep, folder)
                 if c["cosine"] > best["cosine"] + QDQ_TIE:
                     best = c
-            model = onnx.load(str(best["path"]))
-
-            def score(candidate: Any, screen: bool) -> float:
-                n = 1 if screen else len(batches)
-                return _cosine_to(session(candidate.SerializeToString()), batches[:n], expected[:n])
-
-            kept, cosine, tried_float = choose_float_activations(model, graph, score, best["cosine"],
-                                                                 limit=0 if big else float_activations)
-            tried += [{**best, **t} for t in tried_float]
-            model = bypass_quantizers(model, kept)
-            best = {**best, "float_activations": kept, "cosine": round(cosine, 6)}
+            model, best = _keep_activations_float(onnx.load(str(best["path"])), graph, batches, expected, best,
+                                                  tried, 0 if big else float_activations)
             choice = _choice_record(best, tried, sources[best["rounding"]][1], batches)
             onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
                                                 QDQ_METADATA: json.dumps(choice)})
@@ -213,6 +204,21 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
         raise CompressorError(f"static int8 quantization of '{src}' failed ({type(err).__name__}: "
                               f"{first_line(err)})", "export without --qdq, or report the model") from err
     return dst
+
+
+def _keep_activations_float(model: Any, source: Any, batches: list[dict[str, np.ndarray]],
+                            expected: list[list[np.ndarray]], best: dict[str, Any], tried: list[dict[str, Any]],
+                            limit: int) -> tuple[Any, dict[str, Any]]:
+    """The QDQ ``model`` with the activation tensors :func:`choose_float_activations` picks kept float, and the
+    record of the candidate ``best`` it was made as, updated; what was tried is appended to ``tried``."""
+
+    def score(candidate: Any, screen: bool) -> float:
+        n = 1 if screen else len(batches)
+        return _cosine_to(session(candidate.SerializeToString()), batches[:n], expected[:n])
+
+    kept, cosine, tried_float = choose_float_activations(model, source, score, best["cosine"], limit=limit)
+    tried += [{**best, **t} for t in tried_float]
+    return bypass_quantizers(model, kept), {**best, "float_activations": kept, "cosine": round(cosine, 6)}
 
 
 def _choice_record(best: dict[str, Any], tried: list[dict[str, Any]], counts: dict[str, int],
