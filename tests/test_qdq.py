@@ -13,7 +13,8 @@ from onnx import numpy_helper
 
 import compressor
 from compressor.core.errors import CompressorError
-from compressor.export.int8 import QDQ_TIE
+from compressor.export.int8 import QDQ_TIE, QDQ_Z, clearly_better
+from compressor.export.int8_activations import QDQ_FLOAT_GAIN
 from compressor.export.latency import INT8_COSINE_TOLERANCE, Comparison, recommend_int8
 from compressor.export.onnx import INT8_MIN_COSINE, VARIANTS, export_onnx, export_qdq, onnx_session, qdq_choice
 
@@ -83,9 +84,14 @@ def test_digits_cnn_static_int8_is_qdq_per_channel_validated_and_chosen(digits, 
     assert {c["method"] for c in settings["tried"]} == {"minmax", "percentile"}
     assert {c["rounding"] for c in settings["tried"]} == {"nearest", "gptq"}
     assert f"{settings['chosen']['rounding']} rounding" in (out / "report.md").read_text()
-    # The most faithful candidate, or one within QDQ_TIE of it with fewer float layers.
-    assert settings["chosen"] in settings["tried"]
-    assert settings["chosen"]["cosine"] >= max(c["cosine"] for c in settings["tried"]) - QDQ_TIE
+    # A float layer is kept only when it gained more than QDQ_FLOAT_GAIN over the same candidate without it.
+    chosen = settings["chosen"]
+    assert chosen in settings["tried"]
+    same = [c for c in settings["tried"] if (c["method"], c["rounding"]) == (chosen["method"], chosen["rounding"])
+            and not c["float_activations"]]
+    if chosen["float_layers"]:
+        with_them = next(c for c in same if c["float_layers"] == chosen["float_layers"])
+        assert with_them["cosine"] > next(c for c in same if not c["float_layers"])["cosine"] + QDQ_FLOAT_GAIN
 
     # The int8 file to ship follows the rule from the measurements written beside it.
     choice = json.loads((out / "report.json").read_text())["int8_choice"]
@@ -97,6 +103,20 @@ def test_digits_cnn_static_int8_is_qdq_per_channel_validated_and_chosen(digits, 
     assert choice["fidelity_on"] == "the first calibration batch"
     md = (out / "report.md").read_text()
     assert f"Which int8 file to ship: `{choice['recommended']}`" in md and "static int8 (QDQ" in md
+
+
+def test_a_more_complex_qdq_candidate_must_win_by_more_than_chance():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.9, 1.0, 64)
+    steady = base + 2 * QDQ_TIE  # every sample a little better: not chance
+    assert clearly_better(steady, base, QDQ_TIE)
+    assert not clearly_better(steady, base, 3 * QDQ_TIE)  # but not by the margin asked for
+    # The same mean gain, from samples that go up and down by much more: within chance.
+    noisy = base + 2 * QDQ_TIE + rng.choice([-1.0, 1.0], 64) * 20 * QDQ_TIE
+    diff = noisy - base
+    assert diff.mean() > QDQ_TIE and diff.mean() < QDQ_Z * diff.std(ddof=1) / np.sqrt(64)
+    assert not clearly_better(noisy, base, QDQ_TIE)
+    assert not clearly_better(base, steady, QDQ_TIE)  # worse is never better
 
 
 def test_recommend_int8_rule():
