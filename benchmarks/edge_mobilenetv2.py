@@ -250,12 +250,15 @@ def markdown(r: dict) -> str:
     def acts(c: dict) -> str:  # activation tensors kept float (files made before that choice record none)
         return f", float activations {', '.join(c['float_activations'])}" if c.get("float_activations") else ""
 
+    def evidence(t: dict) -> str:  # a candidate compared with the simpler best so far: its gain, and chance's
+        return f" (gain {t['gain']:+.4f}, chance {t['noise']:.4f})" if "gain" in t else ""
+
     choices = []
     for row in r["rows"]:
         c = row.get("qdq_choice")
         if c:
             tried = "; ".join(f"{t['method']}, {t['rounding']}, float {', '.join(t['float_layers']) or 'none'}"
-                              f"{acts(t)}: {t['cosine']:.4f}" for t in c["tried"])
+                              f"{acts(t)}: {t['cosine']:.4f}{evidence(t)}" for t in c["tried"])
             chosen = c["chosen"]
             choices.append(f"- {'none' if not row['removed'] else format(row['removed'], '.0%')}, {row['file']}: "
                            f"bias correction on {c['bias_corrected_layers']} layers, GPTQ rounding on "

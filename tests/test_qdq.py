@@ -92,6 +92,11 @@ def test_digits_cnn_static_int8_is_qdq_per_channel_validated_and_chosen(digits, 
     if chosen["float_layers"]:
         with_them = next(c for c in same if c["float_layers"] == chosen["float_layers"])
         assert with_them["cosine"] > next(c for c in same if not c["float_layers"])["cosine"] + QDQ_FLOAT_GAIN
+        assert with_them["gain"] > max(QDQ_FLOAT_GAIN, with_them["noise"])
+    # Each candidate compared with a simpler one records the evidence: its paired gain, and chance's.
+    compared = [c for c in settings["tried"] if "gain" in c]
+    assert len(compared) == 4 and all(c["noise"] >= 0 for c in compared)  # gptq, and 3 float-layer candidates
+    assert {c["rounding"] for c in compared} >= {"gptq"}
 
     # The int8 file to ship follows the rule from the measurements written beside it.
     choice = json.loads((out / "report.json").read_text())["int8_choice"]

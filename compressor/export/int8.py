@@ -195,13 +195,13 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
             best = max((attempt(m, roundings[0], (), folder) for m in methods), key=lambda c: c["cosine"])
             for rounding in roundings[1:]:  # a later rounding must do clearly better: the first is simpler
                 c = attempt(best["method"], rounding, (), folder)
-                if clearly_better(c["samples"], best["samples"], QDQ_TIE):
+                if _replaces(c, best, QDQ_TIE):
                     best = c
             ends = [n.name for n in weighted[:1]] + [n.name for n in weighted[-1:] if n is not weighted[0]]
             keeps = [(e,) for e in ends] + ([tuple(ends)] if len(ends) == 2 else [])
             for keep in keeps:  # a float layer costs its int8 bytes and speed, as a float activation does
                 c = attempt(best["method"], best["rounding"], keep, folder)
-                if clearly_better(c["samples"], best["samples"], QDQ_FLOAT_GAIN):
+                if _replaces(c, best, QDQ_FLOAT_GAIN):
                     best = c
             model, best = _keep_activations_float(onnx.load(str(best["path"])), graph, batches, expected, best,
                                                   tried, 0 if big else float_activations)
@@ -237,7 +237,9 @@ def _choice_record(best: dict[str, Any], tried: list[dict[str, Any]], counts: di
                    batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """What export_qdq records in the file's metadata: the candidate kept, all those tried, and how."""
     keys = ("method", "rounding", "float_layers", "float_activations", "cosine")
-    return {"chosen": {k: best.get(k, []) for k in keys}, "tried": [{k: c.get(k, []) for k in keys} for c in tried],
+    evidence = ("gain", "noise")  # of a candidate compared with a simpler one (_replaces)
+    return {"chosen": {k: best.get(k, []) for k in keys},
+            "tried": [{**{k: c.get(k, []) for k in keys}, **{k: c[k] for k in evidence if k in c}} for c in tried],
             "calibration_batches": len(batches), "bias_corrected_layers": counts["bias_corrected_layers"],
             "gptq_layers": counts["gptq_layers"], "percentile": QDQ_PERCENTILE,
             "gptq": {"damp": GPTQ_DAMP, "act_order": GPTQ_ACT_ORDER,
@@ -278,13 +280,26 @@ def _calibrate_method(name: str):
     return {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[name]
 
 
-def clearly_better(samples: np.ndarray, than: np.ndarray, margin: float) -> bool:
-    """Whether the per-sample scores ``samples`` beat ``than`` (the same samples' scores for another candidate)
-    by more than ``margin`` on average and by more than :data:`QDQ_Z` standard errors of their paired
-    differences: not by the chance of which samples calibrated."""
+def paired_gain(samples: np.ndarray, than: np.ndarray) -> tuple[float, float]:
+    """How much the per-sample scores ``samples`` beat ``than`` (the same samples' scores for another candidate)
+    on average, and the gain chance alone could give: :data:`QDQ_Z` standard errors of the paired differences."""
     diff = np.asarray(samples, np.float64) - np.asarray(than, np.float64)
     noise = QDQ_Z * float(np.std(diff, ddof=1)) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
-    return float(diff.mean()) > max(margin, noise)
+    return float(diff.mean()), noise
+
+
+def clearly_better(samples: np.ndarray, than: np.ndarray, margin: float) -> bool:
+    """Whether ``samples`` beat ``than`` (:func:`paired_gain`) by more than ``margin`` and more than chance."""
+    gain, noise = paired_gain(samples, than)
+    return gain > max(margin, noise)
+
+
+def _replaces(candidate: dict[str, Any], best: dict[str, Any], margin: float) -> bool:
+    """Whether the more complex ``candidate`` is :func:`clearly_better` than ``best`` (each with its per-sample
+    cosines, ``samples``); the evidence, ``gain`` and ``noise``, is recorded on ``candidate``."""
+    gain, noise = paired_gain(candidate["samples"], best["samples"])
+    candidate.update(gain=round(gain, 6), noise=round(noise, 6))
+    return clearly_better(candidate["samples"], best["samples"], margin)
 
 
 def _cosine_to(session: Any, batches: list[dict[str, np.ndarray]], expected: list[list[np.ndarray]]) -> float:
