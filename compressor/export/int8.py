@@ -115,7 +115,7 @@ _QDQ_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # more than chance: its mean per-sample cosine higher by more than QDQ_TIE and by more than QDQ_Z standard
 # errors of the paired per-sample differences (the choice record keeps both, "gain" and "noise"). On MobileNetV2's
 # 64 calibration crops GPTQ rounding gained 0.001 over nearest, within chance, yet the two files' held-out
-# top-1 agreement differed by 0.09 (benchmarks/results/edge_mobilenetv2.md; docs/edge.md).
+# top-1 agreement differed by 0.09 (benchmarks/edge_mobilenetv2.py, its run before this rule; docs/edge.md).
 QDQ_TIE = 1e-4
 QDQ_Z = 2.0
 
