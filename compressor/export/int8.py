@@ -224,14 +224,18 @@ def _keep_activations_float(model: Any, source: Any, batches: list[dict[str, np.
     """The QDQ ``model`` with the activation tensors :func:`choose_float_activations` picks kept float, and the
     record of the candidate ``best`` it was made as, updated; what was tried is appended to ``tried``."""
 
-    def score(candidate: Any, screen: bool) -> float:
+    def score(candidate: Any, screen: bool) -> np.ndarray:
         n = 1 if screen else len(batches)
-        return _cosine_to(session(candidate.SerializeToString()), batches[:n], expected[:n])
+        return _sample_cosines(session(candidate.SerializeToString()), batches[:n], expected[:n])
 
-    kept, cosine, tried_float = choose_float_activations(model, source, score, best["cosine"], limit=limit)
+    def better(samples: np.ndarray, than: np.ndarray) -> bool:
+        return clearly_better(samples, than, QDQ_FLOAT_GAIN)
+
+    kept, samples, tried_float = choose_float_activations(model, source, score, best["samples"], better, limit)
     made_as = {k: best[k] for k in ("method", "rounding", "float_layers")}  # not best's own comparison
     tried += [{**made_as, **t} for t in tried_float]
-    return bypass_quantizers(model, kept), {**best, "float_activations": kept, "cosine": round(cosine, 6)}
+    return bypass_quantizers(model, kept), {**best, "float_activations": kept,
+                                            "cosine": round(float(samples.mean()), 6)}
 
 
 def _choice_record(best: dict[str, Any], tried: list[dict[str, Any]], counts: dict[str, int],
@@ -248,8 +252,9 @@ def _choice_record(best: dict[str, Any], tried: list[dict[str, Any]], counts: di
                                 "inputs"},
             "calibration_samples": int(sum(next(iter(b.values())).shape[0] for b in batches)),
             "criterion": "mean per-sample cosine of the outputs to the fp32 file on the calibration inputs; a later "
-                         f"rounding must gain more than {QDQ_TIE:g}, a float layer more than {QDQ_FLOAT_GAIN:g}, and "
-                         f"either more than {QDQ_Z:g} standard errors of the paired per-sample differences",
+                         f"rounding must gain more than {QDQ_TIE:g}, a float layer or activation more than "
+                         f"{QDQ_FLOAT_GAIN:g}, and each more than {QDQ_Z:g} standard errors of the paired per-sample "
+                         "differences",
             "weights": "int8, per output channel", "activations": "uint8"}
 
 
@@ -301,11 +306,6 @@ def _replaces(candidate: dict[str, Any], best: dict[str, Any], margin: float) ->
     gain, noise = paired_gain(candidate["samples"], best["samples"])
     candidate.update(gain=round(gain, 6), noise=round(noise, 6))
     return clearly_better(candidate["samples"], best["samples"], margin)
-
-
-def _cosine_to(session: Any, batches: list[dict[str, np.ndarray]], expected: list[list[np.ndarray]]) -> float:
-    """Mean per-sample cosine of ``session``'s outputs on ``batches`` to ``expected``, over every output."""
-    return float(_sample_cosines(session, batches, expected).mean())
 
 
 def _sample_cosines(session: Any, batches: list[dict[str, np.ndarray]],

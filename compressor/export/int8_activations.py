@@ -15,7 +15,9 @@ int8, dequantized), so each tensor kept float costs some speed; hence a small ca
 
 How :func:`choose_float_activations` picks them: every bypassable pair is screened alone on one calibration
 batch (one session each, a pass over the graph's quantized tensors); then, most helpful first, a tensor is
-kept when it raises the mean cosine on all calibration batches by more than :data:`QDQ_FLOAT_GAIN`.
+kept when it is clearly better on all calibration batches: its mean per-sample cosine higher by more than
+:data:`QDQ_FLOAT_GAIN` and by more than chance (the rule ``export_qdq`` applies to every more complex candidate,
+``compressor.export.int8.clearly_better``, passed in as ``better``).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 # At most this many activation tensors stay float in a static int8 file (each runs its neighbours in float).
 QDQ_FLOAT_ACTIVATIONS = 3
-# A tensor stays float only when that raises the mean cosine to fp32 on the calibration inputs by more than
-# this: on MobileNetV2 the stem output gained 0.032, the next two 0.0019 and 0.0006, and with all three float
-# the file ran at 0.74x the dense fp32 latency, against 0.57x with the stem output alone (the edge benchmark at
-# commit 0587cd2, then at this rule).
+# A tensor (or a weight layer, export_qdq) stays float only when that raises the mean cosine to fp32 on the
+# calibration inputs by more than this, and by more than chance: on MobileNetV2 the stem output gained 0.032,
+# the next two 0.0019 and 0.0006, and with all three float the file ran at 0.74x the dense fp32 latency, against
+# 0.57x with the stem output alone (the edge benchmark at commit 0587cd2, then at this rule).
 QDQ_FLOAT_GAIN = 0.005
 # Screened candidates tried on all calibration batches, most helpful first; the rest are not tried.
 _TRIED = 6
@@ -78,25 +82,26 @@ def bypass_quantizers(model: Any, tensors: Sequence[str]) -> Any:
     return out
 
 
-def choose_float_activations(model: Any, source: Any, score: Callable[[Any, bool], float], base: float,
-                             gain: float = QDQ_FLOAT_GAIN, limit: int = QDQ_FLOAT_ACTIVATIONS
-                             ) -> tuple[list[str], float, list[dict[str, Any]]]:
+def choose_float_activations(model: Any, source: Any, score: Callable[[Any, bool], np.ndarray], base: np.ndarray,
+                             better: Callable[[np.ndarray, np.ndarray], bool], limit: int = QDQ_FLOAT_ACTIVATIONS
+                             ) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
     """The activation tensors of the QDQ ``model`` (quantized from the fp32 graph ``source``) to keep float,
-    the mean cosine with them kept float, and what was tried.
+    the per-sample cosines with them kept float, and what was tried.
 
-    ``score(model, screen)`` is the mean cosine of a candidate model's outputs to the fp32 file's, on one
+    ``score(model, screen)`` is the per-sample cosine of a candidate model's outputs to the fp32 file's, on one
     calibration batch when ``screen`` is true, on all of them otherwise; ``base`` is ``model``'s on all.
-    A tensor is kept when it raises that cosine by more than ``gain``, at most ``limit`` of them."""
+    A tensor is kept when ``better(its scores, the best scores so far)``, at most ``limit`` of them."""
     if limit <= 0:
         return [], base, []
-    alone = {t: score(bypass_quantizers(model, [t]), True) for t in activation_quantizers(model, source)}
+    alone = {t: float(score(bypass_quantizers(model, [t]), True).mean())
+             for t in activation_quantizers(model, source)}
     chosen: list[str] = []
     best, tried = base, []
     for tensor in sorted(alone, key=alone.get, reverse=True)[:_TRIED]:
         if len(chosen) == limit:
             break
-        cosine = score(bypass_quantizers(model, [*chosen, tensor]), False)
-        tried.append({"float_activations": [*chosen, tensor], "cosine": round(cosine, 6)})
-        if cosine > best + gain:
-            chosen, best = [*chosen, tensor], cosine
+        samples = score(bypass_quantizers(model, [*chosen, tensor]), False)
+        tried.append({"float_activations": [*chosen, tensor], "cosine": round(float(samples.mean()), 6)})
+        if better(samples, best):
+            chosen, best = [*chosen, tensor], samples
     return chosen, best, tried
