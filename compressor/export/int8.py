@@ -134,10 +134,10 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
     :mod:`compressor.export.int8_rounding`), then whether the first and/or last weight layer (Conv/Gemm/MatMul,
     in graph order: the stem and the classifier, where int8 often costs most) stay float, with their fp32
     weights and biases; last, which activation tensors (at most ``float_activations``) stay float
-    (:mod:`compressor.export.int8_activations`; not for files over 2 GB). A later rounding or a float layer
-    replaces the simpler candidate only when :func:`clearly_better` than it: by :data:`QDQ_TIE` (a float
-    layer, which costs bytes and speed, by :data:`QDQ_FLOAT_GAIN`) and beyond chance. What was tried and
-    chosen is in the file's metadata (:func:`qdq_choice`).
+    (:mod:`compressor.export.int8_activations`; not for files over 2 GB). A later rounding, a float layer or a
+    float activation replaces the simpler candidate only when :func:`clearly_better` than it: by
+    :data:`QDQ_TIE` (what stays float, which costs bytes or speed, by :data:`QDQ_FLOAT_GAIN`) and beyond
+    chance. What was tried and chosen is in the file's metadata (:func:`qdq_choice`).
 
     ``bias_correction`` (default on) subtracts from each Conv/Gemm bias the mean output shift that the
     rounding of its weight causes on the calibration inputs (after the rounding, on its own errors)."""
