@@ -136,8 +136,11 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
     weights and biases; last, which activation tensors (at most ``float_activations``) stay float
     (:mod:`compressor.export.int8_activations`; not for files over 2 GB). A later rounding, a float layer or a
     float activation replaces the simpler candidate only when :func:`clearly_better` than it: by
-    :data:`QDQ_TIE` (what stays float, which costs bytes or speed, by :data:`QDQ_FLOAT_GAIN`) and beyond
-    chance. What was tried and chosen is in the file's metadata (:func:`qdq_choice`).
+    :data:`QDQ_TIE` and beyond chance; a float activation, which costs speed, by :data:`QDQ_FLOAT_GAIN`; a
+    float layer, which costs its weights' int8 bytes, by :data:`QDQ_FLOAT_GAIN` times its share of the file's
+    weights (the stem conv, a few hundred weights that unlock keeping its output float, passes on a small
+    gain; the classifier, a third of MobileNetV2, needs 0.0018). What was tried and chosen is in the file's
+    metadata (:func:`qdq_choice`).
 
     ``bias_correction`` (default on) subtracts from each Conv/Gemm bias the mean output shift that the
     rounding of its weight causes on the calibration inputs (after the rounding, on its own errors)."""
@@ -168,6 +171,10 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
     constants = {t.name for t in graph.initializer}
     weighted = [n for n in graph.node if n.op_type in _QDQ_WEIGHT_OPS and n.name and len(n.input) > 1
                 and n.input[1] in constants]
+    dims = {t.name: t.dims for t in graph.initializer}
+
+    def weight_size(node: Any) -> int:
+        return int(np.prod(dims[node.input[1]]))
     big = file_size(src) > EXTERNAL_DATA_BYTES
     tried: list[dict[str, Any]] = []
     sources: dict[str, tuple[Path, dict[str, int]]] = {}  # rounding -> (the file quantize_static reads, counts)
@@ -184,7 +191,7 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
                             else {"CalibPercentile": QDQ_PERCENTILE})
         samples = _sample_cosines(onnx_session(path), batches, expected)
         tried.append({"method": method, "rounding": rounding, "float_layers": [_layer_of(graph, n) for n in keep],
-                      "cosine": round(float(samples.mean()), 6), "path": path, "samples": samples})
+                      "cosine": round(float(samples.mean()), 6), "path": path, "samples": samples, "keep": keep})
         return tried[-1]
 
     try:
@@ -199,9 +206,11 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
                     best = c
             ends = [n.name for n in weighted[:1]] + [n.name for n in weighted[-1:] if n is not weighted[0]]
             keeps = [(e,) for e in ends] + ([tuple(ends)] if len(ends) == 2 else [])
-            for keep in keeps:  # a float layer costs its int8 bytes and speed, as a float activation does
+            sizes = {n.name: weight_size(n) for n in weighted}
+            for keep in keeps:  # a float layer costs its weights' int8 bytes, so it must gain in proportion
                 c = attempt(best["method"], best["rounding"], keep, folder)
-                if _replaces(c, best, QDQ_FLOAT_GAIN):
+                added = sum(sizes[n] for n in keep if n not in best["keep"]) / max(1, sum(sizes.values()))
+                if _replaces(c, best, max(QDQ_TIE, QDQ_FLOAT_GAIN * added)):
                     best = c
             model, best = _keep_activations_float(onnx.load(str(best["path"])), graph, batches, expected, best,
                                                   tried, 0 if big else float_activations)
@@ -252,8 +261,9 @@ def _choice_record(best: dict[str, Any], tried: list[dict[str, Any]], counts: di
                                 "inputs"},
             "calibration_samples": int(sum(next(iter(b.values())).shape[0] for b in batches)),
             "criterion": "mean per-sample cosine of the outputs to the fp32 file on the calibration inputs; a later "
-                         f"rounding must gain more than {QDQ_TIE:g}, a float layer or activation more than "
-                         f"{QDQ_FLOAT_GAIN:g}, and each more than {QDQ_Z:g} standard errors of the paired per-sample "
+                         f"rounding must gain more than {QDQ_TIE:g}, a float activation more than {QDQ_FLOAT_GAIN:g}, "
+                         f"a float layer more than {QDQ_FLOAT_GAIN:g} times its share of the weights (at least "
+                         f"{QDQ_TIE:g}), and each more than {QDQ_Z:g} standard errors of the paired per-sample "
                          "differences",
             "weights": "int8, per output channel", "activations": "uint8"}
 
