@@ -138,9 +138,7 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
     float activation replaces the simpler candidate only when :func:`clearly_better` than it: by
     :data:`QDQ_TIE` and beyond chance; a float activation, which costs speed, by :data:`QDQ_FLOAT_GAIN`; a
     float layer, which costs its weights' int8 bytes, by :data:`QDQ_FLOAT_GAIN` times its share of the file's
-    weights (the stem conv, a few hundred weights that unlock keeping its output float, passes on a small
-    gain; the classifier, a third of MobileNetV2, needs 0.0018). What was tried and chosen is in the file's
-    metadata (:func:`qdq_choice`).
+    weights (:func:`_weight_sizes`). What was tried and chosen is in the file's metadata (:func:`qdq_choice`).
 
     ``bias_correction`` (default on) subtracts from each Conv/Gemm bias the mean output shift that the
     rounding of its weight causes on the calibration inputs (after the rounding, on its own errors)."""
@@ -171,10 +169,7 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
     constants = {t.name for t in graph.initializer}
     weighted = [n for n in graph.node if n.op_type in _QDQ_WEIGHT_OPS and n.name and len(n.input) > 1
                 and n.input[1] in constants]
-    dims = {t.name: t.dims for t in graph.initializer}
 
-    def weight_size(node: Any) -> int:
-        return int(np.prod(dims[node.input[1]]))
     big = file_size(src) > EXTERNAL_DATA_BYTES
     tried: list[dict[str, Any]] = []
     sources: dict[str, tuple[Path, dict[str, int]]] = {}  # rounding -> (the file quantize_static reads, counts)
@@ -206,7 +201,7 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
                     best = c
             ends = [n.name for n in weighted[:1]] + [n.name for n in weighted[-1:] if n is not weighted[0]]
             keeps = [(e,) for e in ends] + ([tuple(ends)] if len(ends) == 2 else [])
-            sizes = {n.name: weight_size(n) for n in weighted}
+            sizes = _weight_sizes(graph, weighted)
             for keep in keeps:  # a float layer costs its weights' int8 bytes, so it must gain in proportion
                 c = attempt(best["method"], best["rounding"], keep, folder)
                 added = sum(sizes[n] for n in keep if n not in best["keep"]) / max(1, sum(sizes.values()))
@@ -337,6 +332,14 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
     return np.where((na == 0) & (nb == 0), 1.0, np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-300))
+
+
+def _weight_sizes(graph: Any, nodes: Sequence[Any]) -> dict[str, int]:
+    """Per node, how many weights its constant weight (input 1) holds: what keeping it float costs in int8 bytes.
+    The share decides how much a float layer must gain: MobileNetV2's stem conv (864 weights, and its output can
+    stay float only if it does) passes on a small gain; its classifier (37% of the weights) needs 0.0018."""
+    dims = {t.name: t.dims for t in graph.initializer}
+    return {n.name: int(np.prod(dims[n.input[1]])) for n in nodes}
 
 
 def _layer_of(graph, node_name: str) -> str:

@@ -29,10 +29,11 @@ import numpy as np
 
 # At most this many activation tensors stay float in a static int8 file (each runs its neighbours in float).
 QDQ_FLOAT_ACTIVATIONS = 3
-# A tensor (or a weight layer, export_qdq) stays float only when that raises the mean cosine to fp32 on the
-# calibration inputs by more than this, and by more than chance: on MobileNetV2 the stem output gained 0.032,
-# the next two 0.0019 and 0.0006, and with all three float the file ran at 0.74x the dense fp32 latency, against
-# 0.57x with the stem output alone (the edge benchmark at commit 0587cd2, then at this rule).
+# A tensor stays float only when that raises the mean cosine to fp32 on the calibration inputs by more than
+# this, and by more than chance (a weight layer, by this times its share of the weights: export_qdq). On
+# MobileNetV2 the stem output gained 0.032, the next two 0.0019 and 0.0006, and with all three float the file
+# ran at 0.74x the dense fp32 latency, against 0.57x with the stem output alone (the edge benchmark at commit
+# 0587cd2, then at this rule).
 QDQ_FLOAT_GAIN = 0.005
 # Screened candidates tried on all calibration batches, most helpful first; the rest are not tried.
 _TRIED = 6
