@@ -169,7 +169,6 @@ def export_qdq(src_onnx: str | Path, dst: str | Path, *, calibration: Any, metho
     constants = {t.name for t in graph.initializer}
     weighted = [n for n in graph.node if n.op_type in _QDQ_WEIGHT_OPS and n.name and len(n.input) > 1
                 and n.input[1] in constants]
-
     big = file_size(src) > EXTERNAL_DATA_BYTES
     tried: list[dict[str, Any]] = []
     sources: dict[str, tuple[Path, dict[str, int]]] = {}  # rounding -> (the file quantize_static reads, counts)
@@ -301,7 +300,11 @@ def paired_gain(samples: np.ndarray, than: np.ndarray) -> tuple[float, float]:
 
 def clearly_better(samples: np.ndarray, than: np.ndarray, margin: float) -> bool:
     """Whether ``samples`` beat ``than`` (:func:`paired_gain`) by more than ``margin`` and more than chance."""
-    gain, noise = paired_gain(samples, than)
+    return _wins(*paired_gain(samples, than), margin)
+
+
+def _wins(gain: float, noise: float, margin: float) -> bool:
+    """The rule of :func:`clearly_better`, on a gain and the gain chance could give."""
     return gain > max(margin, noise)
 
 
@@ -310,7 +313,7 @@ def _replaces(candidate: dict[str, Any], best: dict[str, Any], margin: float) ->
     cosines, ``samples``); the evidence, ``gain`` and ``noise``, is recorded on ``candidate``."""
     gain, noise = paired_gain(candidate["samples"], best["samples"])
     candidate.update(gain=round(gain, 6), noise=round(noise, 6))
-    return clearly_better(candidate["samples"], best["samples"], margin)
+    return _wins(gain, noise, margin)
 
 
 def _sample_cosines(session: Any, batches: list[dict[str, np.ndarray]],
