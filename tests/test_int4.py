@@ -191,8 +191,12 @@ def test_cli_writes_a_corrected_int4_file_and_refuses_stray_settings(tmp_path):
     corr = report["int4"]["correction"]
     assert report["int4"]["passed"] and corr["data_aware"] and corr["ranks"] == {"0": 4, "2": 4}
     assert corr["factors"] == "int8" and "corrects 2 of 2 4-bit layers" in (tmp_path / "a" / "report.md").read_text()
+    assert report["int4"]["settings"] == {"block_size": 16, "rounding": "gptq", "gptq_layers": 2,
+                                          "calibrated_on": "the calibration inputs (cal.pt)"}
+    assert "2 layers' weights rounded by GPTQ" in (tmp_path / "a" / "report.md").read_text()
     assert "model.int4.onnx" in res.output and "corrected       2 layers" in res.output
     for extra, problem in ((["--int4-correction", "rank=4"], "add --int4"),
+                           (["--int4-rounding", "nearest"], "add --int4"),
                            (["--int4", "--int4-block-size", "24"], "power of two"),
                            (["--int4", "--int4-correction", "depth=2"], "RULE=VALUE")):
         res = run(["export", src, "--input-shape", "4x72", *extra, "--out", tmp_path / "c"])
@@ -225,7 +229,7 @@ def test_search_measures_corrected_int4_beside_dense_int4(tmp_path):
 
     model = _mlp().eval()
     g = torch.Generator().manual_seed(4)
-    cal = [torch.randn(32, 72, generator=g)]
+    cal = [torch.randn(256, 72, generator=g)]
     corrected = Recipe("int4", calibrated=True, int4_correction="rank=8")
     result = search(model, constraints=Constraints(min_fidelity=0.0), recipes=[corrected],
                     example_inputs=torch.randn(4, 72), evaluation=output_fidelity(model, [torch.randn(64, 72)]),
@@ -234,3 +238,55 @@ def test_search_measures_corrected_int4_beside_dense_int4(tmp_path):
     dense, fixed = points["dense-int4"], points["dense-int4+rank8-cal"]
     assert dense.passed and fixed.passed
     assert fixed.size_bytes > dense.size_bytes and fixed.metrics["cosine"] > dense.metrics["cosine"]
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    return (x.T @ x).double()
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_gptq_int4_weight_keeps_the_grid_and_moves_the_output_less_than_rounding_to_nearest(block_size):
+    from compressor.analysis.int4 import gptq_int4_weight
+    from compressor.core.handlers import int4_grid
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(40, 72, generator=g) * torch.linspace(0.1, 2, 72)  # 72: a padded last block
+    W[:, :16] = W[:, :16].abs()  # blocks of one sign: their range starts at 0
+    mix = torch.randn(72, 72, generator=g)
+    fit, other = (torch.randn(2000, 72, generator=g) @ mix for _ in range(2))  # correlated inputs
+    prepared = gptq_int4_weight(W, _gram(fit), block_size)
+    pad = -72 % block_size
+    blocks = [torch.nn.functional.pad(w, (0, pad)).reshape(40, -1, block_size) for w in (W, prepared)]
+    # onnxruntime sets each block's scale and zero point from the matrix it is given: the same for both
+    assert all(torch.equal(a, b) for a, b in zip(int4_grid(blocks[0]), int4_grid(blocks[1]), strict=True))
+    rounded, nearest = fake_int4_weight(prepared, block_size), fake_int4_weight(W, block_size)
+    # Every weight but the blocks' extremes (kept to keep the grid) is given at its 4-bit value already.
+    lo, hi = (f(blocks[1], -1, keepdim=True).expand_as(blocks[1]).reshape(40, -1)[:, :72] for f in (torch.amin,
+                                                                                                   torch.amax))
+    inner = (prepared != lo) & (prepared != hi)
+    assert inner.float().mean() > 0.8 and (rounded - prepared)[inner].abs().max() < 1e-6
+    assert not torch.equal(rounded, nearest)
+
+    def error(w, x):
+        return float(((W - w) @ x.T).norm() / (W @ x.T).norm())
+
+    # Less output error than nearest rounding on the inputs it was fitted to, and on other inputs alike.
+    assert error(rounded, fit) < 0.8 * error(nearest, fit) and error(rounded, other) < 0.8 * error(nearest, other)
+
+
+def test_gptq_int4_weights_are_what_onnxruntime_stores(tmp_path):
+    from compressor.analysis.int4 import gptq_int4
+
+    model = _mlp().eval()
+    g = torch.Generator().manual_seed(6)
+    weights = gptq_int4(model, [torch.randn(256, 72, generator=g)], block_size=16)
+    assert set(weights) == {"0", "2"}
+    src = export_onnx(model, torch.randn(2, 72), tmp_path / "m.onnx")
+    path = export_int4(src, tmp_path / "g.onnx", block_size=16, weights=weights, accuracy_level=0)
+    x = torch.randn(64, 72, generator=g)
+    sim = simulate_int4(model, 16, weights=weights)(x).detach().numpy()
+    assert np.abs(_run(path, x) - sim).max() < 1e-4  # onnxruntime's 4-bit values are GPTQ's
+    assert np.abs(simulate_int4(model, 16)(x).detach().numpy() - sim).max() > 1e-3  # not nearest rounding's
+    with pytest.raises(CompressorError, match="no MatMul"):
+        export_int4(src, tmp_path / "x.onnx", weights={"nope": torch.zeros(2, 2)})
+    assert not (tmp_path / "x.onnx").exists()

@@ -123,14 +123,17 @@ def folder(tmp_path_factory):
 
 @pytest.mark.slow
 def test_compress_kv_cache_writes_a_validated_cached_decoder_and_its_int4_file(folder, tmp_path):
-    out = tmp_path / "out"
+    out, text = tmp_path / "out", tmp_path / "text.txt"
+    text.write_text("\n".join(EXAMPLE_TEXT * 20) + "\n")
+    # Calibrated: both int4 files, model.int4.onnx and model_kv.int4.onnx, take GPTQ's weights.
     report = compressor.compress(folder, out, rank_ratio=0.5, include=["model.layers.*"], variants=["int4"],
-                                 kv_cache=True, progress=False)
+                                 kv_cache=True, calibration=text, progress=False)
     assert report.passed, report.kv_cache
+    assert report.validations["int4"].settings["rounding"] == "gptq"
     files = report.kv_cache["files"]
     assert list(files) == ["model_kv.onnx", "model_kv.int4.onnx"]
     fp32, int4 = files["model_kv.onnx"], files["model_kv.int4.onnx"]
-    assert fp32["identical"] == fp32["prompts"] == 10 and fp32["prompt_source"] == "built-in prompts"
+    assert fp32["identical"] == fp32["prompts"] == 10 and fp32["prompt_source"] == "first 10 lines of text.txt"
     assert int4["min_cosine"] == 0.8 and not int4["same_tokens"] and int4["passed"]
     plan = compressor.Plan.from_json(out / "plan.json")
     assert len(plan.factored) >= 8 and check_factored_graph(out / "model_kv.onnx", plan) == []  # two MatMuls each

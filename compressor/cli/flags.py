@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from compressor.analysis.int4 import INT4_ROUNDINGS
 from compressor.export.onnx import FACTOR_STORAGE, VARIANTS
 from compressor.jobs.options import Options
 
@@ -104,6 +105,11 @@ export_options = options_group([
                       "of the Linear weights, spent where they help most); whitened by --calibration if given."),
     click.option("--int4-factors", type=click.Choice(FACTOR_STORAGE), default=Options.int4_factors,
                  show_default=True, help="With --int4-correction: how its factors are stored."),
+    click.option("--int4-rounding", type=click.Choice(INT4_ROUNDINGS), default=Options.int4_rounding,
+                 show_default=True,
+                 help="With --int4 and --calibration: gptq rounds each Linear's weights to the 4-bit grid so that its "
+                      "output on the calibration inputs moves least (GPTQ); nearest rounds each weight alone. "
+                      "Without --calibration weights are rounded to nearest."),
     click.option("--kv-cache", is_flag=True,
                  help="Causal LMs: also write model_kv.onnx (past_key_values.N.key/value in, present.N.key/value "
                       "out, as Optimum and onnxruntime-genai lay them out) and a model_kv.VARIANT.onnx per variant, "

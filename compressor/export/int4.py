@@ -4,6 +4,7 @@ optional low-rank correction of chosen layers computed beside their 4-bit MatMul
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ def check_int4_accuracy_level(level: int) -> int:
 
 def export_int4(src_onnx: str | Path, dst: str | Path, *, block_size: int = INT4_BLOCK_SIZE,
                 corrections: Mapping[str, tuple[Any, Any]] | None = None, factors: str = "fp16",
-                accuracy_level: int = INT4_ACCURACY_LEVEL) -> Path:
+                accuracy_level: int = INT4_ACCURACY_LEVEL, weights: Mapping[str, Any] | None = None) -> Path:
     """onnxruntime's 4-bit weight-only quantization of ``src_onnx`` (MatMulNBitsQuantizer, asymmetric,
     blocks of ``block_size`` weights along the input dimension): every MatMul/Gemm by a constant weight
     becomes a MatMulNBits node, every embedding lookup a GatherBlockQuantized node; convolutions and the
@@ -72,8 +73,11 @@ def export_int4(src_onnx: str | Path, dst: str | Path, *, block_size: int = INT4
     ``x (deq(Q(W)) + up down)^T``. ``factors``: how those MatMuls store their weights, "fp16" (cast back
     to float32 at load) or "int8" (onnxruntime dynamic int8: per-channel weights, inputs quantized at run
     time, half the bytes of fp16 and a little more error). ``accuracy_level``: the MatMulNBits attribute
-    (:data:`INT4_ACCURACY_LEVEL`). Embedding tables are stored as 4-bit values packed two to a uint8
-    (:func:`_pack_gather_nibbles`), the layout onnxruntime's ``.ort`` format can hold."""
+    (:data:`INT4_ACCURACY_LEVEL`). ``weights`` maps module names to the (out, in) matrices their MatMuls
+    are given before quantizing, instead of their own: GPTQ's (:func:`compressor.analysis.int4.gptq_int4`),
+    which onnxruntime's rounding turns into GPTQ's 4-bit values. Embedding tables are stored as 4-bit
+    values packed two to a uint8 (:func:`_pack_gather_nibbles`), the layout onnxruntime's ``.ort`` format can
+    hold."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -86,11 +90,13 @@ def export_int4(src_onnx: str | Path, dst: str | Path, *, block_size: int = INT4
     _gemms_to_matmuls(graph)
     modules = _matmul_modules(graph)  # MatMul node name -> torch module name, before the quantizer drops it
     corrections = dict(corrections or {})
-    unknown = sorted(set(corrections) - set(modules.values()))
+    unknown = sorted((set(corrections) | set(weights or {})) - set(modules.values()))
     if unknown:
         some = ", ".join(sorted(set(modules.values()))[:3])
-        raise CompressorError(f"int4 corrections name layers with no MatMul in '{src}': {', '.join(unknown[:3])}",
+        raise CompressorError(f"int4 corrections or weights name layers with no MatMul in '{src}': "
+                              f"{', '.join(unknown[:3])}",
                               f"name torch Linear modules as in model.named_modules(), e.g. {some}")
+    _place_weights(graph, modules, weights or {}, src)
     try:
         with quiet():
             q = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=INT4_SYMMETRIC,
@@ -214,6 +220,25 @@ def _matmul_modules(graph) -> dict[str, str]:
         if module and node.name:
             out[node.name] = module.removeprefix("model.")
     return out
+
+
+def _place_weights(graph, modules: dict[str, str], weights: Mapping[str, Any], src: Path) -> None:
+    """Give the MatMul of each module in ``weights`` that (out, in) matrix as its (in, out) weight initializer
+    instead of its own; the initializer must be that MatMul's alone (not tied to a lookup table)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    uses = Counter(i for n in graph.node for i in n.input)
+    nodes = {n.name: n for n in graph.node}
+    by_module = {m: nodes[n] for n, m in modules.items()}
+    for module, w in weights.items():
+        arr = np.asarray(w.detach().cpu().float() if isinstance(w, torch.Tensor) else w, np.float32).T
+        init = inits.get(by_module[module].input[1])
+        if init is None or uses[init.name] != 1 or tuple(init.dims) != arr.shape:
+            raise CompressorError(f"the int4 weights given for '{module}' cannot replace its MatMul's weight in "
+                                  f"'{src}' (shared, transposed in the graph, or not {arr.shape})",
+                                  "leave that layer out of the weights (it is then rounded to nearest)")
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), init.name))
 
 
 def _add_corrections(graph, corrections: Mapping[str, tuple[Any, Any]]) -> set[str]:

@@ -13,6 +13,7 @@ import numpy as np
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_files
+from compressor.core.gptq import GPTQ_ACT_ORDER, GPTQ_DAMP
 from compressor.data.inputs import as_batches
 from compressor.export.fp16 import store_fp16
 from compressor.export.graph import weight_uses
@@ -22,7 +23,7 @@ from compressor.export.int8_activations import (
     bypass_quantizers,
     choose_float_activations,
 )
-from compressor.export.int8_rounding import GPTQ_ACT_ORDER, GPTQ_DAMP, ROUNDINGS, restore_layers, rounded_sources
+from compressor.export.int8_rounding import ROUNDINGS, restore_layers, rounded_sources
 from compressor.export.measure import file_size
 from compressor.export.onnx_files import (
     EXTERNAL_DATA_BYTES,

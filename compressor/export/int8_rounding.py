@@ -6,15 +6,9 @@ Why GPTQ: on MobileNetV2 rounding the weights to per-channel int8 is most of wha
 every weight rounded to the nearest step and activations left float, 0.867 of held-out views keep the
 original's top-1 class, against 0.967 with 16-bit activations and bias correction
 (benchmarks/results/edge_mobilenetv2.md). Round-to-nearest rounds each weight on its own, so the errors of
-one output channel's weights add up in its output however its inputs are correlated. GPTQ (Frantar et al.
-2022, "GPTQ: Accurate post-training quantization for generative pre-trained transformers", after Optimal
-Brain Quantization, Frantar & Alistarh 2022) rounds a channel's weights one input column at a time and moves
-each column's rounding error onto the columns not yet rounded, by the least-squares solution that keeps the
-output ``W X`` on the calibration inputs ``X`` closest: with ``H = X Xᵀ + λI`` and ``U`` the upper Cholesky
-factor of ``H⁻¹``, column ``i``'s error ``eᵢ = (wᵢ - qᵢ) / Uᵢᵢ`` is subtracted as ``eᵢ Uᵢⱼ`` from every later
-column ``j``. ``λ`` (:data:`GPTQ_DAMP` of the mean diagonal) keeps ``H`` invertible where inputs are dead
-or collinear; columns go in decreasing ``Hᵢᵢ`` order (:data:`GPTQ_ACT_ORDER`, GPTQ's "act-order"), so the
-inputs that matter most are rounded while the most columns are left to take their error. For a convolution
+one output channel's weights add up in its output however its inputs are correlated. GPTQ
+(:mod:`compressor.core.gptq`) rounds a channel's weights one input column at a time and moves each column's
+rounding error onto the columns not yet rounded, fitted to the calibration inputs. For a convolution
 ``X`` is its im2col (every input patch, a column per input channel and kernel tap); in a grouped or depthwise
 one each output channel reads only its group's input channels, so each group has its own ``H`` (9 x 9 over
 the kernel taps for a 3x3 depthwise channel). ``H`` comes from the fp32 model's layer inputs, not from the
@@ -43,12 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from compressor.core.gptq import GPTQ_ACT_ORDER, GPTQ_DAMP, gptq
 from compressor.core.handlers import fake_int8_weight
 from compressor.export.onnx_files import onnx_session, save_onnx
 
 ROUNDINGS = ("nearest", "gptq")  # how export_qdq may round weights; each is measured
-GPTQ_DAMP = 0.01  # λ, as a fraction of the mean diagonal of H (GPTQ's default)
-GPTQ_ACT_ORDER = True  # round the columns with the largest mean squared input first
 _SAMPLES_PER_CHUNK = 4  # calibration samples unfolded at a time: im2col of a 112x112 layer is large
 
 
@@ -65,32 +58,16 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, *, damp: float = GPT
     float32, each value ``q * int8_scale(row)`` with ``q`` an integer in -127..127 and each row's largest
     weight at ±127 (so its scale is unchanged)."""
     scale = int8_scale(weight)  # float32, as onnxruntime stores it
-    w = weight.to(torch.float64).clone()
-    h = hessian.to(torch.float64).clone()
-    groups, _, cols = w.shape
     step = torch.where(scale > 0, scale, 1).to(torch.float64)  # a zero row: any step, its weights stay 0
+    w = weight.to(torch.float64)
     top = w.abs().argmax(-1)  # each row's largest weight: pinned to ±127, keeping the row's scale
     pin = torch.where(w.gather(-1, top[..., None])[..., 0] < 0, -127.0, 127.0).to(torch.float64) * (scale > 0)
-    diag = h.diagonal(dim1=-2, dim2=-1)
-    mean = diag.mean(-1)
-    h += (damp * torch.where(mean > 0, mean, 1))[:, None, None] * torch.eye(cols, dtype=h.dtype)
-    order = torch.argsort(diag, dim=-1, descending=True) if act_order else torch.arange(cols).expand(groups, -1)
-    w = w.gather(-1, order[:, None, :].expand_as(w))
-    h = h.gather(1, order[:, :, None].expand_as(h)).gather(2, order[:, None, :].expand_as(h))
-    top = torch.argsort(order, dim=-1).gather(-1, top)  # the pinned columns' places in that order
-    chol, info = torch.linalg.cholesky_ex(h)
-    u, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-    # A group whose H is not positive definite even damped: round it to nearest (U = I spreads no error).
-    bad = (info != 0) | (info2 != 0) | ~torch.isfinite(u).all(-1).all(-1)
-    u[bad] = torch.eye(cols, dtype=u.dtype)
-    q = torch.empty_like(w)
-    for i in range(cols):
-        col = w[..., i]
-        qi = torch.where(top == i, pin, (col / step).round().clamp(-127, 127))
-        q[..., i] = qi
-        err = (col - qi * step) / u[:, i, i, None]
-        w[..., i + 1:] -= err[..., None] * u[:, None, i, i + 1:]
-    q = q.gather(-1, torch.argsort(order, dim=-1)[:, None, :].expand_as(q))
+
+    def round_column(column: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        q = torch.where(top == column[:, None], pin, (values / step).round().clamp(-127, 127))
+        return q * step
+
+    q = (gptq(weight, hessian, round_column, damp=damp, act_order=act_order) / step[..., None]).round()
     return (q.float() * scale[..., None]).float()
 
 

@@ -47,6 +47,7 @@ def export_files(model: nn.Module, original: nn.Module, inputs, folder: Path, pl
     # (--input-shape) fall outside them: a calibrated variant is checked on real inputs when there are any.
     real = inputs if not calibration else map_tensors(  # widened as onnx_ready widens the example inputs
         calibration[0], lambda t: t.float() if t.dtype == torch.bfloat16 else t)
+    rounded = _gptq_weights(model, opts, calibration)
     for kind in opts.variants:
         # Rounded weights move outputs by more than --atol; variants are held to a cosine floor.
         v = VARIANTS[kind]
@@ -56,7 +57,8 @@ def export_files(model: nn.Module, original: nn.Module, inputs, folder: Path, pl
             written = export_int8(path, folder / "model.int8.onnx", keep_fp16=kept)
             result["int8_kept_fp16"] = kept
         elif kind == "int4":
-            written, result["int4_correction"] = _int4(model, path, folder, opts, calibration)
+            written, result["int4_correction"], result["int4_settings"] = _int4(model, path, folder, opts,
+                                                                                calibration, rounded)
         else:
             written = write_variant(kind, path, folder / f"model.{kind}.onnx", calibration=calibration or [inputs])
             if v.calibrated:
@@ -67,7 +69,7 @@ def export_files(model: nn.Module, original: nn.Module, inputs, folder: Path, pl
     if "int8" in result and "qdq" in result:
         result["int8_choice"] = int8_choice(result, folder, inputs, real, opts)
     if prompts is not None:
-        result["kv_cache"] = _kv_cache(model, folder, plan, opts, *prompts)
+        result["kv_cache"] = _kv_cache(model, folder, plan, opts, *prompts, rounded)
     if original is not compressed:
         result["fidelity"] = output_fidelity(original, compressed, held_out or [original_inputs], opts.outputs)
         result["fidelity"]["inputs"] = (f"{sum(num_samples(b) for b in held_out)} held-out samples from "
@@ -79,20 +81,36 @@ def export_files(model: nn.Module, original: nn.Module, inputs, folder: Path, pl
     return result
 
 
-def _int4(model: nn.Module, path: Path, folder: Path, opts: Options, calibration: list | None
-          ) -> tuple[Path, dict[str, Any] | None]:
-    """model.int4.onnx, with the low-rank correction of its rounding error when asked (data-aware with
-    calibration inputs); returns the file and the correction's summary."""
+def _gptq_weights(model: nn.Module, opts: Options, calibration: list | None) -> dict[str, torch.Tensor] | None:
+    """GPTQ's weights for the int4 files (:func:`compressor.analysis.int4.gptq_int4`) when int4 is written with
+    calibration inputs and --int4-rounding gptq; None where the int4 files round to nearest."""
+    from compressor.analysis.int4 import gptq_int4
+
+    if "int4" not in opts.variants or calibration is None or opts.int4_rounding != "gptq":
+        return None
+    return gptq_int4(model, calibration, block_size=opts.int4_block_size)
+
+
+def _int4(model: nn.Module, path: Path, folder: Path, opts: Options, calibration: list | None,
+          weights: dict[str, torch.Tensor] | None) -> tuple[Path, dict[str, Any] | None, dict[str, Any]]:
+    """model.int4.onnx, given ``weights`` (GPTQ's) where there are, with the low-rank correction of its rounding
+    error when asked (data-aware with calibration inputs); returns the file, the correction's summary and how
+    the weights were rounded."""
     from compressor.analysis.int4 import int4_correction, parse_correction
     from compressor.export.onnx import export_int4
+    from compressor.jobs.int8 import calibrated_on
 
     corr = None
     if opts.int4_correction is not None:
         corr = int4_correction(model, block_size=opts.int4_block_size, calibration=calibration,
-                               outputs=opts.outputs or None, **parse_correction(opts.int4_correction))
+                               outputs=opts.outputs or None, weights=weights, **parse_correction(opts.int4_correction))
     written = export_int4(path, folder / "model.int4.onnx", block_size=opts.int4_block_size,
-                          corrections=corr.factors if corr else None, factors=opts.int4_factors)
-    return written, None if corr is None else {**corr.to_dict(), "factors": opts.int4_factors}
+                          corrections=corr.factors if corr else None, factors=opts.int4_factors, weights=weights)
+    settings = {"block_size": opts.int4_block_size, "rounding": "gptq" if weights else "nearest",
+                "gptq_layers": len(weights or {})}
+    if weights:
+        settings["calibrated_on"] = calibrated_on(opts)
+    return written, None if corr is None else {**corr.to_dict(), "factors": opts.int4_factors}, settings
 
 
 def edge_folder(model: nn.Module, original: nn.Module, inputs, folder: Path, opts: Options, source: Path,
@@ -108,7 +126,8 @@ def edge_folder(model: nn.Module, original: nn.Module, inputs, folder: Path, opt
     origin = {"source": str(source), "command": opts.command}
     if (folder / "plan.json").is_file():
         origin.update(plan="plan.json", plan_sha256=sha256(folder / "plan.json"))
-    recipes = {"model.int4.onnx": {"block_size": opts.int4_block_size, "correction": exports.get("int4_correction"),
+    recipes = {"model.int4.onnx": {**exports.get("int4_settings", {}), "block_size": opts.int4_block_size,
+                                   "correction": exports.get("int4_correction"),
                                    "accuracy_level": INT4_ACCURACY_LEVEL},
                "model.int8.onnx": {"keep_fp16": exports.get("int8_kept_fp16") or []}}
     reference = onnx_ready(original, inputs)[0] if original is not compressed else None
@@ -118,7 +137,7 @@ def edge_folder(model: nn.Module, original: nn.Module, inputs, folder: Path, opt
 
 
 def _kv_cache(model: nn.Module, folder: Path, plan: Plan | None, opts: Options, prompts: list[list[int]],
-              source: str) -> dict[str, Any]:
+              source: str, rounded: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """model_kv.onnx and a model_kv.VARIANT.onnx per written variant, each checked by greedy generation against
     the torch model: fp32 must give the same tokens on every prompt, a variant keeps its cosine floor on the
     prompts' logits (its token agreement is reported). A factored layer must stay two MatMuls."""
@@ -136,8 +155,9 @@ def _kv_cache(model: nn.Module, folder: Path, plan: Plan | None, opts: Options, 
         if v.calibrated:  # static int8 measures activation ranges on model.onnx's inputs, not a cache's
             continue
         dst = folder / f"model_kv.{kind}.onnx"
-        # Plain variants: the int4 correction and --keep-fp16 apply to model.int4/int8.onnx only.
-        written = export_int4(path, dst, block_size=opts.int4_block_size) if kind == "int4" else v.write(path, dst)
+        # The int4 correction and --keep-fp16 apply to model.int4/int8.onnx only; GPTQ's weights to both int4 files.
+        written = (export_int4(path, dst, block_size=opts.int4_block_size, weights=rounded) if kind == "int4"
+                   else v.write(path, dst))
         files[written.name] = check_generation(written, model, prompts, same_tokens=False, min_cosine=v.min_cosine,
                                                variant=kind, prompt_source=source, threads=opts.threads,
                                                reference=reference).to_dict()

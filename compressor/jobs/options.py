@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compressor.analysis.int4 import INT4_ROUNDINGS
 from compressor.analysis.stream import SVD_METHODS
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import regular_file
@@ -176,6 +177,7 @@ class ExportOptions:
     int4_block_size: int = INT4_BLOCK_SIZE  # with int4: weights per scale / zero point
     int4_correction: str | None = None  # with int4: "rank=16", "energy=0.5" or "budget=0.05" (analysis.int4)
     int4_factors: str = FACTOR_STORAGE[0]  # with a correction: its factors stored "fp16" or "int8"
+    int4_rounding: str = INT4_ROUNDINGS[0]  # with int4 and calibration: "gptq" or "nearest" (analysis.int4)
     # Causal LMs: also model_kv.onnx (past_key_values in, present out) and its variants, validated by greedy
     # generation against the torch model (compressor.export.kv_cache).
     kv_cache: bool = False
@@ -192,13 +194,16 @@ class ExportOptions:
         if unknown:
             raise CompressorError(f"unknown export variant(s) {', '.join(map(repr, unknown))}",
                                   f"choose from {', '.join(written)}")
-        given = _changed(self, ("int4_block_size", "int4_correction", "int4_factors"))
+        given = _changed(self, ("int4_block_size", "int4_correction", "int4_factors", "int4_rounding"))
         if given and "int4" not in self.variants:
             raise CompressorError("an int4 block size, correction or factor storage is given, but the int4 file "
                                   "is not asked for", "add 'int4' to variants",
                                   cli_fix=f"add --int4 ({flag(given[0])} applies to it)")
         check_int4_block_size(self.int4_block_size)
         check_factor_storage(self.int4_factors)
+        if self.int4_rounding not in INT4_ROUNDINGS:
+            raise OptionError(f"unknown int4 rounding {self.int4_rounding!r}",
+                              f"use one of {', '.join(INT4_ROUNDINGS)}")
         if self.int4_correction is not None:
             parse_correction(self.int4_correction)
         if self.keep_fp16 != 0:

@@ -404,6 +404,10 @@ def _validation_markdown(r: dict[str, Any]) -> list[str]:
                       f"output most on the calibration inputs): {', '.join(v['kept_fp16'])}", ""]
     lines += _qdq_markdown(r, files)
     for v in files:
+        s = v.get("settings") or {}
+        if s.get("rounding") == "gptq":
+            lines += [f"`{v['path']}` (blocks of {s['block_size']}): {s['gptq_layers']} layers' weights rounded "
+                      f"by GPTQ, fitted to their inputs on {s['calibrated_on']}; the others to nearest.", ""]
         corr = v.get("correction")
         if corr:
             ranks = [x for x in corr["ranks"].values() if x]

@@ -16,9 +16,10 @@ from compressor.core.fileio import atomic_write, atomic_write_text
 from compressor.search.front import Point
 from compressor.search.recipes import Recipe
 
-CACHE_VERSION = 5  # 2: calibrated embeddings are token-frequency weighted; 3: text exports have a dynamic sequence;
+CACHE_VERSION = 6  # 2: calibrated embeddings are token-frequency weighted; 3: text exports have a dynamic sequence;
 # 4: factored embeddings are no longer kept dense by the per-layer latency rule (low-rank recipes differ);
-# 5: exported files carry no stack-trace metadata (smaller: a size limit may now admit another recipe)
+# 5: exported files carry no stack-trace metadata (smaller: a size limit may now admit another recipe);
+# 6: calibrated int4 recipes round their weights by GPTQ
 
 
 def fingerprint(obj: Any) -> str:

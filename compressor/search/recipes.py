@@ -40,7 +40,9 @@ class Recipe:
     (:func:`int8_sensitivity`); a dense recipe may keep layers too (mixed precision without low rank).
     ``int4_correction`` (int4 only): a low-rank correction of every Linear's 4-bit rounding error beside its
     MatMulNBits node, ``"rank=16"``, ``"energy=0.5"`` or ``"budget=0.03"`` (:func:`int4_correction`), with
-    int8-stored factors; ``calibrated`` makes it data-aware (whitened by the calibration activations).
+    int8-stored factors; ``calibrated`` makes it data-aware (whitened by the calibration activations). A
+    calibrated int4 recipe's weights are rounded by GPTQ on the calibration inputs
+    (:func:`compressor.analysis.int4.gptq_int4`), the others' to nearest.
     """
 
     precision: str = "fp32"

@@ -273,8 +273,8 @@ def _build(recipe: Recipe, ctx: BuildContext, cache: Cache, say: Callable[[str],
                     sensitivity.update(int8_sensitivity(model, ctx.calibration, outputs=outputs))
                 kept = most_sensitive(sensitivity, model, recipe.keep_fp16)
                 made = export_int8(fp32, work / "int8.onnx", keep_fp16=kept)
-            elif recipe.int4_correction:
-                made = _corrected_int4(recipe, model, fp32, work, ctx)
+            elif recipe.precision == "int4" and (recipe.int4_correction or recipe.calibrated):
+                made = _calibrated_int4(recipe, model, fp32, work, ctx)
             else:
                 # A calibrated variant (static int8) measures activations on the calibration inputs, else
                 # on the example inputs.
@@ -315,15 +315,20 @@ def _measure(path: Path, ctx: BuildContext) -> tuple[dict[str, float], dict[str,
     return metrics, latency, ppl
 
 
-def _corrected_int4(recipe: Recipe, model: nn.Module, fp32: Path, work: Path, ctx: BuildContext) -> Path:
-    """The int4 file of ``model`` with the recipe's low-rank correction of its rounding error."""
-    from compressor.analysis.int4 import int4_correction, parse_correction
+def _calibrated_int4(recipe: Recipe, model: nn.Module, fp32: Path, work: Path, ctx: BuildContext) -> Path:
+    """The int4 file of ``model``: calibrated, its weights rounded by GPTQ on the calibration inputs; with the
+    recipe's low-rank correction of its rounding error (data-aware when calibrated)."""
+    from compressor.analysis.int4 import gptq_int4, int4_correction, parse_correction
     from compressor.export.onnx import export_int4
 
-    corr = int4_correction(model, calibration=ctx.calibration if recipe.calibrated else None,
-                           outputs=ctx.analyze_options.get("outputs") or None,
-                           **parse_correction(recipe.int4_correction))
-    return export_int4(fp32, work / "int4.onnx", corrections=corr.factors, factors="int8")
+    calibration = ctx.calibration if recipe.calibrated else None
+    weights = gptq_int4(model, calibration) if calibration is not None else None
+    corr = None
+    if recipe.int4_correction:
+        corr = int4_correction(model, calibration=calibration, outputs=ctx.analyze_options.get("outputs") or None,
+                               weights=weights, **parse_correction(recipe.int4_correction))
+    return export_int4(fp32, work / "int4.onnx", corrections=corr.factors if corr else None, factors="int8",
+                       weights=weights)
 
 
 def _model_for(recipe: Recipe, ctx: BuildContext, say: Callable[[str], None]
