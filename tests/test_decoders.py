@@ -360,3 +360,24 @@ def test_a_pivoted_decoder_meets_its_target_validates_and_loads_in_transformers(
     with torch.no_grad():
         loaded = load_model(out).model(input_ids=ids).logits
         torch.testing.assert_close(back(input_ids=ids).logits, loaded, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama"])
+def test_gptq_int4_of_a_decoder_goes_block_by_block_on_the_rounded_blocks_outputs(kind):
+    """Block 0's GPTQ weights are the in-memory path's bit for bit (the same inputs, the same accumulation);
+    block 1 is fitted to block 0's rounded outputs, so its weights differ from a fit to the original's; the
+    tied embedding / head is left out."""
+    from compressor.analysis.int4 import gptq_int4, gptq_int4_weight, int4_layers
+    from compressor.analysis.tracing import Calibrator
+    from compressor.core.handlers import handler_for
+
+    model = tiny(kind, 128)
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(2, 128, (4, 24), generator=g)} for _ in range(2)]
+    weights = gptq_int4(model, batches, block_size=16)
+    layers = int4_layers(model)
+    assert set(weights) == {n for n in layers if n.startswith("model.layers.")} and "lm_head" in layers
+    moments = Calibrator(model, layers, batches).moments()[0]
+    for name, w in weights.items():
+        whole = gptq_int4_weight(handler_for(layers[name]).weight_matrix(layers[name]), moments[name].xx, 16)
+        assert torch.equal(w, whole) == name.startswith("model.layers.0."), name

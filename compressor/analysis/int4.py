@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.analysis.decoder import BlockPasses, is_decoder
 from compressor.analysis.tracing import Calibrator
-from compressor.analysis.whitened import whitened_decomposition
+from compressor.analysis.whitened import Moments, accumulate, whitened_decomposition
 from compressor.core.errors import CompressorError
 from compressor.core.gptq import gptq
 from compressor.core.handlers import (
@@ -196,9 +197,49 @@ def gptq_int4(model: nn.Module, calibration: Any, *, block_size: int = INT4_BLOC
     # A weight several modules share (an LM head tied to the embedding) is also a lookup table: left as it is.
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     layers = {n: m for n, m in int4_layers(model, exclude).items() if uses[id(handler_for(m).weight(m))] == 1}
-    moments = Calibrator(model, layers, as_batches(calibration)).moments()[0] if layers else {}
+    if not layers:
+        return {}
+    batches = as_batches(calibration)
+    if is_decoder(model):
+        return _gptq_by_block(model, layers, batches, block_size)
+    moments = Calibrator(model, layers, batches).moments()[0]
     return {name: gptq_int4_weight(handler_for(layers[name]).weight_matrix(layers[name]), mom.xx, block_size)
             for name, mom in moments.items() if mom.xx is not None}
+
+
+def _gptq_by_block(model: nn.Module, layers: dict[str, nn.Module], batches: list, block_size: int
+                   ) -> dict[str, torch.Tensor]:
+    """:func:`gptq_int4` for a decoder, one transformer block at a time as GPTQ itself goes: only one block's
+    ``X^T X`` are held (a 7B-shaped block's are about 1 GB, the whole model's 30 times that), and block
+    ``i + 1`` is fitted to the outputs of block ``i`` with its weights already at their 4-bit values, so each
+    block's rounding also answers the errors of the blocks before it. The layers after the last block (an
+    untied output head) are fitted last, on the rounded blocks' outputs."""
+    passes = BlockPasses(model, batches)
+    count = len(passes.blocks)
+    out: dict[str, torch.Tensor] = {}
+    carried = None
+    for i in range(count + 1):
+        inside = f"{passes.name}.{i}." if i < count else None
+        mine = {n: m for n, m in layers.items()
+                if (n.startswith(inside) if inside else not n.startswith(f"{passes.name}."))}
+        if mine:
+            acc = {n: Moments() for n in mine}
+            passes.run(i, carried, hooked=mine,
+                       pre=lambda n, _b, x, mask, acc=acc, mine=mine: accumulate(acc[n], mine[n], x, mask))
+            for n, mom in acc.items():
+                if mom.xx is not None:
+                    out[n] = gptq_int4_weight(handler_for(mine[n]).weight_matrix(mine[n]), mom.xx, block_size)
+            del acc
+        if i < count:
+            block = None
+            if any(n in out for n in mine):  # the block as the int4 file computes it
+                block = copy.deepcopy(passes.blocks[i])
+                for n in mine:
+                    if n in out:
+                        sub = block.get_submodule(n.removeprefix(inside))
+                        handler_for(sub).weight_matrix(sub).copy_(fake_int4_weight(out[n], block_size))
+            carried = passes.run(i, carried, block=block)
+    return out
 
 
 def gptq_int4_weight(weight: torch.Tensor, xx: torch.Tensor, block_size: int = INT4_BLOCK_SIZE) -> torch.Tensor:
@@ -282,10 +323,12 @@ def simulate_int4(model: nn.Module, block_size: int = INT4_BLOCK_SIZE,
     if any); other layers unchanged."""
     new = copy.deepcopy(model)
     factors = correction.factors if correction is not None else {}
+    done: set[int] = set()  # a tied weight (embedding and LM head) is rounded once
     for name, mod in new.named_modules():
         h = handler_for(mod)
-        if h is None or h.int4 == "none" or not h.weight(mod).is_floating_point():
+        if h is None or h.int4 == "none" or not h.weight(mod).is_floating_point() or id(h.weight(mod)) in done:
             continue
+        done.add(id(h.weight(mod)))
         W = h.weight_matrix(mod)
         W2 = fake_int4_weight((weights or {}).get(name, W), block_size)
         if name in factors:

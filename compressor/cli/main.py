@@ -162,7 +162,8 @@ def apply_cmd(model: Path, plan: Path, **kw: Any) -> None:
 @main.command("export")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--calibration", type=click.Path(path_type=Path),
-              help="Calibration inputs for a data-aware --int4-correction (see compress --help).")
+              help="Calibration inputs: --int4 rounds by GPTQ on them, a --int4-correction is data-aware, --qdq "
+                   "calibrates on them (see compress --help).")
 @click.option("--calibration-samples", type=int)
 @export_options
 @eval_options
