@@ -13,7 +13,7 @@ from compressor.analysis.int4 import int4_correction, parse_correction, simulate
 from compressor.analysis.tracing import Calibrator
 from compressor.analysis.whitened import whitening
 from compressor.core.errors import CompressorError
-from compressor.core.handlers import fake_int4_weight
+from compressor.core.int4 import fake_int4_weight
 from compressor.export.onnx import VARIANTS, export_int4, export_onnx, validate_onnx
 
 
@@ -247,7 +247,7 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_gptq_int4_weight_keeps_the_grid_and_moves_the_output_less_than_rounding_to_nearest(block_size):
     from compressor.analysis.int4 import gptq_int4_weight
-    from compressor.core.handlers import int4_grid
+    from compressor.core.int4 import int4_grid
 
     g = torch.Generator().manual_seed(3)
     W = torch.randn(40, 72, generator=g) * torch.linspace(0.1, 2, 72)  # 72: a padded last block

@@ -14,7 +14,7 @@ import torch
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_files
-from compressor.core.handlers import INT4_BLOCK_SIZE, INT4_SYMMETRIC
+from compressor.core.int4 import INT4_BLOCK_SIZE, INT4_SYMMETRIC
 from compressor.export.fp16 import store_fp16
 from compressor.export.graph import weight_uses
 from compressor.export.onnx_files import first_line, load_full, quiet, save_atomic, save_onnx

@@ -34,7 +34,7 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_files
-from compressor.core.handlers import INT4_BLOCK_SIZE
+from compressor.core.int4 import INT4_BLOCK_SIZE
 from compressor.data.inputs import (
     attention_mask,
     call,

@@ -28,7 +28,7 @@ from compressor.analysis.int4 import INT4_ROUNDINGS
 from compressor.analysis.stream import SVD_METHODS
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import regular_file
-from compressor.core.handlers import INT4_BLOCK_SIZE
+from compressor.core.int4 import INT4_BLOCK_SIZE
 from compressor.core.policies import across_layers, policy_from_options
 from compressor.core.threads import check_threads
 from compressor.export.onnx import DEFAULT_ATOL, DEFAULT_OPSET, FACTOR_STORAGE, VARIANTS
