@@ -38,3 +38,21 @@ def minilm():
     from compressor.examples import load_minilm
 
     return load_minilm()
+
+
+def exact_int8_kernels() -> bool:
+    """Whether onnxruntime's dynamic int8 MatMuls compute the exact integer products here. On x86 CPUs with
+    AVX2 but no VNNI its u8 x s8 kernels add pairs of products in 16 bits, which can saturate (why int8 files
+    are made "for AVX-512 VNNI" or with 7-bit weights for AVX2); on such a machine (AMD EPYC, 2026-12-07) its
+    int8 outputs were measured as far from the exact arithmetic as from float. Elsewhere (VNNI, ARM's dot
+    products) they are exact."""
+    import platform
+    from pathlib import Path
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return True
+    return "avx512_vnni" in flags or "avx_vnni" in flags

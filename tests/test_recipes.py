@@ -18,6 +18,7 @@ from compressor.search.recipes import Constraints, Recipe, parse_latency, parse_
 from compressor.search.search import search
 from compressor.search.sensitivity import int8_sensitivity, most_sensitive
 
+from .conftest import exact_int8_kernels
 from .test_mixed_int8 import outlier_mlp
 
 RECIPES = [Recipe("fp32"), Recipe("fp16"), Recipe("int8"), Recipe("int4"),
@@ -219,6 +220,8 @@ def test_cache_entries_are_readable_json(searched):
     assert names == {r.name for r in RECIPES}
 
 
+@pytest.mark.skipif(not exact_int8_kernels(), reason="onnxruntime's int8 kernels saturate on this CPU (AVX2, no "
+                                                     "VNNI): its outputs are not the exact int8 arithmetic")
 def test_fake_int8_simulates_onnxruntime_dynamic_int8(tmp_path):
     """What quantization-aware healing trains through must be what the int8 export computes."""
     import copy
