@@ -44,8 +44,8 @@ from compressor.data.inputs import as_batches
 
 CORRECTION_RULES = ("rank", "energy", "budget")
 # How the int4 export rounds weights when it has calibration inputs; the first is the default. Without them it
-# rounds to nearest. Blocks of 128: perplexity on held-out text SmolLM2-135M 1.55x -> 1.31x dense, Gemma 3 270M
-# 1.91x -> 1.34x (benchmarks/results/int4_gptq.md); all-MiniLM-L6-v2 at low rank 0.2, held-out sentence cosine
+# rounds to nearest. Blocks of 128: perplexity on held-out text SmolLM2-135M 1.34x -> 1.13x dense, Gemma 3 270M
+# 1.72x -> 1.19x (benchmarks/results/int4_gptq.md); all-MiniLM-L6-v2 at low rank 0.2, held-out sentence cosine
 # 0.942 -> 0.972 (edge_minilm_maxsize.md).
 INT4_ROUNDINGS = ("gptq", "nearest")
 
