@@ -18,6 +18,8 @@ from torch import nn
 from compressor.cli.main import main
 from compressor.examples import digits_cnn, minilm_path
 
+from .conftest import needs_exact_int8
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -225,6 +227,7 @@ def test_subprocess_exit_codes_and_messages(tmp_path, cnn_file):
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+@needs_exact_int8
 @pytest.mark.minilm
 @pytest.mark.slow
 def test_real_minilm_folder_goes_through(tmp_path):

@@ -109,7 +109,9 @@ def test_output_fisher_equals_a_brute_force_gradient():
     full = output_fisher(model, mods, data, chunk=5, full=True)
     for n in mods:
         torch.testing.assert_close(got[n], want[n].float(), rtol=1e-3, atol=1e-9)
-        torch.testing.assert_close(full[n], outer[n].float(), rtol=1e-3, atol=1e-6)
+        # Off-diagonal sums cancel: float32 products summed in another order (another CPU's BLAS) differ by
+        # a small fraction of the largest entry, not of their own size.
+        torch.testing.assert_close(full[n], outer[n].float(), rtol=1e-3, atol=1e-4 * float(outer[n].abs().max()))
     assert all(p.requires_grad for p in model.parameters())  # restored
 
 

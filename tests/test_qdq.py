@@ -17,6 +17,8 @@ from compressor.export.int8 import QDQ_TIE, QDQ_Z, clearly_better
 from compressor.export.latency import INT8_COSINE_TOLERANCE, Comparison, recommend_int8
 from compressor.export.onnx import INT8_MIN_COSINE, VARIANTS, export_onnx, export_qdq, onnx_session, qdq_choice
 
+from .conftest import needs_exact_int8
+
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
@@ -37,6 +39,7 @@ def test_qdq_is_one_registry_entry_that_needs_calibration():
     assert not v.searched  # tried by a search only when asked for
 
 
+@needs_exact_int8
 def test_digits_cnn_static_int8_is_qdq_per_channel_validated_and_chosen(digits, tmp_path):
     _, folder, held_out = digits
     out = tmp_path / "out"
