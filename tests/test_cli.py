@@ -18,8 +18,6 @@ from torch import nn
 from compressor.cli.main import main
 from compressor.examples import digits_cnn, minilm_path
 
-from .conftest import needs_exact_int8
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -227,7 +225,6 @@ def test_subprocess_exit_codes_and_messages(tmp_path, cnn_file):
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
-@needs_exact_int8
 @pytest.mark.minilm
 @pytest.mark.slow
 def test_real_minilm_folder_goes_through(tmp_path):
@@ -310,10 +307,13 @@ def test_int8_keep_fp16_keeps_the_layer_int8_hurts_most(tmp_path):
     assert report["int8"]["kept_fp16"] == ["2"] and report["int8"]["passed"]  # the outlier layer
     assert "kept in fp16    2" in res.output
     assert "keeps these layers in fp16" in (tmp_path / "a" / "report.md").read_text()
+    # Without the kept layer the outlier layer's int8 rounding costs the file its validation (exit 3, the
+    # folder kept for inspection); the kept layer costs one byte more per weight.
     plain = run([*args, "--out", tmp_path / "b"])
-    assert plain.exit_code == 0, plain.output
-    sizes = [json.loads((tmp_path / d / "report.json").read_text())["int8"]["size_bytes"] for d in ("a", "b")]
-    assert 0.9 * 256 * 256 < sizes[0] - sizes[1] < 1.1 * 256 * 256  # one byte more per kept weight
+    assert plain.exit_code in (0, 3), plain.output
+    files = [json.loads((tmp_path / d / "report.json").read_text())["int8"] for d in ("a", "b")]
+    assert files[0]["cosine"] > files[1]["cosine"]
+    assert 0.9 * 256 * 256 < files[0]["size_bytes"] - files[1]["size_bytes"] < 1.1 * 256 * 256
     for extra, problem in ((["--keep-fp16", "1"], "--calibration"), (["--keep-fp16", "-1"], "whole number")):
         res = run([*args, *extra, "--out", tmp_path / "c"])
         lines = [line for line in res.output.splitlines() if line.startswith("error:")]

@@ -28,8 +28,6 @@ from compressor.export.onnx import check_factored_graph, export_int8, export_onn
 from compressor.search.sensitivity import fake_int8, int8_sensitivity
 from compressor.train.lora import apply_lora, lora_parameters, merge_lora
 
-from .conftest import needs_exact_int8
-
 
 def _hf_conv1d(nf: int, nx: int) -> nn.Module:
     pytest.importorskip("transformers")
@@ -181,7 +179,6 @@ def test_a_lora_heal_step_changes_only_the_adapter_and_merges_back(case):
     torch.testing.assert_close(model(x), before_merge, atol=1e-5, rtol=1e-4)
 
 
-@needs_exact_int8
 def test_simulated_int8_is_what_onnxruntime_int8_computes(case, tmp_path):
     import numpy as np
     import onnxruntime as ort
@@ -194,7 +191,10 @@ def test_simulated_int8_is_what_onnxruntime_int8_computes(case, tmp_path):
     with torch.no_grad():
         simulated = fake_int8(copy.deepcopy(model))(x).numpy()
         dense = model(x).numpy()
-    assert np.abs(simulated - got).max() < 1e-5 < np.abs(dense - got).max()  # rounding reproduced, not absent
+    # The rounding reproduced, not absent: within 1% of what it moves the outputs (an input rounded the other way
+    # at a tie in onnxruntime's DynamicQuantizeLinear moves one output by a step: 0.5% on the conv2d case).
+    moved = np.abs(dense - got).max()
+    assert np.abs(simulated - got).max() < 0.01 * moved and moved > 1e-4
 
 
 def test_int8_sensitivity_ranks_the_layer(case):

@@ -13,8 +13,6 @@ import compressor
 from compressor.train.blockwise import capture, carry, record_calls
 from compressor.train.heal import heal
 
-from .conftest import needs_exact_int8
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # training steps: one thread (tests/conftest.py)
 
 
@@ -63,7 +61,6 @@ def _int8_error(model: nn.Module, teacher: nn.Module, x: torch.Tensor, tmp_path,
         return float(np.mean((got - teacher(x).numpy()) ** 2))
 
 
-@needs_exact_int8
 def test_healing_through_simulated_int8_lowers_the_int8_files_error(tmp_path):
     # A teacher the factors can match exactly in float, and a student off it: healed in float, all that
     # is left of the int8 file's error is the rounding, which only a heal that sees it can work against.

@@ -18,7 +18,6 @@ from compressor.search.recipes import Constraints, Recipe, parse_latency, parse_
 from compressor.search.search import search
 from compressor.search.sensitivity import int8_sensitivity, most_sensitive
 
-from .conftest import needs_exact_int8
 from .test_mixed_int8 import outlier_mlp
 
 RECIPES = [Recipe("fp32"), Recipe("fp16"), Recipe("int8"), Recipe("int4"),
@@ -220,7 +219,6 @@ def test_cache_entries_are_readable_json(searched):
     assert names == {r.name for r in RECIPES}
 
 
-@needs_exact_int8
 def test_fake_int8_simulates_onnxruntime_dynamic_int8(tmp_path):
     """What quantization-aware healing trains through must be what the int8 export computes."""
     import copy
@@ -301,7 +299,6 @@ def test_int8_sensitivity_finds_the_layer_int8_rounds_badly():
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
-@needs_exact_int8
 def test_search_keeps_the_most_sensitive_layers_in_fp16(tmp_path):
     model = outlier_mlp()
     g = torch.Generator().manual_seed(1)

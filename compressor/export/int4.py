@@ -14,6 +14,7 @@ import torch
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_files
+from compressor.core.handlers import DYNAMIC_INT8_LEVELS
 from compressor.core.int4 import INT4_BLOCK_SIZE, INT4_SYMMETRIC
 from compressor.export.fp16 import store_fp16
 from compressor.export.graph import weight_uses
@@ -125,7 +126,7 @@ def export_int4(src_onnx: str | Path, dst: str | Path, *, block_size: int = INT4
         save_onnx(model, tmpdir / "fp32_factors.onnx", onnx)
         with quiet():
             quantize_dynamic(tmpdir / "fp32_factors.onnx", tmpdir / dst.name, weight_type=QuantType.QInt8,
-                             per_channel=True, nodes_to_quantize=nodes)
+                             per_channel=True, reduce_range=DYNAMIC_INT8_LEVELS < 127, nodes_to_quantize=nodes)
         for f in tmpdir.glob("fp32_factors.onnx*"):
             f.unlink()
     return dst

@@ -14,6 +14,7 @@ import numpy as np
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_files
 from compressor.core.gptq import GPTQ_ACT_ORDER, GPTQ_DAMP
+from compressor.core.handlers import DYNAMIC_INT8_LEVELS
 from compressor.data.inputs import as_batches
 from compressor.export.fp16 import store_fp16
 from compressor.export.graph import weight_uses
@@ -38,8 +39,9 @@ from compressor.formats.runtime import session
 
 
 def export_int8(src_onnx: str | Path, dst: str | Path, *, keep_fp16: Sequence[str] = ()) -> Path:
-    """onnxruntime dynamic quantization of ``src_onnx``: int8 weights (per output channel), activations
-    quantized at run time. Written atomically; returns ``dst``.
+    """onnxruntime dynamic quantization of ``src_onnx``: int8 weights (per output channel, in -64..64:
+    :data:`compressor.core.handlers.DYNAMIC_INT8_LEVELS` says why), activations quantized at run time. Written
+    atomically; returns ``dst``.
 
     ``keep_fp16`` names torch modules (``"encoder.layer.0.output.dense"``; a factored layer's name means
     both its ``.down`` and ``.up``) left out of quantization: their weights are stored as float16 and
@@ -56,7 +58,8 @@ def export_int8(src_onnx: str | Path, dst: str | Path, *, keep_fp16: Sequence[st
         with atomic_files(dst) as tmpdir:
             with quiet():
                 quantize_dynamic(src, tmpdir / dst.name, weight_type=QuantType.QInt8, per_channel=True,
-                                 use_external_data_format=big, nodes_to_exclude=exclude)
+                                 reduce_range=DYNAMIC_INT8_LEVELS < 127, use_external_data_format=big,
+                                 nodes_to_exclude=exclude)
             if exclude:
                 import onnx
 
