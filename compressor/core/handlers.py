@@ -189,8 +189,8 @@ class LayerHandler:
 # Why not -127..127: on x86 CPUs without VNNI (AVX2 only) onnxruntime multiplies the uint8 inputs by int8
 # weights with vpmaddubsw, which adds pairs of products in 16 bits, and 2 x 255 x 127 saturates there. Measured
 # on an AMD EPYC (AVX2): the int8 file of a 30%-factored all-MiniLM-L6-v2 kept cosine 0.25 to its fp32 file
-# (0.67 for `make demo`'s data-aware one), 0.979 with reduce_range. 2 x 255 x 64 fits in 16 bits, so the file
-# computes the same numbers on every CPU, and this simulation is exact on all of them.
+# (0.67 for `make demo`'s data-aware one), 0.979 with reduce_range. 2 x 255 x 64 fits in 16 bits, so AVX2-only
+# CPUs compute what VNNI ones do, and this simulation matches both (tests/test_handlers.py, run on the AVX2 one).
 DYNAMIC_INT8_LEVELS = 64
 
 
