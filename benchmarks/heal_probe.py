@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--layers", default=None, help="HealConfig.layers: globs of the factored layers that train")
-    ap.add_argument("--train", choices=["factors", "lora"], default="factors")
+    ap.add_argument("--train", choices=["factors", "lora", "all"], default="factors")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)

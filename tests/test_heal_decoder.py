@@ -179,6 +179,25 @@ def test_decoder_heal_reports_held_out_nll():
     assert result.after["val_loss"] < result.before["val_loss"]
 
 
+def test_train_all_trains_the_dense_layers_too_and_never_the_tied_head():
+    """train="all": the factors and every linear layer left dense train (so more of the error is recovered on
+    sequences never seen); the tied embedding / output head, the norms and the biases stay as they were."""
+    teacher, student = gemma3(), gemma3()
+    rewrite(student, compressor.analyze(student, rank_ratio=0.1, include=["model.layers.0.mlp.*"]))
+    before = student.state_dict()
+    train, held = sequences(48, seed=1), sequences(16, seed=2)
+    results = {t: heal(student, teacher=teacher, data=train, batch_size=8, epochs=4, lr=1e-3, train=t)
+               for t in ("factors", "all")}
+    moved = {t: {k for k, v in r.model.state_dict().items() if not torch.equal(v, before[k])}
+             for t, r in results.items()}
+    factors = {k for k in before if k.endswith(("down.weight", "up.weight"))}
+    assert factors and moved["factors"] == factors
+    assert factors < moved["all"] and "model.layers.1.self_attn.q_proj.weight" in moved["all"]
+    assert all(k.endswith(("proj.weight", "down.weight", "up.weight")) for k in moved["all"]), moved["all"]
+    kl = {t: held_out(r.model, teacher, held, "kl") for t, r in results.items()}
+    assert kl["all"] < kl["factors"] < held_out(student, teacher, held, "kl"), kl
+
+
 def test_blockwise_heal_on_gemma3_sliding_and_full_layers():
     """Block-wise healing on Gemma 3 (sliding-window blocks of 4 tokens and full-attention blocks take
     different masks and rotary embeddings, both built by the model): every block's held-out output error

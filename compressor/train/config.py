@@ -72,9 +72,10 @@ class HealConfig:
     :meth:`resolved`), so that a plain ``compress heal DIR --data ... --val ...`` runs the measured recipe.
     """
 
-    train: Literal["factors", "lora"] = _setting(
+    train: Literal["factors", "lora", "all"] = _setting(
         "factors", "Train the factor matrices, or LoRA adapters on them merged back at the end (on a model that was "
-                    "never compressed: on every adaptable layer).")
+                    "never compressed: on every adaptable layer), or the factors and the weights of every layer left "
+                    "dense (linear and conv layers; embeddings and norms stay fixed): the same size, more to adapt.")
     layers: str | None = _setting(
         None, "Comma-separated globs naming the factored layers whose weights train, e.g. 'features.*' (on a model "
               "that was never compressed with --train lora: the layers that get adapters); the others stay "
