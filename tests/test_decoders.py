@@ -363,7 +363,7 @@ def test_a_pivoted_decoder_meets_its_target_validates_and_loads_in_transformers(
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "llama"])
-def test_gptq_int4_of_a_decoder_goes_block_by_block_on_the_rounded_blocks_outputs(kind):
+def test_gptq_int4_of_a_decoder_goes_block_by_block_on_the_rounded_blocks_outputs(kind, capsys):
     """Block 0's GPTQ weights are the in-memory path's bit for bit (the same inputs, the same accumulation);
     block 1 is fitted to block 0's rounded outputs, so its weights differ from a fit to the original's; the
     tied embedding / head is left out."""
@@ -374,7 +374,9 @@ def test_gptq_int4_of_a_decoder_goes_block_by_block_on_the_rounded_blocks_output
     model = tiny(kind, 128)
     g = torch.Generator().manual_seed(3)
     batches = [{"input_ids": torch.randint(2, 128, (4, 24), generator=g)} for _ in range(2)]
-    weights = gptq_int4(model, batches, block_size=16)
+    weights = gptq_int4(model, batches, block_size=16, progress=True)
+    said = [line.split(",")[0] for line in capsys.readouterr().err.splitlines()]
+    assert said == [f"int4 gptq: block {i}/{len(model.model.layers)} rounded" for i in (1, 2)]  # one line a block
     layers = int4_layers(model)
     assert set(weights) == {n for n in layers if n.startswith("model.layers.")} and "lm_head" in layers
     moments = Calibrator(model, layers, batches).moments()[0]

@@ -329,6 +329,18 @@ def test_compress_eval_text_reports_every_model(hf_folder, text_file, tmp_path):
     assert "perplexity        dense" in res.output
 
 
+def test_each_perplexity_measured_is_said_when_progress_is_on(hf_folder, text_file, tmp_path, capsys):
+    """A decoder's perplexity takes a minute or more per model: with progress on, one line per model, in order."""
+    from compressor.jobs.compress import compress
+
+    compress(hf_folder, tmp_path / "a", rank=8, eval_text=text_file, eval_window=48, eval_max_windows=2,
+             progress=True)
+    said = [line.split(" (")[0].rsplit(" ", 1) for line in capsys.readouterr().err.splitlines()
+            if line.startswith("perplexity: ")]
+    assert [name for name, _ in said] == ["perplexity: dense", "perplexity: compressed", "perplexity: model.onnx"]
+    assert all(float(ppl) > 1 for _, ppl in said)
+
+
 def test_eval_options_need_the_text_and_a_text_model(hf_folder, text_file, tmp_path):
     res = run([hf_folder, "--rank", 8, "--out", tmp_path / "o", "--eval-window", 48])
     assert res.exit_code == 2 and "only with --eval-text" in res.output

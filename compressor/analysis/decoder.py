@@ -32,9 +32,6 @@ the vocabulary or the number of blocks.
 from __future__ import annotations
 
 import copy
-import math
-import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, suppress
 from typing import Any
@@ -64,6 +61,7 @@ from compressor.core.hooks import (
 )
 from compressor.core.memory import release_freed_memory
 from compressor.core.policies import LayerSpectrum, Policy, across_layers, allocate
+from compressor.core.progress import Progress
 from compressor.core.rewrite import factor_module
 from compressor.core.svd import Decomposition
 from compressor.data.inputs import Batch, attention_mask, call, compared_outputs, map_tensors, take, tensors_of
@@ -280,10 +278,10 @@ def decoder_analysis(model: nn.Module, modules: dict[str, nn.Module], batches: l
     shapes = {n: tuple(handlers[n].weight_matrix(m).shape) for n, m in modules.items()}
     decs: dict[str, Decomposition] = {}
     infos: dict[str, dict[str, Any]] = {}
-    show = _Progress(blocks * (2 if sequential else 1), progress)
+    show = Progress("calibrating", blocks * (2 if sequential else 1), progress)
     weights: dict[str, torch.Tensor] = {}
     if weighting:
-        show.say(f"calibrating: output-side Fisher on {FISHER_SEQUENCES} sequences at most (forward and backward)")
+        show.say(f"output-side Fisher on {FISHER_SEQUENCES} sequences at most (forward and backward)")
         fisher = output_fisher(model, {n: m for n, m in modules.items() if n.startswith(f"{passes.name}.")},
                                batches, full=weighting == KFAC)
         weights, fisher = {n: _floored(f) for n, f in fisher.items()}, None
@@ -456,35 +454,4 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 def _place(root: nn.Module, dotted: str, layer: nn.Module) -> None:
     parent, _, leaf = dotted.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, layer)
-
-
-class _Progress:
-    """One stderr line per step with the time left, when asked (``progress``) or on a terminal: a decoder's
-    calibrated analysis takes minutes and must not be silent for them."""
-
-    def __init__(self, steps: int, progress: bool | None) -> None:
-        self.steps, self.done = steps, 0
-        self.begin = self.start = time.perf_counter()
-        self.on = progress if progress is not None else sys.stderr.isatty()
-
-    def lead(self, what: str) -> None:
-        """A step unlike the ``steps`` (the Fisher pass): said with its time and left out of the rate the
-        time left is estimated from (counted as one block step, it made the first estimate 8x too long)."""
-        self.start = time.perf_counter()
-        self.say(f"calibrating: {what}, {_clock(self.start - self.begin)} spent")
-
-    def step(self, what: str) -> None:
-        self.done += 1
-        now = time.perf_counter()
-        left = (now - self.start) / self.done * (self.steps - self.done)
-        self.say(f"calibrating: {what}, {_clock(now - self.begin)} spent, about {_clock(left)} left")
-
-    def say(self, line: str) -> None:
-        if self.on:
-            print(line, file=sys.stderr, flush=True)
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(math.ceil(seconds), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
 

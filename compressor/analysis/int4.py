@@ -39,6 +39,7 @@ from compressor.core.gptq import gptq
 from compressor.core.handlers import handler_for
 from compressor.core.int4 import INT4_BLOCK_SIZE, INT4_SYMMETRIC, fake_int4_weight, int4_grid, round_half_away
 from compressor.core.policies import EnergyPolicy, LayerSpectrum, RankPolicy, allocate, policy_from_options
+from compressor.core.progress import Progress
 from compressor.core.svd import Decomposition, svd
 from compressor.data.inputs import as_batches
 
@@ -185,10 +186,11 @@ def int4_correction(model: nn.Module, *, rank: int | None = None, energy: float 
 
 @torch.no_grad()
 def gptq_int4(model: nn.Module, calibration: Any, *, block_size: int = INT4_BLOCK_SIZE,
-              exclude: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+              exclude: Sequence[str] = (), progress: bool | None = None) -> dict[str, torch.Tensor]:
     """Per int4 MatMul layer reached by ``calibration``, the weight matrix to export instead of its own so that
     onnxruntime's 4-bit rounding of it is GPTQ's (:func:`gptq_int4_weight`), fitted to that layer's inputs on
-    the calibration batches; ``model`` is not changed. Layers the calibration never reaches are left out."""
+    the calibration batches; ``model`` is not changed. Layers the calibration never reaches are left out.
+    A decoder, rounded block by block, prints one line per block with ``progress`` (None: on a terminal)."""
     # A weight several modules share (an LM head tied to the embedding) is also a lookup table: left as it is.
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     layers = {n: m for n, m in int4_layers(model, exclude).items() if uses[id(handler_for(m).weight(m))] == 1}
@@ -196,14 +198,14 @@ def gptq_int4(model: nn.Module, calibration: Any, *, block_size: int = INT4_BLOC
         return {}
     batches = as_batches(calibration)
     if is_decoder(model):
-        return _gptq_by_block(model, layers, batches, block_size)
+        return _gptq_by_block(model, layers, batches, block_size, progress)
     moments = Calibrator(model, layers, batches).moments()[0]
     return {name: gptq_int4_weight(handler_for(layers[name]).weight_matrix(layers[name]), mom.xx, block_size)
             for name, mom in moments.items() if mom.xx is not None}
 
 
-def _gptq_by_block(model: nn.Module, layers: dict[str, nn.Module], batches: list, block_size: int
-                   ) -> dict[str, torch.Tensor]:
+def _gptq_by_block(model: nn.Module, layers: dict[str, nn.Module], batches: list, block_size: int,
+                   progress: bool | None) -> dict[str, torch.Tensor]:
     """:func:`gptq_int4` for a decoder, one transformer block at a time as GPTQ itself goes: only one block's
     ``X^T X`` are held (a 7B-shaped block's are about 1 GB, the whole model's 30 times that), and block
     ``i + 1`` is fitted to the outputs of block ``i`` with its weights already at their 4-bit values, so each
@@ -213,6 +215,7 @@ def _gptq_by_block(model: nn.Module, layers: dict[str, nn.Module], batches: list
     count = len(passes.blocks)
     out: dict[str, torch.Tensor] = {}
     carried = None
+    show = Progress("int4 gptq", count, progress)
     for i in range(count + 1):
         inside = f"{passes.name}.{i}." if i < count else None
         mine = {n: m for n, m in layers.items()
@@ -234,6 +237,7 @@ def _gptq_by_block(model: nn.Module, layers: dict[str, nn.Module], batches: list
                         sub = block.get_submodule(n.removeprefix(inside))
                         handler_for(sub).weight_matrix(sub).copy_(fake_int4_weight(out[n], block_size))
             carried = passes.run(i, carried, block=block)
+            show.step(f"block {i + 1}/{count} rounded")
     return out
 
 

@@ -96,7 +96,8 @@ def _job(source: Path, out: str | Path | None, mode: str, opts: Options) -> Repo
         exports, inputs = _export(job, mode, original, plan, tmp, source, timings)
         perplexities = None
         if job.protocol is not None:
-            perplexities = measure_perplexity(job.protocol, original, model, tmp, opts.variants, opts.threads)
+            perplexities = measure_perplexity(job.protocol, original, model, tmp, opts.variants, opts.threads,
+                                              opts.progress)
             timings.step("perplexity")
         # analyze rewrites nothing: its parameter counts are what the plan would give.
         planned = (plan.totals()["params_before"], plan.totals()["params_after"]) if mode == "analyze" else None

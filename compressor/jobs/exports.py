@@ -88,7 +88,7 @@ def _gptq_weights(model: nn.Module, opts: Options, calibration: list | None) -> 
 
     if "int4" not in opts.variants or calibration is None or opts.int4_rounding != "gptq":
         return None
-    return gptq_int4(model, calibration, block_size=opts.int4_block_size)
+    return gptq_int4(model, calibration, block_size=opts.int4_block_size, progress=opts.progress)
 
 
 def _int4(model: nn.Module, path: Path, folder: Path, opts: Options, calibration: list | None,

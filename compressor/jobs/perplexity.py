@@ -9,11 +9,12 @@ the dense model, the compressed one and every written ONNX file):
 from __future__ import annotations
 
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compressor.core.errors import CompressorError
+from compressor.core.progress import Progress
 from compressor.core.threads import thread_budget
 from compressor.data.perplexity import DEFAULT_WINDOW, Perplexity, default_window, perplexity, read_corpus, read_text
 from compressor.formats.onnx_graph import is_onnx
@@ -77,19 +78,22 @@ def eval_protocol(loaded, opts: Options):
 
 
 def measure_perplexity(protocol, original: nn.Module, compressed: nn.Module, folder: Path,
-                       variants: Sequence[str] = (), threads: int | None = None):
+                       variants: Sequence[str] = (), threads: int | None = None, progress: bool | None = None):
     """The perplexity of the dense model, the compressed one (when it differs), ``folder``'s model.onnx and
-    its ``variants`` by one protocol (:class:`compressor.report.report.PerplexityReport`)."""
-    from compressor.data.perplexity import perplexity
+    its ``variants`` by one protocol (:class:`compressor.report.report.PerplexityReport`); one line per model
+    measured with ``progress`` (None: on a terminal): each takes a minute or more on a decoder."""
     from compressor.export.perplexity import onnx_perplexity
     from compressor.report.report import PerplexityReport
 
     corpus, settings = protocol.corpus, protocol.settings()
-    results = {"dense": perplexity(original, corpus, **settings)}
+    files = [p for p in (folder / "model.onnx", *(folder / f"model.{v}.onnx" for v in variants)) if p.is_file()]
+    models: list[tuple[str, Callable[[], Perplexity]]] = [("dense", lambda: perplexity(original, corpus, **settings))]
     if compressed is not original:
-        results["compressed"] = perplexity(compressed, corpus, **settings)
-    for path in (folder / "model.onnx", *(folder / f"model.{v}.onnx" for v in variants)):
-        if path.is_file():
-            results[path.name] = onnx_perplexity(path, corpus, **settings, threads=threads)
+        models.append(("compressed", lambda: perplexity(compressed, corpus, **settings)))
+    models += [(p.name, lambda p=p: onnx_perplexity(p, corpus, **settings, threads=threads)) for p in files]
+    show = Progress("perplexity", len(models), progress)
+    results = {}
+    for name, measure in models:
+        results[name] = measure()
+        show.step(f"{name} {results[name].ppl:.3f} ({len(results)}/{len(models)})")
     return PerplexityReport(results)
-
