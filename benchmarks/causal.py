@@ -28,7 +28,13 @@ it compares, each method in a child process of its own (peak RSS from the kernel
   stored in the pivoted form, ``r (m + n - r)`` weights at rank ``r`` instead of ``r (m + n)``, so the same
   budget keeps more rank;
 * ``data-aware-pivoted+healed-lora``: the same, healed with ``train="lora"`` (rank-8 adapters on each factor,
-  merged at the end) at lr 3e-4 instead of training the factors themselves at 1e-4.
+  merged at the end) at lr 3e-4 instead of training the factors themselves at 1e-4;
+* ``data-aware+healed-all``: ``data-aware``, healed with ``train="all"``: the factors and every block linear layer
+  left dense train (embedding / head and norms fixed), at ``--heal-lr`` (default 3e-5).
+
+``--heal-text full`` heals on the whole calibration side of the docstrings (``write_docstring_texts`` uncut: its
+first sequences are the calibration sequences; none of its modules is in the evaluation text) instead of the
+calibration text the analysis reads.
 
 "removed (measured)" counts the 2-D weights the rewritten blocks hold against the dense ones (the reference
 keeps dense rank-``r`` products: its fraction is the one its uniform ranks give).
@@ -58,7 +64,8 @@ from _common import environment, load_average, log, md_table
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("plain", "reference", "data-aware", "data-aware+healed", "data-aware-kfac", "data-aware-relative",
-           "data-aware-uniform", "data-aware-pivoted", "data-aware-pivoted+healed", "data-aware-pivoted+healed-lora")
+           "data-aware-uniform", "data-aware-pivoted", "data-aware-pivoted+healed", "data-aware-pivoted+healed-lora",
+           "data-aware+healed-all")
 BLOCKS = "model.layers.*"
 
 
@@ -147,8 +154,10 @@ def child(spec: dict) -> dict:
             plan = compressor.analyze(model, **kw)
             rewrite(model, plan)
             if "+healed" in method:
-                heal_cal = cal if spec.get("heal_samples", spec["samples"]) == spec["samples"] else load_calibration(
-                    spec["calibration"], tokenizer=tok, samples=spec["heal_samples"], stream=True)
+                heal_text = spec.get("heal_text") or spec["calibration"]
+                same = spec.get("heal_samples", spec["samples"]) == spec["samples"] and heal_text == spec["calibration"]
+                heal_cal = cal if same else load_calibration(heal_text, tokenizer=tok, samples=spec["heal_samples"],
+                                                             stream=True)
                 out.update(heal_lm(model, spec, heal_cal))
             out["layers_factored"] = plan.totals()["layers_factored"]
             out["params_after"] = plan.totals()["params_after"]
@@ -169,10 +178,10 @@ def heal_lm(model, spec: dict, cal: list) -> dict:
     steps = spec["heal_steps"]
     # Training the pivoted factors themselves raised the KL from the first steps at any lr tried (1e-4 to 1e-5);
     # adapters on them did not (docs/causal-lm.md).
-    lora = spec["method"].endswith("-lora")
+    train = "lora" if spec["method"].endswith("-lora") else "all" if spec["method"].endswith("-all") else "factors"
+    lr = spec.get("heal_lr") or {"lora": 3e-4, "all": 3e-5, "factors": 1e-4}[train]
     cfg = HealConfig(loss="kl", seq_len=ids.shape[1], batch_size=4, steps=steps, every=max(1, steps // 4),
-                     lr=3e-4 if lora else 1e-4, train="lora" if lora else "factors", warmup_steps=2,
-                     kl_tokens=spec.get("heal_kl_tokens"))
+                     lr=lr, train=train, warmup_steps=2, kl_tokens=spec.get("heal_kl_tokens"))
     teacher, _ = load(spec["folder"])
     cpu = time.process_time()
     result = heal(model, cfg, teacher=teacher, data={"input_ids": train, "attention_mask": torch.ones_like(train)},
@@ -180,7 +189,7 @@ def heal_lm(model, spec: dict, cal: list) -> dict:
     del teacher
     model.load_state_dict(result.model.state_dict())
     return {"heal_cpu_s": round(time.process_time() - cpu, 1), "heal_steps": result.steps, "heal_sequences": len(ids),
-            "heal_train": cfg.train, "heal_lr": cfg.lr,
+            "heal_train": cfg.train, "heal_lr": cfg.lr, "heal_text": "full" if spec.get("heal_text") else "calibration",
             "heal_kl_tokens": result.config.kl_tokens,
             "heal_best_step": result.best_step, "heal_val_before": result.before, "heal_val_after": result.after}
 
@@ -222,6 +231,9 @@ def markdown(res: dict) -> str:
         if healed:  # runs before kl_tokens existed compared over the whole vocabulary
             healed += f", {r.get('heal_sequences', res['samples'])} sequences"
             healed += f", kl over {'the text tokens' if r.get('heal_kl_tokens') == 'text' else 'all tokens'}"
+            healed += f", train {r.get('heal_train', 'factors')} at lr {r.get('heal_lr', 1e-4):g}"
+            if r.get("heal_text") == "full":
+                healed += ", the whole calibration side of the docstrings"
         rows.append([f"{r['target']:.0%}", r["method"], f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.3f}x",
                      r.get("removed_fraction", ""), r.get("analysis_s", ""), r.get("peak_rss_gib", ""), healed])
     lines.append(md_table(["removed (block linear weights)", "method", "perplexity", "x dense",
@@ -276,6 +288,11 @@ def main() -> None:
     ap.add_argument("--heal-samples", type=int, default=None,
                     help="sequences of 128 tokens data-aware+healed trains on, the last 4 validating "
                          "[default: --samples]")
+    ap.add_argument("--heal-lr", type=float, default=None,
+                    help="learning rate of the +healed methods [default: 1e-4 factors, 3e-4 lora, 3e-5 all]")
+    ap.add_argument("--heal-text", choices=["calibration", "full"], default="calibration",
+                    help="the text +healed methods train on: the calibration text, or the whole calibration side "
+                         "of the docstrings (uncut)")
     ap.add_argument("--heal-kl-tokens", choices=["all", "text"], default=None,
                     help="HealConfig.kl_tokens of data-aware+healed [default: the package's for causal LMs]")
     ap.add_argument("--name", default="causal")
@@ -291,9 +308,14 @@ def main() -> None:
 
     texts = Path(tempfile.mkdtemp(prefix="causal-texts-"))
     info = write_docstring_texts(texts)
+    heal_text = None
+    if a.heal_text == "full":
+        info["heal"] = write_docstring_texts(texts / "full", calibration_chars=None)["calibration"]
+        heal_text = info["heal"]["path"]
     base = {"folder": a.folder, "eval": info["eval"]["path"], "calibration": info["calibration"]["path"],
             "samples": a.samples, "windows": a.windows, "window": a.window, "threads": a.threads,
-            "heal_steps": a.heal_steps, "heal_kl_tokens": a.heal_kl_tokens, "heal_samples": a.heal_samples or a.samples}
+            "heal_steps": a.heal_steps, "heal_kl_tokens": a.heal_kl_tokens, "heal_samples": a.heal_samples or a.samples,
+            "heal_lr": a.heal_lr, "heal_text": heal_text}
     res = {"label": a.label, "folder": a.folder, "samples": a.samples, "threads": a.threads,
            "env": environment(" ".join(["python", *sys.argv])), "load_before": load_average(),
            "texts": info, "calibration_name": "docstrings.calibration.txt",
