@@ -238,7 +238,8 @@ def _place_weights(graph, modules: dict[str, str], weights: Mapping[str, Any], s
         if init is None or uses[init.name] != 1 or tuple(init.dims) != arr.shape:
             raise CompressorError(f"the int4 weights given for '{module}' cannot replace its MatMul's weight in "
                                   f"'{src}' (shared, transposed in the graph, or not {arr.shape})",
-                                  "leave that layer out of the weights (it is then rounded to nearest)")
+                                  "leave that layer out of the weights (it is then rounded to nearest)",
+                                  cli_fix="pass --int4-rounding nearest")
         init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), init.name))
 
 
