@@ -78,8 +78,8 @@ class HealConfig:
                     "dense (linear and conv layers; embeddings and norms stay fixed): the same size, more to adapt.")
     layers: str | None = _setting(
         None, "Comma-separated globs naming the factored layers whose weights train, e.g. 'features.*' (on a model "
-              "that was never compressed with --train lora: the layers that get adapters); the others stay "
-              "fixed [default: all].")
+              "that was never compressed with --train lora: the layers that get adapters; with --train all: any "
+              "linear or conv layer); the others stay fixed [default: all].")
     lora_rank: int = _setting(8, "Rank of the LoRA adapters (with --train lora).", min=1)
     lora_alpha: float = _setting(16.0, "LoRA scale: the adapter update is multiplied by alpha / rank.", above=0)
     lora_dropout: float = _setting(0.0, "Dropout on the LoRA adapters' input, in [0, 1).", min=0, below=1)

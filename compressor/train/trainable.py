@@ -23,8 +23,9 @@ from compressor.train.lora import LoRALayer, apply_lora, lora_parameters
 
 
 def trainable(model: nn.Module, cfg: HealConfig) -> dict[str, nn.Parameter]:
-    """The weights of ``model`` that train (factors, or LoRA adapters put on here), by name; all others
-    frozen. ``cfg.layers`` globs restrict them to some layers."""
+    """The weights of ``model`` that train (factors, LoRA adapters put on here, or with ``train="all"`` the
+    factors and the dense layers' weights), by name; all others frozen. ``cfg.layers`` globs restrict them to
+    some layers."""
     factored = {name for name, m in model.named_modules() if isinstance(m, LOW_RANK_TYPES)}
     if not factored and cfg.train == "factors":
         raise CompressorError("the model has no factored layers to heal",
