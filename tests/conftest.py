@@ -41,11 +41,11 @@ def minilm():
 
 
 def exact_int8_kernels() -> bool:
-    """Whether onnxruntime's dynamic int8 MatMuls compute the exact integer products here. On x86 CPUs with
-    AVX2 but no VNNI its u8 x s8 kernels add pairs of products in 16 bits, which can saturate (why int8 files
-    are made "for AVX-512 VNNI" or with 7-bit weights for AVX2); on such a machine (AMD EPYC, 2026-12-07) its
-    int8 outputs were measured as far from the exact arithmetic as from float. Elsewhere (VNNI, ARM's dot
-    products) they are exact."""
+    """Whether onnxruntime's int8 kernels compute the exact integer products of full 8-bit weights here. On x86
+    CPUs with AVX2 but no VNNI its u8 x s8 kernels add pairs of products in 16 bits, which can saturate (why
+    dynamic int8 files are written with 7-bit weights, ``DYNAMIC_INT8_LEVELS``; static QDQ files keep 8 bits);
+    on such a machine (AMD EPYC, 2026-12-07) full-range int8 outputs were measured as far from the exact
+    arithmetic as from float. Elsewhere (VNNI, ARM's dot products) they are exact."""
     import platform
     from pathlib import Path
 
@@ -58,6 +58,6 @@ def exact_int8_kernels() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-# Tests that compare onnxruntime's dynamic int8 outputs with the simulation of exact int8 arithmetic.
+# Tests that need onnxruntime's static int8 (QDQ, full 8-bit weights) to compute exact int8 arithmetic.
 needs_exact_int8 = pytest.mark.skipif(not exact_int8_kernels(), reason="onnxruntime's int8 kernels saturate on this "
                                       "CPU (AVX2, no VNNI): its outputs are not the exact int8 arithmetic")
